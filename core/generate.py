@@ -1,0 +1,149 @@
+"""Sampling with a KV cache: temperature, top-k, top-p, seeds, streaming, mixed-adapter batches.
+
+Every row draws from the same uniform number at each step (one generator per call), so a row's
+text depends only on its prompt, its adapter and the seed, never on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import EOT_TOKEN
+from .lora import make_route
+from .model import GPT, KVCache, causal_mask
+from . import tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64  # tokens to add after the prompt
+    temperature: float = 0.8  # 0 = greedy (always the most likely token)
+    top_k: int = 50  # keep only the k most likely tokens (0 = off)
+    top_p: float = 1.0  # keep the smallest set with this much probability (1 = off)
+    seed: int = 1234  # same seed + same settings = same text
+    stop_at_eot: bool = True  # a row ends at <|endoftext|>
+
+    def validate(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 1024):
+            raise ValueError(f"max new tokens must be 1..1024 (got {self.max_new_tokens}).")
+        if not (0 <= self.temperature <= 5):
+            raise ValueError(f"temperature must be between 0 and 5 (got {self.temperature}).")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, 0 turns it off (got {self.top_k}).")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top-p must be in (0, 1] (got {self.top_p}).")
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row from (B, V) logits; `u` is one uniform number shared by all rows."""
+    if cfg.temperature == 0 or u is None:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        logits, idx = logits.topk(cfg.top_k, dim=-1)  # sorted, most likely first
+    elif cfg.top_p < 1.0:
+        logits, idx = logits.sort(dim=-1, descending=True)
+    else:
+        idx = None
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        # keep a token while the mass before it is below top_p (the first is always kept)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= cfg.top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    target = u * cdf[:, -1:]
+    pick = (cdf < target).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+    return (idx.gather(-1, pick) if idx is not None else pick).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
+           cfg: SamplingConfig | None = None) -> Iterator[list[int | None]]:
+    """Yield, at each step, one new token per row (None for rows that already ended).
+
+    prompts: token ids per row (different lengths are left-padded);
+    adapters: the adapter each row uses, None for the base (default: the active adapter for all).
+    """
+    cfg = cfg or SamplingConfig()
+    cfg.validate()
+    B = len(prompts)
+    if B == 0:
+        return
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    route = make_route(model, list(adapters)) if adapters is not None else None
+    dev = model.device
+    ctx = model.config.block_size
+    max_new = min(cfg.max_new_tokens, ctx - 1)
+    keep = ctx - max_new  # crop long prompts from the left so prompt + new tokens fit
+    prompts = [list(p)[-keep:] for p in prompts]
+    T = max(len(p) for p in prompts)
+    idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
+    valid = torch.zeros((B, T + max_new), dtype=torch.bool, device=dev)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, T - len(p):] = True
+    padded = any(len(p) != T for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+
+    cache = KVCache(model.config, B, T + max_new, dev, model.dtype)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int(cfg.seed))
+    if padded:
+        pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
+        logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
+    else:
+        logits = model(idx, route, cache, 0, last_only=True)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for step in range(max_new):
+        u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
+        nxt = pick_tokens(logits[:, -1, :], cfg, u)
+        out = nxt.tolist()
+        was_done = done.tolist()
+        yield [None if was_done[i] else out[i] for i in range(B)]
+        if cfg.stop_at_eot:
+            done |= nxt == EOT_TOKEN
+            if bool(done.all()):
+                return
+        if step == max_new - 1:
+            return
+        start = T + step
+        if padded:
+            valid[:, start] = True
+            pos = (lengths + step).view(B, 1)
+            logits = model(nxt.view(B, 1), route, cache, start, pos=pos,
+                           mask=causal_mask(1, start, dev, valid))
+        else:
+            logits = model(nxt.view(B, 1), route, cache, start)
+
+
+def generate(model: GPT, prompts, adapters=None, cfg: SamplingConfig | None = None) -> list[list[int]]:
+    """New token ids per row (ending at, and excluding, <|endoftext|>)."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, adapters, cfg):
+        for i, t in enumerate(step):
+            if t is not None and t != EOT_TOKEN:
+                rows[i].append(t)
+    return rows
+
+
+def generate_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (None,),
+                  cfg: SamplingConfig | None = None) -> list[str]:
+    """One prompt continued by each of `adapters` in one batched pass (None = base)."""
+    ids = tokenizer.encode(prompt) or [EOT_TOKEN]
+    rows = generate(model, [ids] * len(adapters), list(adapters), cfg)
+    return [tokenizer.decode(r) for r in rows]
+
+
+def stream_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (None,),
+                cfg: SamplingConfig | None = None) -> Iterator[list[str]]:
+    """Like generate_text but yields the texts so far after every token (for live display)."""
+    ids = tokenizer.encode(prompt) or [EOT_TOKEN]
+    rows: list[list[int]] = [[] for _ in adapters]
+    for step in stream(model, [ids] * len(adapters), list(adapters), cfg):
+        for i, t in enumerate(step):
+            if t is not None and t != EOT_TOKEN:
+                rows[i].append(t)
+        yield [tokenizer.decode(r) for r in rows]

@@ -1,0 +1,317 @@
+"""LoRA with named adapters on one frozen GPT-2, merge/unmerge, and per-row adapter routing.
+
+The base projection is wrapped, not subclassed: `LoRALinear.base` is the original layer and
+is never written to except by an explicit, tracked `merge`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig, LoraConfig, TARGET_MODULES
+
+BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$")
+
+
+def _key(name: str) -> str:
+    # ParameterDict keys may not contain '.', adapter names may.
+    return "n" + name.encode().hex()
+
+
+class Route:
+    """Which adapter each row of a batch uses (None = the base model alone).
+
+    Built once per forward; each LoRA layer adds adapter k's update to the rows whose mask is 1.
+    """
+
+    def __init__(self, names: Sequence[str | None], device):
+        self.names = tuple(names)
+        self.groups = []
+        for name in dict.fromkeys(n for n in self.names if n):
+            mask = torch.tensor([1.0 if n == name else 0.0 for n in self.names], device=device)
+            self.groups.append((name, mask.view(-1, 1, 1)))
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()  # (r, in) per adapter
+        self.lora_B = nn.ParameterDict()  # (out, r) per adapter
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged: str | None = None
+        self._backup: torch.Tensor | None = None  # exact base weight while merged
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def has(self, name: str) -> bool:
+        return _key(name) in self.lora_A
+
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None):
+        w = self.base.weight
+        A = torch.empty(r, self.in_features, device=w.device, dtype=torch.float32)
+        # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base.
+        bound = 1.0 / math.sqrt(self.in_features)
+        A.uniform_(-bound, bound, generator=generator)
+        B = torch.zeros(self.out_features, r, device=w.device, dtype=torch.float32)
+        self.lora_A[_key(name)] = nn.Parameter(A)
+        self.lora_B[_key(name)] = nn.Parameter(B)
+        self.scaling[name] = alpha / r
+        self.dropout[name] = dropout
+
+    def remove(self, name: str):
+        if self.merged == name:
+            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
+        del self.lora_A[_key(name)], self.lora_B[_key(name)]
+        self.scaling.pop(name), self.dropout.pop(name)
+        if self.active == name:
+            self.active = None
+
+    def weights(self, name: str):
+        return self.lora_A[_key(name)], self.lora_B[_key(name)]
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The adapter's weight update (out, in) in fp32."""
+        A, B = self.weights(name)
+        return (B.float() @ A.float()) * self.scaling[name]
+
+    def lora(self, x, name: str):
+        A, B = self.weights(name)
+        p = self.dropout[name]
+        if p and self.training:
+            x = F.dropout(x, p)
+        # fp32 parameters, computed in the activations' dtype (bf16 on CUDA).
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
+
+    def forward(self, x, route=None):
+        y = self.base(x)
+        if route is None:
+            name = self.active
+            if name is None or name == self.merged:
+                return y
+            self._check_unmerged(name)
+            return y + self.lora(x, name)
+        self._check_unmerged(route)
+        if isinstance(route, str):
+            return y + self.lora(x, route) if self.has(route) else y
+        for name, mask in route.groups:
+            if self.has(name):  # adapters may target different projections
+                y = y + self.lora(x, name) * mask.to(y.dtype)
+        return y
+
+    def _check_unmerged(self, what):
+        if self.merged is not None:
+            raise RuntimeError(
+                f"adapter {self.merged!r} is merged into the base weights; unmerge it before "
+                f"running other adapters or mixed batches")
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        d = self.delta(name)
+        if not torch.isfinite(d).all():
+            raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
+        w = self.base.weight
+        self._backup = w.detach().to("cpu", copy=True)
+        w.add_(d.to(w.dtype))
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged is None:
+            return
+        self.base.weight.copy_(self._backup.to(self.base.weight.device))
+        self._backup, self.merged = None, None
+
+
+# ---- model-level helpers -------------------------------------------------------------
+
+def lora_layers(model) -> dict[str, LoRALinear]:
+    """'transformer.h.{i}.attn.c_attn' -> wrapper, for every wrapped projection."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _wrap(model, target: str) -> list[LoRALinear]:
+    out = []
+    for block in model.transformer.h:
+        parent_name, child = target.split(".")
+        parent = getattr(block, parent_name)
+        layer = getattr(parent, child)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            setattr(parent, child, layer)
+        out.append(layer)
+    return out
+
+
+def freeze_base(model) -> None:
+    for n, p in model.named_parameters():
+        if ".lora_" not in n:
+            p.requires_grad_(False)
+
+
+def adapter_names(model) -> list[str]:
+    names = []
+    for layer in lora_layers(model).values():
+        for n in layer.scaling:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> None:
+    """A fresh adapter (B = 0, so it starts as the identity) on the configured targets."""
+    lcfg.validate(model.config)
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named {name!r} is already loaded")
+    g = torch.Generator(device=model.device)
+    g.manual_seed(0 if seed is None else seed)
+    for target in lcfg.targets:
+        for layer in _wrap(model, target):
+            layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)
+    freeze_base(model)
+
+
+def remove_adapter(model, name: str) -> None:
+    found = False
+    for layer in lora_layers(model).values():
+        if layer.has(name):
+            layer.remove(name)
+            found = True
+    if not found:
+        raise KeyError(f"no adapter named {name!r} is loaded")
+
+
+def set_active(model, name: str | None) -> None:
+    """Make `name` the adapter used when no route is given (None = base). No weight is touched."""
+    if name is not None and name not in adapter_names(model):
+        raise KeyError(f"no adapter named {name!r} is loaded")
+    for layer in lora_layers(model).values():
+        layer.active = name if (name is not None and layer.has(name)) else None
+
+
+def get_active(model) -> str | None:
+    for layer in lora_layers(model).values():
+        if layer.active:
+            return layer.active
+    return None
+
+
+def make_route(model, names: Sequence[str | None]) -> Route | str | None:
+    """Per-row routing for a forward: `names[i]` is row i's adapter or None for the base."""
+    loaded = set(adapter_names(model))
+    for n in names:
+        if n and n not in loaded:
+            raise KeyError(f"no adapter named {n!r} is loaded")
+    if len(set(names)) == 1:
+        return names[0] or _BASE
+    return Route(names, model.device)
+
+
+class _Base(Route):
+    """Route for 'base model only, whatever is active'."""
+
+    def __init__(self):
+        self.names, self.groups = (), []
+
+
+_BASE = _Base()
+
+
+def merge(model, name: str) -> None:
+    """Fold adapter `name` into the base weights (tracked; `unmerge` restores them exactly)."""
+    layers = [l for l in lora_layers(model).values() if l.has(name)]
+    if not layers:
+        raise KeyError(f"no adapter named {name!r} is loaded")
+    if any(l.merged for l in lora_layers(model).values()):
+        raise RuntimeError("an adapter is already merged; unmerge it first")
+    for l in layers:
+        l.merge(name)
+    set_active(model, name)
+
+
+def unmerge(model) -> None:
+    for l in lora_layers(model).values():
+        l.unmerge()
+
+
+def merged_name(model) -> str | None:
+    for l in lora_layers(model).values():
+        if l.merged:
+            return l.merged
+    return None
+
+
+def lora_parameters(model, name: str) -> list[nn.Parameter]:
+    params = []
+    for layer in lora_layers(model).values():
+        if layer.has(name):
+            params += list(layer.weights(name))
+    return params
+
+
+def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
+    """PEFT-style keys without the 'base_model.model.' prefix: '...c_attn.lora_A.weight'."""
+    out = {}
+    for path, layer in lora_layers(model).items():
+        if layer.has(name):
+            A, B = layer.weights(name)
+            out[f"{path}.lora_A.weight"] = A.detach()
+            out[f"{path}.lora_B.weight"] = B.detach()
+    if not out:
+        raise KeyError(f"no adapter named {name!r} is loaded")
+    return out
+
+
+def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: float,
+                       dropout: float = 0.0) -> None:
+    """Load validated LoRA tensors (keys as `adapter_state_dict` writes them) as adapter `name`."""
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named {name!r} is already loaded")
+    targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for k, t in state.items():
+        m = BLOCK_KEY.match(k)
+        if not m:
+            raise ValueError(f"unexpected adapter key {k!r}")
+        targets.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    for (i, target), ab in targets.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"layer {i} {target}: lora_A and lora_B must both be present")
+    for target in {t for _, t in targets}:
+        _wrap(model, target)
+    layers = lora_layers(model)
+    for (i, target), ab in targets.items():
+        layer = layers[f"transformer.h.{i}.{target}"]
+        r = ab["A"].shape[0]
+        layer.add(name, r, alpha, dropout)
+        A, B = layer.weights(name)
+        with torch.no_grad():
+            A.copy_(ab["A"].float())
+            B.copy_(ab["B"].float())
+    freeze_base(model)
+
+
+def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str]) -> int:
+    """Trainable parameters of a rank-r adapter on `targets` in every block."""
+    shapes = target_shapes(cfg)
+    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def target_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each target projection."""
+    d = cfg.n_embd
+    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}

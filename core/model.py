@@ -1,0 +1,157 @@
+"""GPT-2 in plain PyTorch with Hugging Face module names, so checkpoints map 1:1.
+
+Each projection takes an optional `route` (which LoRA adapter each row uses); the plain
+model ignores it and core.lora's wrappers read it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear that accepts (and ignores) an adapter route, so LoRA can wrap it in place."""
+
+    def forward(self, x, route=None):  # noqa: D401 - same as nn.Linear
+        return F.linear(x, self.weight, self.bias)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x, route).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k = cache.k[layer, :, :, :start + T]
+            v = cache.v[layer, :, :, :start + T]
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new query sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # several new queries after a cached prefix
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, x.device))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y, route)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, route=None):
+        return self.c_proj(F.gelu(self.c_fc(x, route), approximate="tanh"), route)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
+        x = x + self.attn(self.ln_1(x), route, cache, layer, start, mask)
+        return x + self.mlp(self.ln_2(x), route)
+
+
+def causal_mask(T: int, start: int, device, key_valid=None):
+    """Boolean (B|1, 1, T, start+T) mask: query i sees keys <= start+i that are valid.
+
+    A query always sees itself, so left-padding rows never produce an all-masked row.
+    """
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    m = k <= q
+    if key_valid is not None:
+        m = (m[None] & key_valid[:, None, : start + T]) | (k == q)[None]
+        return m[:, None]
+    return m[None, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def forward(self, idx, route=None, cache=None, start: int = 0, pos=None, mask=None,
+                last_only: bool = False):
+        """Logits for token ids `idx` (B, T).
+
+        route: which adapter each row uses (see core.lora.Route); None = the active one.
+        cache/start: write keys and values at positions start..start+T of a KVCache.
+        pos: explicit position ids (B, T) for left-padded batches; mask: attention mask.
+        last_only: only the last position's logits (generation).
+        """
+        B, T = idx.shape
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, route, cache, i, start, mask)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self):
+        return self.transformer.wte.weight.dtype
+
+
+def init_random_(model: GPT, seed: int = 0) -> GPT:
+    """GPT-2's initialisation drawn from numpy's PCG64 so every machine builds the same weights."""
+    rng = np.random.default_rng(seed)
+    std_proj = 0.02 / math.sqrt(2 * model.config.n_layer)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                std = std_proj if name.endswith("c_proj.weight") else 0.02
+                p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape), dtype=np.float32) * std))
+    return model

@@ -1,0 +1,210 @@
+"""Loading GPT-2 weights: the tiny preset, the Hugging Face hub (cached), or local files.
+
+HF stores the four projections as Conv1D, (in, out); our nn.Linear wants (out, in). The
+transpose and the dropping of attention-mask buffers happen here, once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import GPTConfig, HUB_IDS, PRESETS
+from .device import default_dtype, pick_device
+from .model import GPT, init_random_
+
+TINY_SEED = 1337  # fixed: every process builds the same tiny base, so its adapters stay valid
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # the four released GPT-2 sizes
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "gpt2_weights.pt")
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found or do not fit; the message says what to do."""
+
+
+def load_base(name_or_path: str = "gpt2", device="auto", dtype: torch.dtype | None = None,
+              progress: Callable[[str], None] | None = None) -> GPT:
+    """A frozen GPT-2 in eval mode: 'tiny', a preset or hub id, or a local folder/file."""
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    dtype = dtype or default_dtype(device)
+    say = progress or (lambda msg: None)
+    name = str(name_or_path).strip()
+    if name == "tiny":
+        model = init_random_(GPT(PRESETS["tiny"]), TINY_SEED)
+    else:
+        path = Path(name).expanduser()
+        if path.exists():
+            say(f"reading weights from {path}")
+            cfg, state = read_local(path)
+        elif name in HUB_IDS or name in HUB_IDS.values() or _looks_like_repo(name):
+            cfg, state = read_hub(HUB_IDS.get(name, name), say)
+        else:
+            raise WeightsError(
+                f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a hub id such as "
+                f"openai-community/gpt2, or a path to a local weights folder or file.")
+        model = build(cfg, state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _looks_like_repo(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
+    """config.json + model.safetensors from the HF cache, downloading them if allowed."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover - gradio brings it
+        raise WeightsError("huggingface_hub is not installed; pip install huggingface_hub, "
+                           "or pass a local weights path.") from None
+    files = {}
+    for fname in ("config.json", "model.safetensors"):
+        try:  # the cache first: no network round trip when the files are there
+            files[fname] = hf_hub_download(repo_id, fname, local_files_only=True)
+            continue
+        except Exception:
+            pass
+        say(f"downloading {repo_id}/{fname} into the Hugging Face cache")
+        try:
+            files[fname] = hf_hub_download(repo_id, fname)
+        except Exception as e:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            why = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
+            raise WeightsError(
+                f"could not get {fname} of {repo_id} from the Hugging Face hub"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''} and it is not in the local cache "
+                f"({why}). Fix: connect to the internet once to fill the cache, or pass a local "
+                f"folder/file with --weights PATH (model.safetensors + config.json), or use the "
+                f"'tiny' model offline.") from None
+    cfg = GPTConfig.from_hf(json.loads(Path(files["config.json"]).read_text()))
+    return cfg, read_state(Path(files["model.safetensors"]))
+
+
+def read_local(path: Path) -> tuple[GPTConfig, dict]:
+    """A folder (config.json + weights) or a single weights file."""
+    cfg = None
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            try:
+                cfg = GPTConfig.from_hf(json.loads((path / "config.json").read_text()))
+            except (ValueError, KeyError) as e:
+                raise WeightsError(f"{path / 'config.json'} is not a GPT-2 config ({e}).") from None
+        found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+        if not found:
+            raise WeightsError(
+                f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}.")
+        file = found[0]
+    else:
+        file = path
+    state = read_state(file)
+    return cfg or infer_config(state, file), state
+
+
+def read_state(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors, or a state dict from .bin/.pt without unpickling code."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(file))
+        elif file.suffix in (".bin", ".pt", ".pth"):
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        else:
+            raise WeightsError(f"{file.name}: unsupported weights file; use .safetensors, .bin or .pt.")
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{file} could not be read as weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+    for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{file} does not hold a GPT-2 state dict (a mapping of names to tensors).")
+    return normalize_keys(state)
+
+
+def normalize_keys(state: dict) -> dict[str, torch.Tensor]:
+    """Our key names: 'transformer.' prefix, no mask buffers, no separate lm_head (tied)."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod.", "base_model.model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue
+        if not k.startswith("transformer."):
+            k = "transformer." + k
+        out[k] = v
+    return out
+
+
+def infer_config(state: dict, source) -> GPTConfig:
+    try:
+        vocab, d = state["transformer.wte.weight"].shape
+        block = state["transformer.wpe.weight"].shape[0]
+    except KeyError as e:
+        raise WeightsError(f"{source}: missing key {e.args[0]!r}; this is not a GPT-2 checkpoint.") from None
+    n_layer = sum(1 for k in state if k.endswith(".ln_1.weight"))
+    if d not in HEADS_BY_WIDTH:
+        raise WeightsError(f"{source}: width {d} is not a released GPT-2 size, so the number of heads "
+                           f"is unknown; put a config.json beside the weights.")
+    return GPTConfig(n_layer=n_layer, n_head=HEADS_BY_WIDTH[d], n_embd=d, vocab_size=vocab, block_size=block)
+
+
+def build(cfg: GPTConfig, state: dict) -> GPT:
+    """Check names and shapes (naming the offending key), transpose Conv1D, load without a random init."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise WeightsError(f"checkpoint is missing {len(missing)} key(s), first {missing[0]!r} "
+                           f"(expected {len(expected)} keys for a {cfg.n_layer}-layer, width-{cfg.n_embd} GPT-2).")
+    if unexpected:
+        raise WeightsError(f"checkpoint has {len(unexpected)} unexpected key(s), first {unexpected[0]!r}; "
+                           f"is it a GPT-2 of {cfg.n_layer} layers?")
+    # One orientation for the whole file: HF Conv1D (in, out) or already nn.Linear (out, in).
+    probe = "transformer.h.0.attn.c_attn.weight"
+    conv1d = cfg.n_layer > 0 and tuple(state[probe].shape) == (cfg.n_embd, 3 * cfg.n_embd)
+    fixed = {}
+    for k, v in state.items():
+        if conv1d and k.endswith(CONV1D):
+            v = v.t()
+        if tuple(v.shape) != expected[k]:
+            raise WeightsError(f"key {k!r} has shape {tuple(v.shape)}, expected {expected[k]}.")
+        fixed[k] = v.float().contiguous()
+    fixed["lm_head.weight"] = fixed["transformer.wte.weight"]
+    model.load_state_dict(fixed, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # keep the tie after assign
+    return model
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights in HF GPT2LMHeadModel layout (Conv1D transposed back, no tied lm_head)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" or ".lora_" in k:
+            continue
+        k = k.replace(".base.", ".")
+        v = v.detach().to("cpu")
+        out[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
+    return out
+
+
+def save_hf(model: GPT, folder, dtype: torch.dtype = torch.float32) -> Path:
+    """An HF-format folder (config.json + model.safetensors) that transformers loads."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    return folder
