@@ -178,8 +178,10 @@ def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> 
     lcfg.validate(model.config)
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded")
-    g = torch.Generator(device=model.device)
-    g.manual_seed(0 if seed is None else seed)
+    g = None
+    if model.device.type != "meta":  # shape-only models (size estimates) need no random init
+        g = torch.Generator(device=model.device)
+        g.manual_seed(0 if seed is None else seed)
     for target in lcfg.targets:
         for layer in _wrap(model, target):
             layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)

@@ -65,6 +65,7 @@ def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
         raise WeightsError("huggingface_hub is not installed; pip install huggingface_hub, "
                            "or pass a local weights path.") from None
     files = {}
+    reachable = None
     for fname in ("config.json", "model.safetensors"):
         try:  # the cache first: no network round trip when the files are there
             files[fname] = hf_hub_download(repo_id, fname, local_files_only=True)
@@ -73,6 +74,10 @@ def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
             pass
         say(f"downloading {repo_id}/{fname} into the Hugging Face cache")
         try:
+            if reachable is None:
+                reachable = _hub_reachable()
+            if not reachable:  # huggingface_hub would retry for ~25 s before giving up
+                raise ConnectionError("the hub did not answer within 3 s")
             files[fname] = hf_hub_download(repo_id, fname)
         except Exception as e:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
@@ -85,6 +90,23 @@ def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
                 f"'tiny' model offline.") from None
     cfg = GPTConfig.from_hf(json.loads(Path(files["config.json"]).read_text()))
     return cfg, read_state(Path(files["model.safetensors"]))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint (skipped behind a proxy, where it would mislead)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return True  # let huggingface_hub give its own offline answer at once
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def read_local(path: Path) -> tuple[GPTConfig, dict]:

@@ -1,0 +1,45 @@
+"""Shared fixtures: small random GPT-2 checkpoints written in HF format, and the tiny preset."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from core.config import GPTConfig  # noqa: E402
+
+# gpt2-shaped (width 64, 4 heads) and gpt2-medium-shaped (different width and head count) tiny configs
+SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
+MEDIUM_SHAPED = GPTConfig(n_layer=2, n_head=16, n_embd=128, block_size=128)
+
+
+def write_hf_checkpoint(folder: Path, cfg: GPTConfig = SMALL, seed: int = 0) -> Path:
+    """Random GPT2LMHeadModel saved by transformers itself (model.safetensors + config.json)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                     vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def hf_small(tmp_path) -> Path:
+    return write_hf_checkpoint(tmp_path / "small", SMALL)
+
+
+@pytest.fixture
+def tiny():
+    from core.weights import load_base
+    return load_base("tiny", device="cpu")

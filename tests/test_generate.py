@@ -1,0 +1,87 @@
+"""Generation: seeds, streaming, KV cache, batches that mix base and adapters."""
+import pytest
+import torch
+
+from core import lora, tokenizer
+from core.config import LoraConfig
+from core.generate import SamplingConfig, generate, generate_text, stream, stream_text
+from tests.test_lora import randomize_b
+
+PROMPT = tokenizer.encode("The quick brown fox")
+
+
+def test_same_seed_same_text_and_different_seed_different_text(tiny):
+    cfg = SamplingConfig(max_new_tokens=24, temperature=1.0, top_k=0, seed=7)
+    a = generate(tiny, [PROMPT], None, cfg)
+    assert generate(tiny, [PROMPT], None, cfg) == a
+    other = generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=24, temperature=1.0, top_k=0, seed=8))
+    assert other != a
+
+
+def test_streaming_yields_the_same_tokens_as_generate(tiny):
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=3)
+    streamed = [step[0] for step in stream(tiny, [PROMPT], None, cfg)]
+    assert [t for t in streamed if t != 50256] == generate(tiny, [PROMPT], None, cfg)[0]
+    texts = list(stream_text(tiny, "The quick brown fox", [None], cfg))
+    assert len(texts) == len(streamed) and texts[-1] == generate_text(tiny, "The quick brown fox", [None], cfg)
+
+
+def test_kv_cache_generation_equals_recomputing_everything(tiny):
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0, stop_at_eot=False)
+    cached = generate(tiny, [PROMPT], None, cfg)[0]
+    seq = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(20):
+            seq.append(int(tiny(torch.tensor([seq]))[0, -1].argmax()))
+    assert cached == seq[len(PROMPT):]
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(tiny):
+    prompts = [tokenizer.encode(t) for t in ["Hi", "A much longer prompt than the first one", "Ok then"]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.8, seed=5, stop_at_eot=False)
+    batched = generate(tiny, prompts, None, cfg)
+    for p, row in zip(prompts, batched):
+        assert generate(tiny, [p], None, cfg)[0] == row
+
+
+def test_a_mixed_base_and_adapter_batch_equals_each_alone(tiny):
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    lora.add_adapter(tiny, "b", LoraConfig(r=4, targets=("mlp.c_fc",)))
+    randomize_b(tiny, "a", std=0.3, seed=1)
+    randomize_b(tiny, "b", std=0.3, seed=2)
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0.8, seed=11, stop_at_eot=False)
+    together = generate(tiny, [PROMPT] * 3, [None, "a", "b"], cfg)
+    alone = [generate(tiny, [PROMPT], [n], cfg)[0] for n in (None, "a", "b")]
+    assert together == alone
+    assert together[0] != together[1] and together[0] != together[2]
+
+
+def test_top_k_one_is_greedy(tiny):
+    greedy = generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
+    topk1 = generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=1.3, top_k=1, stop_at_eot=False))
+    assert greedy == topk1
+
+
+def test_generation_stops_at_endoftext(tiny):
+    forward = tiny.forward
+
+    def eot_always_wins(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out[..., 50256] += 1000.0
+        return out
+
+    tiny.forward = eot_always_wins
+    out = list(stream(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=0)))
+    assert out == [[50256]]
+
+
+def test_long_prompts_are_cropped_to_fit_the_context(tiny):
+    long = PROMPT * 400  # 1600 tokens > 1024
+    out = generate(tiny, [long], None, SamplingConfig(max_new_tokens=8, temperature=0, stop_at_eot=False))
+    assert len(out[0]) == 8
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2)])
+def test_bad_sampling_settings_are_refused(tiny, bad):
+    with pytest.raises(ValueError):
+        generate(tiny, [PROMPT], None, SamplingConfig(**bad))

@@ -1,0 +1,124 @@
+"""LoRA: named adapters on one frozen base, exact merge/unmerge, per-row routing."""
+import pytest
+import torch
+
+from core import lora
+from core.config import LoraConfig, PRESETS
+from core.model import GPT
+
+
+def randomize_b(model, name, std=0.05, seed=0):
+    """Tests make B non-zero so an adapter actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora.lora_layers(model).values():
+        if layer.has(name):
+            B = layer.weights(name)[1]
+            with torch.no_grad():
+                B.copy_(torch.randn(B.shape, generator=g) * std)
+
+
+@pytest.fixture
+def two_adapters(tiny):
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, alpha=8, targets=("attn.c_attn", "mlp.c_fc")), seed=1)
+    lora.add_adapter(tiny, "b", LoraConfig(r=8, alpha=16, targets=("attn.c_proj", "mlp.c_proj")), seed=2)
+    randomize_b(tiny, "a", seed=1)
+    randomize_b(tiny, "b", seed=2)
+    return tiny
+
+
+IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]])
+
+
+def logits(model, names=None):
+    with torch.no_grad():
+        return model(IDS.repeat(len(names), 1) if names else IDS, lora.make_route(model, names) if names else None)
+
+
+def test_fresh_adapter_is_the_identity(tiny):
+    base = logits(tiny)
+    lora.add_adapter(tiny, "fresh", LoraConfig())
+    lora.set_active(tiny, "fresh")
+    assert torch.equal(logits(tiny), base)
+
+
+def test_adapter_changes_the_output(two_adapters):
+    base = logits(two_adapters)
+    lora.set_active(two_adapters, "a")
+    assert (logits(two_adapters) - base).abs().max() > 1e-3
+
+
+def test_merge_equals_unmerged_and_unmerge_restores_base_exactly(two_adapters):
+    m = two_adapters
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    lora.set_active(m, "a")
+    unmerged = logits(m)
+    lora.merge(m, "a")
+    assert (logits(m) - unmerged).abs().max() <= 1e-5
+    with pytest.raises(RuntimeError, match="already merged"):
+        lora.merge(m, "b")
+    with pytest.raises(RuntimeError, match="merged"):
+        logits(m, [None, "b"])  # mixed batches are refused while merged
+    lora.unmerge(m)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_mixed_batch_equals_each_row_alone(two_adapters):
+    m = two_adapters
+    mixed = logits(m, [None, "a", "b", "a"])
+    for row, name in enumerate([None, "a", "b", "a"]):
+        lora.set_active(m, name)
+        alone = logits(m)[0]
+        assert (mixed[row] - alone).abs().max() <= 1e-5, (row, name)
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+def test_switching_adapters_leaves_base_weights_bit_identical(two_adapters):
+    m = two_adapters
+    base = {k: (v.data_ptr(), v.clone()) for k, v in m.state_dict().items() if ".lora_" not in k}
+    for name in ["a", "b", None, "a", "b"] * 3:
+        lora.set_active(m, name)
+        logits(m)
+    for k, v in m.state_dict().items():
+        if ".lora_" not in k:
+            assert v.data_ptr() == base[k][0] and torch.equal(v, base[k][1]), k
+
+
+def test_only_lora_parameters_require_grad(two_adapters):
+    trainable = [n for n, p in two_adapters.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_gpt2_rank8_on_c_attn_has_294912_trainable_parameters():
+    cfg = PRESETS["gpt2"]
+    assert lora.count_lora_params(cfg, 8, ["attn.c_attn"]) == 294_912
+    assert round(100 * 294_912 / cfg.n_params(), 2) == 0.24
+    with torch.device("meta"):
+        model = GPT(cfg)
+    lora.add_adapter(model, "x", LoraConfig(r=8, targets=("attn.c_attn",)))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 294_912
+
+
+def test_adapter_names_may_contain_dots_and_dashes(tiny):
+    lora.add_adapter(tiny, "v1.2-final_x", LoraConfig())
+    assert "v1.2-final_x" in lora.adapter_names(tiny)
+    lora.remove_adapter(tiny, "v1.2-final_x")
+    assert lora.adapter_names(tiny) == []
+
+
+def test_bad_settings_are_refused_with_clear_messages(tiny):
+    for bad, msg in [(LoraConfig(r=0), "rank"), (LoraConfig(alpha=0), "alpha"),
+                     (LoraConfig(targets=("attn.q_proj",)), "unknown target"),
+                     (LoraConfig(r=65), "larger than the model width")]:
+        with pytest.raises(ValueError, match=msg):
+            lora.add_adapter(tiny, "bad", bad)
+    with pytest.raises(KeyError, match="no adapter named"):
+        lora.set_active(tiny, "missing")
+
+
+def test_state_dict_round_trip_is_bit_identical(two_adapters, tiny):
+    state = lora.adapter_state_dict(two_adapters, "a")
+    lora.load_adapter_state(two_adapters, "a2", state, alpha=8)
+    for k, v in lora.adapter_state_dict(two_adapters, "a2").items():
+        assert torch.equal(v, state[k])
+    assert torch.equal(logits(two_adapters, ["a"]), logits(two_adapters, ["a2"]))

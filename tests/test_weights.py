@@ -1,0 +1,110 @@
+"""Weight loading: local folders and files, the HF cache, and errors that name their cause."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.weights import WeightsError, load_base
+from tests.conftest import ROOT, SMALL, write_hf_checkpoint
+
+IDS = torch.tensor([[464, 2068, 7586, 21831, 18045]])
+
+
+def reference_logits(folder):
+    return load_base(str(folder), device="cpu")(IDS)
+
+
+def test_safetensors_file_bin_file_and_seed_style_pt_all_load_the_same(hf_small, tmp_path):
+    ref = reference_logits(hf_small)
+    state = load_file(str(hf_small / "model.safetensors"))
+    # pytorch_model.bin beside config.json
+    binf = tmp_path / "bin"
+    binf.mkdir()
+    shutil.copy(hf_small / "config.json", binf)
+    torch.save(state, binf / "pytorch_model.bin")
+    assert torch.allclose(reference_logits(binf), ref)
+    # a seed-style gpt2_weights.pt: HF keys with the mask buffers still in, nested under "model"
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    shutil.copy(hf_small / "config.json", pt)
+    nested = dict(state)
+    nested["transformer.h.0.attn.bias"] = torch.ones(1, 1, 4, 4)
+    torch.save({"model": nested}, pt / "gpt2_weights.pt")
+    assert torch.allclose(reference_logits(pt), ref)
+
+
+def test_pickled_code_in_a_pt_file_is_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"transformer.wte.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError, match="could not be read"):
+        load_base(str(tmp_path / "evil.pt"), device="cpu")
+    assert not marker.exists()
+
+
+def test_wrong_shape_names_the_key(hf_small):
+    state = load_file(str(hf_small / "model.safetensors"))
+    state["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 200)
+    save_file(state, str(hf_small / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*shape"):
+        load_base(str(hf_small), device="cpu")
+
+
+def test_missing_key_names_the_key(hf_small):
+    state = load_file(str(hf_small / "model.safetensors"))
+    del state["transformer.h.1.ln_2.bias"]
+    save_file(state, str(hf_small / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing 1 key.*transformer\.h\.1\.ln_2\.bias"):
+        load_base(str(hf_small), device="cpu")
+
+
+def test_unknown_width_without_config_asks_for_config_json(hf_small):
+    (hf_small / "config.json").unlink()
+    with pytest.raises(WeightsError, match="config.json"):
+        load_base(str(hf_small), device="cpu")
+
+
+def test_folder_without_weights_and_unknown_names_are_explained(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsError, match="no weights in"):
+        load_base(str(tmp_path / "junk"), device="cpu")
+    with pytest.raises(WeightsError, match="unknown model 'gpt5'"):
+        load_base("gpt5", device="cpu")
+
+
+def _run_offline(code, env_extra):
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_unreachable_hub_gives_an_actionable_message(tmp_path):
+    code = ("from core.weights import load_base, WeightsError\n"
+            "try:\n    load_base('gpt2', device='cpu')\nexcept WeightsError as e:\n    print('MSG', e)\n")
+    r = _run_offline(code, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9",
+                            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    assert "MSG could not get config.json of openai-community/gpt2" in r.stdout, r.stdout + r.stderr
+    assert "--weights" in r.stdout and "tiny" in r.stdout
+
+
+def test_offline_mode_with_a_filled_cache_loads_from_the_cache(tmp_path):
+    src = write_hf_checkpoint(tmp_path / "src", SMALL)
+    snap = tmp_path / "hf" / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, snap / f)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    code = ("from core.weights import load_base\n"
+            "m = load_base('gpt2', device='cpu')\nprint('LAYERS', m.config.n_layer, m.config.n_embd)\n")
+    r = _run_offline(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert "LAYERS 2 64" in r.stdout, r.stdout + r.stderr
