@@ -1,0 +1,60 @@
+"""Blending LoRA adapters exactly: a weighted sum of updates is itself a LoRA of higher rank.
+
+delta_k = s_k * B_k @ A_k. Stacking the A's and placing the B's side by side with w_k * s_k
+folded in gives B @ A = sum_k w_k * s_k * B_k @ A_k, so with scaling 1 (alpha = r) the blend's
+update is the weighted sum of the updates, up to float rounding. A projection that an adapter
+does not target contributes zero rows/columns, so one rank holds over the union of targets.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .adapter_validate import MAX_RANK, AdapterError
+from .config import TARGET_MODULES, LoraConfig
+from .lora import BLOCK_KEY
+
+
+def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
+                 weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The blended adapter's fp32 tensors (our keys) and its LoraConfig (r = sum of ranks, alpha = r)."""
+    if not parts:
+        raise AdapterError("choose at least one adapter to blend.")
+    if len(parts) != len(weights):
+        raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
+    ws = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdapterError(f"blend weights must be finite numbers (got {w!r}).")
+        ws.append(float(w))
+    rank = sum(lcfg.r for _, lcfg in parts)
+    if rank > MAX_RANK:
+        raise AdapterError(f"the blend would have rank {rank} (the sum of the ranks), over the limit of {MAX_RANK}; "
+                           f"blend fewer or lower-rank adapters.")
+    slots = {}  # (layer, target) -> (in, out) from whichever adapter has it
+    for state, _ in parts:
+        for k, t in state.items():
+            m = BLOCK_KEY.match(k)
+            if m is None:
+                raise AdapterError(f"unexpected adapter key {k!r}")
+            if m.group(3) == "A":
+                slots.setdefault((int(m.group(1)), m.group(2)), t.shape[1])
+    out = {}
+    for (i, target), fan_in in sorted(slots.items()):
+        prefix = f"transformer.h.{i}.{target}"
+        fan_out = next(s[f"{prefix}.lora_B.weight"].shape[0] for s, _ in parts if f"{prefix}.lora_B.weight" in s)
+        As, Bs = [], []
+        for (state, lcfg), w in zip(parts, ws):
+            A = state.get(f"{prefix}.lora_A.weight")
+            if A is None:
+                As.append(torch.zeros(lcfg.r, fan_in))
+                Bs.append(torch.zeros(fan_out, lcfg.r))
+                continue
+            As.append(A.float().cpu())
+            Bs.append(state[f"{prefix}.lora_B.weight"].float().cpu() * (w * lcfg.scaling))
+        out[f"{prefix}.lora_A.weight"] = torch.cat(As, 0).contiguous()
+        out[f"{prefix}.lora_B.weight"] = torch.cat(Bs, 1).contiguous()
+    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    return out, LoraConfig(r=rank, alpha=float(rank), dropout=0.0, targets=targets)

@@ -1,0 +1,458 @@
+"""The adapter library on disk: one PEFT-compatible folder per adapter, training checkpoints inside.
+
+    <root>/.lock                            fcntl lock that serialises writers (processes and threads)
+    <root>/<name>/adapter_model.safetensors  PEFT keys, A: r x in, B: out x r
+    <root>/<name>/adapter_config.json        as PEFT writes it
+    <root>/<name>/studio.json                base model, dataset, training settings, losses, created
+    <root>/<name>/checkpoints/step_000050/   the same three files (+ the trainer's trainer_state.pt)
+    <root>/.tmp-*, .trash-*                  folders being built or deleted; never listed
+
+A new adapter is built in a hidden temp folder and renamed into place, so it appears whole or
+not at all; a delete renames the folder away first. Names are checked, never rewritten.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import atomic
+from .adapter_blend import blend_states
+from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, save_adapter, write_adapter_folder
+from .adapter_validate import (MAX_FILE_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, AdapterFiles,
+                               parse_config, read_adapter, read_json)
+from .adapter_zip import README, extract_adapter_zip, write_adapter_zip
+from .config import GPTConfig, LoraConfig
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: threads are still serialised
+    fcntl = None
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CHECKPOINTS = "checkpoints"
+ADAPTER_FILES = (WEIGHTS, CONFIG, META, README)  # what an adapter consists of (trainer_state.pt is not)
+STALE_TMP_S = 3600  # a .tmp- folder this old belongs to a crashed writer
+
+
+def check_name(name) -> str:
+    """Return `name` if it is an acceptable adapter name, else raise (names are never rewritten)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or digit (no spaces, slashes or leading dots).")
+    return name
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    base_model: str | None
+    rank: int | None
+    targets: list[str]
+    alpha: float | None
+    steps: int | None
+    train_loss: float | None
+    val_loss: float | None
+    created: str
+    size_bytes: int
+    dataset: str | None
+    status: str
+    user: str | None
+    checkpoints: int = 0  # training checkpoints under checkpoints/
+    has_final: bool = True  # False while a run has only checkpoints so far
+    problem: str | None = None  # why the config could not be read (the entry can still be deleted)
+    created_ts: float = field(default=0.0, repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _LibraryLock:
+    """Reentrant in one thread; an exclusive fcntl.flock on <root>/.lock across processes."""
+
+    def __init__(self, path: Path):
+        self.path, self.rlock, self.depth, self.fd = path, threading.RLock(), 0, None
+
+    def __enter__(self):
+        self.rlock.acquire()
+        try:
+            if self.depth == 0:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                try:
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self.fd = fd
+            self.depth += 1
+        except BaseException:
+            self.rlock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+        self.rlock.release()
+
+
+_LOCKS: dict[Path, _LibraryLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(root: Path) -> _LibraryLock:
+    # one lock object per library per process: flock on two descriptors would deadlock a thread
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(root, _LibraryLock(root / ".lock"))
+
+
+class Library:
+    def __init__(self, root="adapters", max_bytes: int = MAX_FILE_BYTES):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = _lock_for(self.root)
+        self._sweep()
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def lock(self):
+        """Hold the library's writer lock (for other writers, e.g. the trainer creating a run)."""
+        return self._lock
+
+    def path(self, name: str) -> Path:
+        """Folder of adapter `name`, or of a checkpoint with 'run@step_000050'. Links are refused."""
+        run, sep, ckpt = name.partition("@") if isinstance(name, str) else (name, "", "")
+        p = self._inside(self.root / check_name(run))
+        if sep:
+            p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
+        if not p.is_dir():
+            raise AdapterError(f"no adapter named {name!r} in the library ({self.root}).")
+        for f in ADAPTER_FILES:
+            if (p / f).is_symlink():
+                raise AdapterError(f"{name}/{f} is a symbolic link; links are not allowed in the library.")
+        return p
+
+    def read(self, name: str, cfg: GPTConfig | None = None, base_id: str | None = None) -> AdapterFiles:
+        """Validated tensors + config of a library adapter (against `cfg` when given)."""
+        p = self.path(name)
+        if not (p / WEIGHTS).is_file():
+            raise AdapterError(f"{name!r} has no final adapter yet; pick one of its checkpoints ({name}@<step>).")
+        return read_adapter(p, cfg, base_id, max_bytes=self.max_bytes)
+
+    def list(self) -> list[AdapterEntry]:
+        """Every adapter (runs with only checkpoints too), newest first."""
+        entries = [e for d in self._children() if (e := self._entry(d)) is not None]
+        return sorted(entries, key=lambda e: (e.created_ts, e.name), reverse=True)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.list()]
+
+    def details(self, name: str) -> dict:
+        """The list entry plus studio.json, adapter_config.json, files and checkpoints."""
+        p = self.path(name)
+        e = self._entry(p, name)
+        if e is None:
+            raise AdapterError(f"{name!r} has no adapter files yet.")
+        d = e.to_dict()
+        src = p if e.has_final else self._checkpoint_dirs(p)[-1]
+        d["path"] = str(p)
+        d["meta"] = _json_or_empty(p / META) or _json_or_empty(src / META)
+        d["config"] = _json_or_empty(src / CONFIG)
+        d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
+        d["checkpoint_list"] = [] if "@" in name else self.checkpoints(name)
+        return d
+
+    def checkpoints(self, name: str) -> list[dict]:
+        """Training checkpoints of run `name`, oldest first; load one as '<name>@<checkpoint>'."""
+        out = []
+        for c in self._checkpoint_dirs(self.path(name)):
+            meta = _json_or_empty(c / META)
+            m = re.search(r"(\d+)$", c.name)
+            out.append({
+                "name": c.name, "spec": f"{name}@{c.name}", "path": str(c),
+                "step": _int(meta.get("steps")) if m is None else int(m.group(1)),
+                "train_loss": _num(meta.get("train_loss")), "val_loss": _num(meta.get("val_loss")),
+                "created": _str(meta.get("created")) or _mtime_iso(c),
+                "size_bytes": _size(c),
+            })
+        return out
+
+    # ---- writing (all under the lock; each new folder appears whole or not at all) ----------
+
+    def save(self, model, adapter_name: str, new_name: str, lcfg: LoraConfig, base_id: str,
+             meta: dict | None = None) -> str:
+        """Save loaded adapter `adapter_name` of `model` as library entry `new_name`."""
+        def build(tmp: Path):
+            save_adapter(model, adapter_name, tmp, lcfg, base_id, meta)
+            read_adapter(tmp, model.config, max_bytes=self.max_bytes)  # never publish a broken adapter
+        return self._create(new_name, build)
+
+    def import_path(self, path, name: str | None = None, base_cfg: GPTConfig | None = None,
+                    config_path=None) -> str:
+        """Import a PEFT folder, a .zip of one, or a bare .safetensors (+ adapter_config.json beside it
+        or at `config_path`). Everything is validated before anything is written."""
+        src = Path(path)
+        if not src.exists():
+            raise AdapterError(f"nothing to import at {src}.")
+        if src.is_file() and src.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterError(f"{src.name}: {PICKLE_HINT}")
+        if name is None:
+            name = src.parent.name if src.name == WEIGHTS else src.stem if src.is_file() else src.name
+        check_name(name)
+        self._check_free(name)
+        with tempfile.TemporaryDirectory(prefix="lora-import-") as unpacked:
+            if src.is_file() and src.suffix.lower() == ".zip":
+                src = extract_adapter_zip(src, Path(unpacked), self.max_bytes)
+            files = read_adapter(src, base_cfg, config_path=config_path, max_bytes=self.max_bytes)
+        meta = dict(files.meta)
+        meta.update(imported_from=Path(path).name, imported=_now())
+        meta.setdefault("status", "imported")
+        return self._create(name, lambda tmp: write_adapter_folder(
+            tmp, files.peft_tensors(), files.lcfg, files.base_id, meta))
+
+    def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
+              base_cfg: GPTConfig | None = None) -> str:
+        """A new adapter whose update is sum_k weights[k] * update(names[k]) (exact)."""
+        check_name(new_name)
+        self._check_free(new_name)
+        parts = [self.read(n, base_cfg) for n in names]
+        bases = sorted({p.base_id for p in parts if p.base_id})
+        if len(bases) > 1:
+            raise AdapterError(f"these adapters were made for different bases ({', '.join(bases)}); "
+                               f"blend adapters of one base only.")
+        if base_cfg is None and len({_width(p.state) for p in parts}) > 1:
+            raise AdapterError("these adapters were made for models of different widths; they cannot be blended.")
+        state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
+        meta = {"status": "blend", "base_model": bases[0] if bases else None,
+                "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
+        tensors = {PEFT_PREFIX + k: v for k, v in state.items()}
+        return self._create(new_name, lambda tmp: write_adapter_folder(
+            tmp, tensors, lcfg, meta["base_model"], meta))
+
+    def rename(self, old: str, new: str) -> str:
+        check_name(new)
+        with self._lock:
+            src = self.path(check_name(old))
+            dst = self._check_free(new)
+            os.rename(src, dst)
+            atomic.fsync_dir(self.root)
+        return new
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            src = self.path(check_name(name))
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
+            os.rename(src, trash / "x")  # gone from the listing in one step
+            atomic.fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def duplicate(self, name: str, new_name: str) -> str:
+        src = self.path(check_name(name))
+        if not (src / WEIGHTS).is_file():
+            raise AdapterError(f"{name!r} has no final adapter yet; restore one of its checkpoints instead.")
+        return self._copy_entry(src, new_name, {"duplicated_from": name})
+
+    def restore_checkpoint(self, name: str, checkpoint: str, new_name: str) -> str:
+        """Make checkpoint `checkpoint` of run `name` a library adapter of its own."""
+        return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name, {"restored_from": f"{name}@{checkpoint}"})
+
+    def export_zip(self, name: str, dest_dir) -> Path:
+        """<dest_dir>/<name>.zip holding the adapter's files (flat, as PEFT lays them out)."""
+        src = self.path(name)
+        if not (src / WEIGHTS).is_file():
+            raise AdapterError(f"{name!r} has no final adapter yet; restore one of its checkpoints first.")
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        out = dest_dir / f"{name.replace('@', '-')}.zip"
+        if out.exists() or out.is_symlink():
+            raise AdapterError(f"{out} already exists; delete it or export somewhere else.")
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=dest_dir)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            write_adapter_zip(src, Path(tmp))
+            os.link(tmp, out)  # unlike os.replace, fails instead of overwriting a file that appeared
+        except FileExistsError:
+            raise AdapterError(f"{out} already exists; delete it or export somewhere else.") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        atomic.fsync_dir(dest_dir)
+        return out
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _create(self, name: str, build: Callable[[Path], object]) -> str:
+        """Build a new entry in a hidden temp folder, then rename it into place under the lock."""
+        check_name(name)
+        with self._lock:
+            dst = self._check_free(name)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            try:
+                build(tmp)
+                os.chmod(tmp, 0o755)
+                atomic.fsync_dir(tmp)
+                os.rename(tmp, dst)
+                atomic.fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return name
+
+    def _copy_entry(self, src: Path, new_name: str, note: dict) -> str:
+        def build(tmp: Path):
+            for f in (WEIGHTS, CONFIG, README):
+                if (src / f).is_file():
+                    _copy(src / f, tmp / f)
+            meta = _json_or_empty(src / META)
+            meta.update(note)
+            atomic.write_text(tmp / META, json.dumps(meta, indent=2))
+        return self._create(new_name, build)
+
+    def _check_free(self, name: str) -> Path:
+        dst = self.root / check_name(name)
+        if dst.exists() or dst.is_symlink():
+            raise AdapterError(f"an adapter named {name!r} already exists; choose another name or delete it first.")
+        return dst
+
+    def _inside(self, p: Path) -> Path:
+        if p.is_symlink():
+            raise AdapterError(f"{p.name} is a symbolic link; links are not allowed in the library.")
+        if not p.resolve().is_relative_to(self.root):
+            raise AdapterError(f"{p} is outside the library ({self.root}).")
+        return p
+
+    def _children(self) -> list[Path]:
+        try:
+            kids = sorted(self.root.iterdir())
+        except OSError:
+            return []
+        return [d for d in kids if NAME_RE.fullmatch(d.name) and not d.is_symlink() and d.is_dir()]
+
+    def _checkpoint_dirs(self, run: Path) -> list[Path]:
+        ck = run / CHECKPOINTS
+        if not ck.is_dir() or ck.is_symlink():
+            return []
+        dirs = [c for c in ck.iterdir() if NAME_RE.fullmatch(c.name) and not c.is_symlink() and _complete(c)]
+        return sorted(dirs, key=lambda c: (int(m.group(1)) if (m := re.search(r"(\d+)$", c.name)) else -1, c.name))
+
+    def _entry(self, d: Path, name: str | None = None) -> AdapterEntry | None:
+        """What the listing shows for folder `d`; None for a folder that holds no adapter (yet)."""
+        try:
+            final = _complete(d)
+            ckpts = self._checkpoint_dirs(d)
+            src = d if final else (ckpts[-1] if ckpts else None)
+            if src is None:
+                return None
+            meta = _json_or_empty(d / META) or _json_or_empty(src / META)
+            r = alpha = None
+            targets, base, problem = [], None, None
+            try:
+                r, alpha, _, listed, base = parse_config(read_json(src / CONFIG, "adapter config"), src / CONFIG)
+                targets = list(listed or (meta.get("lora") or {}).get("targets") or [])
+            except AdapterError as e:
+                problem = str(e)
+            created = _str(meta.get("created")) or _mtime_iso(d)
+            status = _str(meta.get("status")) or ("complete" if final else "training (checkpoints only)")
+            if problem:
+                status = "invalid"
+            return AdapterEntry(
+                name=name or d.name, base_model=_str(meta.get("base_model")) or base, rank=r, targets=targets,
+                alpha=alpha, steps=_int(meta.get("steps")), train_loss=_num(meta.get("train_loss")),
+                val_loss=_num(meta.get("val_loss")), created=created, size_bytes=_size(src),
+                dataset=_dataset(meta), status=status, user=_str(meta.get("user")),
+                checkpoints=len(ckpts), has_final=final, problem=problem,
+                created_ts=_timestamp(created, d))
+        except OSError:  # deleted or renamed while we looked
+            return None
+
+    def _sweep(self) -> None:
+        """Remove what crashed writers left: .trash-* always, .tmp-* once they are stale."""
+        now = time.time()
+        with self._lock:
+            for d in self.root.iterdir():
+                try:
+                    if d.name.startswith(".trash-") or (d.name.startswith(".tmp-") and now - d.stat().st_mtime > STALE_TMP_S):
+                        shutil.rmtree(d, ignore_errors=True)
+                except OSError:
+                    pass
+
+
+# ---- small helpers -----------------------------------------------------------------------
+
+def _complete(folder: Path) -> bool:
+    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
+
+
+def _width(state: dict) -> int:
+    """Model width implied by an adapter's tensors (mlp.c_proj's A reads the 4x wider hidden layer)."""
+    k, A = next((k, v) for k, v in state.items() if ".lora_A." in k)
+    return A.shape[1] // 4 if ".mlp.c_proj." in k else A.shape[1]
+
+
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return read_json(path, "metadata") if path.is_file() else {}
+    except (AdapterError, OSError):
+        return {}
+
+
+def _size(folder: Path) -> int:
+    return sum((folder / f).stat().st_size for f in ADAPTER_FILES if (folder / f).is_file())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _mtime_iso(p: Path) -> str:
+    return dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+
+
+def _timestamp(created: str, folder: Path) -> float:
+    try:
+        t = dt.datetime.fromisoformat(created)
+        return (t if t.tzinfo else t.astimezone()).timestamp()
+    except (TypeError, ValueError):
+        return folder.stat().st_mtime
+
+
+def _str(x, limit: int = 200) -> str | None:
+    return None if x is None or isinstance(x, (dict, list)) else str(x)[:limit]
+
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
+        return None
+    return float(x)
+
+
+def _int(x) -> int | None:
+    return int(x) if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _dataset(meta: dict) -> str | None:
+    ds = meta.get("dataset")
+    if isinstance(ds, dict):
+        return _str(ds.get("name"))
+    return _str(ds) or _str(meta.get("dataset_name"))

@@ -1,0 +1,304 @@
+"""Checking adapter files before any tensor is used.
+
+Order of checks, cheapest and safest first: file kind and size -> the raw safetensors header
+(length guarded against the file size and a cap, so a hostile header never reaches the parser)
+-> adapter_config.json -> names, dtypes and shapes from the header via `safe_open` -> only then
+the values (all finite). Every failure is an `AdapterError` naming the file or key and the
+problem. Nothing here writes anything; pickles (.bin/.pt) are never opened.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS
+from .config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets
+from .lora import target_shapes
+
+MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+MAX_JSON_BYTES = 16 * 2**20  # adapter_config.json, studio.json (loss histories can be long)
+MAX_RANK = 256
+DTYPES = ("F32", "F16", "BF16")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLE_HINT = ("pickle files can run code when opened, so they are never loaded; re-save the adapter "
+               "as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True)).")
+
+# PEFT's key for one LoRA matrix; the adapter-name infix ('lora_A.default.weight') is tolerated.
+KEY = re.compile(r"^(?:base_model\.model\.)?transformer\.h\.(0|[1-9]\d*)\."
+                 r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """A user-facing problem with an adapter: the message says what is wrong and what to do."""
+
+
+@dataclass
+class AdapterFiles:
+    """A validated adapter: tensors under our keys ('transformer.h.0.attn.c_attn.lora_A.weight')."""
+    state: dict[str, torch.Tensor]
+    lcfg: LoraConfig
+    base_id: str | None
+    meta: dict = field(default_factory=dict)  # studio.json, {} when absent
+    peft: dict = field(default_factory=dict)  # adapter_config.json as found
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {PEFT_PREFIX + k: v.contiguous() for k, v in self.state.items()}
+
+
+def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = None,
+                 config_path=None, max_bytes: int = MAX_FILE_BYTES) -> AdapterFiles:
+    """Validate and read an adapter folder, or a .safetensors file with adapter_config.json beside it.
+
+    cfg: the loaded base's shape (layer count and widths are checked against it); without it
+    the widths must agree with each other. base_id: the loaded base's name, compared with the
+    adapter's `base_model_name_or_path` when both name a known GPT-2 size.
+    """
+    weights, config_file, meta_file = locate(source, config_path)
+    check_safetensors(weights, max_bytes)
+    peft = read_json(config_file, "adapter config")
+    r, alpha, dropout, listed, adapter_base = parse_config(peft, config_file)
+    check_base(adapter_base, cfg, base_id)
+    keys, rank, targets = check_header(weights, cfg)
+    if rank != r:
+        raise AdapterError(f"{config_file.name} says r={r} but the tensors in {weights.name} have rank {rank}; "
+                           f"the config does not belong to these weights.")
+    if listed is not None:
+        extra = [t for t in targets if t not in listed]
+        if extra:
+            raise AdapterError(f"{weights.name} has weights for {extra[0]} but {config_file.name} does not list it "
+                               f"in target_modules ({', '.join(listed) or 'empty'}); the files do not match.")
+    state = read_values(weights, keys)
+    meta = read_json(meta_file, "studio metadata") if meta_file else {}
+    lcfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
+    return AdapterFiles(state, lcfg, adapter_base, meta, peft)
+
+
+def locate(source, config_path=None) -> tuple[Path, Path, Path | None]:
+    """(weights, config, studio.json or None) for a folder or a single .safetensors file."""
+    src = Path(source)
+    if src.is_dir():
+        weights = src / WEIGHTS
+        if not weights.is_file():
+            pickled = [p.name for p in sorted(src.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise AdapterError(f"{src.name}/ holds {pickled[0]} but no {WEIGHTS}: {PICKLE_HINT}")
+            raise AdapterError(f"{src} has no {WEIGHTS}; an adapter folder holds {WEIGHTS} and {CONFIG}.")
+        folder = src
+    elif src.is_file():
+        if src.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterError(f"{src.name}: {PICKLE_HINT}")
+        if src.suffix.lower() != ".safetensors":
+            raise AdapterError(f"{src.name}: only .safetensors adapter files (or a folder/.zip of one) are accepted.")
+        weights, folder = src, src.parent
+    else:
+        raise AdapterError(f"no adapter file or folder at {src}.")
+    config = Path(config_path) if config_path else folder / CONFIG
+    if not config.is_file():
+        raise AdapterError(f"{CONFIG} is missing beside {weights.name}; it says the rank, alpha and target "
+                           f"modules, and PEFT writes it next to the weights.")
+    meta = folder / META
+    return weights, config, (meta if meta.is_file() else None)
+
+
+def check_safetensors(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
+    """File size, pickle magic, and the raw header length, before safetensors parses anything."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(f"{path.name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit "
+                           f"for adapters; a LoRA adapter of GPT-2 is a few MiB.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise AdapterError(f"{path.name} is a PyTorch pickle (torch.save), not safetensors: {PICKLE_HINT}")
+        if len(head) < 8:
+            raise AdapterError(f"{path.name} is truncated: {size} bytes is too short for a safetensors file.")
+        n = struct.unpack("<Q", head)[0]
+        if n > MAX_HEADER_BYTES:
+            raise AdapterError(f"{path.name}: the safetensors header claims {n} bytes, over the "
+                               f"{MAX_HEADER_BYTES // 10**6} MB limit; the file is corrupt or hostile.")
+        if n > size - 8:
+            raise AdapterError(f"{path.name} is truncated: its header needs {n} bytes but only {size - 8} follow.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{path.name} is not a safetensors file (its header is not JSON).") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path.name} is not a safetensors file (its header is not a JSON object).")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise AdapterError(f"{path.name}: key {k!r} has no valid data_offsets in the header.") from None
+    if 8 + n + end > size:
+        raise AdapterError(f"{path.name} is truncated: tensor data should end at byte {8 + n + end} "
+                           f"but the file has {size} bytes.")
+
+
+def read_json(path: Path, what: str) -> dict:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise AdapterError(f"{path.name} ({what}) is {size} bytes, over the {MAX_JSON_BYTES // 2**20} MiB limit.")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path.name} ({what}) is not valid JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path.name} ({what}) must be a JSON object.")
+    return data
+
+
+def parse_config(c: dict, path: Path):
+    """(r, alpha, dropout, listed targets or None, base id) from adapter_config.json."""
+    where = path.name
+    if c.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: peft_type is {c.get('peft_type')!r}; only LoRA adapters are supported.")
+    r = c.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise AdapterError(f"{where}: r must be a whole number from 1 to {MAX_RANK} (got {r!r}).")
+    alpha = c.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive number (got {alpha!r}).")
+    dropout = c.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterError(f"{where}: lora_dropout must be in [0, 1) (got {dropout!r}).")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("layer_replication", "layer replication")):
+        if c.get(flag):
+            raise AdapterError(f"{where}: {what} ({flag}) is not supported; use a plain LoRA adapter.")
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise AdapterError(f"{where}: per-layer ranks or alphas (rank_pattern/alpha_pattern) are not supported; "
+                           f"an adapter must use one rank and one alpha.")
+    if c.get("bias", "none") != "none":
+        raise AdapterError(f"{where}: bias={c.get('bias')!r} is not supported; only bias='none' adapters.")
+    if c.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save is not supported (only LoRA A/B weights are loaded).")
+    if c.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same update as alpha' = alpha * sqrt(r)
+        alpha = alpha * math.sqrt(r)
+    base = c.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{where}: base_model_name_or_path must be a string (got {type(base).__name__}).")
+    listed = None
+    tm = c.get("target_modules")
+    if isinstance(tm, list):  # a str is a regex in PEFT: the keys decide then
+        try:
+            listed = normalize_targets([str(t) for t in tm])
+        except ValueError:
+            bad = next(t for t in tm if not _known_target(str(t)))
+            raise AdapterError(f"{where}: target module {bad!r} is not one of GPT-2's "
+                               f"{', '.join(TARGET_MODULES)} (short names c_attn, c_proj, c_fc).") from None
+    return r, float(alpha), float(dropout), listed, (base or None)
+
+
+def _known_target(t: str) -> bool:
+    try:
+        normalize_targets([t])
+        return True
+    except ValueError:
+        return False
+
+
+def preset_of(base_id: str | None) -> str | None:
+    """'gpt2' for 'gpt2' or 'openai-community/gpt2'; None for paths and unknown ids."""
+    if not base_id:
+        return None
+    if base_id in PRESETS:
+        return base_id
+    return next((k for k, v in HUB_IDS.items() if v == base_id), None)
+
+
+def check_base(adapter_base: str | None, cfg: GPTConfig | None, base_id: str | None) -> None:
+    """The adapter's recorded base must fit the loaded one when either is a known GPT-2 size."""
+    a = preset_of(adapter_base)
+    if a and cfg is not None:
+        p = PRESETS[a]
+        if (p.n_layer, p.n_embd, p.n_head) != (cfg.n_layer, cfg.n_embd, cfg.n_head):
+            raise AdapterError(
+                f"this adapter was made for {adapter_base} ({p.n_layer} layers, width {p.n_embd}) but the loaded "
+                f"base has {cfg.n_layer} layers and width {cfg.n_embd}; load {adapter_base} first.")
+    b = preset_of(base_id)
+    if a and b and a != b:
+        raise AdapterError(f"this adapter was made for {adapter_base} but the loaded base is {base_id}; "
+                           f"load {adapter_base} first.")
+
+
+def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int, tuple[str, ...]]:
+    """Names, dtypes and shapes from the header: ({file key: our key}, rank, targets)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for malformed headers
+        raise AdapterError(f"{path.name} could not be read as safetensors ({str(e)[:200]}).") from None
+    if not info:
+        raise AdapterError(f"{path.name} holds no tensors; an adapter holds lora_A/lora_B weights.")
+    keys, slots = {}, {}
+    for k in sorted(info):
+        m = KEY.match(k)
+        if not m:
+            raise AdapterError(f"{path.name}: unexpected key {k!r}; an adapter may only hold lora_A/lora_B weights "
+                               f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
+        i, target, ab = int(m.group(1)), m.group(2), m.group(3)
+        if cfg is not None and i >= cfg.n_layer:
+            raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but the loaded base has {cfg.n_layer} "
+                               f"layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
+        ours = f"transformer.h.{i}.{target}.lora_{ab}.weight"
+        if ours in keys.values():
+            raise AdapterError(f"{path.name}: key {k!r} duplicates another key for the same weight.")
+        dtype, shape = info[k]
+        if dtype not in DTYPES:
+            raise AdapterError(f"{path.name}: key {k!r} has dtype {dtype}; adapter weights must be "
+                               f"{', '.join(DTYPES)}.")
+        if len(shape) != 2:
+            raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}; LoRA weights are 2-D matrices.")
+        keys[k] = ours
+        slots.setdefault((i, target), {})[ab] = (k, shape)
+    rank, first = None, None
+    width = cfg.n_embd if cfg is not None else None
+    for (i, target), ab in sorted(slots.items()):
+        if set(ab) != {"A", "B"}:
+            k, _ = next(iter(ab.values()))
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise AdapterError(f"{path.name}: key {k!r} has no matching {missing}; LoRA weights come in A/B pairs.")
+        (ka, sa), (kb, sb) = ab["A"], ab["B"]
+        r = sa[0]
+        if not 1 <= r <= MAX_RANK:
+            raise AdapterError(f"{path.name}: key {ka!r} has rank {r} (shape {list(sa)}); the rank must be "
+                               f"1..{MAX_RANK}.")
+        if rank is None:
+            rank, first = r, ka
+        elif r != rank:
+            raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but {first!r} has rank {rank}; an adapter "
+                               f"must use a single rank.")
+        if width is None:  # no base given: the first A matrix sets the width the others must match
+            width = sa[1] // 4 if target == "mlp.c_proj" else sa[1]
+        fan_in, fan_out = target_shapes(GPTConfig(n_layer=1, n_head=1, n_embd=width))[target]
+        for k, shape, want, what in ((ka, sa, (r, fan_in), "r x in"), (kb, sb, (fan_out, r), "out x r")):
+            if shape != want:
+                base = "the loaded base" if cfg is not None else "the other weights"
+                raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}, expected {list(want)} "
+                                   f"({what} for {target} of width {width}, as in {base}).")
+    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    return keys, rank, targets
+
+
+def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors (stored dtype, our keys), each checked to be finite."""
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k, ours in keys.items():
+            t = f.get_tensor(k)
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{path.name}: key {k!r} contains NaN or infinite values; the adapter is "
+                                   f"broken (a diverged training run?) and cannot be used.")
+            out[ours] = t
+    return out

@@ -1,0 +1,58 @@
+"""Helpers for the adapter tests: adapters with non-zero weights, logits, crafted safetensors files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+from core.adapter_io import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
+from core.config import LoraConfig
+from core.lora import add_adapter, lora_parameters
+
+IDS = torch.tensor([[50256, 464, 2068, 7586, 21831, 18045, 625, 262], [40, 588, 257, 1332, 13, 198, 50256, 11]])
+
+
+def make_adapter(model, name: str, lcfg: LoraConfig, seed: int = 0, std: float = 0.05) -> None:
+    """A loaded adapter whose A and B are both random (B non-zero, so it changes the output)."""
+    add_adapter(model, name, lcfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in lora_parameters(model, name):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def logits(model, route=None, ids=IDS):
+    return model(ids.to(model.device), route).float()
+
+
+def listing(lib) -> list[tuple[str, ...]]:
+    """Everything visible in a library folder (names and files), to assert it did not change."""
+    return sorted(tuple(p.relative_to(lib.root).parts) for p in lib.root.rglob("*") if p.name != ".lock")
+
+
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], lcfg: LoraConfig | None = None,
+                  base_id: str | None = None, config: dict | None = None, raw: bytes | None = None) -> Path:
+    """A hand-made adapter folder: any tensors (PEFT keys), any config, or raw weight bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = raw if raw is not None else st_save({k: v.contiguous() for k, v in tensors.items()})
+    (folder / WEIGHTS).write_bytes(data)
+    cfg = config if config is not None else peft_config(lcfg or LoraConfig(), base_id)
+    (folder / CONFIG).write_text(json.dumps(cfg))
+    return folder
+
+
+def lora_tensors(cfg, r: int = 4, targets=("attn.c_attn",), layers=None, seed: int = 0, dtype=torch.float32):
+    """Random PEFT-keyed LoRA tensors of the right shapes for GPT config `cfg`."""
+    from core.lora import target_shapes
+    g = torch.Generator().manual_seed(seed)
+    shapes = target_shapes(cfg)
+    out = {}
+    for i in (range(cfg.n_layer) if layers is None else layers):
+        for t in targets:
+            fan_in, fan_out = shapes[t]
+            out[f"{PEFT_PREFIX}transformer.h.{i}.{t}.lora_A.weight"] = (torch.randn(r, fan_in, generator=g) * 0.05).to(dtype)
+            out[f"{PEFT_PREFIX}transformer.h.{i}.{t}.lora_B.weight"] = (torch.randn(fan_out, r, generator=g) * 0.05).to(dtype)
+    return out
