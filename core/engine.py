@@ -1,0 +1,261 @@
+"""One shared base model per process, with library adapters hot-swapped on it.
+
+Every user of the studio goes through one Engine. The base is loaded once; adapters are loaded
+beside each other on it and chosen per batch row (core.lora routing), so nobody flips global
+state under anybody else and the base weights are never written. An adapter whose files change
+on disk is loaded again under a new internal name; generations already running keep the old
+version until they finish, then it is removed.
+
+Locking: `Engine.lock` guards structure (which base, which adapters are loaded); generation
+runs outside it. The trainer takes `shared_model()` and adds/removes its own adapter while
+holding `lock`, using a name that cannot be a library name (e.g. 'train:<run>').
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .adapter_io import CONFIG, WEIGHTS
+from .adapters import AdapterError, Library, export_merged, load_adapter, resolve
+from .config import LoraConfig
+from .device import pick_device
+from .generate import SamplingConfig, stream_text
+from .lora import adapter_names, remove_adapter
+from .model import GPT
+from .weights import load_base
+
+
+@dataclass
+class _Slot:
+    loaded: str  # the adapter's name inside the model
+    path: Path  # its folder or file
+    in_library: bool  # False for a path given to load()
+    signature: tuple  # (mtime_ns, size, inode) of its files when loaded
+    lcfg: LoraConfig
+    meta: dict
+    used: float  # last use, for evicting the least recently used
+
+
+class Engine:
+    def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
+                 max_loaded: int = 16):
+        self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        self.dtype = dtype
+        self.library = Library(library_dir)
+        self.lock = threading.RLock()
+        self.max_loaded = max_loaded  # library adapters kept loaded at once (unused ones are evicted)
+        self.base_id: str | None = None
+        self._model: GPT | None = None
+        self._base_key = None
+        self._slots: dict[str, _Slot] = {}  # library name or resolved path -> loaded adapter
+        self._refs: Counter = Counter()  # loaded name -> generations using it now
+        self._retired: set[str] = set()  # replaced versions to remove once unused
+        self._versions = itertools.count(2)
+
+    # ---- the base ----------------------------------------------------------------------
+
+    def base(self, model_name_or_path: str = "gpt2", weights=None,
+             progress: Callable[[str], None] | None = None) -> GPT:
+        """Load the base once and cache it; a different base replaces it (and its adapters).
+
+        weights: a local file/folder with the weights of `model_name_or_path` (instead of the hub).
+        """
+        key = (str(model_name_or_path), str(weights) if weights else None)
+        with self.lock:
+            if self._model is not None and self._base_key == key:
+                return self._model
+            model = load_base(weights or model_name_or_path, self.device, self.dtype, progress)
+            self._model, self._base_key, self.base_id = model, key, str(model_name_or_path)
+            self._slots.clear()
+            self._refs.clear()
+            self._retired.clear()
+            return model
+
+    @property
+    def model(self) -> GPT | None:
+        return self._model
+
+    def shared_model(self) -> GPT:
+        """The loaded base (for the trainer and tools); raises if none is loaded yet."""
+        model = self._model
+        if model is None:
+            raise AdapterError("no base model is loaded yet; choose a model first.")
+        return model
+
+    # ---- adapters ------------------------------------------------------------------------
+
+    def ensure_adapter(self, library_name: str) -> str:
+        """Load a library adapter ('name' or 'run@step_000050') unless the same files are loaded
+        already; returns the name to route rows to. Never reloads the base."""
+        with self.lock:
+            self.shared_model()
+            return self._from_library(library_name)
+
+    def load(self, spec: str) -> str:
+        """The CLI's --lora: a library name, or a path to an adapter folder or .safetensors file."""
+        with self.lock:
+            self.shared_model()
+            path = resolve(spec, self.library.root)
+            try:
+                if self.library.path(spec) == path:
+                    return self._ensure(spec, path, True)
+            except AdapterError:
+                pass  # not a library name: a path, loaded under its full resolved path
+            return self._ensure(str(path.resolve()), path, False)
+
+    def unload(self, name: str) -> None:
+        """Forget a loaded adapter (library name, path key or loaded name); running generations finish."""
+        with self.lock:
+            key = next((k for k, s in self._slots.items() if name in (k, s.loaded)), None)
+            if key is not None:
+                self._drop(key)
+            elif self._model is not None and name in adapter_names(self._model):
+                self._retire(name)
+            else:
+                raise AdapterError(f"no adapter named {name!r} is loaded.")
+
+    def loaded(self) -> dict[str, str]:
+        """Library name (or path) -> the name it is loaded under."""
+        with self.lock:
+            return {k: s.loaded for k, s in self._slots.items()}
+
+    @contextmanager
+    def using(self, adapters: Sequence[str | None]):
+        """Load and pin adapters (library names or loaded names) for the duration of the block, so
+        no reload or unload removes them meanwhile; yields the loaded names (None = the base)."""
+        with self._pinned(adapters) as (_, names):
+            yield names
+
+    @contextmanager
+    def _pinned(self, adapters):
+        with self.lock:
+            model = self.shared_model()
+            names = [None if a is None else self._name_for(a, model) for a in adapters]
+            self._refs.update(n for n in names if n)
+        try:
+            yield model, names
+        finally:
+            with self.lock:
+                self._unpin(names, model)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def compare(self, prompt: str, adapters: Sequence[str | None],
+                cfg: SamplingConfig | None = None) -> Iterator[list[str]]:
+        """Stream one continuation of `prompt` per entry of `adapters` (None = the base) in one
+        batch; yields the texts so far after every token. Unknown adapters raise here, eagerly."""
+        if not adapters:
+            raise AdapterError("choose at least one model to compare (the base or an adapter).")
+        (cfg or SamplingConfig()).validate()
+        with self.lock:
+            model = self.shared_model()
+            for a in adapters:
+                if a is not None:
+                    self._name_for(a, model)
+        return self._stream(prompt, list(adapters), cfg)
+
+    def _stream(self, prompt, adapters, cfg):
+        # pinned only while the generator runs: one that is never started holds nothing
+        with self._pinned(adapters) as (model, names):
+            yield from stream_text(model, prompt, names, cfg)
+
+    def export_merged(self, library_name: str, out_dir) -> Path:
+        """An HF-format folder of the base with a library adapter merged in (the shared model is untouched)."""
+        with self._pinned([library_name]) as (model, names):
+            return export_merged(model, names[0], out_dir)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _name_for(self, a: str, model: GPT) -> str:
+        """Library name -> loaded name (loading it if needed); an already-loaded name passes through."""
+        if not isinstance(a, str):
+            raise AdapterError(f"adapter names are strings (got {type(a).__name__}).")
+        slot = self._slots.get(a)
+        if slot is not None and not slot.in_library:  # loaded by path: re-checked for changes too
+            return self._ensure(a, slot.path, False)
+        if slot is None and a in adapter_names(model) and not self._library_has(a):
+            return a  # the trainer's live adapter, or an internal (versioned) name
+        return self._from_library(a)
+
+    def _library_has(self, name: str) -> bool:
+        try:
+            self.library.path(name)
+            return True
+        except AdapterError:
+            return False
+
+    def _from_library(self, name: str) -> str:
+        try:
+            path = self.library.path(name)
+        except AdapterError:
+            slot = self._slots.get(name)
+            if slot is not None and slot.in_library:
+                self._drop(name)  # deleted or renamed in the library meanwhile
+            raise
+        return self._ensure(name, path, True)
+
+    def _ensure(self, key: str, path: Path, in_library: bool) -> str:
+        model = self.shared_model()
+        sig = _signature(path)
+        slot = self._slots.get(key)
+        if slot is not None and slot.signature == sig:
+            slot.used = time.monotonic()
+            return slot.loaded
+        # a changed file is loaded beside the old version, which finishes its running generations
+        name = key if key not in adapter_names(model) else f"{key}~{next(self._versions)}"
+        name, lcfg, meta = load_adapter(model, path, name, base_id=self.base_id)
+        if slot is not None:
+            self._retire(slot.loaded)
+        self._slots[key] = _Slot(name, path, in_library, sig, lcfg, meta, time.monotonic())
+        self._evict()
+        return name
+
+    def _drop(self, key: str) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._retire(slot.loaded)
+
+    def _retire(self, loaded: str) -> None:
+        if self._refs[loaded] > 0:
+            self._retired.add(loaded)
+        elif self._model is not None and loaded in adapter_names(self._model):
+            remove_adapter(self._model, loaded)
+
+    def _unpin(self, names, model) -> None:
+        if model is not self._model:  # the base was replaced meanwhile; its adapters went with it
+            return
+        for n in names:
+            if n:
+                self._refs[n] -= 1
+                if self._refs[n] <= 0:
+                    del self._refs[n]
+                    if n in self._retired:
+                        self._retired.discard(n)
+                        self._retire(n)
+
+    def _evict(self) -> None:
+        idle = sorted((s.used, k) for k, s in self._slots.items() if self._refs[s.loaded] == 0)
+        for _, k in idle[:max(0, len(self._slots) - self.max_loaded)]:
+            self._drop(k)
+
+
+def _signature(path: Path) -> tuple:
+    """Identity of an adapter's files: atomic rewrites change the inode, edits the mtime/size."""
+    files = (path / WEIGHTS, path / CONFIG) if path.is_dir() else (path, path.parent / CONFIG)
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
