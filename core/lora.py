@@ -38,7 +38,7 @@ class Route:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base):
         super().__init__()
         self.base = base
         self.lora_A = nn.ParameterDict()  # (r, in) per adapter
@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
         return self.lora_A[_key(name)], self.lora_B[_key(name)]
 
     def delta(self, name: str) -> torch.Tensor:
-        """The adapter's weight update (out, in) in fp32."""
+        """The adapter's weight update (out, in) in fp32, PEFT's orientation (the base is (in, out))."""
         A, B = self.weights(name)
         return (B.float() @ A.float()) * self.scaling[name]
 
@@ -125,9 +125,9 @@ class LoRALinear(nn.Module):
         d = self.delta(name)
         if not torch.isfinite(d).all():
             raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
-        w = self.base.weight
+        w = self.base.weight  # (in, out), Conv1D layout
         self._backup = w.detach().to("cpu", copy=True)
-        w.add_(d.to(w.dtype))
+        w.add_(d.t().to(w.dtype))
         self.merged = name
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Loading GPT-2 weights: the tiny preset, the Hugging Face hub (cached), or local files.
 
-HF stores the four projections as Conv1D, (in, out); our nn.Linear wants (out, in). The
-transpose and the dropping of attention-mask buffers happen here, once.
+HF stores the four projections as Conv1D, (in, out), and so do we. Checkpoints written with
+nn.Linear orientation (out, in), as nanoGPT-style exports are, get transposed here, once; the
+attention-mask buffers are dropped here too.
 """
 from __future__ import annotations
 
@@ -193,12 +194,12 @@ def build(cfg: GPTConfig, state: dict) -> GPT:
     if unexpected:
         raise WeightsError(f"checkpoint has {len(unexpected)} unexpected key(s), first {unexpected[0]!r}; "
                            f"is it a GPT-2 of {cfg.n_layer} layers?")
-    # One orientation for the whole file: HF Conv1D (in, out) or already nn.Linear (out, in).
+    # One orientation for the whole file: HF Conv1D (in, out) or nn.Linear (out, in).
     probe = "transformer.h.0.attn.c_attn.weight"
-    conv1d = cfg.n_layer > 0 and tuple(state[probe].shape) == (cfg.n_embd, 3 * cfg.n_embd)
+    linear = cfg.n_layer > 0 and tuple(state[probe].shape) == (3 * cfg.n_embd, cfg.n_embd)
     fixed = {}
     for k, v in state.items():
-        if conv1d and k.endswith(CONV1D):
+        if linear and k.endswith(CONV1D):
             v = v.t()
         if tuple(v.shape) != expected[k]:
             raise WeightsError(f"key {k!r} has shape {tuple(v.shape)}, expected {expected[k]}.")
@@ -210,14 +211,14 @@ def build(cfg: GPTConfig, state: dict) -> GPT:
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights in HF GPT2LMHeadModel layout (Conv1D transposed back, no tied lm_head)."""
+    """The model's weights in HF GPT2LMHeadModel layout (no tied lm_head, no LoRA tensors)."""
     out = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" or ".lora_" in k:
             continue
         k = k.replace(".base.", ".")
         v = v.detach().to("cpu")
-        out[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
+        out[k] = v.contiguous()
     return out
 
 

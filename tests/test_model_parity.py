@@ -36,6 +36,7 @@ def test_lm_head_is_tied_to_the_embedding(hf_small):
 
 # The tiny base's first weights: if this changes, every adapter trained on "tiny" is orphaned.
 TINY_FINGERPRINT = [0.015975823625922203, -0.004257981665432453, -0.0012357934610918164]
+TINY_C_ATTN = [-0.005117806605994701, -0.004697240889072418]  # (in, out) layout
 
 
 def test_tiny_preset_is_the_same_in_every_process(tiny):
@@ -43,6 +44,7 @@ def test_tiny_preset_is_the_same_in_every_process(tiny):
     for (n, a), (_, b) in zip(tiny.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     assert tiny.transformer.wte.weight[0, :3].tolist() == pytest.approx(TINY_FINGERPRINT, abs=1e-7)
+    assert tiny.transformer.h[1].attn.c_attn.weight[0, :2].tolist() == pytest.approx(TINY_C_ATTN, abs=1e-7)
 
 
 def test_base_parameters_are_frozen(tiny):

@@ -36,6 +36,13 @@ def test_safetensors_file_bin_file_and_seed_style_pt_all_load_the_same(hf_small,
     nested["transformer.h.0.attn.bias"] = torch.ones(1, 1, 4, 4)
     torch.save({"model": nested}, pt / "gpt2_weights.pt")
     assert torch.allclose(reference_logits(pt), ref)
+    # a nanoGPT-style export: the four projections in nn.Linear orientation (out, in)
+    lin = tmp_path / "linear"
+    lin.mkdir()
+    shutil.copy(hf_small / "config.json", lin)
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    torch.save({k: (v.t().contiguous() if k.endswith(conv) else v) for k, v in state.items()}, lin / "gpt2_weights.pt")
+    assert torch.allclose(reference_logits(lin), ref)
 
 
 def test_pickled_code_in_a_pt_file_is_not_run(tmp_path):
