@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -68,7 +67,7 @@ class AdapterEntry:
     dataset: str | None
     status: str
     user: str | None
-    checkpoints: int = 0  # training checkpoints under checkpoints/
+    n_checkpoints: int = 0  # training checkpoints under checkpoints/ (details() lists them)
     has_final: bool = True  # False while a run has only checkpoints so far
     problem: str | None = None  # why the config could not be read (the entry can still be deleted)
     created_ts: float = field(default=0.0, repr=False)
@@ -173,7 +172,7 @@ class Library:
         d["meta"] = _json_or_empty(p / META) or _json_or_empty(src / META)
         d["config"] = _json_or_empty(src / CONFIG)
         d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
-        d["checkpoint_list"] = [] if "@" in name else self.checkpoints(name)
+        d["checkpoints"] = [] if "@" in name else self.checkpoints(name)
         return d
 
     def checkpoints(self, name: str) -> list[dict]:
@@ -282,10 +281,14 @@ class Library:
             raise AdapterError(f"{out} already exists; delete it or export somewhere else.")
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=dest_dir)
         os.close(fd)
-        os.unlink(tmp)
         try:
             write_adapter_zip(src, Path(tmp))
-            os.link(tmp, out)  # unlike os.replace, fails instead of overwriting a file that appeared
+            try:
+                os.link(tmp, out)  # unlike os.replace, fails instead of overwriting a file that appeared
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: checked above, under a small race
+                os.replace(tmp, out)
         except FileExistsError:
             raise AdapterError(f"{out} already exists; delete it or export somewhere else.") from None
         finally:
@@ -358,7 +361,8 @@ class Library:
             src = d if final else (ckpts[-1] if ckpts else None)
             if src is None:
                 return None
-            meta = _json_or_empty(d / META) or _json_or_empty(src / META)
+            top = _json_or_empty(d / META)
+            meta = top or _json_or_empty(src / META)
             r = alpha = None
             targets, base, problem = [], None, None
             try:
@@ -367,7 +371,8 @@ class Library:
             except AdapterError as e:
                 problem = str(e)
             created = _str(meta.get("created")) or _mtime_iso(d)
-            status = _str(meta.get("status")) or ("complete" if final else "training (checkpoints only)")
+            # a checkpoint's status is the one it was saved with, not the run's: only the run says
+            status = _str(top.get("status")) or ("complete" if final else "training (checkpoints only)")
             if problem:
                 status = "invalid"
             return AdapterEntry(
@@ -375,7 +380,7 @@ class Library:
                 alpha=alpha, steps=_int(meta.get("steps")), train_loss=_num(meta.get("train_loss")),
                 val_loss=_num(meta.get("val_loss")), created=created, size_bytes=_size(src),
                 dataset=_dataset(meta), status=status, user=_str(meta.get("user")),
-                checkpoints=len(ckpts), has_final=final, problem=problem,
+                n_checkpoints=len(ckpts), has_final=final, problem=problem,
                 created_ts=_timestamp(created, d))
         except OSError:  # deleted or renamed while we looked
             return None

@@ -89,7 +89,7 @@ def _extract_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, cap: 
 
 def write_adapter_zip(folder: Path, out: Path) -> Path:
     """Zip the adapter files of `folder` (flat, as PEFT lays them out) into `out`, fsynced."""
-    with zipfile.ZipFile(out, "x") as zf:
+    with zipfile.ZipFile(out, "w") as zf:
         for fname in ALLOWED:
             p = folder / fname
             if p.is_file() and not p.is_symlink():

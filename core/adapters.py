@@ -17,12 +17,15 @@ from safetensors.torch import save_file
 
 from . import atomic
 from .adapter_io import CONFIG, WEIGHTS
-from .adapter_library import NAME_RE, AdapterEntry, Library, check_name  # noqa: F401 - re-exported
-from .adapter_validate import (MAX_FILE_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,  # noqa: F401
-                               AdapterFiles, read_adapter)
+from .adapter_library import NAME_RE, AdapterEntry, Library, check_name
+from .adapter_validate import (MAX_FILE_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, AdapterFiles,
+                               read_adapter)
 from .config import LoraConfig
 from .lora import adapter_names, load_adapter_state, lora_layers, lora_parameters, merged_name
 from .weights import hf_state_dict
+
+__all__ = ["AdapterError", "AdapterEntry", "AdapterFiles", "Library", "MAX_FILE_BYTES", "check_name",
+           "export_merged", "load_adapter", "read_adapter", "resolve"]
 
 
 def resolve(spec: str, library_dir) -> Path:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from core.adapter_io import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
+from core.adapter_io import CONFIG, PEFT_PREFIX, peft_config
 from core.adapters import AdapterError, Library, load_adapter
 from core.config import LoraConfig, PRESETS
 from core.lora import adapter_names

@@ -2,7 +2,6 @@
 checkpoints, names, crash safety, the writer lock, and exact blends."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter_helpers import IDS, listing, logits, lora_tensors, make_adapter, write_adapter
+from adapter_helpers import listing, logits, make_adapter
 from core.adapter_io import CONFIG, META, WEIGHTS, save_adapter
 from core.adapters import AdapterError, Library, export_merged, load_adapter, resolve
 from core.config import PRESETS, LoraConfig
-from core.lora import adapter_names, adapter_state_dict, lora_layers, merged_name
+from core.lora import adapter_state_dict, lora_layers, merged_name
 from core.weights import load_base
 
 TINY = PRESETS["tiny"]
@@ -69,7 +68,7 @@ def test_list_has_metadata_newest_first(lib, trained):
     assert old.status == "complete" and entries[0].status == "stopped"
     assert old.size_bytes == sum((lib.path("old") / f).stat().st_size for f in (WEIGHTS, CONFIG, META))
     d = lib.details("old")
-    assert d["meta"]["dataset"]["sha256"] == "ab" and d["config"]["r"] == 4 and d["checkpoint_list"] == []
+    assert d["meta"]["dataset"]["sha256"] == "ab" and d["config"]["r"] == 4 and d["checkpoints"] == []
 
 
 def test_rename(lib, trained):
@@ -246,12 +245,13 @@ def test_checkpoints_belong_to_their_run(lib, trained):
     run = lib.root / "run1"
     for step, loss in ((50, 3.0), (100, 2.0)):
         ck = save_adapter(trained, "a", run / "checkpoints" / f"step_{step:06d}", LC, "tiny",
-                          {"steps": step, "train_loss": loss})
+                          {"steps": step, "train_loss": loss, "status": "finished"})
         (ck / "trainer_state.pt").write_bytes(b"\x80\x02 trainer's own pickle, never read")
     (run / "checkpoints" / "step_000150").mkdir()  # being written: incomplete, not offered
     [entry] = lib.list()
-    assert (entry.name, entry.has_final, entry.checkpoints, entry.rank) == ("run1", False, 2, 4)
-    assert entry.status == "training (checkpoints only)"
+    assert (entry.name, entry.has_final, entry.n_checkpoints, entry.rank) == ("run1", False, 2, 4)
+    assert entry.status == "training (checkpoints only)" and entry.steps == 100
+    assert [c["name"] for c in lib.details("run1")["checkpoints"]] == ["step_000050", "step_000100"]
     cks = lib.checkpoints("run1")
     assert [(c["name"], c["step"], c["train_loss"], c["spec"]) for c in cks] == [
         ("step_000050", 50, 3.0, "run1@step_000050"), ("step_000100", 100, 2.0, "run1@step_000100")]
@@ -266,7 +266,7 @@ def test_checkpoints_belong_to_their_run(lib, trained):
         lib.duplicate("run1", "dup")
     save_adapter(trained, "a", run, LC, "tiny", {"steps": 120, "status": "complete"})
     e = next(e for e in lib.list() if e.name == "run1")
-    assert (e.has_final, e.steps, e.checkpoints) == (True, 120, 2)
+    assert (e.has_final, e.steps, e.n_checkpoints) == (True, 120, 2)
     assert "run1" in lib.names() and "checkpoints" not in lib.names()
     with pytest.raises(AdapterError, match="invalid adapter name"):
         lib.path("run1@../../x")
