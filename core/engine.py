@@ -26,7 +26,6 @@ import torch
 
 from .adapter_io import CONFIG, WEIGHTS
 from .adapters import AdapterError, Library, export_merged, load_adapter, resolve
-from .config import LoraConfig
 from .device import pick_device
 from .generate import SamplingConfig, stream_text
 from .lora import adapter_names, remove_adapter
@@ -40,8 +39,6 @@ class _Slot:
     path: Path  # its folder or file
     in_library: bool  # False for a path given to load()
     signature: tuple  # (mtime_ns, size, inode) of its files when loaded
-    lcfg: LoraConfig
-    meta: dict
     used: float  # last use, for evicting the least recently used
 
 
@@ -212,10 +209,10 @@ class Engine:
             return slot.loaded
         # a changed file is loaded beside the old version, which finishes its running generations
         name = key if key not in adapter_names(model) else f"{key}~{next(self._versions)}"
-        name, lcfg, meta = load_adapter(model, path, name, base_id=self.base_id)
+        name, _, _ = load_adapter(model, path, name, base_id=self.base_id)
         if slot is not None:
             self._retire(slot.loaded)
-        self._slots[key] = _Slot(name, path, in_library, sig, lcfg, meta, time.monotonic())
+        self._slots[key] = _Slot(name, path, in_library, sig, time.monotonic())
         self._evict()
         return name
 
