@@ -1,6 +1,7 @@
 """Configuration dataclasses: model shapes, LoRA settings, training settings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, asdict
 
 # The four GPT-2 projections LoRA may wrap (HF module names inside each block).
@@ -114,3 +115,72 @@ def normalize_targets(targets) -> tuple[str, ...]:
         else:
             raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
     return tuple(t for t in TARGET_MODULES if t in out)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500  # optimizer steps to run
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    warmup_steps: int | None = None  # linear warmup from 0 to lr; None = 10% of steps (at most 50)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    batch_size: int = 4  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence (reduced to fit when the training text is shorter)
+    grad_accum: int = 4  # micro-batches per optimizer step (batch_size * grad_accum sequences per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    weight_decay: float = 0.01  # AdamW weight decay on the LoRA weights
+    eval_interval: int = 50  # validation loss every this many steps (0 = only at the start and end)
+    eval_max_batches: int = 20  # cap on validation micro-batches; a larger split is sampled evenly
+    checkpoint_interval: int = 50  # checkpoint every this many steps (0 = only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept per run (0 = keep all)
+    sample_prompts: tuple[str, ...] = ()  # prompts continued at each evaluation (empty = no samples)
+    sample_tokens: int = 40  # new tokens per sample generation
+    seed: int = 1337  # adapter init and batch order; same seed + same data = same run
+
+    def warmup(self) -> int:
+        """Warmup length in steps (the default is 10% of the run, at most 50)."""
+        return min(50, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    def validate(self, cfg: GPTConfig | None = None) -> None:
+        """Raise ValueError with a message a user can act on."""
+        def whole(name, v, lo, hi=None):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+                raise ValueError(f"{name} must be a whole number {rng} (got {v!r}).")
+
+        whole("steps", self.steps, 1, 1_000_000)
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
+            raise ValueError(f"learning rate must be a number > 0 and <= 1, e.g. 3e-4 (got {self.lr!r}).")
+        if self.warmup_steps is not None:
+            whole("warmup steps", self.warmup_steps, 0, self.steps)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min lr ratio must be in [0, 1] (got {self.min_lr_ratio!r}).")
+        whole("batch size", self.batch_size, 1, 4096)
+        whole("sequence length", self.seq_len, 1, 1024)
+        if cfg is not None and self.seq_len > cfg.block_size:
+            raise ValueError(f"sequence length {self.seq_len} exceeds the model's context of "
+                             f"{cfg.block_size} tokens; choose a sequence length <= {cfg.block_size}.")
+        whole("gradient accumulation steps", self.grad_accum, 1, 4096)
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ValueError(f"gradient clip must be >= 0, 0 turns it off (got {self.grad_clip!r}).")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0 (got {self.weight_decay!r}).")
+        whole("eval interval", self.eval_interval, 0)
+        whole("eval max batches", self.eval_max_batches, 1)
+        whole("checkpoint interval", self.checkpoint_interval, 0)
+        whole("checkpoints to keep", self.keep_checkpoints, 0)
+        whole("sample tokens", self.sample_tokens, 1, 1024)
+        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise ValueError("sample prompts must be a list of texts.")
+        whole("seed", self.seed, 0, 2**63 - 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sample_prompts"] = list(self.sample_prompts)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        known = {k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__}
+        if "sample_prompts" in known:
+            known["sample_prompts"] = tuple(known["sample_prompts"])
+        return TrainConfig(**known)
