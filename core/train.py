@@ -1,0 +1,426 @@
+"""The LoRA training loop: AdamW on one adapter's weights, warmup + cosine schedule, events, a stop
+flag, checkpoints that resume bit-for-bit, and clear failures (NaN loss, out of memory).
+
+`Trainer(...).run()` is a generator of plain-dict events; the CLI iterates it in the foreground and
+the studio in a background thread (`Trainer.start`). The base model is shared, never copied: the
+adapter is added to it, trained through `route=name` (other adapters' generations on the same model
+are unaffected) and left loaded under that name at the end.
+
+Run folder layout:
+    <run>/adapter_model.safetensors, adapter_config.json, studio.json   the adapter (finished/stopped)
+    <run>/checkpoints/step_000050/   the same three files + trainer_state.pt (resume state)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import atomic
+from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, save_adapter
+from .config import LoraConfig, TrainConfig
+from .data import Dataset, eval_windows, get_batch
+from .generate import SamplingConfig, generate_text
+from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
+                   make_route)
+
+STATE = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
+
+
+def lr_at(step: int, tcfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    warm = tcfg.warmup()
+    if step < warm:
+        return tcfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, tcfg.steps - warm)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * cosine)
+
+
+def autocast_for(model) -> contextlib.AbstractContextManager:
+    """bf16 autocast for an fp32 model on a CUDA GPU with bf16; nothing otherwise (bf16 weights, CPU)."""
+    if model.device.type == "cuda" and model.dtype == torch.float32 and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator failure reported as a RuntimeError (CPU, MPS)."""
+    msg = str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg)
+
+
+@torch.no_grad()
+def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
+             max_batches: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it)."""
+    windows = eval_windows(ids, seq_len, None if max_batches is None else max_batches * batch_size)
+    route = make_route(model, [name])
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
+    count = 0
+    with autocast_for(model):
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            for length in sorted({len(w) for w in group}):  # only the last window may be shorter
+                win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
+                win = win.to(model.device)
+                logits = model(win[:, :-1], route)
+                total += F.cross_entropy(logits.flatten(0, 1).float(), win[:, 1:].flatten(), reduction="sum")
+                count += win[:, 1:].numel()
+    return float(total) / count, count
+
+
+# ---- resume points --------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A saved training state that `Trainer(resume=...)` continues from."""
+    path: Path  # the checkpoint folder
+    step: int  # optimizer steps done
+    name: str  # the adapter name of the run
+    lcfg: LoraConfig
+    tcfg: TrainConfig
+    meta: dict  # its studio.json
+
+
+def checkpoint_folders(run_dir) -> list[Path]:
+    """A run's checkpoints, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def find_checkpoint(path) -> Checkpoint:
+    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run or checkpoint folder.")
+    if not (path / STATE).is_file():
+        found = checkpoint_folders(path)
+        if not found:
+            raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
+        path = found[-1]
+    try:
+        meta = json.loads((path / META).read_text("utf-8"))
+        lcfg = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+        tcfg = TrainConfig.from_dict(meta["training"])
+        return Checkpoint(path, int(meta["steps"]), str(meta["name"]), lcfg, tcfg, meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / META} is missing or damaged ({type(e).__name__}: {e}); "
+                         f"resume from another checkpoint.") from None
+
+
+# ---- the trainer ----------------------------------------------------------------------
+
+class Trainer:
+    """One training run of adapter `name` on a shared base model.
+
+    model: a loaded base (core.weights.load_base), shared with other users; never copied.
+    dataset: a core.data.Dataset. out_dir: the run folder (adapter + checkpoints/).
+    stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
+    resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
+        `tcfg` (default: the checkpoint's) may extend the number of steps.
+    """
+
+    def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
+                 name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
+                 resume=None):
+        self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
+        if self.resume is not None:
+            lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
+            name = name or self.resume.name
+            base_id = base_id or self.resume.meta.get("base_model", "")
+            if dataset.sha256 != self.resume.meta.get("dataset", {}).get("sha256"):
+                raise ValueError(f"{dataset.path or 'this dataset'} is not the dataset the run was trained on "
+                                 f"({self.resume.meta.get('dataset', {}).get('name', '?')}); resume with that one.")
+            if tcfg.steps <= self.resume.step:
+                raise ValueError(f"the checkpoint is at step {self.resume.step}; ask for more steps than that "
+                                 f"to resume (got {tcfg.steps}).")
+        lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
+        lcfg.validate(model.config)
+        tcfg.validate(model.config)
+        self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
+        self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
+        self.stop = stop or threading.Event()
+        if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_folders(self.out_dir)):
+            raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
+                             f"or resume it.")
+        self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
+        self.history: list[dict] = []
+        self.step = 0
+        self.start_val_loss: float | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    def start(self, on_event: Callable[[dict], None]) -> threading.Thread:
+        """Run in a background thread, passing every event to `on_event` (an unexpected
+        exception becomes a final 'error' event)."""
+        def work():
+            try:
+                for ev in self.run():
+                    on_event(ev)
+            except Exception as e:  # noqa: BLE001 - reported, not swallowed
+                on_event({"type": "error", "kind": "internal", "step": self.step,
+                          "message": f"training failed: {type(e).__name__}: {e}", "checkpoint": None})
+        t = threading.Thread(target=work, name=f"train-{self.name}", daemon=True)
+        t.start()
+        return t
+
+    def run(self) -> Iterator[dict]:
+        """Train, yielding events (see the module docs of each type in `_events`)."""
+        model, tcfg = self.model, self.tcfg
+        rng = np.random.default_rng(tcfg.seed)
+        if self.resume is None or self.name not in adapter_names(model):
+            add_adapter(model, self.name, self.lcfg, seed=tcfg.seed)
+        if self.resume is None and self.lcfg.dropout > 0:
+            torch.manual_seed(tcfg.seed)
+        params = lora_parameters(model, self.name)
+        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                                fused=model.device.type == "cuda" or None)
+        if self.resume is not None:
+            rng = self._load_resume(opt)
+        self._set_dropout(True)
+        B, T, A = tcfg.batch_size, self.seq_len, tcfg.grad_accum
+        tokens_per_step = B * T * A
+        yield {"type": "start", "name": self.name, "step": self.step, "steps": tcfg.steps,
+               "batch_size": B, "seq_len": T, "grad_accum": A, "tokens_per_step": tokens_per_step,
+               "trainable_params": int(sum(p.numel() for p in params)), "device": str(model.device),
+               "autocast": "bf16" if isinstance(autocast_for(model), torch.autocast) else None,
+               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
+        if self.block_note:
+            yield {"type": "info", "message": self.block_note}
+        if self.resume is None:
+            self.start_val_loss = yield from self._eval()
+
+        recent: deque[float] = deque(maxlen=20)
+        t_run = time.perf_counter()
+        status, last_good = "finished", self._latest_checkpoint()
+        saved_step = self.resume.step if self.resume else None
+        try:
+            while self.step < tcfg.steps:
+                if self.stop.is_set():
+                    status = "stopped"
+                    break
+                rng_before, torch_before = rng.bit_generator.state, self._torch_rng()
+                lr = lr_at(self.step, tcfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=model.device)
+                micro = 0
+                while micro < A and not self.stop.is_set():
+                    x, y = get_batch(self.dataset.train, B, T, rng, model.device)
+                    with autocast_for(model):
+                        loss = F.cross_entropy(model(x, self.name).flatten(0, 1).float(), y.flatten())
+                    (loss / A).backward()
+                    loss_sum += loss.detach()
+                    del loss
+                    micro += 1
+                if micro < A:  # stopped between micro-steps: drop the partial step, rewind its batches
+                    opt.zero_grad(set_to_none=True)
+                    rng.bit_generator.state = rng_before
+                    self._torch_rng(torch_before)
+                    status = "stopped"
+                    break
+                norm = self._clip(params)
+                loss_val, norm_val = torch.stack([loss_sum / A, norm]).tolist()  # the step's one sync
+                if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                    opt.zero_grad(set_to_none=True)
+                    status = "failed"
+                    what = "NaN" if math.isnan(loss_val) or math.isnan(norm_val) else "infinite"
+                    kept = f"; the last good checkpoint {last_good} is kept" if last_good else ""
+                    yield {"type": "error", "kind": "nan", "step": self.step + 1, "checkpoint": last_good,
+                           "message": f"the {'loss' if not math.isfinite(loss_val) else 'gradient'} became "
+                                      f"{what} at step {self.step + 1}, so the run stopped{kept}. Try a lower "
+                                      f"learning rate (now {tcfg.lr:g})."}
+                    return
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                recent.append(dt)
+                self.history.append({"step": self.step, "loss": loss_val, "lr": lr})
+                yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": lr,
+                       "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": tokens_per_step / dt,
+                       "eta": sum(recent) / len(recent) * (tcfg.steps - self.step),
+                       "elapsed": time.perf_counter() - t_run, "tokens": self.step * tokens_per_step}
+                final = self.step == tcfg.steps
+                if final or tcfg.eval_interval and self.step % tcfg.eval_interval == 0:
+                    yield from self._eval()
+                if final or tcfg.checkpoint_interval and self.step % tcfg.checkpoint_interval == 0:
+                    last_good = str(self._save_checkpoint(opt, rng, "finished" if final else "running"))
+                    saved_step = self.step
+                    yield {"type": "checkpoint", "step": self.step, "path": last_good}
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            opt.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            yield {"type": "error", "kind": "oom", "step": self.step, "checkpoint": last_good,
+                   "message": self._oom_message()}
+            return
+        finally:
+            self._set_dropout(False)
+
+        if saved_step != self.step:  # a stopped run: its resume point
+            last_good = str(self._save_checkpoint(opt, rng, status))
+            yield {"type": "checkpoint", "step": self.step, "path": last_good}
+        path = self._save_final(status)
+        yield {"type": "done", "status": status, "step": self.step, "steps": tcfg.steps,
+               "path": str(path), "checkpoint": last_good, "train_loss": self._last("loss"),
+               "val_loss": self._last("val_loss"), "elapsed": time.perf_counter() - t_run}
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _clip(self, params) -> torch.Tensor:
+        if self.tcfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    def _set_dropout(self, on: bool) -> None:
+        """LoRA dropout is the only train/eval difference (the base has no dropout): switch it on for
+        this adapter's layers while training, off for evaluation and afterwards."""
+        for layer in lora_layers(self.model).values():
+            if layer.has(self.name):
+                layer.train(on and self.lcfg.dropout > 0)
+
+    def _torch_rng(self, state=None):
+        """Get (or set) torch's global RNG, which only LoRA dropout draws from; untouched without dropout."""
+        if self.lcfg.dropout <= 0:
+            return None
+        if state is None:
+            return torch.get_rng_state()
+        torch.set_rng_state(state)
+
+    def _eval(self):
+        """Validation loss (+ samples) at the current step; yields events and returns the loss."""
+        t = self.tcfg
+        self._set_dropout(False)
+        loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
+                           t.eval_max_batches)
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1]["val_loss"] = loss
+        yield {"type": "eval", "step": self.step, "val_loss": loss,
+               "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
+        if t.sample_prompts:
+            scfg = SamplingConfig(max_new_tokens=t.sample_tokens, seed=t.seed)
+            samples = [{"prompt": p, "text": generate_text(self.model, p, [self.name], scfg)[0]}
+                       for p in t.sample_prompts]
+            yield {"type": "sample", "step": self.step, "samples": samples}
+        self._set_dropout(True)
+        return loss
+
+    def _last(self, key):
+        for h in reversed(self.history):
+            if key in h:
+                return h[key]
+        return self.start_val_loss if key == "val_loss" else None
+
+    def _meta(self, status: str) -> dict:
+        ds = self.dataset
+        return {
+            "name": self.name, "base_model": self.base_id, "status": status, "steps": self.step,
+            "dataset": {"name": ds.name, "sha256": ds.sha256, "path": str(ds.path) if ds.path else None,
+                        "train_tokens": int(len(ds.train)), "val_tokens": int(len(ds.val))},
+            "training": {**self.tcfg.to_dict(), "seq_len_used": self.seq_len},
+            "train_loss": self._last("loss"), "val_loss": self._last("val_loss"),
+            "start_val_loss": self.start_val_loss, "history": list(self.history),
+        }
+
+    def _save_final(self, status: str) -> Path:
+        return save_adapter(self.model, self.name, self.out_dir, self.lcfg, self.base_id, self._meta(status))
+
+    def _save_checkpoint(self, opt, rng, status: str) -> Path:
+        """checkpoints/step_NNNNNN: written in a hidden folder, then renamed (never half a checkpoint)."""
+        root = self.out_dir / CHECKPOINTS
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
+        state = {"step": self.step, "optimizer": opt.state_dict(),
+                 "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                 "history": list(self.history), "start_val_loss": self.start_val_loss}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic.write_bytes(tmp / STATE, buf.getvalue())
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        atomic.fsync_dir(root)
+        keep = self.tcfg.keep_checkpoints
+        if keep:
+            for old in checkpoint_folders(self.out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _latest_checkpoint(self) -> str | None:
+        found = checkpoint_folders(self.out_dir)
+        return str(found[-1]) if found else None
+
+    def _load_resume(self, opt) -> np.random.Generator:
+        """Adapter weights, optimizer, step, RNG and history from the checkpoint."""
+        ck = self.resume
+        try:
+            state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
+            tensors = load_file(str(ck.path / WEIGHTS))
+        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
+                             f"resume from another one.") from None
+        current = adapter_state_dict(self.model, self.name)
+        loaded = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
+        if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
+            raise ValueError(f"checkpoint {ck.path} does not match its LoRA settings "
+                             f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(loaded[k])
+        opt.load_state_dict(state["optimizer"])
+        self._torch_rng(state["torch_rng"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.start_val_loss = state.get("start_val_loss")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(state["np_rng"])
+        return rng
+
+    def _oom_message(self) -> str:
+        t, cfg = self.tcfg, self.model.config
+        return (f"out of memory at batch size {t.batch_size} x sequence length {self.seq_len} "
+                f"(rank {self.lcfg.r}, a {cfg.n_layer}-layer width-{cfg.n_embd} model). Lower the batch "
+                f"size (raise gradient accumulation to keep the effective batch), the sequence length "
+                f"or the rank, or use a smaller model size.")
+
+
+def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:
+    """Run in the foreground; the final 'done' event, or a TrainingError for an 'error' event."""
+    last = None
+    for ev in trainer.run():
+        if on_event:
+            on_event(ev)
+        if ev["type"] == "error":
+            raise TrainingError(ev["message"])
+        last = ev
+    return last
