@@ -1,0 +1,421 @@
+"""The headless CLI: prepare -> finetune -> compare -> merge (python -m core <command> --help).
+
+Bad input ends with one line, `error: ...`, on stderr and exit status 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = ("Once upon a time", "The best thing about today is", "My friend told me that",
+                   "In the kitchen", "The meaning of life is")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+# ---- shared options -------------------------------------------------------------------
+
+def add_model_options(p, default_note: str):
+    p.add_argument("--model", default=None,
+                   help=f"base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random, offline) or a hub "
+                        f"id ({default_note})")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="local GPT-2 weights (an HF folder or a .safetensors/.bin/.pt file) instead of the hub")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--library", default="adapters", metavar="DIR",
+                   help="the adapter library folder (default: ./adapters)")
+
+
+def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
+    """The base from --weights/--model (checked against each other), else the adapter's recorded base."""
+    from .config import PRESETS
+    from .weights import WeightsError, load_base
+    source = args.weights or args.model or recorded or fallback
+    say(f"loading base model {source} ...")
+    model = load_base(source, args.device, progress=lambda m: say("  " + m))
+    if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
+        c = model.config
+        raise WeightsError(f"--weights {args.weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
+                           f"not {args.model}; drop --model or pass matching weights.")
+    base_id = str(Path(args.weights).expanduser().resolve()) if args.weights else source
+    c = model.config
+    say(f"base model: {base_id} ({c.n_layer} layers, width {c.n_embd}, {c.n_params() / 1e6:.1f}M parameters) "
+        f"on {model.device}, {str(model.dtype).replace('torch.', '')}")
+    if source == "tiny":
+        say("note: 'tiny' has random weights: its text is noise until trained.")
+    return model, base_id
+
+
+def _shape(cfg, preset):
+    # compare layer/width/heads only (context length and eps may differ in local files)
+    from dataclasses import replace
+    return replace(cfg, block_size=preset.block_size, layer_norm_eps=preset.layer_norm_eps,
+                   vocab_size=preset.vocab_size)
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ---- prepare --------------------------------------------------------------------------
+
+def cmd_prepare(args) -> int:
+    import numpy as np
+    from .data import prepare, top_tokens
+    ds = prepare(args.input, args.output, args.train_ratio)
+    m = ds.meta
+    say(f"read {len(args.input)} file(s): {', '.join(m['sources'])}")
+    say(f"characters: {m['chars']:,}")
+    say(f"tokens: {m['tokens']:,} ({m['unique_tokens']:,} unique, {m['tokens'] / max(1, m['chars']):.3f} per character)")
+    say(f"split: {m['train_tokens']:,} train / {m['val_tokens']:,} val (ratio {args.train_ratio})")
+    if len(ds.train) < 129:
+        say(f"note: the training split is shorter than the default block of 128 + 1 tokens; "
+            f"finetune will reduce the block size to {len(ds.train) - 1}.")
+    top = top_tokens(np.concatenate([ds.train, ds.val]), 10)
+    say("most frequent tokens: " + ", ".join(f"{s!r} x{n}" for _, s, n in top))
+    say(f"wrote {args.output}/train_00000.npy, val_00000.npy, meta.json")
+    return 0
+
+
+# ---- finetune -------------------------------------------------------------------------
+
+RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_len", "grad_accum", "seed",
+                "warmup", "output")
+
+
+def cmd_finetune(args) -> int:
+    from .adapters import Library, check_name
+    from .config import LoraConfig, TrainConfig, normalize_targets
+    from .data import load_dataset
+    from .train import Trainer, TrainingError, find_checkpoint
+
+    resume = find_checkpoint(_resume_path(args.resume, args.library)) if args.resume else None
+    if resume:
+        given = [o for o in RESUME_FIXED if getattr(args, o) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} cannot be changed when resuming; the run's "
+                             f"settings are kept (only --steps may grow).")
+        data = args.data or resume.meta.get("dataset", {}).get("path")
+        if not data:
+            raise ValueError("pass --data: the checkpoint does not record where its dataset is.")
+        tcfg = resume.tcfg
+        if args.steps is not None:
+            tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": args.steps})
+        lcfg, name, out_dir = resume.lcfg, resume.name, resume.path.parent.parent
+    else:
+        if not args.data:
+            raise ValueError("pass --data DIR (a folder made by `python -m core prepare`).")
+        data = args.data
+        d = TrainConfig()
+        tcfg = TrainConfig(steps=_pick(args.steps, d.steps), lr=_pick(args.lr, d.lr),
+                           warmup_steps=args.warmup, batch_size=_pick(args.batch_size, d.batch_size),
+                           seq_len=_pick(args.seq_len, d.seq_len), grad_accum=_pick(args.grad_accum, d.grad_accum),
+                           eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
+                           sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed))
+        lcfg = LoraConfig(r=_pick(args.rank, 8), alpha=float(_pick(args.alpha, 16.0)),
+                          dropout=_pick(args.dropout, 0.0),
+                          targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets)
+        tcfg.validate()
+        lcfg.validate()
+    dataset = load_dataset(data)
+    if not resume:
+        name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
+    model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
+    stop = threading.Event()
+    trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume)
+    say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
+    say(f"LoRA: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
+    say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
+        f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
+    say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+
+    _on_sigint(stop)
+    bar = ProgressBar(sys.stderr)
+    try:
+        for ev in trainer.run():
+            t = ev["type"]
+            if t == "start":
+                say(f"trainable parameters: {ev['trainable_params']:,} | device {ev['device']}"
+                    + (" | bf16 autocast" if ev["autocast"] else ""))
+            elif t == "info":
+                bar.clear()
+                say(f"note: {ev['message']}")
+            elif t == "step":
+                if ev["step"] % args.log_interval == 0 or ev["step"] in (1, ev["steps"]):
+                    bar.clear()
+                    say(f"step {ev['step']:5d} | loss {ev['loss']:.6f} | lr {ev['lr']:.4e} | "
+                        f"norm {ev['grad_norm']:.4f} | dt {ev['step_time'] * 1000:.2f}ms | "
+                        f"tok/sec {ev['tokens_per_sec']:.2f} | {ev['step'] / ev['steps']:4.0%} ETA {_dur(ev['eta'])}")
+                bar.draw(ev["step"], ev["steps"], ev["eta"])
+            elif t == "eval":
+                bar.clear()
+                say(f"step {ev['step']:5d} | val loss {ev['val_loss']:.4f} | val ppl {ev['val_ppl']:.2f}")
+            elif t == "sample":
+                for s in ev["samples"]:
+                    say(f"  sample | {s['prompt']!r} -> {s['text']!r}")
+            elif t == "checkpoint":
+                say(f"checkpoint: {ev['path']}")
+            elif t == "error":
+                bar.clear()
+                raise TrainingError(ev["message"])
+            elif t == "done":
+                bar.clear()
+                val = f", val loss {ev['val_loss']:.4f}" if ev["val_loss"] is not None else ""
+                say(f"{ev['status']} after {ev['step']} steps in {_dur(ev['elapsed'])}{val}")
+                say(f"adapter: {ev['path']}")
+                say(f"resume point: {ev['checkpoint']}")
+                if ev["status"] == "stopped":
+                    say(f"continue with: python -m core finetune --resume {ev['path']}")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 0
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _resume_path(spec: str, library: str) -> Path:
+    """A run/checkpoint folder path, or a library name: NAME or NAME@step_000050."""
+    p = Path(spec).expanduser()
+    if p.exists() or not Path(library).is_dir():
+        return p
+    from .adapters import Library
+    return Library(library).path(spec)
+
+
+def _run_folder(output: str | None, data_name: str, library: str, check_name) -> tuple[str, Path]:
+    """--output NAME -> <library>/NAME; --output PATH (with a slash) -> that folder; default a new name."""
+    if output and ("/" in output or "\\" in output):
+        path = Path(output).expanduser()
+        return check_name(path.name), path
+    if output:
+        return check_name(output), Path(library) / output
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", data_name).lstrip("._-")[:40] or "run"
+    name = f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return check_name(name), Path(library) / name
+
+
+def _on_sigint(stop: threading.Event):
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the current step and saving (Ctrl-C again to quit without saving) ...",
+              file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _dur(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class ProgressBar:
+    """A one-line text bar redrawn in place on a terminal; silent when output is a file or pipe."""
+
+    def __init__(self, stream, width: int = 30):
+        self.stream, self.width, self.shown = stream, width, False
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+
+    def draw(self, step: int, steps: int, eta: float) -> None:
+        if not self.live:
+            return
+        done = int(self.width * step / steps)
+        self.stream.write(f"\r[{'#' * done}{'.' * (self.width - done)}] {step}/{steps} "
+                          f"{step / steps:4.0%} ETA {_dur(eta)}  ")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
+            self.stream.flush()
+            self.shown = False
+
+
+# ---- compare --------------------------------------------------------------------------
+
+def cmd_compare(args) -> int:
+    from .adapters import load_adapter, resolve
+    from .generate import SamplingConfig, generate_text
+
+    sources = [resolve(spec, args.library) for spec in args.lora]
+    recorded = _recorded_base(sources[0])
+    model, base_id = load_model(args, recorded)
+    names = []
+    for spec, src in zip(args.lora, sources):
+        name = _unique(_display_name(src), names)
+        load_adapter(model, src, name)
+        names.append(name)
+    prompts = args.prompts or list(DEFAULT_PROMPTS)
+    columns = ["base"] + names
+    width = max(24, (shutil.get_terminal_size((120, 24)).columns - 3 * (len(columns) - 1)) // len(columns))
+    for i in range(args.samples):
+        prompt = prompts[i % len(prompts)]
+        cfg = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             seed=args.seed + i)
+        texts = generate_text(model, prompt, [None] + names, cfg)
+        say(f"=== sample {i + 1}/{args.samples} | seed {cfg.seed} | prompt: {prompt!r} ===")
+        say(_side_by_side(columns, [prompt + t for t in texts], width))
+        say()
+    return 0
+
+
+def _recorded_base(src: Path) -> str | None:
+    import json
+    folder = src if src.is_dir() else src.parent
+    for f, key in (("studio.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((folder / f).read_text("utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+def _display_name(src: Path) -> str:
+    """The run's name, or run@step_NNNNNN for a checkpoint."""
+    folder = src if src.is_dir() else src.parent
+    if folder.parent.name == "checkpoints":
+        return f"{folder.parent.parent.name}@{folder.name}"
+    return folder.name or "adapter"
+
+
+def _unique(name: str, taken: list[str]) -> str:
+    out, k = name, 2
+    while out in taken or out == "base":
+        out, k = f"{name}-{k}", k + 1
+    return out
+
+
+def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
+    cols = []
+    for title, text in zip(titles, texts):
+        lines = [title[:width], "-" * min(width, max(len(title), 8))]
+        for para in text.splitlines() or [""]:
+            lines += textwrap.wrap(para, width) or [""]
+        cols.append(lines)
+    height = max(len(c) for c in cols)
+    rows = []
+    for r in range(height):
+        rows.append(" | ".join((c[r] if r < len(c) else "").ljust(width) for c in cols).rstrip())
+    return "\n".join(rows)
+
+
+# ---- merge ----------------------------------------------------------------------------
+
+def cmd_merge(args) -> int:
+    from .adapters import export_merged, load_adapter, resolve
+    src = resolve(args.lora, args.library)
+    model, base_id = load_model(args, _recorded_base(src))
+    name, lcfg, _ = load_adapter(model, src, "merge")
+    out = export_merged(model, name, args.output)
+    say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
+    say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    return 0
+
+
+# ---- the parser -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m core", description="LoRA Studio headless: prepare -> finetune -> compare -> merge.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    s = sub.add_parser("prepare", help="text files -> a tokenized train/val dataset folder",
+                       description="Tokenize .txt/.md files (GPT-2 BPE), join them with <|endoftext|>, split "
+                                   "train/val and write train_00000.npy, val_00000.npy and meta.json.")
+    s.add_argument("--input", nargs="+", required=True, metavar="FILE", help="one or more UTF-8 .txt/.md files")
+    s.add_argument("--output", required=True, metavar="DIR", help="the dataset folder to write")
+    s.add_argument("--train-ratio", type=float, default=0.9, help="share of tokens for training (default 0.9)")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("finetune", help="train a LoRA adapter on a prepared dataset",
+                       description="Train a LoRA adapter. The adapter is saved in the library as "
+                                   "<library>/<name>/ with checkpoints in <name>/checkpoints/step_NNNNNN/. "
+                                   "Ctrl-C stops after the current step and saves; --resume continues.")
+    s.add_argument("--data", metavar="DIR", help="a dataset folder from `prepare` (or the seed's layout)")
+    add_model_options(s, "default gpt2")
+    s.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    s.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    s.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 16)")
+    s.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    s.add_argument("--targets", help="comma-separated projections: c_attn, c_proj, c_fc, mlp.c_proj, attn.c_proj "
+                                     "(default c_attn)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    s.add_argument("--warmup", type=int, help="warmup steps (default 10%% of steps, at most 50)")
+    s.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    s.add_argument("--grad-accum", type=int, help="micro-batches per step (default 4)")
+    s.add_argument("--eval-interval", type=int, default=50, help="validation every N steps (default 50)")
+    s.add_argument("--checkpoint-interval", type=int, default=50, help="checkpoint every N steps (default 50)")
+    s.add_argument("--sample-prompt", action="append", metavar="TEXT",
+                   help="a prompt to continue at each validation (repeatable)")
+    s.add_argument("--log-interval", type=int, default=10, help="print a step line every N steps (default 10)")
+    s.add_argument("--seed", type=int, help="seed for the adapter init and batch order (default 1337)")
+    s.add_argument("--output", metavar="NAME|DIR",
+                   help="run name, saved as <library>/NAME; a path with a slash saves there instead "
+                        "(default <dataset>-<date>-<time>)")
+    s.add_argument("--resume", metavar="CKPT", help="continue a run: its folder, a checkpoint folder, or a "
+                                                    "library name (NAME or NAME@step_000050)")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("compare", help="base vs adapters on the same prompts and seed, side by side",
+                       description="Generate with the base model and each adapter in one batch per sample, "
+                                   "same prompt and seed, printed side by side.")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH",
+                   help="an adapter: library name, NAME@step_000050, folder or .safetensors (repeatable)")
+    add_model_options(s, "default: the base recorded with the first adapter")
+    s.add_argument("--prompts", nargs="+", metavar="TEXT", help="prompts, used in turn by the samples")
+    s.add_argument("--samples", type=int, default=5, help="number of samples (default 5)")
+    s.add_argument("--max-tokens", type=int, default=50, help="new tokens per sample (default 50)")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 = off (default 50)")
+    s.add_argument("--seed", type=int, default=1234, help="seed of the first sample (default 1234)")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder",
+                       description="Write base + adapter as an HF GPT2LMHeadModel folder "
+                                   "(config.json + model.safetensors).")
+    s.add_argument("--lora", required=True, metavar="PATH", help="an adapter: library name, folder or .safetensors")
+    s.add_argument("--output", required=True, metavar="DIR", help="the new model folder (must not exist)")
+    add_model_options(s, "default: the base recorded with the adapter")
+    s.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .tokenizer import TokenizerFileError
+    from .train import TrainingError
+    from .weights import WeightsError
+    try:
+        if args.command == "compare" and args.samples < 1:
+            raise ValueError(f"--samples must be at least 1 (got {args.samples}).")
+        return args.func(args)
+    except (ValueError, KeyError, OSError, WeightsError, TrainingError, TokenizerFileError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
