@@ -28,7 +28,7 @@ from . import atomic
 from .adapter_blend import blend_states
 from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, save_adapter, write_adapter_folder
 from .adapter_validate import (MAX_FILE_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, AdapterFiles,
-                               parse_config, read_adapter, read_json)
+                               parse_config, read_adapter, read_json, width_from_a)
 from .adapter_zip import README, extract_adapter_zip, write_adapter_zip
 from .config import GPTConfig, LoraConfig
 
@@ -404,9 +404,8 @@ def _complete(folder: Path) -> bool:
 
 
 def _width(state: dict) -> int:
-    """Model width implied by an adapter's tensors (mlp.c_proj's A reads the 4x wider hidden layer)."""
     k, A = next((k, v) for k, v in state.items() if ".lora_A." in k)
-    return A.shape[1] // 4 if ".mlp.c_proj." in k else A.shape[1]
+    return width_from_a(k.split(".", 3)[3].rsplit(".lora_A.", 1)[0], A.shape)
 
 
 def _copy(src: Path, dst: Path) -> None:

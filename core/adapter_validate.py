@@ -280,7 +280,7 @@ def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int
             raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but {first!r} has rank {rank}; an adapter "
                                f"must use a single rank.")
         if width is None:  # no base given: the first A matrix sets the width the others must match
-            width = sa[1] // 4 if target == "mlp.c_proj" else sa[1]
+            width = width_from_a(target, sa)
         fan_in, fan_out = target_shapes(GPTConfig(n_layer=1, n_head=1, n_embd=width))[target]
         for k, shape, want, what in ((ka, sa, (r, fan_in), "r x in"), (kb, sb, (fan_out, r), "out x r")):
             if shape != want:
@@ -289,6 +289,11 @@ def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int
                                    f"({what} for {target} of width {width}, as in {base}).")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
     return keys, rank, targets
+
+
+def width_from_a(target: str, a_shape) -> int:
+    """Model width implied by a LoRA A matrix (mlp.c_proj's A reads the 4x wider hidden layer)."""
+    return a_shape[1] // 4 if target == "mlp.c_proj" else a_shape[1]
 
 
 def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:

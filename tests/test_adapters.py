@@ -450,3 +450,15 @@ def test_export_merged_leaves_the_shared_model_alone(trained, tmp_path):
     with pytest.raises(AdapterError, match="no adapter named 'zzz'"):
         export_merged(trained, "zzz", tmp_path / "m2")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_blend_without_a_base_refuses_different_widths(lib, tmp_path):
+    from adapter_helpers import lora_tensors, write_adapter
+    from conftest import MEDIUM_SHAPED
+    lc = LoraConfig(r=4, alpha=8.0, targets=("mlp.c_proj",))
+    lib.import_path(write_adapter(tmp_path / "narrow", lora_tensors(TINY, 4, lc.targets), lc), "narrow")
+    lib.import_path(write_adapter(tmp_path / "wide", lora_tensors(MEDIUM_SHAPED, 4, lc.targets), lc), "wide")
+    lib.blend(["narrow", "narrow"], [1, 1], "same_width")  # fine: one width
+    with pytest.raises(AdapterError, match="different widths"):
+        lib.blend(["narrow", "wide"], [1, 1], "mixed")
+    assert "mixed" not in lib.names()
