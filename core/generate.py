@@ -11,7 +11,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import EOT_TOKEN
-from .lora import make_route
+from . import decode
+from .lora import get_active, make_route, merged_name
 from .model import GPT, KVCache, causal_mask
 from . import tokenizer
 
@@ -60,11 +61,12 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | Non
 
 @torch.inference_mode()
 def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
-           cfg: SamplingConfig | None = None) -> Iterator[list[int | None]]:
+           cfg: SamplingConfig | None = None, static: bool | None = None) -> Iterator[list[int | None]]:
     """Yield, at each step, one new token per row (None for rows that already ended).
 
     prompts: token ids per row (different lengths are left-padded);
-    adapters: the adapter each row uses, None for the base (default: the active adapter for all).
+    adapters: the adapter each row uses, None for the base (default: the active adapter for all);
+    static: decode with fixed buffers (default on CUDA, where each step replays a CUDA graph).
     """
     cfg = cfg or SamplingConfig()
     cfg.validate()
@@ -73,56 +75,73 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
         return
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    route = make_route(model, list(adapters)) if adapters is not None else None
     dev = model.device
+    static = dev.type == "cuda" if static is None else static
     ctx = model.config.block_size
     max_new = min(cfg.max_new_tokens, ctx - 1)
     keep = ctx - max_new  # crop long prompts from the left so prompt + new tokens fit
     prompts = [list(p)[-keep:] for p in prompts]
     T = max(len(p) for p in prompts)
-    idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
-    valid = torch.zeros((B, T + max_new), dtype=torch.bool, device=dev)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, T - len(p):] = True
     padded = any(len(p) != T for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)
-
-    cache = KVCache(model.config, B, T + max_new, dev, model.dtype)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(cfg.seed))
-    if padded:
-        pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
-        logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
+    # static buffers are sized in buckets so repeated calls reuse one captured graph
+    max_len = min(ctx, -(-(T + max_new) // 256) * 256) if static else T + max_new
+    if adapters is None and merged_name(model) is None:
+        adapters = [get_active(model)] * B  # explicit, so a captured graph never bakes in a stale choice
+    route_names = tuple(adapters) if adapters is not None else None
+    route = make_route(model, list(adapters)) if adapters is not None else None
+    dec = None
+    if static:
+        dec = decode.acquire(model, route, route_names, B, max_len, graph=dev.type == "cuda")
+        route, cache, valid = dec.route, dec.cache, dec.valid
+        valid.zero_()
     else:
-        logits = model(idx, route, cache, 0, last_only=True)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for step in range(max_new):
-        u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
-        nxt = pick_tokens(logits[:, -1, :], cfg, u)
-        out = nxt.tolist()
-        was_done = done.tolist()
-        yield [None if was_done[i] else out[i] for i in range(B)]
-        if cfg.stop_at_eot:
-            done |= nxt == EOT_TOKEN
-            if bool(done.all()):
-                return
-        if step == max_new - 1:
-            return
-        start = T + step
+        cache = KVCache(model.config, B, max_len, dev, model.dtype)
+        valid = torch.zeros((B, max_len), dtype=torch.bool, device=dev)
+    try:
+        idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, T - len(p):T] = True
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(cfg.seed))
         if padded:
-            valid[:, start] = True
-            pos = (lengths + step).view(B, 1)
-            logits = model(nxt.view(B, 1), route, cache, start, pos=pos,
-                           mask=causal_mask(1, start, dev, valid))
+            pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
+            logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
         else:
-            logits = model(nxt.view(B, 1), route, cache, start)
+            logits = model(idx, route, cache, 0, last_only=True)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for step in range(max_new):
+            u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
+            nxt = pick_tokens(logits[:, -1, :], cfg, u)
+            out = nxt.tolist()
+            was_done = done.tolist()
+            yield [None if was_done[i] else out[i] for i in range(B)]
+            if cfg.stop_at_eot:
+                done |= nxt == EOT_TOKEN
+                if bool(done.all()):
+                    return
+            if step == max_new - 1:
+                return
+            at = T + step
+            if dec is not None:
+                logits = dec.step(nxt, lengths + step, at)
+            elif padded:
+                valid[:, at] = True
+                logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),
+                               mask=causal_mask(1, at, dev, valid))
+            else:
+                logits = model(nxt.view(B, 1), route, cache, at)
+    finally:
+        if dec is not None:
+            decode.release(dec)
 
 
-def generate(model: GPT, prompts, adapters=None, cfg: SamplingConfig | None = None) -> list[list[int]]:
+def generate(model: GPT, prompts, adapters=None, cfg: SamplingConfig | None = None,
+             static: bool | None = None) -> list[list[int]]:
     """New token ids per row (ending at, and excluding, <|endoftext|>)."""
     rows: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, adapters, cfg):
+    for step in stream(model, prompts, adapters, cfg, static):
         for i, t in enumerate(step):
             if t is not None and t != EOT_TOKEN:
                 rows[i].append(t)

@@ -26,15 +26,44 @@ def _key(name: str) -> str:
 class Route:
     """Which adapter each row of a batch uses (None = the base model alone).
 
-    Built once per forward; each LoRA layer adds adapter k's update to the rows whose mask is 1.
+    Built once per generation call. Each LoRA layer gathers its rows' A and B (scaled, zero for
+    base rows, zero-padded to one rank) once, then adds every row's update with two batched
+    matmuls, however many adapters the batch mixes.
     """
 
     def __init__(self, names: Sequence[str | None], device):
         self.names = tuple(names)
-        self.groups = []
-        for name in dict.fromkeys(n for n in self.names if n):
-            mask = torch.tensor([1.0 if n == name else 0.0 for n in self.names], device=device)
-            self.groups.append((name, mask.view(-1, 1, 1)))
+        self.groups = [n for n in dict.fromkeys(self.names) if n]
+        self._plans: dict[int, tuple[LoRALinear, tuple | None]] = {}  # id(layer) -> (layer, plan)
+
+    def plan(self, layer: "LoRALinear", dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A_rows (batch, in, r), B_rows (batch, r, out)) for `layer`, or None if no row uses it."""
+        key = id(layer)
+        if key not in self._plans:
+            self._plans[key] = (layer, self._gather(layer, dtype))
+        return self._plans[key][1]
+
+    def refresh(self) -> None:
+        """Re-gather the adapters' current weights into the same tensors (captured graphs stay valid)."""
+        for layer, plan in self._plans.values():
+            if plan is not None:
+                A, B = self._gather(layer, plan[0].dtype)
+                plan[0].copy_(A)
+                plan[1].copy_(B)
+
+    def _gather(self, layer: "LoRALinear", dtype):
+        present = [n for n in self.groups if layer.has(n)]
+        if not present:
+            return None
+        r = max(layer.weights(n)[0].shape[0] for n in present)
+        A = torch.zeros(len(self.names), r, layer.in_features, device=layer.device)
+        B = torch.zeros(len(self.names), layer.out_features, r, device=layer.device)
+        for i, n in enumerate(self.names):
+            if n in present:
+                a, b = layer.weights(n)
+                A[i, : a.shape[0]] = a.detach()
+                B[i, :, : b.shape[1]] = b.detach() * layer.scaling[n]
+        return A.transpose(1, 2).to(dtype), B.transpose(1, 2).to(dtype)
 
 
 class LoRALinear(nn.Module):
@@ -60,13 +89,16 @@ class LoRALinear(nn.Module):
     def has(self, name: str) -> bool:
         return _key(name) in self.lora_A
 
+    @property
+    def device(self):
+        return self.base.bias.device  # plain and quantized bases both keep a bias
+
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None):
-        w = self.base.weight
-        A = torch.empty(r, self.in_features, device=w.device, dtype=torch.float32)
+        A = torch.empty(r, self.in_features, device=self.device, dtype=torch.float32)
         # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base.
         bound = 1.0 / math.sqrt(self.in_features)
         A.uniform_(-bound, bound, generator=generator)
-        B = torch.zeros(self.out_features, r, device=w.device, dtype=torch.float32)
+        B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
         self.lora_A[_key(name)] = nn.Parameter(A)
         self.lora_B[_key(name)] = nn.Parameter(B)
         self.scaling[name] = alpha / r
@@ -107,10 +139,11 @@ class LoRALinear(nn.Module):
         self._check_unmerged(route)
         if isinstance(route, str):
             return y + self.lora(x, route) if self.has(route) else y
-        for name, mask in route.groups:
-            if self.has(name):  # adapters may target different projections
-                y = y + self.lora(x, name) * mask.to(y.dtype)
-        return y
+        plan = route.plan(self, x.dtype)
+        if plan is None:  # no row's adapter wraps this projection
+            return y
+        A_rows, B_rows = plan  # (batch, in, r), (batch, r, out)
+        return torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
 
     def _check_unmerged(self, what):
         if self.merged is not None:
@@ -122,6 +155,8 @@ class LoRALinear(nn.Module):
     def merge(self, name: str):
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        if not hasattr(self.base, "weight"):
+            raise RuntimeError("a quantized base cannot be merged into; load the base unquantized to merge")
         d = self.delta(name)
         if not torch.isfinite(d).all():
             raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
@@ -158,6 +193,11 @@ def _wrap(model, target: str) -> list[LoRALinear]:
     return out
 
 
+def _bump(model) -> None:
+    """Adapters were added, removed or merged: cached decode graphs must not be reused."""
+    model.lora_version = getattr(model, "lora_version", 0) + 1
+
+
 def freeze_base(model) -> None:
     for n, p in model.named_parameters():
         if ".lora_" not in n:
@@ -186,6 +226,7 @@ def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> 
         for layer in _wrap(model, target):
             layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)
     freeze_base(model)
+    _bump(model)
 
 
 def remove_adapter(model, name: str) -> None:
@@ -196,6 +237,7 @@ def remove_adapter(model, name: str) -> None:
             found = True
     if not found:
         raise KeyError(f"no adapter named {name!r} is loaded")
+    _bump(model)
 
 
 def set_active(model, name: str | None) -> None:
@@ -228,7 +270,7 @@ class _Base(Route):
     """Route for 'base model only, whatever is active'."""
 
     def __init__(self):
-        self.names, self.groups = (), []
+        super().__init__((), None)
 
 
 _BASE = _Base()
@@ -244,11 +286,13 @@ def merge(model, name: str) -> None:
     for l in layers:
         l.merge(name)
     set_active(model, name)
+    _bump(model)
 
 
 def unmerge(model) -> None:
     for l in lora_layers(model).values():
         l.unmerge()
+    _bump(model)
 
 
 def merged_name(model) -> str | None:
@@ -305,6 +349,7 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
             A.copy_(ab["A"].float())
             B.copy_(ab["B"].float())
     freeze_base(model)
+    _bump(model)
 
 
 def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str]) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 
@@ -55,7 +56,13 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x, route).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
+        if cache is not None and torch.is_tensor(start):
+            # static decode (CUDA graphs): write at a position held in a tensor, attend over the
+            # whole cache; `mask` says which positions are filled
+            cache.k[layer].index_copy_(2, start, k)
+            cache.v[layer].index_copy_(2, start, v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k = cache.k[layer, :, :, :start + T]
@@ -121,6 +128,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.checkpointing = False  # recompute each block in backward: less memory, ~1/3 more time
 
     def forward(self, idx, route=None, cache=None, start: int = 0, pos=None, mask=None,
                 last_only: bool = False):
@@ -137,8 +145,12 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
             pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, route, cache, i, start, mask)
+            if recompute:
+                x = checkpoint(block, x, route, None, i, start, mask, use_reentrant=False)
+            else:
+                x = block(x, route, cache, i, start, mask)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]

@@ -1,0 +1,68 @@
+"""Every fast or memory-saving path equals the plain one: quantized base, checkpointing, static decode."""
+import pytest
+import torch
+
+from core import lora
+from core.config import LoraConfig
+from core.generate import SamplingConfig, generate
+from core.quant import quantize_base, weight_bytes
+from core.weights import load_base
+from tests.test_lora import randomize_b
+
+IDS = torch.randint(0, 50000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def loss_and_grads(model, name="a"):
+    model.zero_grad(set_to_none=True)
+    logits = model(IDS[:, :-1], name)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), IDS[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora.lora_parameters(model, name)]
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("nf4", 0.15)])
+def test_quantized_base_stays_close_and_trains_the_adapter(tiny, mode, tol):
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn", "mlp.c_fc")))
+    randomize_b(tiny, "a")
+    with torch.no_grad():
+        ref = tiny(IDS, "a")
+    before = weight_bytes(tiny)
+    quantize_base(tiny, mode)
+    with torch.no_grad():
+        q = tiny(IDS, "a")
+    assert (q - ref).abs().max() <= tol * ref.abs().max()
+    assert weight_bytes(tiny) < before
+    _, grads = loss_and_grads(tiny)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(RuntimeError, match="quantized base"):
+        lora.merge(tiny, "a")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn", "mlp.c_proj")))
+    randomize_b(tiny, "a")
+    tiny.train()
+    loss, grads = loss_and_grads(tiny)
+    tiny.checkpointing = True
+    loss_ck, grads_ck = loss_and_grads(tiny)
+    assert torch.equal(loss, loss_ck)
+    for g, gc in zip(grads, grads_ck):
+        assert torch.allclose(g, gc, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_static_decode_equals_the_dynamic_cache(tiny, temperature):
+    """The buffers a CUDA graph replays, run eagerly on the CPU: same tokens as the plain path."""
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    lora.add_adapter(tiny, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
+    randomize_b(tiny, "a", std=0.3, seed=1)
+    randomize_b(tiny, "b", std=0.3, seed=2)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=temperature, seed=4, stop_at_eot=False)
+    prompts = [[464, 2068, 7586], [464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586]]
+    names = [None, "a", "b", "a"]
+    plain = generate(tiny, prompts, names, cfg)
+    assert generate(tiny, prompts, names, cfg, static=True) == plain
+    assert generate(tiny, prompts, names, cfg, static=True) == plain  # a reused decoder
+    # training the adapter in place after a decoder was cached: the reused one sees the new weights
+    randomize_b(tiny, "a", std=0.3, seed=9)
+    assert generate(tiny, prompts, names, cfg, static=True) == generate(tiny, prompts, names, cfg)
