@@ -1,0 +1,500 @@
+"""The performance issue's figures, ours against transformers+PEFT, in one run (CUDA; --quick on CPU).
+
+    python bench/gpu_bench.py --out result.json [--quick] [--only train,xl,decode,...]
+
+Each section records its figures or its error in the JSON; a failing section never hides the others.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import lora  # noqa: E402
+from core.config import GPTConfig, LoraConfig, PRESETS, TrainConfig  # noqa: E402
+from core.estimate import estimate_training, flops_per_token  # noqa: E402
+from core.generate import SamplingConfig, generate  # noqa: E402
+from core.model import GPT  # noqa: E402
+from core.quant import quantize_base  # noqa: E402
+from core.weights import build, normalize_keys  # noqa: E402
+
+GiB = 1024 ** 3
+PEAK_BF16 = 790e12  # the design guide's measured dense bf16 rate of this H200
+
+
+def dev_sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(dev):
+    return torch.cuda.max_memory_allocated() / GiB if dev.type == "cuda" else float("nan")
+
+
+def hf_config(cfg: GPTConfig):
+    import transformers
+    return transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                   vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def peer_model(cfg: GPTConfig, dev, dtype, seed=0):
+    import transformers
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        m = transformers.GPT2LMHeadModel(hf_config(cfg))
+    return m.to(dtype).eval()
+
+
+def ours_from(peer, cfg, dev, dtype):
+    """Our model with the peer's exact weights."""
+    m = build(cfg, normalize_keys({k: v.detach().float().cpu() for k, v in peer.state_dict().items()}))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.to(dev, dtype).eval()
+
+
+def ours_random(cfg: GPTConfig, dev, dtype, seed=0):
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        m = GPT(cfg)
+        for n, p in m.named_parameters():
+            torch.nn.init.normal_(p, 0, 0.02) if p.dim() > 1 else (torch.nn.init.ones_(p) if "ln" in n and n.endswith("weight") else torch.nn.init.zeros_(p))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.to(dtype).eval()
+
+
+def peft_wrap(peer, r=8, targets=("c_attn",)):
+    import peft
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), fan_in_fan_out=True,
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+    return peft.get_peft_model(peer, cfg)
+
+
+def batch(B, T, dev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50257, (B, T + 1), generator=g)
+    return x[:, :-1].to(dev), x[:, 1:].to(dev)
+
+
+def time_steps(step, dev, warmup=3, steps=10):
+    for _ in range(warmup):
+        step()
+    dev_sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dev_sync(dev)
+    return (time.perf_counter() - t) / steps
+
+
+def train_ours(model, B, T, dev, compile_=False, steps=10, autocast=False):
+    """Tokens/s and peak GiB of our LoRA training step (the Trainer's step: CE, backward, clip, fused AdamW)."""
+    name = f"bench{B}x{T}{'c' if compile_ else ''}"
+    lora.add_adapter(model, name, LoraConfig(r=8, alpha=16, targets=("attn.c_attn",)))
+    params = lora.lora_parameters(model, name)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda" or None)
+    x, y = batch(B, T, dev)
+
+    def loss_fn(x, y):
+        return F.cross_entropy(model(x, name).flatten(0, 1).float(), y.flatten())
+
+    fn = torch.compile(loss_fn) if compile_ else loss_fn
+    model.train()
+    ctx = torch.autocast("cuda", torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with ctx:
+            loss = fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_compile = None
+    if compile_:
+        t0 = time.perf_counter()
+        step()
+        dev_sync(dev)
+        t_compile = time.perf_counter() - t0
+    reset_peak(dev)
+    dt = time_steps(step, dev, steps=steps)
+    out = {"tok_s": B * T / dt, "peak_gib": peak(dev), "step_ms": dt * 1e3}
+    if t_compile is not None:
+        out["compile_s"] = t_compile
+    model.eval()
+    lora.remove_adapter(model, name)
+    del opt, params
+    return out
+
+
+def train_peer(peer_lm, B, T, dev, compile_=False, steps=10, autocast=False):
+    pm = peft_wrap(peer_lm)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda" or None)
+    x, y = batch(B, T, dev)
+    pm.train()
+
+    def loss_fn(x, y):
+        return F.cross_entropy(pm(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+
+    fn = torch.compile(loss_fn) if compile_ else loss_fn
+    ctx = torch.autocast("cuda", torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with ctx:
+            loss = fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_compile = None
+    if compile_:
+        t0 = time.perf_counter()
+        step()
+        dev_sync(dev)
+        t_compile = time.perf_counter() - t0
+    reset_peak(dev)
+    dt = time_steps(step, dev, steps=steps)
+    out = {"tok_s": B * T / dt, "peak_gib": peak(dev), "step_ms": dt * 1e3}
+    if t_compile is not None:
+        out["compile_s"] = t_compile
+    pm.unload() if hasattr(pm, "unload") else None
+    del opt, params, pm
+    return out
+
+
+def mfu(cfg, T, tok_s):
+    return tok_s * flops_per_token(cfg, T) / PEAK_BF16
+
+
+# ---- sections ------------------------------------------------------------------------------
+
+def sec_train(a, dev, R):
+    cfg = a.cfg
+    bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peer_fp32 = peer_model(cfg, dev, torch.float32)
+    ours = ours_from(peer_fp32, cfg, dev, bf16)
+    B, T = a.small
+    R["train_4x128"] = {
+        "ours_bf16_base": train_ours(ours, B, T, dev),
+        "peer_fp32_autocast": train_peer(peer_fp32, B, T, dev, autocast=dev.type == "cuda"),
+    }
+    peer_bf16 = peer_fp32.to(bf16)
+    R["train_4x128"]["peer_bf16"] = train_peer(peer_bf16, B, T, dev)
+    r = R["train_4x128"]
+    r["speedup_vs_peer_eager"] = r["ours_bf16_base"]["tok_s"] / max(r["peer_fp32_autocast"]["tok_s"], r["peer_bf16"]["tok_s"])
+    r["memory_ratio_vs_peer"] = r["ours_bf16_base"]["peak_gib"] / r["peer_fp32_autocast"]["peak_gib"] if dev.type == "cuda" else None
+    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
+    r["estimate_peak_gib"] = est.peak_bytes / GiB
+    save(a, R)
+
+    B, T = a.large
+    big = {}
+    for label, fn in [("ours_eager", lambda: train_ours(ours, B, T, dev, steps=a.steps)),
+                      ("ours_compiled", lambda: train_ours(ours, B, T, dev, compile_=True, steps=a.steps)),
+                      ("peer_eager", lambda: train_peer(peer_bf16, B, T, dev, steps=a.steps)),
+                      ("peer_compiled", lambda: train_peer(peer_bf16, B, T, dev, compile_=True, steps=a.steps))]:
+        if a.quick and "compiled" in label:
+            continue
+        try:
+            big[label] = fn()
+            big[label]["mfu"] = mfu(cfg, T, big[label]["tok_s"])
+        except Exception as e:  # noqa: BLE001 - recorded
+            big[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        R["train_16x1024"] = big
+        save(a, R)
+    best = max((v["tok_s"] for k, v in big.items() if k.startswith("ours") and "tok_s" in v), default=None)
+    if best and "tok_s" in big.get("peer_compiled", {}):
+        big["speedup_vs_peer_compiled"] = best / big["peer_compiled"]["tok_s"]
+    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
+    big["estimate_peak_gib"] = est.peak_bytes / GiB
+    del ours, peer_fp32, peer_bf16
+    reset_peak(dev)
+
+
+def sec_xl(a, dev, R):
+    cfg = a.xl_cfg
+    bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    B, T = a.small
+    out = {}
+    ours = ours_random(cfg, dev, bf16)
+    out["ours_bf16"] = train_ours(ours, B, T, dev, steps=5)
+    ours.checkpointing = True
+    out["ours_bf16_checkpointing"] = train_ours(ours, B, T, dev, steps=5)
+    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
+    out["estimate_peak_gib"] = est.peak_bytes / GiB
+    out["estimate_peak_gib_checkpointing"] = estimate_training(
+        cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type, checkpointing=True).peak_bytes / GiB
+    R["xl_4x128"] = out
+    save(a, R)
+    for mode in ("nf4", "int8"):
+        del ours
+        reset_peak(dev)
+        ours = ours_random(cfg, dev, bf16)
+        quantize_base(ours, mode)
+        reset_peak(dev)
+        ours.checkpointing = True
+        out[f"ours_{mode}_checkpointing"] = train_ours(ours, B, T, dev, steps=5)
+        out[f"estimate_peak_gib_{mode}_checkpointing"] = estimate_training(
+            cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type,
+            weights=mode, checkpointing=True).peak_bytes / GiB
+        save(a, R)
+    del ours
+    reset_peak(dev)
+    peer = peer_model(cfg, dev, bf16)
+    out["peer_bf16"] = train_peer(peer, B, T, dev, steps=5)
+    out["speedup_vs_peer_bf16"] = out["ours_bf16"]["tok_s"] / out["peer_bf16"]["tok_s"]
+    del peer
+    reset_peak(dev)
+
+
+def sec_decode(a, dev, R):
+    cfg = a.cfg
+    bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peer = peer_model(cfg, dev, bf16)
+    ours = ours_from(peer, cfg, dev, bf16)
+    new = a.new_tokens
+    prompt = [list(range(1000, 1016))]
+    sc = SamplingConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    generate(ours, prompt, None, sc)  # capture the graph
+    dev_sync(dev)
+    t = time.perf_counter()
+    ours_tokens = generate(ours, prompt, None, sc)[0]
+    dev_sync(dev)
+    ours_s = time.perf_counter() - t
+    pr = torch.tensor(prompt, device=dev)
+    with torch.no_grad():
+        peer.generate(pr, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+        dev_sync(dev)
+        t = time.perf_counter()
+        ref = peer.generate(pr, attention_mask=torch.ones_like(pr), max_new_tokens=new, min_new_tokens=new,
+                            do_sample=False, pad_token_id=50256)[0, 16:].tolist()
+        dev_sync(dev)
+        peer_s = time.perf_counter() - t
+    agree = next((i for i, (p, q) in enumerate(zip(ours_tokens, ref)) if p != q), len(ref))
+    R["decode_b1"] = {"ours_tok_s": new / ours_s, "peer_tok_s": new / peer_s, "speedup": peer_s / ours_s,
+                      "greedy_tokens_agree_first": agree, "new_tokens": new}
+    save(a, R)
+
+    # compare: base alone vs base + 3 adapters in one pass; PEFT's mixed batch vs its base alone
+    names = []
+    for i in range(3):
+        n = f"cmp{i}"
+        lora.add_adapter(ours, n, LoraConfig(r=8, targets=("attn.c_attn",)), seed=i)
+        for layer in lora.lora_layers(ours).values():
+            if layer.has(n):
+                torch.nn.init.normal_(layer.weights(n)[1], std=0.02)
+        names.append(n)
+    sc = SamplingConfig(max_new_tokens=new, temperature=0.8, seed=1, stop_at_eot=False)
+
+    def run(rows):
+        generate(ours, prompt * len(rows), rows, sc)
+        dev_sync(dev)
+        t = time.perf_counter()
+        for _ in range(3):
+            generate(ours, prompt * len(rows), rows, sc)
+        dev_sync(dev)
+        return (time.perf_counter() - t) / 3
+
+    base_s = run([None])
+    mixed_s = run([None] + names)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        lora.set_active(ours, names[_ % 3])
+    switch_ms = (time.perf_counter() - t0) / 100 * 1e3
+    lora.set_active(ours, None)
+    R["compare_base_plus_3"] = {"ours_base_alone_s": base_s, "ours_base_plus_3_s": mixed_s,
+                                "ours_ratio": mixed_s / base_s, "switch_active_ms": switch_ms}
+    save(a, R)
+    try:
+        import peft
+        pm = peft_wrap(peer)
+        for i in range(1, 4):
+            pm.add_adapter(f"p{i}", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                    init_lora_weights=False))
+        pm.eval()
+        prb = pr.repeat(4, 1)
+        with torch.no_grad():
+            def prun(ids, names_):
+                kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=50256)
+                if names_:
+                    kw["adapter_names"] = names_
+                pm.generate(input_ids=ids, **kw)
+                dev_sync(dev)
+                t = time.perf_counter()
+                pm.generate(input_ids=ids, **kw)
+                dev_sync(dev)
+                return time.perf_counter() - t
+            with pm.disable_adapter():
+                pbase = prun(pr, None)
+            pmixed = prun(prb, ["__base__", "p1", "p2", "p3"])
+        R["compare_base_plus_3"].update({"peer_base_alone_s": pbase, "peer_mixed_s": pmixed, "peer_ratio": pmixed / pbase})
+    except Exception as e:  # noqa: BLE001
+        R["compare_base_plus_3"]["peer_error"] = f"{type(e).__name__}: {e}"[:400]
+    del ours, peer
+    reset_peak(dev)
+
+
+def sec_quant_loss(a, dev, R):
+    """Pre-train a gpt2-shaped model briefly on the bundled samples (so LoRA has a real base to adapt),
+    then LoRA 100 steps on a bf16 base vs the same base quantized; compare validation loss."""
+    from core.data import build_dataset, get_batch, list_samples, load_sample
+    cfg = a.cfg
+    bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    samples = list_samples()
+    texts = [load_sample(s["name"]) for s in samples]
+    ds = build_dataset(texts, [s["name"] for s in samples], 0.9)
+    T, B = 128, 16
+    import numpy as np
+    torch.manual_seed(0)
+    base = ours_random(cfg, dev, torch.float32)
+    for p in base.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(base.parameters(), lr=6e-4, fused=dev.type == "cuda" or None)
+    rng = np.random.default_rng(0)
+    base.train()
+    for i in range(a.pretrain_steps):
+        x, y = get_batch(ds.train, B, T, rng, dev)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(base(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    pre_loss = float(loss)
+    del opt
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    out = {"pretrain_steps": a.pretrain_steps, "pretrain_final_train_loss": pre_loss}
+    val = torch.from_numpy(ds.val.astype(np.int64))
+    for mode in ("bf16", "nf4", "int8"):
+        m = GPT(cfg).to(dev)
+        m.load_state_dict(state)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m = m.to(bf16).eval()
+        if mode != "bf16":
+            quantize_base(m, mode)
+        lora.add_adapter(m, "q", LoraConfig(r=8, alpha=16, targets=("attn.c_attn",)), seed=0)
+        params = lora.lora_parameters(m, "q")
+        opt = torch.optim.AdamW(params, lr=3e-4, fused=dev.type == "cuda" or None)
+        rng = np.random.default_rng(1)
+        m.train()
+        for i in range(a.lora_steps):
+            x, y = get_batch(ds.train, 4, T, rng, dev)
+            loss = F.cross_entropy(m(x, "q").flatten(0, 1).float(), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        m.eval()
+        with torch.no_grad():
+            n = (len(val) - 1) // T * T
+            xv = val[:n].view(-1, T).to(dev)
+            yv = val[1:n + 1].view(-1, T).to(dev)
+            vl = float(F.cross_entropy(m(xv, "q").flatten(0, 1).float(), yv.flatten()))
+        out[f"val_loss_{mode}"] = vl
+        del m, opt, params
+        reset_peak(dev)
+    out["nf4_vs_bf16_percent"] = 100 * (out["val_loss_nf4"] / out["val_loss_bf16"] - 1)
+    out["int8_vs_bf16_percent"] = 100 * (out["val_loss_int8"] / out["val_loss_bf16"] - 1)
+    R["quant_loss"] = out
+    del base, state
+
+
+def sec_checks(a, dev, R):
+    """GPU-only fast paths equal the plain ones (fp32, so differences are not bf16 rounding)."""
+    cfg = a.cfg
+    ours = ours_random(cfg, dev, torch.float32, seed=3)
+    for i, n in enumerate(("a", "b")):
+        lora.add_adapter(ours, n, LoraConfig(r=8, targets=("attn.c_attn", "mlp.c_fc")), seed=i)
+        for layer in lora.lora_layers(ours).values():
+            if layer.has(n):
+                torch.nn.init.normal_(layer.weights(n)[1], std=0.05)
+    prompts = [[464, 2068, 7586, 21831], [464, 2068, 7586, 21831], [11, 12], [464, 2068, 7586, 21831]]
+    names = [None, "a", "b", "a"]
+    sc = SamplingConfig(max_new_tokens=48, temperature=0, stop_at_eot=False)
+    plain = generate(ours, prompts, names, sc, static=False)
+    graph = generate(ours, prompts, names, sc)  # static buffers + CUDA graph on GPUs
+    graph_again = generate(ours, prompts, names, sc)
+    alone = [generate(ours, [p], [n], sc, static=False)[0] for p, n in zip(prompts, names)]
+    out = {"graph_decode_equals_plain": graph == plain and graph_again == plain,
+           "mixed_batch_equals_alone": plain == alone,
+           "adapters_change_output": plain[0] != plain[1]}
+    sc = SamplingConfig(max_new_tokens=48, temperature=0.9, seed=5, stop_at_eot=False)
+    out["graph_sampling_equals_plain"] = generate(ours, prompts, names, sc) == generate(ours, prompts, names, sc, static=False)
+    x, y = batch(2, 64, dev)
+    ours.train()
+    eager = F.cross_entropy(ours(x, "a").flatten(0, 1).float(), y.flatten())
+    if not a.quick:
+        compiled = torch.compile(lambda x, y: F.cross_entropy(ours(x, "a").flatten(0, 1).float(), y.flatten()))(x, y)
+        out["compiled_loss_abs_diff"] = abs(float(eager) - float(compiled))
+    ours.checkpointing = True
+    out["checkpointing_loss_abs_diff"] = abs(float(eager) - float(F.cross_entropy(ours(x, "a").flatten(0, 1).float(), y.flatten())))
+    R["checks"] = out
+    del ours
+    reset_peak(dev)
+
+
+SECTIONS = {"checks": sec_checks, "train": sec_train, "decode": sec_decode, "xl": sec_xl, "quant": sec_quant_loss}
+
+
+def save(a, R):
+    Path(a.out).write_text(json.dumps(R, indent=2, default=str))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    ap.add_argument("--only", default="checks,decode,xl,quant,train")
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
+    if a.quick:
+        a.cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64)
+        a.xl_cfg = GPTConfig(n_layer=3, n_head=2, n_embd=64)
+        a.small, a.large, a.steps, a.new_tokens, a.pretrain_steps, a.lora_steps = (2, 32), (2, 64), 2, 16, 5, 5
+    else:
+        a.cfg, a.xl_cfg = PRESETS["gpt2"], PRESETS["gpt2-xl"]
+        a.small, a.large, a.steps, a.new_tokens, a.pretrain_steps, a.lora_steps = (4, 128), (16, 1024), 10, 128, 300, 100
+    torch.backends.cuda.matmul.allow_tf32 = True
+    R = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+         "torch": torch.__version__, "errors": {}}
+    try:
+        import transformers, peft
+        R["transformers"], R["peft"] = transformers.__version__, peft.__version__
+    except ImportError:
+        pass
+    for name in a.only.split(","):
+        t = time.perf_counter()
+        try:
+            SECTIONS[name](a, dev, R)
+        except Exception as e:  # noqa: BLE001 - recorded, the next section still runs
+            R["errors"][name] = traceback.format_exc()[-1500:]
+            print(f"[{name}] failed: {e}", flush=True)
+        R.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        print(f"[{name}] {R['section_seconds'][name]} s", flush=True)
+        save(a, R)
+    print(json.dumps(R, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
