@@ -157,3 +157,18 @@ def test_stop_and_resume_from_the_cli(prepared, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming from step_000006" in out and "finished after 8 steps" in out
     assert json.loads((lib / "r" / "studio.json").read_text())["steps"] == 8
+
+
+def test_weights_path_is_the_recorded_base_and_must_match_model(prepared, hf_small, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    assert "not gpt2" in one_line_error(capsys, ["finetune", "--data", prepared, "--model", "gpt2", "--weights",
+                                                 hf_small, "--library", lib, "--steps", "1"])
+    argv = ["finetune", "--data", str(prepared), "--weights", str(hf_small), "--library", str(lib), "--output", "w",
+            "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--grad-accum", "1"]
+    assert main(argv) == 0
+    studio = json.loads((lib / "w" / "studio.json").read_text())
+    assert studio["base_model"] == str(hf_small.resolve())
+    capsys.readouterr()
+    # compare without --model/--weights loads the base recorded with the adapter
+    assert main(["compare", "--lora", "w", "--library", str(lib), "--samples", "1", "--max-tokens", "4"]) == 0
+    assert f"base model: {hf_small.resolve()} (2 layers, width 64" in capsys.readouterr().out
