@@ -106,48 +106,82 @@ def time_steps(step, dev, warmup=3, steps=10):
     return (time.perf_counter() - t) / steps
 
 
-def train_ours(model, B, T, dev, compile_=False, steps=10, autocast=False):
-    """Tokens/s and peak GiB of our LoRA training step (the Trainer's step: CE, backward, clip, fused AdamW)."""
-    name = f"bench{B}x{T}{'c' if compile_ else ''}"
+def _run(step, dev, compile_first, steps, base_alloc):
+    t_compile = None
+    if compile_first:
+        t0 = time.perf_counter()
+        step()
+        step()
+        dev_sync(dev)
+        t_compile = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dt = time_steps(step, dev, steps=steps)
+    out = {"step_ms": dt * 1e3, "peak_gib": (peak(dev) - base_alloc / GiB) if dev.type == "cuda" else float("nan")}
+    if t_compile is not None:
+        out["compile_s"] = t_compile
+    return dt, out
+
+
+def allocated(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def train_ours(make_model, B, T, dev, mode="eager", steps=10, chunk=256):
+    """Tokens/s and peak GiB (weights included) of our LoRA training step, as the Trainer runs it:
+    chunked fp32 cross entropy, backward, clip, fused AdamW.
+    mode: eager | compile | compile-ro (torch.compile reduce-overhead) | graphed (CUDA graphs)."""
+    base_alloc = allocated(dev)
+    model = make_model()
+    name = "bench"
     lora.add_adapter(model, name, LoraConfig(r=8, alpha=16, targets=("attn.c_attn",)))
     params = lora.lora_parameters(model, name)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda" or None)
     x, y = batch(B, T, dev)
-
-    def loss_fn(x, y):
-        return F.cross_entropy(model(x, name).flatten(0, 1).float(), y.flatten())
-
-    fn = torch.compile(loss_fn) if compile_ else loss_fn
     model.train()
-    ctx = torch.autocast("cuda", torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    if mode == "eager":
+        fn = lambda x, y: model.loss(x, y, name, chunk=chunk)
+    elif mode in ("compile", "compile-ro"):
+        fn = torch.compile(lambda x, y: model.loss(x, y, name, chunk=0),
+                           mode="reduce-overhead" if mode == "compile-ro" else None)
+    elif mode == "graphed":
+        fn = graphed_loss(model, name, x, y, chunk)
+    else:
+        raise ValueError(mode)
 
     def step():
-        with ctx:
-            loss = fn(x, y)
+        loss = fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=mode == "eager")
 
-    t_compile = None
-    if compile_:
-        t0 = time.perf_counter()
-        step()
-        dev_sync(dev)
-        t_compile = time.perf_counter() - t0
-    reset_peak(dev)
-    dt = time_steps(step, dev, steps=steps)
-    out = {"tok_s": B * T / dt, "peak_gib": peak(dev), "step_ms": dt * 1e3}
-    if t_compile is not None:
-        out["compile_s"] = t_compile
-    model.eval()
-    lora.remove_adapter(model, name)
-    del opt, params
+    dt, out = _run(step, dev, mode != "eager", steps, base_alloc)
+    out["tok_s"] = B * T / dt
+    del opt, params, model, fn
     return out
 
 
-def train_peer(peer_lm, B, T, dev, compile_=False, steps=10, autocast=False):
-    pm = peft_wrap(peer_lm)
+def graphed_loss(model, name, x, y, chunk):
+    """The loss's forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables)."""
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            return self.model.loss(x, y, name, chunk=chunk)
+
+    return torch.cuda.make_graphed_callables(Loss(), (x, y), num_warmup_iters=3)
+
+
+def train_peer(make_model, B, T, dev, compile_=False, steps=10, autocast=False):
+    base_alloc = allocated(dev)
+    pm = peft_wrap(make_model())
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda" or None)
     x, y = batch(B, T, dev)
@@ -167,20 +201,17 @@ def train_peer(peer_lm, B, T, dev, compile_=False, steps=10, autocast=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t_compile = None
-    if compile_:
-        t0 = time.perf_counter()
-        step()
-        dev_sync(dev)
-        t_compile = time.perf_counter() - t0
-    reset_peak(dev)
-    dt = time_steps(step, dev, steps=steps)
-    out = {"tok_s": B * T / dt, "peak_gib": peak(dev), "step_ms": dt * 1e3}
-    if t_compile is not None:
-        out["compile_s"] = t_compile
-    pm.unload() if hasattr(pm, "unload") else None
-    del opt, params, pm
+    dt, out = _run(step, dev, compile_, steps, base_alloc)
+    out["tok_s"] = B * T / dt
+    del opt, params, pm, fn
     return out
+
+
+def attempt(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded, the others still run
+        return {"error": f"{type(e).__name__}: {e}"[:400]}
 
 
 def mfu(cfg, T, tok_s):
@@ -192,80 +223,101 @@ def mfu(cfg, T, tok_s):
 def sec_train(a, dev, R):
     cfg = a.cfg
     bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peer_fp32 = peer_model(cfg, dev, torch.float32)
-    ours = ours_from(peer_fp32, cfg, dev, bf16)
+    peer0 = peer_model(cfg, "cpu", torch.float32)
+    state = {k: v.detach().clone() for k, v in peer0.state_dict().items()}
+    del peer0
+
+    def make_peer(dtype):
+        def make():
+            import transformers
+            with torch.device(dev):
+                m = transformers.GPT2LMHeadModel(hf_config(cfg))
+            m.load_state_dict(state)
+            return m.to(dtype)
+        return make
+
+    def make_ours():
+        m = build(cfg, normalize_keys(state))
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m.to(dev, bf16)
+
     B, T = a.small
-    R["train_4x128"] = {
-        "ours_bf16_base": train_ours(ours, B, T, dev),
-        "peer_fp32_autocast": train_peer(peer_fp32, B, T, dev, autocast=dev.type == "cuda"),
-    }
-    peer_bf16 = peer_fp32.to(bf16)
-    R["train_4x128"]["peer_bf16"] = train_peer(peer_bf16, B, T, dev)
-    r = R["train_4x128"]
-    r["speedup_vs_peer_eager"] = r["ours_bf16_base"]["tok_s"] / max(r["peer_fp32_autocast"]["tok_s"], r["peer_bf16"]["tok_s"])
-    r["memory_ratio_vs_peer"] = r["ours_bf16_base"]["peak_gib"] / r["peer_fp32_autocast"]["peak_gib"] if dev.type == "cuda" else None
-    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
-    r["estimate_peak_gib"] = est.peak_bytes / GiB
+    r = R["train_4x128"] = {}
+    r["peer_fp32_autocast"] = attempt(lambda: train_peer(make_peer(torch.float32), B, T, dev, autocast=dev.type == "cuda"))
+    r["peer_bf16"] = attempt(lambda: train_peer(make_peer(bf16), B, T, dev))
+    r["ours_eager"] = attempt(lambda: train_ours(make_ours, B, T, dev))
+    save(a, R)
+    if not a.quick:
+        r["ours_graphed"] = attempt(lambda: train_ours(make_ours, B, T, dev, mode="graphed"))
+        save(a, R)
+        r["ours_compile_ro"] = attempt(lambda: train_ours(make_ours, B, T, dev, mode="compile-ro"))
+    peers = [v["tok_s"] for k, v in r.items() if k.startswith("peer") and "tok_s" in v]
+    ours = {k: v for k, v in r.items() if k.startswith("ours") and "tok_s" in v}
+    if peers and ours:
+        best = max(ours, key=lambda k: ours[k]["tok_s"])
+        r["best_ours"] = best
+        r["speedup_vs_peer_eager"] = ours[best]["tok_s"] / max(peers)
+        if "peak_gib" in r["peer_fp32_autocast"]:
+            r["memory_ratio_vs_peer"] = min(v["peak_gib"] for v in ours.values()) / r["peer_fp32_autocast"]["peak_gib"]
+    r["estimate_peak_gib"] = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type).peak_bytes / GiB
     save(a, R)
 
     B, T = a.large
-    big = {}
-    for label, fn in [("ours_eager", lambda: train_ours(ours, B, T, dev, steps=a.steps)),
-                      ("ours_compiled", lambda: train_ours(ours, B, T, dev, compile_=True, steps=a.steps)),
-                      ("peer_eager", lambda: train_peer(peer_bf16, B, T, dev, steps=a.steps)),
-                      ("peer_compiled", lambda: train_peer(peer_bf16, B, T, dev, compile_=True, steps=a.steps))]:
-        if a.quick and "compiled" in label:
-            continue
-        try:
-            big[label] = fn()
+    big = R["train_16x1024"] = {}
+    runs = [("ours_eager", lambda: train_ours(make_ours, B, T, dev, steps=a.steps)),
+            ("peer_eager", lambda: train_peer(make_peer(bf16), B, T, dev, steps=a.steps))]
+    if not a.quick:
+        runs += [("ours_compiled", lambda: train_ours(make_ours, B, T, dev, mode="compile", steps=a.steps)),
+                 ("peer_compiled", lambda: train_peer(make_peer(bf16), B, T, dev, compile_=True, steps=a.steps))]
+    for label, fn in runs:
+        big[label] = attempt(fn)
+        if "tok_s" in big[label]:
             big[label]["mfu"] = mfu(cfg, T, big[label]["tok_s"])
-        except Exception as e:  # noqa: BLE001 - recorded
-            big[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        R["train_16x1024"] = big
         save(a, R)
     best = max((v["tok_s"] for k, v in big.items() if k.startswith("ours") and "tok_s" in v), default=None)
-    if best and "tok_s" in big.get("peer_compiled", {}):
-        big["speedup_vs_peer_compiled"] = best / big["peer_compiled"]["tok_s"]
-    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
-    big["estimate_peak_gib"] = est.peak_bytes / GiB
-    del ours, peer_fp32, peer_bf16
-    reset_peak(dev)
+    peer_best = max((v["tok_s"] for k, v in big.items() if k.startswith("peer") and "tok_s" in v), default=None)
+    if best and peer_best:
+        big["speedup_vs_best_peer"] = best / peer_best
+    big["estimate_peak_gib"] = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type).peak_bytes / GiB
 
 
 def sec_xl(a, dev, R):
     cfg = a.xl_cfg
     bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
     B, T = a.small
-    out = {}
-    ours = ours_random(cfg, dev, bf16)
-    out["ours_bf16"] = train_ours(ours, B, T, dev, steps=5)
-    ours.checkpointing = True
-    out["ours_bf16_checkpointing"] = train_ours(ours, B, T, dev, steps=5)
-    est = estimate_training(cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type)
-    out["estimate_peak_gib"] = est.peak_bytes / GiB
-    out["estimate_peak_gib_checkpointing"] = estimate_training(
-        cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type, checkpointing=True).peak_bytes / GiB
-    R["xl_4x128"] = out
+    out = R["xl_4x128"] = {}
+    tc = TrainConfig(batch_size=B, seq_len=T, grad_accum=1)
+
+    def make(quant=None, ckpt=False):
+        def f():
+            m = ours_random(cfg, dev, bf16)
+            if quant:
+                quantize_base(m, quant)
+            m.checkpointing = ckpt
+            return m
+        return f
+
+    out["ours_bf16"] = attempt(lambda: train_ours(make(), B, T, dev, steps=5))
+    out["estimate_peak_gib"] = estimate_training(cfg, LoraConfig(), tc, dev.type).peak_bytes / GiB
     save(a, R)
-    for mode in ("nf4", "int8"):
-        del ours
-        reset_peak(dev)
-        ours = ours_random(cfg, dev, bf16)
-        quantize_base(ours, mode)
-        reset_peak(dev)
-        ours.checkpointing = True
-        out[f"ours_{mode}_checkpointing"] = train_ours(ours, B, T, dev, steps=5)
-        out[f"estimate_peak_gib_{mode}_checkpointing"] = estimate_training(
-            cfg, LoraConfig(), TrainConfig(batch_size=B, seq_len=T, grad_accum=1), dev.type,
-            weights=mode, checkpointing=True).peak_bytes / GiB
+    if not a.quick:
+        out["ours_bf16_graphed"] = attempt(lambda: train_ours(make(), B, T, dev, mode="graphed", steps=5))
         save(a, R)
-    del ours
-    reset_peak(dev)
-    peer = peer_model(cfg, dev, bf16)
-    out["peer_bf16"] = train_peer(peer, B, T, dev, steps=5)
-    out["speedup_vs_peer_bf16"] = out["ours_bf16"]["tok_s"] / out["peer_bf16"]["tok_s"]
-    del peer
-    reset_peak(dev)
+    out["ours_nf4_checkpointing"] = attempt(lambda: train_ours(make("nf4", True), B, T, dev, steps=5))
+    out["estimate_peak_gib_nf4_checkpointing"] = estimate_training(cfg, LoraConfig(), tc, dev.type, weights="nf4", checkpointing=True).peak_bytes / GiB
+    out["ours_nf4"] = attempt(lambda: train_ours(make("nf4"), B, T, dev, steps=5))
+    out["ours_int8"] = attempt(lambda: train_ours(make("int8"), B, T, dev, steps=5))
+    save(a, R)
+
+    def make_peer():
+        return peer_model(cfg, dev, bf16)
+    out["peer_bf16"] = attempt(lambda: train_peer(make_peer, B, T, dev, steps=5))
+    ours = {k: v for k, v in out.items() if k.startswith("ours_bf16") and isinstance(v, dict) and "tok_s" in v}
+    if ours and "tok_s" in out["peer_bf16"]:
+        best = max(ours, key=lambda k: ours[k]["tok_s"])
+        out["best_bf16"] = best
+        out["speedup_vs_peer_bf16"] = ours[best]["tok_s"] / out["peer_bf16"]["tok_s"]
 
 
 def sec_decode(a, dev, R):

@@ -26,21 +26,27 @@ class StaticDecoder:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
         self.write_at = torch.zeros(1, dtype=torch.long, device=dev)
+        self.offset = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # row position = offset + write_at
         self.use_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.busy = threading.Lock()
 
+    def start(self, offsets: torch.Tensor) -> None:
+        """A new call: row i's position is offsets[i] + its cache index (left padding shifts it)."""
+        self.offset.copy_(offsets.view(-1, 1))
+
     def _forward(self) -> torch.Tensor:
+        # everything that depends on the step is computed here, inside the graph
+        self.valid.index_fill_(1, self.write_at, True)
+        torch.add(self.offset, self.write_at, out=self.pos)
         mask = self.valid[:, None, None, :]
         return self.model(self.tok, self.route, self.cache, self.write_at, pos=self.pos, mask=mask)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, at: int) -> torch.Tensor:
-        """Logits (B, 1, V) for `tokens` (B,) at cache index `at`, row positions `positions` (B,)."""
+    def step(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
+        """Logits (B, 1, V) for `tokens` (B,) written at cache index `at`."""
         self.tok.copy_(tokens.view(-1, 1))
-        self.pos.copy_(positions.view(-1, 1))
         self.write_at.fill_(at)
-        self.valid[:, at] = True
         if not self.use_graph:
             return self._forward()
         if self.graph is None:
@@ -50,7 +56,7 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         # Warm up on a side stream (allocator and cuBLAS handles), then capture. The warm-up
-        # writes into cache slot `at`, which the real step overwrites anyway.
+        # writes into cache slot `at` (marking it valid), which the real step does anyway.
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

@@ -103,6 +103,8 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, T - len(p):T] = True
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        if dec is not None:
+            dec.start(lengths - T)
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(cfg.seed))
         if padded:
@@ -110,22 +112,21 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
         else:
             logits = model(idx, route, cache, 0, last_only=True)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = [False] * B
         for step in range(max_new):
             u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
             nxt = pick_tokens(logits[:, -1, :], cfg, u)
-            out = nxt.tolist()
-            was_done = done.tolist()
-            yield [None if was_done[i] else out[i] for i in range(B)]
+            out = nxt.tolist()  # the step's one host sync
+            yield [None if done[i] else out[i] for i in range(B)]
             if cfg.stop_at_eot:
-                done |= nxt == EOT_TOKEN
-                if bool(done.all()):
+                done = [d or t == EOT_TOKEN for d, t in zip(done, out)]
+                if all(done):
                     return
             if step == max_new - 1:
                 return
             at = T + step
             if dec is not None:
-                logits = dec.step(nxt, lengths + step, at)
+                logits = dec.step(nxt, at)
             elif padded:
                 valid[:, at] = True
                 logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),

@@ -74,6 +74,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()  # (out, r) per adapter
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
         self.active: str | None = None
         self.merged: str | None = None
         self._backup: torch.Tensor | None = None  # exact base weight while merged
@@ -87,7 +88,7 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def has(self, name: str) -> bool:
-        return _key(name) in self.lora_A
+        return name in self.scaling
 
     @property
     def device(self):
@@ -99,21 +100,24 @@ class LoRALinear(nn.Module):
         bound = 1.0 / math.sqrt(self.in_features)
         A.uniform_(-bound, bound, generator=generator)
         B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
-        self.lora_A[_key(name)] = nn.Parameter(A)
-        self.lora_B[_key(name)] = nn.Parameter(B)
+        self.keys[name] = _key(name)
+        self.lora_A[self.keys[name]] = nn.Parameter(A)
+        self.lora_B[self.keys[name]] = nn.Parameter(B)
         self.scaling[name] = alpha / r
         self.dropout[name] = dropout
 
     def remove(self, name: str):
         if self.merged == name:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
-        del self.lora_A[_key(name)], self.lora_B[_key(name)]
+        key = self.keys.pop(name)
+        del self.lora_A[key], self.lora_B[key]
         self.scaling.pop(name), self.dropout.pop(name)
         if self.active == name:
             self.active = None
 
     def weights(self, name: str):
-        return self.lora_A[_key(name)], self.lora_B[_key(name)]
+        key = self.keys[name]  # a plain dict lookup: torch.compile traces it without a graph break
+        return self.lora_A[key], self.lora_B[key]
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's weight update (out, in) in fp32, PEFT's orientation (the base is (in, out))."""

@@ -66,3 +66,20 @@ def test_static_decode_equals_the_dynamic_cache(tiny, temperature):
     # training the adapter in place after a decoder was cached: the reused one sees the new weights
     randomize_b(tiny, "a", std=0.3, seed=9)
     assert generate(tiny, prompts, names, cfg, static=True) == generate(tiny, prompts, names, cfg)
+
+
+def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny):
+    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    randomize_b(tiny, "a")
+    tiny.train()
+    x, y = IDS[:, :-1], IDS[:, 1:]
+    full = tiny.loss(x, y, "a", chunk=0)
+    full.backward()
+    grads = [p.grad.clone() for p in lora.lora_parameters(tiny, "a")]
+    tiny.zero_grad(set_to_none=True)
+    chunked = tiny.loss(x, y, "a", chunk=16)  # 94 tokens in 6 chunks, the last one short
+    chunked.backward()
+    reference = torch.nn.functional.cross_entropy(tiny(x, "a").flatten(0, 1), y.flatten())
+    assert torch.allclose(full, reference, atol=1e-6) and torch.allclose(chunked, full, atol=1e-6)
+    for g, p in zip(grads, lora.lora_parameters(tiny, "a")):
+        assert torch.allclose(g, p.grad, atol=1e-7, rtol=1e-4)
