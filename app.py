@@ -1,0 +1,73 @@
+"""LoRA Studio: `python app.py` launches the web studio (Gradio). See README.md for the flags.
+
+On Hugging Face Spaces this file is the app_file: it runs as is (Spaces sets the host and port).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
+    """'user:password', or a file with one 'user:password' per line (# comments allowed)."""
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        lines = [ln.strip() for ln in path.read_text("utf-8").splitlines()]
+        entries = [ln for ln in lines if ln and not ln.startswith("#")]
+        source = str(path)
+    else:
+        entries, source = [spec], "--auth"
+    pairs = []
+    for e in entries:
+        user, sep, password = e.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"{source}: expected user:password, got {e.split(':')[0]!r}:…")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description="LoRA Studio: fine-tune GPT-2 with LoRA in a web UI.")
+    p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; "
+                                                 "0.0.0.0 to serve the network; Spaces sets it)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"],
+                   help="base model selected when a page opens (default gpt2; nothing loads until needed)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="local weights for --model (an HF folder or a .safetensors file) instead of the hub")
+    p.add_argument("--library", default="adapters", metavar="DIR", help="adapter library folder (default ./adapters)")
+    p.add_argument("--datasets", default="datasets", metavar="DIR", help="datasets folder (default ./datasets)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD|FILE",
+                   help="require sign-in: one user:password, or a file of user:password lines")
+    p.add_argument("--max-file-size", default="300mb", help="largest upload (default 300mb)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+        if args.weights and not Path(args.weights).expanduser().exists():
+            raise ValueError(f"--weights {args.weights}: no such file or folder.")
+        from studio.app import build_ui, create_studio, launch_options
+        studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth))
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = build_ui(studio)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                **launch_options(args.max_file_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LoRA Studio's web UI (Gradio). It imports core/, never the reverse."""

@@ -1,0 +1,80 @@
+"""build_ui(): the four tabs around one shared Engine (base model + adapters) and one training Runner.
+
+Process-wide objects (engine, runner, folders) live in a Studio that the tabs close over; gr.State
+holds only small per-session values (the session's uploaded text, which job version a page drew).
+"""
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from core.engine import Engine
+
+from .context import Studio
+from .style import CSS, theme
+from .tabs.compare import adapter_choices, create_compare_tab
+from .tabs.data import create_data_tab
+from .tabs.library import create_library_tab, refresh as library_refresh
+from .tabs.train import create_train_tab, refresh_datasets
+
+LOGO = ("<svg class='logo' viewBox='0 0 24 24' width='26' height='26' aria-hidden='true'>"
+        "<rect x='1' y='1' width='22' height='22' rx='6' fill='#4f46e5'/>"
+        "<path d='M7 6v12M12 6v12M17 6v12' stroke='#c7d2fe' stroke-width='1.6' stroke-linecap='round'/>"
+        "<circle cx='7' cy='14' r='2.2' fill='#fff'/><circle cx='12' cy='9' r='2.2' fill='#fff'/>"
+        "<circle cx='17' cy='12' r='2.2' fill='#fff'/></svg>")
+MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up to 256 MiB
+
+
+def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
+                  auth=False) -> Studio:
+    engine = Engine(device=device, library_dir=library)
+    return Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
+                  weights_for=model if weights else None, auth=auth)
+
+
+def header_html(studio: Studio) -> str:
+    dev = studio.engine.device
+    return (f"<div class='studio-header'><h1>{LOGO}LoRA Studio</h1>"
+            f"<span class='tagline'>Fine-tune GPT-2 on your own text with LoRA, watch it learn, compare "
+            f"side by side.</span><span class='pill'>device: {html.escape(str(dev))}</span>"
+            f"<span class='pill'>library: {html.escape(studio.library.root.name)}/</span></div>")
+
+
+def build_ui(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+        gr.HTML(header_html(studio))
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("1 · Data", id="data", elem_id="tab-data"):
+                data = create_data_tab(studio)
+            with gr.Tab("2 · Train", id="train", elem_id="tab-train") as train_tab:
+                train = create_train_tab(studio)
+            with gr.Tab("3 · Library", id="library", elem_id="tab-library") as library_tab:
+                library = create_library_tab(studio)
+            with gr.Tab("4 · Compare", id="compare", elem_id="tab-compare") as compare_tab:
+                compare = create_compare_tab(studio)
+
+        # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
+        data["prepared"].success(lambda n: refresh_datasets(studio, select=(n or "").strip()),
+                                 inputs=data["name"], outputs=train["dataset"])
+        train_tab.select(lambda cur: refresh_datasets(studio, cur), inputs=train["dataset"],
+                         outputs=train["dataset"], show_progress="hidden")
+        library_tab.select(lambda n: library_refresh(studio, n), inputs=library["picked"],
+                           outputs=library["lists"], show_progress="hidden")
+        compare_tab.select(lambda m, cur: adapter_choices(studio, m, cur),
+                           inputs=[compare["model"], compare["adapters"]], outputs=compare["adapters"],
+                           show_progress="hidden")
+        # "Use in Compare": add the selected adapter to the comparison and switch tabs
+        library["use"].click(lambda n, m, cur: (adapter_choices(studio, m, cur, add=n), gr.Tabs(selected="compare")),
+                             inputs=[library["picked"], compare["model"], compare["adapters"]],
+                             outputs=[compare["adapters"], tabs])
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.studio = studio  # for tests and the entry point
+    demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "tabs": tabs}
+    return demo
+
+
+def launch_options(max_file_size: str = MAX_FILE_SIZE) -> dict:
+    """What every launch of the studio passes (theme/css go to launch() in Gradio 6)."""
+    return dict(theme=theme(), css=CSS, max_file_size=max_file_size, enable_monitoring=False,
+                footer_links=["gradio", "settings"], show_error=False)

@@ -1,0 +1,61 @@
+"""Plotly figures from training events: train loss and validation loss, learning rate on a second axis."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+TRAIN_COLOR, VAL_COLOR, LR_COLOR = "#4f46e5", "#f97316", "#94a3b8"
+MAX_POINTS = 2000  # longer runs are thinned evenly (the last point is always kept)
+
+
+def _thin(points: list[dict]) -> list[dict]:
+    if len(points) <= MAX_POINTS:
+        return points
+    stride = len(points) / MAX_POINTS
+    picked = [points[int(i * stride)] for i in range(MAX_POINTS)]
+    return picked if picked[-1] is points[-1] else picked + [points[-1]]
+
+
+def loss_figure(points: list[dict], evals: list[dict], steps: int | None = None, title: str | None = None,
+                height: int = 360) -> go.Figure:
+    """points: [{"step", "loss", "lr"}] per optimizer step; evals: [{"step", "val_loss"}].
+    The x axis grows with the run (a long plan would squeeze the first points); `steps`, the plan,
+    is named in the axis title."""
+    points = _thin([p for p in points if p.get("loss") is not None])
+    evals = [e for e in evals if e.get("val_loss") is not None]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[p["step"] for p in points], y=[p["loss"] for p in points], name="train loss",
+                             mode="lines", line=dict(color=TRAIN_COLOR, width=2),
+                             hovertemplate="step %{x}<br>train loss %{y:.4f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["val_loss"] for e in evals],
+                             name="validation loss", mode="lines+markers",
+                             line=dict(color=VAL_COLOR, width=2), marker=dict(size=7),
+                             hovertemplate="step %{x}<br>val loss %{y:.4f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[p["step"] for p in points], y=[p.get("lr") for p in points], name="learning rate",
+                             mode="lines", line=dict(color=LR_COLOR, width=1.5, dash="dot"), yaxis="y2",
+                             hovertemplate="step %{x}<br>lr %{y:.2e}<extra></extra>"))
+    fig.update_layout(
+        template="plotly_white", height=height, margin=dict(l=56, r=64, t=48 if title else 16, b=44),
+        title=dict(text=title, x=0.01, font=dict(size=14)) if title else None,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        xaxis=dict(title=f"optimizer step (of {steps:,})" if steps else "optimizer step", rangemode="tozero", zeroline=False),
+        yaxis=dict(title="loss", rangemode="normal"),
+        yaxis2=dict(title="learning rate", overlaying="y", side="right", showgrid=False,
+                    rangemode="tozero", tickformat=".0e"),
+        hovermode="x unified", uirevision="keep",  # keep the user's zoom across live refreshes
+    )
+    if not points and not evals:
+        fig.add_annotation(text="No training points yet", showarrow=False, x=0.5, y=0.5, xref="paper",
+                           yref="paper", font=dict(color="#64748b", size=14))
+    return fig
+
+
+def figure_from_meta(meta: dict, height: int = 320) -> go.Figure:
+    """The loss curve of a saved adapter from its studio.json (history + start_val_loss)."""
+    history = meta.get("history") if isinstance(meta.get("history"), list) else []
+    history = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)]
+    points = [{"step": h["step"], "loss": h.get("loss"), "lr": h.get("lr")} for h in history]
+    evals = [{"step": h["step"], "val_loss": h["val_loss"]} for h in history if h.get("val_loss") is not None]
+    if isinstance(meta.get("start_val_loss"), (int, float)):
+        evals.insert(0, {"step": 0, "val_loss": meta["start_val_loss"]})
+    steps = (meta.get("training") or {}).get("steps") if isinstance(meta.get("training"), dict) else None
+    return loss_figure(points, evals, steps if isinstance(steps, int) else None, height=height)

@@ -1,0 +1,159 @@
+"""Compare tab: one prompt continued by the base and up to four adapters, side by side.
+
+All columns are generated together in one batched pass with the same seed (core Engine.compare:
+per-row adapter routing on the one shared base), so the only difference between columns is the
+adapter. Each call streams its own generator: concurrent users never share outputs.
+"""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from core.adapter_validate import preset_of
+from core.generate import SamplingConfig
+
+from ..context import Studio, friendly
+from ..models import CHOICES
+
+MAX_ADAPTERS = 4
+COLUMNS = 1 + MAX_ADAPTERS
+PRESET_PROMPTS = [
+    "Once upon a time",
+    "Ahoy! Today in the galley we cook",
+    "ACT I. SCENE I. Enter",
+    "no cap the bus this morning",
+    "The best advice I ever got was",
+]
+STREAM_INTERVAL = 0.08  # seconds between UI updates while tokens stream
+
+
+def compatible_adapters(studio: Studio, model_name: str) -> list[str]:
+    """Library adapters that can run on base `model_name` (complete, valid, made for that base)."""
+    out = []
+    for e in studio.library.list():
+        if not e.has_final or e.status == "invalid" or (e.status or "").startswith("training"):
+            continue
+        base = preset_of(e.base_model)
+        if base is None or base == model_name:
+            out.append(e.name)
+    return out
+
+
+def adapter_choices(studio: Studio, model_name: str, current=None, add: str | None = None):
+    names = compatible_adapters(studio, model_name)
+    value = [n for n in (current or []) if n in names]
+    if add and add in names and add not in value:
+        value = (value + [add])[-MAX_ADAPTERS:]
+    return gr.update(choices=names, value=value)
+
+
+def sampling(temperature, top_k, top_p, max_tokens, seed) -> SamplingConfig:
+    def whole(v, what):
+        if v is None or float(v) != int(float(v)):
+            raise ValueError(f"{what} must be a whole number (got {v}).")
+        return int(float(v))
+    cfg = SamplingConfig(max_new_tokens=whole(max_tokens, "max new tokens"), temperature=float(temperature),
+                         top_k=whole(top_k, "top-k"), top_p=float(top_p), seed=whole(seed, "seed"))
+    cfg.validate()
+    return cfg
+
+
+def compare(studio: Studio, model_name, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
+            seed, progress=None):
+    """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow."""
+    adapters = list(adapters or [])
+    if len(adapters) > MAX_ADAPTERS:
+        raise ValueError(f"choose at most {MAX_ADAPTERS} adapters (got {len(adapters)}).")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError("each adapter can be chosen once.")
+    columns = ([None] if include_base else []) + adapters
+    if not columns:
+        raise ValueError("choose the base model and/or at least one adapter to compare.")
+    prompt = prompt or ""
+    if not prompt.strip():
+        raise ValueError("write a prompt (or pick a preset) to continue.")
+    cfg = sampling(temperature, top_k, top_p, max_tokens, seed)
+    if progress is not None:
+        progress(0.05, desc=f"loading base model {model_name} (first use only)…")
+    studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
+    stream = studio.engine.compare(prompt, columns, cfg)  # loads and validates the adapters, eagerly
+    labels = [f"Base model · {model_name}" if c is None else f"Adapter · {c}" for c in columns]
+    texts = [prompt] * len(columns)
+
+    def updates(first: bool = False):
+        out = []
+        for i in range(COLUMNS):
+            if i < len(columns):
+                out.append(gr.update(value=texts[i], label=labels[i], visible=True) if first else texts[i])
+            else:
+                out.append(gr.update(value="", visible=False) if first else gr.skip())
+        return out
+
+    yield updates(first=True)
+    last = 0.0
+    for step in stream:
+        texts = [prompt + t for t in step]
+        now = time.monotonic()
+        if now - last >= STREAM_INTERVAL:
+            last = now
+            yield updates()
+    yield updates()
+
+
+def create_compare_tab(studio: Studio) -> dict:
+    gr.Markdown("## 4 · Compare\nThe same prompt, the same seed, one batched pass: the base model and your "
+                "adapters side by side, so the only difference is the adapter.", elem_classes="tab-intro")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4):
+            model = gr.Dropdown(CHOICES, value=studio.default_model, label="Base model", elem_id="cmp-model",
+                                info="The shared base every column runs on (loaded once, kept loaded).")
+            model_status = gr.Markdown(studio.model_status(studio.default_model), elem_id="cmp-model-status")
+            with gr.Row(equal_height=False):
+                adapters = gr.Dropdown(compatible_adapters(studio, studio.default_model), value=[], multiselect=True,
+                                       max_choices=MAX_ADAPTERS, label="Adapters (up to 4)", scale=4,
+                                       elem_id="cmp-adapters",
+                                       info="Library adapters made for this base; each gets its own column.")
+                refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="cmp-refresh",
+                                    elem_classes="refresh-btn")
+            include_base = gr.Checkbox(True, label="Include the base model as a column", elem_id="cmp-base",
+                                       info="Shows what the model writes without any adapter.")
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(PRESET_PROMPTS[0], label="Prompt", lines=2, elem_id="cmp-prompt",
+                                info="The text every column continues.")
+            gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="cmp-temp",
+                                        min_width=110, info="0 = always the likeliest token; higher = wilder.")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", elem_id="cmp-topk", min_width=110,
+                                  info="Only the k likeliest tokens (0 = all).")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
+                                  info="Only tokens holding this much probability (1 = off).")
+                max_tokens = gr.Slider(1, 512, value=80, step=1, label="Max new tokens", elem_id="cmp-max",
+                                       min_width=110, info="Tokens each column adds.")
+                seed = gr.Number(1234, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
+                                 info="Shared by every column: same seed = same text.")
+            with gr.Row():
+                go = gr.Button("Generate side by side", variant="primary", elem_id="cmp-generate")
+                stop = gr.Button("Stop", elem_id="cmp-stop")
+    with gr.Row(equal_height=True, elem_classes="outputs"):
+        outputs = [gr.Textbox(label="Base model" if i == 0 else f"Adapter {i}", lines=10, max_lines=24,
+                              interactive=False, visible=i == 0, buttons=["copy"], elem_id=f"cmp-out-{i}",
+                              elem_classes="cmp-out") for i in range(COLUMNS)]
+
+    model.change(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden")
+    model.change(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
+                 show_progress="hidden")
+    refresh.click(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters)
+
+    @friendly
+    def run(m, b, a, p, t, k, tp, mx, sd, progress=gr.Progress()):
+        yield from compare(studio, m, b, a, p, t, k, tp, mx, sd, progress)
+
+    event = go.click(run, inputs=[model, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
+                                  seed], outputs=outputs, concurrency_limit=4, concurrency_id="generate")
+    event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden")
+    stop.click(None, cancels=[event], queue=False)
+    return {"model": model, "model_status": model_status, "include_base": include_base, "adapters": adapters,
+            "refresh": refresh, "prompt": prompt, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "max_tokens": max_tokens, "seed": seed, "generate": go, "stop": stop, "outputs": outputs}

@@ -1,0 +1,329 @@
+"""Library tab: every adapter with its metadata; inspect, rename, delete, duplicate, upload, download,
+blend, restore a checkpoint, merge-and-export. All file work goes through core's Library (names
+checked, writes atomic, uploads validated before anything is written)."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from core.adapter_validate import preset_of
+from core.adapters import AdapterError, check_name
+from core.estimate import human_bytes
+
+from ..context import Studio, friendly
+from ..plots import figure_from_meta, loss_figure
+
+COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
+           "created", "size"]
+UPLOAD_TYPES = [".safetensors", ".zip", ".json"]
+NOTHING = "<div class='muted'>Select an adapter in the table or the picker to see its settings.</div>"
+
+
+def _f(x, digits=4):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def table_rows(studio: Studio) -> list[list]:
+    rows = []
+    for e in studio.library.list():
+        rows.append([e.name, e.base_model or "?", e.rank or "", ", ".join(e.targets), e.steps or "",
+                     _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
+                     (e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)])
+    return rows
+
+
+def names(studio: Studio, final_only: bool = False) -> list[str]:
+    return [e.name for e in studio.library.list() if e.has_final or not final_only]
+
+
+def refresh(studio: Studio, selected: str | None = None):
+    """(table rows, adapter picker, blend picker) after a change."""
+    all_names = names(studio)
+    finals = names(studio, final_only=True)
+    value = selected if selected in all_names else None
+    return (table_rows(studio), gr.update(choices=all_names, value=value),
+            gr.update(choices=finals, value=[]))
+
+
+def details(studio: Studio, name: str | None):
+    """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
+    if not name:
+        return NOTHING, loss_figure([], [], height=300), \
+            gr.update(choices=[], value=None)
+    d = studio.library.details(name)
+    meta, cfg = d.get("meta") or {}, d.get("config") or {}
+    lora = meta.get("lora") or {}
+    training = meta.get("training") or {}
+    ds = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+    rows = [("Base model", d.get("base_model") or cfg.get("base_model_name_or_path") or "?"),
+            ("Status", d.get("status")), ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
+            ("Targets", ", ".join(d.get("targets") or [])), ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))),
+            ("Steps", d.get("steps")), ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),
+            ("Dataset", ds.get("name") or d.get("dataset")), ("Created", d.get("created")),
+            ("User", d.get("user")), ("Size", human_bytes(d.get("size_bytes") or 0))]
+    if training:
+        rows.append(("Training", ", ".join(f"{k} {training[k]}" for k in
+                                           ("lr", "batch_size", "grad_accum", "seq_len", "eval_interval", "seed")
+                                           if k in training)))
+    if meta.get("blend"):
+        rows.append(("Blend of", ", ".join(f"{b.get('name')} × {b.get('weight')}" for b in meta["blend"])))
+    for key, label in (("imported_from", "Imported from"), ("duplicated_from", "Duplicated from"),
+                       ("restored_from", "Restored from")):
+        if meta.get(key):
+            rows.append((label, meta[key]))
+    if d.get("problem"):
+        rows.append(("Problem", d["problem"]))
+    md = "<dl class='kv'>" + "".join(
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows
+        if v not in (None, "", "None / None")) + "</dl>"
+    ckpts = [c["name"] for c in d.get("checkpoints", [])]
+    fig = figure_from_meta(meta, height=300)
+    return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
+
+
+def _not_training(studio: Studio, name: str) -> None:
+    job = studio.runner.busy()
+    if job is not None and job.name == name:
+        raise ValueError(f"'{name}' is being trained right now; stop the run first.")
+
+
+def _need(name) -> str:
+    if not name:
+        raise ValueError("select an adapter first.")
+    return name
+
+
+def rename(studio: Studio, name, new) -> tuple[str, str]:
+    _need(name)
+    _not_training(studio, name)
+    new = check_name((new or "").strip())
+    studio.library.rename(name, new)
+    return f"Renamed **{name}** to **{new}**.", new
+
+
+def delete(studio: Studio, name) -> str:
+    _need(name)
+    _not_training(studio, name)
+    studio.library.delete(name)
+    return f"Deleted **{name}**."
+
+
+def duplicate(studio: Studio, name, new) -> tuple[str, str]:
+    _need(name)
+    new = check_name((new or "").strip())
+    studio.library.duplicate(name, new)
+    return f"Duplicated **{name}** as **{new}**.", new
+
+
+def restore_checkpoint(studio: Studio, name, checkpoint, new) -> tuple[str, str]:
+    _need(name)
+    if not checkpoint:
+        raise ValueError("choose a checkpoint of this run.")
+    new = check_name((new or "").strip())
+    studio.library.restore_checkpoint(name, checkpoint, new)
+    return f"Saved checkpoint **{checkpoint}** of **{name}** as adapter **{new}**.", new
+
+
+def import_upload(studio: Studio, files, name) -> tuple[str, str]:
+    """A PEFT .zip, or adapter_model.safetensors with its adapter_config.json: validated by the core
+    Library (safetensors header, keys, shapes, rank, dtype, finiteness, size) before anything is written."""
+    paths = [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in (files or [])]
+    if not paths:
+        raise ValueError("choose a PEFT adapter .zip, or an adapter .safetensors file with its adapter_config.json.")
+    for p in paths:
+        if p.suffix.lower() not in UPLOAD_TYPES:
+            raise AdapterError(f"{p.name}: upload .safetensors, .zip or adapter_config.json files only.")
+    zips = [p for p in paths if p.suffix.lower() == ".zip"]
+    tensors = [p for p in paths if p.suffix.lower() == ".safetensors"]
+    configs = [p for p in paths if p.suffix.lower() == ".json"]
+    name = (name or "").strip()
+    if zips:
+        if len(paths) > 1:
+            raise AdapterError("upload one .zip on its own (it already holds the adapter's files).")
+        src, config = zips[0], None
+    else:
+        if len(tensors) != 1:
+            raise AdapterError("upload exactly one .safetensors file (with its adapter_config.json).")
+        if len(configs) != 1:
+            raise AdapterError(f"{tensors[0].name} needs its adapter_config.json (rank, alpha, target modules): "
+                               f"select both files together, or upload the adapter folder as a .zip.")
+        src, config = tensors[0], configs[0]
+    if not name:
+        stem = src.stem
+        name = stem if stem != "adapter_model" else f"upload-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_name(name)
+    studio.library.import_path(src, name, config_path=config)
+    return f"Imported **{name}** (validated).", name
+
+
+def export_zip(studio: Studio, name) -> str:
+    _need(name)
+    return str(studio.library.export_zip(name, studio.export_folder()))
+
+
+def blend(studio: Studio, picked, weights_text, new) -> tuple[str, str]:
+    picked = list(picked or [])
+    if len(picked) < 2:
+        raise ValueError("pick at least two adapters to blend.")
+    parts = [w for w in (weights_text or "").replace(";", ",").split(",") if w.strip()]
+    if not parts:
+        weights = [1.0 / len(picked)] * len(picked)
+    else:
+        try:
+            weights = [float(w) for w in parts]
+        except ValueError:
+            raise ValueError(f"weights must be numbers separated by commas, e.g. 0.5, 0.5 (got {weights_text!r}).") from None
+    if len(weights) != len(picked):
+        raise ValueError(f"give one weight per adapter: {len(picked)} adapters, {len(weights)} weights.")
+    new = check_name((new or "").strip())
+    studio.library.blend(picked, weights, new)
+    mix = " + ".join(f"{w:g} × {n}" for n, w in zip(picked, weights))
+    return f"Blended **{new}** = {mix}.", new
+
+
+def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
+    """Base + adapter merged into an HF GPT-2 folder (config.json + model.safetensors), zipped."""
+    _need(name)
+    d = studio.library.details(name)
+    base = preset_of(d.get("base_model")) or studio.loaded_base()
+    if base is None:
+        raise ValueError(f"'{name}' does not record a known base model; load its base on the Compare tab first.")
+    if progress is not None:
+        progress(0.1, desc=f"loading base model {base}…")
+    studio.base(base)
+    folder = studio.export_folder()
+    out = studio.engine.export_merged(name, folder / f"{name}-merged")
+    if progress is not None:
+        progress(0.7, desc="zipping the merged model…")
+    zpath = folder / f"{name}-merged.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(out.iterdir()):
+            zf.write(f, f"{name}-merged/{f.name}",
+                     compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+    shutil.rmtree(out, ignore_errors=True)
+    size = human_bytes(os.path.getsize(zpath))
+    return (f"Merged **{name}** into {base}: a transformers folder (`GPT2LMHeadModel.from_pretrained`), "
+            f"{size} zipped."), str(zpath)
+
+
+def create_library_tab(studio: Studio) -> dict:
+    gr.Markdown("## 3 · Library\nEvery adapter you trained, blended or uploaded. Adapters are small PEFT-format "
+                "files; they load onto the one shared base model without reloading it.", elem_classes="tab-intro")
+    with gr.Row():
+        refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110, elem_id="lib-refresh")
+    table = gr.Dataframe(table_rows(studio), headers=COLUMNS, interactive=False, wrap=True, max_height=320,
+                         elem_id="lib-table", label="Adapters (click a row to select it)")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            picked = gr.Dropdown(names(studio), value=None, label="Selected adapter", elem_id="lib-picked",
+                                 info="The adapter the actions below work on.")
+            info = gr.HTML(NOTHING, elem_id="lib-details")
+        with gr.Column(scale=5):
+            curve = gr.Plot(loss_figure([], [], height=300), label="Loss curve", elem_id="lib-curve")
+    status = gr.Markdown(elem_id="lib-status")
+    with gr.Row(equal_height=False, elem_classes="actions"):
+        new_name = gr.Textbox(label="New name", scale=2, elem_id="lib-new-name",
+                              info="For rename, duplicate and saving a checkpoint as an adapter.")
+        with gr.Column(scale=3, elem_classes="button-column"):
+            with gr.Row():
+                rename_btn = gr.Button("Rename", elem_id="lib-rename")
+                dup_btn = gr.Button("Duplicate", elem_id="lib-duplicate")
+                del_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
+                use_btn = gr.Button("Use in Compare →", variant="primary", elem_id="lib-use")
+    with gr.Row(visible=False, elem_classes="confirm") as confirm_row:
+        confirm_md = gr.Markdown()
+        confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="lib-confirm-delete")
+        cancel_btn = gr.Button("Cancel", elem_id="lib-cancel-delete")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Download and export")
+            with gr.Row():
+                zip_btn = gr.Button("Download adapter (.zip)", elem_id="lib-download")
+                merge_btn = gr.Button("Merge into base & export", elem_id="lib-merge")
+            gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
+                        "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model.</span>")
+            out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
+        with gr.Column():
+            gr.Markdown("### Upload")
+            upload = gr.File(label="Adapter files", file_count="multiple", file_types=UPLOAD_TYPES,
+                             type="filepath", height=110, elem_id="lib-upload")
+            up_name = gr.Textbox(label="Name in the library", elem_id="lib-upload-name",
+                                 info="Empty = the file's name. Every upload is validated before it is saved.")
+            up_btn = gr.Button("Import into the library", elem_id="lib-import")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Blend")
+            blend_pick = gr.Dropdown(names(studio, final_only=True), multiselect=True, label="Adapters to blend",
+                                     elem_id="lib-blend-pick",
+                                     info="The new adapter's update is the weighted sum of theirs (exact).")
+            with gr.Row():
+                blend_w = gr.Textbox(label="Weights", placeholder="e.g. 0.5, 0.5", elem_id="lib-blend-w",
+                                     info="One number per adapter, in order; empty = equal weights.")
+                blend_name = gr.Textbox(label="Blend name", elem_id="lib-blend-name",
+                                        info="Library name of the new adapter.")
+            blend_btn = gr.Button("Blend into a new adapter", elem_id="lib-blend")
+        with gr.Column():
+            gr.Markdown("### Checkpoints")
+            ckpt = gr.Dropdown([], label="Checkpoint of the selected run", elem_id="lib-ckpt",
+                               info="Training saves checkpoints; keep one as an adapter of its own (uses New name).")
+            restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
+
+    lists = [table, picked, blend_pick]
+    show = dict(fn=friendly(lambda n: details(studio, n)), inputs=picked, outputs=[info, curve, ckpt])
+    picked.change(**show)
+
+    def on_select(evt: gr.SelectData):
+        row = evt.row_value if evt.row_value else None
+        return row[0] if row else gr.skip()
+
+    table.select(on_select, outputs=picked)
+    refresh_btn.click(lambda n: refresh(studio, n), inputs=picked, outputs=lists)
+
+    def after(result):
+        """Run an action returning (message, name to select); then refresh the lists."""
+        msg, select = result
+        return (msg, *refresh(studio, select))
+
+    rename_btn.click(friendly(lambda n, new: after(rename(studio, n, new))), inputs=[picked, new_name],
+                     outputs=[status, *lists])
+    dup_btn.click(friendly(lambda n, new: after(duplicate(studio, n, new))), inputs=[picked, new_name],
+                  outputs=[status, *lists])
+    restore_btn.click(friendly(lambda n, c, new: after(restore_checkpoint(studio, n, c, new))),
+                      inputs=[picked, ckpt, new_name], outputs=[status, *lists])
+
+    @friendly
+    def ask_delete(n):
+        _need(n)
+        return gr.update(visible=True), f"Delete **{html.escape(n)}** and its checkpoints? This cannot be undone."
+
+    del_btn.click(ask_delete, inputs=picked, outputs=[confirm_row, confirm_md])
+    cancel_btn.click(lambda: gr.update(visible=False), outputs=confirm_row)
+    confirm_btn.click(friendly(lambda n: (gr.update(visible=False), delete(studio, n), *refresh(studio, None))),
+                      inputs=picked, outputs=[confirm_row, status, *lists])
+    up_btn.click(friendly(lambda f, n: (*after(import_upload(studio, f, n)), None)), inputs=[upload, up_name],
+                 outputs=[status, *lists, upload])
+    blend_btn.click(friendly(lambda p, w, n: after(blend(studio, p, w, n))), inputs=[blend_pick, blend_w, blend_name],
+                    outputs=[status, *lists])
+    zip_btn.click(friendly(lambda n: gr.update(value=export_zip(studio, n), visible=True)), inputs=picked,
+                  outputs=out_file)
+
+    @friendly
+    def do_merge(n, progress=gr.Progress()):
+        msg, path = merge_export(studio, n, progress)
+        return msg, gr.update(value=path, visible=True)
+
+    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file])
+    return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
+            "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
+            "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
+            "merge": merge_btn, "file": out_file, "upload": upload, "upload_name": up_name, "import": up_btn,
+            "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
+            "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
+            "lists": lists}

@@ -1,0 +1,371 @@
+"""Train tab: base model, dataset, LoRA and training settings, an estimate, and the live run.
+
+The run itself belongs to the Runner (one per process). This page only starts/stops/resumes it and
+polls its snapshot with a gr.Timer, so a reloaded page, or a second user, attaches to the running
+job's chart; the session remembers only which version of the job it drew last.
+"""
+from __future__ import annotations
+
+import html
+import time
+
+import gradio as gr
+
+from core.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.data import load_dataset
+from core.estimate import estimate_training, human_bytes, human_seconds
+from core.train import find_checkpoint
+
+from ..context import Studio, friendly, user_of
+from ..models import CHOICES
+from ..plots import loss_figure
+
+REFRESH_SECONDS = 1.0  # the live chart polls the runner this often
+DEFAULT_PROMPT = "The"
+TARGET_HELP = {
+    "attn.c_attn": "attention query/key/value projection (the classic LoRA target)",
+    "attn.c_proj": "attention output projection",
+    "mlp.c_fc": "MLP up-projection (4x wider: many parameters)",
+    "mlp.c_proj": "MLP down-projection",
+}
+
+
+# ---- settings -> configs -------------------------------------------------------------------
+
+def make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
+                 prompt: str | None = None) -> tuple[LoraConfig, TrainConfig]:
+    """The UI's values as validated core configs (ValueError with a message otherwise)."""
+    def whole(v, what):
+        if v is None or v != v:
+            raise ValueError(f"{what} is empty; enter a whole number.")
+        if float(v) != int(float(v)):
+            raise ValueError(f"{what} must be a whole number (got {v}).")
+        return int(float(v))
+
+    if lr is None:
+        raise ValueError("learning rate is empty; enter a number such as 3e-4.")
+    lcfg = LoraConfig(r=whole(r, "rank"), alpha=float(alpha if alpha is not None else 0), dropout=float(dropout or 0),
+                      targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
+    eval_every = whole(eval_interval, "eval interval")
+    tcfg = TrainConfig(steps=whole(steps, "steps"), lr=float(lr), batch_size=whole(batch, "batch size"),
+                       grad_accum=whole(accum, "gradient accumulation"), seq_len=whole(seq_len, "sequence length"),
+                       eval_interval=eval_every, checkpoint_interval=max(eval_every, 50) if eval_every else 50,
+                       seed=whole(seed, "seed"),
+                       sample_prompts=(prompt.strip(),) if prompt and prompt.strip() else ())
+    return lcfg, tcfg
+
+
+def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, device_type: str) -> dict:
+    """Memory/time/size estimate (core.estimate): peak_bytes, step_seconds, total_seconds,
+    trainable_params, adapter_bytes, share_percent."""
+    est = estimate_training(PRESETS[model_name], lcfg, tcfg, device_type)
+    return est.as_dict() if hasattr(est, "as_dict") else dict(est)
+
+
+def size_md(studio: Studio, model_name, targets, r) -> str:
+    """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model."""
+    try:
+        lcfg = LoraConfig(r=int(r), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
+        lcfg.validate(PRESETS.get(model_name))
+        est = training_estimate(model_name, lcfg, TrainConfig(steps=1), studio.engine.device.type)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"<span class='warn'>{html.escape(str(e))}</span>"
+    return (f"**{est['trainable_params']:,}** trainable parameters · adapter file ≈ "
+            f"**{human_bytes(est['adapter_bytes'])}** · **{est['share_percent']:.3f}%** of the model")
+
+
+def estimate_md(studio: Studio, model_name, targets, r, alpha, dropout, lr, steps, batch, accum, seq_len,
+                eval_interval, seed) -> str:
+    """Expected peak memory and time of the run, before it starts."""
+    try:
+        lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed)
+        cfg = PRESETS[model_name]
+        lcfg.validate(cfg)
+        tcfg.validate(cfg)
+        dev = studio.engine.device.type
+        est = training_estimate(model_name, lcfg, tcfg, dev)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"<span class='warn'>⚠ {html.escape(str(e))}</span>"
+    per = tcfg.batch_size * tcfg.grad_accum
+    return (f"**Estimate on {dev}:** peak memory ≈ **{human_bytes(est['peak_bytes'])}** · "
+            f"≈ {est['step_seconds']:.2f} s per step → **{human_seconds(est['total_seconds'])}** for "
+            f"{tcfg.steps:,} steps ({per} sequences × {tcfg.seq_len} tokens per step). "
+            f"<span class='muted'>A rough guide; the live ETA is measured.</span>")
+
+
+def model_status_md(studio: Studio, model_name: str) -> str:
+    return studio.model_status(model_name)
+
+
+def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
+    out = []
+    for d in studio.datasets():
+        t = d["meta"].get("tokens")
+        out.append((f"{d['name']} ({t:,} tokens)" if isinstance(t, int) else d["name"], d["name"]))
+    return out
+
+
+def refresh_datasets(studio: Studio, current: str | None = None, select: str | None = None):
+    choices = dataset_choices(studio)
+    names = [v for _, v in choices]
+    value = select if select in names else current if current in names else (names[0] if names else None)
+    return gr.update(choices=choices, value=value)
+
+
+# ---- actions -----------------------------------------------------------------------------
+
+def _progress_say(progress):
+    def say(msg: str):
+        if progress is not None:
+            progress(None, desc=msg)
+    return say
+
+
+def auto_name(dataset: str, model_name: str) -> str:
+    return f"{dataset}-{model_name}-{time.strftime('%m%d-%H%M%S')}"[:64]
+
+
+def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout, lr, steps, batch, accum,
+          seq_len, eval_interval, seed, prompt, user: str | None = None, progress=None) -> tuple[str, str]:
+    """Start training; returns (status line, the run's name). Raises RunnerBusy/ValueError/WeightsError."""
+    busy = studio.runner.busy_message()
+    if busy:
+        raise ValueError(busy)
+    if not dataset:
+        raise ValueError("choose a dataset (prepare one on the Data tab first).")
+    lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
+                              prompt)
+    ds = load_dataset(studio.dataset_path(dataset))
+    name = (name or "").strip() or auto_name(dataset, model_name)
+    if progress is not None:
+        progress(0.1, desc=f"loading base model {model_name} (first use only)…")
+    model = studio.base(model_name, _progress_say(progress))
+    studio.runner.start(model, model_name, ds, name, lcfg, tcfg, user=user)
+    return f"Started **{name}** on {model_name}. The chart updates live; Stop saves what was learned.", name
+
+
+def stop(studio: Studio, user: str | None = None) -> str:
+    return studio.runner.stop(user=user, auth=studio.auth)
+
+
+def resume(studio: Studio, name, steps, user: str | None = None, progress=None) -> tuple[str, str]:
+    """Continue run `name` (default: the last job) from its newest checkpoint to `steps` in total."""
+    busy = studio.runner.busy_message()
+    if busy:
+        raise ValueError(busy)
+    name = (name or "").strip()
+    if not name:
+        snap = studio.runner.snapshot()
+        if snap is None:
+            raise ValueError("type the name of a stopped run to resume (it is in the Library).")
+        name = snap["name"]
+    ck = find_checkpoint(studio.runner.run_dir(name))
+    base = ck.meta.get("base_model") or ""
+    if base not in PRESETS:
+        raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
+                         f"{', '.join(CHOICES)} only (use the CLI for other bases).")
+    ds_meta = ck.meta.get("dataset") or {}
+    ds_path = ds_meta.get("path")
+    candidates = [p for p in (ds_path, studio.datasets_dir / str(ds_meta.get("name", ""))) if p]
+    folder = next((p for p in candidates if _is_dataset(p)), None)
+    if folder is None:
+        raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
+                         f"folder; prepare it again with the same text to resume.")
+    ds = load_dataset(folder)
+    total = int(steps) if steps is not None and int(steps) > ck.step else None
+    if total is None and ck.tcfg.steps <= ck.step:
+        raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
+                         f"train it further.")
+    if progress is not None:
+        progress(0.1, desc=f"loading base model {base} (first use only)…")
+    model = studio.base(base, _progress_say(progress))
+    job = studio.runner.resume(model, base, ds, name, total, user=user)
+    return f"Resumed **{name}** from step {ck.step} toward {job.steps} steps.", name
+
+
+def _is_dataset(p) -> bool:
+    from pathlib import Path
+    return Path(p).is_dir() and (Path(p) / "train_00000.npy").is_file()
+
+
+# ---- the live view -------------------------------------------------------------------------
+
+def _clock(s) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def job_html(snap: dict | None) -> str:
+    """The status banner, progress bar and numbers of the current (or last) job."""
+    if snap is None:
+        return ("<div class='job idle'><b>No training job yet.</b> Choose a model and a dataset, check the "
+                "estimate, then press <b>Start training</b>.</div>")
+    p = snap["progress"]
+    step, steps = p.get("step", 0), max(1, p.get("steps") or 1)
+    pct = 100.0 * step / steps
+    name = html.escape(snap["name"])
+    who = f" · started by <b>{html.escape(snap['user'])}</b>" if snap.get("user") else ""
+    state = snap["state"]
+    badge = {"starting": "Busy", "running": "Busy", "stopping": "Stopping", "finished": "Finished",
+             "stopped": "Stopped", "failed": "Failed"}[state]
+    text = {
+        "starting": f"starting <b>{name}</b>…",
+        "running": f"training <b>{name}</b> on {html.escape(snap['base_id'])}",
+        "stopping": f"<b>{name}</b>: saving at the end of this step…",
+        "finished": f"<b>{name}</b> is saved to the library.",
+        "stopped": f"<b>{name}</b> stopped at step {step} and is saved to the library; <b>Resume</b> continues it.",
+        "failed": f"<b>{name}</b>: {html.escape(snap['message'])}",
+    }[state]
+    head = f"<span class='badge {state}'>{badge}</span> {text}"
+    metrics = [f"step <b>{step:,}</b> / {steps:,} ({pct:.0f}%)"]
+    if snap["live"]:
+        metrics.append(f"ETA <b>{_clock(p.get('eta'))}</b>")
+    if p.get("tokens_per_sec"):
+        metrics.append(f"<b>{p['tokens_per_sec']:,.0f}</b> tokens/s")
+    if p.get("elapsed") is not None:
+        metrics.append(f"elapsed {_clock(p.get('elapsed'))}")
+    if snap["points"]:
+        metrics.append(f"train loss <b>{snap['points'][-1]['loss']:.4f}</b>")
+    if snap["evals"]:
+        metrics.append(f"val loss <b>{snap['evals'][-1]['val_loss']:.4f}</b>")
+    notes = "".join(f"<div class='job-note'>Note: {html.escape(n)}</div>" for n in snap.get("notes", []))
+    busy = (f"<div class='job-note'>One training job runs at a time in this studio; others can watch it here "
+            f"and keep comparing adapters.{who}</div>" if snap["live"] else "")
+    bar_cls = "bar live" if snap["live"] else f"bar {state}"
+    return (f"<div class='job {state}' data-state='{state}'><div class='job-head'>{head}</div>"
+            f"<div class='{bar_cls}'><div class='fill' style='width:{pct:.1f}%'></div></div>"
+            f"<div class='job-metrics'>{' · '.join(metrics)}</div>{notes}{busy}</div>")
+
+
+def samples_html(snap: dict | None) -> str:
+    if not snap or not snap["samples"]:
+        return ("<div class='samples empty'>Sample generations from the fixed prompt appear here at each "
+                "evaluation.</div>")
+    rows = []
+    for s in reversed(snap["samples"][-6:]):
+        for item in s["samples"]:
+            rows.append(f"<div class='sample'><div class='sample-step'>step {s['step']}</div>"
+                        f"<div class='sample-text'><b>{html.escape(item['prompt'])}</b>"
+                        f"{html.escape(item['text'])}</div></div>")
+    return f"<div class='samples'>{''.join(rows)}</div>"
+
+
+def live_view(studio: Studio, seen):
+    """Timer tick: redraw only when the job changed since this page last drew it."""
+    snap = studio.runner.snapshot()
+    key = None if snap is None else f"{snap['id']}:{snap['version']}"
+    if key == seen and seen is not None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    fig = loss_figure(snap["points"], snap["evals"], snap["progress"].get("steps")) if snap else loss_figure([], [])
+    return job_html(snap), fig, samples_html(snap), key or ""
+
+
+# ---- the tab ---------------------------------------------------------------------------------
+
+def create_train_tab(studio: Studio) -> dict:
+    gr.Markdown("## 2 · Train\nPick a base model and a dataset, choose where LoRA adds its small trainable "
+                "matrices, and watch it learn. Only the adapter is trained; the base stays frozen.",
+                elem_classes="tab-intro")
+    seen = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, elem_classes="settings"):
+            model = gr.Dropdown(CHOICES, value=studio.default_model, label="Base model", elem_id="train-model",
+                                info="The pretrained GPT-2 to adapt; bigger models learn better but need more "
+                                     "memory and time. 'tiny' is random and offline.")
+            model_status = gr.Markdown(model_status_md(studio, studio.default_model), elem_id="train-model-status")
+            with gr.Row(equal_height=False):
+                dataset = gr.Dropdown(dataset_choices(studio), value=None, label="Dataset", scale=4,
+                                      elem_id="train-dataset",
+                                      info="A dataset saved on the Data tab: the text the adapter learns from.")
+                refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="train-refresh",
+                                    elem_classes="refresh-btn")
+            name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
+                              info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
+            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=["attn.c_attn"], label="Target modules",
+                                       elem_id="train-targets",
+                                       info="Which projections in every block get a LoRA update: "
+                                            + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+            size = gr.Markdown(size_md(studio, studio.default_model, ["attn.c_attn"], 8), elem_id="train-size")
+            with gr.Accordion("LoRA settings", open=True):
+                with gr.Row():
+                    r = gr.Slider(1, 64, value=8, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                                  info="Size of the low-rank update: higher = more capacity and parameters.")
+                    alpha = gr.Number(16, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                                      info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+                    dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="Dropout", elem_id="train-dropout", min_width=110,
+                                        info="Randomly drops LoRA inputs while training to reduce overfitting.")
+            with gr.Accordion("Training settings", open=True):
+                with gr.Row():
+                    lr = gr.Number(1e-3, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                                   info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+                    steps = gr.Number(200, precision=0, label="Steps", elem_id="train-steps", min_width=110, minimum=1,
+                                      info="Optimizer steps to run (to continue a stopped run: its new total).")
+                    seed = gr.Number(1337, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                                     info="Fixes the adapter's start and the batch order: same seed = same run.")
+                with gr.Row():
+                    batch = gr.Number(4, precision=0, label="Batch size", elem_id="train-batch", min_width=110, minimum=1,
+                                      info="Sequences per micro-batch; lower it if memory runs out.")
+                    accum = gr.Number(1, precision=0, label="Gradient accumulation", elem_id="train-accum", min_width=110,
+                                      minimum=1, info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                    seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="train-seq", min_width=110, minimum=1,
+                                        info="Tokens of context per training sequence (at most the model's 1024).")
+                with gr.Row():
+                    eval_interval = gr.Number(20, precision=0, label="Eval interval", elem_id="train-eval", min_width=110,
+                                              minimum=0, info="Measure validation loss and draw samples every N steps.")
+                    prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                                        info="A fixed prompt continued at each evaluation, to see the style emerge.")
+            estimate = gr.Markdown(estimate_md(studio, studio.default_model, ["attn.c_attn"], 8, 16, 0.0, 1e-3, 200,
+                                               4, 1, 128, 20, 1337), elem_id="train-estimate")
+            with gr.Row():
+                start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
+                stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
+                resume_btn = gr.Button("⟳ Resume", elem_id="train-resume")
+            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
+                        "library; Resume continues the run named above from where it stopped.</span>")
+            action = gr.Markdown(elem_id="train-action")
+        with gr.Column(scale=6, elem_classes="live"):
+            job = gr.HTML(job_html(None), elem_id="train-job")
+            chart = gr.Plot(loss_figure([], []), label="Loss and learning rate", elem_id="train-chart")
+            gr.Markdown("### Samples at each evaluation")
+            samples = gr.HTML(samples_html(None), elem_id="train-samples")
+
+    timer = gr.Timer(REFRESH_SECONDS)
+    timer.tick(lambda s: live_view(studio, s), inputs=seen, outputs=[job, chart, samples, seen],
+               concurrency_limit=None, show_progress="hidden", api_visibility="private")
+
+    est_inputs = [model, targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed]
+    est_fn = lambda *a: estimate_md(studio, *a)  # noqa: E731
+    for c in est_inputs:
+        c.change(est_fn, inputs=est_inputs, outputs=estimate, show_progress="hidden", trigger_mode="always_last")
+    for c in (model, targets, r):
+        c.change(lambda m, t, rr: size_md(studio, m, t, rr), inputs=[model, targets, r], outputs=size,
+                 show_progress="hidden")
+    model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden")
+    refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset)
+
+    @friendly
+    def do_start(m, d, n, t, rr, a, dr, l, st, b, ac, sl, ev, sd, pr, request: gr.Request,
+                 progress=gr.Progress()):
+        msg, run = start(studio, m, d, n, t, rr, a, dr, l, st, b, ac, sl, ev, sd, pr, user_of(request), progress)
+        return msg, run, model_status_md(studio, m)
+
+    @friendly
+    def do_stop(request: gr.Request):
+        return stop(studio, user_of(request))
+
+    @friendly
+    def do_resume(n, st, request: gr.Request, progress=gr.Progress()):
+        return resume(studio, n, st, user_of(request), progress)
+
+    start_btn.click(do_start, inputs=[model, dataset, name, targets, r, alpha, dropout, lr, steps, batch, accum,
+                                      seq_len, eval_interval, seed, prompt], outputs=[action, name, model_status],
+                    concurrency_id="train-control")
+    stop_btn.click(do_stop, outputs=action, queue=False)
+    resume_btn.click(do_resume, inputs=[name, steps], outputs=[action, name], concurrency_id="train-control")
+    return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
+            "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
+            "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
+            "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
+            "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer}

@@ -1,0 +1,211 @@
+"""The whole studio in a real browser (Playwright + Debian's chromium, headless), on the tiny model:
+sample -> prepare -> train (the live chart gains points) -> stop -> library -> compare -> download.
+A second browser context sees the busy message while training and can still compare.
+
+Screenshots of each tab go to artifacts/ (gitignored); the README's two go to docs/screenshots/.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),  # pandas notes from gradio's queue
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+README_SHOTS = ROOT / "docs" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 900}
+POINTS_JS = """() => { const p = document.querySelector('#train-chart .js-plotly-plot');
+  return p && p.data && p.data[0] ? p.data[0].x.length : -1; }"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from studio.app import build_ui, create_studio, launch_options
+    tmp = tmp_path_factory.mktemp("studio")
+    studio = create_studio(tmp / "adapters", tmp / "datasets", "cpu", "tiny")
+    demo = build_ui(studio)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
+                            quiet=True, **launch_options())
+    yield url, studio
+    job = studio.runner.busy()
+    if job is not None:
+        job.request_stop()
+        studio.runner.wait(60)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    """Choose `option` in the gr.Dropdown with elem_id."""
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=option).first.click()
+
+
+def _fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
+
+
+def _tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+
+
+def _shot(page, name: str, readme: str | None = None, full: bool = False) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    if readme:
+        README_SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(README_SHOTS / readme), full_page=full)
+
+
+def _points(page) -> int:
+    return page.evaluate(POINTS_JS)
+
+
+def _wait_points(page, more_than: int, timeout: float = 60) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        n = _points(page)
+        if n > more_than:
+            return n
+        time.sleep(0.25)
+    raise AssertionError(f"the live chart did not grow past {more_than} points (now {_points(page)})")
+
+
+def test_full_journey(server, browser):
+    url, studio = server
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(url)
+
+    # 1. Data: a bundled sample -> statistics and token view -> prepare
+    _pick(page, "data-sample", "Captain Saltbeard")
+    page.wait_for_selector("#data-tokens .tok")
+    first = page.locator("#data-tokens .tok").first
+    assert first.get_attribute("title").startswith("id ") and first.get_attribute("data-id").isdigit()
+    page.wait_for_function("() => document.querySelector('#data-stats').innerText.includes('TOKENS')"
+                           " || document.querySelector('#data-stats').innerText.includes('Tokens')")
+    assert _value(page, "data-name") == "pirate_recipes"
+    _fill(page, "data-name", "pirates")
+    page.click("#data-prepare")
+    page.wait_for_selector("#data-status :text('Saved dataset')")
+    _shot(page, "1-data")
+
+    # 2. Train: tiny, the new dataset is selected; start; the chart gains points and keeps updating
+    _tab(page, "2 · Train")
+    assert _value(page, "train-dataset").startswith("pirates")
+    assert "noise until" in page.inner_text("#train-model-status")
+    _fill(page, "train-name", "pirate-lora")
+    page.click("#train-targets label:has-text('mlp.c_fc')")
+    _fill(page, "train-steps", 800)
+    _fill(page, "train-seq", 64)
+    _fill(page, "train-eval", 10)
+    _fill(page, "train-prompt", "Ahoy")
+    page.wait_for_function("() => document.querySelector('#train-estimate').innerText.includes('800 steps')")
+    page.click("#train-start")
+    page.wait_for_selector("#train-job .badge.running", timeout=60_000)
+    n1 = _wait_points(page, 0)
+    n2 = _wait_points(page, n1)  # the chart refreshes by itself (gr.Timer), no clicks
+    assert n2 > n1 > 0
+    _wait_points(page, 35)
+    page.wait_for_selector("#train-samples .sample")
+    job_text = page.inner_text("#train-job")
+    assert "tokens/s" in job_text and "ETA" in job_text
+    _shot(page, "2-train-running", readme="train.png")
+
+    # a second browser context: told training is busy (name + progress), and can still compare
+    other = browser.new_context(viewport=VIEWPORT)
+    page2 = other.new_page()
+    page2.set_default_timeout(30_000)
+    page2.goto(url)
+    _tab(page2, "2 · Train")
+    page2.wait_for_selector("#train-job .badge.running")
+    busy = page2.inner_text("#train-job")
+    assert "Busy" in busy.title() and "pirate-lora" in busy and "step" in busy
+    _pick(page2, "train-dataset", "pirates")
+    page2.click("#train-start")
+    page2.wait_for_selector("text=/busy: training 'pirate-lora'/i")
+    _shot(page2, "5-second-user-busy")
+    _tab(page2, "4 · Compare")
+    _fill(page2, "cmp-max", 12)
+    page2.click("#cmp-generate")
+    page2.wait_for_function("() => document.querySelector('#cmp-out-0 textarea').value.length > 40")
+    other.close()
+
+    # stop keeps what was learned
+    page.click("#train-stop")
+    page.wait_for_selector("#train-job .badge.stopped", timeout=60_000)
+    stopped = studio.runner.snapshot()
+    assert stopped["state"] == "stopped" and stopped["progress"]["step"] >= 35
+    _shot(page, "2-train-stopped")
+
+    # 3. Library: the adapter is listed; selecting it shows its settings and loss curve
+    _tab(page, "3 · Library")
+    page.wait_for_function("() => document.querySelector('#lib-table').innerText.includes('pirate-lora')")
+    page.locator("#lib-table span.text").filter(has_text="pirate-lora").first.click()
+    page.wait_for_selector("#lib-details :text('mlp.c_fc')")
+    assert page.evaluate("() => document.querySelector('#lib-curve .js-plotly-plot').data[0].x.length") >= 35
+    _shot(page, "3-library")
+
+    # 4. Compare: base and adapter side by side, streamed, same seed
+    page.click("#lib-use")
+    page.wait_for_selector("#cmp-adapters :text('pirate-lora')")
+    _fill(page, "cmp-prompt", "Ahoy! Today in the galley we cook")
+    _fill(page, "cmp-max", 48)
+    page.click("#cmp-generate")
+    page.wait_for_selector("#cmp-out-1 :text('Adapter · pirate-lora')")
+    page.wait_for_function("() => ['#cmp-out-0', '#cmp-out-1'].every(s => "
+                           "document.querySelector(s + ' textarea').value.length > 80)", timeout=60_000)
+    page.wait_for_function("() => !document.querySelector('#cmp-out-1 .progress-text, #cmp-out-1 .eta-bar')",
+                           timeout=60_000)
+    base_text = page.locator("#cmp-out-0 textarea").input_value()
+    lora_text = page.locator("#cmp-out-1 textarea").input_value()
+    assert base_text.startswith("Ahoy! Today") and lora_text.startswith("Ahoy! Today") and base_text != lora_text
+    _shot(page, "4-compare", readme="compare.png", full=True)
+
+    # download the adapter as a PEFT .zip
+    _tab(page, "3 · Library")
+    page.click("#lib-download")
+    link = page.locator("#lib-file a").first
+    link.wait_for()
+    with page.expect_download() as dl:
+        link.click()
+    target = ARTIFACTS / "pirate-lora.zip"
+    dl.value.save_as(str(target))
+    with zipfile.ZipFile(target) as zf:
+        assert {"adapter_model.safetensors", "adapter_config.json", "studio.json"} <= set(zf.namelist())
+    ctx.close()

@@ -1,0 +1,461 @@
+"""The studio's tab handlers called directly (no browser), on the tiny model: data -> dataset ->
+training in the background runner (busy, stop, resume) -> library operations -> compare."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from core.adapters import AdapterError
+from core.generate import SamplingConfig, generate_text
+from core.lora import adapter_names
+from studio.app import build_ui, create_studio
+from studio.context import friendly
+from studio.models import availability
+from studio.plots import figure_from_meta, loss_figure
+from studio.tabs import compare, data, library, train
+
+FAST = dict(targets=["attn.c_attn", "mlp.c_fc"], r=4, alpha=8, dropout=0.0, lr=2e-3, batch=2, accum=1,
+            seq_len=32, eval_interval=5, seed=7, prompt="Ahoy")
+
+
+@pytest.fixture
+def studio(tmp_path):
+    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
+    yield s
+    job = s.runner.busy()
+    if job is not None:
+        job.request_stop()
+        s.runner.wait(60)
+
+
+def _prepare(studio, name="pirates", sample="pirate_recipes"):
+    text, _ = data.sample_text(sample)
+    state, _, _ = data.analyze(None, text, 0.9)
+    return data.prepare(studio, state, text, 0.9, name)
+
+
+def _start(studio, name, steps, dataset="pirates", user=None, **over):
+    a = {**FAST, **over}
+    return train.start(studio, "tiny", dataset, name, a["targets"], a["r"], a["alpha"], a["dropout"], a["lr"],
+                       steps, a["batch"], a["accum"], a["seq_len"], a["eval_interval"], a["seed"], a["prompt"],
+                       user=user)
+
+
+def _wait_for(pred, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _train(studio, name, steps=6, **kw):
+    _start(studio, name, steps, **kw)
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "finished", snap["message"]
+    return snap
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def test_stats_and_token_view(studio):
+    text, suggested = data.sample_text("shakespearean")
+    assert suggested == "shakespearean" and "ACT I" in text
+    state, stats, tokens = data.analyze(None, text, 0.8)
+    assert state["tokens"] > 500
+    assert f"{state['tokens']:,}" in stats and "Unique tokens" in stats and "Most frequent tokens" in stats
+    assert tokens.count("class='tok ") == data.TOKEN_VIEW_LIMIT
+    assert "data-id='" in tokens and "title='id " in tokens
+
+
+def test_token_view_escapes_html():
+    html = data.token_view_html("<script>alert('x')</script> & <b>")
+    assert "<script" not in html and "<b>" not in html and "&lt;" in html and "&amp;" in html
+
+
+def test_short_text_warns_and_empty_text_explains():
+    _, stats, _ = data.analyze(None, "hello there", 0.9)
+    assert "Too short" in stats
+    _, stats, tokens = data.analyze(None, "", 0.9)
+    assert "Upload" in stats and "Tokens appear here" in tokens
+
+
+def test_uploads_are_checked_by_content(tmp_path):
+    good = tmp_path / "notes.md"
+    good.write_text("# Notes\nsome text", "utf-8")
+    state, suggested = data.read_uploads([str(good)])
+    assert state["files"] == [("notes.md", "# Notes\nsome text")] and suggested == "notes"
+    binary = tmp_path / "fake.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    with pytest.raises(ValueError, match="binary"):
+        data.read_uploads([str(binary)])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="UTF-8"):
+        data.read_uploads([str(latin)])
+    with pytest.raises(ValueError, match=r"\.txt and \.md"):
+        data.read_uploads([str(tmp_path / "evil.exe")])
+
+
+def test_prepare_saves_a_named_dataset_selectable_in_train(studio):
+    state, _ = data.read_uploads([])
+    msg = data.prepare(studio, state, "word" + " word" * 399, 0.9, "words")
+    assert "Saved dataset **words**" in msg
+    folder = studio.datasets_dir / "words"
+    assert (folder / "train_00000.npy").is_file() and json.loads((folder / "meta.json").read_text())["tokens"] == 400
+    assert ("words (400 tokens)", "words") in train.dataset_choices(studio)
+    assert train.refresh_datasets(studio, select="words")["value"] == "words"
+    with pytest.raises(ValueError, match="already exists"):
+        data.prepare(studio, state, "word" + " word" * 399, 0.9, "words")
+    for bad in ("../escape", ".hidden", "a b", "", "x" * 65):
+        with pytest.raises(ValueError, match="invalid dataset name"):
+            data.prepare(studio, state, "word" + " word" * 399, 0.9, bad)
+    with pytest.raises(ValueError, match="no text"):
+        data.prepare(studio, state, "   ", 0.9, "empty")
+
+
+def test_session_uploads_combine_with_pasted_text(studio, tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("alpha " * 100, "utf-8")
+    state, _ = data.read_uploads([str(f)])
+    state, stats, _ = data.analyze(state, "beta " * 100, 0.9)
+    assert "a.txt, pasted text" in stats and "Documents" in stats
+    data.prepare(studio, state, "beta " * 100, 0.9, "mixed")
+    meta = json.loads((studio.datasets_dir / "mixed" / "meta.json").read_text())
+    assert meta["sources"] == ["a.txt", "pasted text"]
+
+
+# ---- train: estimate, runner, busy, stop, resume -------------------------------------------------
+
+def test_size_and_estimate_update_with_settings(studio):
+    one = train.size_md(studio, "gpt2", ["attn.c_attn"], 8)
+    assert "294,912" in one and "%" in one  # 12 layers x 8 x (768 + 2304)
+    two = train.size_md(studio, "gpt2", ["attn.c_attn", "mlp.c_fc"], 8)
+    assert "663,552" in two  # + 12 x 8 x (768 + 3072)
+    est = train.estimate_md(studio, "tiny", ["attn.c_attn"], 8, 16, 0, 1e-3, 200, 4, 1, 128, 20, 1)
+    assert "peak memory" in est and "200 steps" in est
+    bad = train.estimate_md(studio, "tiny", [], 8, 16, 0, 1e-3, 200, 4, 1, 128, 20, 1)
+    assert "target module" in bad
+    assert "noise until" in train.model_status_md(studio, "tiny")
+
+
+def test_training_runs_in_background_and_lands_in_library(studio):
+    _prepare(studio)
+    msg, name = _start(studio, "run1", 8, user="alice")
+    assert name == "run1" and "Started" in msg
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "finished", snap["message"]
+    assert [p["step"] for p in snap["points"]] == list(range(1, 9))
+    assert [e["step"] for e in snap["evals"]] == [0, 5, 8]
+    assert snap["samples"] and snap["samples"][-1]["samples"][0]["prompt"] == "Ahoy"
+    entry = next(e for e in studio.library.list() if e.name == "run1")
+    assert entry.has_final and entry.steps == 8 and entry.user == "alice" and entry.dataset == "pirates"
+    meta = json.loads((studio.library.root / "run1" / "studio.json").read_text())
+    assert meta["name"] == "run1" and meta["user"] == "alice"
+    # the live adapter was removed from the shared model; the library copy loads on demand
+    assert _wait_for(lambda: not [n for n in adapter_names(studio.engine.model) if n.startswith("train:")], 10)
+    html = train.job_html(snap)
+    assert "finished" in html and "step <b>8</b> / 8" in html
+
+
+def test_busy_stop_keeps_adapter_and_resume_continues(studio):
+    _prepare(studio)
+    _start(studio, "long", 5000, user="bob")
+    assert _wait_for(lambda: len(studio.runner.snapshot()["points"]) >= 3)
+    # a second start is refused with the job's name and progress
+    with pytest.raises(ValueError) as busy:
+        _start(studio, "other", 10)
+    assert "Busy" in str(busy.value) and "'long'" in str(busy.value) and "step" in str(busy.value)
+    html = train.job_html(studio.runner.snapshot())
+    assert "Busy" in html and "long" in html and "tokens/s" in html and "ETA" in html
+    # the live chart skips a redraw when nothing changed
+    first = train.live_view(studio, None)
+    # generation keeps working while training runs
+    outs = list(compare.compare(studio, "tiny", True, [], "Hello", 0.8, 50, 1.0, 5, 1))
+    assert outs[-1][0].startswith("Hello")
+    # stop keeps what was learned
+    assert "Stopping" in train.stop(studio)
+    snap = studio.runner.wait(120)
+    assert snap["state"] == "stopped"
+    stopped_at = snap["progress"]["step"]
+    assert stopped_at >= 3
+    entry = next(e for e in studio.library.list() if e.name == "long")
+    assert entry.has_final and entry.steps == stopped_at and entry.status == "stopped"
+    assert first[3] != train.live_view(studio, None)[3]  # the job moved on since
+    again = train.live_view(studio, None)
+    assert train.live_view(studio, again[3]) == (gr.skip(),) * 4
+    # resume continues the stopped run to a new total
+    msg, name = train.resume(studio, "long", stopped_at + 4, user="bob")
+    assert name == "long" and f"from step {stopped_at}" in msg
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "finished", snap["message"]
+    steps = [p["step"] for p in snap["points"]]
+    assert steps == list(range(1, stopped_at + 5))  # history carried over, then continued
+    entry = next(e for e in studio.library.list() if e.name == "long")
+    assert entry.steps == stopped_at + 4 and entry.status == "finished"
+    with pytest.raises(ValueError, match="already reached"):
+        train.resume(studio, "long", 1)
+
+
+def test_stop_is_owner_only_with_auth(studio):
+    _prepare(studio)
+    studio.auth = True
+    _start(studio, "mine", 5000, user="carol")
+    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
+    with pytest.raises(ValueError, match="only they can stop"):
+        train.stop(studio, user="mallory")
+    assert "Stopping" in train.stop(studio, user="carol")
+    assert studio.runner.wait(120)["state"] == "stopped"
+
+
+def test_bad_settings_are_explained(studio):
+    _prepare(studio)
+    with pytest.raises(ValueError, match="target module"):
+        _start(studio, "x1", 5, targets=[])
+    with pytest.raises(ValueError, match="rank"):
+        _start(studio, "x2", 5, r=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        _start(studio, "x3", 5, lr=0)
+    with pytest.raises(ValueError, match="choose a dataset"):
+        _start(studio, "x4", 5, dataset=None)
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        _start(studio, "../x", 5)
+    with pytest.raises(ValueError, match="unknown base model"):
+        studio.base("gpt5")
+    assert studio.runner.snapshot() is None
+
+
+def test_friendly_turns_user_errors_into_messages():
+    @friendly
+    def boom():
+        raise AdapterError("no adapter named 'x'")
+
+    @friendly
+    def gen():
+        yield 1
+        raise ValueError("bad value")
+
+    with pytest.raises(gr.Error, match="No adapter named"):
+        boom()
+    g = gen()
+    assert next(g) == 1
+    with pytest.raises(gr.Error, match="Bad value"):
+        next(g)
+
+
+# ---- library ---------------------------------------------------------------------------------
+
+def test_library_operations(studio, tmp_path):
+    _prepare(studio)
+    _train(studio, "base-run", 6)
+    rows = library.table_rows(studio)
+    assert rows[0][0] == "base-run" and rows[0][1] == "tiny" and rows[0][2] == 4
+    md, fig, ckpts = library.details(studio, "base-run")
+    assert "mlp.c_fc" in md and "pirates" in md
+    assert len(fig.data[0].x) == 6 and list(fig.data[1].x) == [0, 5, 6]
+    assert ckpts["value"] == "step_000006"
+
+    assert library.duplicate(studio, "base-run", "copy")[1] == "copy"
+    assert library.rename(studio, "copy", "renamed")[1] == "renamed"
+    with pytest.raises(AdapterError, match="invalid adapter name"):
+        library.rename(studio, "renamed", "../../etc")
+    with pytest.raises(AdapterError, match="already exists"):
+        library.duplicate(studio, "base-run", "renamed")
+    assert library.restore_checkpoint(studio, "base-run", "step_000006", "ckpt6")[1] == "ckpt6"
+
+    msg, blended = library.blend(studio, ["base-run", "renamed"], "0.5, 0.5", "mix")
+    assert blended == "mix" and "0.5 × base-run" in msg
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        library.blend(studio, ["base-run", "renamed"], "1", "mix2")
+
+    zpath = Path(library.export_zip(studio, "base-run"))
+    with zipfile.ZipFile(zpath) as zf:
+        assert {"adapter_model.safetensors", "adapter_config.json", "studio.json"} <= set(zf.namelist())
+    assert library.import_upload(studio, [str(zpath)], "from-zip")[1] == "from-zip"
+    # a bare .safetensors needs its config; with both it imports
+    src = studio.library.root / "base-run"
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        library.import_upload(studio, [str(src / "adapter_model.safetensors")], "bare")
+    name = library.import_upload(studio, [str(src / "adapter_model.safetensors"), str(src / "adapter_config.json")],
+                                 "bare")[1]
+    assert name == "bare"
+    # pickles and damaged files are refused before anything is written
+    evil = tmp_path / "adapter.bin"
+    evil.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(AdapterError):
+        library.import_upload(studio, [str(evil)], "evil")
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(AdapterError):
+        library.import_upload(studio, [str(broken)], "broken")
+    assert "evil" not in library.names(studio) and "broken" not in library.names(studio)
+
+    merged_msg, merged = library.merge_export(studio, "base-run")
+    with zipfile.ZipFile(merged) as zf:
+        assert {"base-run-merged/config.json", "base-run-merged/model.safetensors"} == set(zf.namelist())
+    assert "transformers" in merged_msg
+
+    assert "Deleted" in library.delete(studio, "renamed")
+    assert "renamed" not in library.names(studio)
+    table, picker, blend_pick = library.refresh(studio, "mix")
+    assert picker["value"] == "mix" and {"base-run", "mix", "ckpt6", "from-zip", "bare"} <= set(picker["choices"])
+
+
+def test_library_refuses_to_touch_a_running_job(studio):
+    _prepare(studio)
+    _start(studio, "busy-run", 5000)
+    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
+    with pytest.raises(ValueError, match="being trained"):
+        library.delete(studio, "busy-run")
+    with pytest.raises(ValueError, match="being trained"):
+        library.rename(studio, "busy-run", "x")
+    assert "busy-run" not in compare.compatible_adapters(studio, "tiny")
+    train.stop(studio)
+    studio.runner.wait(120)
+    assert "busy-run" in compare.compatible_adapters(studio, "tiny")
+
+
+# ---- compare ---------------------------------------------------------------------------------
+
+def _final(gen):
+    out = None
+    for out in gen:
+        pass
+    return out
+
+
+def test_compare_columns_equal_core_generation_with_same_seed(studio):
+    _prepare(studio)
+    _train(studio, "a1", 6, seed=1)
+    _train(studio, "a2", 6, seed=2, lr=5e-3)
+    model = studio.engine.model
+    prompt, cfg = "Ahoy, the", SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=99)
+    gen = compare.compare(studio, "tiny", True, ["a1", "a2"], prompt, 0.9, 40, 0.95, 12, 99)
+    first = next(gen)
+    assert [u["label"] for u in first[:3]] == ["Base model · tiny", "Adapter · a1", "Adapter · a2"]
+    assert [u["visible"] for u in first] == [True, True, True, False, False]
+    final = _final(gen)
+    loaded = [None] + [studio.engine.ensure_adapter(n) for n in ("a1", "a2")]
+    expected = generate_text(model, prompt, loaded, cfg)
+    assert final[:3] == [prompt + t for t in expected]
+    assert len(set(final[:3])) == 3  # the adapters make a difference
+    assert studio.engine.model is model  # adapters were hot-swapped in; the base was not reloaded
+    # each column alone gives the same text as in the batch
+    alone = _final(compare.compare(studio, "tiny", False, ["a2"], prompt, 0.9, 40, 0.95, 12, 99))
+    assert alone[0] == final[2]
+
+
+def test_concurrent_comparisons_do_not_cross_talk(studio):
+    _prepare(studio)
+    _train(studio, "c1", 6, seed=3)
+    _train(studio, "c2", 6, seed=4, lr=5e-3)
+    jobs = {"u1": ("c1", "Ahoy"), "u2": ("c2", "Once upon"), "u3": (None, "The galley")}
+
+    def run(adapter, prompt):
+        return _final(compare.compare(studio, "tiny", adapter is None, [adapter] if adapter else [], prompt,
+                                      0.8, 50, 1.0, 16, 5))[0]
+
+    alone = {k: run(*v) for k, v in jobs.items()}
+    together, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(3):
+                together.setdefault(k, set()).add(run(*jobs[k]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in jobs]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors
+    assert together == {k: {v} for k, v in alone.items()}
+
+
+def test_compare_input_errors(studio):
+    with pytest.raises(ValueError, match="choose the base model"):
+        next(compare.compare(studio, "tiny", False, [], "x", 0.8, 50, 1.0, 5, 1))
+    with pytest.raises(ValueError, match="at most 4"):
+        next(compare.compare(studio, "tiny", True, list("abcde"), "x", 0.8, 50, 1.0, 5, 1))
+    with pytest.raises(ValueError, match="prompt"):
+        next(compare.compare(studio, "tiny", True, [], "  ", 0.8, 50, 1.0, 5, 1))
+    with pytest.raises(AdapterError, match="no adapter named"):
+        next(compare.compare(studio, "tiny", True, ["missing"], "x", 0.8, 50, 1.0, 5, 1))
+    with pytest.raises(ValueError, match="top-p"):
+        next(compare.compare(studio, "tiny", True, [], "x", 0.8, 50, 0.0, 5, 1))
+
+
+# ---- models, plots, app wiring ---------------------------------------------------------------
+
+def test_base_model_availability_messages(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kind, text = availability("gpt2")
+    assert kind == "missing" and "not available offline" in text and "--weights" in text and "tiny" in text
+    weights = tmp_path / "w"
+    weights.mkdir()
+    kind, text = availability("gpt2", str(weights), "gpt2")
+    assert kind == "available" and "local weights" in text
+    assert availability("tiny")[0] == "available"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    class Unknown:
+        def reachable(self):
+            return None
+
+    kind, text = availability("gpt2-medium", probe=Unknown())
+    assert kind == "download" and "1.5 GB" in text
+
+
+def test_missing_weights_message_says_what_to_do(studio, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from core.weights import WeightsError
+    with pytest.raises(WeightsError, match="tiny"):
+        studio.base("gpt2")
+    assert studio.base("tiny") is studio.engine.model  # tiny stays usable
+
+
+def test_plots():
+    fig = loss_figure([{"step": 1, "loss": 3.0, "lr": 1e-4}, {"step": 2, "loss": 2.5, "lr": 2e-4}],
+                      [{"step": 0, "val_loss": 3.2}, {"step": 2, "val_loss": 2.7}], steps=10)
+    assert [t.name for t in fig.data] == ["train loss", "validation loss", "learning rate"]
+    assert fig.data[2].yaxis == "y2" and "of 10" in fig.layout.xaxis.title.text
+    meta = {"history": [{"step": 1, "loss": 3.0, "lr": 1e-4, "val_loss": 2.9}], "start_val_loss": 3.3,
+            "training": {"steps": 4}}
+    fig = figure_from_meta(meta)
+    assert list(fig.data[1].x) == [0, 1]
+    assert figure_from_meta({"history": "garbage"}).data[0].x == ()
+
+
+def test_build_ui_and_launch_options(studio):
+    from studio.app import launch_options
+    demo = build_ui(studio)
+    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "tabs"}
+    opts = launch_options()
+    assert opts["enable_monitoring"] is False and opts["max_file_size"] and "allowed_paths" not in opts
+    assert "css" in opts and "theme" in opts
+
+
+def test_app_flags_and_auth(tmp_path):
+    import app
+    args = app.build_parser().parse_args(["--host", "0.0.0.0", "--port", "7861", "--share", "--model", "tiny",
+                                          "--weights", "w", "--library", "L", "--datasets", "D", "--device", "cpu",
+                                          "--auth", "u:p"])
+    assert (args.host, args.port, args.share, args.model, args.library, args.datasets) == \
+        ("0.0.0.0", 7861, True, "tiny", "L", "D")
+    assert app.parse_auth("ann:s3cret:x") == [("ann", "s3cret:x")]
+    f = tmp_path / "users.txt"
+    f.write_text("# team\nann:one\n\nbob:two\n", "utf-8")
+    assert app.parse_auth(str(f)) == [("ann", "one"), ("bob", "two")]
+    with pytest.raises(ValueError, match="user:password"):
+        app.parse_auth("nopassword")
+    assert app.main(["--weights", str(tmp_path / "missing"), "--model", "tiny"]) == 2
