@@ -29,8 +29,10 @@ MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
                   auth=False) -> Studio:
     engine = Engine(device=device, library_dir=library)
-    return Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
-                  weights_for=model if weights else None, auth=auth)
+    studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
+                    weights_for=model if weights else None, auth=auth)
+    studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
+    return studio
 
 
 def header_html(studio: Studio) -> str:
@@ -55,15 +57,22 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 compare = create_compare_tab(studio)
 
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
-        data["prepared"].success(lambda n: refresh_datasets(studio, select=(n or "").strip()),
-                                 inputs=data["name"], outputs=train["dataset"])
-        train_tab.select(lambda cur: refresh_datasets(studio, cur), inputs=train["dataset"],
-                         outputs=train["dataset"], show_progress="hidden")
+        data["prepared"].success(lambda n, cur: refresh_datasets(studio, cur, select=(n or "").strip()),
+                                 inputs=[data["name"], train["dataset"]], outputs=train["dataset"])
+        train_tab.select(lambda cur, m: (refresh_datasets(studio, cur), studio.model_status(m)),
+                         inputs=[train["dataset"], train["model"]], outputs=[train["dataset"], train["model_status"]],
+                         show_progress="hidden")
         library_tab.select(lambda n: library_refresh(studio, n), inputs=library["picked"],
                            outputs=library["lists"], show_progress="hidden")
-        compare_tab.select(lambda m, cur: adapter_choices(studio, m, cur),
-                           inputs=[compare["model"], compare["adapters"]], outputs=compare["adapters"],
-                           show_progress="hidden")
+        compare_tab.select(lambda m, cur: (adapter_choices(studio, m, cur), studio.model_status(m)),
+                           inputs=[compare["model"], compare["adapters"]],
+                           outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden")
+        # a page opened later sees what exists now (choices built with the UI are a snapshot)
+        demo.load(lambda: (refresh_datasets(studio), studio.model_status(studio.default_model),
+                           adapter_choices(studio, studio.default_model), studio.model_status(studio.default_model),
+                           *library_refresh(studio)),
+                  outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
+                           *library["lists"]], show_progress="hidden")
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
         library["use"].click(lambda n, m, cur: (adapter_choices(studio, m, cur, add=n), gr.Tabs(selected="compare")),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],

@@ -122,10 +122,12 @@ def user_of(request: gr.Request | None) -> str | None:
 
 
 def friendly(fn):
-    """Show user-facing errors (bad input, missing weights, busy runner) as a message, never a traceback."""
-    def message(e: Exception) -> str:
+    """Show user-facing errors (bad input, missing weights, a busy runner) as a warning toast with the
+    message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
+    def report(e: Exception):
         text = str(e) or type(e).__name__
-        return text[0].upper() + text[1:] if text else text
+        gr.Warning(text[0].upper() + text[1:], duration=12, title="Cannot do that")
+        return gr.skip()  # one skip() leaves every output unchanged
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -133,7 +135,7 @@ def friendly(fn):
             try:
                 yield from fn(*args, **kwargs)
             except USER_ERRORS as e:
-                raise gr.Error(message(e), print_exception=False) from None
+                yield report(e)
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -141,5 +143,5 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            raise gr.Error(message(e), print_exception=False) from None
+            return report(e)
     return wrapper

@@ -160,11 +160,28 @@ def test_full_journey(server, browser):
     page2.click("#train-start")
     page2.wait_for_selector("text=/busy: training 'pirate-lora'/i")
     _shot(page2, "5-second-user-busy")
+    # its uploaded text stays in its own session
+    note = ARTIFACTS / "visitor-notes.md"
+    note.write_text("# Visitor notes\n" + "The visitor writes a few lines of their own. " * 20, "utf-8")
+    _tab(page2, "1 · Data")
+    page2.set_input_files("#data-files input[type=file]", str(note))
+    page2.wait_for_function("() => document.querySelector('#data-stats').innerText.includes('visitor-notes.md')")
     _tab(page2, "4 · Compare")
     _fill(page2, "cmp-max", 12)
     page2.click("#cmp-generate")
     page2.wait_for_function("() => document.querySelector('#cmp-out-0 textarea').value.length > 40")
     other.close()
+
+    # the first page's session never saw the visitor's upload
+    _tab(page, "1 · Data")
+    assert "Sources: pasted text" in page.inner_text("#data-stats")
+    assert "visitor-notes" not in page.inner_text("#data-stats")
+
+    # a reloaded page reattaches to the running job's chart
+    page.reload()
+    _tab(page, "2 · Train")
+    page.wait_for_selector("#train-job .badge.running")
+    assert _wait_points(page, 35) > 35
 
     # stop keeps what was learned
     page.click("#train-stop")
@@ -208,4 +225,11 @@ def test_full_journey(server, browser):
     dl.value.save_as(str(target))
     with zipfile.ZipFile(target) as zf:
         assert {"adapter_model.safetensors", "adapter_config.json", "studio.json"} <= set(zf.namelist())
+
+    # ...and upload it again under a new name (validated by the core library)
+    page.set_input_files("#lib-upload input[type=file]", str(target))
+    _fill(page, "lib-upload-name", "pirate-copy")
+    page.click("#lib-import")
+    page.wait_for_selector("#lib-status :text('Imported')")
+    page.wait_for_function("() => document.querySelector('#lib-table').innerText.includes('pirate-copy')")
     ctx.close()

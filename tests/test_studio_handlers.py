@@ -233,7 +233,7 @@ def test_bad_settings_are_explained(studio):
     assert studio.runner.snapshot() is None
 
 
-def test_friendly_turns_user_errors_into_messages():
+def test_friendly_turns_user_errors_into_warnings():
     @friendly
     def boom():
         raise AdapterError("no adapter named 'x'")
@@ -243,12 +243,18 @@ def test_friendly_turns_user_errors_into_messages():
         yield 1
         raise ValueError("bad value")
 
-    with pytest.raises(gr.Error, match="No adapter named"):
-        boom()
+    @friendly
+    def bug():
+        raise KeyError("internal")
+
+    with pytest.warns(UserWarning, match="No adapter named"):
+        assert boom() == gr.skip()
     g = gen()
     assert next(g) == 1
-    with pytest.raises(gr.Error, match="Bad value"):
-        next(g)
+    with pytest.warns(UserWarning, match="Bad value"):
+        assert next(g) == gr.skip()
+    with pytest.raises(KeyError):  # a real bug is not dressed up as a user error
+        bug()
 
 
 # ---- library ---------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def read_uploads(files) -> tuple[dict, str]:
         if path.suffix.lower() not in TEXT_SUFFIXES:
             raise ValueError(f"{display}: only .txt and .md files can be used as text.")
         loaded.append((display, read_text_file(path)))
-    return {"files": loaded, "tokens": 0}, (loaded[0][0].rsplit(".", 1)[0] if loaded else "")
+    suggested = loaded[0][0].rsplit(".", 1)[0] if loaded else gr.skip()  # keep a typed name when cleared
+    return {"files": loaded, "tokens": 0}, suggested
 
 
 def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT) -> str:
