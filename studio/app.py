@@ -58,25 +58,27 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
         data["prepared"].success(lambda n, cur: refresh_datasets(studio, cur, select=(n or "").strip()),
-                                 inputs=[data["name"], train["dataset"]], outputs=train["dataset"])
+                                 inputs=[data["name"], train["dataset"]], outputs=train["dataset"],
+                                 api_visibility="private")
         train_tab.select(lambda cur, m: (refresh_datasets(studio, cur), studio.model_status(m)),
                          inputs=[train["dataset"], train["model"]], outputs=[train["dataset"], train["model_status"]],
-                         show_progress="hidden")
+                         show_progress="hidden", api_visibility="private")
         library_tab.select(lambda n: library_refresh(studio, n), inputs=library["picked"],
-                           outputs=library["lists"], show_progress="hidden")
+                           outputs=library["lists"], show_progress="hidden", api_visibility="private")
         compare_tab.select(lambda m, cur: (adapter_choices(studio, m, cur), studio.model_status(m)),
                            inputs=[compare["model"], compare["adapters"]],
-                           outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden")
+                           outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden",
+                           api_visibility="private")
         # a page opened later sees what exists now (choices built with the UI are a snapshot)
         demo.load(lambda: (refresh_datasets(studio), studio.model_status(studio.default_model),
                            adapter_choices(studio, studio.default_model), studio.model_status(studio.default_model),
                            *library_refresh(studio)),
                   outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
-                           *library["lists"]], show_progress="hidden")
+                           *library["lists"]], show_progress="hidden", api_visibility="private")
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
         library["use"].click(lambda n, m, cur: (adapter_choices(studio, m, cur, add=n), gr.Tabs(selected="compare")),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
-                             outputs=[compare["adapters"], tabs])
+                             outputs=[compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.studio = studio  # for tests and the entry point
     demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "tabs": tabs}

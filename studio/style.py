@@ -35,7 +35,8 @@ CSS = """
 .stats .stat { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 8px 12px;
   background: var(--background-fill-secondary); }
 .stats .stat-v { font-size: 1.25rem; font-weight: 700; }
-.stats .stat-k { font-size: 0.78rem; color: var(--body-text-color-subdued); text-transform: uppercase; letter-spacing: .04em; }
+.stats .stat-k { font-size: 0.78rem; color: var(--body-text-color-subdued); text-transform: uppercase;
+  letter-spacing: .04em; }
 .stats .stat-src, .stats .stat-top { margin-top: 8px; font-size: 0.88rem; }
 .stats .stat-note { margin-top: 6px; font-size: 0.88rem; color: #b45309; }
 .stats .top-tok { display: inline-block; margin: 2px 6px 2px 0; }

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-import torch
 
 from core.adapters import AdapterError
 from core.generate import SamplingConfig, generate_text

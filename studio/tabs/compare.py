@@ -141,19 +141,23 @@ def create_compare_tab(studio: Studio) -> dict:
                               interactive=False, visible=i == 0, buttons=["copy"], elem_id=f"cmp-out-{i}",
                               elem_classes="cmp-out") for i in range(COLUMNS)]
 
-    model.change(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden")
+    model.change(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
+                 api_visibility="private")
     model.change(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
-                 show_progress="hidden")
-    refresh.click(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters)
+                 show_progress="hidden", api_visibility="private")
+    refresh.click(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
+                  api_visibility="private")
 
     @friendly
     def run(m, b, a, p, t, k, tp, mx, sd, progress=gr.Progress()):
         yield from compare(studio, m, b, a, p, t, k, tp, mx, sd, progress)
 
     event = go.click(run, inputs=[model, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
-                                  seed], outputs=outputs, concurrency_limit=4, concurrency_id="generate")
-    event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden")
-    stop.click(None, cancels=[event], queue=False)
+                                  seed], outputs=outputs, concurrency_limit=4, concurrency_id="generate",
+                     api_name="compare")
+    event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
+               api_visibility="private")
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
     return {"model": model, "model_status": model_status, "include_base": include_base, "adapters": adapters,
             "refresh": refresh, "prompt": prompt, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "max_tokens": max_tokens, "seed": seed, "generate": go, "stop": stop, "outputs": outputs}

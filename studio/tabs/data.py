@@ -175,9 +175,11 @@ def create_data_tab(studio: Studio) -> dict:
         saved = gr.Markdown(saved_datasets_md(studio))
 
     run_analyze = dict(fn=friendly(analyze), inputs=[state, pasted, ratio], outputs=[state, stats, tokens],
+                       api_visibility="private",
                        show_progress="minimal")
-    files.change(friendly(read_uploads), inputs=files, outputs=[state, name]).then(**run_analyze)
-    sample.input(friendly(sample_text), inputs=sample, outputs=[pasted, name])
+    files.change(friendly(read_uploads), inputs=files, outputs=[state, name],
+                 api_visibility="private").then(**run_analyze)
+    sample.input(friendly(sample_text), inputs=sample, outputs=[pasted, name], api_visibility="private")
     pasted.change(trigger_mode="always_last", **run_analyze)
     ratio.release(**run_analyze)
 
@@ -185,7 +187,7 @@ def create_data_tab(studio: Studio) -> dict:
         return prepare(studio, st, text, r, n), saved_datasets_md(studio)
 
     prepared = prepare_btn.click(friendly(do_prepare), inputs=[state, pasted, ratio, name],
-                                 outputs=[status, saved])
+                                 outputs=[status, saved], api_name="prepare_dataset")
     return {"files": files, "sample": sample, "text": pasted, "ratio": ratio, "name": name,
             "prepare": prepare_btn, "status": status, "stats": stats, "tokens": tokens, "state": state,
             "prepared": prepared}

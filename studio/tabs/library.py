@@ -4,7 +4,6 @@ checked, writes atomic, uploads validated before anything is written)."""
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 import time
@@ -179,7 +178,8 @@ def blend(studio: Studio, picked, weights_text, new) -> tuple[str, str]:
         try:
             weights = [float(w) for w in parts]
         except ValueError:
-            raise ValueError(f"weights must be numbers separated by commas, e.g. 0.5, 0.5 (got {weights_text!r}).") from None
+            raise ValueError(f"weights must be numbers separated by commas, e.g. 0.5, 0.5 "
+                             f"(got {weights_text!r}).") from None
     if len(weights) != len(picked):
         raise ValueError(f"give one weight per adapter: {len(picked)} adapters, {len(weights)} weights.")
     new = check_name((new or "").strip())
@@ -277,14 +277,14 @@ def create_library_tab(studio: Studio) -> dict:
 
     lists = [table, picked, blend_pick]
     show = dict(fn=friendly(lambda n: details(studio, n)), inputs=picked, outputs=[info, curve, ckpt])
-    picked.change(**show)
+    picked.change(**show, api_visibility="private")
 
     def on_select(evt: gr.SelectData):
         row = evt.row_value if evt.row_value else None
         return row[0] if row else gr.skip()
 
-    table.select(on_select, outputs=picked)
-    refresh_btn.click(lambda n: refresh(studio, n), inputs=picked, outputs=lists)
+    table.select(on_select, outputs=picked, api_visibility="private")
+    refresh_btn.click(lambda n: refresh(studio, n), inputs=picked, outputs=lists, api_visibility="private")
 
     def after(result):
         """Run an action returning (message, name to select); then refresh the lists."""
@@ -292,34 +292,34 @@ def create_library_tab(studio: Studio) -> dict:
         return (msg, *refresh(studio, select))
 
     rename_btn.click(friendly(lambda n, new: after(rename(studio, n, new))), inputs=[picked, new_name],
-                     outputs=[status, *lists])
+                     outputs=[status, *lists], api_name="rename_adapter")
     dup_btn.click(friendly(lambda n, new: after(duplicate(studio, n, new))), inputs=[picked, new_name],
-                  outputs=[status, *lists])
+                  outputs=[status, *lists], api_name="duplicate_adapter")
     restore_btn.click(friendly(lambda n, c, new: after(restore_checkpoint(studio, n, c, new))),
-                      inputs=[picked, ckpt, new_name], outputs=[status, *lists])
+                      inputs=[picked, ckpt, new_name], outputs=[status, *lists], api_name="restore_checkpoint")
 
     @friendly
     def ask_delete(n):
         _need(n)
         return gr.update(visible=True), f"Delete **{html.escape(n)}** and its checkpoints? This cannot be undone."
 
-    del_btn.click(ask_delete, inputs=picked, outputs=[confirm_row, confirm_md])
-    cancel_btn.click(lambda: gr.update(visible=False), outputs=confirm_row)
+    del_btn.click(ask_delete, inputs=picked, outputs=[confirm_row, confirm_md], api_visibility="private")
+    cancel_btn.click(lambda: gr.update(visible=False), outputs=confirm_row, api_visibility="private")
     confirm_btn.click(friendly(lambda n: (gr.update(visible=False), delete(studio, n), *refresh(studio, None))),
-                      inputs=picked, outputs=[confirm_row, status, *lists])
+                      inputs=picked, outputs=[confirm_row, status, *lists], api_name="delete_adapter")
     up_btn.click(friendly(lambda f, n: (*after(import_upload(studio, f, n)), None)), inputs=[upload, up_name],
-                 outputs=[status, *lists, upload])
+                 outputs=[status, *lists, upload], api_name="import_adapter")
     blend_btn.click(friendly(lambda p, w, n: after(blend(studio, p, w, n))), inputs=[blend_pick, blend_w, blend_name],
-                    outputs=[status, *lists])
+                    outputs=[status, *lists], api_name="blend_adapters")
     zip_btn.click(friendly(lambda n: gr.update(value=export_zip(studio, n), visible=True)), inputs=picked,
-                  outputs=out_file)
+                  outputs=out_file, api_name="export_adapter_zip")
 
     @friendly
     def do_merge(n, progress=gr.Progress()):
         msg, path = merge_export(studio, n, progress)
         return msg, gr.update(value=path, visible=True)
 
-    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file])
+    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,

@@ -294,7 +294,8 @@ def create_train_tab(studio: Studio) -> dict:
                                   info="Size of the low-rank update: higher = more capacity and parameters.")
                     alpha = gr.Number(16, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
                                       info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="Dropout", elem_id="train-dropout", min_width=110,
+                    dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="Dropout", elem_id="train-dropout",
+                                        min_width=110,
                                         info="Randomly drops LoRA inputs while training to reduce overfitting.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
@@ -305,15 +306,18 @@ def create_train_tab(studio: Studio) -> dict:
                     seed = gr.Number(1337, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
                                      info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
-                    batch = gr.Number(4, precision=0, label="Batch size", elem_id="train-batch", min_width=110, minimum=1,
-                                      info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = gr.Number(1, precision=0, label="Gradient accumulation", elem_id="train-accum", min_width=110,
-                                      minimum=1, info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="train-seq", min_width=110, minimum=1,
+                    batch = gr.Number(4, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                                      minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
+                    accum = gr.Number(1, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                                      min_width=110, minimum=1,
+                                      info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                    seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="train-seq",
+                                        min_width=110, minimum=1,
                                         info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
-                    eval_interval = gr.Number(20, precision=0, label="Eval interval", elem_id="train-eval", min_width=110,
-                                              minimum=0, info="Measure validation loss and draw samples every N steps.")
+                    eval_interval = gr.Number(20, precision=0, label="Eval interval", elem_id="train-eval",
+                                              min_width=110, minimum=0,
+                                              info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
             estimate = gr.Markdown(estimate_md(studio, studio.default_model, ["attn.c_attn"], 8, 16, 0.0, 1e-3, 200,
@@ -338,12 +342,14 @@ def create_train_tab(studio: Studio) -> dict:
     est_inputs = [model, targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed]
     est_fn = lambda *a: estimate_md(studio, *a)  # noqa: E731
     for c in est_inputs:
-        c.change(est_fn, inputs=est_inputs, outputs=estimate, show_progress="hidden", trigger_mode="always_last")
+        c.change(est_fn, inputs=est_inputs, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
+                 api_visibility="private")
     for c in (model, targets, r):
         c.change(lambda m, t, rr: size_md(studio, m, t, rr), inputs=[model, targets, r], outputs=size,
-                 show_progress="hidden")
-    model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden")
-    refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset)
+                 show_progress="hidden", api_visibility="private")
+    model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
+                 api_visibility="private")
+    refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset, api_visibility="private")
 
     @friendly
     def do_start(m, d, n, t, rr, a, dr, l, st, b, ac, sl, ev, sd, pr, request: gr.Request,
@@ -361,9 +367,10 @@ def create_train_tab(studio: Studio) -> dict:
 
     start_btn.click(do_start, inputs=[model, dataset, name, targets, r, alpha, dropout, lr, steps, batch, accum,
                                       seq_len, eval_interval, seed, prompt], outputs=[action, name, model_status],
-                    concurrency_id="train-control")
-    stop_btn.click(do_stop, outputs=action, queue=False)
-    resume_btn.click(do_resume, inputs=[name, steps], outputs=[action, name], concurrency_id="train-control")
+                    concurrency_id="train-control", api_name="start_training")
+    stop_btn.click(do_stop, outputs=action, queue=False, api_name="stop_training")
+    resume_btn.click(do_resume, inputs=[name, steps], outputs=[action, name], concurrency_id="train-control",
+                     api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
             "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
