@@ -174,7 +174,7 @@ def test_full_journey(server, browser):
 
     # the first page's session never saw the visitor's upload
     _tab(page, "1 · Data")
-    assert "Sources: pasted text" in page.inner_text("#data-stats")
+    assert "Sources: pirate_recipes.txt (sample)" in page.inner_text("#data-stats")
     assert "visitor-notes" not in page.inner_text("#data-stats")
 
     # a reloaded page reattaches to the running job's chart

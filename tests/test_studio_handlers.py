@@ -35,8 +35,8 @@ def studio(tmp_path):
 
 
 def _prepare(studio, name="pirates", sample="pirate_recipes"):
-    text, _ = data.sample_text(sample)
-    state, _, _ = data.analyze(None, text, 0.9)
+    text, _, state = data.sample_text(sample)
+    state, _, _ = data.analyze(state, text, 0.9)
     return data.prepare(studio, state, text, 0.9, name)
 
 
@@ -66,9 +66,11 @@ def _train(studio, name, steps=6, **kw):
 # ---- data ----------------------------------------------------------------------------------
 
 def test_stats_and_token_view(studio):
-    text, suggested = data.sample_text("shakespearean")
+    text, suggested, state = data.sample_text("shakespearean")
     assert suggested == "shakespearean" and "ACT I" in text
-    state, stats, tokens = data.analyze(None, text, 0.8)
+    state, stats, tokens = data.analyze(state, text, 0.8)
+    assert "shakespearean.txt (sample)" in stats
+    assert "pasted text" in data.analyze(state, text + " edited", 0.8)[1]  # an edited sample is the user's text
     assert state["tokens"] > 500
     assert f"{state['tokens']:,}" in stats and "Unique tokens" in stats and "Most frequent tokens" in stats
     assert tokens.count("class='tok ") == data.TOKEN_VIEW_LIMIT
@@ -92,6 +94,7 @@ def test_uploads_are_checked_by_content(tmp_path):
     good.write_text("# Notes\nsome text", "utf-8")
     state, suggested = data.read_uploads([str(good)])
     assert state["files"] == [("notes.md", "# Notes\nsome text")] and suggested == "notes"
+    assert data.read_uploads([])[1] == gr.skip()  # clearing the files keeps a typed dataset name
     binary = tmp_path / "fake.txt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
     with pytest.raises(ValueError, match="binary"):

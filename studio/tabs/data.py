@@ -18,7 +18,8 @@ from core.data import text_stats
 from ..context import Studio, friendly
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
-EMPTY = {"files": [], "tokens": 0}  # per-session state: decoded uploads [(source, text)], token count
+EMPTY = {"files": [], "tokens": 0, "sample": None}  # per-session: uploads [(source, text)], token count,
+# and (name, text) of the bundled sample last loaded into the text box
 
 
 def _docs(state: dict | None, pasted: str | None) -> tuple[list[str], list[str]]:
@@ -28,12 +29,13 @@ def _docs(state: dict | None, pasted: str | None) -> tuple[list[str], list[str]]
         texts.append(text)
         sources.append(src)
     if pasted and pasted.strip():
+        sample = (state or EMPTY).get("sample")  # (name, text) of the bundled sample loaded into the box
         texts.append(pasted)
-        sources.append("pasted text")
+        sources.append(f"{sample[0]}.txt (sample)" if sample and sample[1] == pasted else "pasted text")
     return texts, sources
 
 
-def read_uploads(files) -> tuple[dict, str]:
+def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
     """Decode uploaded files into the session state; content is checked, not just the extension."""
     loaded = []
     for f in files or []:
@@ -43,7 +45,7 @@ def read_uploads(files) -> tuple[dict, str]:
             raise ValueError(f"{display}: only .txt and .md files can be used as text.")
         loaded.append((display, read_text_file(path)))
     suggested = loaded[0][0].rsplit(".", 1)[0] if loaded else gr.skip()  # keep a typed name when cleared
-    return {"files": loaded, "tokens": 0}, suggested
+    return {"files": loaded, "tokens": 0, "sample": (state or EMPTY).get("sample")}, suggested
 
 
 def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT) -> str:
@@ -103,11 +105,12 @@ def analyze(state: dict | None, pasted: str | None, ratio: float) -> tuple[dict,
     return state, stats, token_view_html("<|endoftext|>".join(texts))
 
 
-def sample_text(name: str | None) -> tuple[str, str]:
-    """A bundled sample's text, and its name as the suggested dataset name."""
+def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, dict]:
+    """A bundled sample's text, its name as the suggested dataset name, and the state remembering it."""
     if not name:
-        return gr.skip(), gr.skip()
-    return load_sample(name), name
+        return gr.skip(), gr.skip(), gr.skip()
+    text = load_sample(name)
+    return text, name, dict(state or EMPTY, sample=(name, text))
 
 
 def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str) -> str:
@@ -177,9 +180,10 @@ def create_data_tab(studio: Studio) -> dict:
     run_analyze = dict(fn=friendly(analyze), inputs=[state, pasted, ratio], outputs=[state, stats, tokens],
                        api_visibility="private",
                        show_progress="minimal")
-    files.change(friendly(read_uploads), inputs=files, outputs=[state, name],
+    files.change(friendly(read_uploads), inputs=[files, state], outputs=[state, name],
                  api_visibility="private").then(**run_analyze)
-    sample.input(friendly(sample_text), inputs=sample, outputs=[pasted, name], api_visibility="private")
+    sample.input(friendly(sample_text), inputs=[sample, state], outputs=[pasted, name, state],
+                 api_visibility="private")
     pasted.change(trigger_mode="always_last", **run_analyze)
     ratio.release(**run_analyze)
 
