@@ -40,7 +40,9 @@ class StaticDecoder:
         # everything that depends on the step is computed here, inside the graph
         self.valid.index_fill_(1, self.write_at, True)
         torch.add(self.offset, self.write_at, out=self.pos)
-        mask = self.valid[:, None, None, :]
+        # an additive mask made once per step (a boolean one is converted again in every layer)
+        mask = torch.zeros(self.valid.shape, dtype=self.model.dtype, device=self.valid.device)
+        mask = mask.masked_fill_(~self.valid, float("-inf"))[:, None, None, :]
         return self.model(self.tok, self.route, self.cache, self.write_at, pos=self.pos, mask=mask)
 
     def step(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
