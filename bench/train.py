@@ -4,10 +4,11 @@ Both sides load the same random gpt2-shaped (124M) checkpoint written by transfo
 rank-8 alpha-16 LoRA on c_attn with AdamW (lr 3e-4, clip 1.0) on the same random batches, and
 compute the same loss (cross entropy over every position). This engine runs through its real
 training loop (core.train.Trainer, step times from its events); the peer runs the plain loop
-PEFT users write. Each side runs in its own process (so peak memory is its own), in alternating
-rounds (ours, peer, peer, ours, ...) to spread machine noise; tokens/s is the median over rounds.
+PEFT users write. Throughput: both sides in one process, one step each in turn (ABBA), so changing
+load on the machine hits both alike; tokens/s = batch x seq / the median step time. Memory: each
+side alone in its own process.
 
-Peak memory over the timed steps (measured from the end of the warmup steps): CPU = the process's
+Peak memory over a few steps after a warmup step: CPU = the process's
 peak resident set (VmHWM), CUDA = torch.cuda.max_memory_allocated; both include the weights. A step's
 working memory = that peak minus what is held between steps (weights, optimizer state, libraries).
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def tokens(n: int = 200_000) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 50257, size=n, dtype=np.int64).astype(np.uint16)
 
 
-# ---- the two sides (each runs in its own worker process) -------------------------------
+# ---- the two sides: generators that run one training step per next() and yield its time ------
 
-def run_ours(ckpt, device, batch, seq, warmup, steps):
+def steps_ours(ckpt, device, batch, seq, total):
+    """This engine's real loop (core.train.Trainer); step times come from its 'step' events."""
     from core.config import LoraConfig, TrainConfig
     from core.data import Dataset
     from core.train import Trainer
@@ -75,26 +77,21 @@ def run_ours(ckpt, device, batch, seq, warmup, steps):
 
     model = load_base(str(ckpt), device)
     ids = tokens()
-    ds = Dataset(train=ids, val=ids[: seq + 1])
-    tcfg = TrainConfig(steps=warmup + steps, lr=LR, warmup_steps=0, batch_size=batch, seq_len=seq, grad_accum=1,
+    tcfg = TrainConfig(steps=total, lr=LR, warmup_steps=0, batch_size=batch, seq_len=seq, grad_accum=1,
                        grad_clip=CLIP, weight_decay=0.01, eval_interval=0, checkpoint_interval=0)
-    out = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"bench-train-{os.getpid()}"
-    trainer = Trainer(model, ds, LoraConfig(r=RANK, alpha=ALPHA, targets=("attn.c_attn",)), tcfg, "bench", out)
-    times, mem = [], {}
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    trainer = Trainer(model, Dataset(train=ids, val=ids[: seq + 1]),
+                      LoraConfig(r=RANK, alpha=ALPHA, targets=("attn.c_attn",)), tcfg, "bench", out / "run")
     try:
         for ev in trainer.run():
             if ev["type"] == "step":
-                times.append(ev["step_time"])
-                if ev["step"] == warmup:
-                    mem["between"] = reset_peak(device)
-                elif ev["step"] == warmup + steps:
-                    mem["peak"] = peak_mb(device)
+                yield ev["step_time"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return times, mem
 
 
-def run_peer(ckpt, device, batch, seq, warmup, steps):
+def steps_peer(ckpt, device, batch, seq, total):
+    """transformers GPT2LMHeadModel + PEFT get_peft_model, the plain loop PEFT users write."""
     import transformers
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -108,10 +105,7 @@ def run_peer(ckpt, device, batch, seq, warmup, steps):
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=device.type == "cuda" or None)
     ids = tokens()
     rng = np.random.default_rng(1337)
-    mem, times = {}, []
-    for i in range(warmup + steps):
-        if i == warmup:
-            mem["between"] = reset_peak(device)
+    for _ in range(total):
         t0 = time.perf_counter()
         starts = rng.integers(0, len(ids) - seq, size=batch)
         win = torch.from_numpy(ids[starts[:, None] + np.arange(seq + 1)].astype(np.int64)).to(device)
@@ -125,31 +119,55 @@ def run_peer(ckpt, device, batch, seq, warmup, steps):
         opt.zero_grad(set_to_none=True)
         loss.item()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    mem["peak"] = peak_mb(device)
-    return times, mem
+        yield time.perf_counter() - t0
+
+
+SIDES = {"ours": steps_ours, "peer": steps_peer}
+
+
+def speed_worker(args, device) -> dict:
+    """Both sides in this process, one step each in turn (ABBA order), so load on the machine hits both alike."""
+    total = args.warmup + args.steps
+    gens = {side: fn(args.ckpt, device, args.batch, args.seq, total) for side, fn in SIDES.items()}
+    times = {side: [] for side in SIDES}
+    for i in range(total):
+        for side in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+            times[side].append(next(gens[side]))
+    for g in gens.values():
+        g.close()
+    return {side: args.batch * args.seq / statistics.median(t[args.warmup:]) for side, t in times.items()}
+
+
+def memory_worker(args, device) -> dict:
+    """One side alone in this process: peak memory over `mem_steps` steps after one warmup step."""
+    gen = SIDES[args.worker[4:]](args.ckpt, device, args.batch, args.seq, 1 + args.mem_steps)
+    next(gen)
+    between = reset_peak(device)
+    for _ in range(args.mem_steps):
+        next(gen)
+    peak = peak_mb(device)
+    gen.close()
+    return {"peak_mb": peak, "step_mb": peak - between}
 
 
 def worker(args) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fn = run_ours if args.worker == "ours" else run_peer
-    times, mem = fn(args.ckpt, device, args.batch, args.seq, args.warmup, args.steps)
-    timed = times[args.warmup:]
-    print(json.dumps({"tok_s": args.batch * args.seq * len(timed) / sum(timed), "step_ms": 1000 * statistics.median(timed),
-                      "peak_mb": mem["peak"], "between_mb": mem["between"]}))
+    fn = speed_worker if args.worker == "speed" else memory_worker
+    print(json.dumps(fn(args, device)))
 
 
 # ---- the driver ---------------------------------------------------------------------
 
-def spawn(side, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--ckpt", str(args.ckpt), "--device", args.device,
+def spawn(worker_kind, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker_kind, "--ckpt", str(args.ckpt), "--device", args.device,
            "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
-           "--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--steps", str(args.steps), "--mem-steps", str(args.mem_steps)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
-        sys.exit(f"{side} worker failed:\n{r.stderr[-3000:]}")
+        sys.exit(f"{worker_kind} worker failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -158,50 +176,38 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 6 on CPU, 30 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per side (default 8 on CPU, 30 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 5 on CUDA)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per side (default 2)")
+    p.add_argument("--mem-steps", type=int, default=2, help="steps in each memory measurement (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["speed", "mem-ours", "mem-peer"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
-    args.steps = args.steps or (30 if cuda else 6)
+    args.steps = args.steps or (30 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     if args.worker:
         return worker(args)
 
     args.ckpt = random_hf_checkpoint()  # gpt2 124M shapes, random weights, written by transformers
     try:
-        run_rounds(args, cuda)
+        speed = spawn("speed", args)
+        mem = {side: spawn(f"mem-{side}", args) for side in SIDES}
     finally:
         shutil.rmtree(args.ckpt, ignore_errors=True)
-
-
-def run_rounds(args, cuda: bool) -> None:
-    results = {"ours": [], "peer": []}
-    order = ["ours", "peer"]
-    for r in range(args.rounds):
-        for side in (order if r % 2 == 0 else order[::-1]):
-            res = spawn(side, args)
-            results[side].append(res)
-            print(f"round {r + 1} {side:4s}: {res['tok_s']:8.1f} tok/s, peak {res['peak_mb']:7.0f} MiB", flush=True)
-
-    def summary(side):
-        rs = results[side]
-        return (statistics.median(r["tok_s"] for r in rs), max(r["peak_mb"] for r in rs),
-                max(r["peak_mb"] - r["between_mb"] for r in rs))
-
-    ours, peer = summary("ours"), summary("peer")
-    what = "peak RSS in training" if not cuda else "peak allocated in training"
-    print(f"\nLoRA training, gpt2 124M shapes (random weights), r={RANK} alpha={ALPHA} on c_attn, AdamW, "
-          f"batch {args.batch} x {args.seq}, {args.device}")
-    print(f"machine: {machine()}; {args.rounds} alternating rounds x {args.steps} timed steps per side\n")
+    what = "peak RSS" if not cuda else "peak allocated"
+    print(f"LoRA training, gpt2 124M shapes (random weights), r={RANK} alpha={ALPHA} on c_attn, AdamW lr {LR:g}, "
+          f"clip {CLIP:g}, batch {args.batch} x {args.seq}, {args.device}")
+    print(f"machine: {machine()}; tokens/s from the median of {args.steps} alternating steps per side "
+          f"after {args.warmup} warmup steps; memory from separate processes\n")
+    ours, peer = mem["ours"], mem["peer"]
     print(table([
-        ["tokens/s (median of rounds)", f"{peer[0]:,.0f}", f"{ours[0]:,.0f}", f"{ours[0] / peer[0]:.2f}x"],
-        [f"{what} (MiB)", f"{peer[1]:,.0f}", f"{ours[1]:,.0f}", f"{ours[1] / peer[1]:.2f}x"],
-        ["  of which a step's working memory (MiB)", f"{peer[2]:,.0f}", f"{ours[2]:,.0f}", f"{ours[2] / peer[2]:.2f}x"],
-    ], ["", "transformers+PEFT", "LoRA Studio", "ratio (ours / peer)"]))
+        ["training tokens/s", f"{speed['peer']:,.0f}", f"{speed['ours']:,.0f}", f"{speed['ours'] / speed['peer']:.2f}x"],
+        [f"{what} while training (MiB)", f"{peer['peak_mb']:,.0f}", f"{ours['peak_mb']:,.0f}",
+         f"{ours['peak_mb'] / peer['peak_mb']:.2f}x"],
+        ["  of it, a step's working memory (MiB)", f"{peer['step_mb']:,.0f}", f"{ours['step_mb']:,.0f}",
+         f"{ours['step_mb'] / peer['step_mb']:.2f}x"],
+    ], ["", "transformers+PEFT", "LoRA Studio", "ours / peer"]))
 
 
 if __name__ == "__main__":

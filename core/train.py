@@ -6,6 +6,20 @@ the studio in a background thread (`Trainer.start`). The base model is shared, n
 adapter is added to it, trained through `route=name` (other adapters' generations on the same model
 are unaffected) and left loaded under that name at the end.
 
+Events (plain dicts of str/int/float/None/list, safe to hand between threads):
+    start       name, step (0, or the resumed step), steps, batch_size, seq_len (after fitting the data),
+                grad_accum, tokens_per_step, trainable_params, device, autocast ('bf16' | None),
+                out_dir, resumed_from
+    info        message (e.g. the block size was reduced to fit short data)
+    step        step, steps, loss, lr, grad_norm, step_time (s), tokens_per_sec, eta (s), elapsed (s), tokens
+    eval        step, val_loss, val_ppl, val_tokens (at step 0, every eval_interval steps and at the end)
+    sample      step, samples: [{prompt, text}] (after each eval when sample_prompts are set)
+    checkpoint  step, path
+    done        status ('finished' | 'stopped'), step, steps, path (the run folder), checkpoint,
+                train_loss, val_loss, elapsed
+    error       kind ('nan' | 'oom' | 'internal'), step, message, checkpoint (the last good one or None);
+                the run ends after it
+
 Run folder layout:
     <run>/adapter_model.safetensors, adapter_config.json, studio.json   the adapter (finished/stopped)
     <run>/checkpoints/step_000050/   the same three files + trainer_state.pt (resume state)
@@ -189,7 +203,7 @@ class Trainer:
         return t
 
     def run(self) -> Iterator[dict]:
-        """Train, yielding events (see the module docs of each type in `_events`)."""
+        """Train, yielding the events listed in the module docstring."""
         model, tcfg = self.model, self.tcfg
         rng = np.random.default_rng(tcfg.seed)
         if self.resume is None or self.name not in adapter_names(model):
