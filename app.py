@@ -58,6 +58,8 @@ def main(argv=None) -> int:
         auth = parse_auth(args.auth)
         if args.weights and not Path(args.weights).expanduser().exists():
             raise ValueError(f"--weights {args.weights}: no such file or folder.")
+        if args.weights and args.model == "tiny":
+            raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
         from studio.app import build_ui, create_studio, launch_options
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth))
     except (ValueError, RuntimeError, OSError) as e:

@@ -9,6 +9,7 @@ import html
 
 import gradio as gr
 
+from core.adapter_validate import preset_of
 from core.engine import Engine
 
 from .context import Studio
@@ -41,6 +42,16 @@ def header_html(studio: Studio) -> str:
             f"<span class='tagline'>Fine-tune GPT-2 on your own text with LoRA, watch it learn, compare "
             f"side by side.</span><span class='pill'>device: {html.escape(str(dev))}</span>"
             f"<span class='pill'>library: {html.escape(studio.library.root.name)}/</span></div>")
+
+
+def use_in_compare(studio: Studio, name: str | None, model: str, current):
+    """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
+    if not name:
+        gr.Warning("Select an adapter first.")
+        return gr.skip()
+    base = preset_of(studio.library.details(name).get("base_model")) or model
+    keep = current if base == model else []
+    return base, adapter_choices(studio, base, keep, add=name), gr.Tabs(selected="compare")
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -76,9 +87,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
                            *library["lists"]], show_progress="hidden", api_visibility="private")
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
-        library["use"].click(lambda n, m, cur: (adapter_choices(studio, m, cur, add=n), gr.Tabs(selected="compare")),
+        library["use"].click(lambda n, m, cur: use_in_compare(studio, n, m, cur),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
-                             outputs=[compare["adapters"], tabs], api_visibility="private")
+                             outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.studio = studio  # for tests and the entry point
     demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "tabs": tabs}

@@ -4,6 +4,7 @@ Nothing here goes into gr.State: a Studio is created once per process and closed
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import json
@@ -46,6 +47,7 @@ class Studio:
         self.runner = Runner(self.engine)
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
+        atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
 
     @property
     def library(self):
@@ -65,7 +67,12 @@ class Studio:
             raise ValueError(f"the base model cannot change to {name} while {job.describe()} is training "
                              f"on {job.base_id}; pick {job.base_id}, or wait for the run to end.")
         weights = self.weights if name == self.weights_for else None
-        return self.engine.base(name, weights, progress)
+        model = self.engine.base(name, weights, progress)
+        c, p = model.config, PRESETS[name]
+        if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
+            raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
+                               f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
+        return model
 
     def model_status(self, name: str) -> str:
         """Markdown: whether base `name` is available, and its size."""

@@ -432,6 +432,23 @@ def test_missing_weights_message_says_what_to_do(studio, monkeypatch, tmp_path):
     assert studio.base("tiny") is studio.engine.model  # tiny stays usable
 
 
+def test_local_weights_must_match_the_model(tmp_path, hf_small):
+    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "gpt2", weights=str(hf_small))
+    kind, text = studio.availability("gpt2")
+    assert kind == "available" and "local weights" in text
+    from core.weights import WeightsError
+    with pytest.raises(WeightsError, match="2-layer width-64 GPT-2, not gpt2"):
+        studio.base("gpt2")
+
+
+def test_use_in_compare_switches_to_the_adapters_base(studio):
+    from studio.app import use_in_compare
+    _prepare(studio)
+    _train(studio, "for-tiny", 3)
+    model, adapters, tabs = use_in_compare(studio, "for-tiny", "gpt2", ["x"])
+    assert model == "tiny" and adapters["value"] == ["for-tiny"] and "for-tiny" in adapters["choices"]
+
+
 def test_plots():
     fig = loss_figure([{"step": 1, "loss": 3.0, "lr": 1e-4}, {"step": 2, "loss": 2.5, "lr": 2e-4}],
                       [{"step": 0, "val_loss": 3.2}, {"step": 2, "val_loss": 2.7}], steps=10)
@@ -466,4 +483,5 @@ def test_app_flags_and_auth(tmp_path):
     assert app.parse_auth(str(f)) == [("ann", "one"), ("bob", "two")]
     with pytest.raises(ValueError, match="user:password"):
         app.parse_auth("nopassword")
-    assert app.main(["--weights", str(tmp_path / "missing"), "--model", "tiny"]) == 2
+    assert app.main(["--weights", str(tmp_path / "missing"), "--model", "gpt2"]) == 2
+    assert app.main(["--weights", str(tmp_path), "--model", "tiny"]) == 2
