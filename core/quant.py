@@ -55,8 +55,22 @@ class QuantConv1D(nn.Module):
         return w.view(self.in_features, self.out_features).to(self.compute_dtype)
 
     def forward(self, x, route=None):
-        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.dequantize())
+        y = _QuantMatmul.apply(x.reshape(-1, self.in_features), self)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x @ dequant(W) + b that dequantizes again in backward instead of keeping the bf16 weight:
+    autograd would otherwise save every layer's dequantized copy, a whole bf16 model's worth."""
+
+    @staticmethod
+    def forward(ctx, x, layer: QuantConv1D):
+        ctx.layer = layer
+        return torch.addmm(layer.bias, x, layer.dequantize())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize().t(), None
 
 
 def quantize_base(model, mode: str) -> None:

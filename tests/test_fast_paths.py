@@ -83,3 +83,15 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny):
     assert torch.allclose(full, reference, atol=1e-6) and torch.allclose(chunked, full, atol=1e-6)
     for g, p in zip(grads, lora.lora_parameters(tiny, "a")):
         assert torch.allclose(g, p.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_quantized_matmul_gradients_equal_a_dequantized_copy(tiny):
+    """The quantized layer's custom backward gives the input gradient of the dequantized weight."""
+    from core.quant import QuantConv1D
+    layer = tiny.transformer.h[0].mlp.c_fc
+    q = QuantConv1D(layer, "nf4")
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    q(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (torch.addmm(q.bias, x2.reshape(-1, q.in_features), q.dequantize()).square().sum()).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
