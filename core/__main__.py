@@ -258,7 +258,7 @@ def cmd_compare(args) -> int:
     names = []
     for spec, src in zip(args.lora, sources):
         name = _unique(_display_name(src), names)
-        load_adapter(model, src, name)
+        load_adapter(model, src, name, base_id)
         names.append(name)
     prompts = args.prompts or list(DEFAULT_PROMPTS)
     columns = ["base"] + names
@@ -322,7 +322,7 @@ def cmd_merge(args) -> int:
     from .adapters import export_merged, load_adapter, resolve
     src = resolve(args.lora, args.library)
     model, base_id = load_model(args, _recorded_base(src))
-    name, lcfg, _ = load_adapter(model, src, "merge")
+    name, lcfg, _ = load_adapter(model, src, "merge", base_id)
     out = export_merged(model, name, args.output)
     say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
     say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
