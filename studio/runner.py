@@ -113,12 +113,6 @@ class Job:
                 self.ended = time.time()
             self.version += 1
 
-    def fail(self, message: str) -> None:
-        with self._lock:
-            if self.live:
-                self.state, self.message, self.ended = "failed", message, time.time()
-                self.version += 1
-
     def request_stop(self) -> None:
         with self._lock:
             self.stop_flag.set()
@@ -255,18 +249,22 @@ class Runner:
 
     def _work(self, job: Job, trainer: Trainer) -> None:
         model, lock = trainer.model, self.engine.lock
-        try:
+        final = None  # 'done' or 'error': reported only after the cleanup below, so the job stays
+        try:          # busy until its live adapter is gone (a quick Resume cannot race the cleanup)
             events = trainer.run()
             with lock:  # adding the run's adapter changes the shared model's structure: under the engine lock
                 first = next(events)
             job.on_event(first)
             for ev in events:
-                job.on_event(ev)
+                if ev["type"] in ("done", "error"):
+                    final = ev
+                else:
+                    job.on_event(ev)
         except Exception as e:  # noqa: BLE001 - reported to every page that follows the job
-            job.fail(f"training failed: {e}" if isinstance(e, ValueError) else
-                     f"training failed: {type(e).__name__}: {e}")
+            final = {"type": "error", "message": f"training failed: {e}" if isinstance(e, ValueError) else
+                     f"training failed: {type(e).__name__}: {e}"}
         finally:
             with lock:  # the saved adapter is loaded from the library when used; drop the live one
                 if trainer.name in adapter_names(model):
                     remove_adapter(model, trainer.name)
-            job.fail("training ended without a result.")  # no-op when done/error was reported
+            job.on_event(final or {"type": "error", "message": "training ended without a result."})
