@@ -53,6 +53,7 @@ from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, 
                    make_route)
 
 STATE = "trainer_state.pt"
+LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one forward may hold whole (larger: evaluated/trained in pieces)
 CHECKPOINTS = "checkpoints"
 
 
@@ -90,18 +91,25 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
     """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it)."""
     windows = eval_windows(ids, seq_len, None if max_batches is None else max_batches * batch_size)
     route = make_route(model, [name])
+    rows = max(1, min(batch_size, LOGITS_BUDGET // (seq_len * model.config.vocab_size * 4)))
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     count = 0
     with autocast_for(model):
-        for i in range(0, len(windows), batch_size):
-            group = windows[i:i + batch_size]
+        for i in range(0, len(windows), rows):
+            group = windows[i:i + rows]
             for length in sorted({len(w) for w in group}):  # only the last window may be shorter
                 win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
                 win = win.to(model.device)
-                logits = model(win[:, :-1], route)
-                total += F.cross_entropy(logits.flatten(0, 1).float(), win[:, 1:].flatten(), reduction="sum")
-                count += win[:, 1:].numel()
+                n = win[:, 1:].numel()
+                total += model.loss(win[:, :-1], win[:, 1:], route, chunk=0).double() * n
+                count += n
     return float(total) / count, count
+
+
+def ce_chunk(model, batch_size: int, seq_len: int) -> int:
+    """Tokens per piece of the chunked loss (core.model.GPT.loss): 0 (whole, fastest) while a
+    micro-batch's fp32 logits fit LOGITS_BUDGET, else pieces recomputed in backward (less memory)."""
+    return 0 if batch_size * seq_len * model.config.vocab_size * 4 <= LOGITS_BUDGET else 256
 
 
 # ---- resume points --------------------------------------------------------------------
@@ -218,6 +226,7 @@ class Trainer:
         self._set_dropout(True)
         B, T, A = tcfg.batch_size, self.seq_len, tcfg.grad_accum
         tokens_per_step = B * T * A
+        chunk = ce_chunk(model, B, T)
         yield {"type": "start", "name": self.name, "step": self.step, "steps": tcfg.steps,
                "batch_size": B, "seq_len": T, "grad_accum": A, "tokens_per_step": tokens_per_step,
                "trainable_params": int(sum(p.numel() for p in params)), "device": str(model.device),
@@ -247,7 +256,7 @@ class Trainer:
                 while micro < A and not self.stop.is_set():
                     x, y = get_batch(self.dataset.train, B, T, rng, model.device)
                     with autocast_for(model):
-                        loss = F.cross_entropy(model(x, self.name).flatten(0, 1).float(), y.flatten())
+                        loss = model.loss(x, y, self.name, chunk=chunk)
                     (loss / A).backward()
                     loss_sum += loss.detach()
                     del loss

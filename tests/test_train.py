@@ -156,6 +156,17 @@ def test_an_existing_run_folder_is_never_overwritten(tiny, sample_ds, tmp_path):
         Trainer(tiny, sample_ds, LoraConfig(), quick(steps=1), "b", tmp_path / "run")
 
 
+def test_large_micro_batches_train_the_loss_in_pieces_with_the_same_result(sample_ds, tmp_path, monkeypatch):
+    from core import train
+    assert train.ce_chunk(load_base("tiny", "cpu"), 4, 128) == 0  # the seed's micro-batch: logits whole (fastest)
+    assert train.ce_chunk(load_base("tiny", "cpu"), 16, 1024) > 0  # 3.3 GB of logits: in pieces
+    whole = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "w", tmp_path / "w"))
+    monkeypatch.setattr(train, "LOGITS_BUDGET", 1024)  # force the chunked path at this tiny size
+    pieces = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "p", tmp_path / "p"))
+    for a, b in zip(of(whole, "step") + of(whole, "eval"), of(pieces, "step") + of(pieces, "eval")):
+        assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), abs=1e-5)
+
+
 # ---- stop -----------------------------------------------------------------------------
 
 def test_stop_from_another_thread_ends_within_one_step_and_saves(tiny, sample_ds, tmp_path):
@@ -180,16 +191,16 @@ def test_stop_from_another_thread_ends_within_one_step_and_saves(tiny, sample_ds
 
 def test_stop_is_checked_between_micro_steps(tiny, sample_ds, tmp_path, monkeypatch):
     trainer = Trainer(tiny, sample_ds, LoraConfig(), quick(steps=50, grad_accum=4), "mid", tmp_path / "run")
-    forward, calls = tiny.forward, []
+    hidden, calls = tiny.hidden, []
 
-    def counting_forward(*a, **kw):
+    def counting_hidden(*a, **kw):
         if torch.is_grad_enabled():  # training micro-steps only (not evaluation)
             calls.append(1)
             if len(calls) == 4 * 3 + 2:  # the 2nd micro-step of step 4
                 trainer.stop.set()
-        return forward(*a, **kw)
+        return hidden(*a, **kw)
 
-    monkeypatch.setattr(tiny, "forward", counting_forward)
+    monkeypatch.setattr(tiny, "hidden", counting_hidden)
     events = run_all(trainer)
     assert events[-1]["status"] == "stopped" and events[-1]["step"] == 3  # the partial step 4 is dropped
     assert len(calls) == 14  # no micro-step ran after the flag
@@ -205,16 +216,16 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, sample_ds, tmp_path, monk
     full_losses = {e["step"]: e["loss"] for e in of(full, "step")}
 
     trainer = Trainer(tiny, sample_ds, LoraConfig(), cfg, "run", tmp_path / "cut")
-    forward, calls = tiny.forward, []
+    hidden, calls = tiny.hidden, []
 
     def stop_mid_step_5(*a, **kw):
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 2 * 4 + 1:  # one micro-batch of step 5 has been drawn
                 trainer.stop.set()
-        return forward(*a, **kw)
+        return hidden(*a, **kw)
 
-    monkeypatch.setattr(tiny, "forward", stop_mid_step_5)
+    monkeypatch.setattr(tiny, "hidden", stop_mid_step_5)
     first = run_all(trainer)
     monkeypatch.undo()
     assert first[-1]["status"] == "stopped" and first[-1]["step"] == 4
@@ -271,7 +282,7 @@ def test_checkpoints_hold_only_adapter_tensors(tiny, sample_ds, tmp_path):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, sample_ds, tmp_path):
     poison = {"on": False}
-    hook = tiny.lm_head.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
+    hook = tiny.transformer.ln_f.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
     events = []
     try:
         for ev in Trainer(tiny, sample_ds, LoraConfig(), quick(steps=20, checkpoint_interval=3), "nan",
@@ -292,7 +303,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, sample_
     # the bad step was not applied: the adapter in memory is still the step-4 one
     assert all(torch.equal(weights_after_4[k], v) for k, v in adapter_state_dict(tiny, "nan").items())
     # in the foreground (the CLI) the same failure is an exception with that message
-    hook = tiny.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+    hook = tiny.transformer.ln_f.register_forward_hook(lambda m, i, out: out * float("nan"))
     with pytest.raises(TrainingError, match="NaN at step 1"):
         run_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "nan2", tmp_path / "run2"))
     hook.remove()
@@ -303,14 +314,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, sample_
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
 ], ids=["cuda", "cpu"])
 def test_out_of_memory_becomes_a_message_naming_the_settings_to_lower(tiny, sample_ds, tmp_path, monkeypatch, error):
-    forward = tiny.forward
+    hidden = tiny.hidden
 
     def oom_when_training(*a, **kw):
         if torch.is_grad_enabled():
             raise error
-        return forward(*a, **kw)
+        return hidden(*a, **kw)
 
-    monkeypatch.setattr(tiny, "forward", oom_when_training)
+    monkeypatch.setattr(tiny, "hidden", oom_when_training)
     events = run_all(Trainer(tiny, sample_ds, LoraConfig(r=8), quick(batch_size=4, seq_len=32), "oom",
                              tmp_path / "run"))
     err = events[-1]
@@ -325,7 +336,7 @@ def test_unexpected_errors_are_raised_in_the_foreground_and_reported_from_a_thre
     def broken(*a, **kw):
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(tiny, "forward", broken)
+    monkeypatch.setattr(tiny, "hidden", broken)
     with pytest.raises(ZeroDivisionError):
         run_all(Trainer(tiny, sample_ds, LoraConfig(), quick(), "x", tmp_path / "a"))
     events = []
