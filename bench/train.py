@@ -202,7 +202,8 @@ def main() -> None:
           f"after {args.warmup} warmup steps; memory from separate processes\n")
     ours, peer = mem["ours"], mem["peer"]
     print(table([
-        ["training tokens/s", f"{speed['peer']:,.0f}", f"{speed['ours']:,.0f}", f"{speed['ours'] / speed['peer']:.2f}x"],
+        ["training tokens/s", f"{speed['peer']:,.0f}", f"{speed['ours']:,.0f}",
+         f"{speed['ours'] / speed['peer']:.2f}x"],
         [f"{what} while training (MiB)", f"{peer['peak_mb']:,.0f}", f"{ours['peak_mb']:,.0f}",
          f"{ours['peak_mb'] / peer['peak_mb']:.2f}x"],
         ["  of it, a step's working memory (MiB)", f"{peer['step_mb']:,.0f}", f"{ours['step_mb']:,.0f}",

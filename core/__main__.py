@@ -76,7 +76,8 @@ def cmd_prepare(args) -> int:
     m = ds.meta
     say(f"read {len(args.input)} file(s): {', '.join(m['sources'])}")
     say(f"characters: {m['chars']:,}")
-    say(f"tokens: {m['tokens']:,} ({m['unique_tokens']:,} unique, {m['tokens'] / max(1, m['chars']):.3f} per character)")
+    say(f"tokens: {m['tokens']:,} ({m['unique_tokens']:,} unique, "
+        f"{m['tokens'] / max(1, m['chars']):.3f} per character)")
     say(f"split: {m['train_tokens']:,} train / {m['val_tokens']:,} val (ratio {args.train_ratio})")
     if len(ds.train) < 129:
         say(f"note: the training split is shorter than the default block of 128 + 1 tokens; "
@@ -94,7 +95,7 @@ RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_
 
 
 def cmd_finetune(args) -> int:
-    from .adapters import Library, check_name
+    from .adapters import check_name
     from .config import LoraConfig, TrainConfig, normalize_targets
     from .data import load_dataset
     from .train import Trainer, TrainingError, find_checkpoint

@@ -40,12 +40,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import atomic
-from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, save_adapter
+from .adapter_io import META, PEFT_PREFIX, WEIGHTS, save_adapter
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
 from .generate import SamplingConfig, generate_text

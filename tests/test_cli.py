@@ -54,7 +54,8 @@ def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
                   f"split: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val", "train_00000.npy"):
         assert shown in r.stdout
 
-    r = cli("finetune", "--data", "ds", *TINY_RUN, "--library", tmp_path / "lib", "--output", "pirate-rot", cwd=tmp_path)
+    r = cli("finetune", "--data", "ds", *TINY_RUN, "--library", tmp_path / "lib", "--output", "pirate-rot",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(STEP_LINE.findall(r.stdout)) == 4  # steps 1, 2, 4, 6
     assert "val loss" in r.stdout and "finished after 6 steps" in r.stdout
@@ -101,14 +102,15 @@ def test_bad_input_in_a_real_process_is_one_line_without_traceback(tmp_path):
 
 
 def test_prepare_errors_name_the_problem(tmp_path, capsys):
-    assert "nope.txt" in one_line_error(capsys, ["prepare", "--input", tmp_path / "nope.txt", "--output", tmp_path / "d"])
+    out = ["--output", tmp_path / "d"]
+    assert "nope.txt" in one_line_error(capsys, ["prepare", "--input", tmp_path / "nope.txt", *out])
     (tmp_path / "bin.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00")
-    assert "bin.txt" in one_line_error(capsys, ["prepare", "--input", tmp_path / "bin.txt", "--output", tmp_path / "d"])
+    assert "bin.txt" in one_line_error(capsys, ["prepare", "--input", tmp_path / "bin.txt", *out])
     (tmp_path / "empty.txt").write_text("")
-    assert "empty" in one_line_error(capsys, ["prepare", "--input", tmp_path / "empty.txt", "--output", tmp_path / "d"])
+    assert "empty" in one_line_error(capsys, ["prepare", "--input", tmp_path / "empty.txt", *out])
     (tmp_path / "ok.txt").write_text("enough words to split into two parts " * 5)
-    assert "train ratio" in one_line_error(capsys, ["prepare", "--input", tmp_path / "ok.txt", "--output",
-                                                    tmp_path / "d", "--train-ratio", "1.5"])
+    assert "train ratio" in one_line_error(capsys, ["prepare", "--input", tmp_path / "ok.txt", *out,
+                                                    "--train-ratio", "1.5"])
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -129,7 +131,8 @@ def test_finetune_rejects_bad_settings(prepared, tmp_path, capsys, args, expect)
 
 
 def test_finetune_needs_a_dataset_folder(tmp_path, capsys):
-    assert "no such dataset folder" in one_line_error(capsys, ["finetune", "--data", tmp_path / "none", "--model", "tiny"])
+    argv = ["finetune", "--data", tmp_path / "none", "--model", "tiny"]
+    assert "no such dataset folder" in one_line_error(capsys, argv)
 
 
 def test_malformed_adapters_are_refused_by_compare_and_merge(tmp_path, capsys):

@@ -5,7 +5,6 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -81,8 +80,8 @@ def test_sequence_longer_than_the_models_context_is_refused(tiny, sample_ds, tmp
 def test_training_lowers_the_validation_loss_and_changes_only_lora_weights(tiny, tmp_path):
     ds = data.prepare([data.SAMPLES_DIR / "brainrot.txt"], tmp_path / "ds")
     before = base_tensors(tiny)
-    events = run_all(Trainer(tiny, ds, LoraConfig(), quick(steps=30, eval_interval=10, checkpoint_interval=10),
-                             "brainrot", tmp_path / "run", base_id="tiny"))
+    cfg = quick(steps=30, grad_accum=1, eval_interval=10, checkpoint_interval=10)
+    events = run_all(Trainer(tiny, ds, LoraConfig(), cfg, "brainrot", tmp_path / "run", base_id="tiny"))
     evals = of(events, "eval")
     assert [e["step"] for e in evals] == [0, 10, 20, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
