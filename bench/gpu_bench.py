@@ -307,6 +307,8 @@ def sec_xl(a, dev, R):
     out["ours_nf4_checkpointing"] = attempt(lambda: train_ours(make("nf4", True), B, T, dev, steps=5))
     out["estimate_peak_gib_nf4_checkpointing"] = estimate_training(cfg, LoraConfig(), tc, dev.type, weights="nf4", checkpointing=True).peak_bytes / GiB
     out["ours_nf4"] = attempt(lambda: train_ours(make("nf4"), B, T, dev, steps=5))
+    if not a.quick:
+        out["ours_nf4_graphed"] = attempt(lambda: train_ours(make("nf4"), B, T, dev, mode="graphed", steps=5))
     out["ours_int8"] = attempt(lambda: train_ours(make("int8"), B, T, dev, steps=5))
     save(a, R)
 
@@ -509,6 +511,7 @@ def sec_checks(a, dev, R):
         out["compiled_loss_abs_diff"] = abs(float(eager) - float(compiled))
     ours.checkpointing = True
     out["checkpointing_loss_abs_diff"] = abs(float(eager) - float(F.cross_entropy(ours(x, "a").flatten(0, 1).float(), y.flatten())))
+    out.update(trainer_graphs_check(cfg, dev, steps=3 if a.quick else 8))
     plain_model = ours_random(cfg, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     xm = torch.randn(4, 1, cfg.n_embd, device=dev, dtype=plain_model.dtype)
     mlp = plain_model.transformer.h[0].mlp
@@ -520,6 +523,30 @@ def sec_checks(a, dev, R):
     R["checks"] = out
     del ours, plain_model
     reset_peak(dev)
+
+
+def trainer_graphs_check(cfg, dev, steps):
+    """The studio's/CLI's Trainer with CUDA-graphed micro-steps vs eager: same losses, and its speed."""
+    import tempfile
+    from core.data import build_dataset, list_samples, load_sample
+    from core.train import Trainer
+    samples = list_samples()
+    ds = build_dataset([load_sample(s["name"]) for s in samples], [s["name"] for s in samples], 0.9)
+    res, losses = {}, {}
+    for graphs in (True, False):
+        m = ours_random(cfg, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=7)
+        tc = TrainConfig(steps=steps, batch_size=4, seq_len=128, grad_accum=4, eval_interval=0,
+                         checkpoint_interval=0, cuda_graphs=graphs)
+        with tempfile.TemporaryDirectory() as d:
+            events = list(Trainer(m, ds, LoraConfig(), tc, "g", Path(d) / "run", base_id="bench").run())
+        steps_ev = [e for e in events if e["type"] == "step"]
+        losses[graphs] = [e["loss"] for e in steps_ev]
+        key = "trainer_graphs" if graphs else "trainer_eager"
+        res[f"{key}_tok_s"] = max(e["tokens_per_sec"] for e in steps_ev[1:]) if len(steps_ev) > 1 else None
+        res[f"{key}_notes"] = [e["message"] for e in events if e["type"] == "info"]
+        del m
+    res["trainer_graphs_max_loss_diff"] = max(abs(p - q) for p, q in zip(losses[True], losses[False]))
+    return res
 
 
 SECTIONS = {"checks": sec_checks, "train": sec_train, "decode": sec_decode, "xl": sec_xl, "quant": sec_quant_loss}

@@ -132,6 +132,13 @@ def cmd_finetune(args) -> int:
     if not resume:
         name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
     model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
+    if args.quantize:
+        from .quant import quantize_base
+        quantize_base(model, args.quantize)
+        say(f"frozen base quantized to {args.quantize} (LoRA stays in full precision)")
+    model.checkpointing = bool(args.checkpointing)
+    if args.no_cuda_graphs:
+        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "cuda_graphs": False})
     stop = threading.Event()
     trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume)
     say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
@@ -372,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default <dataset>-<date>-<time>)")
     s.add_argument("--resume", metavar="CKPT", help="continue a run: its folder, a checkpoint folder, or a "
                                                     "library name (NAME or NAME@step_000050)")
+    s.add_argument("--quantize", choices=("int8", "nf4"),
+                   help="store the frozen base in 8 or 4 bits (QLoRA): gpt2-xl trains in under 2 GB with "
+                        "--checkpointing")
+    s.add_argument("--checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time")
+    s.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("compare", help="base vs adapters on the same prompts and seed, side by side",

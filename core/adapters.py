@@ -35,7 +35,7 @@ def resolve(spec: str, library_dir) -> Path:
     if not spec:
         raise AdapterError("no adapter given: pass a library name or a path to an adapter folder.")
     run = spec.partition("@")[0]
-    if NAME_RE.fullmatch(run):
+    if NAME_RE.fullmatch(run) and Path(library_dir).expanduser().is_dir():  # never create it here
         try:
             return Library(library_dir).path(spec)
         except AdapterError:

@@ -127,7 +127,7 @@ class LoRALinear(nn.Module):
     def lora(self, x, name: str):
         A, B = self.weights(name)
         p = self.dropout[name]
-        if p and self.training:
+        if p and self.training and torch.is_grad_enabled():  # never while generating
             x = F.dropout(x, p)
         # fp32 parameters, computed in the activations' dtype (bf16 on CUDA).
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]

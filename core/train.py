@@ -56,6 +56,17 @@ LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one forward may hold whole (larg
 CHECKPOINTS = "checkpoints"
 
 
+class _Loss(torch.nn.Module):
+    """The loss of one micro-batch as a module, the form torch.cuda.make_graphed_callables captures."""
+
+    def __init__(self, model, name: str, chunk: int):
+        super().__init__()
+        self.model, self.name, self.chunk = model, name, chunk
+
+    def forward(self, x, y):
+        return self.model.loss(x, y, self.name, chunk=self.chunk)
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
 
@@ -226,6 +237,7 @@ class Trainer:
         B, T, A = tcfg.batch_size, self.seq_len, tcfg.grad_accum
         tokens_per_step = B * T * A
         chunk = ce_chunk(model, B, T)
+        loss_fn, graph_note = self._loss_fn(chunk, B, T)
         yield {"type": "start", "name": self.name, "step": self.step, "steps": tcfg.steps,
                "batch_size": B, "seq_len": T, "grad_accum": A, "tokens_per_step": tokens_per_step,
                "trainable_params": int(sum(p.numel() for p in params)), "device": str(model.device),
@@ -233,6 +245,8 @@ class Trainer:
                "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
         if self.block_note:
             yield {"type": "info", "message": self.block_note}
+        if graph_note:
+            yield {"type": "info", "message": graph_note}
         if self.resume is None:
             self.start_val_loss = yield from self._eval()
 
@@ -255,7 +269,7 @@ class Trainer:
                 while micro < A and not self.stop.is_set():
                     x, y = get_batch(self.dataset.train, B, T, rng, model.device)
                     with autocast_for(model):
-                        loss = model.loss(x, y, self.name, chunk=chunk)
+                        loss = loss_fn(x, y)
                     (loss / A).backward()
                     loss_sum += loss.detach()
                     del loss
@@ -316,6 +330,32 @@ class Trainer:
                "val_loss": self._last("val_loss"), "elapsed": time.perf_counter() - t_run}
 
     # -- pieces ----------------------------------------------------------------------------
+
+    def _loss_fn(self, chunk: int, B: int, T: int):
+        """The micro-step's loss function, and a note for the user if CUDA graphs were wanted but failed.
+
+        On a GPU the forward and backward are captured once as CUDA graphs and replayed: at small
+        batches a step is otherwise bound by kernel launches (measured 7x at 4 x 128 on an H200).
+        Dropout, autocast (an fp32 base) and activation checkpointing keep the eager path.
+        """
+        model, name = self.model, self.name
+
+        def plain(x, y):
+            return model.loss(x, y, name, chunk=chunk)
+
+        wanted = (self.tcfg.cuda_graphs and model.device.type == "cuda" and self.lcfg.dropout == 0
+                  and not getattr(model, "checkpointing", False)
+                  and not isinstance(autocast_for(model), torch.autocast))
+        if not wanted:
+            return plain, None
+        try:
+            x, y = get_batch(self.dataset.train, B, T, np.random.default_rng(0), model.device)
+            graphed = torch.cuda.make_graphed_callables(_Loss(model, name, chunk), (x, y), num_warmup_iters=3)
+        except Exception as e:  # noqa: BLE001 - the eager path always works
+            if is_oom(e):
+                raise
+            return plain, f"CUDA graphs are unavailable here ({type(e).__name__}); training without them."
+        return graphed, None
 
     def _clip(self, params) -> torch.Tensor:
         if self.tcfg.grad_clip > 0:

@@ -175,3 +175,12 @@ def test_weights_path_is_the_recorded_base_and_must_match_model(prepared, hf_sma
     # compare without --model/--weights loads the base recorded with the adapter
     assert main(["compare", "--lora", "w", "--library", str(lib), "--samples", "1", "--max-tokens", "4"]) == 0
     assert f"base model: {hf_small.resolve()} (2 layers, width 64" in capsys.readouterr().out
+
+
+def test_finetune_on_a_4bit_base_with_checkpointing_lowers_the_loss(tmp_path, prepared, capsys):
+    rc = main(["finetune", "--data", str(prepared), *TINY_RUN, "--library", str(tmp_path / "lib"),
+               "--output", "q", "--quantize", "nf4", "--checkpointing"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "quantized to nf4" in out
+    meta = json.loads((tmp_path / "lib" / "q" / "studio.json").read_text())
+    assert meta["val_loss"] < meta["start_val_loss"]
