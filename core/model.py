@@ -86,14 +86,7 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, route=None):
-        fc = self.c_fc
-        if x.is_cuda and type(fc) is Conv1D and not torch.is_grad_enabled():
-            # decode: GELU (tanh form, as GPT-2's) fused into the matmul by cuBLASLt, one kernel less
-            # per block; the GPU check in bench/gpu_bench.py compares it with the plain path
-            h = torch._addmm_activation(fc.bias, x.reshape(-1, fc.in_features), fc.weight, use_gelu=True)
-            h = h.view(*x.shape[:-1], fc.out_features)
-        else:
-            h = F.gelu(fc(x, route), approximate="tanh")
+        h = F.gelu(self.c_fc(x, route), approximate="tanh")
         return self.c_proj(h, route)
 
 
