@@ -66,7 +66,10 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
     peft = read_json(config_file, "adapter config")
     r, alpha, dropout, listed, adapter_base = parse_config(peft, config_file)
     check_base(adapter_base, cfg, base_id)
-    keys, rank, targets = check_header(weights, cfg)
+    against = "the loaded base"
+    if cfg is None and preset_of(adapter_base):  # no base given: hold it to the GPT-2 size it names
+        cfg, against = PRESETS[preset_of(adapter_base)], f"its recorded base {adapter_base}"
+    keys, rank, targets = check_header(weights, cfg, against)
     if rank != r:
         raise AdapterError(f"{config_file.name} says r={r} but the tensors in {weights.name} have rank {rank}; "
                            f"the config does not belong to these weights.")
@@ -115,9 +118,14 @@ def check_safetensors(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
         raise AdapterError(f"{path.name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit "
                            f"for adapters; a LoRA adapter of GPT-2 is a few MiB.")
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = f.read(9)
+        # torch.save writes a zip, or a pickle from protocol 2 on ('\x80' + protocol); a safetensors
+        # header length can start with the same bytes, but its JSON header then opens at byte 8
+        zip_or_pickle = head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")
+        if zip_or_pickle and head[8:9] != b"{":
             raise AdapterError(f"{path.name} is a PyTorch pickle (torch.save), not safetensors: {PICKLE_HINT}")
+        head = head[:8]
+        f.seek(8)
         if len(head) < 8:
             raise AdapterError(f"{path.name} is truncated: {size} bytes is too short for a safetensors file.")
         n = struct.unpack("<Q", head)[0]
@@ -232,8 +240,10 @@ def check_base(adapter_base: str | None, cfg: GPTConfig | None, base_id: str | N
                            f"load {adapter_base} first.")
 
 
-def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int, tuple[str, ...]]:
-    """Names, dtypes and shapes from the header: ({file key: our key}, rank, targets)."""
+def check_header(path: Path, cfg: GPTConfig | None,
+                 against: str = "the loaded base") -> tuple[dict[str, str], int, tuple[str, ...]]:
+    """Names, dtypes and shapes from the header: ({file key: our key}, rank, targets).
+    `against` names `cfg` in messages."""
     try:
         with safe_open(str(path), framework="pt") as f:
             info = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
@@ -249,7 +259,7 @@ def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int
                                f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
         i, target, ab = int(m.group(1)), m.group(2), m.group(3)
         if cfg is not None and i >= cfg.n_layer:
-            raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but the loaded base has {cfg.n_layer} "
+            raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but {against} has {cfg.n_layer} "
                                f"layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
         ours = f"transformer.h.{i}.{target}.lora_{ab}.weight"
         if ours in keys.values():
@@ -284,7 +294,7 @@ def check_header(path: Path, cfg: GPTConfig | None) -> tuple[dict[str, str], int
         fan_in, fan_out = target_shapes(GPTConfig(n_layer=1, n_head=1, n_embd=width))[target]
         for k, shape, want, what in ((ka, sa, (r, fan_in), "r x in"), (kb, sb, (fan_out, r), "out x r")):
             if shape != want:
-                base = "the loaded base" if cfg is not None else "the other weights"
+                base = against if cfg is not None else "the other weights"
                 raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}, expected {list(want)} "
                                    f"({what} for {target} of width {width}, as in {base}).")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))

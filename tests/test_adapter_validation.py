@@ -294,3 +294,16 @@ def test_rslora_alpha_is_converted(tmp_path, tiny):
     folder = write_adapter(tmp_path / "rs", good(), config=_cfg(use_rslora=True, lora_alpha=8))
     _, lcfg, _ = load_adapter(tiny, folder)
     assert lcfg.scaling == pytest.approx(8 / 4 ** 0.5)
+
+
+def test_a_header_length_that_looks_like_pickle_bytes_is_still_safetensors(tmp_path, tiny):
+    """The first 8 bytes are the header length: 0x80 then 0x02..0x05 is also how a pickle starts."""
+    t = good()
+    for pad in range(600):
+        raw = st_save(t, metadata={"note": "x" * pad})
+        if raw[0] == 0x80 and raw[1] in (2, 3, 4, 5):
+            break
+    else:
+        pytest.fail("no padding made the header length start with 0x80 0x02..0x05")
+    folder = write_adapter(tmp_path / "lookalike", {}, LC, raw=raw)
+    assert load_adapter(tiny, folder)[0] == "lookalike"
