@@ -38,18 +38,34 @@ except ImportError:  # pragma: no cover - Windows: threads are still serialised
     fcntl = None
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Windows device names ('con', 'NUL.txt', 'com1'): such a folder cannot be made or opened there
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = (WEIGHTS, CONFIG, META, README)  # what an adapter consists of (trainer_state.pt is not)
 STALE_TMP_S = 3600  # a .tmp- folder this old belongs to a crashed writer
+
+
+def valid_name(name) -> bool:
+    """1-64 letters, digits, '_', '.', '-', starting with a letter or digit; not a Windows device name."""
+    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and name.split(".")[0].upper() not in RESERVED
 
 
 def check_name(name) -> str:
     """Return `name` if it is an acceptable adapter name, else raise (names are never rewritten)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AdapterError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+            f"invalid adapter name {shown_name(name)}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
             f"letter or digit (no spaces, slashes or leading dots).")
+    if not valid_name(name):
+        raise AdapterError(f"invalid adapter name {name!r}: {name.split('.')[0]!r} is a reserved device name on "
+                           f"Windows; choose another name.")
     return name
+
+
+def shown_name(name) -> str:
+    """The repr of a rejected name, cut short when it is long (a 1,000-character name is not repeated)."""
+    text = repr(name)
+    return text if len(text) <= 70 else f"{text[:60]}…' ({len(name) if isinstance(name, str) else '?'} characters)"
 
 
 @dataclass
@@ -247,7 +263,11 @@ class Library:
         with self._lock:
             src = self.path(check_name(old))
             dst = self._check_free(new)
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except OSError as e:
+                _raise_if_disk_full(e, f"rename {old!r} to {new!r}", self.root)
+                raise
             atomic.fsync_dir(self.root)
         return new
 
@@ -304,15 +324,18 @@ class Library:
         check_name(name)
         with self._lock:
             dst = self._check_free(name)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            tmp = None
             try:
+                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
                 build(tmp)
                 os.chmod(tmp, 0o755)
                 atomic.fsync_dir(tmp)
                 os.rename(tmp, dst)
                 atomic.fsync_dir(self.root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException as e:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                _raise_if_disk_full(e, f"save {name!r}", self.root)
                 raise
         return name
 
@@ -344,7 +367,7 @@ class Library:
             kids = sorted(self.root.iterdir())
         except OSError:
             return []
-        return [d for d in kids if NAME_RE.fullmatch(d.name) and not d.is_symlink() and d.is_dir()]
+        return [d for d in kids if valid_name(d.name) and not d.is_symlink() and d.is_dir()]
 
     def _checkpoint_dirs(self, run: Path) -> list[Path]:
         ck = run / CHECKPOINTS
@@ -398,6 +421,12 @@ class Library:
 
 
 # ---- small helpers -----------------------------------------------------------------------
+
+def _raise_if_disk_full(e: BaseException, what: str, root: Path) -> None:
+    if atomic.disk_full(e):
+        raise AdapterError(f"not enough disk space to {what} in the library ({root}): {e.strerror}. Nothing was "
+                           f"changed; free some space and try again.") from e
+
 
 def _complete(folder: Path) -> bool:
     return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()

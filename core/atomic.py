@@ -1,9 +1,17 @@
 """Crash-safe writes: temp file in the same folder, fsync, os.replace."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over the disk quota
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is the file system saying there is no room for what was being written."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
 def fsync_dir(folder: Path) -> None:
