@@ -40,6 +40,8 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
     """The base from --weights/--model (checked against each other), else the adapter's recorded base."""
     from .config import PRESETS
     from .weights import WeightsError, load_base
+    if args.weights and not Path(args.weights).expanduser().exists():
+        raise WeightsError(f"--weights {args.weights}: no such file or folder.")
     source = args.weights or args.model or recorded or fallback
     say(f"loading base model {source} ...")
     model = load_base(source, args.device, progress=lambda m: say("  " + m))
