@@ -17,7 +17,9 @@ from typing import Callable
 
 import gradio as gr
 
-from core.adapters import NAME_RE, AdapterError
+from core.adapter_library import shown_name, valid_name
+from core.adapters import AdapterError
+from core.atomic import disk_full
 from core.config import PRESETS
 from core.engine import Engine
 from core.train import TrainingError
@@ -87,9 +89,9 @@ class Studio:
     # ---- datasets ---------------------------------------------------------------------------
 
     def dataset_path(self, name: str) -> Path:
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name or ""):
-            raise ValueError(f"invalid dataset name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-                             f"starting with a letter or digit.")
+        if not valid_name(name):
+            raise ValueError(f"invalid dataset name {shown_name(name)}: use 1-64 letters, digits, '_', '.' or '-', "
+                             f"starting with a letter or digit (not a Windows device name such as 'con').")
         p = self.datasets_dir / name
         if p.is_symlink() or not p.resolve().is_relative_to(self.datasets_dir):
             raise ValueError(f"dataset {name!r} is not inside the datasets folder.")
@@ -99,7 +101,7 @@ class Studio:
         """Prepared datasets, newest first: name, token counts, sources."""
         out = []
         for d in sorted(self.datasets_dir.iterdir()) if self.datasets_dir.is_dir() else []:
-            if not NAME_RE.fullmatch(d.name) or d.is_symlink() or not (d / "train_00000.npy").is_file():
+            if not valid_name(d.name) or d.is_symlink() or not (d / "train_00000.npy").is_file():
                 continue
             try:
                 meta = json.loads((d / "meta.json").read_text("utf-8")) if (d / "meta.json").is_file() else {}
@@ -129,10 +131,12 @@ def user_of(request: gr.Request | None) -> str | None:
 
 
 def friendly(fn):
-    """Show user-facing errors (bad input, missing weights, a busy runner) as a warning toast with the
-    message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
+    """Show user-facing errors (bad input, missing weights, a busy runner, a full disk) as a warning toast
+    with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
     def report(e: Exception):
         text = str(e) or type(e).__name__
+        if disk_full(e):
+            text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
         gr.Warning(text[0].upper() + text[1:], duration=12, title="Cannot do that")
         return gr.skip()  # one skip() leaves every output unchanged
 
@@ -143,6 +147,10 @@ def friendly(fn):
                 yield from fn(*args, **kwargs)
             except USER_ERRORS as e:
                 yield report(e)
+            except OSError as e:
+                if not disk_full(e):
+                    raise
+                yield report(e)
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -150,5 +158,9 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
+            return report(e)
+        except OSError as e:
+            if not disk_full(e):
+                raise
             return report(e)
     return wrapper

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from core.adapters import check_name
+from core.atomic import disk_full
 from core.config import LoraConfig, TrainConfig
 from core.data import Dataset
 from core.lora import adapter_names, remove_adapter
@@ -263,6 +264,9 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - reported to every page that follows the job
             final = {"type": "error", "message": f"training failed: {e}" if isinstance(e, ValueError) else
                      f"training failed: {type(e).__name__}: {e}"}
+            if disk_full(e):
+                final["message"] = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). "
+                                    f"Checkpoints saved before are kept; free some space, then Resume.")
         finally:
             with lock:  # the saved adapter is loaded from the library when used; drop the live one
                 if trainer.name in adapter_names(model):

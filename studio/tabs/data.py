@@ -5,7 +5,11 @@ saved as a named dataset in the datasets folder, where the Train tab finds it.
 """
 from __future__ import annotations
 
+import errno
 import html
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -123,7 +127,19 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
     if not texts:
         raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
     ds = build_dataset(texts, sources, float(ratio))
-    save_dataset(ds, path)
+    # built in a hidden folder and renamed into place: a failed write (a full disk) leaves nothing behind
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=studio.datasets_dir))
+    try:
+        save_dataset(ds, tmp / name)
+        try:
+            os.rename(tmp / name, path)  # fails if another session filled the name meanwhile
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise ValueError(f"a dataset named '{name}' already exists; choose another name.") from None
+            raise
+        ds.path = path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     m = ds.meta
     return (f"✓ Saved dataset **{name}**: {m['tokens']:,} tokens ({m['train_tokens']:,} train / "
             f"{m['val_tokens']:,} validation). It is now selectable on the **Train** tab.")

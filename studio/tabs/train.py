@@ -11,6 +11,7 @@ import time
 
 import gradio as gr
 
+from core.adapters import check_name
 from core.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.data import load_dataset
 from core.estimate import estimate_training, human_bytes, human_seconds
@@ -44,6 +45,9 @@ def make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, e
 
     if lr is None:
         raise ValueError("learning rate is empty; enter a number such as 3e-4.")
+    unknown = [t for t in (targets or []) if t not in TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"unknown target module {unknown[0]!r}; choose from {', '.join(TARGET_MODULES)}.")
     lcfg = LoraConfig(r=whole(r, "rank"), alpha=float(alpha if alpha is not None else 0), dropout=float(dropout or 0),
                       targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
     eval_every = whole(eval_interval, "eval interval")
@@ -133,10 +137,14 @@ def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout,
         raise ValueError(busy)
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
+    if model_name not in PRESETS:
+        raise ValueError(f"unknown base model {model_name!r}; choose one of {', '.join(CHOICES)}.")
     lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
                               prompt)
+    lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
+    tcfg.validate(PRESETS[model_name])
     ds = load_dataset(studio.dataset_path(dataset))
-    name = (name or "").strip() or auto_name(dataset, model_name)
+    name = check_name((name or "").strip() or auto_name(dataset, model_name))
     if progress is not None:
         progress(0.1, desc=f"loading base model {model_name} (first use only)…")
     model = studio.base(model_name, _progress_say(progress))
