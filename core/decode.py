@@ -14,6 +14,7 @@ import torch
 from .model import GPT, KVCache
 
 _POOL_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.Lock()
 MAX_DECODERS = 8  # cached decoders per model (each holds a KV cache)
 
 
@@ -66,7 +67,9 @@ class StaticDecoder:
                 self._forward()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # one capture at a time in this process, and only this thread's calls are checked, so a
+        # training step or another user's generation in another thread cannot break the capture
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self._forward()
 
 
