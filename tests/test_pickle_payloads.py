@@ -187,7 +187,7 @@ def test_a_poisoned_resume_checkpoint_is_not_unpickled(poisoned_run, tmp_path, m
 
 
 @pytest.mark.xfail(strict=True, reason="core/train.py Trainer._load_resume does not catch pickle.UnpicklingError "
-                                       "(torch.load weights_only=True), so the CLI prints a traceback; see issue 7 notes")
+                                       "(torch.load weights_only=True), so the CLI prints a traceback")
 def test_a_poisoned_resume_checkpoint_is_a_one_line_error(poisoned_run, capsys, marker):
     capsys.readouterr()
     err = one_line_error(capsys, ["finetune", "--resume", "r", "--library", poisoned_run, "--steps", "8"])
