@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -275,4 +276,14 @@ class Runner:
             with lock:  # the saved adapter is loaded from the library when used; drop the live one
                 if trainer.name in adapter_names(model):
                     remove_adapter(model, trainer.name)
+            if trainer.resume is None and (final is None or final["type"] == "error"):
+                self._drop_if_empty(trainer.out_dir, job.name)
             job.on_event(final or {"type": "error", "message": "training ended without a result."})
+
+    def _drop_if_empty(self, run_dir: Path, name: str) -> None:
+        """A new run that failed before its first checkpoint leaves nothing the library lists (at most a
+        half-written hidden checkpoint): remove its folder so the name is free again."""
+        library = self.engine.library
+        with library.lock():
+            if run_dir.is_dir() and not run_dir.is_symlink() and name not in library.names():
+                shutil.rmtree(run_dir, ignore_errors=True)
