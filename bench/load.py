@@ -1,0 +1,269 @@
+"""Many users at once: the studio on localhost with the `tiny` model training in the background, and
+N concurrent gradio_client clients each running side-by-side comparisons for a while.
+
+    python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
+
+What it does, in order:
+  1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
+  2. starts `python app.py --model tiny` on 127.0.0.1 in its own process (as a user would);
+  3. starts a long training run through the API (/start_training), so the machine is busy training;
+  4. solo: one client runs each request of a fixed set alone, in turn, `--solo-rounds` times: the
+     expected answers (a repeat must give the same text) and the solo latency;
+  5. load: `--clients` clients, each its own gradio_client.Client, send those requests in a loop for
+     `--seconds`; every answer is compared with the solo answer of the same request (same seed),
+     so a mix-up between users shows as a mismatch;
+  6. stops the training run and the server; prints a table with the date and the machine.
+
+A benchmark, not a test: it reports; the exit status is 1 only when a request failed or mismatched.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT, table
+
+REQUESTS = [  # (include base, adapters, prompt, seed): one column per model, all in one batched pass
+    (True, [], "Once upon a time", 1),
+    (True, ["pirate"], "Ahoy! Today in the galley we cook", 2),
+    (False, ["pirate", "bard"], "ACT I. SCENE I. Enter", 3),
+    (True, ["bard"], "no cap the bus this morning", 4),
+    (True, ["pirate", "bard"], "The best advice I ever got was", 5),
+    (False, ["bard"], "Once upon a time", 6),
+]
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
+
+
+def prepare_library(tmp: Path) -> None:
+    """A dataset and two small trained adapters, before the server starts (its pickers list them)."""
+    from core.config import LoraConfig, TrainConfig
+    from core.data import SAMPLES_DIR, prepare
+    from core.train import Trainer, run_to_end
+    from core.weights import load_base
+    model = load_base("tiny", "cpu")
+    for name, sample, seed in (("pirate", "pirate_recipes", 1), ("bard", "shakespearean", 2)):
+        ds = prepare([SAMPLES_DIR / f"{sample}.txt"], tmp / "datasets" / name)
+        tcfg = TrainConfig(steps=30, lr=5e-3, batch_size=4, seq_len=64, grad_accum=1, eval_interval=0, seed=seed)
+        run_to_end(Trainer(model, ds, LoraConfig(r=8, alpha=16), tcfg, name, tmp / "lib" / name, base_id="tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
+                             "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}); see {tmp / 'server.log'}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the server did not start within 120 s")
+
+
+def ask(client, request, max_tokens: int, timeout: float) -> list[str]:
+    include_base, adapters, prompt, seed = request
+    job = client.submit("tiny", include_base, adapters, prompt, SAMPLING["temperature"], SAMPLING["top_k"],
+                        SAMPLING["top_p"], max_tokens, seed, api_name="/compare")
+    out = job.result(timeout=timeout)
+    return list(out[:(1 if include_base else 0) + len(adapters)])
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1), nearest rank."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))] if s else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
+    ap.add_argument("--seconds", type=float, default=60, help="how long the clients keep sending (default 60)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per column (default 32)")
+    ap.add_argument("--solo-rounds", type=int, default=3, help="times each request runs alone (default 3)")
+    ap.add_argument("--timeout", type=float, default=300, help="longest wait for one answer, s (default 300)")
+    ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
+    args = ap.parse_args()
+    from gradio_client import Client
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-load-"))
+    server = None
+    try:
+        t0 = time.time()
+        prepare_library(tmp)
+        port = free_port()
+        server = start_server(tmp, port)
+        url = f"http://127.0.0.1:{port}/"
+        control = Client(url, verbose=False)
+        msg = "none (--no-training)"
+        if not args.no_training:
+            msg = control.predict("tiny", "pirate", "background", ["attn.c_attn", "mlp.c_fc"], 8, 16, 0.0, 1e-3,
+                                  100_000, 4, 1, 128, 50, 1337, "Ahoy", api_name="/start_training")[0]
+            if "Started" not in msg:
+                raise SystemExit(f"could not start the background training run: {msg}")
+        print(f"setup {time.time() - t0:.0f} s; background training: {msg}", flush=True)
+
+        # solo: each request alone, in turn
+        expected, solo, solo_errors = {}, [], 0
+        for _ in range(args.solo_rounds):
+            for i, req in enumerate(REQUESTS):
+                t = time.perf_counter()
+                try:
+                    out = ask(control, req, args.max_tokens, args.timeout)
+                except Exception as e:  # noqa: BLE001 - counted and shown
+                    solo_errors += 1
+                    print(f"solo error on request {i}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                solo.append(time.perf_counter() - t)
+                if expected.setdefault(i, out) != out:
+                    solo_errors += 1
+                    print(f"solo request {i} gave a different text when repeated", flush=True)
+        if len(expected) < len(REQUESTS):
+            raise SystemExit("some requests never succeeded alone; see the messages above")
+        if not all(len(expected[i]) == (1 if r[0] else 0) + len(r[1]) and all(t.startswith(r[2]) for t in expected[i])
+                   for i, r in enumerate(REQUESTS)):
+            raise SystemExit("the solo answers do not look like continuations of their prompts")
+
+        # load: N clients in a loop
+        lat: list[float] = []
+        counts = {"sent": 0, "answered": 0, "errors": 0, "mismatches": 0}
+        problems: list[str] = []
+        lock = threading.Lock()
+        clients = [Client(url, verbose=False) for _ in range(args.clients)]
+        start = time.time() + 1.0
+        stop_at = start + args.seconds
+
+        def worker(k: int) -> None:
+            while time.time() < start:
+                time.sleep(0.01)
+            n = k
+            while time.time() < stop_at:
+                i = n % len(REQUESTS)
+                n += 1
+                with lock:
+                    counts["sent"] += 1
+                t = time.perf_counter()
+                try:
+                    out = ask(clients[k], REQUESTS[i], args.max_tokens, args.timeout)
+                except Exception as e:  # noqa: BLE001 - counted and shown
+                    with lock:
+                        counts["errors"] += 1
+                        problems.append(f"client {k} request {i}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                dt_s = time.perf_counter() - t
+                with lock:
+                    counts["answered"] += 1
+                    lat.append(dt_s)
+                    if out != expected[i]:
+                        counts["mismatches"] += 1
+                        problems.append(f"client {k} request {i}: answer differs from the solo answer")
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(args.clients)]
+        for th in threads:
+            th.start()
+        while time.time() < start:
+            time.sleep(0.01)
+        cpu0 = (cpu_seconds(server.pid), cpu_seconds(os.getpid()))
+        for th in threads:
+            th.join(args.seconds + args.timeout + 30)
+        wall = time.time() - start
+        cpu = (cpu_seconds(server.pid) - cpu0[0], cpu_seconds(os.getpid()) - cpu0[1])
+        unanswered = counts["sent"] - counts["answered"] - counts["errors"]
+
+        training_note = "no training run" if args.no_training else control.predict(api_name="/stop_training")
+        saved = tmp / "lib" / "background" / "studio.json"
+        deadline = time.time() + 60
+        while not args.no_training and not saved.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        if saved.exists():
+            import json
+            training_note += f" It had trained {json.loads(saved.read_text())['steps']} steps meanwhile."
+
+        solo_p50, solo_p95 = statistics.median(solo), pct(solo, 0.95)
+        p50, p95 = (statistics.median(lat), pct(lat, 0.95)) if lat else (float("nan"), float("nan"))
+        import gradio
+        import torch
+        print()
+        print(f"LoRA Studio load benchmark, {dt.date.today().isoformat()}")
+        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs (nproc), {platform.system()} {platform.release()}; "
+              f"python {platform.python_version()}, torch {torch.__version__}, gradio {gradio.__version__}")
+        print("server: python app.py --model tiny (one process); background: " + (
+            "nothing (--no-training)" if args.no_training else
+            "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
+        print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "
+              f"tokens per column, temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
+              f"top-p {SAMPLING['top_p']}, a fixed seed each")
+        print()
+        print(table([[args.clients, f"{wall:.0f} s", counts["sent"], counts["answered"], counts["errors"] + unanswered,
+                      counts["mismatches"], f"{solo_p50:.2f} s", f"{p50:.2f} s", f"{p95:.2f} s",
+                      f"{p95 / solo_p50:.1f}x", f"{counts['answered'] / wall:.2f}/s"]],
+                    ["clients", "duration", "requests", "answered", "errors", "mismatches", "solo p50", "p50",
+                     "p95", "p95 / solo p50", "throughput"]))
+        failed = counts["errors"] + unanswered + counts["mismatches"]
+        met = "met" if not failed and p95 < 5 * solo_p50 else "NOT met"
+        need = args.clients / (5 * solo_p50)
+        print(f"solo: {len(solo)} requests alone (p50 {solo_p50:.2f} s, p95 {solo_p95:.2f} s), {solo_errors} "
+              f"problems; goal: 0 errors, 0 mismatches, p95 under 5x solo -> {met}")
+        print(f"closed loop: each client waits for its answer, so latency ~ clients / throughput; p95 under 5x solo "
+              f"would need ~{need:.0f} answers/s, {need * solo_p50:.0f}x what one client alone gets")
+        print(f"CPU time while loaded: server {cpu[0]:.0f} s, the {args.clients} clients (this process) "
+              f"{cpu[1]:.0f} s, of {wall * (os.cpu_count() or 1):.0f} s available")
+        print(f"stop: {training_note}")
+        for p in problems[:10]:
+            print("  " + p)
+        return 1 if failed + solo_errors else 0
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
