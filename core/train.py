@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import math
+import pickle
 import shutil
 import threading
 import time
@@ -448,7 +449,7 @@ class Trainer:
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
             tensors = load_file(str(ck.path / WEIGHTS))
-        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+        except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError) as e:
             raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
         current = adapter_state_dict(self.model, self.name)

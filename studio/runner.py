@@ -13,7 +13,6 @@ step and saves the adapter (and a resume checkpoint) to the library.
 from __future__ import annotations
 
 import itertools
-import pickle
 import shutil
 import threading
 import time
@@ -266,9 +265,6 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - reported to every page that follows the job
             final = {"type": "error", "message": f"training failed: {e}" if isinstance(e, ValueError) else
                      f"training failed: {type(e).__name__}: {e}"}
-            if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) met more than tensors
-                final["message"] = ("training failed: a file of the checkpoint holds more than tensors and numbers, "
-                                    "so it was not opened (it could run code); resume from another checkpoint.")
             if disk_full(e):
                 final["message"] = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). "
                                     f"Checkpoints saved before are kept; free some space, then Resume.")
