@@ -538,6 +538,34 @@ def trainer_graphs_check(cfg, dev, steps):
         res[f"{key}_notes"] = [e["message"] for e in events if e["type"] == "info"]
         del m
     res["trainer_graphs_max_loss_diff"] = max(abs(p - q) for p, q in zip(losses[True], losses[False]))
+
+    # the studio's normal case: users generate while another starts a graphed training run
+    import threading
+    m = ours_random(cfg, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=7)
+    errors, stop = [], threading.Event()
+
+    def gen_loop():
+        while not stop.is_set():
+            try:
+                generate(m, [[464, 2068, 7586]], [None], SamplingConfig(max_new_tokens=16, temperature=0.8))
+            except Exception as e:  # noqa: BLE001 - counted
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+                return
+    threads = [threading.Thread(target=gen_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        tc = TrainConfig(steps=steps, batch_size=4, seq_len=128, grad_accum=2, eval_interval=0,
+                         checkpoint_interval=0, cuda_graphs=True)
+        with tempfile.TemporaryDirectory() as d:
+            events = list(Trainer(m, ds, LoraConfig(), tc, "g2", Path(d) / "run", base_id="bench").run())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    res["concurrent_generation_errors"] = errors
+    res["concurrent_trainer_notes"] = [e["message"] for e in events if e["type"] in ("info", "error")]
+    res["concurrent_trainer_finished"] = any(e["type"] == "done" for e in events)
     return res
 
 

@@ -7,6 +7,7 @@ reused across calls of the same shape and adapter mix, one call at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -14,7 +15,54 @@ import torch
 from .model import GPT, KVCache
 
 _POOL_LOCK = threading.Lock()
-_CAPTURE_LOCK = threading.Lock()
+
+
+class CaptureGuard:
+    """Readers-writer lock for CUDA graph capture in a process where several threads use the GPU.
+
+    Generation steps and training micro-steps hold it shared; a capture (a decode graph, or the
+    trainer's step) holds it alone, so no other thread launches work while a stream is capturing.
+    Writers go first once waiting, so a stream of generations cannot starve a capture. Not
+    re-entrant: never take it while already holding it.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self, active: bool = True):
+        if not active:  # CPU: nothing is ever captured
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+GUARD = CaptureGuard()
 MAX_DECODERS = 8  # cached decoders per model (each holds a KV cache)
 
 
@@ -52,10 +100,15 @@ class StaticDecoder:
         self.write_at.fill_(at)
         if not self.use_graph:
             return self._forward()
-        if self.graph is None:
-            self._capture()
         self.graph.replay()
         return self.out
+
+    def prepare(self) -> None:
+        """Capture the graph if this decoder has none yet (call holding no GUARD; it takes it alone).
+        The warm-up writes cache slot 0, which the prompt's prefill overwrites afterwards."""
+        if self.use_graph and self.graph is None:
+            with GUARD.exclusive():
+                self._capture()
 
     def _capture(self) -> None:
         # Warm up on a side stream (allocator and cuBLAS handles), then capture. The warm-up
@@ -67,9 +120,8 @@ class StaticDecoder:
                 self._forward()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        # one capture at a time in this process, and only this thread's calls are checked, so a
-        # training step or another user's generation in another thread cannot break the capture
-        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # GUARD keeps other threads' GPU work out; thread_local checks only this thread's calls
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self._forward()
 
 

@@ -90,8 +90,14 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
     route_names = tuple(adapters) if adapters is not None else None
     route = make_route(model, list(adapters)) if adapters is not None else None
     dec = None
+    cuda = dev.type == "cuda"
     if static:
-        dec = decode.acquire(model, route, route_names, B, max_len, graph=dev.type == "cuda")
+        dec = decode.acquire(model, route, route_names, B, max_len, graph=cuda)
+        try:
+            dec.prepare()
+        except BaseException:
+            decode.release(dec)
+            raise
         route, cache, valid = dec.route, dec.cache, dec.valid
         valid.zero_()
     else:
@@ -107,16 +113,18 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             dec.start(lengths - T)
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(cfg.seed))
-        if padded:
-            pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
-            logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
-        else:
-            logits = model(idx, route, cache, 0, last_only=True)
+        with decode.GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
+            if padded:
+                pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
+                logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
+            else:
+                logits = model(idx, route, cache, 0, last_only=True)
         done = [False] * B
         for step in range(max_new):
-            u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
-            nxt = pick_tokens(logits[:, -1, :], cfg, u)
-            out = nxt.tolist()  # the step's one host sync
+            with decode.GUARD.shared(cuda):
+                u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
+                nxt = pick_tokens(logits[:, -1, :], cfg, u)
+                out = nxt.tolist()  # the step's one host sync
             yield [None if done[i] else out[i] for i in range(B)]
             if cfg.stop_at_eot:
                 done = [d or t == EOT_TOKEN for d, t in zip(done, out)]
@@ -125,14 +133,15 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             if step == max_new - 1:
                 return
             at = T + step
-            if dec is not None:
-                logits = dec.step(nxt, at)
-            elif padded:
-                valid[:, at] = True
-                logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),
-                               mask=causal_mask(1, at, dev, valid))
-            else:
-                logits = model(nxt.view(B, 1), route, cache, at)
+            with decode.GUARD.shared(cuda):
+                if dec is not None:
+                    logits = dec.step(nxt, at)
+                elif padded:
+                    valid[:, at] = True
+                    logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),
+                                   mask=causal_mask(1, at, dev, valid))
+                else:
+                    logits = model(nxt.view(B, 1), route, cache, at)
     finally:
         if dec is not None:
             decode.release(dec)

@@ -94,11 +94,12 @@ class LoRALinear(nn.Module):
     def device(self):
         return self.base.bias.device  # plain and quantized bases both keep a bias
 
-    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None):
-        A = torch.empty(r, self.in_features, device=self.device, dtype=torch.float32)
-        # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base.
-        bound = 1.0 / math.sqrt(self.in_features)
-        A.uniform_(-bound, bound, generator=generator)
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True):
+        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw)."""
+        A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
+        if init:  # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base
+            bound = 1.0 / math.sqrt(self.in_features)
+            A.uniform_(-bound, bound, generator=generator)
         B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
         self.keys[name] = _key(name)
         self.lora_A[self.keys[name]] = nn.Parameter(A)
@@ -141,6 +142,8 @@ class LoRALinear(nn.Module):
             self._check_unmerged(name)
             return y + self.lora(x, name)
         self._check_unmerged(route)
+        if route is BASE_ONLY:
+            return y
         if isinstance(route, str):
             return y + self.lora(x, route) if self.has(route) else y
         plan = route.plan(self, x.dtype)
@@ -266,18 +269,18 @@ def make_route(model, names: Sequence[str | None]) -> Route | str | None:
         if n and n not in loaded:
             raise KeyError(f"no adapter named {n!r} is loaded")
     if len(set(names)) == 1:
-        return names[0] or _BASE
+        return names[0] or BASE_ONLY
     return Route(names, model.device)
 
 
-class _Base(Route):
-    """Route for 'base model only, whatever is active'."""
+class _BaseOnly:
+    """Route marker: every row uses the base alone (whatever adapter is active). Holds no state."""
 
-    def __init__(self):
-        super().__init__((), None)
+    def __repr__(self):
+        return "BASE_ONLY"
 
 
-_BASE = _Base()
+BASE_ONLY = _BaseOnly()
 
 
 def merge(model, name: str) -> None:
@@ -347,7 +350,7 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     for (i, target), ab in targets.items():
         layer = layers[f"transformer.h.{i}.{target}"]
         r = ab["A"].shape[0]
-        layer.add(name, r, alpha, dropout)
+        layer.add(name, r, alpha, dropout, init=False)
         A, B = layer.weights(name)
         with torch.no_grad():
             A.copy_(ab["A"].float())

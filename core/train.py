@@ -48,6 +48,7 @@ from . import atomic
 from .adapter_io import META, PEFT_PREFIX, WEIGHTS, save_adapter
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
+from .decode import GUARD
 from .generate import SamplingConfig, generate_text
 from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
                    make_route)
@@ -58,11 +59,17 @@ CHECKPOINTS = "checkpoints"
 
 
 class _Loss(torch.nn.Module):
-    """The loss of one micro-batch as a module, the form torch.cuda.make_graphed_callables captures."""
+    """The loss of one micro-batch as a module, the form torch.cuda.make_graphed_callables captures.
+
+    Its parameters are this adapter's alone: the shared model is held outside the module tree, so
+    other loaded adapters are not taken for inputs of the captured graph.
+    """
 
     def __init__(self, model, name: str, chunk: int):
         super().__init__()
-        self.model, self.name, self.chunk = model, name, chunk
+        self.params = torch.nn.ParameterList(lora_parameters(model, name))
+        self.__dict__["model"] = model  # not a submodule
+        self.name, self.chunk = name, chunk
 
     def forward(self, x, y):
         return self.model.loss(x, y, self.name, chunk=self.chunk)
@@ -269,9 +276,9 @@ class Trainer:
                 micro = 0
                 while micro < A and not self.stop.is_set():
                     x, y = get_batch(self.dataset.train, B, T, rng, model.device)
-                    with autocast_for(model):
+                    with GUARD.shared(model.device.type == "cuda"), autocast_for(model):
                         loss = loss_fn(x, y)
-                    (loss / A).backward()
+                        (loss / A).backward()
                     loss_sum += loss.detach()
                     del loss
                     micro += 1
@@ -351,7 +358,9 @@ class Trainer:
             return plain, None
         try:
             x, y = get_batch(self.dataset.train, B, T, np.random.default_rng(0), model.device)
-            graphed = torch.cuda.make_graphed_callables(_Loss(model, name, chunk), (x, y), num_warmup_iters=3)
+            with GUARD.exclusive():  # other users' generations wait while the step is captured
+                graphed = torch.cuda.make_graphed_callables(_Loss(model, name, chunk), (x, y),
+                                                            num_warmup_iters=3)
         except Exception as e:  # noqa: BLE001 - the eager path always works
             if is_oom(e):
                 raise

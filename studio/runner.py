@@ -176,9 +176,11 @@ class Runner:
         out_dir = self.engine.library.root / name
         with self._lock:
             self._check_free()
-            if out_dir.exists() or out_dir.is_symlink():
-                raise ValueError(f"the library already has an adapter named '{name}'; choose another name "
-                                 f"(or resume that run).")
+            with self.engine.library.lock():  # reserve the name now: the first checkpoint comes later
+                if out_dir.exists() or out_dir.is_symlink():
+                    raise ValueError(f"the library already has an adapter named '{name}'; choose another "
+                                     f"name (or resume that run).")
+                out_dir.mkdir()
             job = Job(name, base_id, dataset.name, user, tcfg.steps)
             trainer = StudioTrainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
                                     base_id=base_id, run_name=name, user=user)

@@ -122,3 +122,26 @@ def test_state_dict_round_trip_is_bit_identical(two_adapters, tiny):
     for k, v in lora.adapter_state_dict(two_adapters, "a2").items():
         assert torch.equal(v, state[k])
     assert torch.equal(logits(two_adapters, ["a"]), logits(two_adapters, ["a2"]))
+
+
+def test_base_only_batches_keep_no_reference_to_the_model():
+    """A base-only route is a stateless marker: switching the studio's base frees the old one."""
+    import gc
+    import weakref
+    from core.generate import SamplingConfig, generate
+    from core.weights import load_base
+    m = load_base("tiny", device="cpu")
+    lora.add_adapter(m, "a", LoraConfig())
+    generate(m, [[464, 2068]], [None], SamplingConfig(max_new_tokens=2))
+    ref = weakref.ref(m.transformer.h[0].attn.c_attn.base.weight)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_loading_saved_tensors_draws_no_random_numbers(tiny):
+    state = {"transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(4, 64),
+             "transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(192, 4)}
+    before = torch.get_rng_state()
+    lora.load_adapter_state(tiny, "x", state, alpha=8)
+    assert torch.equal(before, torch.get_rng_state())  # a training run's dropout stream is untouched

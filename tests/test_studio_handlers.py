@@ -332,6 +332,18 @@ def test_library_refuses_to_touch_a_running_job(studio):
     assert "busy-run" in compare.compatible_adapters(studio, "tiny")
 
 
+def test_a_new_runs_name_is_reserved_before_its_first_checkpoint(studio):
+    """Another session cannot claim the name (duplicate, import, blend) while the run has saved nothing."""
+    _prepare(studio)
+    _train(studio, "other", 2)
+    _start(studio, "fresh", 5000)
+    with pytest.raises(Exception, match="already"):  # at once: no checkpoint exists yet
+        studio.library.duplicate("other", "fresh")
+    train.stop(studio)
+    assert studio.runner.wait(120)["state"] in ("stopped", "finished")
+    assert studio.library.details("fresh")["meta"].get("duplicated_from") is None
+
+
 # ---- compare ---------------------------------------------------------------------------------
 
 def _final(gen):
