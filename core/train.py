@@ -380,12 +380,17 @@ class Trainer:
                 layer.train(on and self.lcfg.dropout > 0)
 
     def _torch_rng(self, state=None):
-        """Get (or set) torch's global RNG, which only LoRA dropout draws from; untouched without dropout."""
+        """Get (or set) the RNG LoRA dropout draws from (the device's: CUDA's on GPUs); untouched
+        without dropout."""
         if self.lcfg.dropout <= 0:
             return None
+        cuda = self.model.device.type == "cuda"
         if state is None:
-            return torch.get_rng_state()
-        torch.set_rng_state(state)
+            return torch.cuda.get_rng_state(self.model.device) if cuda else torch.get_rng_state()
+        if cuda:
+            torch.cuda.set_rng_state(state, self.model.device)
+        else:
+            torch.set_rng_state(state)
 
     def _eval(self):
         """Validation loss (+ samples) at the current step; yields events and returns the loss."""
@@ -433,7 +438,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
         state = {"step": self.step, "optimizer": opt.state_dict(),
-                 "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                 "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._torch_rng() if self.lcfg.dropout > 0 else torch.get_rng_state(),
                  "history": list(self.history), "start_val_loss": self.start_val_loss}
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -470,7 +475,10 @@ class Trainer:
             for k, p in current.items():
                 p.copy_(loaded[k])
         opt.load_state_dict(state["optimizer"])
-        self._torch_rng(state["torch_rng"])
+        try:
+            self._torch_rng(state["torch_rng"])
+        except (RuntimeError, TypeError):  # saved on another kind of device: dropout masks differ from here on
+            pass
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.start_val_loss = state.get("start_val_loss")
