@@ -203,7 +203,7 @@ def build(cfg: GPTConfig, state: dict) -> GPT:
             v = v.t()
         if tuple(v.shape) != expected[k]:
             raise WeightsError(f"key {k!r} has shape {tuple(v.shape)}, expected {expected[k]}.")
-        fixed[k] = v.float().contiguous()
+        fixed[k] = v.contiguous()  # load_base casts once, to the device dtype
     fixed["lm_head.weight"] = fixed["transformer.wte.weight"]
     model.load_state_dict(fixed, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie after assign

@@ -29,9 +29,9 @@ def _f(x, digits=4):
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def table_rows(studio: Studio) -> list[list]:
+def table_rows(studio: Studio, entries=None) -> list[list]:
     rows = []
-    for e in studio.library.list():
+    for e in studio.library.list() if entries is None else entries:
         rows.append([e.name, e.base_model or "?", e.rank or "", ", ".join(e.targets), e.steps or "",
                      _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
                      (e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)])
@@ -44,10 +44,11 @@ def names(studio: Studio, final_only: bool = False) -> list[str]:
 
 def refresh(studio: Studio, selected: str | None = None):
     """(table rows, adapter picker, blend picker) after a change."""
-    all_names = names(studio)
-    finals = names(studio, final_only=True)
+    entries = studio.library.list()  # reads every adapter's studio.json: once per refresh
+    all_names = [e.name for e in entries]
+    finals = [e.name for e in entries if e.has_final]
     value = selected if selected in all_names else None
-    return (table_rows(studio), gr.update(choices=all_names, value=value),
+    return (table_rows(studio, entries), gr.update(choices=all_names, value=value),
             gr.update(choices=finals, value=[]))
 
 
