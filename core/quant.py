@@ -50,7 +50,7 @@ class QuantConv1D(nn.Module):
     def dequantize(self) -> torch.Tensor:
         if self.mode == "int8":
             return self.q.to(self.compute_dtype) * self.scale.to(self.compute_dtype)
-        codes = torch.stack([self.q & 0xF, self.q >> 4], dim=1).view(-1, NF4_BLOCK).long()
+        codes = torch.stack([self.q & 0xF, self.q >> 4], dim=1).view(-1, NF4_BLOCK).int()  # int32: half of int64
         w = self.levels[codes] * self.scale[:, None]
         return w.view(self.in_features, self.out_features).to(self.compute_dtype)
 
