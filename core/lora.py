@@ -31,7 +31,7 @@ class Route:
     matmuls, however many adapters the batch mixes.
     """
 
-    def __init__(self, names: Sequence[str | None], device):
+    def __init__(self, names: Sequence[str | None]):
         self.names = tuple(names)
         self.groups = [n for n in dict.fromkeys(self.names) if n]
         self._plans: dict[int, tuple[LoRALinear, tuple | None]] = {}  # id(layer) -> (layer, plan)
@@ -270,7 +270,7 @@ def make_route(model, names: Sequence[str | None]) -> Route | str | None:
             raise KeyError(f"no adapter named {n!r} is loaded")
     if len(set(names)) == 1:
         return names[0] or BASE_ONLY
-    return Route(names, model.device)
+    return Route(names)
 
 
 class _BaseOnly:

@@ -87,7 +87,6 @@ def quantize_base(model, mode: str) -> None:
                         layer.base = QuantConv1D(layer.base, mode)
                 elif isinstance(layer, Conv1D):
                     setattr(parent, child, QuantConv1D(layer, mode))
-    model.quantized = mode
     model.lora_version = getattr(model, "lora_version", 0) + 1  # cached decode graphs saw the old layers
 
 

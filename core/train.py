@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 
 from . import atomic
 from .adapter_io import META, PEFT_PREFIX, WEIGHTS, save_adapter
+from .adapter_library import CHECKPOINTS
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
 from .decode import GUARD
@@ -55,7 +56,6 @@ from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, 
 
 STATE = "trainer_state.pt"
 LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one forward may hold whole (larger: evaluated/trained in pieces)
-CHECKPOINTS = "checkpoints"
 
 
 class _Loss(torch.nn.Module):

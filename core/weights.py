@@ -76,7 +76,7 @@ def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
         say(f"downloading {repo_id}/{fname} into the Hugging Face cache")
         try:
             if reachable is None:
-                reachable = _hub_reachable()
+                reachable = hub_reachable()
             if not reachable:  # huggingface_hub would retry for ~25 s before giving up
                 raise ConnectionError("the hub did not answer within 3 s")
             files[fname] = hf_hub_download(repo_id, fname)
@@ -93,7 +93,7 @@ def read_hub(repo_id: str, say) -> tuple[GPTConfig, dict]:
     return cfg, read_state(Path(files["model.safetensors"]))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the hub endpoint (skipped behind a proxy, where it would mislead)."""
     import socket
     from urllib.parse import urlparse

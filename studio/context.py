@@ -140,27 +140,24 @@ def friendly(fn):
         gr.Warning(text[0].upper() + text[1:], duration=12, title="Cannot do that")
         return gr.skip()  # one skip() leaves every output unchanged
 
+    def handle(e: Exception):
+        if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and disk_full(e)):
+            return report(e)
+        raise e
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except USER_ERRORS as e:
-                yield report(e)
-            except OSError as e:
-                if not disk_full(e):
-                    raise
-                yield report(e)
+            except (*USER_ERRORS, OSError) as e:
+                yield handle(e)
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            return report(e)
-        except OSError as e:
-            if not disk_full(e):
-                raise
-            return report(e)
+        except (*USER_ERRORS, OSError) as e:
+            return handle(e)
     return wrapper

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
 
 from core.config import HUB_IDS, PRESETS
+from core.weights import hub_reachable
 
 CHOICES = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]
 # Size of each model.safetensors on the hub (what a first use downloads).
@@ -37,15 +36,7 @@ class HubProbe:
         return self.result
 
     def _check(self) -> None:
-        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
-            self.result = True  # behind a proxy a direct TCP check would mislead; assume it works
-            return
-        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-        try:
-            with socket.create_connection((url.hostname, url.port or 443), timeout=self.timeout):
-                self.result = True
-        except OSError:
-            self.result = False
+        self.result = hub_reachable(self.timeout)
 
 
 def cached_weights(name: str) -> str | None:

@@ -7,12 +7,13 @@ Screenshots of each tab go to artifacts/ (gitignored); the README's two go to do
 from __future__ import annotations
 
 import os
-import socket
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.studio_server import served_studio
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -31,26 +32,10 @@ POINTS_JS = """() => { const p = document.querySelector('#train-chart .js-plotly
   return p && p.data && p.data[0] ? p.data[0].x.length : -1; }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from studio.app import build_ui, create_studio, launch_options
-    tmp = tmp_path_factory.mktemp("studio")
-    studio = create_studio(tmp / "adapters", tmp / "datasets", "cpu", "tiny")
-    demo = build_ui(studio)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
-                            quiet=True, **launch_options())
-    yield url, studio
-    job = studio.runner.busy()
-    if job is not None:
-        job.request_stop()
-        studio.runner.wait(60)
-    demo.close()
+    with served_studio(tmp_path_factory.mktemp("studio")) as (url, studio):
+        yield url, studio
 
 
 @pytest.fixture(scope="module")

@@ -9,50 +9,30 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import time
 from urllib.parse import quote, urlparse
 
 import httpx
 import pytest
 
-from studio.app import build_ui, create_studio, launch_options
+from studio.app import launch_options
 from studio.tabs import data
+from tests.studio_server import served_studio
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 MAX_UPLOAD = "64kb"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(tmp, auth=None):
-    studio = create_studio(tmp / "adapters", tmp / "datasets", "cpu", "tiny", auth=bool(auth))
+def _with_pirates(studio):
     text, _, state = data.sample_text("pirate_recipes")
-    data.prepare(studio, state, text, 0.9, "pirates")  # before build: the API's dataset choices are built with it
-    demo = build_ui(studio)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True,
-                            auth=auth, **launch_options(MAX_UPLOAD))
-    return demo, url, studio
-
-
-def _stop(demo, studio):
-    job = studio.runner.busy()
-    if job is not None:
-        job.request_stop()
-        studio.runner.wait(60)
-    demo.close()
+    data.prepare(studio, state, text, 0.9, "pirates")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    demo, url, studio = _launch(tmp_path_factory.mktemp("open"))
-    yield url, studio
-    _stop(demo, studio)
+    with served_studio(tmp_path_factory.mktemp("open"), max_upload=MAX_UPLOAD, before_build=_with_pirates) as served:
+        yield served
 
 
 def raw_get(url: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
@@ -135,9 +115,9 @@ USERS = [("ann", "s3cret-ann"), ("bob", "s3cret-bob")]
 
 @pytest.fixture(scope="module")
 def authed(tmp_path_factory):
-    demo, url, studio = _launch(tmp_path_factory.mktemp("auth"), auth=USERS)
-    yield url, studio
-    _stop(demo, studio)
+    with served_studio(tmp_path_factory.mktemp("auth"), auth=USERS, max_upload=MAX_UPLOAD,
+                       before_build=_with_pirates) as served:
+        yield served
 
 
 def test_nothing_answers_before_sign_in(authed):
