@@ -2,7 +2,8 @@
 sample -> prepare -> train (the live chart gains points) -> stop -> library -> compare -> download.
 A second browser context sees the busy message while training and can still compare.
 
-Screenshots of each tab go to artifacts/ (gitignored); the README's two go to docs/screenshots/.
+Screenshots of each tab go to artifacts/ (gitignored); with UPDATE_README_SCREENSHOTS=1 the README's two
+are rewritten in docs/screenshots/.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _shot(page, name: str, readme: str | None = None, full: bool = False) -> Non
     page.evaluate("() => window.scrollTo(0, 0)")
     page.mouse.move(0, 0)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    if readme:
+    if readme and os.environ.get("UPDATE_README_SCREENSHOTS"):  # else test runs would rewrite tracked files
         README_SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(README_SHOTS / readme), full_page=full)
 
