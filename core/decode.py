@@ -7,62 +7,16 @@ reused across calls of the same shape and adapter mix, one call at a time.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
 
+from .device import GUARD
 from .model import GPT, KVCache
 
 _POOL_LOCK = threading.Lock()
 
 
-class CaptureGuard:
-    """Readers-writer lock for CUDA graph capture in a process where several threads use the GPU.
-
-    Generation steps and training micro-steps hold it shared; a capture (a decode graph, or the
-    trainer's step) holds it alone, so no other thread launches work while a stream is capturing.
-    Writers go first once waiting, so a stream of generations cannot starve a capture. Not
-    re-entrant: never take it while already holding it.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self, active: bool = True):
-        if not active:  # CPU: nothing is ever captured
-            yield
-            return
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-GUARD = CaptureGuard()
 MAX_DECODERS = 8  # cached decoders per model (each holds a KV cache)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .config import EOT_TOKEN
 from . import decode
+from .device import GUARD
 from .lora import get_active, make_route, merged_name
 from .model import GPT, KVCache, causal_mask
 from . import tokenizer
@@ -113,7 +114,7 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             dec.start(lengths - T)
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(cfg.seed))
-        with decode.GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
+        with GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
             if padded:
                 pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
                 logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
@@ -121,7 +122,7 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
                 logits = model(idx, route, cache, 0, last_only=True)
         done = [False] * B
         for step in range(max_new):
-            with decode.GUARD.shared(cuda):
+            with GUARD.shared(cuda):
                 u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
                 nxt = pick_tokens(logits[:, -1, :], cfg, u)
                 out = nxt.tolist()  # the step's one host sync
@@ -133,7 +134,7 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
             if step == max_new - 1:
                 return
             at = T + step
-            with decode.GUARD.shared(cuda):
+            with GUARD.shared(cuda):
                 if dec is not None:
                     logits = dec.step(nxt, at)
                 elif padded:
