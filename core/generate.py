@@ -14,7 +14,7 @@ from .config import EOT_TOKEN
 from . import decode
 from .device import GUARD
 from .lora import get_active, make_route, merged_name
-from .model import GPT, KVCache, causal_mask
+from .model import GPT
 from . import tokenizer
 
 
@@ -77,49 +77,22 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     dev = model.device
-    static = dev.type == "cuda" if static is None else static
+    cuda = dev.type == "cuda"
     ctx = model.config.block_size
     max_new = min(cfg.max_new_tokens, ctx - 1)
     keep = ctx - max_new  # crop long prompts from the left so prompt + new tokens fit
     prompts = [list(p)[-keep:] for p in prompts]
     T = max(len(p) for p in prompts)
-    padded = any(len(p) != T for p in prompts)
-    # static buffers are sized in buckets so repeated calls reuse one captured graph
-    max_len = min(ctx, -(-(T + max_new) // 256) * 256) if static else T + max_new
     if adapters is None and merged_name(model) is None:
         adapters = [get_active(model)] * B  # explicit, so a captured graph never bakes in a stale choice
     route_names = tuple(adapters) if adapters is not None else None
     route = make_route(model, list(adapters)) if adapters is not None else None
-    dec = None
-    cuda = dev.type == "cuda"
-    if static:
-        dec = decode.acquire(model, route, route_names, B, max_len, graph=cuda)
-        try:
-            dec.prepare()
-        except BaseException:
-            decode.release(dec)
-            raise
-        route, cache, valid = dec.route, dec.cache, dec.valid
-        valid.zero_()
-    else:
-        cache = KVCache(model.config, B, max_len, dev, model.dtype)
-        valid = torch.zeros((B, max_len), dtype=torch.bool, device=dev)
+    dec = decode.open_decoder(model, route, route_names, B, T + max_new, static)
     try:
-        idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, T - len(p):T] = True
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        if dec is not None:
-            dec.start(lengths - T)
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(cfg.seed))
         with GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
-            if padded:
-                pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
-                logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
-            else:
-                logits = model(idx, route, cache, 0, last_only=True)
+            logits = dec.start(prompts)
         done = [False] * B
         for step in range(max_new):
             with GUARD.shared(cuda):
@@ -133,19 +106,10 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
                     return
             if step == max_new - 1:
                 return
-            at = T + step
             with GUARD.shared(cuda):
-                if dec is not None:
-                    logits = dec.step(nxt, at)
-                elif padded:
-                    valid[:, at] = True
-                    logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),
-                                   mask=causal_mask(1, at, dev, valid))
-                else:
-                    logits = model(nxt.view(B, 1), route, cache, at)
+                logits = dec.step(nxt, T + step)
     finally:
-        if dec is not None:
-            decode.release(dec)
+        dec.close()
 
 
 def generate(model: GPT, prompts, adapters=None, cfg: SamplingConfig | None = None,
