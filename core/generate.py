@@ -5,6 +5,7 @@ text depends only on its prompt, its adapter and the seed, never on what else is
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -131,13 +132,32 @@ def generate_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (Non
     return [tokenizer.decode(r) for r in rows]
 
 
+class TextSoFar:
+    """One row's text, decoded as tokens arrive: each token's bytes are decoded once.
+
+    A character split over several tokens (emoji, CJK: a UTF-8 sequence cut between tokens) is held
+    back until its last byte arrives and shown meanwhile as U+FFFD, so `text` is always exactly
+    what decoding the whole row so far would give.
+    """
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._done = ""  # the complete characters
+        self.text = ""
+
+    def add(self, token: int) -> None:
+        self._done += self._utf8.decode(tokenizer.get_encoding().decode_single_token_bytes(token))
+        pending = self._utf8.getstate()[0]  # the start of an unfinished character, if any
+        self.text = self._done + pending.decode("utf-8", "replace") if pending else self._done
+
+
 def stream_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (None,),
                 cfg: SamplingConfig | None = None) -> Iterator[list[str]]:
     """Like generate_text but yields the texts so far after every token (for live display)."""
     ids = tokenizer.encode(prompt) or [EOT_TOKEN]
-    rows: list[list[int]] = [[] for _ in adapters]
+    rows = [TextSoFar() for _ in adapters]
     for step in stream(model, [ids] * len(adapters), list(adapters), cfg):
-        for i, t in enumerate(step):
+        for row, t in zip(rows, step):
             if t is not None and t != EOT_TOKEN:
-                rows[i].append(t)
-        yield [tokenizer.decode(r) for r in rows]
+                row.add(t)
+        yield [row.text for row in rows]

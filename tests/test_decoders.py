@@ -1,10 +1,13 @@
 """Decoders: one start/step interface for the dynamic KV cache and the static (CUDA-graph) buffers."""
+import random
+
 import pytest
 import torch
 
-from core import decode, lora
-from core.config import LoraConfig
+from core import decode, generate, lora, tokenizer
+from core.config import EOT_TOKEN, LoraConfig
 from core.decode import DynamicDecoder, StaticDecoder, open_decoder
+from core.generate import TextSoFar
 from tests.test_lora import randomize_b
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586]]  # different lengths: left padding
@@ -79,3 +82,50 @@ def test_selection_picks_the_dynamic_decoder_on_the_cpu(model):
     # static buffers are sized in buckets (so calls reuse one graph), capped at the context
     assert static.max_len == min(model.config.block_size, decode.BUCKET)
     static.close()
+
+
+# ---- stream_text decodes only the new tokens ---------------------------------------------------
+
+# characters whose UTF-8 bytes GPT-2 splits over several tokens (a 4-byte emoji in 2-3 tokens)
+SPLIT_TEXT = "naïve café 🙂🚀 日本語の文章 👍🏽 中文字符和表情😀 Ελληνικά"
+
+
+def prefixes(ids):
+    return [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+
+
+def test_text_so_far_equals_decoding_the_whole_row_at_every_token():
+    ids = tokenizer.encode(SPLIT_TEXT)
+    expected = prefixes(ids)
+    assert sum("\ufffd" in t for t in expected) >= 5  # the text really splits characters
+    row = TextSoFar()
+    seen = []
+    for t in ids:
+        row.add(t)
+        seen.append(row.text)
+    assert seen == expected and seen[-1] == SPLIT_TEXT
+
+
+def test_text_so_far_handles_any_byte_sequence_like_the_full_decode():
+    """Random raw-byte tokens: truncated, invalid and overlong UTF-8 all decode as the whole row does."""
+    enc = tokenizer.get_encoding()
+    rng = random.Random(0)
+    pool = [[enc.encode_single_token(bytes([b]))] for b in range(256)] + [tokenizer.encode(c) for c in "é中😀"]
+    for _ in range(50):
+        ids = [t for _ in range(rng.randint(1, 12)) for t in rng.choice(pool)]
+        row = TextSoFar()
+        for i, t in enumerate(ids):
+            row.add(t)
+            assert row.text == tokenizer.decode(ids[:i + 1])
+
+
+def test_stream_text_yields_each_rows_text_so_far(tiny, monkeypatch):
+    """Rows that end at different steps, with split characters: every yield equals decoding each row whole."""
+    rows = [tokenizer.encode("🙂🚀 日本語"), tokenizer.encode(" 中文字符😀") + [EOT_TOKEN]]
+    n = max(map(len, rows)) + 2
+    script = [[r[i] if i < len(r) else None for r in rows] for i in range(n)]
+    monkeypatch.setattr(generate, "stream", lambda *a, **k: iter(script))
+    got = list(generate.stream_text(tiny, "prompt", [None, None]))
+    want = [[tokenizer.decode([t for t in r[:i + 1] if t != EOT_TOKEN]) for r in rows] for i in range(n)]
+    assert got == want and got[-1] == ["🙂🚀 日本語", " 中文字符😀"]
+    assert any("\ufffd" in t for texts in got for t in texts)
