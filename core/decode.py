@@ -1,72 +1,115 @@
-"""Static decoding: fixed buffers for one decode step, replayed as a CUDA graph on GPUs.
+"""Decoders: one interface, two kinds, picked once per generation call by `open_decoder`.
 
-Python launches ~15 kernels per block per token; at batch 1 on a GPU that launch time, not the
-math, bounds decoding. A captured graph replays the whole step with one launch. The buffers
-(KV cache, token, position, mask, write index) stay at fixed addresses, so each decoder is
-reused across calls of the same shape and adapter mix, one call at a time.
+A decoder holds a call's KV cache. `start(prompts)` runs the prompts (left-padded to the longest)
+into it and returns the logits of their last position; `step(tokens, at)` writes one token per
+row at cache index `at` and returns the next logits; `close()` ends the call.
+
+- DynamicDecoder: a cache sized to the call, attention over the filled part only (CPU, MPS).
+- StaticDecoder: fixed buffers for one decode step, replayed as a CUDA graph on GPUs. Python
+  launches ~15 kernels per block per token; at batch 1 on a GPU that launch time, not the math,
+  bounds decoding. A captured graph replays the whole step with one launch. The buffers (KV cache,
+  token, position, mask, write index) stay at fixed addresses, so each static decoder is reused
+  across calls of the same shape and adapter mix, one call at a time.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
+from typing import Sequence
 
 import torch
 
-from .model import GPT, KVCache
+from .config import EOT_TOKEN
+from .device import GUARD
+from .model import GPT, KVCache, causal_mask
 
 _POOL_LOCK = threading.Lock()
+MAX_DECODERS = 8  # cached static decoders per model (each holds a KV cache)
+BUCKET = 256  # static caches are sized in multiples of this, so repeated calls reuse one graph
 
 
-class CaptureGuard:
-    """Readers-writer lock for CUDA graph capture in a process where several threads use the GPU.
+def open_decoder(model: GPT, route, key, batch: int, length: int, static: bool | None = None):
+    """The decoder for one call of `batch` rows and up to `length` tokens (prompt + new ones).
 
-    Generation steps and training micro-steps hold it shared; a capture (a decode graph, or the
-    trainer's step) holds it alone, so no other thread launches work while a stream is capturing.
-    Writers go first once waiting, so a stream of generations cannot starve a capture. Not
-    re-entrant: never take it while already holding it.
+    static: fixed buffers (default on CUDA, where each step replays a CUDA graph); otherwise a
+    DynamicDecoder. `key` names the adapter mix `route` serves (static decoders are pooled by it).
+    Call `close()` on the decoder when the call ends.
     """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self, active: bool = True):
-        if not active:  # CPU: nothing is ever captured
-            yield
-            return
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    cuda = model.device.type == "cuda"
+    if not (cuda if static is None else static):
+        return DynamicDecoder(model, route, batch, length)
+    max_len = min(model.config.block_size, -(-length // BUCKET) * BUCKET)
+    dec = acquire(model, route, key, batch, max_len, graph=cuda)
+    try:
+        dec.prepare()
+    except BaseException:
+        dec.close()
+        raise
+    return dec
 
 
-GUARD = CaptureGuard()
-MAX_DECODERS = 8  # cached decoders per model (each holds a KV cache)
+class _Decoder:
+    """The prefill both kinds share; subclasses make `cache`, `valid` (B, max_len) and `step`."""
+    model: GPT
+    route: object
+    batch: int
+    cache: KVCache
+    valid: torch.Tensor  # which cache positions hold a token (False: left padding, not yet written)
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """A new call: the prompts' keys and values into the cache; logits (B, 1, V) of each row's
+        last prompt token. The longest prompt has T tokens; the first new token goes at index T."""
+        model, dev, B = self.model, self.model.device, self.batch
+        T = max(len(p) for p in prompts)
+        padded = any(len(p) != T for p in prompts)
+        self.valid.zero_()
+        idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.valid[i, T - len(p):T] = True
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        self._begin(lengths, T, padded)
+        if padded:
+            pos = (self.valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
+            return model(idx, self.route, self.cache, 0, pos=pos, mask=causal_mask(T, 0, dev, self.valid),
+                         last_only=True)
+        return model(idx, self.route, self.cache, 0, last_only=True)
+
+    def _begin(self, lengths: torch.Tensor, T: int, padded: bool) -> None:
+        """Remember what the steps of this call need (row i's prompt has lengths[i] tokens)."""
+
+    def step(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
+        """Logits (B, 1, V) for `tokens` (B,) written at cache index `at`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The call is over (a pooled decoder becomes free for the next one)."""
 
 
-class StaticDecoder:
+class DynamicDecoder(_Decoder):
+    """A cache made for this call: each step attends over the filled positions only."""
+
+    def __init__(self, model: GPT, route, batch: int, max_len: int):
+        dev = model.device
+        self.model, self.route, self.batch = model, route, batch
+        self.cache = KVCache(model.config, batch, max_len, dev, model.dtype)
+        self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=dev)
+
+    def _begin(self, lengths: torch.Tensor, T: int, padded: bool) -> None:
+        self.lengths, self.T, self.padded = lengths, T, padded
+
+    def step(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
+        B, dev = self.batch, self.model.device
+        if not self.padded:
+            return self.model(tokens.view(B, 1), self.route, self.cache, at)
+        self.valid[:, at] = True  # left-padded rows: explicit positions and a mask over the padding
+        pos = (self.lengths + (at - self.T)).view(B, 1)
+        return self.model(tokens.view(B, 1), self.route, self.cache, at, pos=pos,
+                          mask=causal_mask(1, at, dev, self.valid))
+
+
+class StaticDecoder(_Decoder):
+    """Fixed buffers attended over whole (a mask hides the unfilled part), pooled by `acquire`."""
+
     def __init__(self, model: GPT, route, batch: int, max_len: int, graph: bool):
         dev, cfg = model.device, model.config
         self.model, self.route, self.batch, self.max_len = model, route, batch, max_len
@@ -81,9 +124,9 @@ class StaticDecoder:
         self.out: torch.Tensor | None = None
         self.busy = threading.Lock()
 
-    def start(self, offsets: torch.Tensor) -> None:
-        """A new call: row i's position is offsets[i] + its cache index (left padding shifts it)."""
-        self.offset.copy_(offsets.view(-1, 1))
+    def _begin(self, lengths: torch.Tensor, T: int, padded: bool) -> None:
+        # row i's position is its cache index minus its left padding (T - lengths[i])
+        self.offset.copy_((lengths - T).view(-1, 1))
 
     def _forward(self) -> torch.Tensor:
         # everything that depends on the step is computed here, inside the graph
@@ -95,13 +138,15 @@ class StaticDecoder:
         return self.model(self.tok, self.route, self.cache, self.write_at, pos=self.pos, mask=mask)
 
     def step(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
-        """Logits (B, 1, V) for `tokens` (B,) written at cache index `at`."""
         self.tok.copy_(tokens.view(-1, 1))
         self.write_at.fill_(at)
         if not self.use_graph:
             return self._forward()
         self.graph.replay()
         return self.out
+
+    def close(self) -> None:
+        self.busy.release()
 
     def prepare(self) -> None:
         """Capture the graph if this decoder has none yet (call holding no GUARD; it takes it alone).
@@ -147,7 +192,3 @@ def acquire(model: GPT, route, key, batch: int, max_len: int, graph: bool) -> St
         d.busy.acquire()
         pool.setdefault(full_key, []).append(d)
         return d
-
-
-def release(decoder: StaticDecoder) -> None:
-    decoder.busy.release()

@@ -1,5 +1,9 @@
-"""Device and dtype choice: CUDA (bf16) first, then Apple MPS, then CPU."""
+"""Device and dtype choice (CUDA bf16 first, then Apple MPS, then CPU), and the GPU helpers the
+trainer and the decoders share: the autocast choice, the out-of-memory test, the capture guard."""
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 
@@ -27,3 +31,65 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_for(model) -> contextlib.AbstractContextManager:
+    """bf16 autocast for an fp32 model on a CUDA GPU with bf16; nothing otherwise (bf16 weights, CPU)."""
+    if model.dtype == torch.float32 and default_dtype(model.device) == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator failure reported as a RuntimeError (CPU, MPS)."""
+    msg = str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg)
+
+
+class CaptureGuard:
+    """Readers-writer lock for CUDA graph capture in a process where several threads use the GPU.
+
+    Generation steps and training micro-steps hold it shared; a capture (a decode graph, or the
+    trainer's step) holds it alone, so no other thread launches work while a stream is capturing.
+    Writers go first once waiting, so a stream of generations cannot starve a capture. Not
+    re-entrant: never take it while already holding it.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self, active: bool = True):
+        if not active:  # CPU: nothing is ever captured
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+GUARD = CaptureGuard()  # the process's one guard: every capture and every GPU user shares it

@@ -5,6 +5,7 @@ text depends only on its prompt, its adapter and the seed, never on what else is
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -12,8 +13,9 @@ import torch
 
 from .config import EOT_TOKEN
 from . import decode
+from .device import GUARD
 from .lora import get_active, make_route, merged_name
-from .model import GPT, KVCache, causal_mask
+from .model import GPT
 from . import tokenizer
 
 
@@ -76,52 +78,25 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     dev = model.device
-    static = dev.type == "cuda" if static is None else static
+    cuda = dev.type == "cuda"
     ctx = model.config.block_size
     max_new = min(cfg.max_new_tokens, ctx - 1)
     keep = ctx - max_new  # crop long prompts from the left so prompt + new tokens fit
     prompts = [list(p)[-keep:] for p in prompts]
     T = max(len(p) for p in prompts)
-    padded = any(len(p) != T for p in prompts)
-    # static buffers are sized in buckets so repeated calls reuse one captured graph
-    max_len = min(ctx, -(-(T + max_new) // 256) * 256) if static else T + max_new
     if adapters is None and merged_name(model) is None:
         adapters = [get_active(model)] * B  # explicit, so a captured graph never bakes in a stale choice
     route_names = tuple(adapters) if adapters is not None else None
     route = make_route(model, list(adapters)) if adapters is not None else None
-    dec = None
-    cuda = dev.type == "cuda"
-    if static:
-        dec = decode.acquire(model, route, route_names, B, max_len, graph=cuda)
-        try:
-            dec.prepare()
-        except BaseException:
-            decode.release(dec)
-            raise
-        route, cache, valid = dec.route, dec.cache, dec.valid
-        valid.zero_()
-    else:
-        cache = KVCache(model.config, B, max_len, dev, model.dtype)
-        valid = torch.zeros((B, max_len), dtype=torch.bool, device=dev)
+    dec = decode.open_decoder(model, route, route_names, B, T + max_new, static)
     try:
-        idx = torch.full((B, T), EOT_TOKEN, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, T - len(p):T] = True
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        if dec is not None:
-            dec.start(lengths - T)
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(cfg.seed))
-        with decode.GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
-            if padded:
-                pos = (valid[:, :T].long().cumsum(-1) - 1).clamp_min(0)
-                logits = model(idx, route, cache, 0, pos=pos, mask=causal_mask(T, 0, dev, valid), last_only=True)
-            else:
-                logits = model(idx, route, cache, 0, last_only=True)
+        with GUARD.shared(cuda):  # no graph capture runs while this thread uses the GPU
+            logits = dec.start(prompts)
         done = [False] * B
         for step in range(max_new):
-            with decode.GUARD.shared(cuda):
+            with GUARD.shared(cuda):
                 u = torch.rand((1, 1), generator=gen, device=dev) if cfg.temperature > 0 else None
                 nxt = pick_tokens(logits[:, -1, :], cfg, u)
                 out = nxt.tolist()  # the step's one host sync
@@ -132,19 +107,10 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
                     return
             if step == max_new - 1:
                 return
-            at = T + step
-            with decode.GUARD.shared(cuda):
-                if dec is not None:
-                    logits = dec.step(nxt, at)
-                elif padded:
-                    valid[:, at] = True
-                    logits = model(nxt.view(B, 1), route, cache, at, pos=(lengths + step).view(B, 1),
-                                   mask=causal_mask(1, at, dev, valid))
-                else:
-                    logits = model(nxt.view(B, 1), route, cache, at)
+            with GUARD.shared(cuda):
+                logits = dec.step(nxt, T + step)
     finally:
-        if dec is not None:
-            decode.release(dec)
+        dec.close()
 
 
 def generate(model: GPT, prompts, adapters=None, cfg: SamplingConfig | None = None,
@@ -166,13 +132,32 @@ def generate_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (Non
     return [tokenizer.decode(r) for r in rows]
 
 
+class TextSoFar:
+    """One row's text, decoded as tokens arrive: each token's bytes are decoded once.
+
+    A character split over several tokens (emoji, CJK: a UTF-8 sequence cut between tokens) is held
+    back until its last byte arrives and shown meanwhile as U+FFFD, so `text` is always exactly
+    what decoding the whole row so far would give.
+    """
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._done = ""  # the complete characters
+        self.text = ""
+
+    def add(self, token: int) -> None:
+        self._done += self._utf8.decode(tokenizer.get_encoding().decode_single_token_bytes(token))
+        pending = self._utf8.getstate()[0]  # the start of an unfinished character, if any
+        self.text = self._done + pending.decode("utf-8", "replace") if pending else self._done
+
+
 def stream_text(model: GPT, prompt: str, adapters: Sequence[str | None] = (None,),
                 cfg: SamplingConfig | None = None) -> Iterator[list[str]]:
     """Like generate_text but yields the texts so far after every token (for live display)."""
     ids = tokenizer.encode(prompt) or [EOT_TOKEN]
-    rows: list[list[int]] = [[] for _ in adapters]
+    rows = [TextSoFar() for _ in adapters]
     for step in stream(model, [ids] * len(adapters), list(adapters), cfg):
-        for i, t in enumerate(step):
+        for row, t in zip(rows, step):
             if t is not None and t != EOT_TOKEN:
-                rows[i].append(t)
-        yield [tokenizer.decode(r) for r in rows]
+                row.add(t)
+        yield [row.text for row in rows]

@@ -26,7 +26,6 @@ Run folder layout:
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -49,7 +48,7 @@ from .adapter_io import META, PEFT_PREFIX, WEIGHTS, save_adapter
 from .adapter_library import CHECKPOINTS
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
-from .decode import GUARD
+from .device import GUARD, autocast_for, is_oom
 from .generate import SamplingConfig, generate_text
 from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
                    make_route)
@@ -87,20 +86,6 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     progress = (step - warm) / max(1, tcfg.steps - warm)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * cosine)
-
-
-def autocast_for(model) -> contextlib.AbstractContextManager:
-    """bf16 autocast for an fp32 model on a CUDA GPU with bf16; nothing otherwise (bf16 weights, CPU)."""
-    if model.device.type == "cuda" and model.dtype == torch.float32 and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def is_oom(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or an allocator failure reported as a RuntimeError (CPU, MPS)."""
-    msg = str(e).lower()
-    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg)
 
 
 @torch.no_grad()
