@@ -15,6 +15,7 @@ getters, and a broken one is listed as 'unreadable' with the reason, never raise
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -317,13 +318,13 @@ class Library:
         with self._lock:
             dst = self._check_free(name)
             dst.mkdir()
-            return _hold(dst) or RunHold(dst, None)
+            return _hold(dst, self) or RunHold(dst, None)
 
     def hold_run(self, name: str) -> "RunHold":
         """Hold existing run `name` while this process trains it (Resume); refused while another holds it."""
         with self._lock:
             p = self.path(check_name(name))
-            hold = _hold(p)
+            hold = _hold(p, self)
             if hold is None:
                 raise AdapterError(f"{name!r} is being trained now (by this or another process); wait for it to end.")
             return hold
@@ -466,10 +467,14 @@ class Library:
                 except OSError:
                     pass
 
+    def _saved_nothing(self, d: Path) -> bool:
+        """No adapter file and no complete checkpoint in run folder `d` (the listing skips it)."""
+        return not any((d / f).exists() for f in ADAPTER_FILES) and not self._checkpoint_dirs(d)
+
     def _abandoned(self, d: Path, now: float) -> bool:
         """An empty run folder whose trainer is gone. Without a RUN_LOCK (made by code that does not
         hold runs) only once it is stale: its maker may be in the middle of starting."""
-        if any((d / f).exists() for f in ADAPTER_FILES) or self._checkpoint_dirs(d):
+        if not self._saved_nothing(d):
             return False
         if (d / RUN_LOCK).is_file():
             return not _is_live(d)
@@ -478,13 +483,25 @@ class Library:
 
 class RunHold:
     """This process's claim on a run folder: an exclusive flock on <run>/.run.lock. The kernel
-    drops it when the process dies (even by kill -9), so no stale claim survives a crash."""
+    drops it when the process dies (even by kill -9), so no stale claim survives a crash; a
+    clean release removes the marker, and the folder too if the run saved nothing."""
 
-    def __init__(self, path: Path, fd: int | None):
-        self.path, self._fd = path, fd  # the run folder; the locked descriptor (None: no fcntl here)
+    def __init__(self, path: Path, fd: int | None, library: "Library | None" = None):
+        self.path = path  # the run folder
+        self._fd = fd  # the locked descriptor (None: nothing held, e.g. no fcntl on this system)
+        self._library = library  # whose lock serialises holding, releasing and sweeping
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is None:
+            return
+        lib = self._library
+        with lib.lock() if lib is not None else contextlib.nullcontext():
+            try:
+                os.unlink(self.path / RUN_LOCK)  # under the library lock: no one is taking it meanwhile
+                if lib is not None and lib._saved_nothing(self.path):
+                    shutil.rmtree(self.path, ignore_errors=True)  # a run that saved nothing frees its name
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = None
 
@@ -495,7 +512,7 @@ class RunHold:
         self.release()
 
 
-def _hold(folder: Path) -> RunHold | None:
+def _hold(folder: Path, library: "Library") -> RunHold | None:
     """Hold `folder` for this process, or None when another descriptor (process) holds it."""
     fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     if fcntl is None:
@@ -506,7 +523,7 @@ def _hold(folder: Path) -> RunHold | None:
     except BlockingIOError:
         os.close(fd)
         return None
-    return RunHold(folder, fd)
+    return RunHold(folder, fd, library)
 
 
 def _is_live(folder: Path) -> bool:

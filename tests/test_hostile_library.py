@@ -334,10 +334,20 @@ def test_a_reserved_run_blocks_its_name_only_while_it_lives(lib, tmp_path):
         lib.reserve_run("run")
     Library(lib.root)  # a restart elsewhere while the run lives: its folder is kept
     assert (lib.root / "run").is_dir()
-    hold.release()  # the process died (kill -9 closes the descriptor the same way)
-    Library(lib.root)
+    os.close(hold._fd)  # the process died (kill -9): the kernel closes its descriptors, nothing else runs
+    assert (lib.root / "run").is_dir()
+    Library(lib.root)  # the next start-up
     assert not (lib.root / "run").exists()
     lib.import_path(adapter_folder(tmp_path / "x"), "run")  # the name is free again
+
+
+def test_a_clean_release_frees_an_empty_run_and_unmarks_a_saved_one(lib):
+    lib.reserve_run("failed").release()  # failed before its first checkpoint: the name is free at once
+    assert not (lib.root / "failed").exists()
+    with lib.reserve_run("saved") as hold:
+        adapter_folder(hold.path / "checkpoints" / "step_000001")
+    assert (lib.root / "saved").is_dir() and not (lib.root / "saved" / ".run.lock").exists()
+    assert lib.list()[0].status == "interrupted (can resume)"
 
 
 def test_an_unmarked_empty_run_folder_is_swept_at_start_up(lib):
