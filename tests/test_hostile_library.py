@@ -375,3 +375,23 @@ def test_checkpoint_only_runs_are_interrupted_unless_live(lib):
     assert lib.list()[0].status == "interrupted (can resume)"
     lib.rename("run", "other")
     assert lib.names() == ["other"]
+
+
+# ---- acceptance: the studio builds its page with poisoned entries present ------------------------------
+
+def test_the_studio_page_builds_with_poisoned_library_and_datasets(tmp_path, new_york):
+    """What start-up does: build every tab from the library and datasets, and serialise the page
+    config (a lone surrogate anywhere in it made Gradio's start-up check fail)."""
+    from studio.app import build_ui, create_studio
+    lib = tmp_path / "lib"
+    for name, meta in (("surrogate", {"user": "\ud800 student"}), ("future", {"created": "9999-12-31T23:59:59"}),
+                       ("broken", '{"steps": '), ("types", {"training": [1], "blend": 3, "lora": "x"})):
+        adapter_folder(lib / name, meta)
+    adapter_folder(lib / "run" / "checkpoints" / "step_000002", {"train_loss": "\udc80"})
+    studio = create_studio(lib, tmp_path / "datasets", "cpu", "tiny")
+    _dataset(studio.datasets_dir / "poisoned", '{"sources": ["\\ud800"], "tokens": 1e400}')
+    entries = {e.name: e for e in studio.library.list()}
+    assert {n: e.status for n, e in entries.items()} == dict.fromkeys(
+        ("surrogate", "future", "broken", "types", "run"), "unreadable")
+    demo = build_ui(studio)
+    json.dumps(demo.get_config_file(), ensure_ascii=False, default=str).encode("utf-8")
