@@ -168,14 +168,9 @@ def _finetune_settings(args):
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
-    model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
-    with _hold_run(out_dir, args.library, new=resume is None):  # after the model: bad flags create nothing
-        return _train(args, model, base_id, dataset, lcfg, tcfg, name, out_dir, resume)
-
-
-def _train(args, model, base_id, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
     from .config import TrainConfig
-    from .train import Trainer, TrainingError
+    from .train import Trainer
+    model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
     if args.quantize:
         from .quant import quantize_base
         quantize_base(model, args.quantize)
@@ -190,7 +185,13 @@ def _train(args, model, base_id, dataset, lcfg, tcfg, name: str, out_dir: Path, 
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
     say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+    with _hold_run(out_dir, args.library, new=resume is None):  # after the checks: bad flags create nothing
+        return _train(args, trainer, stop)
 
+
+def _train(args, trainer, stop: threading.Event) -> int:
+    """Run the trainer, printing its events; Ctrl-C stops after the current step and saves."""
+    from .train import TrainingError
     _on_sigint(stop)
     bar = ProgressBar(sys.stderr)
     try:

@@ -395,3 +395,16 @@ def test_the_studio_page_builds_with_poisoned_library_and_datasets(tmp_path, new
         ("surrogate", "future", "broken", "types", "run"), "unreadable")
     demo = build_ui(studio)
     json.dumps(demo.get_config_file(), ensure_ascii=False, default=str).encode("utf-8")
+
+
+# ---- 3 and 5 (core part): every text that becomes a dataset is checked -------------------------------
+
+def test_build_dataset_refuses_oversized_and_invalid_text(monkeypatch):
+    import core.data as data
+    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)  # the 256 MiB cap, scaled down
+    with pytest.raises(ValueError, match=r"pasted text is 1200 characters; the limit is 1000 bytes of text"):
+        data.build_dataset(["x" * 1200], ["pasted text"])
+    with pytest.raises(ValueError, match=r"the texts together are over the limit of 1000 bytes"):
+        data.build_dataset(["x" * 600, "y" * 600], ["a.txt", "b.txt"])
+    with pytest.raises(ValueError, match=r"pasted text holds invalid Unicode \(a lone surrogate at character 6\)"):
+        data.build_dataset(["hello \ud800 world " * 3], ["pasted text"])
