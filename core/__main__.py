@@ -37,12 +37,13 @@ def add_model_options(p, default_note: str):
 
 
 def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
-    """The base from --weights/--model (checked against each other), else the adapter's recorded base."""
+    """The base from --weights/--model (checked against each other), else the adapter's recorded base
+    when that is a known GPT-2 preset."""
     from .config import PRESETS
     from .weights import WeightsError, load_base
     if args.weights and not Path(args.weights).expanduser().exists():
         raise WeightsError(f"--weights {args.weights}: no such file or folder.")
-    source = args.weights or args.model or recorded or fallback
+    source = args.weights or args.model or _known_base(recorded) or fallback
     say(f"loading base model {source} ...")
     model = load_base(source, args.device, progress=lambda m: say("  " + m))
     if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
@@ -56,6 +57,18 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
     if source == "tiny":
         say("note: 'tiny' has random weights: its text is noise until trained.")
     return model, base_id
+
+
+def _known_base(recorded: str | None) -> str | None:
+    """The preset an adapter's recorded base names ('openai-community/gpt2' -> 'gpt2'). Anything else
+    is refused: an adapter's files may come from anyone, and must not choose what is downloaded
+    (a hub id) or read (a local path) as the base."""
+    from .adapter_validate import preset_of
+    from .config import PRESETS
+    if recorded is None or preset_of(recorded):
+        return preset_of(recorded)
+    raise ValueError(f"the adapter names its base {recorded!r}, which is not one of the known GPT-2 models "
+                     f"({', '.join(PRESETS)}); pass --model or --weights to choose the base yourself.")
 
 
 def _shape(cfg, preset):
@@ -98,10 +111,31 @@ RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_
 
 def cmd_finetune(args) -> int:
     from .adapters import check_name
-    from .config import LoraConfig, TrainConfig, normalize_targets
     from .data import load_dataset
-    from .train import Trainer, TrainingError, find_checkpoint
+    resume, data, lcfg, tcfg = _finetune_settings(args)
+    dataset = load_dataset(data)
+    if resume:
+        name, out_dir = resume.name, resume.path.parent.parent
+    else:
+        name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
+    return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
 
+
+def _hold_run(out_dir: Path, library: str, new: bool):
+    """Hold the run folder while this process trains it, when it is in the library: a folder left by
+    a crash is then swept at the next start-up instead of blocking its name."""
+    from .adapter_library import Library, RunHold
+    lib_root = Path(library).expanduser().resolve()
+    if out_dir.expanduser().resolve().parent != lib_root:
+        return RunHold(out_dir, None)  # outside the library nobody sweeps: nothing to hold
+    lib = Library(lib_root)
+    return lib.reserve_run(out_dir.name) if new else lib.hold_run(out_dir.name)
+
+
+def _finetune_settings(args):
+    """(resume checkpoint or None, dataset folder, LoraConfig, TrainConfig) from the arguments."""
+    from .config import LoraConfig, TrainConfig, normalize_targets
+    from .train import find_checkpoint
     resume = find_checkpoint(_resume_path(args.resume, args.library)) if args.resume else None
     if resume:
         given = [o for o in RESUME_FIXED if getattr(args, o) is not None]
@@ -114,7 +148,7 @@ def cmd_finetune(args) -> int:
         tcfg = resume.tcfg
         if args.steps is not None:
             tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": args.steps})
-        lcfg, name, out_dir = resume.lcfg, resume.name, resume.path.parent.parent
+        lcfg = resume.lcfg
     else:
         if not args.data:
             raise ValueError("pass --data DIR (a folder made by `python -m core prepare`).")
@@ -130,9 +164,12 @@ def cmd_finetune(args) -> int:
                           targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets)
         tcfg.validate()
         lcfg.validate()
-    dataset = load_dataset(data)
-    if not resume:
-        name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
+    return resume, data, lcfg, tcfg
+
+
+def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
+    from .config import TrainConfig
+    from .train import Trainer
     model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
     if args.quantize:
         from .quant import quantize_base
@@ -148,7 +185,13 @@ def cmd_finetune(args) -> int:
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
     say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+    with _hold_run(out_dir, args.library, new=resume is None):  # after the checks: bad flags create nothing
+        return _train(args, trainer, stop)
 
+
+def _train(args, trainer, stop: threading.Event) -> int:
+    """Run the trainer, printing its events; Ctrl-C stops after the current step and saves."""
+    from .train import TrainingError
     _on_sigint(stop)
     bar = ProgressBar(sys.stderr)
     try:
@@ -285,15 +328,17 @@ def cmd_compare(args) -> int:
 
 
 def _recorded_base(src: Path) -> str | None:
-    import json
+    """The base an adapter says it was made for (studio.json, else adapter_config.json), cut short."""
+    from . import safe_json
     folder = src if src.is_dir() else src.parent
     for f, key in (("studio.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
         try:
-            value = json.loads((folder / f).read_text("utf-8")).get(key)
-        except (OSError, ValueError, AttributeError):
+            data = safe_json.load_file(folder / f, 1 << 24)
+        except (OSError, ValueError):
             continue
+        value = data.get(key) if isinstance(data, dict) else None
         if value:
-            return str(value)
+            return safe_json.shown(str(value))[:200]
     return None
 
 

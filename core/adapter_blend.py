@@ -12,9 +12,11 @@ from typing import Sequence
 
 import torch
 
-from .adapter_validate import MAX_RANK, AdapterError
+from .adapter_validate import MAX_RANK, AdapterError, check_values
 from .config import TARGET_MODULES, LoraConfig
 from .lora import BLOCK_KEY
+
+MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 
 
 def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
@@ -26,8 +28,9 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
         raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
     ws = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise AdapterError(f"blend weights must be finite numbers (got {w!r}).")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise AdapterError(f"blend weights must be finite numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                               f"(got {w!r}); 1 keeps an adapter's full effect.")
         ws.append(float(w))
     rank = sum(lcfg.r for _, lcfg in parts)
     if rank > MAX_RANK:
@@ -56,5 +59,7 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
             Bs.append(state[f"{prefix}.lora_B.weight"].float().cpu() * (w * lcfg.scaling))
         out[f"{prefix}.lora_A.weight"] = torch.cat(As, 0).contiguous()
         out[f"{prefix}.lora_B.weight"] = torch.cat(Bs, 1).contiguous()
+    for t in out.values():  # the result is held to an imported adapter's bounds
+        check_values(t, "the blend", "use smaller weights or blend other adapters")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
     return out, LoraConfig(r=rank, alpha=float(rank), dropout=0.0, targets=targets)

@@ -5,13 +5,17 @@
     <root>/<name>/adapter_config.json        as PEFT writes it
     <root>/<name>/studio.json                base model, dataset, training settings, losses, created
     <root>/<name>/checkpoints/step_000050/   the same three files (+ the trainer's trainer_state.pt)
+    <root>/<name>/.run.lock                  fcntl lock held by the process training run <name>
     <root>/.tmp-*, .trash-*                  folders being built or deleted; never listed
 
 A new adapter is built in a hidden temp folder and renamed into place, so it appears whole or
 not at all; a delete renames the folder away first. Names are checked, never rewritten.
+Every file here may have been edited by someone else: entries are read through checked
+getters, and a broken one is listed as 'unreadable' with the reason, never raised.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -22,13 +26,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
-from . import atomic
+from . import atomic, safe_json
 from .adapter_blend import blend_states
-from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, save_adapter, write_adapter_folder
-from .adapter_validate import (MAX_FILE_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, AdapterFiles,
-                               parse_config, read_adapter, read_json, width_from_a)
+from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, save_adapter, write_adapter_folder
+from .adapter_validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
+                               AdapterFiles, parse_config, read_adapter, width_from_a)
 from .adapter_zip import README, extract_adapter_zip, write_adapter_zip
 from .config import GPTConfig, LoraConfig
 
@@ -42,7 +46,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = (WEIGHTS, CONFIG, META, README)  # what an adapter consists of (trainer_state.pt is not)
-STALE_TMP_S = 3600  # a .tmp- folder this old belongs to a crashed writer
+STALE_TMP_S = 3600  # a .tmp- folder (or an empty run folder without a RUN_LOCK) this old belongs to a crashed writer
+RUN_LOCK = ".run.lock"  # flocked by the process that trains the run; free once that process is gone
+UNREADABLE = "unreadable"
+INTERRUPTED = "interrupted (can resume)"
 
 
 def valid_name(name) -> bool:
@@ -85,7 +92,7 @@ class AdapterEntry:
     user: str | None
     n_checkpoints: int = 0  # training checkpoints under checkpoints/ (details() lists them)
     has_final: bool = True  # False while a run has only checkpoints so far
-    problem: str | None = None  # why the config could not be read (the entry can still be deleted)
+    problem: str | None = None  # why the entry is unreadable (broken files); it can still be deleted
     created_ts: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict:
@@ -168,9 +175,11 @@ class Library:
             raise AdapterError(f"{name!r} has no final adapter yet; pick one of its checkpoints ({name}@<step>).")
         return read_adapter(p, cfg, base_id, max_bytes=self.max_bytes)
 
-    def list(self) -> list[AdapterEntry]:
-        """Every adapter (runs with only checkpoints too), newest first."""
-        entries = [e for d in self._children() if (e := self._entry(d)) is not None]
+    def list(self, live: Collection[str] = ()) -> list[AdapterEntry]:
+        """Every adapter (runs with only checkpoints too), newest first. A run named in `live`, or
+        held by a live process (hold_run), is 'training'; a run with only checkpoints otherwise
+        'interrupted (can resume)'. Never raises for a broken entry: it is listed as 'unreadable'."""
+        entries = [e for d in self._children() if (e := self._entry(d, live=live)) is not None]
         return sorted(entries, key=lambda e: (e.created_ts, e.name), reverse=True)
 
     def names(self) -> list[str]:
@@ -185,8 +194,8 @@ class Library:
         d = e.to_dict()
         src = p if e.has_final else self._checkpoint_dirs(p)[-1]
         d["path"] = str(p)
-        d["meta"] = _json_or_empty(p / META) or _json_or_empty(src / META)
-        d["config"] = _json_or_empty(src / CONFIG)
+        d["meta"] = {} if e.problem else _read_meta(p / META if (p / META).is_file() else src / META)[0]
+        d["config"] = {} if e.problem else _read_config(src / CONFIG)[1]
         d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
         d["checkpoints"] = [] if "@" in name else self.checkpoints(name)
         return d
@@ -195,13 +204,13 @@ class Library:
         """Training checkpoints of run `name`, oldest first; load one as '<name>@<checkpoint>'."""
         out = []
         for c in self._checkpoint_dirs(self.path(name)):
-            meta = _json_or_empty(c / META)
+            meta, _ = _read_meta(c / META)
             m = re.search(r"(\d+)$", c.name)
             out.append({
                 "name": c.name, "spec": f"{name}@{c.name}", "path": str(c),
-                "step": _int(meta.get("steps")) if m is None else int(m.group(1)),
-                "train_loss": _num(meta.get("train_loss")), "val_loss": _num(meta.get("val_loss")),
-                "created": _str(meta.get("created")) or _mtime_iso(c),
+                "step": meta.get("steps") if m is None else int(m.group(1)),
+                "train_loss": meta.get("train_loss"), "val_loss": meta.get("val_loss"),
+                "created": meta.get("created") or _mtime_iso(c),
                 "size_bytes": _size(c),
             })
         return out
@@ -217,9 +226,10 @@ class Library:
         return self._create(new_name, build)
 
     def import_path(self, path, name: str | None = None, base_cfg: GPTConfig | None = None,
-                    config_path=None) -> str:
+                    config_path=None, user: str | None = None) -> str:
         """Import a PEFT folder, a .zip of one, or a bare .safetensors (+ adapter_config.json beside it
-        or at `config_path`). Everything is validated before anything is written."""
+        or at `config_path`). Everything is validated before anything is written. Of an uploaded
+        studio.json only the known, well-formed fields are kept; `user` (the acting user) replaces its user."""
         src = Path(path)
         if not src.exists():
             raise AdapterError(f"nothing to import at {src}.")
@@ -233,14 +243,16 @@ class Library:
             if src.is_file() and src.suffix.lower() == ".zip":
                 src = extract_adapter_zip(src, Path(unpacked), self.max_bytes)
             files = read_adapter(src, base_cfg, config_path=config_path, max_bytes=self.max_bytes)
-        meta = dict(files.meta)
-        meta.update(imported_from=Path(path).name, imported=_now())
-        meta.setdefault("status", "imported")
+        meta, _ = clean_meta(files.meta)  # a bad field is dropped: the upload itself is valid
+        if (safe_json.timestamp(meta.get("created")) or 0) > time.time() + 86400:
+            del meta["created"]  # a future date would pin the upload to the top of every listing
+        meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
+        _set_user(meta, user)
         return self._create(name, lambda tmp: write_adapter_folder(
             tmp, files.peft_tensors(), files.lcfg, files.base_id, meta))
 
     def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
-              base_cfg: GPTConfig | None = None) -> str:
+              base_cfg: GPTConfig | None = None, user: str | None = None) -> str:
         """A new adapter whose update is sum_k weights[k] * update(names[k]) (exact)."""
         check_name(new_name)
         self._check_free(new_name)
@@ -254,14 +266,19 @@ class Library:
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
         meta = {"status": "blend", "base_model": bases[0] if bases else None,
                 "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
+        _set_user(meta, user)
         tensors = {PEFT_PREFIX + k: v for k, v in state.items()}
-        return self._create(new_name, lambda tmp: write_adapter_folder(
-            tmp, tensors, lcfg, meta["base_model"], meta))
+
+        def build(tmp: Path):
+            write_adapter_folder(tmp, tensors, lcfg, meta["base_model"], meta)
+            read_adapter(tmp, base_cfg, max_bytes=self.max_bytes)  # held to an import's checks
+        return self._create(new_name, build)
 
     def rename(self, old: str, new: str) -> str:
         check_name(new)
         with self._lock:
             src = self.path(check_name(old))
+            self._check_not_live(src, old, "rename it")
             dst = self._check_free(new)
             try:
                 os.rename(src, dst)
@@ -274,20 +291,43 @@ class Library:
     def delete(self, name: str) -> None:
         with self._lock:
             src = self.path(check_name(name))
+            self._check_not_live(src, name, "delete it")
             trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
             os.rename(src, trash / "x")  # gone from the listing in one step
             atomic.fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def duplicate(self, name: str, new_name: str) -> str:
+    def duplicate(self, name: str, new_name: str, user: str | None = None) -> str:
+        """A copy of `name` owned by `user` (the acting user; no owner without sign-in)."""
         src = self.path(check_name(name))
         if not (src / WEIGHTS).is_file():
             raise AdapterError(f"{name!r} has no final adapter yet; restore one of its checkpoints instead.")
-        return self._copy_entry(src, new_name, {"duplicated_from": name})
+        return self._copy_entry(src, new_name, {"duplicated_from": name}, user)
 
-    def restore_checkpoint(self, name: str, checkpoint: str, new_name: str) -> str:
-        """Make checkpoint `checkpoint` of run `name` a library adapter of its own."""
-        return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name, {"restored_from": f"{name}@{checkpoint}"})
+    def restore_checkpoint(self, name: str, checkpoint: str, new_name: str, user: str | None = None) -> str:
+        """Make checkpoint `checkpoint` of run `name` a library adapter of its own, owned by `user`."""
+        return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name,
+                                {"restored_from": f"{name}@{checkpoint}"}, user)
+
+    # ---- runs being trained: a folder held by a live process ---------------------------------
+
+    def reserve_run(self, name: str) -> "RunHold":
+        """Create the empty folder of new run `name` and hold it for this process (release() or
+        process exit frees it). An empty run folder nobody holds is swept at the next start-up,
+        so a crash right after Start never blocks the name."""
+        with self._lock:
+            dst = self._check_free(name)
+            dst.mkdir()
+            return _hold(dst, self) or RunHold(dst, None)
+
+    def hold_run(self, name: str) -> "RunHold":
+        """Hold existing run `name` while this process trains it (Resume); refused while another holds it."""
+        with self._lock:
+            p = self.path(check_name(name))
+            hold = _hold(p, self)
+            if hold is None:
+                raise AdapterError(f"{name!r} is being trained now (by this or another process); wait for it to end.")
+            return hold
 
     def export_zip(self, name: str, dest_dir) -> Path:
         """<dest_dir>/<name>.zip holding the adapter's files (flat, as PEFT lays them out)."""
@@ -339,15 +379,20 @@ class Library:
                 raise
         return name
 
-    def _copy_entry(self, src: Path, new_name: str, note: dict) -> str:
+    def _copy_entry(self, src: Path, new_name: str, note: dict, user: str | None) -> str:
         def build(tmp: Path):
             for f in (WEIGHTS, CONFIG, README):
                 if (src / f).is_file():
                     _copy(src / f, tmp / f)
-            meta = _json_or_empty(src / META)
+            meta, _ = _read_meta(src / META)  # only checked fields travel to the copy
             meta.update(note)
+            _set_user(meta, user)
             atomic.write_text(tmp / META, json.dumps(meta, indent=2))
         return self._create(new_name, build)
+
+    def _check_not_live(self, folder: Path, name: str, what: str) -> None:
+        if _is_live(folder):
+            raise AdapterError(f"{name!r} is being trained now; stop it first, then {what}.")
 
     def _check_free(self, name: str) -> Path:
         dst = self.root / check_name(name)
@@ -376,7 +421,7 @@ class Library:
         dirs = [c for c in ck.iterdir() if NAME_RE.fullmatch(c.name) and not c.is_symlink() and _complete(c)]
         return sorted(dirs, key=lambda c: (int(m.group(1)) if (m := re.search(r"(\d+)$", c.name)) else -1, c.name))
 
-    def _entry(self, d: Path, name: str | None = None) -> AdapterEntry | None:
+    def _entry(self, d: Path, name: str | None = None, live: Collection[str] = ()) -> AdapterEntry | None:
         """What the listing shows for folder `d`; None for a folder that holds no adapter (yet)."""
         try:
             final = _complete(d)
@@ -384,40 +429,118 @@ class Library:
             src = d if final else (ckpts[-1] if ckpts else None)
             if src is None:
                 return None
-            top = _json_or_empty(d / META)
-            meta = top or _json_or_empty(src / META)
-            r = alpha = None
-            targets, base, problem = [], None, None
-            try:
-                r, alpha, _, listed, base = parse_config(read_json(src / CONFIG, "adapter config"), src / CONFIG)
-                targets = list(listed or (meta.get("lora") or {}).get("targets") or [])
-            except AdapterError as e:
-                problem = str(e)
-            created = _str(meta.get("created")) or _mtime_iso(d)
-            # a checkpoint's status is the one it was saved with, not the run's: only the run says
-            status = _str(top.get("status")) or ("complete" if final else "training (checkpoints only)")
+            has_top = (d / META).is_file()
+            top, top_problem = _read_meta(d / META)
+            meta, meta_problem = (top, top_problem) if has_top else _read_meta(src / META)
+            config, _, config_problem = _read_config(src / CONFIG)
+            problem = top_problem or meta_problem or config_problem
+            r, alpha, listed, base = config.get("r"), config.get("alpha"), config.get("targets"), config.get("base")
+            created = meta.get("created") or _mtime_iso(d)
+            name = name or d.name
             if problem:
-                status = "invalid"
+                status = UNREADABLE
+            elif name in live or _is_live(d):
+                status = "training"
+            else:  # a checkpoint's status is the one it was saved with, not the run's: only the run says
+                status = top.get("status") or ("complete" if final else INTERRUPTED)
             return AdapterEntry(
-                name=name or d.name, base_model=_str(meta.get("base_model")) or base, rank=r, targets=targets,
-                alpha=alpha, steps=_int(meta.get("steps")), train_loss=_num(meta.get("train_loss")),
-                val_loss=_num(meta.get("val_loss")), created=created, size_bytes=_size(src),
-                dataset=_dataset(meta), status=status, user=_str(meta.get("user")),
-                n_checkpoints=len(ckpts), has_final=final, problem=problem,
-                created_ts=_timestamp(created, d))
+                name=name, base_model=meta.get("base_model") or base, rank=r,
+                targets=list(listed or (meta.get("lora") or {}).get("targets") or []), alpha=alpha,
+                steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
+                created=created, size_bytes=_size(src), dataset=_dataset(meta), status=status,
+                user=meta.get("user"), n_checkpoints=len(ckpts), has_final=final, problem=problem,
+                created_ts=safe_json.timestamp(created) or d.stat().st_mtime)
         except OSError:  # deleted or renamed while we looked
             return None
 
     def _sweep(self) -> None:
-        """Remove what crashed writers left: .trash-* always, .tmp-* once they are stale."""
+        """Remove what crashed writers left: .trash-* always, .tmp-* once they are stale, and run
+        folders that hold no adapter and no checkpoint and that no live process holds."""
         now = time.time()
         with self._lock:
             for d in self.root.iterdir():
                 try:
                     if d.name.startswith(".trash-") or (d.name.startswith(".tmp-") and now - d.stat().st_mtime > STALE_TMP_S):
                         shutil.rmtree(d, ignore_errors=True)
+                    elif valid_name(d.name) and not d.is_symlink() and d.is_dir() and self._abandoned(d, now):
+                        shutil.rmtree(d, ignore_errors=True)
                 except OSError:
                     pass
+
+    def _saved_nothing(self, d: Path) -> bool:
+        """No adapter file and no complete checkpoint in run folder `d` (the listing skips it)."""
+        return not any((d / f).exists() for f in ADAPTER_FILES) and not self._checkpoint_dirs(d)
+
+    def _abandoned(self, d: Path, now: float) -> bool:
+        """An empty run folder whose trainer is gone. Without a RUN_LOCK (made by code that does not
+        hold runs) only once it is stale: its maker may be in the middle of starting."""
+        if not self._saved_nothing(d):
+            return False
+        if (d / RUN_LOCK).is_file():
+            return not _is_live(d)
+        return now - d.stat().st_mtime > STALE_TMP_S
+
+
+class RunHold:
+    """This process's claim on a run folder: an exclusive flock on <run>/.run.lock. The kernel
+    drops it when the process dies (even by kill -9), so no stale claim survives a crash; a
+    clean release removes the marker, and the folder too if the run saved nothing."""
+
+    def __init__(self, path: Path, fd: int | None, library: "Library | None" = None):
+        self.path = path  # the run folder
+        self._fd = fd  # the locked descriptor (None: nothing held, e.g. no fcntl on this system)
+        self._library = library  # whose lock serialises holding, releasing and sweeping
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        lib = self._library
+        with lib.lock() if lib is not None else contextlib.nullcontext():
+            try:
+                os.unlink(self.path / RUN_LOCK)  # under the library lock: no one is taking it meanwhile
+                if lib is not None and lib._saved_nothing(self.path):
+                    shutil.rmtree(self.path, ignore_errors=True)  # a run that saved nothing frees its name
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _hold(folder: Path, library: "Library") -> RunHold | None:
+    """Hold `folder` for this process, or None when another descriptor (process) holds it."""
+    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    if fcntl is None:
+        os.close(fd)
+        return RunHold(folder, None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return RunHold(folder, fd, library)
+
+
+def _is_live(folder: Path) -> bool:
+    """Whether a process holds run `folder` now (a lock on a fresh descriptor fails while it does)."""
+    if fcntl is None or not (folder / RUN_LOCK).is_file():
+        return False
+    try:
+        fd = os.open(folder / RUN_LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock taken above
 
 
 # ---- small helpers -----------------------------------------------------------------------
@@ -443,11 +566,37 @@ def _copy(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _json_or_empty(path: Path) -> dict:
+def _read_meta(path: Path) -> tuple[dict, str | None]:
+    """studio.json's checked fields and the reason it is unreadable (None if fine); {} if absent or broken."""
+    if not path.is_file():
+        return {}, None
     try:
-        return read_json(path, "metadata") if path.is_file() else {}
-    except (AdapterError, OSError):
-        return {}
+        raw = safe_json.load_file(path, MAX_JSON_BYTES)
+    except ValueError as e:
+        return {}, str(e)
+    meta, problem = clean_meta(raw)
+    return ({}, problem) if problem else (meta, None)
+
+
+def _read_config(path: Path) -> tuple[dict, dict, str | None]:
+    """adapter_config.json: (r, alpha, targets and base after validation; the file as found; the
+    reason it is unreadable or None). Both dicts are {} when it is unreadable."""
+    try:
+        raw = safe_json.load_file(path, MAX_JSON_BYTES)
+        why = safe_json.problem(raw) if isinstance(raw, dict) else "is not a JSON object"
+        if why:
+            return {}, {}, f"{CONFIG} {why}"
+        r, alpha, _, listed, base = parse_config(raw, path)
+    except ValueError as e:  # AdapterError is a ValueError too
+        return {}, {}, safe_json.shown(str(e))[:300]
+    return {"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200)}, raw, None
+
+
+def _set_user(meta: dict, user: str | None) -> None:
+    """Record the acting user (the signed-in one); a user name copied or uploaded along is dropped."""
+    meta.pop("user", None)
+    if user:
+        meta["user"] = safe_json.shown(str(user))[:200]
 
 
 def _size(folder: Path) -> int:
@@ -459,33 +608,13 @@ def _now() -> str:
 
 
 def _mtime_iso(p: Path) -> str:
-    return dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
-
-
-def _timestamp(created: str, folder: Path) -> float:
     try:
-        t = dt.datetime.fromisoformat(created)
-        return (t if t.tzinfo else t.astimezone()).timestamp()
-    except (TypeError, ValueError):
-        return folder.stat().st_mtime
-
-
-def _str(x, limit: int = 200) -> str | None:
-    return None if x is None or isinstance(x, (dict, list)) else str(x)[:limit]
-
-
-def _num(x) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
-        return None
-    return float(x)
-
-
-def _int(x) -> int | None:
-    return int(x) if isinstance(x, int) and not isinstance(x, bool) else None
+        return dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, ValueError):  # a file dated (touch -d) beyond what datetime can hold
+        return "unknown"
 
 
 def _dataset(meta: dict) -> str | None:
+    """The dataset's name from checked metadata (clean_meta: a str or a dict with a str name)."""
     ds = meta.get("dataset")
-    if isinstance(ds, dict):
-        return _str(ds.get("name"))
-    return _str(ds) or _str(meta.get("dataset_name"))
+    return ds.get("name") if isinstance(ds, dict) else ds

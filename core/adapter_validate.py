@@ -8,7 +8,6 @@ problem. Nothing here writes anything; pickles (.bin/.pt) are never opened.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -18,12 +17,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS
+from . import safe_json
+from .adapter_io import CONFIG, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
 from .config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets
 from .lora import target_shapes
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+# a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;
+# safetensors itself allows 100 MB, which parses for seconds into gigabytes (1M zero-size keys)
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 1024
+# |value| of a LoRA matrix: trained adapters stay below ~10 (A starts near 1/sqrt(in), B at 0);
+# 3e38 passes the finiteness check yet overflows every product (generation then prints 'GGGG')
+MAX_VALUE = 10_000.0
 MAX_JSON_BYTES = 16 * 2**20  # adapter_config.json, studio.json (loss histories can be long)
 MAX_RANK = 256
 DTYPES = ("F32", "F16", "BF16")
@@ -131,37 +137,57 @@ def check_safetensors(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
         n = struct.unpack("<Q", head)[0]
         if n > MAX_HEADER_BYTES:
             raise AdapterError(f"{path.name}: the safetensors header claims {n} bytes, over the "
-                               f"{MAX_HEADER_BYTES // 10**6} MB limit; the file is corrupt or hostile.")
+                               f"{MAX_HEADER_BYTES} byte limit for an adapter; the file is corrupt or hostile.")
         if n > size - 8:
             raise AdapterError(f"{path.name} is truncated: its header needs {n} bytes but only {size - 8} follow.")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(f"{path.name} is not a safetensors file (its header is not JSON).") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{path.name} is not a safetensors file (its header is not a JSON object).")
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            end = max(end, int(v["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise AdapterError(f"{path.name}: key {k!r} has no valid data_offsets in the header.") from None
+    end = _header_end(_parse_header(raw, path.name), path.name)
     if 8 + n + end > size:
         raise AdapterError(f"{path.name} is truncated: tensor data should end at byte {8 + n + end} "
                            f"but the file has {size} bytes.")
 
 
-def read_json(path: Path, what: str) -> dict:
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise AdapterError(f"{path.name} ({what}) is {size} bytes, over the {MAX_JSON_BYTES // 2**20} MiB limit.")
+def _parse_header(raw: bytes, name: str) -> dict:
+    """The JSON header, its key count and key names checked before safetensors sees it."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path.name} ({what}) is not valid JSON: {e}.") from None
+        header = safe_json.loads(raw, "header")
+    except ValueError as e:
+        why = "nested too deeply" if "nested too deeply" in str(e) else "not JSON"
+        raise AdapterError(f"{name} is not a safetensors file (its header is {why}).") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{name} is not a safetensors file (its header is not a JSON object).")
+    keys = [k for k in header if k != "__metadata__"]
+    if len(keys) > MAX_TENSORS:
+        raise AdapterError(f"{name} holds {len(keys)} tensors; an adapter of GPT-2 holds at most 384 "
+                           f"(48 layers x 4 projections x A/B). The file is not a LoRA adapter.")
+    for k in keys:
+        if not KEY.match(k):
+            raise AdapterError(f"{name}: unexpected key {safe_json.shown(k)[:120]!r}; an adapter may only hold "
+                               f"lora_A/lora_B weights of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
+    return header
+
+
+def _header_end(header: dict, name: str) -> int:
+    """Where the tensor data ends according to the header (offsets checked to be sane integers)."""
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**63 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise AdapterError(f"{name}: key {k!r} has no valid data_offsets in the header (two whole numbers, "
+                               f"start <= end).")
+        end = max(end, offsets[1])
+    return end
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = safe_json.load_file(path, MAX_JSON_BYTES)
+    except ValueError as e:
+        raise AdapterError(f"{path.name} ({what}) {str(e).removeprefix(path.name + ' ')}.") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path.name} ({what}) must be a JSON object.")
     return data
@@ -176,8 +202,9 @@ def parse_config(c: dict, path: Path):
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
         raise AdapterError(f"{where}: r must be a whole number from 1 to {MAX_RANK} (got {r!r}).")
     alpha = c.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterError(f"{where}: lora_alpha must be a positive number (got {alpha!r}).")
+    if safe_json.number(alpha, 0, MAX_ALPHA) is None or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive number up to {MAX_ALPHA:g} (got {alpha!r}); "
+                           f"adapters use about 1-2 x the rank.")
     dropout = c.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterError(f"{where}: lora_dropout must be in [0, 1) (got {dropout!r}).")
@@ -312,8 +339,17 @@ def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         for k, ours in keys.items():
             t = f.get_tensor(k)
-            if not bool(torch.isfinite(t).all()):
-                raise AdapterError(f"{path.name}: key {k!r} contains NaN or infinite values; the adapter is "
-                                   f"broken (a diverged training run?) and cannot be used.")
+            check_values(t, f"{path.name}: key {k!r}")
             out[ours] = t
     return out
+
+
+def check_values(t: torch.Tensor, where: str, advice: str = "") -> None:
+    """Finite, and no |value| over MAX_VALUE (an adapter, a blend's result); `advice` ends the message."""
+    advice = advice or "the adapter is broken or hostile and cannot be used"
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterError(f"{where} contains NaN or infinite values (a diverged training run?); {advice}.")
+    top = float(t.abs().max()) if t.numel() else 0.0
+    if top > MAX_VALUE:
+        raise AdapterError(f"{where} has values up to {top:.3g}, over the limit of {MAX_VALUE:g} (a trained "
+                           f"LoRA stays far below it); {advice}.")

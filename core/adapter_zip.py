@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -17,29 +18,30 @@ from .adapter_validate import MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKL
 README = "README.md"  # PEFT writes a model card beside the adapter
 ALLOWED = (WEIGHTS, CONFIG, META, README)
 MAX_MEMBERS = 64
+# the central directory: one ~46-byte record + name + extras per member (a name is at most 64 KiB);
+# 5.5M entries took zipfile 35 s and 3.2 GB to parse, so its size is checked before it is read
+MAX_DIRECTORY_BYTES = 1 << 20
+EOCD, EOCD64, LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 
 
 def extract_adapter_zip(zip_path, dest: Path, max_bytes: int = MAX_FILE_BYTES) -> Path:
     """Extract the adapter files of `zip_path` into the (empty, private) folder `dest`."""
     name = Path(zip_path).name
+    _check_directory(Path(zip_path), name)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise AdapterError(f"{name} is not a readable .zip file ({e}).") from None
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_MEMBERS:
             raise AdapterError(f"{name} has {len(infos)} entries; an adapter zip holds a few files "
                                f"({', '.join(ALLOWED)}).")
-        found: dict[tuple[str, ...], dict[str, zipfile.ZipInfo]] = {}
-        for info in infos:
-            parts = _safe_parts(info, name)
-            if info.is_dir() or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
-                continue
-            if PurePosixPath(parts[-1]).suffix.lower() in PICKLE_SUFFIXES:
-                raise AdapterError(f"{name} contains {info.filename}: {PICKLE_HINT}")
-            if parts[-1] in ALLOWED:
-                found.setdefault(parts[:-1], {})[parts[-1]] = info
+        total, cap = sum(i.file_size for i in infos), max_bytes + 3 * MAX_JSON_BYTES
+        if total > cap:
+            raise AdapterError(f"{name} would unpack to {total} bytes in all, over the {cap} byte limit for an "
+                               f"adapter zip; zip only the adapter folder.")
+        found = _members(infos, name)
         folders = sorted((d for d, files in found.items() if WEIGHTS in files), key=len)
         if not folders:
             raise AdapterError(f"{name} holds no {WEIGHTS}; zip a PEFT adapter folder "
@@ -55,6 +57,52 @@ def extract_adapter_zip(zip_path, dest: Path, max_bytes: int = MAX_FILE_BYTES) -
                                    f"limit of {cap} bytes.")
             _extract_capped(zf, info, dest / fname, cap, name)
     return dest
+
+
+def _check_directory(path: Path, name: str) -> None:
+    """Entry count and central-directory size from the end-of-central-directory record (zip64 too),
+    read in a few bytes before zipfile parses the directory itself."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (1 << 16) - 22 - 20 - 56))
+            tail = f.read()
+    except OSError as e:
+        raise AdapterError(f"{name} could not be read ({e.strerror}).") from None
+    at = tail.rfind(EOCD)
+    if at < 0 or len(tail) - at < 22:
+        raise AdapterError(f"{name} is not a readable .zip file (no end-of-central-directory record).")
+    entries, cd_size = struct.unpack("<xxxxxxxxxxHI", tail[at:at + 16])
+    loc = at - 20
+    if loc >= 0 and tail[loc:loc + 4] == LOCATOR64:  # zip64: the real counts are in the zip64 record
+        z64 = at - 20 - 56
+        if z64 >= 0 and tail[z64:z64 + 4] == EOCD64:
+            entries, cd_size = struct.unpack("<QQ", tail[z64 + 32:z64 + 48])
+        elif entries == 0xFFFF or cd_size == 0xFFFFFFFF:
+            raise AdapterError(f"{name} is not a readable .zip file (its zip64 record is missing).")
+    if entries > MAX_MEMBERS:
+        raise AdapterError(f"{name} has {entries} entries; an adapter zip holds a few files ({', '.join(ALLOWED)}).")
+    if cd_size > MAX_DIRECTORY_BYTES:
+        raise AdapterError(f"{name} has a central directory of {cd_size} bytes, over the {MAX_DIRECTORY_BYTES} "
+                           f"byte limit; an adapter zip lists a few files.")
+
+
+def _members(infos: list[zipfile.ZipInfo], name: str) -> dict[tuple[str, ...], dict[str, zipfile.ZipInfo]]:
+    """The adapter files by folder; unsafe paths, links, pickles and repeated names refused."""
+    found: dict[tuple[str, ...], dict[str, zipfile.ZipInfo]] = {}
+    seen = set()
+    for info in infos:
+        parts = _safe_parts(info, name)
+        if parts in seen:  # zipfile would silently take the last of them
+            raise AdapterError(f"{name} holds two files named {'/'.join(parts)}; zip each file once.")
+        seen.add(parts)
+        if info.is_dir() or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+            continue
+        if PurePosixPath(parts[-1]).suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterError(f"{name} contains {info.filename}: {PICKLE_HINT}")
+        if parts[-1] in ALLOWED:
+            found.setdefault(parts[:-1], {})[parts[-1]] = info
+    return found
 
 
 def _safe_parts(info: zipfile.ZipInfo, name: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from . import atomic, tokenizer
+from . import atomic, safe_json, tokenizer
 from .config import EOT_TOKEN
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -25,6 +25,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 MAX_TEXT_BYTES = 256 * 1024 * 1024  # larger inputs are refused (uint16 shards, memory)
 VOCAB_SIZE = EOT_TOKEN + 1
 META = "meta.json"
+MAX_META_BYTES = 1 << 20  # meta.json: counts and source names, a few KB
+MAX_SOURCES = 1000  # source file names kept from a meta.json
 DOC_SEPARATOR = "<|endoftext|>"
 
 
@@ -137,8 +139,25 @@ def split_tokens(ids: np.ndarray, train_ratio: float = 0.9) -> tuple[np.ndarray,
     return train, val
 
 
+def check_text(text: str, name: str) -> None:
+    """A text from a user (pasted, or a file already decoded): within the size cap, and valid
+    Unicode (a lone surrogate cannot be encoded, saved or shown on a page)."""
+    if len(text) > MAX_TEXT_BYTES:  # characters: a lower bound on the UTF-8 bytes, known without encoding
+        raise ValueError(f"{name} is {len(text)} characters; the limit is {MAX_TEXT_BYTES} bytes of text. "
+                         f"Use a smaller part of it.")
+    if not safe_json.text_ok(text):
+        at = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+        raise ValueError(f"{name} holds invalid Unicode (a lone surrogate at character {at}); "
+                         f"remove it or paste the text again from a UTF-8 source.")
+
+
 def build_dataset(texts: Sequence[str], sources: Sequence[str], train_ratio: float = 0.9) -> Dataset:
     """Tokenize documents (joined with <|endoftext|>) and split them; nothing is written."""
+    for t, src in zip(texts, sources):
+        check_text(t, src)
+    if sum(len(t) for t in texts) > MAX_TEXT_BYTES:  # what was read or pasted, all together
+        raise ValueError(f"the texts together are over the limit of {MAX_TEXT_BYTES} bytes; use fewer or "
+                         f"smaller files.")
     docs = [normalize_text(t) for t in texts]
     for doc, src in zip(docs, sources):
         if not doc.strip():
@@ -223,15 +242,44 @@ def load_dataset(folder) -> Dataset:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such dataset folder.")
-    meta = {}
-    if (folder / META).is_file():
-        try:
-            meta = json.loads((folder / META).read_text("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError(f"{folder / META} is not valid JSON.") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{folder / META} is not a JSON object.")
+    # only checked fields are kept (they travel into the adapter's studio.json); the tokens are what
+    # training needs, so a damaged meta.json costs its counts and sha256 (then a digest of the tokens)
+    meta = read_dataset_meta(folder)
+    meta.pop("problem", None)
     return Dataset(train=_load_split(folder, "train"), val=_load_split(folder, "val"), meta=meta, path=folder)
+
+
+_META_FIELDS = {  # what build_dataset writes, and the check each value must pass
+    **{k: lambda x: safe_json.text(x, 200) for k in ("format", "tokenizer", "name")},
+    "sha256": lambda x: x if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x) else None,
+    **{k: safe_json.integer for k in ("version", "chars", "tokens", "unique_tokens", "train_tokens", "val_tokens")},
+    "train_ratio": lambda x: safe_json.number(x, 0, 1),
+    "created": safe_json.date,
+}
+
+
+def read_dataset_meta(folder) -> dict:
+    """meta.json of a dataset folder, read defensively: only known fields with sane values; a
+    'problem' key says what was wrong when something was dropped. Never raises ({} if absent)."""
+    path = Path(folder) / META
+    try:
+        if not path.is_file():
+            return {}
+        raw = safe_json.load_file(path, MAX_META_BYTES)
+    except (OSError, ValueError) as e:
+        return {"problem": safe_json.shown(str(e))}
+    if not isinstance(raw, dict):
+        return {"problem": f"{META} is not a JSON object"}
+    out = {k: v for k, check in _META_FIELDS.items() if k in raw and (v := check(raw[k])) is not None}
+    sources = raw.get("sources")
+    if isinstance(sources, list):
+        out["sources"] = [t for x in sources[:MAX_SOURCES] if (t := safe_json.text(x, 200)) is not None]
+    dropped = [k for k in (*_META_FIELDS, "sources") if k in raw and k not in out]
+    why = safe_json.problem(raw)
+    if why or dropped or (isinstance(sources, list) and len(out["sources"]) < len(sources)):
+        out["problem"] = f"{META} {why or 'has values of the wrong kind'}" + (
+            f" (dropped: {', '.join(dropped)})" if dropped else "")
+    return out
 
 
 # ---- batches --------------------------------------------------------------------------

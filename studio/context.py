@@ -7,7 +7,6 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
-import json
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from core.adapter_library import shown_name, valid_name
 from core.adapters import AdapterError
 from core.atomic import disk_full
 from core.config import PRESETS
+from core.data import read_dataset_meta
 from core.engine import Engine
 from core.train import TrainingError
 from core.weights import WeightsError
@@ -103,12 +103,7 @@ class Studio:
         for d in sorted(self.datasets_dir.iterdir()) if self.datasets_dir.is_dir() else []:
             if not valid_name(d.name) or d.is_symlink() or not (d / "train_00000.npy").is_file():
                 continue
-            try:
-                meta = json.loads((d / "meta.json").read_text("utf-8")) if (d / "meta.json").is_file() else {}
-            except (OSError, ValueError):
-                meta = {}
-            out.append({"name": d.name, "meta": meta if isinstance(meta, dict) else {},
-                        "mtime": d.stat().st_mtime})
+            out.append({"name": d.name, "meta": read_dataset_meta(d), "mtime": d.stat().st_mtime})
         return sorted(out, key=lambda x: -x["mtime"])
 
     # ---- downloads --------------------------------------------------------------------------

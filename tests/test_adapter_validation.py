@@ -141,7 +141,7 @@ RAW_CASES = {
     "truncated data": (_raw_truncated, r"is truncated: tensor data should end at byte"),
     "pickle renamed": (_raw_pickle, r"is a PyTorch pickle \(torch\.save\), not safetensors"),
     "legacy pickle renamed": (_raw_legacy_pickle, r"is a PyTorch pickle"),
-    "oversized header": (_raw_oversized_header, r"header claims 1000000000000 bytes, over the 100 MB limit"),
+    "oversized header": (_raw_oversized_header, r"header claims 1000000000000 bytes, over the 1048576 byte limit"),
     "header past end": (_raw_header_past_end, r"is truncated: its header needs 5000 bytes"),
     "header not JSON": (_raw_not_json, r"is not a safetensors file \(its header is not JSON\)"),
     "8 bytes short": (_raw_tiny, r"too short for a safetensors file"),

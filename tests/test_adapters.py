@@ -250,7 +250,7 @@ def test_checkpoints_belong_to_their_run(lib, trained):
     (run / "checkpoints" / "step_000150").mkdir()  # being written: incomplete, not offered
     [entry] = lib.list()
     assert (entry.name, entry.has_final, entry.n_checkpoints, entry.rank) == ("run1", False, 2, 4)
-    assert entry.status == "training (checkpoints only)" and entry.steps == 100
+    assert entry.status == "interrupted (can resume)" and entry.steps == 100  # no live process holds it
     assert [c["name"] for c in lib.details("run1")["checkpoints"]] == ["step_000050", "step_000100"]
     cks = lib.checkpoints("run1")
     assert [(c["name"], c["step"], c["train_loss"], c["spec"]) for c in cks] == [
@@ -272,11 +272,11 @@ def test_checkpoints_belong_to_their_run(lib, trained):
         lib.path("run1@../../x")
 
 
-def test_unreadable_config_is_listed_as_invalid_and_deletable(lib, trained):
+def test_unreadable_config_is_listed_as_unreadable_and_deletable(lib, trained):
     lib.save(trained, "a", "broken", LC, "tiny")
     (lib.path("broken") / CONFIG).write_text("{")
     [e] = lib.list()
-    assert e.status == "invalid" and "not valid JSON" in e.problem
+    assert e.status == "unreadable" and "not valid JSON" in e.problem
     lib.delete("broken")
     assert lib.list() == []
 

@@ -172,8 +172,11 @@ def test_weights_path_is_the_recorded_base_and_must_match_model(prepared, hf_sma
     studio = json.loads((lib / "w" / "studio.json").read_text())
     assert studio["base_model"] == str(hf_small.resolve())
     capsys.readouterr()
-    # compare without --model/--weights loads the base recorded with the adapter
-    assert main(["compare", "--lora", "w", "--library", str(lib), "--samples", "1", "--max-tokens", "4"]) == 0
+    # compare never reads a local path an adapter records (its files may come from anyone): --weights says it
+    assert "pass --model or --weights" in one_line_error(
+        capsys, ["compare", "--lora", "w", "--library", lib, "--samples", "1", "--max-tokens", "4"])
+    assert main(["compare", "--lora", "w", "--library", str(lib), "--weights", str(hf_small), "--samples", "1",
+                 "--max-tokens", "4"]) == 0
     assert f"base model: {hf_small.resolve()} (2 layers, width 64" in capsys.readouterr().out
 
 

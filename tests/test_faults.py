@@ -81,7 +81,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # after a restart the library is consistent: the run is listed by its checkpoints, each of them whole
     studio = create_studio(lib, tmp_path / "datasets", "cpu", "tiny")
     entry = next(e for e in studio.library.list() if e.name == "cut")
-    assert not entry.has_final and entry.status == "training (checkpoints only)" and entry.n_checkpoints >= 1
+    assert not entry.has_final and entry.status == "interrupted (can resume)" and entry.n_checkpoints >= 1
     for c in studio.library.checkpoints("cut"):
         studio.library.read(c["spec"], PRESETS["tiny"])  # validates every file of the checkpoint
     assert sorted(studio.library.names()) == ["cut", "full"]

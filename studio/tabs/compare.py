@@ -32,7 +32,7 @@ def compatible_adapters(studio: Studio, model_name: str) -> list[str]:
     """Library adapters that can run on base `model_name` (complete, valid, made for that base)."""
     out = []
     for e in studio.library.list():
-        if not e.has_final or e.status == "invalid" or (e.status or "").startswith("training"):
+        if not e.has_final or e.problem or (e.status or "").startswith("training"):
             continue
         base = preset_of(e.base_model)
         if base is None or base == model_name:
