@@ -164,10 +164,16 @@ def find_checkpoint(path) -> Checkpoint:
         path = found[-1]
     try:
         meta = json.loads((path / META).read_text("utf-8"))
-        lcfg = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
+        lcfg = LoraConfig.from_dict(meta["lora"])
         tcfg = TrainConfig.from_dict(meta["training"])
-        return Checkpoint(path, int(meta["steps"]), str(meta["name"]), lcfg, tcfg, meta)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        step, name = meta["steps"], meta["name"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(name, str):
+            raise ValueError(f"steps {step!r} or name {name!r} is not a step count and a name")
+        return Checkpoint(path, step, name, lcfg, tcfg, meta)
+    # RecursionError: deeply nested JSON; OverflowError: numbers such as 1e400
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
         raise ValueError(f"{path / META} is missing or damaged ({type(e).__name__}: {e}); "
                          f"resume from another checkpoint.") from None
 
