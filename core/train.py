@@ -35,7 +35,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,12 +50,16 @@ from .adapter_library import CHECKPOINTS
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
 from .decode import GUARD
+from .estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from .generate import SamplingConfig, generate_text
 from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
                    make_route)
+from .quant import weight_bytes
 
 STATE = "trainer_state.pt"
-LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one forward may hold whole (larger: evaluated/trained in pieces)
+# Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
+# tokens (20 batches) before the first step, and Stop would wait for them.
+EVAL_TOKENS = 32_768
 
 
 class _Loss(torch.nn.Module):
@@ -77,6 +81,10 @@ class _Loss(torch.nn.Module):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
+
+
+class Stopped(Exception):
+    """The stop flag was set during an evaluation: the rest of it is skipped."""
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
@@ -105,15 +113,20 @@ def is_oom(e: BaseException) -> bool:
 
 @torch.no_grad()
 def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
-             max_batches: int | None = None) -> tuple[float, int]:
-    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it)."""
-    windows = eval_windows(ids, seq_len, None if max_batches is None else max_batches * batch_size)
+             max_batches: int | None = None, stop: threading.Event | None = None) -> tuple[float, int]:
+    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it,
+    at most max_batches x batch_size windows and EVAL_TOKENS tokens). Raises Stopped when `stop` is
+    set between two forwards."""
+    cap = max(1, EVAL_TOKENS // seq_len)
+    windows = eval_windows(ids, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
     route = make_route(model, [name])
-    rows = max(1, min(batch_size, LOGITS_BUDGET // (seq_len * model.config.vocab_size * 4)))
+    rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     count = 0
     with autocast_for(model):
         for i in range(0, len(windows), rows):
+            if stop is not None and stop.is_set():
+                raise Stopped
             group = windows[i:i + rows]
             for length in sorted({len(w) for w in group}):  # only the last window may be shorter
                 win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
@@ -125,9 +138,8 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
-    """Tokens per piece of the chunked loss (core.model.GPT.loss): 0 (whole, fastest) while a
-    micro-batch's fp32 logits fit LOGITS_BUDGET, else pieces recomputed in backward (less memory)."""
-    return 0 if batch_size * seq_len * model.config.vocab_size * 4 <= LOGITS_BUDGET else 256
+    """Tokens per piece of the chunked loss (core.estimate.loss_chunk, which the estimate follows too)."""
+    return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
 
 
 # ---- resume points --------------------------------------------------------------------
@@ -188,11 +200,14 @@ class Trainer:
     stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
     resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
         `tcfg` (default: the checkpoint's) may extend the number of steps.
+    max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
+        available on the device caps it too. Settings above it are refused here, before the adapter,
+        the optimizer or any batch exists.
     """
 
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
-                 resume=None):
+                 resume=None, max_memory: int | None = None):
         self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
@@ -214,6 +229,7 @@ class Trainer:
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
+        self._check_memory(max_memory)
         self.history: list[dict] = []
         self.step = 0
         self.start_val_loss: float | None = None
@@ -399,16 +415,21 @@ class Trainer:
             torch.set_rng_state(state)
 
     def _eval(self):
-        """Validation loss (+ samples) at the current step; yields events and returns the loss."""
+        """Validation loss (+ samples) at the current step; yields events and returns the loss
+        (None when Stop came during it: no event, no samples)."""
         t = self.tcfg
         self._set_dropout(False)
-        loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
-                           t.eval_max_batches)
+        try:
+            loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
+                               t.eval_max_batches, stop=self.stop)
+        except Stopped:
+            self._set_dropout(True)
+            return None
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1]["val_loss"] = loss
         yield {"type": "eval", "step": self.step, "val_loss": loss,
                "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
-        if t.sample_prompts:
+        if t.sample_prompts and not self.stop.is_set():
             scfg = SamplingConfig(max_new_tokens=t.sample_tokens, seed=t.seed)
             samples = [{"prompt": p, "text": generate_text(self.model, p, [self.name], scfg)[0]}
                        for p in t.sample_prompts]
@@ -491,6 +512,19 @@ class Trainer:
         rng = np.random.default_rng()
         rng.bit_generator.state = json.loads(state["np_rng"])
         return rng
+
+    def _check_memory(self, cap: int | None) -> None:
+        """Refuse settings whose estimated peak (at the sequence length really used, on this base
+        with its real weight size) exceeds the cap or the memory available now."""
+        model, t, r = self.model, self.tcfg, self.lcfg.r
+        checkpointing = bool(getattr(model, "checkpointing", False))
+        est = estimate_training(model.config, self.lcfg, replace(t, seq_len=self.seq_len), model.device.type,
+                                checkpointing=checkpointing, weights_bytes=weight_bytes(model))
+        advice = (f"lower the batch size (now {t.batch_size}), the sequence length (now {self.seq_len}) or the "
+                  f"rank (now {r})" + ("" if checkpointing else ", or use --checkpointing (recomputes "
+                                                                 "activations: less memory, more time)")
+                  + "; gradient accumulation keeps the effective batch at no memory cost")
+        check_memory(est, model.device, cap, loaded=True, advice=advice)
 
     def _oom_message(self) -> str:
         t, cfg = self.tcfg, self.model.config
