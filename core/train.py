@@ -485,12 +485,15 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt) -> np.random.Generator:
-        """Adapter weights, optimizer, step, RNG and history from the checkpoint."""
+        """Adapter weights, optimizer, step, RNG and history from the checkpoint (all read and
+        checked before any of them is applied)."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
             tensors = load_file(str(ck.path / WEIGHTS))
-        except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError) as e:
+            step, history, rng = _read_state(state)
+        except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
+                KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
         current = adapter_state_dict(self.model, self.name)
@@ -498,19 +501,20 @@ class Trainer:
         if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
             raise ValueError(f"checkpoint {ck.path} does not match its LoRA settings "
                              f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__} in its optimizer "
+                             f"state); resume from another one.") from None
         with torch.no_grad():
             for k, p in current.items():
                 p.copy_(loaded[k])
-        opt.load_state_dict(state["optimizer"])
         try:
-            self._torch_rng(state["torch_rng"])
+            self._torch_rng(state.get("torch_rng"))
         except (RuntimeError, TypeError):  # saved on another kind of device: dropout masks differ from here on
             pass
-        self.step = int(state["step"])
-        self.history = list(state["history"])
+        self.step, self.history = step, history
         self.start_val_loss = state.get("start_val_loss")
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(state["np_rng"])
         return rng
 
     def _check_memory(self, cap: int | None) -> None:
@@ -532,6 +536,18 @@ class Trainer:
                 f"(rank {self.lcfg.r}, a {cfg.n_layer}-layer width-{cfg.n_embd} model). Lower the batch "
                 f"size (raise gradient accumulation to keep the effective batch), the sequence length "
                 f"or the rank, or use a smaller model size.")
+
+
+def _read_state(state) -> tuple[int, list, np.random.Generator]:
+    """A trainer_state.pt's step, history and batch-order RNG; KeyError/TypeError/ValueError if damaged."""
+    if not isinstance(state, dict) or not isinstance(state["optimizer"], dict):
+        raise TypeError("a dict with an optimizer state was expected")
+    step, history = state["step"], state["history"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(history, list):
+        raise ValueError(f"step {step!r} or the history is damaged")
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(state["np_rng"])
+    return step, list(history), rng
 
 
 def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:

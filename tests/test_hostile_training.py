@@ -383,3 +383,17 @@ def test_the_app_takes_a_training_memory_cap(tmp_path, capsys):
     from studio.app import create_studio
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny", max_train_memory="8GB")
     assert studio.engine.max_train_memory == 8 * 2**30
+
+
+@pytest.mark.parametrize("state", [{"step": 2}, {"step": "two", "optimizer": {}, "np_rng": "{}", "history": []},
+                                   [1, 2, 3]], ids=["missing-keys", "wrong-types", "not-a-dict"])
+def test_a_damaged_trainer_state_is_refused_with_a_message(tiny, sample_ds, tmp_path, state):
+    import io
+    run_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "r", tmp_path / "run"))
+    ck = find_checkpoint(tmp_path / "run")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (ck.path / train.STATE).write_bytes(buf.getvalue())
+    fresh = load_base("tiny", "cpu")
+    with pytest.raises(ValueError, match=r"checkpoint .*step_000002 could not be read \(.*\); resume from another one"):
+        list(Trainer(fresh, sample_ds, None, quick(steps=4), "r", tmp_path / "run", resume=tmp_path / "run").run())
