@@ -2,7 +2,6 @@
 machine, Stop during evaluation, and the shared base switching under a starting run."""
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
