@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD|FILE",
                    help="require sign-in: one user:password, or a file of user:password lines")
     p.add_argument("--max-file-size", default="300mb", help="largest upload (default 300mb)")
+    p.add_argument("--max-train-memory", default=None, metavar="SIZE",
+                   help="refuse training settings whose estimated peak memory exceeds SIZE, e.g. 8GB "
+                        "(default: the memory available on the device)")
     return p
 
 
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
         if args.weights and args.model == "tiny":
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
         from studio.app import build_ui, create_studio, launch_options
-        studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth))
+        studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
+                               max_train_memory=args.max_train_memory)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

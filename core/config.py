@@ -1,7 +1,6 @@
 """Configuration dataclasses: model shapes, LoRA settings, training settings."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, asdict
 
 # The four GPT-2 projections LoRA may wrap (HF module names inside each block).
@@ -80,19 +79,32 @@ class LoraConfig:
 
     def validate(self, cfg: GPTConfig | None = None) -> None:
         """Raise ValueError with a message a user can act on."""
-        if not isinstance(self.r, int) or self.r < 1 or self.r > 256:
-            raise ValueError(f"rank must be a whole number from 1 to 256 (got {self.r}).")
+        whole_number("rank", self.r, 1, 256)
         if cfg is not None and self.r > cfg.n_embd:
             raise ValueError(f"rank {self.r} is larger than the model width {cfg.n_embd}; choose a rank <= {cfg.n_embd}.")
-        if not (self.alpha > 0) or self.alpha != self.alpha:
-            raise ValueError(f"alpha must be a positive number (got {self.alpha}).")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1) (got {self.dropout}).")
+        # alpha / r scales the update: past ~1024 a single step already overflows (1e300 trained to NaN)
+        real_number("alpha", self.alpha, 0, MAX_ALPHA, "a positive number", above=True,
+                    hint=f"; use at most {MAX_ALPHA} (2 x rank is a common choice)")
+        real_number("dropout", self.dropout, 0, 1, "in [0, 1)", below=True)
+        if isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple)):
+            raise ValueError(f"LoRA targets must be a list of module names from {', '.join(TARGET_MODULES)}.")
         if not self.targets:
             raise ValueError(f"choose at least one target module from {', '.join(TARGET_MODULES)}.")
         for t in self.targets:
             if t not in TARGET_MODULES:
                 raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
+
+    @staticmethod
+    def from_dict(d) -> "LoraConfig":
+        """Settings read from a file (a checkpoint's studio.json): checked, so garbage is a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"LoRA settings must be a JSON object (got {type(d).__name__}).")
+        known = {k: v for k, v in d.items() if k in LoraConfig.__dataclass_fields__}
+        if isinstance(known.get("targets"), list):
+            known["targets"] = tuple(known["targets"])
+        cfg = LoraConfig(**known)
+        cfg.validate()
+        return cfg
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -143,36 +155,28 @@ class TrainConfig:
 
     def validate(self, cfg: GPTConfig | None = None) -> None:
         """Raise ValueError with a message a user can act on."""
-        def whole(name, v, lo, hi=None):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-                rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-                raise ValueError(f"{name} must be a whole number {rng} (got {v!r}).")
-
-        whole("steps", self.steps, 1, 1_000_000)
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
-            raise ValueError(f"learning rate must be a number > 0 and <= 1, e.g. 3e-4 (got {self.lr!r}).")
+        whole_number("steps", self.steps, 1, 1_000_000)
+        real_number("learning rate", self.lr, 0, 1, "a number > 0 and <= 1, e.g. 3e-4", above=True)
         if self.warmup_steps is not None:
-            whole("warmup steps", self.warmup_steps, 0, self.steps)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min lr ratio must be in [0, 1] (got {self.min_lr_ratio!r}).")
-        whole("batch size", self.batch_size, 1, 4096)
-        whole("sequence length", self.seq_len, 1, 1024)
+            whole_number("warmup steps", self.warmup_steps, 0, self.steps)
+        real_number("min lr ratio", self.min_lr_ratio, 0, 1, "in [0, 1]")
+        whole_number("batch size", self.batch_size, 1, 4096)
+        whole_number("sequence length", self.seq_len, 1, 1024)
         if cfg is not None and self.seq_len > cfg.block_size:
             raise ValueError(f"sequence length {self.seq_len} exceeds the model's context of "
                              f"{cfg.block_size} tokens; choose a sequence length <= {cfg.block_size}.")
-        whole("gradient accumulation steps", self.grad_accum, 1, 4096)
-        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
-            raise ValueError(f"gradient clip must be >= 0, 0 turns it off (got {self.grad_clip!r}).")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0 (got {self.weight_decay!r}).")
-        whole("eval interval", self.eval_interval, 0)
-        whole("eval max batches", self.eval_max_batches, 1)
-        whole("checkpoint interval", self.checkpoint_interval, 0)
-        whole("checkpoints to keep", self.keep_checkpoints, 0)
-        whole("sample tokens", self.sample_tokens, 1, 1024)
-        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
-            raise ValueError("sample prompts must be a list of texts.")
-        whole("seed", self.seed, 0, 2**63 - 1)
+        whole_number("gradient accumulation steps", self.grad_accum, 1, 4096)
+        real_number("gradient clip", self.grad_clip, 0, 1000, "a number from 0 to 1000, 0 turns it off")
+        real_number("weight decay", self.weight_decay, 0, 10, "a number from 0 to 10")
+        whole_number("eval interval", self.eval_interval, 0, 1_000_000)
+        whole_number("eval max batches", self.eval_max_batches, 1, 10_000)
+        whole_number("checkpoint interval", self.checkpoint_interval, 0, 1_000_000)
+        whole_number("checkpoints to keep", self.keep_checkpoints, 0, 1000)
+        whole_number("sample tokens", self.sample_tokens, 1, 1024)
+        check_prompts(self.sample_prompts)
+        whole_number("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda graphs must be true or false (got {self.cuda_graphs!r}).")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,8 +184,55 @@ class TrainConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "TrainConfig":
+    def from_dict(d) -> "TrainConfig":
+        """Settings read from a file (a checkpoint's studio.json): checked, so garbage is a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"training settings must be a JSON object (got {type(d).__name__}).")
         known = {k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__}
         if "sample_prompts" in known:
+            if not isinstance(known["sample_prompts"], (list, tuple)):
+                raise ValueError("sample prompts must be a list of texts.")
             known["sample_prompts"] = tuple(known["sample_prompts"])
-        return TrainConfig(**known)
+        cfg = TrainConfig(**known)
+        cfg.validate()
+        return cfg
+
+
+# ---- checks shared by the settings -----------------------------------------------------
+
+MAX_ALPHA = 1024  # LoRA alpha; real runs use 1..2 x rank (rank <= 256)
+MAX_PROMPTS = 8  # sample prompts continued at each evaluation
+MAX_PROMPT_CHARS = 2000  # the model reads at most 1024 tokens anyway
+
+
+def whole_number(name: str, v, lo: int, hi: int) -> None:
+    """An int (not a bool, not a float such as inf or 2.0) in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi} (got {v!r}).")
+
+
+def real_number(name: str, v, lo: float, hi: float, what: str, *, above: bool = False,
+                below: bool = False, hint: str = "") -> None:
+    """A finite int/float in [lo, hi] (`above`/`below` make that end open); `what` says the range,
+    `hint` (after the value) what to do."""
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN != NaN
+          and (v > lo if above else v >= lo) and (v < hi if below else v <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be {what} (got {v!r}){hint}.")
+
+
+def check_prompts(prompts) -> None:
+    """Sample prompts: a short list of valid texts (a lone surrogate would break every page that
+    shows the run's samples, since they cannot be encoded)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
+            not all(isinstance(p, str) for p in prompts):
+        raise ValueError("sample prompts must be a list of texts.")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"use at most {MAX_PROMPTS} sample prompts (got {len(prompts)}).")
+    for i, p in enumerate(prompts, 1):
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"sample prompt {i} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        bad = next((j for j, ch in enumerate(p, 1) if "\ud800" <= ch <= "\udfff"), None)
+        if bad is not None:
+            raise ValueError(f"sample prompt {i} holds invalid text (a lone surrogate at character {bad}); "
+                             f"retype it.")

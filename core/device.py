@@ -1,9 +1,11 @@
-"""Device and dtype choice (CUDA bf16 first, then Apple MPS, then CPU), and the GPU helpers the
-trainer and the decoders share: the autocast choice, the out-of-memory test, the capture guard."""
+"""Device and dtype choice (CUDA bf16 first, then Apple MPS, then CPU), how much memory is free, and
+the GPU helpers the trainer and the decoders share: the autocast choice, the OOM test, the capture guard."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -93,3 +95,43 @@ class CaptureGuard:
 
 
 GUARD = CaptureGuard()  # the process's one guard: every capture and every GPU user shares it
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on `device` (None if unknown): free GPU memory plus what
+    PyTorch's allocator holds unused; elsewhere the RAM available within any container limit
+    (Apple MPS shares the system RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other Unixes: free pages only (a lower bound)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """A container's memory limit minus its use (Spaces and Docker cap memory below the host's
+    MemAvailable); page cache it can drop (inactive files) counts as free. cgroup v2, then v1."""
+    for folder, limit, usage, inactive in (("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                                           ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                            "memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            cap = (Path(folder) / limit).read_text().strip()
+            if cap == "max" or int(cap) >= 1 << 60:  # no limit set
+                return None
+            used = int((Path(folder) / usage).read_text())
+            stat = dict(ln.split() for ln in (Path(folder) / "memory.stat").read_text().splitlines() if " " in ln)
+            return max(0, int(cap) - used + int(stat.get(inactive, 0)))
+        except (OSError, ValueError):
+            continue
+    return None

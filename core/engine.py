@@ -9,6 +9,11 @@ version until they finish, then it is removed.
 Locking: `Engine.lock` guards structure (which base, which adapters are loaded); generation
 runs outside it. The trainer takes `shared_model()` and adds/removes its own adapter while
 holding `lock`, using a name that cannot be a library name (e.g. 'train:<run>').
+
+Pinning: a training run loads its base with `base(..., pin=True)` and holds the pin until the
+run ends (`unpin_base`). Meanwhile no other request can replace the base (BaseInUse): a Compare
+on another base, queued while the run's base was loading, would otherwise swap the model under
+the starting run, which would then train a base nobody tracks.
 """
 from __future__ import annotations
 
@@ -42,9 +47,13 @@ class _Slot:
     used: float  # last use, for evicting the least recently used
 
 
+class BaseInUse(ValueError):
+    """Another base was asked for while training runs (or starts) on the loaded one."""
+
+
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
-                 max_loaded: int = 16):
+                 max_loaded: int = 16, max_train_memory: int | None = None):
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         self.dtype = dtype
         self.library = Library(library_dir)
@@ -57,25 +66,41 @@ class Engine:
         self._refs: Counter = Counter()  # loaded name -> generations using it now
         self._retired: set[str] = set()  # replaced versions to remove once unused
         self._versions = itertools.count(2)
+        self._base_pins = 0  # training runs (starting or running) that need the loaded base to stay
+        self.max_train_memory = max_train_memory  # bytes: cap on a training run's estimated peak (None = RAM/GPU)
 
     # ---- the base ----------------------------------------------------------------------
 
     def base(self, model_name_or_path: str = "gpt2", weights=None,
-             progress: Callable[[str], None] | None = None) -> GPT:
-        """Load the base once and cache it; a different base replaces it (and its adapters).
+             progress: Callable[[str], None] | None = None, *, pin: bool = False) -> GPT:
+        """Load the base once and cache it; a different base replaces it (and its adapters), unless
+        a training run holds it pinned (BaseInUse).
 
         weights: a local file/folder with the weights of `model_name_or_path` (instead of the hub).
+        pin: for a training run: the base stays until `unpin_base(model)`; pinned under the same lock
+            hold that loads it, so no request queued during the load can replace it first.
         """
         key = (str(model_name_or_path), str(weights) if weights else None)
         with self.lock:
-            if self._model is not None and self._base_key == key:
-                return self._model
-            model = load_base(weights or model_name_or_path, self.device, self.dtype, progress)
-            self._model, self._base_key, self.base_id = model, key, str(model_name_or_path)
-            self._slots.clear()
-            self._refs.clear()
-            self._retired.clear()
-            return model
+            if self._model is None or self._base_key != key:
+                if self._base_pins:
+                    raise BaseInUse(f"the base model {self.base_id} is in use by a starting or running training "
+                                    f"job, so it cannot change to {model_name_or_path} now; choose {self.base_id}, "
+                                    f"or wait for the run to end.")
+                model = load_base(weights or model_name_or_path, self.device, self.dtype, progress)
+                self._model, self._base_key, self.base_id = model, key, str(model_name_or_path)
+                self._slots.clear()
+                self._refs.clear()
+                self._retired.clear()
+            if pin:
+                self._base_pins += 1
+            return self._model
+
+    def unpin_base(self, model: GPT) -> None:
+        """Release one pin taken by base(..., pin=True) on `model` (nothing if the base is another)."""
+        with self.lock:
+            if model is self._model and self._base_pins > 0:
+                self._base_pins -= 1
 
     @property
     def model(self) -> GPT | None:

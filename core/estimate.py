@@ -7,8 +7,13 @@ per device kind, measured on our engine (see bench/ and the README's tables).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
+import torch
+
+from . import device as _device
 from .config import GPTConfig, LoraConfig, TrainConfig
 from .lora import count_lora_params
 
@@ -25,6 +30,24 @@ LAYER_OVERHEAD = {"cuda": 1.4e-3, "cuda-graphs": 0.08e-3, "mps": 1e-3, "cpu": 1e
 # out, proj in, ln, fc out, gelu out, residuals), measured against peaks on CUDA.
 ACT_PER_TOKEN_LAYER = 18
 BYTES = {"fp32": 4, "bf16": 2, "nf4": 0.5 + 0.0625, "int8": 1 + 0.0625}
+# Bytes of fp32 logits one forward may hold whole; larger micro-batches train the loss in pieces and
+# evaluate fewer rows at a time. The trainer (core.train) follows this same rule.
+LOGITS_BUDGET = 1 << 30
+
+
+class MemoryLimitError(ValueError):
+    """Settings whose estimated peak memory exceeds what the machine has (or the configured cap)."""
+
+
+def loss_chunk(tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Tokens per piece of the chunked loss (core.model.GPT.loss): 0 (whole, fastest) while a
+    micro-batch's fp32 logits fit the budget, else pieces recomputed in backward (less memory)."""
+    return 0 if tokens * vocab * 4 <= budget else 256
+
+
+def eval_rows(batch_size: int, seq_len: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Sequences evaluated per forward: the batch, or fewer so their fp32 logits fit the budget."""
+    return max(1, min(batch_size, budget // (seq_len * vocab * 4)))
 
 
 @dataclass
@@ -32,7 +55,8 @@ class Estimate:
     peak_bytes: int  # expected peak device memory of a training step
     weights_bytes: int  # the frozen base
     lora_bytes: int  # LoRA weights + gradients + AdamW state
-    activation_bytes: int  # saved activations + logits buffers
+    activation_bytes: int  # saved activations + logits buffers (or evaluation's logits, if larger)
+    logits_bytes: int  # the loss's logits buffers at their largest (a training piece or an evaluation group)
     step_seconds: float  # one optimizer step (batch x grad_accum sequences)
     total_seconds: float  # the whole run
     trainable_params: int
@@ -52,23 +76,21 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, lora_params: int = 0) -> float
 
 def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, device_type: str = "cpu",
                       weights: str | None = None, checkpointing: bool = False,
-                      cuda_graphs: bool = False) -> Estimate:
-    """device_type: 'cuda', 'mps' or 'cpu'; weights: 'fp32', 'bf16', 'int8' or 'nf4' (default by device)."""
+                      cuda_graphs: bool = False, weights_bytes: int | None = None) -> Estimate:
+    """device_type: 'cuda', 'mps' or 'cpu'; weights: 'fp32', 'bf16', 'int8' or 'nf4' (default by device);
+    weights_bytes: the real size of a loaded base (instead of its estimate)."""
     weights = weights or ("bf16" if device_type == "cuda" else "fp32")
     act_bytes = 2 if device_type == "cuda" else 4
     lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets)
     total = cfg.n_params()
-    w_bytes = int(total * BYTES[weights])
+    w_bytes = int(total * BYTES[weights]) if weights_bytes is None else int(weights_bytes)
     lora_bytes = lora_params * 16  # fp32 weight + grad + two AdamW moments
     B, T, d = tcfg.batch_size, tcfg.seq_len, cfg.n_embd
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
     acts = B * T * (per_layer * act_bytes * layers_kept + (2 * d * act_bytes * cfg.n_layer if checkpointing else 0))
-    # the loss runs over at most 8 pieces of >= 256 tokens (GPT.loss): one piece's logits,
-    # fp32 log-softmax and gradient exist at a time
-    piece = min(B * T, max(256, -(-B * T // 8)))
-    logits = piece * cfg.vocab_size * (act_bytes + 4 + 4)
-    act_total = int(acts + logits)
+    logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
+    act_total = int(max(acts + logits[0], logits[1]))
     kind = device_type if device_type in THROUGHPUT else "cpu"
     per_token = (flops_per_token(cfg, T, lora_params) / THROUGHPUT[kind]
                  + cfg.vocab_size * VOCAB_BYTES / BANDWIDTH[kind])
@@ -78,10 +100,59 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
         step_s *= 4 / 3  # the forward runs twice
     return Estimate(
         peak_bytes=w_bytes + lora_bytes + act_total, weights_bytes=w_bytes, lora_bytes=lora_bytes,
-        activation_bytes=act_total, step_seconds=step_s, total_seconds=step_s * tcfg.steps,
-        trainable_params=lora_params, adapter_bytes=lora_params * 4 + 2048,
+        activation_bytes=act_total, logits_bytes=int(max(logits)), step_seconds=step_s,
+        total_seconds=step_s * tcfg.steps, trainable_params=lora_params, adapter_bytes=lora_params * 4 + 2048,
         share_percent=100.0 * lora_params / total,
     )
+
+
+def logits_bytes(vocab: int, batch_size: int, seq_len: int, act_bytes: int) -> tuple[int, int]:
+    """(training, evaluation) bytes of the loss's logits buffers, by the trainer's own rule.
+
+    Training: the micro-batch's logits whole while they fit LOGITS_BUDGET, else one piece of >= 256
+    tokens (1/8 of them) at a time (GPT.loss); each with its fp32 log-softmax and gradient.
+    Evaluation (no gradients, between steps): eval_rows() whole rows' logits, an fp32 copy of
+    half-precision ones, and the fp32 log-softmax.
+    """
+    tokens = batch_size * seq_len
+    chunk = loss_chunk(tokens, vocab)
+    piece = tokens if chunk == 0 or tokens <= chunk else max(chunk, -(-tokens // 8))
+    train = piece * vocab * (act_bytes + 4 + 4)
+    rows = eval_rows(batch_size, seq_len, vocab)
+    evaluation = rows * seq_len * vocab * (act_bytes + 4 + (4 if act_bytes != 4 else 0))
+    return train, evaluation
+
+
+def check_memory(est: Estimate, device: torch.device, cap: int | None = None, loaded: bool = False,
+                 advice: str = "") -> None:
+    """Refuse (MemoryLimitError) a run whose estimated peak exceeds `cap` (--max-train-memory) or the
+    memory available on `device` now, whichever is smaller. loaded: the base is in memory already
+    (its weights are part of the estimate but no longer part of what is available). advice: what to
+    lower, for the message."""
+    limits = []
+    if cap is not None:
+        limits.append((int(cap), "allowed by --max-train-memory"))
+    free = _device.available_memory(device)
+    if free is not None:
+        limits.append((free + (est.weights_bytes if loaded else 0), "of memory available now"))
+    if not limits:
+        return
+    limit, why = min(limits)
+    if est.peak_bytes > limit:
+        raise MemoryLimitError(f"this run needs about {human_bytes(est.peak_bytes)} of memory (estimate), more "
+                               f"than the {human_bytes(limit)} {why}; {advice or 'use smaller settings'}.")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?\s*$", re.I)
+
+
+def parse_size(spec) -> int:
+    """'8GB', '512mb', '1.5 GiB' or a number of bytes -> bytes (KB, MB, GB, TB are powers of 1024)."""
+    m = _SIZE.match(str(spec))
+    value = float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()) if m else 0.0
+    if not (math.isfinite(value) and value >= 1):  # a 400-digit number is inf as a float
+        raise ValueError(f"{spec!r} is not a memory size; write it like 8GB, 512MB or 1.5GiB.")
+    return int(value)
 
 
 def human_bytes(n: float) -> str:

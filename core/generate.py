@@ -29,14 +29,16 @@ class SamplingConfig:
     stop_at_eot: bool = True  # a row ends at <|endoftext|>
 
     def validate(self) -> None:
-        if not (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 1024):
-            raise ValueError(f"max new tokens must be 1..1024 (got {self.max_new_tokens}).")
-        if not (0 <= self.temperature <= 5):
-            raise ValueError(f"temperature must be between 0 and 5 (got {self.temperature}).")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, 0 turns it off (got {self.top_k}).")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top-p must be in (0, 1] (got {self.top_p}).")
+        """Raise ValueError with a message a user can act on (a 64-bit seed or an infinite top-k would
+        otherwise fail deep inside torch with an unreadable error)."""
+        from .config import real_number, whole_number
+        whole_number("max new tokens", self.max_new_tokens, 1, 1024)
+        real_number("temperature", self.temperature, 0, 5, "a number from 0 to 5, 0 = greedy")
+        whole_number("top-k", self.top_k, 0, 50257)
+        real_number("top-p", self.top_p, 0, 1, "a number in (0, 1], 1 turns it off", above=True)
+        whole_number("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.stop_at_eot, bool):
+            raise ValueError(f"stop at end of text must be true or false (got {self.stop_at_eot!r}).")
 
 
 def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,12 +49,16 @@ from .adapter_library import CHECKPOINTS
 from .config import LoraConfig, TrainConfig
 from .data import Dataset, eval_windows, get_batch
 from .device import GUARD, autocast_for, is_oom
+from .estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from .generate import SamplingConfig, generate_text
 from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
                    make_route)
+from .quant import weight_bytes
 
 STATE = "trainer_state.pt"
-LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one forward may hold whole (larger: evaluated/trained in pieces)
+# Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
+# tokens (20 batches) before the first step, and Stop would wait for them.
+EVAL_TOKENS = 32_768
 
 
 class _Loss(torch.nn.Module):
@@ -78,6 +82,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
 
 
+class Stopped(Exception):
+    """The stop flag was set during an evaluation: the rest of it is skipped."""
+
+
 def lr_at(step: int, tcfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     warm = tcfg.warmup()
@@ -90,15 +98,20 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
-             max_batches: int | None = None) -> tuple[float, int]:
-    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it)."""
-    windows = eval_windows(ids, seq_len, None if max_batches is None else max_batches * batch_size)
+             max_batches: int | None = None, stop: threading.Event | None = None) -> tuple[float, int]:
+    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it,
+    at most max_batches x batch_size windows and EVAL_TOKENS tokens). Raises Stopped when `stop` is
+    set between two forwards."""
+    cap = max(1, EVAL_TOKENS // seq_len)
+    windows = eval_windows(ids, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
     route = make_route(model, [name])
-    rows = max(1, min(batch_size, LOGITS_BUDGET // (seq_len * model.config.vocab_size * 4)))
+    rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     count = 0
     with autocast_for(model):
         for i in range(0, len(windows), rows):
+            if stop is not None and stop.is_set():
+                raise Stopped
             group = windows[i:i + rows]
             for length in sorted({len(w) for w in group}):  # only the last window may be shorter
                 win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
@@ -110,9 +123,8 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
-    """Tokens per piece of the chunked loss (core.model.GPT.loss): 0 (whole, fastest) while a
-    micro-batch's fp32 logits fit LOGITS_BUDGET, else pieces recomputed in backward (less memory)."""
-    return 0 if batch_size * seq_len * model.config.vocab_size * 4 <= LOGITS_BUDGET else 256
+    """Tokens per piece of the chunked loss (core.estimate.loss_chunk, which the estimate follows too)."""
+    return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
 
 
 # ---- resume points --------------------------------------------------------------------
@@ -149,10 +161,16 @@ def find_checkpoint(path) -> Checkpoint:
         path = found[-1]
     try:
         meta = json.loads((path / META).read_text("utf-8"))
-        lcfg = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
+        lcfg = LoraConfig.from_dict(meta["lora"])
         tcfg = TrainConfig.from_dict(meta["training"])
-        return Checkpoint(path, int(meta["steps"]), str(meta["name"]), lcfg, tcfg, meta)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        step, name = meta["steps"], meta["name"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(name, str):
+            raise ValueError(f"steps {step!r} or name {name!r} is not a step count and a name")
+        return Checkpoint(path, step, name, lcfg, tcfg, meta)
+    # RecursionError: deeply nested JSON; OverflowError: numbers such as 1e400
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
         raise ValueError(f"{path / META} is missing or damaged ({type(e).__name__}: {e}); "
                          f"resume from another checkpoint.") from None
 
@@ -167,11 +185,14 @@ class Trainer:
     stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
     resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
         `tcfg` (default: the checkpoint's) may extend the number of steps.
+    max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
+        available on the device caps it too. Settings above it are refused here, before the adapter,
+        the optimizer or any batch exists.
     """
 
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
-                 resume=None):
+                 resume=None, max_memory: int | None = None):
         self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
@@ -193,6 +214,7 @@ class Trainer:
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
+        self._check_memory(max_memory)
         self.history: list[dict] = []
         self.step = 0
         self.start_val_loss: float | None = None
@@ -378,16 +400,21 @@ class Trainer:
             torch.set_rng_state(state)
 
     def _eval(self):
-        """Validation loss (+ samples) at the current step; yields events and returns the loss."""
+        """Validation loss (+ samples) at the current step; yields events and returns the loss
+        (None when Stop came during it: no event, no samples)."""
         t = self.tcfg
         self._set_dropout(False)
-        loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
-                           t.eval_max_batches)
+        try:
+            loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
+                               t.eval_max_batches, stop=self.stop)
+        except Stopped:
+            self._set_dropout(True)
+            return None
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1]["val_loss"] = loss
         yield {"type": "eval", "step": self.step, "val_loss": loss,
                "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
-        if t.sample_prompts:
+        if t.sample_prompts and not self.stop.is_set():
             scfg = SamplingConfig(max_new_tokens=t.sample_tokens, seed=t.seed)
             samples = [{"prompt": p, "text": generate_text(self.model, p, [self.name], scfg)[0]}
                        for p in t.sample_prompts]
@@ -443,12 +470,15 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt) -> np.random.Generator:
-        """Adapter weights, optimizer, step, RNG and history from the checkpoint."""
+        """Adapter weights, optimizer, step, RNG and history from the checkpoint (all read and
+        checked before any of them is applied)."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
             tensors = load_file(str(ck.path / WEIGHTS))
-        except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError) as e:
+            step, history, rng = _read_state(state)
+        except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
+                KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
         current = adapter_state_dict(self.model, self.name)
@@ -456,20 +486,34 @@ class Trainer:
         if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
             raise ValueError(f"checkpoint {ck.path} does not match its LoRA settings "
                              f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__} in its optimizer "
+                             f"state); resume from another one.") from None
         with torch.no_grad():
             for k, p in current.items():
                 p.copy_(loaded[k])
-        opt.load_state_dict(state["optimizer"])
         try:
-            self._torch_rng(state["torch_rng"])
+            self._torch_rng(state.get("torch_rng"))
         except (RuntimeError, TypeError):  # saved on another kind of device: dropout masks differ from here on
             pass
-        self.step = int(state["step"])
-        self.history = list(state["history"])
+        self.step, self.history = step, history
         self.start_val_loss = state.get("start_val_loss")
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(state["np_rng"])
         return rng
+
+    def _check_memory(self, cap: int | None) -> None:
+        """Refuse settings whose estimated peak (at the sequence length really used, on this base
+        with its real weight size) exceeds the cap or the memory available now."""
+        model, t, r = self.model, self.tcfg, self.lcfg.r
+        checkpointing = bool(getattr(model, "checkpointing", False))
+        est = estimate_training(model.config, self.lcfg, replace(t, seq_len=self.seq_len), model.device.type,
+                                checkpointing=checkpointing, weights_bytes=weight_bytes(model))
+        advice = (f"lower the batch size (now {t.batch_size}), the sequence length (now {self.seq_len}) or the "
+                  f"rank (now {r})" + ("" if checkpointing else ", or use --checkpointing (recomputes "
+                                                                 "activations: less memory, more time)")
+                  + "; gradient accumulation keeps the effective batch at no memory cost")
+        check_memory(est, model.device, cap, loaded=True, advice=advice)
 
     def _oom_message(self) -> str:
         t, cfg = self.tcfg, self.model.config
@@ -477,6 +521,18 @@ class Trainer:
                 f"(rank {self.lcfg.r}, a {cfg.n_layer}-layer width-{cfg.n_embd} model). Lower the batch "
                 f"size (raise gradient accumulation to keep the effective batch), the sequence length "
                 f"or the rank, or use a smaller model size.")
+
+
+def _read_state(state) -> tuple[int, list, np.random.Generator]:
+    """A trainer_state.pt's step, history and batch-order RNG; KeyError/TypeError/ValueError if damaged."""
+    if not isinstance(state, dict) or not isinstance(state["optimizer"], dict):
+        raise TypeError("a dict with an optimizer state was expected")
+    step, history = state["step"], state["history"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(history, list):
+        raise ValueError(f"step {step!r} or the history is damaged")
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(state["np_rng"])
+    return step, list(history), rng
 
 
 def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:

@@ -11,6 +11,7 @@ import gradio as gr
 
 from core.adapter_validate import preset_of
 from core.engine import Engine
+from core.estimate import parse_size
 
 from .context import Studio
 from .style import CSS, theme
@@ -28,8 +29,10 @@ MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up 
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
-                  auth=False) -> Studio:
-    engine = Engine(device=device, library_dir=library)
+                  auth=False, max_train_memory: str | int | None = None) -> Studio:
+    """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak."""
+    cap = parse_size(max_train_memory) if max_train_memory is not None else None
+    engine = Engine(device=device, library_dir=library, max_train_memory=cap)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth)
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later

@@ -60,8 +60,9 @@ class Studio:
     def availability(self, name: str) -> tuple[str, str]:
         return availability(name, self.weights, self.weights_for, self.probe)
 
-    def base(self, name: str, progress: Callable[[str], None] | None = None):
-        """The shared base `name`, loaded once (the first call per model loads it)."""
+    def base(self, name: str, progress: Callable[[str], None] | None = None, pin: bool = False):
+        """The shared base `name`, loaded once (the first call per model loads it). pin: for a training
+        run, see Engine.base (the runner releases the pin)."""
         if name not in PRESETS:
             raise ValueError(f"unknown base model {name!r}; choose one of {', '.join(CHOICES)}.")
         job = self.runner.busy()
@@ -69,9 +70,11 @@ class Studio:
             raise ValueError(f"the base model cannot change to {name} while {job.describe()} is training "
                              f"on {job.base_id}; pick {job.base_id}, or wait for the run to end.")
         weights = self.weights if name == self.weights_for else None
-        model = self.engine.base(name, weights, progress)
+        model = self.engine.base(name, weights, progress, pin=pin)
         c, p = model.config, PRESETS[name]
         if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
+            if pin:
+                self.engine.unpin_base(model)
             raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
                                f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
         return model

@@ -12,17 +12,20 @@ step and saves the adapter (and a resume checkpoint) to the library.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from core.adapters import check_name
 from core.atomic import disk_full
-from core.config import LoraConfig, TrainConfig
+from core.config import PRESETS, LoraConfig, TrainConfig
 from core.data import Dataset
+from core.estimate import check_memory, estimate_training
 from core.lora import adapter_names, remove_adapter
 from core.train import Trainer, find_checkpoint
 
@@ -141,6 +144,20 @@ class Job:
         return f"'{self.name}' on {self.base_id}{who} (step {step}/{steps}, {100 * step / steps:.0f}%)"
 
 
+def _unpin_if_refused(method):
+    """Runner.start/resume(model, ..., pinned=True): release the base's pin if the job does not start
+    (a launched job releases it when it ends)."""
+    @functools.wraps(method)
+    def wrapper(self, model, *args, pinned: bool = False, **kw):
+        try:
+            return method(self, model, *args, pinned=pinned, **kw)
+        except BaseException:
+            if pinned:
+                self.engine.unpin_base(model)
+            raise
+    return wrapper
+
+
 class Runner:
     """Owns the process's one training job. `engine` is the shared core.engine.Engine."""
 
@@ -167,29 +184,53 @@ class Runner:
         job = self.job
         return job.snapshot() if job is not None else None
 
+    def check_memory(self, base_id: str, dataset: Dataset, lcfg: LoraConfig, tcfg: TrainConfig) -> None:
+        """Before loading base `base_id` (a preset) for a run: refuse settings whose estimated peak exceeds
+        --max-train-memory or the memory available (MemoryLimitError); the Trainer checks again on the
+        loaded base."""
+        engine, cfg = self.engine, PRESETS[base_id]
+        seq_len, _ = dataset.block_size(tcfg.seq_len)
+        loaded = engine.model is not None and engine.base_id == base_id
+        est = estimate_training(cfg, lcfg, replace(tcfg, seq_len=seq_len), engine.device.type)
+        check_memory(est, engine.device, engine.max_train_memory, loaded=loaded,
+                     advice=f"lower the batch size (now {tcfg.batch_size}), the sequence length (now {seq_len}) "
+                            f"or the rank (now {lcfg.r}); gradient accumulation keeps the effective batch at "
+                            f"no memory cost")
+
     # ---- control -------------------------------------------------------------------------
 
+    @_unpin_if_refused
     def start(self, model, base_id: str, dataset: Dataset, name: str, lcfg: LoraConfig,
-              tcfg: TrainConfig, user: str | None = None) -> Job:
-        """Train a new adapter `name` into the library; raises RunnerBusy, ValueError, AdapterError."""
+              tcfg: TrainConfig, user: str | None = None, pinned: bool = False) -> Job:
+        """Train a new adapter `name` into the library; raises RunnerBusy, ValueError (MemoryLimitError:
+        the settings need more memory than there is), AdapterError.
+
+        pinned: `model` came from engine.base(..., pin=True); the runner owns that pin from here on and
+        releases it when the job ends, or at once if the job does not start.
+        """
         check_name(name)
         out_dir = self.engine.library.root / name
         with self._lock:
             self._check_free()
+            job = Job(name, base_id, dataset.name, user, tcfg.steps)
+            # settings (and the memory they need) are checked before the name is reserved, so a
+            # refused run leaves no empty folder blocking its name
+            trainer = StudioTrainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
+                                    base_id=base_id, run_name=name, user=user,
+                                    max_memory=self.engine.max_train_memory)
             with self.engine.library.lock():  # reserve the name now: the first checkpoint comes later
                 if out_dir.exists() or out_dir.is_symlink():
                     raise ValueError(f"the library already has an adapter named '{name}'; choose another "
                                      f"name (or resume that run).")
                 out_dir.mkdir()
-            job = Job(name, base_id, dataset.name, user, tcfg.steps)
-            trainer = StudioTrainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
-                                    base_id=base_id, run_name=name, user=user)
-            self._launch(job, trainer)
+            self._launch(job, trainer, pinned)
             return job
 
+    @_unpin_if_refused
     def resume(self, model, base_id: str, dataset: Dataset, name: str, steps: int | None = None,
-               user: str | None = None) -> Job:
-        """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan)."""
+               user: str | None = None, pinned: bool = False) -> Job:
+        """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan).
+        pinned: as for start()."""
         check_name(name)
         ck = find_checkpoint(self.run_dir(name))
         tcfg = ck.tcfg
@@ -201,8 +242,8 @@ class Runner:
                       start_val_loss=ck.meta.get("start_val_loss"), resumed_from=ck.step)
             trainer = StudioTrainer(model, dataset, None, tcfg, TRAIN_PREFIX + name, self.run_dir(name),
                                     job.stop_flag, base_id=base_id, resume=ck, run_name=name,
-                                    user=user or ck.meta.get("user"))
-            self._launch(job, trainer)
+                                    user=user or ck.meta.get("user"), max_memory=self.engine.max_train_memory)
+            self._launch(job, trainer, pinned)
             return job
 
     def stop(self, user: str | None = None, auth: bool = False) -> str:
@@ -245,13 +286,13 @@ class Runner:
         if self.busy() is not None:
             raise RunnerBusy(self.busy_message())
 
-    def _launch(self, job: Job, trainer: Trainer) -> None:
+    def _launch(self, job: Job, trainer: Trainer, pinned: bool = False) -> None:
         self.job = job
-        job.thread = threading.Thread(target=self._work, args=(job, trainer), name=f"train-{job.name}",
+        job.thread = threading.Thread(target=self._work, args=(job, trainer, pinned), name=f"train-{job.name}",
                                       daemon=True)
         job.thread.start()
 
-    def _work(self, job: Job, trainer: Trainer) -> None:
+    def _work(self, job: Job, trainer: Trainer, pinned: bool = False) -> None:
         model, lock = trainer.model, self.engine.lock
         final = None  # 'done' or 'error': reported only after the cleanup below, so the job stays
         try:          # busy until its live adapter is gone (a quick Resume cannot race the cleanup)
@@ -276,6 +317,8 @@ class Runner:
                     remove_adapter(model, trainer.name)
             if trainer.resume is None and (final is None or final["type"] == "error"):
                 self._drop_if_empty(trainer.out_dir, job.name)
+            if pinned:  # before the job stops being live, so a new start never finds the base pinned
+                self.engine.unpin_base(model)
             job.on_event(final or {"type": "error", "message": "training ended without a result."})
 
     def _drop_if_empty(self, run_dir: Path, name: str) -> None:

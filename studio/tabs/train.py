@@ -145,10 +145,11 @@ def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout,
     tcfg.validate(PRESETS[model_name])
     ds = load_dataset(studio.dataset_path(dataset))
     name = check_name((name or "").strip() or auto_name(dataset, model_name))
+    studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
     if progress is not None:
         progress(0.1, desc=f"loading base model {model_name} (first use only)…")
-    model = studio.base(model_name, _progress_say(progress))
-    studio.runner.start(model, model_name, ds, name, lcfg, tcfg, user=user)
+    model = studio.base(model_name, _progress_say(progress), pin=True)  # the runner releases the pin
+    studio.runner.start(model, model_name, ds, name, lcfg, tcfg, user=user, pinned=True)
     return f"Started **{name}** on {model_name}. The chart updates live; Stop saves what was learned.", name
 
 
@@ -186,8 +187,8 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
                          f"train it further.")
     if progress is not None:
         progress(0.1, desc=f"loading base model {base} (first use only)…")
-    model = studio.base(base, _progress_say(progress))
-    job = studio.runner.resume(model, base, ds, name, total, user=user)
+    model = studio.base(base, _progress_say(progress), pin=True)  # the runner releases the pin
+    job = studio.runner.resume(model, base, ds, name, total, user=user, pinned=True)
     return f"Resumed **{name}** from step {ck.step} toward {job.steps} steps.", name
 
 
