@@ -217,7 +217,7 @@ class Library:
         return self._create(new_name, build)
 
     def import_path(self, path, name: str | None = None, base_cfg: GPTConfig | None = None,
-                    config_path=None) -> str:
+                    config_path=None, user: str | None = None) -> str:
         """Import a PEFT folder, a .zip of one, or a bare .safetensors (+ adapter_config.json beside it
         or at `config_path`). Everything is validated before anything is written."""
         src = Path(path)
@@ -235,12 +235,15 @@ class Library:
             files = read_adapter(src, base_cfg, config_path=config_path, max_bytes=self.max_bytes)
         meta = dict(files.meta)
         meta.update(imported_from=Path(path).name, imported=_now())
+        meta.pop("user", None)  # an uploaded 'user' claims nothing: the uploader is recorded instead
+        if user:
+            meta["user"] = user
         meta.setdefault("status", "imported")
         return self._create(name, lambda tmp: write_adapter_folder(
             tmp, files.peft_tensors(), files.lcfg, files.base_id, meta))
 
     def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
-              base_cfg: GPTConfig | None = None) -> str:
+              base_cfg: GPTConfig | None = None, user: str | None = None) -> str:
         """A new adapter whose update is sum_k weights[k] * update(names[k]) (exact)."""
         check_name(new_name)
         self._check_free(new_name)
@@ -254,6 +257,8 @@ class Library:
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
         meta = {"status": "blend", "base_model": bases[0] if bases else None,
                 "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
+        if user:
+            meta["user"] = user
         tensors = {PEFT_PREFIX + k: v for k, v in state.items()}
         return self._create(new_name, lambda tmp: write_adapter_folder(
             tmp, tensors, lcfg, meta["base_model"], meta))
@@ -279,15 +284,16 @@ class Library:
             atomic.fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def duplicate(self, name: str, new_name: str) -> str:
+    def duplicate(self, name: str, new_name: str, user: str | None = None) -> str:
         src = self.path(check_name(name))
         if not (src / WEIGHTS).is_file():
             raise AdapterError(f"{name!r} has no final adapter yet; restore one of its checkpoints instead.")
-        return self._copy_entry(src, new_name, {"duplicated_from": name})
+        return self._copy_entry(src, new_name, {"duplicated_from": name, **({"user": user} if user else {})})
 
-    def restore_checkpoint(self, name: str, checkpoint: str, new_name: str) -> str:
+    def restore_checkpoint(self, name: str, checkpoint: str, new_name: str, user: str | None = None) -> str:
         """Make checkpoint `checkpoint` of run `name` a library adapter of its own."""
-        return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name, {"restored_from": f"{name}@{checkpoint}"})
+        note = {"restored_from": f"{name}@{checkpoint}", **({"user": user} if user else {})}
+        return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name, note)
 
     def export_zip(self, name: str, dest_dir) -> Path:
         """<dest_dir>/<name>.zip holding the adapter's files (flat, as PEFT lays them out)."""
