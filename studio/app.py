@@ -12,7 +12,7 @@ import gradio as gr
 from core.adapter_validate import preset_of
 from core.engine import Engine
 
-from .context import Studio
+from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
 from .style import CSS, theme
 from .tabs.compare import adapter_choices, create_compare_tab
 from .tabs.data import create_data_tab
@@ -25,13 +25,16 @@ LOGO = ("<svg class='logo' viewBox='0 0 24 24' width='26' height='26' aria-hidde
         "<circle cx='7' cy='14' r='2.2' fill='#fff'/><circle cx='12' cy='9' r='2.2' fill='#fff'/>"
         "<circle cx='17' cy='12' r='2.2' fill='#fff'/></svg>")
 MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up to 256 MiB
+# Gradio keeps every upload and every download it hands out in its cache: without this, forever (anyone
+# who can reach the page can POST files). Checked every 5 minutes; all of it goes when the server stops.
+DELETE_CACHE = (300, UPLOADS_KEPT_S)
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
-                  auth=False) -> Studio:
+                  auth=False, admins=()) -> Studio:
     engine = Engine(device=device, library_dir=library)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
-                    weights_for=model if weights else None, auth=auth)
+                    weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()))
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 
@@ -46,6 +49,7 @@ def header_html(studio: Studio) -> str:
 
 def use_in_compare(studio: Studio, name: str | None, model: str, current):
     """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
+    name = typed_name(name, "the selected adapter")
     if not name:
         gr.Warning("Select an adapter first.")
         return gr.skip()
@@ -55,7 +59,7 @@ def use_in_compare(studio: Studio, name: str | None, model: str, current):
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Data", id="data", elem_id="tab-data"):
@@ -87,7 +91,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
                            *library["lists"]], show_progress="hidden", api_visibility="private")
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
-        library["use"].click(lambda n, m, cur: use_in_compare(studio, n, m, cur),
+        library["use"].click(friendly(lambda n, m, cur: use_in_compare(studio, n, m, cur)),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
