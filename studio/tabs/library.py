@@ -354,23 +354,22 @@ def create_library_tab(studio: Studio) -> dict:
     blend_btn.click(do_blend, inputs=[blend_pick, blend_w, blend_name], outputs=[status, *lists],
                     api_name="blend_adapters")
 
-    # a download is copied into Gradio's cache when it is handed over: the studio's own copy goes right after
-    handed = gr.State(None)
-    drop = dict(fn=lambda p: studio.drop_export(p), inputs=handed, api_visibility="private")
-
+    # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
+    # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
     @friendly
     def do_zip(n):
         path = export_zip(studio, n)
-        return gr.update(value=path, visible=True), path
+        yield gr.update(value=path, visible=True)
+        studio.drop_export(path)
 
     @friendly
     def do_merge(n, progress=gr.Progress()):
         msg, path = merge_export(studio, n, progress)
-        return msg, gr.update(value=path, visible=True), path
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
 
-    zip_btn.click(do_zip, inputs=picked, outputs=[out_file, handed], api_name="export_adapter_zip").then(**drop)
-    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file, handed],
-                    api_name="merge_export").then(**drop)
+    zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
+    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
