@@ -5,8 +5,12 @@ holds only small per-session values (the session's uploaded text, which job vers
 """
 from __future__ import annotations
 
+import asyncio
 import html
+import os
+from contextlib import asynccontextmanager
 
+import anyio
 import gradio as gr
 
 from core.adapter_validate import preset_of
@@ -28,6 +32,8 @@ MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up 
 # Gradio keeps every upload and every download it hands out in its cache: without this, forever (anyone
 # who can reach the page can POST files). Checked every 5 minutes; all of it goes when the server stops.
 DELETE_CACHE = (300, UPLOADS_KEPT_S)
+MAX_CACHE_BYTES = 4 * 2**30  # ... and within the hour, the oldest files go once the cache holds more than this
+TRIM_EVERY_S = 30
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
@@ -100,7 +106,49 @@ def build_ui(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def trim_cache(demo: gr.Blocks, max_bytes: int | None = None) -> int:
+    """Delete the oldest files Gradio keeps for this app (uploads, downloads) until the rest fit in `max_bytes`:
+    anyone who can reach the page can POST files, and delete_cache alone lets an hour's worth pile up.
+    Returns the bytes freed. A session whose upload went gets "upload it again" from the Data tab."""
+    max_bytes = MAX_CACHE_BYTES if max_bytes is None else max_bytes
+    files = []
+    for kept in demo.temp_file_sets:
+        for f in list(kept):  # a copy: the server adds files meanwhile
+            try:
+                st = os.lstat(f)
+                files.append((st.st_ctime, st.st_size, f, kept))
+            except OSError:
+                kept.discard(f)
+    excess = sum(size for _, size, _, _ in files) - max_bytes
+    freed = 0
+    for _, size, f, kept in sorted(files, key=lambda x: x[0]):
+        if freed >= excess:
+            break
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+        kept.discard(f)
+        freed += size
+    return freed
+
+
+@asynccontextmanager
+async def cache_trimmer(app):
+    """Lifespan of the served app: trim Gradio's cache every TRIM_EVERY_S seconds while it runs."""
+    async def loop():
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            await anyio.to_thread.run_sync(trim_cache, app.get_blocks())
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
 def launch_options(max_file_size: str = MAX_FILE_SIZE) -> dict:
     """What every launch of the studio passes (theme/css go to launch() in Gradio 6)."""
     return dict(theme=theme(), css=CSS, max_file_size=max_file_size, enable_monitoring=False,
-                footer_links=["gradio", "settings"], show_error=False)
+                footer_links=["gradio", "settings"], show_error=False, app_kwargs={"lifespan": cache_trimmer})

@@ -5,6 +5,7 @@ on disk, a poisoned library entry does not keep the page from serving, and sign-
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -172,3 +173,19 @@ def test_admin_must_name_a_signed_in_user(tmp_path):
     assert app.main(["--admin", "root", "--model", "tiny"]) == 2  # without --auth
     assert app.main(["--admin", "eve", "--auth", "ann:pw", "--model", "tiny"]) == 2
     assert app.build_parser().parse_args(["--admin", "a", "--admin", "b"]).admin == ["a", "b"]
+
+
+def test_uploads_beyond_the_cache_cap_are_deleted_oldest_first(tmp_path, monkeypatch):
+    import studio.app
+    monkeypatch.setattr(studio.app, "TRIM_EVERY_S", 0.2)
+    monkeypatch.setattr(studio.app, "MAX_CACHE_BYTES", 25_000)
+    with served_studio(tmp_path) as (url, _):
+        kept = []
+        for i in range(4):  # no sign-in needed to POST files: each is 10 KB
+            r = httpx.post(url + "gradio_api/upload", files={"files": (f"f{i}.txt", b"%d" % i * 10_000)}, timeout=30)
+            kept.append(r.json()[0])
+            time.sleep(0.05)
+        end = time.time() + 20
+        while any(os.path.exists(p) for p in kept[:2]) and time.time() < end:
+            time.sleep(0.1)
+        assert [os.path.exists(p) for p in kept] == [False, False, True, True]

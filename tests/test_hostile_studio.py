@@ -310,3 +310,18 @@ def test_hostile_values_in_lists_and_blend_weights(studio):
     with unchanged(studio), pytest.warns(UserWarning, match="Invalid adapter name '../etc'"):
         from studio.app import use_in_compare
         friendly(use_in_compare)(studio, "../etc", "tiny", [])
+
+
+def test_gradios_cache_is_trimmed_oldest_first(studio, tmp_path):
+    from studio.app import trim_cache
+    demo = build_ui(studio)
+    paths = []
+    for i in range(4):  # what POST /gradio_api/upload leaves: tracked files, oldest first
+        paths.append(tmp_path / f"up{i}.txt")
+        paths[-1].write_bytes(b"x" * 1000)
+        time.sleep(0.02)
+    demo.upload_file_set.update(str(p) for p in paths)
+    assert trim_cache(demo, max_bytes=2500) == 2000
+    assert [p.exists() for p in paths] == [False, False, True, True]
+    assert demo.upload_file_set == {str(p) for p in paths[2:]}
+    assert trim_cache(demo, max_bytes=2500) == 0

@@ -124,6 +124,7 @@ def create_compare_tab(studio: Studio) -> dict:
                                        info="Shows what the model writes without any adapter.")
         with gr.Column(scale=6):
             prompt = gr.Textbox(PRESET_PROMPTS[0], label="Prompt", lines=2, elem_id="cmp-prompt",
+                                max_length=MAX_PROMPT_CHARS,  # the browser stops there; the server checks too
                                 info="The text every column continues.")
             gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
             with gr.Row():

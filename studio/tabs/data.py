@@ -238,7 +238,7 @@ def create_data_tab(studio: Studio) -> dict:
             sample = gr.Dropdown(choices=[(f"{s['title']} ({s['name']})", s["name"]) for s in samples],
                                  value=None, label="Bundled sample", elem_id="data-sample",
                                  info="Loads a small example text into the box below, to try the studio quickly.")
-            pasted = gr.Textbox(label="Text", lines=10, max_lines=18, elem_id="data-text",
+            pasted = gr.Textbox(label="Text", lines=10, max_lines=18, elem_id="data-text", max_length=MAX_PASTED_CHARS,
                                 placeholder="Paste or type text here…",
                                 info="Pasted text is added after any uploaded files; edit it freely.")
         with gr.Column(scale=5):

@@ -335,6 +335,7 @@ def create_train_tab(studio: Studio) -> dict:
                                               min_width=110, minimum=0,
                                               info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                                        max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
             estimate = gr.Markdown(estimate_md(studio, studio.default_model, ["attn.c_attn"], 8, 16, 0.0, 1e-3, 200,
                                                4, 1, 128, 20, 1337), elem_id="train-estimate")
