@@ -325,3 +325,23 @@ def test_gradios_cache_is_trimmed_oldest_first(studio, tmp_path):
     assert [p.exists() for p in paths] == [False, False, True, True]
     assert demo.upload_file_set == {str(p) for p in paths[2:]}
     assert trim_cache(demo, max_bytes=2500) == 0
+
+
+@pytest.mark.parametrize("meta", [{"training": 5, "blend": 5, "lora": "x", "dataset": 3},
+                                  {"training": ["lr"], "blend": [1, "x", {"name": 2}], "lora": [], "history": {}},
+                                  {"training": {"lr": {"deep": 1}}, "blend": {"a": 1}, "imported_from": ["x"]}])
+def test_details_of_an_entry_with_wrong_types_in_its_metadata(studio, meta):
+    _prepare(studio)
+    _train(studio, "src", 3)
+    (studio.library.root / "src" / "studio.json").write_text(json.dumps(meta))
+    md, _, _ = library.details(studio, "src")
+    assert "<dl class='kv'>" in md and "Base model" in md and _encodes(md)
+
+
+def test_saved_datasets_list_survives_odd_metadata(studio):
+    _prepare(studio)
+    (studio.datasets_dir / "pirates" / "meta.json").write_text(json.dumps({"sources": 5, "tokens": "many"}))
+    _prepare(studio, name="second")
+    (studio.datasets_dir / "second" / "meta.json").write_text('{"sources": ["\\ud800 notes.txt"], "tokens": 7}')
+    md = data.saved_datasets_md(studio)
+    assert "| pirates | ? |" in md and "\ufffd notes.txt" in md and _encodes(md)

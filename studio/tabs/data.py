@@ -19,7 +19,7 @@ from core import tokenizer
 from core.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, normalize_text, read_text_file
 from core.data import save_dataset, text_stats
 from core.estimate import human_bytes
-from core.text_checks import check_text
+from core.text_checks import check_text, scrub
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name
 
@@ -208,7 +208,7 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
 
 
 def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else "?"
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
 
 
 def saved_datasets_md(studio: Studio) -> str:
@@ -217,11 +217,12 @@ def saved_datasets_md(studio: Studio) -> str:
         return "_No datasets saved yet._"
     lines = ["| dataset | tokens | train / val | sources |", "|---|---:|---:|---|"]
     for r in rows[:20]:
-        m = r["meta"]
-        srcs = ", ".join(str(s) for s in m.get("sources", []))[:80].replace("|", "/")
+        m = r["meta"] if isinstance(r.get("meta"), dict) else {}
+        sources = m.get("sources") if isinstance(m.get("sources"), list) else []  # meta.json may hold anything
+        srcs = ", ".join(str(s)[:80] for s in sources[:20])[:80].replace("|", "/")
         lines.append(f"| {r['name']} | {_n(m.get('tokens'))} | {_n(m.get('train_tokens'))} / "
                      f"{_n(m.get('val_tokens'))} | {html.escape(srcs)} |")
-    return "\n".join(lines)
+    return scrub("\n".join(lines))
 
 
 def create_data_tab(studio: Studio) -> dict:

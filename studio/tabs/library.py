@@ -4,6 +4,7 @@ checked, writes atomic, uploads validated before anything is written)."""
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import time
@@ -56,39 +57,55 @@ def refresh(studio: Studio, selected: str | None = None):
             gr.update(choices=finals, value=[]))
 
 
-def details(studio: Studio, name: str | None):
-    """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
-    if not name:
-        return NOTHING, loss_figure([], [], height=300), \
-            gr.update(choices=[], value=None)
-    d = studio.library.details(typed_name(name, "the selected adapter"))
-    meta, cfg = d.get("meta") or {}, d.get("config") or {}
-    lora = meta.get("lora") or {}
-    training = meta.get("training") or {}
-    ds = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _short(x, limit: int = 200) -> str:
+    """A metadata value as text: files anyone could have uploaded may hold any JSON there."""
+    text = x if isinstance(x, str) else json.dumps(x, default=str) if isinstance(x, (dict, list)) else str(x)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _detail_rows(d: dict) -> list[tuple[str, object]]:
+    """(label, value) rows of an adapter's settings, each value read defensively from its studio.json."""
+    meta, cfg = _dict(d.get("meta")), _dict(d.get("config"))
+    lora, training, ds = _dict(meta.get("lora")), _dict(meta.get("training")), _dict(meta.get("dataset"))
     rows = [("Base model", d.get("base_model") or cfg.get("base_model_name_or_path") or "?"),
             ("Status", d.get("status")), ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
-            ("Targets", ", ".join(d.get("targets") or [])), ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))),
-            ("Steps", d.get("steps")), ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),
+            ("Targets", ", ".join(map(str, d.get("targets") or []))),
+            ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))), ("Steps", d.get("steps")),
+            ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),
             ("Dataset", ds.get("name") or d.get("dataset")), ("Created", d.get("created")),
             ("User", d.get("user")), ("Size", human_bytes(d.get("size_bytes") or 0))]
     if training:
-        rows.append(("Training", ", ".join(f"{k} {training[k]}" for k in
+        rows.append(("Training", ", ".join(f"{k} {_short(training[k], 40)}" for k in
                                            ("lr", "batch_size", "grad_accum", "seq_len", "eval_interval", "seed")
                                            if k in training)))
-    if meta.get("blend"):
-        rows.append(("Blend of", ", ".join(f"{b.get('name')} × {b.get('weight')}" for b in meta["blend"])))
+    blend = meta.get("blend") if isinstance(meta.get("blend"), list) else []
+    if blend:
+        rows.append(("Blend of", ", ".join(f"{_short(b.get('name'), 64)} × {_short(b.get('weight'), 20)}"
+                                           for b in map(_dict, blend[:16]))))
     for key, label in (("imported_from", "Imported from"), ("duplicated_from", "Duplicated from"),
                        ("restored_from", "Restored from")):
         if meta.get(key):
             rows.append((label, meta[key]))
     if d.get("problem"):
         rows.append(("Problem", d["problem"]))
+    return rows
+
+
+def details(studio: Studio, name: str | None):
+    """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
+    if not name:
+        return NOTHING, loss_figure([], [], height=300), \
+            gr.update(choices=[], value=None)
+    d = studio.library.details(typed_name(name, "the selected adapter"))
     md = scrub("<dl class='kv'>" + "".join(
-        f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(_short(v))}</dd>" for k, v in _detail_rows(d)
         if v not in (None, "", "None / None")) + "</dl>")
     ckpts = [c["name"] for c in d.get("checkpoints", [])]
-    fig = figure_from_meta(meta, height=300)
+    fig = figure_from_meta(_dict(d.get("meta")), height=300)
     return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
 
 
