@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD|FILE",
                    help="require sign-in: one user:password, or a file of user:password lines")
+    p.add_argument("--admin", action="append", default=[], metavar="USER",
+                   help="with --auth: a user who may stop, resume, rename and delete anyone's runs (repeatable)")
     p.add_argument("--max-file-size", default="300mb", help="largest upload (default 300mb)")
     p.add_argument("--max-train-memory", default=None, metavar="SIZE",
                    help="refuse training settings whose estimated peak memory exceeds SIZE, e.g. 8GB "
@@ -61,11 +63,16 @@ def main(argv=None) -> int:
         auth = parse_auth(args.auth)
         if args.weights and not Path(args.weights).expanduser().exists():
             raise ValueError(f"--weights {args.weights}: no such file or folder.")
+        if args.admin and not auth:
+            raise ValueError("--admin names a signed-in user: use it with --auth.")
+        unknown = sorted(set(args.admin) - {user for user, _ in auth or []})
+        if unknown:
+            raise ValueError(f"--admin {unknown[0]}: no such user in --auth.")
         if args.weights and args.model == "tiny":
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
         from studio.app import build_ui, create_studio, launch_options
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
-                               max_train_memory=args.max_train_memory)
+                               max_train_memory=args.max_train_memory, admins=args.admin)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,15 +5,19 @@ holds only small per-session values (the session's uploaded text, which job vers
 """
 from __future__ import annotations
 
+import asyncio
 import html
+import os
+from contextlib import asynccontextmanager
 
+import anyio
 import gradio as gr
 
 from core.adapter_validate import preset_of
 from core.engine import Engine
 from core.estimate import parse_size
 
-from .context import Studio
+from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
 from .style import CSS, theme
 from .tabs.compare import adapter_choices, create_compare_tab
 from .tabs.data import create_data_tab
@@ -26,15 +30,21 @@ LOGO = ("<svg class='logo' viewBox='0 0 24 24' width='26' height='26' aria-hidde
         "<circle cx='7' cy='14' r='2.2' fill='#fff'/><circle cx='12' cy='9' r='2.2' fill='#fff'/>"
         "<circle cx='17' cy='12' r='2.2' fill='#fff'/></svg>")
 MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up to 256 MiB
+# Gradio keeps every upload and every download it hands out in its cache: without this, forever (anyone
+# who can reach the page can POST files). Checked every 5 minutes; all of it goes when the server stops.
+DELETE_CACHE = (300, UPLOADS_KEPT_S)
+MAX_CACHE_BYTES = 4 * 2**30  # ... and within the hour, the oldest files go once the cache holds more than this
+TRIM_EVERY_S = 30
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
-                  auth=False, max_train_memory: str | int | None = None) -> Studio:
-    """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak."""
+                  auth=False, max_train_memory: str | int | None = None, admins=()) -> Studio:
+    """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
+    admins: with sign-in, users who may stop, resume, rename and delete anyone's runs."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     engine = Engine(device=device, library_dir=library, max_train_memory=cap)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
-                    weights_for=model if weights else None, auth=auth)
+                    weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()))
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 
@@ -49,6 +59,7 @@ def header_html(studio: Studio) -> str:
 
 def use_in_compare(studio: Studio, name: str | None, model: str, current):
     """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
+    name = typed_name(name, "the selected adapter")
     if not name:
         gr.Warning("Select an adapter first.")
         return gr.skip()
@@ -58,7 +69,7 @@ def use_in_compare(studio: Studio, name: str | None, model: str, current):
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Data", id="data", elem_id="tab-data"):
@@ -90,7 +101,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
                            *library["lists"]], show_progress="hidden", api_visibility="private")
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
-        library["use"].click(lambda n, m, cur: use_in_compare(studio, n, m, cur),
+        library["use"].click(friendly(lambda n, m, cur: use_in_compare(studio, n, m, cur)),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
@@ -99,7 +110,49 @@ def build_ui(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def trim_cache(demo: gr.Blocks, max_bytes: int | None = None) -> int:
+    """Delete the oldest files Gradio keeps for this app (uploads, downloads) until the rest fit in `max_bytes`:
+    anyone who can reach the page can POST files, and delete_cache alone lets an hour's worth pile up.
+    Returns the bytes freed. A session whose upload went gets "upload it again" from the Data tab."""
+    max_bytes = MAX_CACHE_BYTES if max_bytes is None else max_bytes
+    files = []
+    for kept in demo.temp_file_sets:
+        for f in list(kept):  # a copy: the server adds files meanwhile
+            try:
+                st = os.lstat(f)
+                files.append((st.st_ctime, st.st_size, f, kept))
+            except OSError:
+                kept.discard(f)
+    excess = sum(size for _, size, _, _ in files) - max_bytes
+    freed = 0
+    for _, size, f, kept in sorted(files, key=lambda x: x[0]):
+        if freed >= excess:
+            break
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+        kept.discard(f)
+        freed += size
+    return freed
+
+
+@asynccontextmanager
+async def cache_trimmer(app):
+    """Lifespan of the served app: trim Gradio's cache every TRIM_EVERY_S seconds while it runs."""
+    async def loop():
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            await anyio.to_thread.run_sync(trim_cache, app.get_blocks())
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
 def launch_options(max_file_size: str = MAX_FILE_SIZE) -> dict:
     """What every launch of the studio passes (theme/css go to launch() in Gradio 6)."""
     return dict(theme=theme(), css=CSS, max_file_size=max_file_size, enable_monitoring=False,
-                footer_links=["gradio", "settings"], show_error=False)
+                footer_links=["gradio", "settings"], show_error=False, app_kwargs={"lifespan": cache_trimmer})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
+import math
 import shutil
 import tempfile
 import time
@@ -22,6 +23,8 @@ from core.atomic import disk_full
 from core.config import PRESETS
 from core.data import read_dataset_meta
 from core.engine import Engine
+from core.estimate import human_bytes
+from core.text_checks import check_text, scrub
 from core.train import TrainingError
 from core.weights import WeightsError
 
@@ -29,6 +32,11 @@ from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner, RunnerBusy
 
 USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, RunnerBusy, FileNotFoundError)
+UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are deleted (delete_cache)
+EXPORT_MAX_AGE = 600  # seconds a download stays on the server if it was never handed to Gradio
+MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl merge is ~6.4 GB)
+LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
+MAX_PROMPT_CHARS = 4000  # prompts: GPT-2 sees at most 1024 tokens (~4,000 characters of English) anyway
 
 
 @dataclass
@@ -38,7 +46,9 @@ class Studio:
     default_model: str = "gpt2"  # the base picked when a page opens
     weights: str | None = None  # --weights: local files for `weights_for`
     weights_for: str | None = None
-    auth: bool = False  # sign-in is on: record user names, only owners stop their jobs
+    auth: bool = False  # sign-in is on: record user names; only owners (or admins) stop, resume, rename, delete
+    admins: frozenset[str] = frozenset()  # --admin: signed-in users who may act on anyone's runs
+    max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
     runner: Runner = field(init=False)
     probe: HubProbe = field(default_factory=HubProbe)
     exports_dir: Path = field(init=False)
@@ -112,15 +122,74 @@ class Studio:
     # ---- downloads --------------------------------------------------------------------------
 
     def export_folder(self) -> Path:
-        """A fresh private folder for one download; folders older than an hour are removed."""
-        now = time.time()
+        """A fresh private folder for one download. Folders older than EXPORT_MAX_AGE are removed, and a new
+        one is refused while the downloads still on disk exceed the cap (the disk is shared by all users)."""
+        now, waiting = time.time(), 0
         for old in self.exports_dir.iterdir():
             try:
-                if now - old.stat().st_mtime > 3600:
+                if now - old.stat().st_mtime > EXPORT_MAX_AGE:
                     shutil.rmtree(old, ignore_errors=True)
+                else:
+                    waiting += sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
             except OSError:
                 pass
+        if waiting >= self.max_export_bytes:
+            raise ValueError(f"the server already holds {human_bytes(waiting)} of downloads being fetched "
+                             f"(the limit is {human_bytes(self.max_export_bytes)}); try again in a few minutes.")
         return Path(tempfile.mkdtemp(prefix="x-", dir=self.exports_dir))
+
+    def drop_export(self, path) -> None:
+        """Remove the export folder holding `path` once Gradio has copied the file into its own cache
+        (a download otherwise sits on disk twice)."""
+        if not path:
+            return
+        p = Path(path).resolve()
+        folder = next((q for q in [p, *p.parents] if q.parent == self.exports_dir), None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- sign-in ------------------------------------------------------------------------------
+
+    def check_owner(self, name: str, owner: str | None, user: str | None, action: str) -> None:
+        """With sign-in on, only `owner` (or an admin) may `action` run/adapter `name`; unowned entries
+        (made before sign-in was turned on) stay open to everyone."""
+        if not self.auth or not owner or user == owner or (user is not None and user in self.admins):
+            return
+        raise ValueError(f"'{name}' belongs to {owner}; only they (or an admin) can {action} it.")
+
+    def check_entry_owner(self, name: str, user: str | None, action: str) -> None:
+        if self.auth:
+            self.check_owner(name, self.library.details(name).get("user"), user, action)
+
+
+def typed_name(value, what: str = "name") -> str:
+    """A name typed in a text box: valid Unicode, stripped (the name rules, length included, come after)."""
+    return check_text(value, what).strip()
+
+
+def number(value, what: str) -> float:
+    """A finite number from a Number field or an API client (None, NaN, inf and text are explained)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number (got {value}).")
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} is empty or not a number; enter a number.") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number (got {value}).")
+    return x
+
+
+def whole(value, what: str) -> int:
+    """A whole number within what a browser can send exactly; the exact range is core's to check."""
+    if value is None or (isinstance(value, float) and value != value):
+        raise ValueError(f"{what} is empty; enter a whole number.")
+    x = number(value, what)
+    if x != int(x):
+        raise ValueError(f"{what} must be a whole number (got {value}).")
+    if abs(x) > LARGEST_WHOLE:
+        raise ValueError(f"{what} is far too large (got {value:g}); enter a smaller whole number.")
+    return int(x)
 
 
 def user_of(request: gr.Request | None) -> str | None:
@@ -128,14 +197,21 @@ def user_of(request: gr.Request | None) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
+def sentence(text: str) -> str:
+    """`text` with a capital first letter when it starts with a plain word; a file or adapter name
+    ('many.zip holds...', 'x-1 is...') is left exactly as the user wrote it."""
+    first = text.split(" ", 1)[0]
+    return text[0].upper() + text[1:] if first.isalpha() and first.islower() else text
+
+
 def friendly(fn):
     """Show user-facing errors (bad input, missing weights, a busy runner, a full disk) as a warning toast
     with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
     def report(e: Exception):
-        text = str(e) or type(e).__name__
+        text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
         if disk_full(e):
             text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
-        gr.Warning(text[0].upper() + text[1:], duration=12, title="Cannot do that")
+        gr.Warning(sentence(text), duration=12, title="Cannot do that")
         return gr.skip()  # one skip() leaves every output unchanged
 
     def handle(e: Exception):

@@ -230,29 +230,30 @@ class Runner:
     def resume(self, model, base_id: str, dataset: Dataset, name: str, steps: int | None = None,
                user: str | None = None, pinned: bool = False) -> Job:
         """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan).
-        pinned: as for start()."""
+        The run keeps the owner it was started by; `user` owns it only when it had none. pinned: as for start()."""
         check_name(name)
         ck = find_checkpoint(self.run_dir(name))
         tcfg = ck.tcfg
         if steps is not None and steps != tcfg.steps:
             tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": int(steps)})
+        owner = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
         with self._lock:
             self._check_free()
-            job = Job(name, base_id, dataset.name, user, tcfg.steps, history=ck.meta.get("history"),
+            job = Job(name, base_id, dataset.name, owner, tcfg.steps, history=ck.meta.get("history"),
                       start_val_loss=ck.meta.get("start_val_loss"), resumed_from=ck.step)
             trainer = StudioTrainer(model, dataset, None, tcfg, TRAIN_PREFIX + name, self.run_dir(name),
-                                    job.stop_flag, base_id=base_id, resume=ck, run_name=name,
-                                    user=user or ck.meta.get("user"), max_memory=self.engine.max_train_memory)
+                                    job.stop_flag, base_id=base_id, resume=ck, run_name=name, user=owner,
+                                    max_memory=self.engine.max_train_memory)
             self._launch(job, trainer, pinned)
             return job
 
-    def stop(self, user: str | None = None, auth: bool = False) -> str:
-        """Ask the running job to stop; with sign-in on, only the user who started it may."""
+    def stop(self, user: str | None = None, auth: bool = False, admins=frozenset()) -> str:
+        """Ask the running job to stop; with sign-in on, only the user who started it (or an admin) may."""
         job = self.busy()
         if job is None:
             return "No training job is running."
-        if auth and job.user and user != job.user:
-            raise ValueError(f"'{job.name}' was started by {job.user}; only they can stop it.")
+        if auth and job.user and user != job.user and user not in admins:
+            raise ValueError(f"'{job.name}' was started by {job.user}; only they (or an admin) can stop it.")
         job.request_stop()
         return f"Stopping '{job.name}': it ends within one optimizer step and is saved to the library."
 

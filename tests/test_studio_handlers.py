@@ -93,7 +93,7 @@ def test_uploads_are_checked_by_content(tmp_path):
     good = tmp_path / "notes.md"
     good.write_text("# Notes\nsome text", "utf-8")
     state, suggested = data.read_uploads([str(good)])
-    assert state["files"] == [("notes.md", "# Notes\nsome text")] and suggested == "notes"
+    assert state["files"] == [("notes.md", str(good), good.stat().st_size)] and suggested == "notes"
     assert data.read_uploads([])[1] == gr.skip()  # clearing the files keeps a typed dataset name
     binary = tmp_path / "fake.txt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
@@ -213,7 +213,7 @@ def test_stop_is_owner_only_with_auth(studio):
     studio.auth = True
     _start(studio, "mine", 5000, user="carol")
     assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
-    with pytest.raises(ValueError, match="only they can stop"):
+    with pytest.raises(ValueError, match=r"only they \(or an admin\) can stop"):
         train.stop(studio, user="mallory")
     assert "Stopping" in train.stop(studio, user="carol")
     assert studio.runner.wait(120)["state"] == "stopped"

@@ -13,7 +13,9 @@ import gradio as gr
 from core.adapter_validate import preset_of
 from core.generate import SamplingConfig
 
-from ..context import Studio, friendly
+from core.text_checks import check_text
+
+from ..context import MAX_PROMPT_CHARS, Studio, friendly, number, typed_name, whole
 from ..models import CHOICES
 
 MAX_ADAPTERS = 4
@@ -49,12 +51,9 @@ def adapter_choices(studio: Studio, model_name: str, current=None, add: str | No
 
 
 def sampling(temperature, top_k, top_p, max_tokens, seed) -> SamplingConfig:
-    def whole(v, what):
-        if v is None or float(v) != int(float(v)):
-            raise ValueError(f"{what} must be a whole number (got {v}).")
-        return int(float(v))
-    cfg = SamplingConfig(max_new_tokens=whole(max_tokens, "max new tokens"), temperature=float(temperature),
-                         top_k=whole(top_k, "top-k"), top_p=float(top_p), seed=whole(seed, "seed"))
+    cfg = SamplingConfig(max_new_tokens=whole(max_tokens, "max new tokens"),
+                         temperature=number(temperature, "temperature"), top_k=whole(top_k, "top-k"),
+                         top_p=number(top_p, "top-p"), seed=whole(seed, "seed"))
     cfg.validate()
     return cfg
 
@@ -62,15 +61,19 @@ def sampling(temperature, top_k, top_p, max_tokens, seed) -> SamplingConfig:
 def compare(studio: Studio, model_name, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
             seed, progress=None):
     """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow."""
-    adapters = list(adapters or [])
-    if len(adapters) > MAX_ADAPTERS:
+    if adapters is not None and not isinstance(adapters, (list, tuple)):
+        raise ValueError("adapters must be a list of library names; pick them from the list.")
+    if len(adapters or []) > MAX_ADAPTERS:
         raise ValueError(f"choose at most {MAX_ADAPTERS} adapters (got {len(adapters)}).")
+    adapters = [typed_name(a, "an adapter name") for a in adapters or []]
     if len(set(adapters)) != len(adapters):
         raise ValueError("each adapter can be chosen once.")
+    if not isinstance(model_name, str) or model_name not in CHOICES:
+        raise ValueError(f"unknown base model {str(model_name)[:40]!r}; choose one of {', '.join(CHOICES)}.")
     columns = ([None] if include_base else []) + adapters
     if not columns:
         raise ValueError("choose the base model and/or at least one adapter to compare.")
-    prompt = prompt or ""
+    prompt = check_text(prompt, "the prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
         raise ValueError("write a prompt (or pick a preset) to continue.")
     cfg = sampling(temperature, top_k, top_p, max_tokens, seed)
@@ -112,6 +115,7 @@ def create_compare_tab(studio: Studio) -> dict:
             with gr.Row(equal_height=False):
                 adapters = gr.Dropdown(compatible_adapters(studio, studio.default_model), value=[], multiselect=True,
                                        max_choices=MAX_ADAPTERS, label="Adapters (up to 4)", scale=4,
+                                       allow_custom_value=True,  # adapters made after launch, checked on use
                                        elem_id="cmp-adapters",
                                        info="Library adapters made for this base; each gets its own column.")
                 refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="cmp-refresh",
@@ -120,6 +124,7 @@ def create_compare_tab(studio: Studio) -> dict:
                                        info="Shows what the model writes without any adapter.")
         with gr.Column(scale=6):
             prompt = gr.Textbox(PRESET_PROMPTS[0], label="Prompt", lines=2, elem_id="cmp-prompt",
+                                max_length=MAX_PROMPT_CHARS,  # the browser stops there; the server checks too
                                 info="The text every column continues.")
             gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
             with gr.Row():

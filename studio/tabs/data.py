@@ -16,38 +16,88 @@ import gradio as gr
 import numpy as np
 
 from core import tokenizer
-from core.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, read_text_file, save_dataset
-from core.data import text_stats
+from core.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, normalize_text, read_text_file
+from core.data import save_dataset, text_stats
+from core.estimate import human_bytes
+from core.text_checks import check_text, scrub
 
-from ..context import Studio, friendly
+from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
-EMPTY = {"files": [], "tokens": 0, "sample": None}  # per-session: uploads [(source, text)], token count,
-# and (name, text) of the bundled sample last loaded into the text box
+MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
+MAX_PASTED_CHARS = 8 * 2**20  # the text box travels with every event: big texts belong in a file
+PREVIEW_CHARS = 1_000_000  # live statistics read at most this much (~0.3 s); Prepare counts everything
+EMPTY = {"files": [], "tokens": 0, "sample": None}  # per-session: uploads [(source, path, bytes)] (never their
+# text: gr.State is copied per session), the (estimated) token count, the bundled sample loaded into the box
 
 
-def _docs(state: dict | None, pasted: str | None) -> tuple[list[str], list[str]]:
-    """The session's documents: uploaded files, then the text box."""
-    texts, sources = [], []
-    for src, text in (state or EMPTY).get("files", []):
-        texts.append(text)
-        sources.append(src)
-    if pasted and pasted.strip():
-        sample = (state or EMPTY).get("sample")  # (name, text) of the bundled sample loaded into the box
-        texts.append(pasted)
-        sources.append(f"{sample[0]}.txt (sample)" if sample and sample[1] == pasted else "pasted text")
-    return texts, sources
+def _pasted(state: dict | None, pasted) -> tuple[str, str | None]:
+    """The text box's text (checked) and its source name; (\"\", None) when it is blank."""
+    pasted = check_text(pasted, "the pasted text", MAX_PASTED_CHARS)
+    if not pasted.strip():
+        return "", None
+    sample = (state or EMPTY).get("sample")
+    is_sample = sample and len(pasted) < 2**20 and load_sample(sample) == pasted
+    return pasted, f"{sample}.txt (sample)" if is_sample else "pasted text"
+
+
+def _check_total(files: list, pasted: str) -> None:
+    total = sum(size for _, _, size in files) + len(pasted)
+    if total > MAX_SESSION_BYTES:
+        raise ValueError(f"this session's text (files and pasted text) is {human_bytes(total)}; the limit is "
+                         f"{human_bytes(MAX_SESSION_BYTES)} per session. Remove a file or shorten the text.")
+
+
+def _read(display: str, path: str, limit: int | None = None) -> str:
+    """An uploaded file's text (checked when it was uploaded); its first `limit` bytes for a preview."""
+    try:
+        if limit is None:
+            return read_text_file(path)
+        with open(path, "rb") as f:
+            return normalize_text(f.read(limit).decode("utf-8", errors="ignore"))  # a cut last character
+    except FileNotFoundError:
+        raise ValueError(f"{display} is no longer on the server (uploads are kept for "
+                         f"{UPLOADS_KEPT_S // 3600} h); upload it again.") from None
+
+
+def _docs(state: dict | None, pasted, preview: int | None = None) -> tuple[list[str], list[str], bool]:
+    """The session's documents (uploaded files, then the text box), and whether they were cut to `preview`
+    characters in all."""
+    files = list((state or EMPTY).get("files", []))
+    pasted, pasted_source = _pasted(state, pasted)
+    _check_total(files, pasted)
+    texts, sources, budget, cut = [], [], preview, False
+    for display, path, size in files:
+        texts.append(_read(display, path, None if budget is None else budget))
+        sources.append(display)
+        if budget is not None:
+            cut = cut or size > budget
+            budget = max(0, budget - size)
+    if pasted_source:
+        texts.append(pasted if budget is None else pasted[:budget])
+        sources.append(pasted_source)
+        cut = cut or (budget is not None and len(pasted) > budget)
+    return texts, sources, cut
 
 
 def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
-    """Decode uploaded files into the session state; content is checked, not just the extension."""
-    loaded = []
+    """Check uploaded files by content (size, UTF-8, not binary) and remember where they are; their text is
+    read again when needed, so a session holds no copy of it."""
+    if files is not None and not isinstance(files, (list, tuple)):
+        files = [files]
+    loaded, total = [], 0
     for f in files or []:
         path = Path(f if isinstance(f, str) else getattr(f, "name", f))
-        display = path.name
+        display = check_text(path.name, "a file name", 255)
         if path.suffix.lower() not in TEXT_SUFFIXES:
             raise ValueError(f"{display}: only .txt and .md files can be used as text.")
-        loaded.append((display, read_text_file(path)))
+        size = path.stat().st_size if path.is_file() else 0
+        total += size
+        if total > MAX_SESSION_BYTES:  # before reading: the cap bounds the memory one session can use
+            raise ValueError(f"these files hold {human_bytes(total)} of text or more; the limit is "
+                             f"{human_bytes(MAX_SESSION_BYTES)} per session. Upload fewer or smaller files.")
+        check_text(read_text_file(path), display)  # decoded, checked, dropped
+        loaded.append((display, str(path), size))
     suggested = loaded[0][0].rsplit(".", 1)[0] if loaded else gr.skip()  # keep a typed name when cleared
     return {"files": loaded, "tokens": 0, "sample": (state or EMPTY).get("sample")}, suggested
 
@@ -68,28 +118,37 @@ def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT) -> str:
             f"<div class='token-view'>{''.join(spans)}</div>")
 
 
-def stats_html(texts: list[str], sources: list[str], ratio: float) -> tuple[str, int]:
-    """Statistics cards + a split preview + the most frequent tokens; returns (html, token count)."""
+def stats_html(texts: list[str], sources: list[str], ratio: float, cut_from: int | None = None) -> tuple[str, int]:
+    """Statistics cards + a split preview + the most frequent tokens; returns (html, token count).
+    `cut_from`: the session's whole size in bytes when `texts` are only its first part (counts are then
+    estimated from that part)."""
     if not texts:
         return ("<div class='stats empty'>Upload .txt/.md files, paste text, or pick a sample to see "
                 "statistics.</div>", 0)
+    ratio = number(ratio, "the training share")
     text = "<|endoftext|>".join(texts)
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     st = text_stats(text, ids, top=12)
-    n_train = int(st.tokens * ratio)
-    n_val = st.tokens - n_train
-    cards = [("Documents", f"{len(texts):,}"), ("Characters", f"{st.chars:,}"), ("Tokens", f"{st.tokens:,}"),
-             ("Unique tokens", f"{st.unique_tokens:,}"), ("Tokens / char", f"{st.tokens_per_char:.3f}"),
-             ("Train / val", f"{n_train:,} / {n_val:,}")]
+    scale = cut_from / max(1, len(text)) if cut_from else 1.0
+    tokens = int(st.tokens * scale)
+    n_train = int(tokens * ratio)
+    n_val = tokens - n_train
+    about = "≈ " if cut_from else ""
+    cards = [("Documents", f"{len(texts):,}"), ("Characters", f"{about}{int(st.chars * scale):,}"),
+             ("Tokens", f"{about}{tokens:,}"), ("Unique tokens", f"{st.unique_tokens:,}"),
+             ("Tokens / char", f"{st.tokens_per_char:.3f}"), ("Train / val", f"{about}{n_train:,} / {n_val:,}")]
     card_html = "".join(f"<div class='stat'><div class='stat-v'>{v}</div><div class='stat-k'>{k}</div></div>"
                         for k, v in cards)
     notes = []
+    if cut_from:
+        notes.append(f"A large text: these statistics read its first {len(text):,} characters and estimate "
+                     f"the rest; Prepare counts every token.")
     if n_train < 2 or n_val < 2:
         notes.append("Too short to split into training and validation parts: add more text.")
     elif n_train < 129:
         notes.append(f"The training part has {n_train} tokens, less than one block of 128; training will use "
                      f"shorter blocks. More text gives better results.")
-    elif st.tokens < 5_000:
+    elif tokens < 5_000:
         notes.append("A small text: a LoRA will memorise it quickly. A few thousand tokens or more is better.")
     top = "".join(f"<span class='top-tok' title='id {tid}'><code>{html.escape(repr(s))}</code> ×{n:,}</span>"
                   for tid, s, n in st.top_tokens)
@@ -98,32 +157,35 @@ def stats_html(texts: list[str], sources: list[str], ratio: float) -> tuple[str,
             f"<div class='stat-src'>Sources: {src}</div>"
             + "".join(f"<div class='stat-note'>{html.escape(n)}</div>" for n in notes)
             + f"<div class='stat-top'><b>Most frequent tokens</b> {top}</div></div>")
-    return body, st.tokens
+    return body, tokens
 
 
 def analyze(state: dict | None, pasted: str | None, ratio: float) -> tuple[dict, str, str]:
-    """(state with the token count, statistics html, token view html) for the current text."""
-    texts, sources = _docs(state, pasted)
-    stats, n = stats_html(texts, sources, ratio)
+    """(state with the token count, statistics html, token view html) for the current text. It reads at most
+    PREVIEW_CHARS, so a big text costs every user the same fraction of a second as a small one."""
+    texts, sources, cut = _docs(state, pasted, PREVIEW_CHARS)
+    whole_size = sum(size for _, _, size in (state or EMPTY).get("files", [])) + len(pasted or "")
+    stats, n = stats_html(texts, sources, ratio, cut_from=whole_size if cut else None)
     state = dict(state or EMPTY, tokens=n)
     return state, stats, token_view_html("<|endoftext|>".join(texts))
 
 
 def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, dict]:
     """A bundled sample's text, its name as the suggested dataset name, and the state remembering it."""
+    name = typed_name(name, "the sample")
     if not name:
         return gr.skip(), gr.skip(), gr.skip()
     text = load_sample(name)
-    return text, name, dict(state or EMPTY, sample=(name, text))
+    return text, name, dict(state or EMPTY, sample=name)
 
 
 def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str) -> str:
     """Tokenize, split and save the session's text as dataset `name`; returns a status line."""
-    name = (name or "").strip()
+    name = typed_name(name, "the dataset name")
     path = studio.dataset_path(name)
     if path.exists():
         raise ValueError(f"a dataset named '{name}' already exists; choose another name.")
-    texts, sources = _docs(state, pasted)
+    texts, sources, _ = _docs(state, pasted)
     if not texts:
         raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
     ds = build_dataset(texts, sources, float(ratio))
@@ -146,7 +208,7 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
 
 
 def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else "?"
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
 
 
 def saved_datasets_md(studio: Studio) -> str:
@@ -155,11 +217,12 @@ def saved_datasets_md(studio: Studio) -> str:
         return "_No datasets saved yet._"
     lines = ["| dataset | tokens | train / val | sources |", "|---|---:|---:|---|"]
     for r in rows[:20]:
-        m = r["meta"]
-        srcs = ", ".join(str(s) for s in m.get("sources", []))[:80].replace("|", "/")
+        m = r["meta"] if isinstance(r.get("meta"), dict) else {}
+        sources = m.get("sources") if isinstance(m.get("sources"), list) else []  # meta.json may hold anything
+        srcs = ", ".join(str(s)[:80] for s in sources[:20])[:80].replace("|", "/")
         lines.append(f"| {r['name']} | {_n(m.get('tokens'))} | {_n(m.get('train_tokens'))} / "
                      f"{_n(m.get('val_tokens'))} | {html.escape(srcs)} |")
-    return "\n".join(lines)
+    return scrub("\n".join(lines))
 
 
 def create_data_tab(studio: Studio) -> dict:
@@ -176,7 +239,7 @@ def create_data_tab(studio: Studio) -> dict:
             sample = gr.Dropdown(choices=[(f"{s['title']} ({s['name']})", s["name"]) for s in samples],
                                  value=None, label="Bundled sample", elem_id="data-sample",
                                  info="Loads a small example text into the box below, to try the studio quickly.")
-            pasted = gr.Textbox(label="Text", lines=10, max_lines=18, elem_id="data-text",
+            pasted = gr.Textbox(label="Text", lines=10, max_lines=18, elem_id="data-text", max_length=MAX_PASTED_CHARS,
                                 placeholder="Paste or type text here…",
                                 info="Pasted text is added after any uploaded files; edit it freely.")
         with gr.Column(scale=5):
@@ -193,11 +256,13 @@ def create_data_tab(studio: Studio) -> dict:
     with gr.Accordion("Saved datasets", open=False):
         saved = gr.Markdown(saved_datasets_md(studio))
 
+    # analysis reads a bounded preview, so it is cheap; four run at once, shared by all sessions, so one
+    # user's analysis never waits behind another's (Prepare, which reads everything, stays one at a time)
     run_analyze = dict(fn=friendly(analyze), inputs=[state, pasted, ratio], outputs=[state, stats, tokens],
-                       api_visibility="private",
-                       show_progress="minimal")
-    files.change(friendly(read_uploads), inputs=[files, state], outputs=[state, name],
-                 api_visibility="private").then(**run_analyze)
+                       api_visibility="private", show_progress="minimal", concurrency_id="analyze",
+                       concurrency_limit=4)
+    files.change(friendly(read_uploads), inputs=[files, state], outputs=[state, name], api_visibility="private",
+                 concurrency_id="analyze", concurrency_limit=4).then(**run_analyze)
     sample.input(friendly(sample_text), inputs=[sample, state], outputs=[pasted, name, state],
                  api_visibility="private")
     pasted.change(trigger_mode="always_last", **run_analyze)

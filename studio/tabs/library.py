@@ -4,6 +4,7 @@ checked, writes atomic, uploads validated before anything is written)."""
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import time
@@ -16,7 +17,9 @@ from core.adapter_validate import preset_of
 from core.adapters import AdapterError, check_name
 from core.estimate import human_bytes
 
-from ..context import Studio, friendly
+from core.text_checks import check_text, scrub
+
+from ..context import Studio, friendly, number, typed_name, user_of
 from ..plots import figure_from_meta, loss_figure
 
 COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
@@ -32,9 +35,11 @@ def _f(x, digits=4):
 def table_rows(studio: Studio, entries=None) -> list[list]:
     rows = []
     for e in studio.library.list() if entries is None else entries:
-        rows.append([e.name, e.base_model or "?", e.rank or "", ", ".join(e.targets), e.steps or "",
-                     _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
-                     (e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)])
+        row = [e.name, e.base_model or "?", e.rank or "", ", ".join(map(str, e.targets)), e.steps or "",
+               _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
+               str(e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)]
+        # metadata comes from files anyone could have uploaded: one unencodable string must not break the page
+        rows.append([scrub(v) if isinstance(v, str) else v for v in row])
     return rows
 
 
@@ -52,39 +57,55 @@ def refresh(studio: Studio, selected: str | None = None):
             gr.update(choices=finals, value=[]))
 
 
-def details(studio: Studio, name: str | None):
-    """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
-    if not name:
-        return NOTHING, loss_figure([], [], height=300), \
-            gr.update(choices=[], value=None)
-    d = studio.library.details(name)
-    meta, cfg = d.get("meta") or {}, d.get("config") or {}
-    lora = meta.get("lora") or {}
-    training = meta.get("training") or {}
-    ds = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _short(x, limit: int = 200) -> str:
+    """A metadata value as text: files anyone could have uploaded may hold any JSON there."""
+    text = x if isinstance(x, str) else json.dumps(x, default=str) if isinstance(x, (dict, list)) else str(x)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _detail_rows(d: dict) -> list[tuple[str, object]]:
+    """(label, value) rows of an adapter's settings, each value read defensively from its studio.json."""
+    meta, cfg = _dict(d.get("meta")), _dict(d.get("config"))
+    lora, training, ds = _dict(meta.get("lora")), _dict(meta.get("training")), _dict(meta.get("dataset"))
     rows = [("Base model", d.get("base_model") or cfg.get("base_model_name_or_path") or "?"),
             ("Status", d.get("status")), ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
-            ("Targets", ", ".join(d.get("targets") or [])), ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))),
-            ("Steps", d.get("steps")), ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),
+            ("Targets", ", ".join(map(str, d.get("targets") or []))),
+            ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))), ("Steps", d.get("steps")),
+            ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),
             ("Dataset", ds.get("name") or d.get("dataset")), ("Created", d.get("created")),
             ("User", d.get("user")), ("Size", human_bytes(d.get("size_bytes") or 0))]
     if training:
-        rows.append(("Training", ", ".join(f"{k} {training[k]}" for k in
+        rows.append(("Training", ", ".join(f"{k} {_short(training[k], 40)}" for k in
                                            ("lr", "batch_size", "grad_accum", "seq_len", "eval_interval", "seed")
                                            if k in training)))
-    if meta.get("blend"):
-        rows.append(("Blend of", ", ".join(f"{b.get('name')} × {b.get('weight')}" for b in meta["blend"])))
+    blend = meta.get("blend") if isinstance(meta.get("blend"), list) else []
+    if blend:
+        rows.append(("Blend of", ", ".join(f"{_short(b.get('name'), 64)} × {_short(b.get('weight'), 20)}"
+                                           for b in map(_dict, blend[:16]))))
     for key, label in (("imported_from", "Imported from"), ("duplicated_from", "Duplicated from"),
                        ("restored_from", "Restored from")):
         if meta.get(key):
             rows.append((label, meta[key]))
     if d.get("problem"):
         rows.append(("Problem", d["problem"]))
-    md = "<dl class='kv'>" + "".join(
-        f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows
-        if v not in (None, "", "None / None")) + "</dl>"
+    return rows
+
+
+def details(studio: Studio, name: str | None):
+    """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
+    if not name:
+        return NOTHING, loss_figure([], [], height=300), \
+            gr.update(choices=[], value=None)
+    d = studio.library.details(typed_name(name, "the selected adapter"))
+    md = scrub("<dl class='kv'>" + "".join(
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(_short(v))}</dd>" for k, v in _detail_rows(d)
+        if v not in (None, "", "None / None")) + "</dl>")
     ckpts = [c["name"] for c in d.get("checkpoints", [])]
-    fig = figure_from_meta(meta, height=300)
+    fig = figure_from_meta(_dict(d.get("meta")), height=300)
     return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
 
 
@@ -95,43 +116,47 @@ def _not_training(studio: Studio, name: str) -> None:
 
 
 def _need(name) -> str:
+    name = typed_name(name, "the selected adapter")
     if not name:
         raise ValueError("select an adapter first.")
     return name
 
 
-def rename(studio: Studio, name, new) -> tuple[str, str]:
-    _need(name)
+def rename(studio: Studio, name, new, user: str | None = None) -> tuple[str, str]:
+    name = _need(name)
     _not_training(studio, name)
-    new = check_name((new or "").strip())
+    new = check_name(typed_name(new, "the new name"))
+    studio.check_entry_owner(name, user, "rename")
     studio.library.rename(name, new)
     return f"Renamed **{name}** to **{new}**.", new
 
 
-def delete(studio: Studio, name) -> str:
-    _need(name)
+def delete(studio: Studio, name, user: str | None = None) -> str:
+    name = _need(name)
     _not_training(studio, name)
+    studio.check_entry_owner(name, user, "delete")
     studio.library.delete(name)
     return f"Deleted **{name}**."
 
 
-def duplicate(studio: Studio, name, new) -> tuple[str, str]:
-    _need(name)
-    new = check_name((new or "").strip())
-    studio.library.duplicate(name, new)
+def duplicate(studio: Studio, name, new, user: str | None = None) -> tuple[str, str]:
+    name = _need(name)
+    new = check_name(typed_name(new, "the new name"))
+    studio.library.duplicate(name, new, user=user)
     return f"Duplicated **{name}** as **{new}**.", new
 
 
-def restore_checkpoint(studio: Studio, name, checkpoint, new) -> tuple[str, str]:
-    _need(name)
+def restore_checkpoint(studio: Studio, name, checkpoint, new, user: str | None = None) -> tuple[str, str]:
+    name = _need(name)
+    checkpoint = typed_name(checkpoint, "the checkpoint")
     if not checkpoint:
         raise ValueError("choose a checkpoint of this run.")
-    new = check_name((new or "").strip())
-    studio.library.restore_checkpoint(name, checkpoint, new)
+    new = check_name(typed_name(new, "the new name"))
+    studio.library.restore_checkpoint(name, checkpoint, new, user=user)
     return f"Saved checkpoint **{checkpoint}** of **{name}** as adapter **{new}**.", new
 
 
-def import_upload(studio: Studio, files, name) -> tuple[str, str]:
+def import_upload(studio: Studio, files, name, user: str | None = None) -> tuple[str, str]:
     """A PEFT .zip, or adapter_model.safetensors with its adapter_config.json: validated by the core
     Library (safetensors header, keys, shapes, rank, dtype, finiteness, size) before anything is written."""
     paths = [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in (files or [])]
@@ -143,7 +168,7 @@ def import_upload(studio: Studio, files, name) -> tuple[str, str]:
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
     tensors = [p for p in paths if p.suffix.lower() == ".safetensors"]
     configs = [p for p in paths if p.suffix.lower() == ".json"]
-    name = (name or "").strip()
+    name = typed_name(name, "the name in the library")
     if zips:
         if len(paths) > 1:
             raise AdapterError("upload one .zip on its own (it already holds the adapter's files).")
@@ -159,39 +184,48 @@ def import_upload(studio: Studio, files, name) -> tuple[str, str]:
         stem = src.stem
         name = stem if stem != "adapter_model" else f"upload-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
-    studio.library.import_path(src, name, config_path=config)
+    studio.library.import_path(src, name, config_path=config, user=user)
     return f"Imported **{name}** (validated).", name
 
 
 def export_zip(studio: Studio, name) -> str:
-    _need(name)
+    name = _need(name)
     return str(studio.library.export_zip(name, studio.export_folder()))
 
 
-def blend(studio: Studio, picked, weights_text, new) -> tuple[str, str]:
-    picked = list(picked or [])
+def blend_weights(weights_text, n: int) -> list[float]:
+    """One finite number per adapter from 'a, b, ...' (empty: equal weights)."""
+    text = check_text(weights_text, "the blend weights", 1000)
+    parts = [w for w in text.replace(";", ",").split(",") if w.strip()]
+    if not parts:
+        return [1.0 / n] * n
+    try:
+        weights = [float(w) for w in parts]
+    except ValueError:
+        raise ValueError(f"weights must be numbers separated by commas, e.g. 0.5, 0.5 "
+                         f"(got {text[:80]!r}).") from None
+    weights = [number(w, "each blend weight") for w in weights]  # 'nan' and 'inf' parse as floats
+    if len(weights) != n:
+        raise ValueError(f"give one weight per adapter: {n} adapters, {len(weights)} weights.")
+    return weights
+
+
+def blend(studio: Studio, picked, weights_text, new, user: str | None = None) -> tuple[str, str]:
+    if picked is not None and not isinstance(picked, (list, tuple)):
+        raise ValueError("pick the adapters to blend from the list.")
+    picked = [typed_name(p, "an adapter to blend") for p in picked or []]
     if len(picked) < 2:
         raise ValueError("pick at least two adapters to blend.")
-    parts = [w for w in (weights_text or "").replace(";", ",").split(",") if w.strip()]
-    if not parts:
-        weights = [1.0 / len(picked)] * len(picked)
-    else:
-        try:
-            weights = [float(w) for w in parts]
-        except ValueError:
-            raise ValueError(f"weights must be numbers separated by commas, e.g. 0.5, 0.5 "
-                             f"(got {weights_text!r}).") from None
-    if len(weights) != len(picked):
-        raise ValueError(f"give one weight per adapter: {len(picked)} adapters, {len(weights)} weights.")
-    new = check_name((new or "").strip())
-    studio.library.blend(picked, weights, new)
+    weights = blend_weights(weights_text, len(picked))
+    new = check_name(typed_name(new, "the blend name"))
+    studio.library.blend(picked, weights, new, user=user)
     mix = " + ".join(f"{w:g} × {n}" for n, w in zip(picked, weights))
     return f"Blended **{new}** = {mix}.", new
 
 
 def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
     """Base + adapter merged into an HF GPT-2 folder (config.json + model.safetensors), zipped."""
-    _need(name)
+    name = _need(name)
     d = studio.library.details(name)
     base = preset_of(d.get("base_model")) or studio.loaded_base()
     if base is None:
@@ -223,7 +257,9 @@ def create_library_tab(studio: Studio) -> dict:
                          elem_id="lib-table", label="Adapters (click a row to select it)")
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
+            # choices are a snapshot of the library; API clients may name what exists now (checked on use)
             picked = gr.Dropdown(names(studio), value=None, label="Selected adapter", elem_id="lib-picked",
+                                 allow_custom_value=True,
                                  info="The adapter the actions below work on.")
             info = gr.HTML(NOTHING, elem_id="lib-details")
         with gr.Column(scale=5):
@@ -262,6 +298,7 @@ def create_library_tab(studio: Studio) -> dict:
         with gr.Column():
             gr.Markdown("### Blend")
             blend_pick = gr.Dropdown(names(studio, final_only=True), multiselect=True, label="Adapters to blend",
+                                     allow_custom_value=True,
                                      elem_id="lib-blend-pick",
                                      info="The new adapter's update is the weighted sum of theirs (exact).")
             with gr.Row():
@@ -272,7 +309,7 @@ def create_library_tab(studio: Studio) -> dict:
             blend_btn = gr.Button("Blend into a new adapter", elem_id="lib-blend")
         with gr.Column():
             gr.Markdown("### Checkpoints")
-            ckpt = gr.Dropdown([], label="Checkpoint of the selected run", elem_id="lib-ckpt",
+            ckpt = gr.Dropdown([], label="Checkpoint of the selected run", elem_id="lib-ckpt", allow_custom_value=True,
                                info="Training saves checkpoints; keep one as an adapter of its own (uses New name).")
             restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
 
@@ -292,34 +329,63 @@ def create_library_tab(studio: Studio) -> dict:
         msg, select = result
         return (msg, *refresh(studio, select))
 
-    rename_btn.click(friendly(lambda n, new: after(rename(studio, n, new))), inputs=[picked, new_name],
-                     outputs=[status, *lists], api_name="rename_adapter")
-    dup_btn.click(friendly(lambda n, new: after(duplicate(studio, n, new))), inputs=[picked, new_name],
-                  outputs=[status, *lists], api_name="duplicate_adapter")
-    restore_btn.click(friendly(lambda n, c, new: after(restore_checkpoint(studio, n, c, new))),
-                      inputs=[picked, ckpt, new_name], outputs=[status, *lists], api_name="restore_checkpoint")
+    # every handler acts as the signed-in user: owners (or admins) only for rename/delete, the acting user
+    # recorded for what it creates
+    @friendly
+    def do_rename(n, new, request: gr.Request):
+        return after(rename(studio, n, new, user_of(request)))
+
+    @friendly
+    def do_duplicate(n, new, request: gr.Request):
+        return after(duplicate(studio, n, new, user_of(request)))
+
+    @friendly
+    def do_restore(n, c, new, request: gr.Request):
+        return after(restore_checkpoint(studio, n, c, new, user_of(request)))
 
     @friendly
     def ask_delete(n):
-        _need(n)
+        n = _need(n)
         return gr.update(visible=True), f"Delete **{html.escape(n)}** and its checkpoints? This cannot be undone."
 
+    @friendly
+    def do_delete(n, request: gr.Request):
+        return (gr.update(visible=False), delete(studio, n, user_of(request)), *refresh(studio, None))
+
+    @friendly
+    def do_import(f, n, request: gr.Request):
+        return (*after(import_upload(studio, f, n, user_of(request))), None)
+
+    @friendly
+    def do_blend(p, w, n, request: gr.Request):
+        return after(blend(studio, p, w, n, user_of(request)))
+
+    rename_btn.click(do_rename, inputs=[picked, new_name], outputs=[status, *lists], api_name="rename_adapter")
+    dup_btn.click(do_duplicate, inputs=[picked, new_name], outputs=[status, *lists], api_name="duplicate_adapter")
+    restore_btn.click(do_restore, inputs=[picked, ckpt, new_name], outputs=[status, *lists],
+                      api_name="restore_checkpoint")
     del_btn.click(ask_delete, inputs=picked, outputs=[confirm_row, confirm_md], api_visibility="private")
     cancel_btn.click(lambda: gr.update(visible=False), outputs=confirm_row, api_visibility="private")
-    confirm_btn.click(friendly(lambda n: (gr.update(visible=False), delete(studio, n), *refresh(studio, None))),
-                      inputs=picked, outputs=[confirm_row, status, *lists], api_name="delete_adapter")
-    up_btn.click(friendly(lambda f, n: (*after(import_upload(studio, f, n)), None)), inputs=[upload, up_name],
-                 outputs=[status, *lists, upload], api_name="import_adapter")
-    blend_btn.click(friendly(lambda p, w, n: after(blend(studio, p, w, n))), inputs=[blend_pick, blend_w, blend_name],
-                    outputs=[status, *lists], api_name="blend_adapters")
-    zip_btn.click(friendly(lambda n: gr.update(value=export_zip(studio, n), visible=True)), inputs=picked,
-                  outputs=out_file, api_name="export_adapter_zip")
+    confirm_btn.click(do_delete, inputs=picked, outputs=[confirm_row, status, *lists], api_name="delete_adapter")
+    up_btn.click(do_import, inputs=[upload, up_name], outputs=[status, *lists, upload], api_name="import_adapter")
+    blend_btn.click(do_blend, inputs=[blend_pick, blend_w, blend_name], outputs=[status, *lists],
+                    api_name="blend_adapters")
+
+    # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
+    # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
+    @friendly
+    def do_zip(n):
+        path = export_zip(studio, n)
+        yield gr.update(value=path, visible=True)
+        studio.drop_export(path)
 
     @friendly
     def do_merge(n, progress=gr.Progress()):
         msg, path = merge_export(studio, n, progress)
-        return msg, gr.update(value=path, visible=True)
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
 
+    zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,

@@ -11,13 +11,16 @@ import time
 
 import gradio as gr
 
+from core.adapter_library import valid_name
 from core.adapters import check_name
 from core.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.data import load_dataset
 from core.estimate import estimate_training, human_bytes, human_seconds
 from core.train import find_checkpoint
 
-from ..context import Studio, friendly, user_of
+from core.text_checks import check_text, scrub
+
+from ..context import MAX_PROMPT_CHARS, Studio, friendly, number, typed_name, user_of, whole
 from ..models import CHOICES
 from ..plots import loss_figure
 
@@ -35,27 +38,25 @@ TARGET_HELP = {
 
 def make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
                  prompt: str | None = None) -> tuple[LoraConfig, TrainConfig]:
-    """The UI's values as validated core configs (ValueError with a message otherwise)."""
-    def whole(v, what):
-        if v is None or v != v:
-            raise ValueError(f"{what} is empty; enter a whole number.")
-        if float(v) != int(float(v)):
-            raise ValueError(f"{what} must be a whole number (got {v}).")
-        return int(float(v))
-
+    """The UI's values as validated core configs (ValueError with a message otherwise). Every value is
+    checked here as an API client could send it: None, NaN, inf, 1e300 or text in any field."""
     if lr is None:
         raise ValueError("learning rate is empty; enter a number such as 3e-4.")
+    if targets is not None and not isinstance(targets, (list, tuple)):
+        raise ValueError("target modules must be a list; choose them with the checkboxes.")
     unknown = [t for t in (targets or []) if t not in TARGET_MODULES]
     if unknown:
-        raise ValueError(f"unknown target module {unknown[0]!r}; choose from {', '.join(TARGET_MODULES)}.")
-    lcfg = LoraConfig(r=whole(r, "rank"), alpha=float(alpha if alpha is not None else 0), dropout=float(dropout or 0),
+        raise ValueError(f"unknown target module {str(unknown[0])[:40]!r}; choose from {', '.join(TARGET_MODULES)}.")
+    prompt = check_text(prompt, "the sample prompt", MAX_PROMPT_CHARS).strip()
+    lcfg = LoraConfig(r=whole(r, "rank"), alpha=number(alpha if alpha is not None else 0, "alpha"),
+                      dropout=number(dropout or 0, "dropout"),
                       targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
     eval_every = whole(eval_interval, "eval interval")
-    tcfg = TrainConfig(steps=whole(steps, "steps"), lr=float(lr), batch_size=whole(batch, "batch size"),
-                       grad_accum=whole(accum, "gradient accumulation"), seq_len=whole(seq_len, "sequence length"),
-                       eval_interval=eval_every, checkpoint_interval=max(eval_every, 50) if eval_every else 50,
-                       seed=whole(seed, "seed"),
-                       sample_prompts=(prompt.strip(),) if prompt and prompt.strip() else ())
+    tcfg = TrainConfig(steps=whole(steps, "steps"), lr=number(lr, "learning rate"),
+                       batch_size=whole(batch, "batch size"), grad_accum=whole(accum, "gradient accumulation"),
+                       seq_len=whole(seq_len, "sequence length"), eval_interval=eval_every,
+                       checkpoint_interval=max(eval_every, 50) if eval_every else 50, seed=whole(seed, "seed"),
+                       sample_prompts=(prompt,) if prompt else ())
     return lcfg, tcfg
 
 
@@ -69,11 +70,11 @@ def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, devi
 def size_md(studio: Studio, model_name, targets, r) -> str:
     """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model."""
     try:
-        lcfg = LoraConfig(r=int(r), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
+        lcfg = LoraConfig(r=whole(r, "rank"), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
         lcfg.validate(PRESETS.get(model_name))
         est = training_estimate(model_name, lcfg, TrainConfig(steps=1), studio.engine.device.type)
-    except (ValueError, TypeError, KeyError) as e:
-        return f"<span class='warn'>{html.escape(str(e))}</span>"
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+        return f"<span class='warn'>{html.escape(scrub(str(e)))}</span>"
     return (f"**{est['trainable_params']:,}** trainable parameters · adapter file ≈ "
             f"**{human_bytes(est['adapter_bytes'])}** · **{est['share_percent']:.3f}%** of the model")
 
@@ -88,8 +89,8 @@ def estimate_md(studio: Studio, model_name, targets, r, alpha, dropout, lr, step
         tcfg.validate(cfg)
         dev = studio.engine.device.type
         est = training_estimate(model_name, lcfg, tcfg, dev)
-    except (ValueError, TypeError, KeyError) as e:
-        return f"<span class='warn'>⚠ {html.escape(str(e))}</span>"
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+        return f"<span class='warn'>⚠ {html.escape(scrub(str(e)))}</span>"
     per = tcfg.batch_size * tcfg.grad_accum
     return (f"**Estimate on {dev}:** peak memory ≈ **{human_bytes(est['peak_bytes'])}** · "
             f"≈ {est['step_seconds']:.2f} s per step → **{human_seconds(est['total_seconds'])}** for "
@@ -135,16 +136,17 @@ def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout,
     busy = studio.runner.busy_message()
     if busy:
         raise ValueError(busy)
+    dataset = typed_name(dataset, "the dataset name")
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
-    if model_name not in PRESETS:
+    if not isinstance(model_name, str) or model_name not in PRESETS:
         raise ValueError(f"unknown base model {model_name!r}; choose one of {', '.join(CHOICES)}.")
     lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
                               prompt)
     lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
     tcfg.validate(PRESETS[model_name])
     ds = load_dataset(studio.dataset_path(dataset))
-    name = check_name((name or "").strip() or auto_name(dataset, model_name))
+    name = check_name(typed_name(name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
     if progress is not None:
         progress(0.1, desc=f"loading base model {model_name} (first use only)…")
@@ -154,7 +156,7 @@ def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout,
 
 
 def stop(studio: Studio, user: str | None = None) -> str:
-    return studio.runner.stop(user=user, auth=studio.auth)
+    return studio.runner.stop(user=user, auth=studio.auth, admins=studio.admins)
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None) -> tuple[str, str]:
@@ -162,26 +164,29 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
     busy = studio.runner.busy_message()
     if busy:
         raise ValueError(busy)
-    name = (name or "").strip()
+    name = typed_name(name, "the run name")
     if not name:
         snap = studio.runner.snapshot()
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
     ck = find_checkpoint(studio.runner.run_dir(name))
+    studio.check_entry_owner(name, user, "resume")
     base = ck.meta.get("base_model") or ""
-    if base not in PRESETS:
+    if not isinstance(base, str) or base not in PRESETS:
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
                          f"{', '.join(CHOICES)} only (use the CLI for other bases).")
-    ds_meta = ck.meta.get("dataset") or {}
-    ds_path = ds_meta.get("path")
-    candidates = [p for p in (ds_path, studio.datasets_dir / str(ds_meta.get("name", ""))) if p]
+    ds_meta = ck.meta.get("dataset") if isinstance(ck.meta.get("dataset"), dict) else {}
+    ds_path = ds_meta.get("path") if isinstance(ds_meta.get("path"), str) else None
+    ds_name = ds_meta.get("name") if valid_name(ds_meta.get("name")) else None
+    candidates = [p for p in (ds_path, studio.dataset_path(ds_name) if ds_name else None) if p]
     folder = next((p for p in candidates if _is_dataset(p)), None)
     if folder is None:
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
     ds = load_dataset(folder)
-    total = int(steps) if steps is not None and int(steps) > ck.step else None
+    steps = whole(steps, "steps") if steps is not None else None
+    total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
                          f"train it further.")
@@ -268,7 +273,8 @@ def live_view(studio: Studio, seen):
     if key == seen and seen is not None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     fig = loss_figure(snap["points"], snap["evals"], snap["progress"].get("steps")) if snap else loss_figure([], [])
-    return job_html(snap), fig, samples_html(snap), key or ""
+    # every page polls this: one unencodable character in it would break the Train tab for all users
+    return scrub(job_html(snap)), fig, scrub(samples_html(snap)), key or ""
 
 
 # ---- the tab ---------------------------------------------------------------------------------
@@ -285,7 +291,9 @@ def create_train_tab(studio: Studio) -> dict:
                                      "memory and time. 'tiny' is random and offline.")
             model_status = gr.Markdown(model_status_md(studio, studio.default_model), elem_id="train-model-status")
             with gr.Row(equal_height=False):
+                # choices are a snapshot; API clients may name a dataset made since (checked on Start)
                 dataset = gr.Dropdown(dataset_choices(studio), value=None, label="Dataset", scale=4,
+                                      allow_custom_value=True,
                                       elem_id="train-dataset",
                                       info="A dataset saved on the Data tab: the text the adapter learns from.")
                 refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="train-refresh",
@@ -328,6 +336,7 @@ def create_train_tab(studio: Studio) -> dict:
                                               min_width=110, minimum=0,
                                               info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                                        max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
             estimate = gr.Markdown(estimate_md(studio, studio.default_model, ["attn.c_attn"], 8, 16, 0.0, 1e-3, 200,
                                                4, 1, 128, 20, 1337), elem_id="train-estimate")
