@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import shutil
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+from core.adapter_library import RunHold
 from core.adapters import check_name
 from core.atomic import disk_full
 from core.config import PRESETS, LoraConfig, TrainConfig
@@ -218,12 +218,14 @@ class Runner:
             trainer = StudioTrainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
                                     base_id=base_id, run_name=name, user=user,
                                     max_memory=self.engine.max_train_memory)
-            with self.engine.library.lock():  # reserve the name now: the first checkpoint comes later
+            library = self.engine.library
+            with library.lock():  # reserve the name now: the first checkpoint comes later
                 if out_dir.exists() or out_dir.is_symlink():
                     raise ValueError(f"the library already has an adapter named '{name}'; choose another "
                                      f"name (or resume that run).")
-                out_dir.mkdir()
-            self._launch(job, trainer, pinned)
+                # held while this process lives: a crash right after Start leaves a folder the next start-up sweeps
+                hold = library.reserve_run(name)
+            self._launch(job, trainer, hold, pinned)
             return job
 
     @_unpin_if_refused
@@ -244,7 +246,8 @@ class Runner:
             trainer = StudioTrainer(model, dataset, None, tcfg, TRAIN_PREFIX + name, self.run_dir(name),
                                     job.stop_flag, base_id=base_id, resume=ck, run_name=name, user=owner,
                                     max_memory=self.engine.max_train_memory)
-            self._launch(job, trainer, pinned)
+            hold = self.engine.library.hold_run(name)  # refused while another process trains this run
+            self._launch(job, trainer, hold, pinned)
             return job
 
     def stop(self, user: str | None = None, auth: bool = False, admins=frozenset()) -> str:
@@ -287,13 +290,13 @@ class Runner:
         if self.busy() is not None:
             raise RunnerBusy(self.busy_message())
 
-    def _launch(self, job: Job, trainer: Trainer, pinned: bool = False) -> None:
+    def _launch(self, job: Job, trainer: Trainer, hold: RunHold, pinned: bool = False) -> None:
         self.job = job
-        job.thread = threading.Thread(target=self._work, args=(job, trainer, pinned), name=f"train-{job.name}",
-                                      daemon=True)
+        job.thread = threading.Thread(target=self._work, args=(job, trainer, hold, pinned),
+                                      name=f"train-{job.name}", daemon=True)
         job.thread.start()
 
-    def _work(self, job: Job, trainer: Trainer, pinned: bool = False) -> None:
+    def _work(self, job: Job, trainer: Trainer, hold: RunHold, pinned: bool = False) -> None:
         model, lock = trainer.model, self.engine.lock
         final = None  # 'done' or 'error': reported only after the cleanup below, so the job stays
         try:          # busy until its live adapter is gone (a quick Resume cannot race the cleanup)
@@ -316,16 +319,7 @@ class Runner:
             with lock:  # the saved adapter is loaded from the library when used; drop the live one
                 if trainer.name in adapter_names(model):
                     remove_adapter(model, trainer.name)
-            if trainer.resume is None and (final is None or final["type"] == "error"):
-                self._drop_if_empty(trainer.out_dir, job.name)
+            hold.release()  # a new run that saved nothing (failed before its first checkpoint) frees its name
             if pinned:  # before the job stops being live, so a new start never finds the base pinned
                 self.engine.unpin_base(model)
             job.on_event(final or {"type": "error", "message": "training ended without a result."})
-
-    def _drop_if_empty(self, run_dir: Path, name: str) -> None:
-        """A new run that failed before its first checkpoint leaves nothing the library lists (at most a
-        half-written hidden checkpoint): remove its folder so the name is free again."""
-        library = self.engine.library
-        with library.lock():
-            if run_dir.is_dir() and not run_dir.is_symlink() and name not in library.names():
-                shutil.rmtree(run_dir, ignore_errors=True)

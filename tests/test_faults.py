@@ -215,3 +215,34 @@ def test_a_failing_run_stops_cleanly_and_keeps_its_last_checkpoint(studio, monke
     train.resume(studio, "faulty", 55)
     assert studio.runner.wait(120)["state"] == "finished"
     assert listing(studio.library)  # and the library still reads
+
+
+# ---- SIGKILL right after Start ----------------------------------------------------------------
+
+KILL_AFTER_START = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_studio_handlers import _prepare, _start
+from studio.app import create_studio
+studio = create_studio({lib!r}, {ds!r}, "cpu", "tiny")
+_prepare(studio)
+_start(studio, "crashed", 400)
+assert (studio.library.root / "crashed").is_dir()  # the name is reserved before the first checkpoint
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_studio_killed_right_after_start_leaves_its_run_name_free(tmp_path):
+    lib, ds = tmp_path / "lib", tmp_path / "datasets"
+    script = KILL_AFTER_START.format(tests=str(ROOT / "tests"), lib=str(lib), ds=str(ds))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (lib / "crashed").is_dir()  # left behind by the crash, holding nothing
+
+    s = create_studio(lib, ds, "cpu", "tiny")  # the next start-up
+    assert not (lib / "crashed").exists()
+    assert "crashed" not in s.library.names()
+    _start(s, "crashed", 2)  # the name is free again: Start does not say it exists
+    assert s.runner.wait(120)["state"] == "finished"
