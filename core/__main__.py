@@ -112,7 +112,10 @@ RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_
 def cmd_finetune(args) -> int:
     from .adapters import check_name
     from .data import load_dataset
+    from .estimate import parse_size
     resume, data, lcfg, tcfg = _finetune_settings(args)
+    if args.max_train_memory is not None:  # a bad size is refused before a model loads
+        args.max_train_memory = parse_size(args.max_train_memory)
     dataset = load_dataset(data)
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
@@ -179,7 +182,8 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
     if args.no_cuda_graphs:
         tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "cuda_graphs": False})
     stop = threading.Event()
-    trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume)
+    trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume,
+                      max_memory=args.max_train_memory)
     say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
     say(f"LoRA: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
@@ -431,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--checkpointing")
     s.add_argument("--checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
+    s.add_argument("--max-train-memory", metavar="SIZE",
+                   help="refuse settings whose estimated peak memory exceeds SIZE, e.g. 8GB (default: the memory "
+                        "available on the device)")
     s.add_argument("--no-cuda-graphs", action="store_true",
                    help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)

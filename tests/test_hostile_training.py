@@ -396,3 +396,17 @@ def test_a_damaged_trainer_state_is_refused_with_a_message(tiny, sample_ds, tmp_
     fresh = load_base("tiny", "cpu")
     with pytest.raises(ValueError, match=r"checkpoint .*step_000002 could not be read \(.*\); resume from another one"):
         list(Trainer(fresh, sample_ds, None, quick(steps=4), "r", tmp_path / "run", resume=tmp_path / "run").run())
+
+
+def test_the_cli_takes_a_training_memory_cap(tmp_path, capsys):
+    from core.__main__ import main
+    main(["prepare", "--input", str(data.SAMPLES_DIR / "brainrot.txt"), "--output", str(tmp_path / "ds")])
+    run = ["finetune", "--data", str(tmp_path / "ds"), "--model", "tiny", "--library", str(tmp_path / "lib"),
+           "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--grad-accum", "1"]
+    assert main([*run, "--output", "capped", "--max-train-memory", "1MB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: this run needs about") and "1.0 MB" in err and "\n" not in err
+    assert main([*run, "--output", "bad", "--max-train-memory", "lots"]) == 2
+    assert "'lots' is not a memory size" in capsys.readouterr().err
+    assert not (tmp_path / "lib" / "capped").exists() and not (tmp_path / "lib" / "bad").exists()
+    assert main([*run, "--output", "roomy", "--max-train-memory", "4GB"]) == 0
