@@ -360,21 +360,13 @@ class Library:
     # ---- internals ---------------------------------------------------------------------
 
     def _create(self, name: str, build: Callable[[Path], object]) -> str:
-        """Build a new entry in a hidden temp folder, then rename it into place under the lock."""
+        """Build a new entry in a hidden temp folder, then publish it under the lock."""
         check_name(name)
         with self._lock:
             dst = self._check_free(name)
-            tmp = None
             try:
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-                build(tmp)
-                os.chmod(tmp, 0o755)
-                atomic.fsync_dir(tmp)
-                os.rename(tmp, dst)
-                atomic.fsync_dir(self.root)
+                atomic.publish_dir(dst, build)
             except BaseException as e:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
                 _raise_if_disk_full(e, f"save {name!r}", self.root)
                 raise
         return name

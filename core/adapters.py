@@ -7,9 +7,6 @@ adapter_zip (guarded zip import, export), adapter_io (the PEFT file format itsel
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -103,16 +100,11 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
             state[f"{path}.weight"] = merged
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def build(tmp: Path):
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with open(tmp / "model.safetensors", "rb") as f:
-            os.fsync(f.fileno())
         atomic.write_text(tmp / "config.json", json.dumps(model.config.to_hf(), indent=2))
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)  # replaces an empty folder, fails on a non-empty one
-        atomic.fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if out.is_dir():
+        out.rmdir()  # an empty folder the caller made: the export takes its place
+    atomic.publish_dir(out, build)
     return out

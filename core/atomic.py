@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over the disk quota
 
@@ -48,3 +50,66 @@ def write_bytes(path, data: bytes) -> None:
 
 def write_text(path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def publish_dir(dst, build: Callable[[Path], object], replace: bool = False) -> Path:
+    """Make folder `dst` appear whole or not at all: `build(tmp)` fills a hidden folder beside it, whose
+    files and itself are fsynced before it is renamed into place. The one way this project publishes a
+    folder (library entries, checkpoints, datasets, merged exports).
+
+    A new `dst` must not exist (FileExistsError, also when one appears meanwhile). With replace=True an
+    existing `dst` is exchanged with the new one in one step, so readers never find neither; only where
+    the system has no atomic exchange is there a moment between two renames.
+    """
+    dst = Path(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    try:
+        build(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                _fsync_file(f)
+        os.chmod(tmp, 0o755)
+        fsync_dir(tmp)
+        if replace and dst.is_dir() and not dst.is_symlink():
+            _exchange(tmp, dst)  # tmp now holds the old folder, removed below
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)  # fails on a non-empty folder that appeared meanwhile
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, f"{dst} already exists", str(dst)) from None
+        raise
+    fsync_dir(dst.parent)
+    return dst
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap folders `a` and `b` atomically (Linux renameat2); elsewhere move `b` aside, then `a` in."""
+    libc = _libc()
+    if libc is not None:
+        AT_FDCWD = -100
+        if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+    aside = b.with_name(f".{b.name}.old-{os.getpid()}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def _libc():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2  # glibc 2.28+
+        return libc
+    except (OSError, AttributeError):
+        return None

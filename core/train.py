@@ -443,22 +443,22 @@ class Trainer:
         return save_adapter(self.model, self.name, self.out_dir, self.lcfg, self.base_id, self._meta(status))
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
-        """checkpoints/step_NNNNNN: written in a hidden folder, then renamed (never half a checkpoint)."""
+        """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
         root = self.out_dir / CHECKPOINTS
-        final = root / f"step_{self.step:06d}"
-        tmp = root / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
+        root.mkdir(parents=True, exist_ok=True)
+        for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
+            shutil.rmtree(junk, ignore_errors=True)
         state = {"step": self.step, "optimizer": opt.state_dict(),
                  "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._torch_rng() if self.lcfg.dropout > 0 else torch.get_rng_state(),
                  "history": list(self.history), "start_val_loss": self.start_val_loss}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic.write_bytes(tmp / STATE, buf.getvalue())
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic.fsync_dir(root)
+
+        def build(tmp: Path):
+            save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            (tmp / STATE).write_bytes(buf.getvalue())
+        # a checkpoint of the same step (a resumed run stopped again) is exchanged, never removed first
+        final = atomic.publish_dir(root / f"step_{self.step:06d}", build, replace=True)
         keep = self.tcfg.keep_checkpoints
         if keep:
             for old in checkpoint_folders(self.out_dir)[:-keep]:

@@ -246,3 +246,33 @@ def test_a_studio_killed_right_after_start_leaves_its_run_name_free(tmp_path):
     assert "crashed" not in s.library.names()
     _start(s, "crashed", 2)  # the name is free again: Start does not say it exists
     assert s.runner.wait(120)["state"] == "finished"
+
+
+# ---- publishing folders ---------------------------------------------------------------------------
+
+def test_a_published_folder_appears_whole_and_a_replaced_one_is_never_missing(tmp_path, monkeypatch):
+    from core.atomic import publish_dir
+    seen = []
+
+    def build(text):
+        def fill(tmp):
+            (tmp / "a.txt").write_text(text)
+            seen.append((tmp / "../x").resolve().exists() and (tmp_path / "x" / "a.txt").read_text())
+        return fill
+
+    publish_dir(tmp_path / "x", build("one"))
+    with pytest.raises(FileExistsError, match="already exists"):
+        publish_dir(tmp_path / "x", build("two"))
+    publish_dir(tmp_path / "x", build("three"), replace=True)
+    assert (tmp_path / "x" / "a.txt").read_text() == "three"
+    assert seen == [False, "one", "one"]  # while the new one was built, the old one was still whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no temp or old folder left
+
+    def fail(tmp):
+        (tmp / "half").write_text("x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        publish_dir(tmp_path / "y", fail)
+    with pytest.raises(OSError, match="No space"):
+        publish_dir(tmp_path / "x", fail, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and (tmp_path / "x" / "a.txt").read_text() == "three"
