@@ -11,8 +11,8 @@ import torch
 
 from common import machine, random_hf_checkpoint, table, timed
 
-from core.generate import SamplingConfig, generate
-from core.weights import load_base
+from core.generate.sampling import SamplingConfig, generate
+from core.model.weights import load_base
 
 
 def main():

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import lora  # noqa: E402
-from core.config import GPTConfig, LoraConfig, PRESETS, TrainConfig  # noqa: E402
-from core.estimate import estimate_training, flops_per_token  # noqa: E402
-from core.generate import SamplingConfig, generate  # noqa: E402
-from core.model import GPT  # noqa: E402
-from core.quant import quantize_base  # noqa: E402
-from core.weights import build, normalize_keys  # noqa: E402
+from core.lora import layers as lora  # noqa: E402
+from core.model.config import GPTConfig, LoraConfig, PRESETS, TrainConfig  # noqa: E402
+from core.train.estimate import estimate_training, flops_per_token  # noqa: E402
+from core.generate.sampling import SamplingConfig, generate  # noqa: E402
+from core.model.gpt import GPT  # noqa: E402
+from core.model.quant import quantize_base  # noqa: E402
+from core.model.weights import build, normalize_keys  # noqa: E402
 
 GiB = 1024 ** 3
 PEAK_BF16 = 790e12  # the design guide's measured dense bf16 rate of this H200
@@ -421,7 +421,7 @@ def sec_decode(a, dev, R):
 def sec_quant_loss(a, dev, R):
     """Pre-train a gpt2-shaped model briefly on the bundled samples (so LoRA has a real base to adapt),
     then LoRA 100 steps on a bf16 base vs the same base quantized; compare validation loss."""
-    from core.data import build_dataset, get_batch, list_samples, load_sample
+    from core.train.data import build_dataset, get_batch, list_samples, load_sample
     cfg = a.cfg
     bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32
     samples = list_samples()
@@ -520,8 +520,8 @@ def sec_checks(a, dev, R):
 def trainer_graphs_check(cfg, dev, steps):
     """The studio's/CLI's Trainer with CUDA-graphed micro-steps vs eager: same losses, and its speed."""
     import tempfile
-    from core.data import build_dataset, list_samples, load_sample
-    from core.train import Trainer
+    from core.train.data import build_dataset, list_samples, load_sample
+    from core.train.trainer import Trainer
     samples = list_samples()
     ds = build_dataset([load_sample(s["name"]) for s in samples], [s["name"] for s in samples], 0.9)
     res, losses = {}, {}

@@ -48,10 +48,10 @@ SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
 
 def prepare_library(tmp: Path) -> None:
     """A dataset and two small trained adapters, before the server starts (its pickers list them)."""
-    from core.config import LoraConfig, TrainConfig
-    from core.data import SAMPLES_DIR, prepare
-    from core.train import Trainer, run_to_end
-    from core.weights import load_base
+    from core.model.config import LoraConfig, TrainConfig
+    from core.train.data import SAMPLES_DIR, prepare
+    from core.train.trainer import Trainer, run_to_end
+    from core.model.weights import load_base
     model = load_base("tiny", "cpu")
     for name, sample, seed in (("pirate", "pirate_recipes", 1), ("bard", "shakespearean", 2)):
         ds = prepare([SAMPLES_DIR / f"{sample}.txt"], tmp / "datasets" / name)

@@ -3,7 +3,7 @@
 Both sides load the same random gpt2-shaped (124M) checkpoint written by transformers, train a
 rank-8 alpha-16 LoRA on c_attn with AdamW (lr 3e-4, clip 1.0) on the same random batches, and
 compute the same loss (cross entropy over every position). This engine runs through its real
-training loop (core.train.Trainer, step times from its events); the peer runs the plain loop
+training loop (core.train.trainer.Trainer, step times from its events); the peer runs the plain loop
 PEFT users write. Throughput: both sides in one process, one step each in turn (ABBA), so changing
 load on the machine hits both alike; tokens/s = batch x seq / the median step time. Memory: each
 side alone in its own process.
@@ -69,11 +69,11 @@ def tokens(n: int = 200_000) -> np.ndarray:
 # ---- the two sides: generators that run one training step per next() and yield its time ------
 
 def steps_ours(ckpt, device, batch, seq, total):
-    """This engine's real loop (core.train.Trainer); step times come from its 'step' events."""
-    from core.config import LoraConfig, TrainConfig
-    from core.data import Dataset
-    from core.train import Trainer
-    from core.weights import load_base
+    """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events."""
+    from core.model.config import LoraConfig, TrainConfig
+    from core.train.data import Dataset
+    from core.train.trainer import Trainer
+    from core.model.weights import load_base
 
     model = load_base(str(ckpt), device)
     ids = tokens()

@@ -39,8 +39,8 @@ def add_model_options(p, default_note: str):
 def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
     """The base from --weights/--model (checked against each other), else the adapter's recorded base
     when that is a known GPT-2 preset."""
-    from .config import PRESETS
-    from .weights import WeightsError, load_base
+    from core.model.config import PRESETS
+    from core.model.weights import WeightsError, load_base
     if args.weights and not Path(args.weights).expanduser().exists():
         raise WeightsError(f"--weights {args.weights}: no such file or folder.")
     source = args.weights or args.model or _known_base(recorded) or fallback
@@ -63,8 +63,8 @@ def _known_base(recorded: str | None) -> str | None:
     """The preset an adapter's recorded base names ('openai-community/gpt2' -> 'gpt2'). Anything else
     is refused: an adapter's files may come from anyone, and must not choose what is downloaded
     (a hub id) or read (a local path) as the base."""
-    from .adapter_validate import preset_of
-    from .config import PRESETS
+    from core.adapters.validate import preset_of
+    from core.model.config import PRESETS
     if recorded is None or preset_of(recorded):
         return preset_of(recorded)
     raise ValueError(f"the adapter names its base {recorded!r}, which is not one of the known GPT-2 models "
@@ -86,7 +86,7 @@ def say(msg: str = "") -> None:
 
 def cmd_prepare(args) -> int:
     import numpy as np
-    from .data import prepare, top_tokens
+    from core.train.data import prepare, top_tokens
     ds = prepare(args.input, args.output, args.train_ratio)
     m = ds.meta
     say(f"read {len(args.input)} file(s): {', '.join(m['sources'])}")
@@ -110,9 +110,9 @@ RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_
 
 
 def cmd_finetune(args) -> int:
-    from .adapters import check_name
-    from .data import load_dataset
-    from .estimate import parse_size
+    from core.adapters.library import check_name
+    from core.train.data import load_dataset
+    from core.train.estimate import parse_size
     resume, data, lcfg, tcfg = _finetune_settings(args)
     if args.max_train_memory is not None:  # a bad size is refused before a model loads
         args.max_train_memory = parse_size(args.max_train_memory)
@@ -127,7 +127,7 @@ def cmd_finetune(args) -> int:
 def _hold_run(out_dir: Path, library: str, new: bool):
     """Hold the run folder while this process trains it, when it is in the library: a folder left by
     a crash is then swept at the next start-up instead of blocking its name."""
-    from .adapter_library import Library, RunHold
+    from core.adapters.library import Library, RunHold
     lib_root = Path(library).expanduser().resolve()
     if out_dir.expanduser().resolve().parent != lib_root:
         return RunHold(out_dir, None)  # outside the library nobody sweeps: nothing to hold
@@ -137,8 +137,8 @@ def _hold_run(out_dir: Path, library: str, new: bool):
 
 def _finetune_settings(args):
     """(resume checkpoint or None, dataset folder, LoraConfig, TrainConfig) from the arguments."""
-    from .config import LoraConfig, TrainConfig, normalize_targets
-    from .train import find_checkpoint
+    from core.model.config import LoraConfig, TrainConfig, normalize_targets
+    from core.train.trainer import find_checkpoint
     resume = find_checkpoint(_resume_path(args.resume, args.library)) if args.resume else None
     if resume:
         given = [o for o in RESUME_FIXED if getattr(args, o) is not None]
@@ -171,11 +171,11 @@ def _finetune_settings(args):
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
-    from .config import TrainConfig
-    from .train import Trainer
+    from core.model.config import TrainConfig
+    from core.train.trainer import Trainer
     model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
     if args.quantize:
-        from .quant import quantize_base
+        from core.model.quant import quantize_base
         quantize_base(model, args.quantize)
         say(f"frozen base quantized to {args.quantize} (LoRA stays in full precision)")
     model.checkpointing = bool(args.checkpointing)
@@ -195,7 +195,7 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
 
 def _train(args, trainer, stop: threading.Event) -> int:
     """Run the trainer, printing its events; Ctrl-C stops after the current step and saves."""
-    from .train import TrainingError
+    from core.train.trainer import TrainingError
     _on_sigint(stop)
     bar = ProgressBar(sys.stderr)
     try:
@@ -247,7 +247,7 @@ def _resume_path(spec: str, library: str) -> Path:
     p = Path(spec).expanduser()
     if p.exists() or not Path(library).is_dir():
         return p
-    from .adapters import Library
+    from core.adapters.library import Library
     return Library(library).path(spec)
 
 
@@ -306,8 +306,8 @@ class ProgressBar:
 # ---- compare --------------------------------------------------------------------------
 
 def cmd_compare(args) -> int:
-    from .adapters import load_adapter, resolve
-    from .generate import SamplingConfig, generate_text
+    from core.adapters.resolve import load_adapter, resolve
+    from core.generate.sampling import SamplingConfig, generate_text
 
     sources = [resolve(spec, args.library) for spec in args.lora]
     recorded = _recorded_base(sources[0])
@@ -333,7 +333,7 @@ def cmd_compare(args) -> int:
 
 def _recorded_base(src: Path) -> str | None:
     """The base an adapter says it was made for (studio.json, else adapter_config.json), cut short."""
-    from . import safe_json
+    from core import safe_json
     folder = src if src.is_dir() else src.parent
     for f, key in (("studio.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
         try:
@@ -378,7 +378,8 @@ def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
 # ---- merge ----------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
-    from .adapters import export_merged, load_adapter, resolve
+    from core.adapters.export import export_merged
+    from core.adapters.resolve import load_adapter, resolve
     src = resolve(args.lora, args.library)
     model, base_id = load_model(args, _recorded_base(src))
     name, lcfg, _ = load_adapter(model, src, "merge", base_id)
@@ -468,9 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .tokenizer import TokenizerFileError
-    from .train import TrainingError
-    from .weights import WeightsError
+    from core.model.tokenizer import TokenizerFileError
+    from core.train.trainer import TrainingError
+    from core.model.weights import WeightsError
     try:
         if args.command == "compare" and args.samples < 1:
             raise ValueError(f"--samples must be at least 1 (got {args.samples}).")

@@ -1,7 +1,7 @@
 """One shared base model per process, with library adapters hot-swapped on it.
 
 Every user of the studio goes through one Engine. The base is loaded once; adapters are loaded
-beside each other on it and chosen per batch row (core.lora routing), so nobody flips global
+beside each other on it and chosen per batch row (core.lora.layers routing), so nobody flips global
 state under anybody else and the base weights are never written. An adapter whose files change
 on disk is loaded again under a new internal name; generations already running keep the old
 version until they finish, then it is removed.
@@ -29,13 +29,16 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .adapter_io import CONFIG, WEIGHTS
-from .adapters import AdapterError, Library, export_merged, load_adapter, resolve
-from .device import pick_device
-from .generate import SamplingConfig, stream_text
-from .lora import adapter_names, remove_adapter
-from .model import GPT
-from .weights import load_base
+from core.adapters.format import CONFIG, WEIGHTS
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.adapters.export import export_merged
+from core.adapters.resolve import load_adapter, resolve
+from core.device import pick_device
+from core.generate.sampling import SamplingConfig, stream_text
+from core.lora.layers import adapter_names, remove_adapter
+from core.model.gpt import GPT
+from core.model.weights import load_base
 
 
 @dataclass

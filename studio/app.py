@@ -13,9 +13,9 @@ from contextlib import asynccontextmanager
 import anyio
 import gradio as gr
 
-from core.adapter_validate import preset_of
+from core.adapters.validate import preset_of
 from core.engine import Engine
-from core.estimate import parse_size
+from core.train.estimate import parse_size
 
 from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
 from .style import CSS, theme
@@ -29,7 +29,7 @@ LOGO = ("<svg class='logo' viewBox='0 0 24 24' width='26' height='26' aria-hidde
         "<path d='M7 6v12M12 6v12M17 6v12' stroke='#c7d2fe' stroke-width='1.6' stroke-linecap='round'/>"
         "<circle cx='7' cy='14' r='2.2' fill='#fff'/><circle cx='12' cy='9' r='2.2' fill='#fff'/>"
         "<circle cx='17' cy='12' r='2.2' fill='#fff'/></svg>")
-MAX_FILE_SIZE = "300mb"  # uploads: text up to core.data's 256 MiB, adapters up to 256 MiB
+MAX_FILE_SIZE = "300mb"  # uploads: text up to core.train.data's 256 MiB, adapters up to 256 MiB
 # Gradio keeps every upload and every download it hands out in its cache: without this, forever (anyone
 # who can reach the page can POST files). Checked every 5 minutes; all of it goes when the server stops.
 DELETE_CACHE = (300, UPLOADS_KEPT_S)

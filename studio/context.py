@@ -17,16 +17,16 @@ from typing import Callable
 
 import gradio as gr
 
-from core.adapter_library import shown_name, valid_name
-from core.adapters import AdapterError
+from core.adapters.library import shown_name, valid_name
+from core.adapters.validate import AdapterError
 from core.atomic import disk_full
-from core.config import PRESETS
-from core.data import read_dataset_meta
+from core.model.config import PRESETS
+from core.train.data import read_dataset_meta
 from core.engine import Engine
-from core.estimate import human_bytes
+from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
-from core.train import TrainingError
-from core.weights import WeightsError
+from core.train.trainer import TrainingError
+from core.model.weights import WeightsError
 
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner, RunnerBusy

@@ -5,8 +5,8 @@ import os
 import threading
 from pathlib import Path
 
-from core.config import HUB_IDS, PRESETS
-from core.weights import hub_reachable
+from core.model.config import HUB_IDS, PRESETS
+from core.model.weights import hub_reachable
 
 CHOICES = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]
 # Size of each model.safetensors on the hub (what a first use downloads).

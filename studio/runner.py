@@ -1,6 +1,6 @@
 """One background training job per process: start, stop, resume, and what the UI polls.
 
-The runner owns the job; the trainer (core.train) never imports the UI. A job runs in a daemon
+The runner owns the job; the trainer (core.train.trainer) never imports the UI. A job runs in a daemon
 thread of this process, so the page stays responsive and any page (a reload, a second user)
 can attach to it by polling `snapshot()`: every event the trainer yields is folded into a small
 buffer (loss points, validation points, samples, progress) with a version number that grows
@@ -20,14 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from core.adapter_library import RunHold
-from core.adapters import check_name
+from core.adapters.library import RunHold
+from core.adapters.library import check_name
 from core.atomic import disk_full
-from core.config import PRESETS, LoraConfig, TrainConfig
-from core.data import Dataset
-from core.estimate import check_memory, estimate_training
-from core.lora import adapter_names, remove_adapter
-from core.train import Trainer, find_checkpoint
+from core.model.config import PRESETS, LoraConfig, TrainConfig
+from core.train.data import Dataset
+from core.train.estimate import check_memory, estimate_training
+from core.lora.layers import adapter_names, remove_adapter
+from core.train.trainer import Trainer, find_checkpoint
 
 TRAIN_PREFIX = "train:"  # adapters being trained are loaded under 'train:<run>', never a library name
 LIVE = ("starting", "running", "stopping")

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from core.adapter_io import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
-from core.config import LoraConfig
-from core.lora import add_adapter, lora_parameters
+from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
+from core.model.config import LoraConfig
+from core.lora.layers import add_adapter, lora_parameters
 
 IDS = torch.tensor([[50256, 464, 2068, 7586, 21831, 18045, 625, 262], [40, 588, 257, 1332, 13, 198, 50256, 11]])
 
@@ -46,7 +46,7 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], lcfg: LoraConf
 
 def lora_tensors(cfg, r: int = 4, targets=("attn.c_attn",), layers=None, seed: int = 0, dtype=torch.float32):
     """Random PEFT-keyed LoRA tensors of the right shapes for GPT config `cfg`."""
-    from core.lora import target_shapes
+    from core.lora.layers import target_shapes
     g = torch.Generator().manual_seed(seed)
     shapes = target_shapes(cfg)
     out = {}

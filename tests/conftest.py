@@ -14,7 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from core.config import GPTConfig  # noqa: E402
+from core.model.config import GPTConfig  # noqa: E402
 
 # gpt2-shaped (width 64, 4 heads) and gpt2-medium-shaped (different width and head count) tiny configs
 SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
@@ -41,5 +41,5 @@ def hf_small(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny():
-    from core.weights import load_base
+    from core.model.weights import load_base
     return load_base("tiny", device="cpu")

@@ -13,10 +13,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from core.adapter_io import CONFIG, PEFT_PREFIX, peft_config
-from core.adapters import AdapterError, Library, load_adapter
-from core.config import LoraConfig, PRESETS
-from core.lora import adapter_names
+from core.adapters.format import CONFIG, PEFT_PREFIX, peft_config
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.adapters.resolve import load_adapter
+from core.model.config import LoraConfig, PRESETS
+from core.lora.layers import adapter_names
 
 TINY = PRESETS["tiny"]  # 2 layers, width 64
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
@@ -175,7 +177,7 @@ def _check_refused(tmp_path, folder, pattern):
     with pytest.raises(AdapterError, match=pattern):
         lib.import_path(folder, "incoming", base_cfg=TINY)
     assert listing(lib) == before and lib.list() == []
-    from core.weights import load_base
+    from core.model.weights import load_base
     model = load_base("tiny", device="cpu")
     with pytest.raises(AdapterError, match=pattern):
         load_adapter(model, folder, "incoming")
@@ -210,7 +212,7 @@ def test_the_good_adapter_passes(tmp_path):
     folder = write_adapter(tmp_path / "ok", good(), LC, base_id="tiny")
     lib = Library(tmp_path / "lib")
     assert lib.import_path(folder, "ok", base_cfg=TINY) == "ok"
-    from core.weights import load_base
+    from core.model.weights import load_base
     assert load_adapter(load_base("tiny", device="cpu"), folder)[0] == "ok"
 
 
@@ -277,7 +279,7 @@ def test_peft_key_variants_are_accepted(tmp_path, tiny):
     bare = {k[len(PEFT_PREFIX):]: v for k, v in t.items()}
     load_adapter(tiny, write_adapter(tmp_path / "infix", infixed, LC), "infix")
     load_adapter(tiny, write_adapter(tmp_path / "bare", bare, LC), "bare")
-    from core.lora import adapter_state_dict
+    from core.lora.layers import adapter_state_dict
     a, b = adapter_state_dict(tiny, "infix"), adapter_state_dict(tiny, "bare")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -14,11 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from adapter_helpers import listing, logits, make_adapter
-from core.adapter_io import CONFIG, META, WEIGHTS, save_adapter
-from core.adapters import AdapterError, Library, export_merged, load_adapter, resolve
-from core.config import PRESETS, LoraConfig
-from core.lora import adapter_state_dict, lora_layers, merged_name
-from core.weights import load_base
+from core.adapters.format import CONFIG, META, WEIGHTS, save_adapter
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.adapters.export import export_merged
+from core.adapters.resolve import load_adapter, resolve
+from core.model.config import PRESETS, LoraConfig
+from core.lora.layers import adapter_state_dict, lora_layers, merged_name
+from core.model.weights import load_base
 
 TINY = PRESETS["tiny"]
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
@@ -218,7 +221,7 @@ def test_hostile_zips_are_refused(lib, trained, tmp_path):
 
 def test_zip_that_lies_about_its_size(lib, trained, tmp_path, monkeypatch):
     """A member that declares a small size but inflates to more is stopped while inflating."""
-    import core.adapter_zip as az
+    import core.adapters.archive as az
     monkeypatch.setattr(az, "MAX_JSON_BYTES", 1000)
     src = save_adapter(trained, "a", tmp_path / "x", LC, "tiny")
     z = tmp_path / "liar.zip"
@@ -284,7 +287,7 @@ def test_unreadable_config_is_listed_as_unreadable_and_deletable(lib, trained):
 def test_failed_write_leaves_library_unchanged(lib, trained, monkeypatch):
     lib.save(trained, "a", "before", LC, "tiny")
     before = listing(lib)
-    import core.adapter_library as al
+    import core.adapters.library as al
 
     def boom(*a, **k):
         raise OSError("disk full (injected)")
@@ -299,10 +302,10 @@ CRASH = """
 import os, sys
 sys.path.insert(0, {root!r})
 import torch
-from core.weights import load_base
-from core.config import LoraConfig
-from core.lora import add_adapter
-import core.adapter_library as al
+from core.model.weights import load_base
+from core.model.config import LoraConfig
+from core.lora.layers import add_adapter
+import core.adapters.library as al
 model = load_base("tiny", device="cpu")
 lc = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
 add_adapter(model, "a", lc)

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import core.data
+import core.train.data
 from adapter_helpers import listing, lora_tensors, write_adapter
 from conftest import MEDIUM_SHAPED
-from core.adapter_io import CONFIG, WEIGHTS
-from core.adapters import AdapterError
-from core.config import PRESETS, LoraConfig
-from core.lora import adapter_names
-from core.weights import WeightsError
+from core.adapters.format import CONFIG, WEIGHTS
+from core.adapters.validate import AdapterError
+from core.model.config import PRESETS, LoraConfig
+from core.lora.layers import adapter_names
+from core.model.weights import WeightsError
 from studio.app import create_studio
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
@@ -118,7 +118,7 @@ def test_bad_text_through_the_data_tab(studio, tmp_path, case):
 
 
 def test_text_over_the_size_limit(studio, tmp_path, monkeypatch):
-    monkeypatch.setattr(core.data, "MAX_TEXT_BYTES", 1000)  # the real limit is 256 MiB
+    monkeypatch.setattr(core.train.data, "MAX_TEXT_BYTES", 1000)  # the real limit is 256 MiB
     f = tmp_path / "big.txt"
     f.write_text("word " * 400, "utf-8")
     refused(studio, ValueError, r"big\.txt is larger than 0 MiB; use a smaller part", data.read_uploads, [str(f)])
@@ -140,7 +140,7 @@ def test_bad_text_through_the_cli(tmp_path, capsys, case):
 
 
 def test_text_over_the_size_limit_through_the_cli(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(core.data, "MAX_TEXT_BYTES", 1000)
+    monkeypatch.setattr(core.train.data, "MAX_TEXT_BYTES", 1000)
     (tmp_path / "big.txt").write_text("word " * 400, "utf-8")
     assert "larger than" in one_line_error(capsys, ["prepare", "--input", tmp_path / "big.txt", "--output",
                                                     tmp_path / "ds"])
@@ -256,7 +256,7 @@ def test_bad_settings_through_the_cli(tmp_path, capsys, case):
     args, expect = CLI_SETTING_CASES[case]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "readme.txt").write_text("junk")
-    assert core.data.prepare(text="word " * 400, output=tmp_path / "ds")
+    assert core.train.data.prepare(text="word " * 400, output=tmp_path / "ds")
     argv = ["finetune", "--data", tmp_path / "ds", "--model", "tiny", "--library", tmp_path / "lib",
             *[a.format(tmp=tmp_path) for a in args]]
     if args[0] == "--weights":
@@ -392,7 +392,7 @@ def test_bad_names_everywhere_a_name_is_typed(studio, tmp_path):
 
 @pytest.mark.parametrize("bad", ["..", ".hidden", "con", "pir\u0430tes", "x" * 1000])
 def test_bad_run_names_through_the_cli(tmp_path, capsys, bad):
-    assert core.data.prepare(text="word " * 400, output=tmp_path / "ds")
+    assert core.train.data.prepare(text="word " * 400, output=tmp_path / "ds")
     err = one_line_error(capsys, ["finetune", "--data", tmp_path / "ds", "--model", "tiny", "--library",
                                   tmp_path / "lib", "--output", bad])
     assert "invalid adapter name" in err and len(err) < 300

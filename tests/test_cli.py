@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.__main__ import main
-from core.data import SAMPLES_DIR
+from core.train.data import SAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d+ \| lr \d\.\d+e[-+]\d+ \| norm \d+\.\d+ \| dt \d+\.\d+ms \| "
@@ -77,8 +77,8 @@ def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert {p.name for p in (tmp_path / "merged").iterdir()} == {"config.json", "model.safetensors"}
     transformers = pytest.importorskip("transformers")
-    from core.adapters import load_adapter
-    from core.weights import load_base
+    from core.adapters.resolve import load_adapter
+    from core.model.weights import load_base
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     ours = load_base("tiny", "cpu")
     load_adapter(ours, run, "pirate-rot")

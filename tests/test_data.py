@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from core import data, tokenizer
-from core.config import EOT_TOKEN
+from core.train import data
+from core.model import tokenizer
+from core.model.config import EOT_TOKEN
 
 
 def text_of_tokens(n: int) -> str:

@@ -4,10 +4,12 @@ import random
 import pytest
 import torch
 
-from core import decode, generate, lora, tokenizer
-from core.config import EOT_TOKEN, LoraConfig
-from core.decode import DynamicDecoder, StaticDecoder, open_decoder
-from core.generate import TextSoFar
+from core.generate import decoders as decode, sampling as generate
+from core.lora import layers as lora
+from core.model import tokenizer
+from core.model.config import EOT_TOKEN, LoraConfig
+from core.generate.decoders import DynamicDecoder, StaticDecoder, open_decoder
+from core.generate.sampling import TextSoFar
 from tests.test_lora import randomize_b
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586]]  # different lengths: left padding

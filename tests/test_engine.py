@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from adapter_helpers import logits, make_adapter
-from core.adapter_io import save_adapter
-from core.adapters import AdapterError
-from core.config import LoraConfig
+from core.adapters.format import save_adapter
+from core.adapters.validate import AdapterError
+from core.model.config import LoraConfig
 from core.engine import Engine
-from core.generate import SamplingConfig
-from core.lora import adapter_names, add_adapter
-from core.weights import load_base
+from core.generate.sampling import SamplingConfig
+from core.lora.layers import adapter_names, add_adapter
+from core.model.weights import load_base
 
 LX = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
 LY = LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",))

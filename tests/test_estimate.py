@@ -1,6 +1,6 @@
 """The pre-start estimate: parameter counts exact, memory and time grow the way training does."""
-from core.config import LoraConfig, PRESETS, TrainConfig
-from core.estimate import estimate_training, human_bytes, human_seconds
+from core.model.config import LoraConfig, PRESETS, TrainConfig
+from core.train.estimate import estimate_training, human_bytes, human_seconds
 
 
 def test_gpt2_rank8_c_attn_counts_and_adapter_size():

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from core import lora
-from core.config import LoraConfig
-from core.generate import SamplingConfig, generate
-from core.quant import quantize_base, weight_bytes
-from core.weights import load_base
+from core.lora import layers as lora
+from core.model.config import LoraConfig
+from core.generate.sampling import SamplingConfig, generate
+from core.model.quant import quantize_base, weight_bytes
+from core.model.weights import load_base
 from tests.test_lora import randomize_b
 
 IDS = torch.randint(0, 50000, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,7 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny):
 
 def test_quantized_matmul_gradients_equal_a_dequantized_copy(tiny):
     """The quantized layer's custom backward gives the input gradient of the dequantized weight."""
-    from core.quant import QuantConv1D
+    from core.model.quant import QuantConv1D
     layer = tiny.transformer.h[0].mlp.c_fc
     q = QuantConv1D(layer, "nf4")
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)

@@ -17,14 +17,15 @@ import threading
 import pytest
 import torch
 
-import core.adapter_library
+import core.adapters.library
 import core.atomic
 from adapter_helpers import listing
-from core.adapter_io import WEIGHTS
-from core.adapters import AdapterError, Library
-from core.config import PRESETS
-from core.data import SAMPLES_DIR, prepare
-from core.lora import adapter_names
+from core.adapters.format import WEIGHTS
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.model.config import PRESETS
+from core.train.data import SAMPLES_DIR, prepare
+from core.lora.layers import adapter_names
 from studio.app import create_studio
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
@@ -129,7 +130,7 @@ def test_a_full_disk_leaves_the_library_unchanged_and_says_so(studio, monkeypatc
                 friendly(action)()
     assert not [p for p in studio.library.root.iterdir() if p.name.startswith(".tmp-")]
     with monkeypatch.context() as m:
-        m.setattr(core.adapter_library.os, "rename", _enospc)
+        m.setattr(core.adapters.library.os, "rename", _enospc)
         with unchanged(studio), pytest.raises(AdapterError, match=r"not enough disk space to rename 'src' to 'moved'"):
             library.rename(studio, "src", "moved")
     for action in actions.values():  # with room again, each works

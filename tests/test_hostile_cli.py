@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-import core.adapter_library as al
-import core.train
-import core.weights
+import core.adapters.library as al
+import core.train.trainer
+import core.model.weights
 from adapter_helpers import lora_tensors, write_adapter
 from core.__main__ import main
-from core.adapter_io import META
-from core.config import LoraConfig, PRESETS
+from core.adapters.format import META
+from core.model.config import LoraConfig, PRESETS
 from test_cli import TINY_RUN, one_line_error, prepared  # noqa: F401 - `prepared` is a fixture
 
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
@@ -25,8 +25,8 @@ def loads(monkeypatch):
 
     def refuse(source, *a, **k):
         asked.append(source)
-        raise core.weights.WeightsError(f"(test) not loading {source}")
-    monkeypatch.setattr(core.weights, "load_base", refuse)
+        raise core.model.weights.WeightsError(f"(test) not loading {source}")
+    monkeypatch.setattr(core.model.weights, "load_base", refuse)
     return asked
 
 
@@ -65,12 +65,12 @@ def test_model_names_the_base_whatever_the_adapter_says(tmp_path, capsys):
 
 def test_finetune_holds_its_run_while_it_trains(prepared, tmp_path, monkeypatch):  # noqa: F811
     seen = []
-    run = core.train.Trainer.run
+    run = core.train.trainer.Trainer.run
 
     def watched(self):
         seen.append(al._is_live(self.out_dir))
         yield from run(self)
-    monkeypatch.setattr(core.train.Trainer, "run", watched)
+    monkeypatch.setattr(core.train.trainer.Trainer, "run", watched)
     lib = tmp_path / "lib"
     assert main(["finetune", "--data", str(prepared), *TINY_RUN, "--steps", "1", "--library", str(lib),
                  "--output", "held"]) == 0

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from core.adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, peft_config
-from core.adapters import AdapterError, Library
-from core.config import LoraConfig, PRESETS
+from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, peft_config
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.model.config import LoraConfig, PRESETS
 
 TINY = PRESETS["tiny"]
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
@@ -159,7 +160,7 @@ def test_far_future_created_never_breaks_the_sort(lib, new_york):
 
 def _dataset(folder: Path, meta_text: str) -> Path:
     import numpy as np
-    from core.data import _npy_bytes
+    from core.train.data import _npy_bytes
     folder.mkdir(parents=True)
     (folder / "train_00000.npy").write_bytes(_npy_bytes(np.arange(50, dtype=np.uint16)))
     (folder / "val_00000.npy").write_bytes(_npy_bytes(np.arange(10, dtype=np.uint16)))
@@ -168,7 +169,7 @@ def _dataset(folder: Path, meta_text: str) -> Path:
 
 
 def test_dataset_meta_is_read_defensively(tmp_path, new_york):
-    from core.data import load_dataset, read_dataset_meta
+    from core.train.data import load_dataset, read_dataset_meta
     poisoned = json.dumps({"tokens": 60, "sources": ["a.txt", "\ud800"], "sha256": "\udfff", "chars": 1e400,
                            "train_ratio": 0.9, "created": "9999-12-31T23:59:59", "evil": [[[[1]]]]})
     d = _dataset(tmp_path / "ds", poisoned)
@@ -253,7 +254,7 @@ def _raw_safetensors(header: dict, data: bytes = b"") -> bytes:
 
 
 def test_safetensors_key_count_and_names_are_checked_on_the_raw_header(lib, tmp_path, monkeypatch):
-    import core.adapter_validate as av
+    import core.adapters.validate as av
 
     def never(*a, **k):
         raise AssertionError("safetensors parsed the header")
@@ -400,7 +401,7 @@ def test_the_studio_page_builds_with_poisoned_library_and_datasets(tmp_path, new
 # ---- 3 and 5 (core part): every text that becomes a dataset is checked -------------------------------
 
 def test_build_dataset_refuses_oversized_and_invalid_text(monkeypatch):
-    import core.data as data
+    import core.train.data as data
     monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)  # the 256 MiB cap, scaled down
     with pytest.raises(ValueError, match=r"pasted text is 1200 characters; the limit is 1000 bytes of text"):
         data.build_dataset(["x" * 1200], ["pasted text"])

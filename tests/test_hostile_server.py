@@ -40,8 +40,8 @@ def _poison(studio):
 
 def _seed_adapter(studio):
     """One trained adapter, the library's 'seed', made before the UI is built."""
-    from core.config import LoraConfig, TrainConfig
-    from core.data import load_dataset
+    from core.model.config import LoraConfig, TrainConfig
+    from core.train.data import load_dataset
     _pirates(studio, "seed-data")
     model = studio.base("tiny")
     studio.runner.start(model, "tiny", load_dataset(studio.dataset_path("seed-data")), "seed",

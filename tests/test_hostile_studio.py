@@ -15,7 +15,7 @@ import zipfile
 import gradio as gr
 import pytest
 
-from core.adapters import AdapterError
+from core.adapters.validate import AdapterError
 from core.text_checks import check_text, scrub
 from studio import context
 from studio.app import build_ui

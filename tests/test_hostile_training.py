@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from core import data, device as core_device, train
-from core.config import PRESETS, LoraConfig, TrainConfig
+from core.train import data, trainer as train
+from core import device as core_device
+from core.model.config import PRESETS, LoraConfig, TrainConfig
 from core.engine import BaseInUse, Engine
-from core.estimate import MemoryLimitError, estimate_training, parse_size
-from core.generate import SamplingConfig
-from core.lora import adapter_names
-from core.train import Trainer, find_checkpoint, run_to_end
-from core.weights import load_base
+from core.train.estimate import MemoryLimitError, estimate_training, parse_size
+from core.generate.sampling import SamplingConfig
+from core.lora.layers import adapter_names
+from core.train.trainer import Trainer, find_checkpoint, run_to_end
+from core.model.weights import load_base
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_parse_size():
 
 
 def test_the_estimate_counts_the_logits_the_trainer_really_holds():
-    """The estimate follows the trainer's own rule (core.train.ce_chunk): logits kept whole below
+    """The estimate follows the trainer's own rule (core.train.trainer.ce_chunk): logits kept whole below
     LOGITS_BUDGET, else in pieces of 1/8 of the tokens; and evaluation's rows of whole logits."""
     V = PRESETS["gpt2"].vocab_size
     model = torch.nn.Module()
@@ -187,8 +188,8 @@ def test_a_run_whose_estimate_exceeds_the_cap_is_refused_before_any_allocation(t
 
 
 def test_without_a_cap_the_available_memory_is_the_limit(tiny, sample_ds, tmp_path, monkeypatch):
-    from core.estimate import human_bytes
-    from core.quant import weight_bytes
+    from core.train.estimate import human_bytes
+    from core.model.quant import weight_bytes
     monkeypatch.setattr(core_device, "available_memory", lambda dev: 300 * 2**20)
     room = human_bytes(300 * 2**20 + weight_bytes(tiny))  # the loaded base's weights are part of the run
     with pytest.raises(MemoryLimitError, match=f"more than the {room} of memory available now"):

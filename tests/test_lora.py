@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from core import lora
-from core.config import LoraConfig, PRESETS
-from core.model import GPT
+from core.lora import layers as lora
+from core.model.config import LoraConfig, PRESETS
+from core.model.gpt import GPT
 
 
 def randomize_b(model, name, std=0.05, seed=0):
@@ -128,8 +128,8 @@ def test_base_only_batches_keep_no_reference_to_the_model():
     """A base-only route is a stateless marker: switching the studio's base frees the old one."""
     import gc
     import weakref
-    from core.generate import SamplingConfig, generate
-    from core.weights import load_base
+    from core.generate.sampling import SamplingConfig, generate
+    from core.model.weights import load_base
     m = load_base("tiny", device="cpu")
     lora.add_adapter(m, "a", LoraConfig())
     generate(m, [[464, 2068]], [None], SamplingConfig(max_new_tokens=2))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.weights import load_base
-from core.generate import SamplingConfig, generate
+from core.model.weights import load_base
+from core.generate.sampling import SamplingConfig, generate
 from tests.conftest import MEDIUM_SHAPED, SMALL, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")

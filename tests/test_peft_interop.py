@@ -11,10 +11,12 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from adapter_helpers import IDS, logits, make_adapter  # noqa: E402
-from core.adapters import Library, export_merged, load_adapter  # noqa: E402
-from core.config import TARGET_MODULES, LoraConfig  # noqa: E402
-from core.lora import merged_name  # noqa: E402
-from core.weights import load_base  # noqa: E402
+from core.adapters.library import Library
+from core.adapters.export import export_merged
+from core.adapters.resolve import load_adapter  # noqa: E402
+from core.model.config import TARGET_MODULES, LoraConfig  # noqa: E402
+from core.lora.layers import merged_name  # noqa: E402
+from core.model.weights import load_base  # noqa: E402
 
 TOL = 1e-4
 

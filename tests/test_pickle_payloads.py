@@ -19,10 +19,12 @@ from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, write_adapter
 from core.__main__ import main
-from core.adapter_io import CONFIG, WEIGHTS, peft_config
-from core.adapters import AdapterError, Library, load_adapter
-from core.lora import adapter_names
-from core.weights import WeightsError, load_base
+from core.adapters.format import CONFIG, WEIGHTS, peft_config
+from core.adapters.validate import AdapterError
+from core.adapters.library import Library
+from core.adapters.resolve import load_adapter
+from core.lora.layers import adapter_names
+from core.model.weights import WeightsError, load_base
 from studio.tabs import compare, library, train
 from test_adapter_validation import LC, good
 from test_cli import TINY_RUN, cli, one_line_error
@@ -171,7 +173,7 @@ def test_cli_refuses_them(tmp_path, capsys, marker):
 @pytest.fixture
 def poisoned_run(tmp_path, marker):
     """A CLI run whose newest checkpoint's trainer_state.pt was replaced by the payload."""
-    from core.data import SAMPLES_DIR
+    from core.train.data import SAMPLES_DIR
     ds, lib = tmp_path / "ds", tmp_path / "lib"
     assert main(["prepare", "--input", str(SAMPLES_DIR / "brainrot.txt"), "--output", str(ds)]) == 0
     assert main(["finetune", "--data", str(ds), *TINY_RUN, "--library", str(lib), "--output", "r"]) == 0

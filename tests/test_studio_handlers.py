@@ -11,9 +11,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from core.adapters import AdapterError
-from core.generate import SamplingConfig, generate_text
-from core.lora import adapter_names
+from core.adapters.validate import AdapterError
+from core.generate.sampling import SamplingConfig, generate_text
+from core.lora.layers import adapter_names
 from studio.app import build_ui, create_studio
 from studio.context import friendly
 from studio.models import availability
@@ -439,7 +439,7 @@ def test_base_model_availability_messages(tmp_path, monkeypatch):
 def test_missing_weights_message_says_what_to_do(studio, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from core.weights import WeightsError
+    from core.model.weights import WeightsError
     with pytest.raises(WeightsError, match="tiny"):
         studio.base("gpt2")
     assert studio.base("tiny") is studio.engine.model  # tiny stays usable
@@ -449,7 +449,7 @@ def test_local_weights_must_match_the_model(tmp_path, hf_small):
     studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "gpt2", weights=str(hf_small))
     kind, text = studio.availability("gpt2")
     assert kind == "available" and "local weights" in text
-    from core.weights import WeightsError
+    from core.model.weights import WeightsError
     with pytest.raises(WeightsError, match="2-layer width-64 GPT-2, not gpt2"):
         studio.base("gpt2")
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from core import tokenizer
+from core.model import tokenizer
 
 
 def test_hello_world_encodes_to_gpt2_ids():

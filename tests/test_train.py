@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core import data, tokenizer
-from core.config import LoraConfig, TrainConfig
-from core.lora import adapter_names, adapter_state_dict, add_adapter, get_active, lora_parameters, set_active
-from core.train import STATE, Trainer, find_checkpoint, lr_at, run_to_end, TrainingError
-from core.weights import load_base
+from core.train import data
+from core.model import tokenizer
+from core.model.config import LoraConfig, TrainConfig
+from core.lora.layers import adapter_names, adapter_state_dict, add_adapter, get_active, lora_parameters, set_active
+from core.train.trainer import STATE, Trainer, find_checkpoint, lr_at, run_to_end, TrainingError
+from core.model.weights import load_base
 
 LORA_KEY = re.compile(r"^base_model\.model\.transformer\.h\.\d+\.attn\.c_attn\.lora_[AB]\.weight$")
 
@@ -156,7 +157,7 @@ def test_an_existing_run_folder_is_never_overwritten(tiny, sample_ds, tmp_path):
 
 
 def test_large_micro_batches_train_the_loss_in_pieces_with_the_same_result(sample_ds, tmp_path, monkeypatch):
-    from core import train
+    from core.train import trainer as train
     assert train.ce_chunk(load_base("tiny", "cpu"), 4, 128) == 0  # the seed's micro-batch: logits whole (fastest)
     assert train.ce_chunk(load_base("tiny", "cpu"), 16, 1024) > 0  # 3.3 GB of logits: in pieces
     whole = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "w", tmp_path / "w"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.weights import WeightsError, load_base
+from core.model.weights import WeightsError, load_base
 from tests.conftest import ROOT, SMALL, write_hf_checkpoint
 
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045]])
@@ -95,7 +95,7 @@ def _run_offline(code, env_extra):
 
 
 def test_unreachable_hub_gives_an_actionable_message(tmp_path):
-    code = ("from core.weights import load_base, WeightsError\n"
+    code = ("from core.model.weights import load_base, WeightsError\n"
             "try:\n    load_base('gpt2', device='cpu')\nexcept WeightsError as e:\n    print('MSG', e)\n")
     r = _run_offline(code, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9",
                             "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
@@ -111,7 +111,7 @@ def test_offline_mode_with_a_filled_cache_loads_from_the_cache(tmp_path):
         shutil.copy(src / f, snap / f)
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("abc123")
-    code = ("from core.weights import load_base\n"
+    code = ("from core.model.weights import load_base\n"
             "m = load_base('gpt2', device='cpu')\nprint('LAYERS', m.config.n_layer, m.config.n_embd)\n")
     r = _run_offline(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert "LAYERS 2 64" in r.stdout, r.stdout + r.stderr

@@ -10,8 +10,8 @@ import time
 
 import gradio as gr
 
-from core.adapter_validate import preset_of
-from core.generate import SamplingConfig
+from core.adapters.validate import preset_of
+from core.generate.sampling import SamplingConfig
 
 from core.text_checks import check_text
 

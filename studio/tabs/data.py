@@ -15,10 +15,10 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core import tokenizer
-from core.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, normalize_text, read_text_file
-from core.data import save_dataset, text_stats
-from core.estimate import human_bytes
+from core.model import tokenizer
+from core.train.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, normalize_text, read_text_file
+from core.train.data import save_dataset, text_stats
+from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name

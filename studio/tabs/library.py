@@ -13,9 +13,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.adapter_validate import preset_of
-from core.adapters import AdapterError, check_name
-from core.estimate import human_bytes
+from core.adapters.validate import preset_of
+from core.adapters.validate import AdapterError
+from core.adapters.library import check_name
+from core.train.estimate import human_bytes
 
 from core.text_checks import check_text, scrub
 

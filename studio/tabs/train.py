@@ -11,12 +11,12 @@ import time
 
 import gradio as gr
 
-from core.adapter_library import valid_name
-from core.adapters import check_name
-from core.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
-from core.data import load_dataset
-from core.estimate import estimate_training, human_bytes, human_seconds
-from core.train import find_checkpoint
+from core.adapters.library import valid_name
+from core.adapters.library import check_name
+from core.model.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.train.data import load_dataset
+from core.train.estimate import estimate_training, human_bytes, human_seconds
+from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
@@ -61,7 +61,7 @@ def make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, e
 
 
 def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, device_type: str) -> dict:
-    """Memory/time/size estimate (core.estimate): peak_bytes, step_seconds, total_seconds,
+    """Memory/time/size estimate (core.train.estimate): peak_bytes, step_seconds, total_seconds,
     trainable_params, adapter_bytes, share_percent."""
     est = estimate_training(PRESETS[model_name], lcfg, tcfg, device_type)
     return est.as_dict() if hasattr(est, "as_dict") else dict(est)

@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
-from . import atomic, safe_json
-from .adapter_blend import blend_states
-from .adapter_io import CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, save_adapter, write_adapter_folder
-from .adapter_validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
-                               AdapterFiles, parse_config, read_adapter, width_from_a)
-from .adapter_zip import README, extract_adapter_zip, write_adapter_zip
-from .config import GPTConfig, LoraConfig
+from core import atomic, safe_json
+from core.adapters.blend import blend_states
+from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, save_adapter, write_adapter_folder
+from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
+                                    AdapterFiles, parse_config, read_adapter, width_from_a)
+from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
+from core.model.config import GPTConfig, LoraConfig
 
 try:
     import fcntl

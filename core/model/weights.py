@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from .config import GPTConfig, HUB_IDS, PRESETS
-from .device import default_dtype, pick_device
-from .model import GPT, init_random_
+from core.model.config import GPTConfig, HUB_IDS, PRESETS
+from core.device import default_dtype, pick_device
+from core.model.gpt import GPT, init_random_
 
 TINY_SEED = 1337  # fixed: every process builds the same tiny base, so its adapters stay valid
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

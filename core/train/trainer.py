@@ -43,17 +43,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import atomic
-from .adapter_io import META, PEFT_PREFIX, WEIGHTS, save_adapter
-from .adapter_library import CHECKPOINTS
-from .config import LoraConfig, TrainConfig
-from .data import Dataset, eval_windows, get_batch
-from .device import GUARD, autocast_for, is_oom
-from .estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
-from .generate import SamplingConfig, generate_text
-from .lora import (add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters,
-                   make_route)
-from .quant import weight_bytes
+from core import atomic
+from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
+from core.adapters.library import CHECKPOINTS
+from core.model.config import LoraConfig, TrainConfig
+from core.train.data import Dataset, eval_windows, get_batch
+from core.device import GUARD, autocast_for, is_oom
+from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
+from core.generate.sampling import SamplingConfig, generate_text
+from core.lora.layers import add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters, make_route
+from core.model.quant import weight_bytes
 
 STATE = "trainer_state.pt"
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
@@ -123,7 +122,7 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
-    """Tokens per piece of the chunked loss (core.estimate.loss_chunk, which the estimate follows too)."""
+    """Tokens per piece of the chunked loss (core.train.estimate.loss_chunk, which the estimate follows too)."""
     return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
 
 
@@ -180,8 +179,8 @@ def find_checkpoint(path) -> Checkpoint:
 class Trainer:
     """One training run of adapter `name` on a shared base model.
 
-    model: a loaded base (core.weights.load_base), shared with other users; never copied.
-    dataset: a core.data.Dataset. out_dir: the run folder (adapter + checkpoints/).
+    model: a loaded base (core.model.weights.load_base), shared with other users; never copied.
+    dataset: a core.train.data.Dataset. out_dir: the run folder (adapter + checkpoints/).
     stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
     resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
         `tcfg` (default: the checkpoint's) may extend the number of steps.

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from .config import EOT_TOKEN
-from .device import GUARD
-from .model import GPT, KVCache, causal_mask
+from core.model.config import EOT_TOKEN
+from core.device import GUARD
+from core.model.gpt import GPT, KVCache, causal_mask
 
 _POOL_LOCK = threading.Lock()
 MAX_DECODERS = 8  # cached static decoders per model (each holds a KV cache)

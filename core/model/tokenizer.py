@@ -8,9 +8,9 @@ from pathlib import Path
 
 import tiktoken
 
-from .config import EOT_TOKEN
+from core.model.config import EOT_TOKEN
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "gpt2.tiktoken"
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "gpt2.tiktoken"
 SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenizer split pattern (the same as tiktoken's r50k_base).
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from . import atomic, safe_json
-from .config import LoraConfig
-from .lora import adapter_state_dict
+from core import atomic, safe_json
+from core.model.config import LoraConfig
+from core.lora.layers import adapter_state_dict
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"

@@ -17,10 +17,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from . import atomic, safe_json, tokenizer
-from .config import EOT_TOKEN
+from core import atomic, safe_json
+from core.model import tokenizer
+from core.model.config import EOT_TOKEN
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "samples"
 TEXT_SUFFIXES = (".txt", ".md")
 MAX_TEXT_BYTES = 256 * 1024 * 1024  # larger inputs are refused (uint16 shards, memory)
 VOCAB_SIZE = EOT_TOKEN + 1

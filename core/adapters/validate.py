@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import safe_json
-from .adapter_io import CONFIG, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
-from .config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets
-from .lora import target_shapes
+from core import safe_json
+from core.adapters.format import CONFIG, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
+from core.model.config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets
+from core.lora.layers import target_shapes
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
 # a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;

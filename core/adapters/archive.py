@@ -12,8 +12,8 @@ import struct
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .adapter_io import CONFIG, META, WEIGHTS
-from .adapter_validate import MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError
+from core.adapters.format import CONFIG, META, WEIGHTS
+from core.adapters.validate import MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError
 
 README = "README.md"  # PEFT writes a model card beside the adapter
 ALLOWED = (WEIGHTS, CONFIG, META, README)

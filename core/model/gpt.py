@@ -1,7 +1,7 @@
 """GPT-2 in plain PyTorch with Hugging Face module names, so checkpoints map 1:1.
 
 Each projection takes an optional `route` (which LoRA adapter each row uses); the plain
-model ignores it and core.lora's wrappers read it.
+model ignores it and core.lora.layers's wrappers read it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import GPTConfig
+from core.model.config import GPTConfig
 
 
 class Conv1D(nn.Module):
@@ -21,7 +21,7 @@ class Conv1D(nn.Module):
 
     x @ W with W (in, out) streams memory better than nn.Linear's (out, in) for decode on CPU
     (measured 1.5x on the 12 MLP matrices of gpt2). It accepts (and ignores) an adapter route,
-    so core.lora can wrap it in place.
+    so core.lora.layers can wrap it in place.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -139,7 +139,7 @@ class GPT(nn.Module):
                 last_only: bool = False):
         """Logits for token ids `idx` (B, T).
 
-        route: which adapter each row uses (see core.lora.Route); None = the active one.
+        route: which adapter each row uses (see core.lora.layers.Route); None = the active one.
         cache/start: write keys and values at positions start..start+T of a KVCache.
         pos: explicit position ids (B, T) for left-padded batches; mask: attention mask.
         last_only: only the last position's logits (generation).

@@ -11,12 +11,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import EOT_TOKEN
-from . import decode
-from .device import GUARD
-from .lora import get_active, make_route, merged_name
-from .model import GPT
-from . import tokenizer
+from core.model.config import EOT_TOKEN
+from core.generate import decoders as decode
+from core.device import GUARD
+from core.lora.layers import get_active, make_route, merged_name
+from core.model.gpt import GPT
+from core.model import tokenizer
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SamplingConfig:
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (a 64-bit seed or an infinite top-k would
         otherwise fail deep inside torch with an unreadable error)."""
-        from .config import real_number, whole_number
+        from core.model.config import real_number, whole_number
         whole_number("max new tokens", self.max_new_tokens, 1, 1024)
         real_number("temperature", self.temperature, 0, 5, "a number from 0 to 5, 0 = greedy")
         whole_number("top-k", self.top_k, 0, 50257)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig, LoraConfig, TARGET_MODULES
+from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES
 
 BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$")
 

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from .adapter_validate import MAX_RANK, AdapterError, check_values
-from .config import TARGET_MODULES, LoraConfig
-from .lora import BLOCK_KEY
+from core.adapters.validate import MAX_RANK, AdapterError, check_values
+from core.model.config import TARGET_MODULES, LoraConfig
+from core.lora.layers import BLOCK_KEY
 
 MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 

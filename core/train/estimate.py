@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import device as _device
-from .config import GPTConfig, LoraConfig, TrainConfig
-from .lora import count_lora_params
+from core import device as _device
+from core.model.config import GPTConfig, LoraConfig, TrainConfig
+from core.lora.layers import count_lora_params
 
 # Sustained training FLOP/s of this engine by device kind (measured: README performance tables).
 THROUGHPUT = {"cuda": 450e12, "mps": 4e12, "cpu": 0.16e12}
@@ -31,7 +31,7 @@ LAYER_OVERHEAD = {"cuda": 1.4e-3, "cuda-graphs": 0.08e-3, "mps": 1e-3, "cpu": 1e
 ACT_PER_TOKEN_LAYER = 18
 BYTES = {"fp32": 4, "bf16": 2, "nf4": 0.5 + 0.0625, "int8": 1 + 0.0625}
 # Bytes of fp32 logits one forward may hold whole; larger micro-batches train the loss in pieces and
-# evaluate fewer rows at a time. The trainer (core.train) follows this same rule.
+# evaluate fewer rows at a time. The trainer (core.train.trainer) follows this same rule.
 LOGITS_BUDGET = 1 << 30
 
 
@@ -40,7 +40,7 @@ class MemoryLimitError(ValueError):
 
 
 def loss_chunk(tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
-    """Tokens per piece of the chunked loss (core.model.GPT.loss): 0 (whole, fastest) while a
+    """Tokens per piece of the chunked loss (core.model.gpt.GPT.loss): 0 (whole, fastest) while a
     micro-batch's fp32 logits fit the budget, else pieces recomputed in backward (less memory)."""
     return 0 if tokens * vocab * 4 <= budget else 256
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import Conv1D
+from core.model.gpt import Conv1D
 
 # The 16 NormalFloat-4 levels of QLoRA (Dettmers et al., 2023): quantiles of N(0, 1), scaled to [-1, 1].
 NF4_LEVELS = torch.tensor([
@@ -75,7 +75,7 @@ class _QuantMatmul(torch.autograd.Function):
 
 def quantize_base(model, mode: str) -> None:
     """Replace the four projections of every block (also those wrapped by LoRA) in place."""
-    from .lora import LoRALinear
+    from core.lora.layers import LoRALinear
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
         raise RuntimeError("unmerge adapters before quantizing the base")
     for block in model.transformer.h:

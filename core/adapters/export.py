@@ -1,0 +1,46 @@
+"""A merged model: base + one adapter's update, written as an HF GPT2LMHeadModel folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from core import atomic
+from core.adapters.validate import AdapterError
+from core.lora.layers import adapter_names, lora_layers, merged_name
+from core.model.weights import hf_state_dict
+
+
+@torch.no_grad()
+def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.float32) -> Path:
+    """An HF GPT2LMHeadModel folder (config.json + model.safetensors) of base + adapter.
+
+    The merge happens in a copy of the weights (W + delta per projection), so the shared model
+    is never touched; the folder is built beside `out_dir` and renamed into place.
+    """
+    out = Path(out_dir)
+    if merged_name(model) is not None:
+        raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
+    if adapter_name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise AdapterError(f"{out} already exists; choose a new folder for the merged model.")
+    state = {k: v.float() for k, v in hf_state_dict(model).items()}  # HF layout: Conv1D is (in, out)
+    for path, layer in lora_layers(model).items():
+        if layer.has(adapter_name):
+            merged = state[f"{path}.weight"] + layer.delta(adapter_name).to("cpu").t()
+            if not bool(torch.isfinite(merged).all()):
+                raise AdapterError(f"merging {adapter_name!r} gives non-finite weights in {path}; refusing to export.")
+            state[f"{path}.weight"] = merged
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path):
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic.write_text(tmp / "config.json", json.dumps(model.config.to_hf(), indent=2))
+    if out.is_dir():
+        out.rmdir()  # an empty folder the caller made: the export takes its place
+    atomic.publish_dir(out, build)
+    return out

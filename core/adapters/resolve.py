@@ -1,0 +1,63 @@
+"""From an adapter reference (a library name, 'run@step', a folder or a .safetensors file) to a
+validated adapter loaded in a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.adapters.format import CONFIG, WEIGHTS
+from core.adapters.library import NAME_RE, Library
+from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
+from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
+from core.model.config import LoraConfig
+
+
+def resolve(spec: str, library_dir) -> Path:
+    """A library name ('run' or 'run@step_000050'), or a path to an adapter folder or to a
+    .safetensors file with adapter_config.json beside it (the CLI's --lora)."""
+    spec = str(spec).strip()
+    if not spec:
+        raise AdapterError("no adapter given: pass a library name or a path to an adapter folder.")
+    run = spec.partition("@")[0]
+    if NAME_RE.fullmatch(run) and Path(library_dir).expanduser().is_dir():  # never create it here
+        try:
+            return Library(library_dir).path(spec)
+        except AdapterError:
+            if "@" in spec or not Path(spec).exists():
+                raise
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / WEIGHTS).is_file():
+            if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
+                raise AdapterError(f"{p} holds only a pickled adapter: {PICKLE_HINT}")
+            raise AdapterError(f"{p} is not an adapter folder (no {WEIGHTS}).")
+        return p
+    if p.is_file():
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterError(f"{p.name}: {PICKLE_HINT}")
+        if p.suffix.lower() != ".safetensors":
+            raise AdapterError(f"{p.name}: pass an adapter folder or its .safetensors file"
+                               f"{' (import a .zip into the library first)' if p.suffix.lower() == '.zip' else ''}.")
+        if not (p.parent / CONFIG).is_file():
+            raise AdapterError(f"{p.name} needs {CONFIG} beside it (rank, alpha and target modules).")
+        return p
+    raise AdapterError(f"no adapter named {spec!r} in the library ({Path(library_dir).resolve()}) and no adapter "
+                       f"file or folder at that path.")
+
+
+def load_adapter(model, source_path, name: str | None = None,
+                 base_id: str | None = None) -> tuple[str, LoraConfig, dict]:
+    """Validate an adapter folder/file against `model.config`, then load it as adapter `name`
+    (default: the folder's name) for inference (dropout off, weights frozen).
+
+    Returns (name, its LoraConfig as saved, studio.json or {}).
+    """
+    src = Path(source_path)
+    if name is None:
+        name = src.name if src.is_dir() else (src.parent.name if src.name == WEIGHTS else src.stem)
+    if name in adapter_names(model):
+        raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or choose another name.")
+    files = read_adapter(src, model.config, base_id)
+    load_adapter_state(model, name, files.state, files.lcfg.alpha, dropout=0.0)
+    for p in lora_parameters(model, name):
+        p.requires_grad_(False)
+    return name, files.lcfg, files.meta

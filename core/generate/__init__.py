@@ -1,0 +1,1 @@
+"""Generation: sampling and the decoders (dynamic KV cache, CUDA-graphed static cache)."""

@@ -1,0 +1,1 @@
+"""LoRA layers: named adapters on the frozen base, per-row routing, merge and unmerge."""

@@ -1,0 +1,1 @@
+"""Training: datasets, batches, the trainer, and the memory/time estimate."""
