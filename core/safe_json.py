@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from core.text_checks import LONE_SURROGATE
+
 MAX_DEPTH = 32  # studio.json nests 3 levels; anything deeper is not ours
 MAX_TEXT = 1000  # characters of one string value (names, paths, dates); prompts are capped elsewhere
 # dates: what this app writes is 'now'; a far-future date would pin an entry to the top of a
@@ -41,11 +43,7 @@ def loads(data: bytes, name: str) -> object:
 
 def text_ok(s: str) -> bool:
     """Whether `s` can be sent to a page: encodable as UTF-8 (no lone surrogates)."""
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+    return LONE_SURROGATE.search(s) is None
 
 
 def shown(s: str) -> str:
