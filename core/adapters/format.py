@@ -22,6 +22,16 @@ MAX_ALPHA = 10_000.0  # real adapters use alpha of 1..2 x rank (<= 512); 1e300 o
 MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per step)
 
 
+def name_from_path(path) -> str:
+    """The adapter name a path implies (the one rule, for loading and importing): a folder's name,
+    also for the folder's own adapter_model.safetensors; else the file's stem ('x.safetensors',
+    'x.zip' -> 'x')."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    return p.parent.name if p.name == WEIGHTS else p.stem
+
+
 def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
     """adapter_config.json as PEFT writes it for GPT-2 (Conv1D layers: fan_in_fan_out)."""
     return {
