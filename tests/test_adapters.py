@@ -17,7 +17,7 @@ from adapter_helpers import listing, logits, make_adapter
 from core.adapters.format import CONFIG, META, WEIGHTS, name_from_path, save_adapter
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
-from core.adapters.export import export_merged
+from core.adapters.export import export_merged, zip_merged
 from core.adapters.resolve import AdapterRef, load_adapter, resolve
 from core.model.config import PRESETS, LoraConfig
 from core.lora.layers import adapter_state_dict, lora_layers, merged_name
@@ -454,6 +454,21 @@ def test_export_merged_leaves_the_shared_model_alone(trained, tmp_path):
         export_merged(trained, "zzz", tmp_path / "m2")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
+
+
+def test_a_merged_export_zips_into_one_download(trained, tmp_path):
+    import zipfile
+    out = export_merged(trained, "a", tmp_path / "a-merged")
+    weights = (out / "model.safetensors").read_bytes()
+    zpath = zip_merged(out)
+    assert zpath == tmp_path / "a-merged.zip" and not out.exists()
+    with zipfile.ZipFile(zpath) as zf:
+        assert sorted(zf.namelist()) == ["a-merged/config.json", "a-merged/model.safetensors"]
+        assert zf.getinfo("a-merged/model.safetensors").compress_type == zipfile.ZIP_STORED
+        assert zf.read("a-merged/model.safetensors") == weights
+        zf.extractall(tmp_path / "unzipped")
+    merged = load_base(str(tmp_path / "unzipped" / "a-merged"), device="cpu")
+    assert (logits(merged) - logits(trained, "a")).abs().max() <= 1e-4
 
 def test_blend_without_a_base_refuses_different_widths(lib, tmp_path):
     from adapter_helpers import lora_tensors, write_adapter
