@@ -26,9 +26,9 @@ class Parser(argparse.ArgumentParser):
 # ---- shared options -------------------------------------------------------------------
 
 def add_model_options(p, default_note: str):
+    from core.model.config import PRESETS
     p.add_argument("--model", default=None,
-                   help=f"base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random, offline) or a hub "
-                        f"id ({default_note})")
+                   help=f"base model: {', '.join(PRESETS)} (tiny: random, offline) or a hub id ({default_note})")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local GPT-2 weights (an HF folder or a .safetensors/.bin/.pt file) instead of the hub")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
