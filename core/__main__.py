@@ -26,9 +26,9 @@ class Parser(argparse.ArgumentParser):
 # ---- shared options -------------------------------------------------------------------
 
 def add_model_options(p, default_note: str):
+    from core.model.config import PRESETS
     p.add_argument("--model", default=None,
-                   help=f"base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random, offline) or a hub "
-                        f"id ({default_note})")
+                   help=f"base model: {', '.join(PRESETS)} (tiny: random, offline) or a hub id ({default_note})")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local GPT-2 weights (an HF folder or a .safetensors/.bin/.pt file) instead of the hub")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -36,21 +36,25 @@ def add_model_options(p, default_note: str):
                    help="the adapter library folder (default: ./adapters)")
 
 
-def load_model(args, recorded: str | None = None, fallback: str = "gpt2"):
+def load_model(args, recorded: str | None = None, fallback: str = "gpt2", engine=None):
     """The base from --weights/--model (checked against each other), else the adapter's recorded base
-    when that is a known GPT-2 preset."""
+    when that is a known GPT-2 preset. With an `engine` (compare, merge) the base is the engine's."""
     from core.model.config import PRESETS
     from core.model.weights import WeightsError, load_base
     if args.weights and not Path(args.weights).expanduser().exists():
         raise WeightsError(f"--weights {args.weights}: no such file or folder.")
     source = args.weights or args.model or _known_base(recorded) or fallback
+    base_id = str(Path(args.weights).expanduser().resolve()) if args.weights else source
     say(f"loading base model {source} ...")
-    model = load_base(source, args.device, progress=lambda m: say("  " + m))
+    progress = lambda m: say("  " + m)  # noqa: E731
+    if engine is not None:
+        model = engine.base(base_id, weights=args.weights, progress=progress)
+    else:
+        model = load_base(source, args.device, progress=progress)
     if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
         c = model.config
         raise WeightsError(f"--weights {args.weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
                            f"not {args.model}; drop --model or pass matching weights.")
-    base_id = str(Path(args.weights).expanduser().resolve()) if args.weights else source
     c = model.config
     say(f"base model: {base_id} ({c.n_layer} layers, width {c.n_embd}, {c.n_params() / 1e6:.1f}M parameters) "
         f"on {model.device}, {str(model.dtype).replace('torch.', '')}")
@@ -243,12 +247,11 @@ def _pick(value, default):
 
 
 def _resume_path(spec: str, library: str) -> Path:
-    """A run/checkpoint folder path, or a library name: NAME or NAME@step_000050."""
+    """A run/checkpoint folder path, or a library name: NAME or NAME@step_000050 (an existing path wins:
+    a run folder may hold only checkpoints, which is no adapter to resolve)."""
+    from core.adapters.resolve import library_entry
     p = Path(spec).expanduser()
-    if p.exists() or not Path(library).is_dir():
-        return p
-    from core.adapters.library import Library
-    return Library(library).path(spec)
+    return p if p.exists() else library_entry(spec, library) or p
 
 
 def _run_folder(output: str | None, data_name: str, library: str, check_name) -> tuple[str, Path]:
@@ -306,29 +309,37 @@ class ProgressBar:
 # ---- compare --------------------------------------------------------------------------
 
 def cmd_compare(args) -> int:
-    from core.adapters.resolve import load_adapter, resolve
-    from core.generate.sampling import SamplingConfig, generate_text
-
-    sources = [resolve(spec, args.library) for spec in args.lora]
-    recorded = _recorded_base(sources[0])
-    model, base_id = load_model(args, recorded)
-    names = []
-    for spec, src in zip(args.lora, sources):
-        name = _unique(_display_name(src), names)
-        load_adapter(model, src, name, base_id)
-        names.append(name)
+    """Base and adapters continue the same prompts in one batch per sample, through the Engine as in
+    the studio's Compare tab."""
+    from core.generate.sampling import SamplingConfig
+    engine = _engine(args, len(args.lora))
+    refs = [engine.resolve(spec) for spec in args.lora]
+    load_model(args, _recorded_base(refs[0].path), engine=engine)
+    names, titles = [], []
+    for ref in refs:
+        names.append(engine.load(ref))
+        titles.append(_unique(_display_name(ref.path), titles))
     prompts = args.prompts or list(DEFAULT_PROMPTS)
-    columns = ["base"] + names
+    columns = ["base"] + titles
     width = max(24, (shutil.get_terminal_size((120, 24)).columns - 3 * (len(columns) - 1)) // len(columns))
     for i in range(args.samples):
         prompt = prompts[i % len(prompts)]
         cfg = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i)
-        texts = generate_text(model, prompt, [None] + names, cfg)
+        texts = []
+        for texts in engine.compare(prompt, [None] + names, cfg):
+            pass  # the stream's last step holds the whole continuations
         say(f"=== sample {i + 1}/{args.samples} | seed {cfg.seed} | prompt: {prompt!r} ===")
         say(_side_by_side(columns, [prompt + t for t in texts], width))
         say()
     return 0
+
+
+def _engine(args, adapters: int = 1):
+    """The Engine for compare and merge: the studio's one path from an adapter reference to a loaded
+    adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder."""
+    from core.engine import Engine
+    return Engine(args.device, args.library, max_loaded=max(16, adapters))
 
 
 def _recorded_base(src: Path) -> str | None:
@@ -347,11 +358,14 @@ def _recorded_base(src: Path) -> str | None:
 
 
 def _display_name(src: Path) -> str:
-    """The run's name, or run@step_NNNNNN for a checkpoint."""
+    """The adapter's name (the one rule, core.adapters.format.name_from_path), or run@step_NNNNNN for a
+    training checkpoint."""
+    from core.adapters.format import name_from_path
+    name = name_from_path(src)
     folder = src if src.is_dir() else src.parent
-    if folder.parent.name == "checkpoints":
-        return f"{folder.parent.parent.name}@{folder.name}"
-    return folder.name or "adapter"
+    if name == folder.name and folder.parent.name == "checkpoints":
+        return f"{folder.parent.parent.name}@{name}"
+    return name or "adapter"
 
 
 def _unique(name: str, taken: list[str]) -> str:
@@ -378,12 +392,12 @@ def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
 # ---- merge ----------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
-    from core.adapters.export import export_merged
-    from core.adapters.resolve import load_adapter, resolve
-    src = resolve(args.lora, args.library)
-    model, base_id = load_model(args, _recorded_base(src))
-    name, lcfg, _ = load_adapter(model, src, "merge", base_id)
-    out = export_merged(model, name, args.output)
+    engine = _engine(args)
+    ref = engine.resolve(args.lora)
+    _, base_id = load_model(args, _recorded_base(ref.path), engine=engine)
+    name = engine.load(ref)
+    lcfg = engine.config_of(name)
+    out = engine.export_merged(name, args.output)
     say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
     say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
     return 0

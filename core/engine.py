@@ -33,10 +33,11 @@ from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.adapters.export import export_merged
-from core.adapters.resolve import load_adapter, resolve
+from core.adapters.resolve import AdapterRef, load_adapter, resolve
 from core.device import pick_device
 from core.generate.sampling import SamplingConfig, stream_text
 from core.lora.layers import adapter_names, remove_adapter
+from core.model.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import load_base
 
@@ -46,6 +47,7 @@ class _Slot:
     loaded: str  # the adapter's name inside the model
     path: Path  # its folder or file
     in_library: bool  # False for a path given to load()
+    lcfg: LoraConfig  # its settings as saved (rank, alpha, targets)
     signature: tuple  # (mtime_ns, size, inode) of its files when loaded
     used: float  # last use, for evicting the least recently used
 
@@ -59,7 +61,8 @@ class Engine:
                  max_loaded: int = 16, max_train_memory: int | None = None):
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         self.dtype = dtype
-        self.library = Library(library_dir)
+        self.library_dir = Path(library_dir)
+        self._library: Library | None = None
         self.lock = threading.RLock()
         self.max_loaded = max_loaded  # library adapters kept loaded at once (unused ones are evicted)
         self.base_id: str | None = None
@@ -71,6 +74,15 @@ class Engine:
         self._versions = itertools.count(2)
         self._base_pins = 0  # training runs (starting or running) that need the loaded base to stay
         self.max_train_memory = max_train_memory  # bytes: cap on a training run's estimated peak (None = RAM/GPU)
+
+    @property
+    def library(self) -> Library:
+        """The adapter library, opened (and its folder created) on first use: a CLI run that only
+        loads adapters by path leaves no library folder behind."""
+        with self.lock:
+            if self._library is None:
+                self._library = Library(self.library_dir)
+            return self._library
 
     # ---- the base ----------------------------------------------------------------------
 
@@ -125,17 +137,28 @@ class Engine:
             self.shared_model()
             return self._from_library(library_name)
 
-    def load(self, spec: str) -> str:
-        """The CLI's --lora: a library name, or a path to an adapter folder or .safetensors file."""
+    def resolve(self, spec: str) -> AdapterRef:
+        """Where a reference points (the CLI's --lora): a library name ('run' or 'run@step_000050'), or
+        a path to an adapter folder or .safetensors file. Reads the library only if its folder exists."""
+        return resolve(spec, self.library_dir)
+
+    def load(self, ref: str | AdapterRef) -> str:
+        """Load a reference (see `resolve`) unless the same files are loaded already; returns the name
+        to route rows to: the library name, or for a path its full resolved path."""
         with self.lock:
             self.shared_model()
-            path = resolve(spec, self.library.root)
-            try:
-                if self.library.path(spec) == path:
-                    return self._ensure(spec, path, True)
-            except AdapterError:
-                pass  # not a library name: a path, loaded under its full resolved path
-            return self._ensure(str(path.resolve()), path, False)
+            ref = ref if isinstance(ref, AdapterRef) else self.resolve(ref)
+            if ref.library_name is not None:
+                return self._ensure(ref.library_name, ref.path, True)
+            return self._ensure(str(ref.path.resolve()), ref.path, False)
+
+    def config_of(self, name: str) -> LoraConfig:
+        """The saved settings of a loaded adapter (library name, path key or loaded name)."""
+        with self.lock:
+            slot = next((s for k, s in self._slots.items() if name in (k, s.loaded)), None)
+            if slot is None:
+                raise AdapterError(f"no adapter named {name!r} is loaded.")
+            return slot.lcfg
 
     def unload(self, name: str) -> None:
         """Forget a loaded adapter (library name, path key or loaded name); running generations finish."""
@@ -193,9 +216,10 @@ class Engine:
         with self._pinned(adapters) as (model, names):
             yield from stream_text(model, prompt, names, cfg)
 
-    def export_merged(self, library_name: str, out_dir) -> Path:
-        """An HF-format folder of the base with a library adapter merged in (the shared model is untouched)."""
-        with self._pinned([library_name]) as (model, names):
+    def export_merged(self, adapter: str, out_dir) -> Path:
+        """An HF-format folder of the base with an adapter merged in (a library name, or a name `load`
+        returned); the shared model is untouched."""
+        with self._pinned([adapter]) as (model, names):
             return export_merged(model, names[0], out_dir)
 
     # ---- internals ---------------------------------------------------------------------------
@@ -237,10 +261,10 @@ class Engine:
             return slot.loaded
         # a changed file is loaded beside the old version, which finishes its running generations
         name = key if key not in adapter_names(model) else f"{key}~{next(self._versions)}"
-        name, _, _ = load_adapter(model, path, name, base_id=self.base_id)
+        name, lcfg, _ = load_adapter(model, path, name, base_id=self.base_id)
         if slot is not None:
             self._retire(slot.loaded)
-        self._slots[key] = _Slot(name, path, in_library, sig, time.monotonic())
+        self._slots[key] = _Slot(name, path, in_library, lcfg, sig, time.monotonic())
         self._evict()
         return name
 

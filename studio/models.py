@@ -8,7 +8,7 @@ from pathlib import Path
 from core.model.config import HUB_IDS, PRESETS
 from core.model.weights import hub_reachable
 
-CHOICES = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]
+CHOICES = list(PRESETS)  # gpt2 .. gpt2-xl, then tiny
 # Size of each model.safetensors on the hub (what a first use downloads).
 DOWNLOAD_MB = {"gpt2": 548, "gpt2-medium": 1520, "gpt2-large": 3250, "gpt2-xl": 6430}
 OFFLINE_FIX = ("connect once to fill the Hugging Face cache, or start with `--weights PATH` "

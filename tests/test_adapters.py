@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from adapter_helpers import listing, logits, make_adapter
-from core.adapters.format import CONFIG, META, WEIGHTS, save_adapter
+from core.adapters.format import CONFIG, META, WEIGHTS, name_from_path, save_adapter
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
-from core.adapters.export import export_merged
-from core.adapters.resolve import load_adapter, resolve
+from core.adapters.export import export_merged, zip_merged
+from core.adapters.resolve import AdapterRef, load_adapter, resolve
 from core.model.config import PRESETS, LoraConfig
 from core.lora.layers import adapter_state_dict, lora_layers, merged_name
 from core.model.weights import load_base
@@ -362,9 +362,9 @@ def test_lock_excludes_other_processes(lib):
 def test_resolve(lib, trained, tmp_path):
     lib.save(trained, "a", "named", LC, "tiny")
     folder = save_adapter(trained, "a", tmp_path / "folder", LC, "tiny")
-    assert resolve("named", lib.root) == lib.path("named")
-    assert resolve(str(folder), lib.root) == folder
-    assert resolve(str(folder / WEIGHTS), lib.root) == folder / WEIGHTS
+    assert resolve("named", lib.root) == AdapterRef(lib.path("named"), "named")
+    assert resolve(str(folder), lib.root) == AdapterRef(folder)
+    assert resolve(str(folder / WEIGHTS), lib.root) == AdapterRef(folder / WEIGHTS)
     with pytest.raises(AdapterError, match="no adapter named 'missing'"):
         resolve("missing", lib.root)
     (tmp_path / "lonely.safetensors").write_bytes((folder / WEIGHTS).read_bytes())
@@ -455,6 +455,21 @@ def test_export_merged_leaves_the_shared_model_alone(trained, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+
+def test_a_merged_export_zips_into_one_download(trained, tmp_path):
+    import zipfile
+    out = export_merged(trained, "a", tmp_path / "a-merged")
+    weights = (out / "model.safetensors").read_bytes()
+    zpath = zip_merged(out)
+    assert zpath == tmp_path / "a-merged.zip" and not out.exists()
+    with zipfile.ZipFile(zpath) as zf:
+        assert sorted(zf.namelist()) == ["a-merged/config.json", "a-merged/model.safetensors"]
+        assert zf.getinfo("a-merged/model.safetensors").compress_type == zipfile.ZIP_STORED
+        assert zf.read("a-merged/model.safetensors") == weights
+        zf.extractall(tmp_path / "unzipped")
+    merged = load_base(str(tmp_path / "unzipped" / "a-merged"), device="cpu")
+    assert (logits(merged) - logits(trained, "a")).abs().max() <= 1e-4
+
 def test_blend_without_a_base_refuses_different_widths(lib, tmp_path):
     from adapter_helpers import lora_tensors, write_adapter
     from conftest import MEDIUM_SHAPED
@@ -465,3 +480,13 @@ def test_blend_without_a_base_refuses_different_widths(lib, tmp_path):
     with pytest.raises(AdapterError, match="different widths"):
         lib.blend(["narrow", "wide"], [1, 1], "mixed")
     assert "mixed" not in lib.names()
+
+
+def test_the_name_a_path_implies(tmp_path):
+    """One rule for loading and importing: a folder's name (also for its adapter_model.safetensors),
+    else the file's stem."""
+    (tmp_path / "run1").mkdir()
+    assert name_from_path(tmp_path / "run1") == "run1"
+    assert name_from_path(tmp_path / "run1" / WEIGHTS) == "run1"
+    assert name_from_path(tmp_path / "pirate.safetensors") == "pirate"
+    assert name_from_path(tmp_path / "pirate.zip") == "pirate"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import core.adapters.library as al
+import core.engine
 import core.train.trainer
 import core.model.weights
 from adapter_helpers import lora_tensors, write_adapter
@@ -26,7 +27,8 @@ def loads(monkeypatch):
     def refuse(source, *a, **k):
         asked.append(source)
         raise core.model.weights.WeightsError(f"(test) not loading {source}")
-    monkeypatch.setattr(core.model.weights, "load_base", refuse)
+    monkeypatch.setattr(core.model.weights, "load_base", refuse)  # finetune's base
+    monkeypatch.setattr(core.engine, "load_base", refuse)  # compare and merge load theirs through the Engine
     return asked
 
 

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
+from core.adapters.format import LORA_KEY, lora_key
 from core.adapters.validate import MAX_RANK, AdapterError, check_values
 from core.model.config import TARGET_MODULES, LoraConfig
-from core.lora.layers import BLOCK_KEY
 
 MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 
@@ -39,26 +39,26 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
     slots = {}  # (layer, target) -> (in, out) from whichever adapter has it
     for state, _ in parts:
         for k, t in state.items():
-            m = BLOCK_KEY.match(k)
+            m = LORA_KEY.match(k)
             if m is None:
                 raise AdapterError(f"unexpected adapter key {k!r}")
             if m.group(3) == "A":
                 slots.setdefault((int(m.group(1)), m.group(2)), t.shape[1])
     out = {}
     for (i, target), fan_in in sorted(slots.items()):
-        prefix = f"transformer.h.{i}.{target}"
-        fan_out = next(s[f"{prefix}.lora_B.weight"].shape[0] for s, _ in parts if f"{prefix}.lora_B.weight" in s)
+        key_a, key_b = lora_key(i, target, "A"), lora_key(i, target, "B")
+        fan_out = next(s[key_b].shape[0] for s, _ in parts if key_b in s)
         As, Bs = [], []
         for (state, lcfg), w in zip(parts, ws):
-            A = state.get(f"{prefix}.lora_A.weight")
+            A = state.get(key_a)
             if A is None:
                 As.append(torch.zeros(lcfg.r, fan_in))
                 Bs.append(torch.zeros(fan_out, lcfg.r))
                 continue
             As.append(A.float().cpu())
-            Bs.append(state[f"{prefix}.lora_B.weight"].float().cpu() * (w * lcfg.scaling))
-        out[f"{prefix}.lora_A.weight"] = torch.cat(As, 0).contiguous()
-        out[f"{prefix}.lora_B.weight"] = torch.cat(Bs, 1).contiguous()
+            Bs.append(state[key_b].float().cpu() * (w * lcfg.scaling))
+        out[key_a] = torch.cat(As, 0).contiguous()
+        out[key_b] = torch.cat(Bs, 1).contiguous()
     for t in out.values():  # the result is held to an imported adapter's bounds
         check_values(t, "the blend", "use smaller weights or blend other adapters")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,3 +46,17 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
         out.rmdir()  # an empty folder the caller made: the export takes its place
     atomic.publish_dir(out, build)
     return out
+
+
+def zip_merged(folder) -> Path:
+    """A merged export as one download: `<folder>.zip` beside it, holding `<folder name>/<file>`; the
+    folder is removed. Weights are stored, not deflated: float tensors barely compress and deflating
+    a gpt2-xl export would take minutes."""
+    folder = Path(folder)
+    zpath = folder.with_name(folder.name + ".zip")
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"{folder.name}/{f.name}",
+                     compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+    shutil.rmtree(folder, ignore_errors=True)
+    return zpath

@@ -4,6 +4,7 @@ plus studio.json for what PEFT does not know (dataset, training settings, loss h
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from core import atomic, safe_json
-from core.model.config import LoraConfig
-from core.lora.layers import adapter_state_dict
+from core.model.config import TARGET_MODULES, LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -20,6 +20,29 @@ CONFIG = "adapter_config.json"
 META = "studio.json"
 MAX_ALPHA = 10_000.0  # real adapters use alpha of 1..2 x rank (<= 512); 1e300 only overflows the update
 MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per step)
+
+# The key of one LoRA matrix, as this engine names it; files add PEFT_PREFIX in front.
+_TARGET = "|".join(re.escape(t) for t in TARGET_MODULES)
+LORA_KEY = re.compile(rf"^transformer\.h\.(\d+)\.({_TARGET})\.lora_([AB])\.weight$")
+# ... as found in a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight')
+# tolerated, and no leading zeros in the layer index (two spellings of one weight would collide)
+FILE_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?transformer\.h\.(0|[1-9]\d*)\.({_TARGET})"
+                      rf"\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def lora_key(layer: int, target: str, ab: str) -> str:
+    """'transformer.h.{layer}.{target}.lora_{A|B}.weight' (target: one of TARGET_MODULES)."""
+    return f"transformer.h.{layer}.{target}.lora_{ab}.weight"
+
+
+def name_from_path(path) -> str:
+    """The adapter name a path implies (the one rule, for loading and importing): a folder's name,
+    also for the folder's own adapter_model.safetensors; else the file's stem ('x.safetensors',
+    'x.zip' -> 'x')."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    return p.parent.name if p.name == WEIGHTS else p.stem
 
 
 def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
@@ -37,6 +60,7 @@ def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
 
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     """PEFT-keyed fp32 tensors of a loaded adapter (contiguous CPU copies)."""
+    from core.lora.layers import adapter_state_dict  # here: core.lora.layers imports this module's keys
     return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
             for k, v in adapter_state_dict(model, name).items()}
 

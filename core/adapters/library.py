@@ -30,7 +30,8 @@ from typing import Callable, Collection, Sequence
 
 from core import atomic, safe_json
 from core.adapters.blend import blend_states
-from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, save_adapter, write_adapter_folder
+from core.adapters.format import (CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, name_from_path, save_adapter,
+                                  write_adapter_folder)
 from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
@@ -236,7 +237,7 @@ class Library:
         if src.is_file() and src.suffix.lower() in PICKLE_SUFFIXES:
             raise AdapterError(f"{src.name}: {PICKLE_HINT}")
         if name is None:
-            name = src.parent.name if src.name == WEIGHTS else src.stem if src.is_file() else src.name
+            name = name_from_path(src)
         check_name(name)
         self._check_free(name)
         with tempfile.TemporaryDirectory(prefix="lora-import-") as unpacked:

@@ -1,30 +1,52 @@
 """From an adapter reference (a library name, 'run@step', a folder or a .safetensors file) to a
-validated adapter loaded in a model."""
+validated adapter loaded in a model. The Engine is the one caller that turns references into loaded
+adapters (core.engine); the CLI and the studio both go through it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from core.adapters.format import CONFIG, WEIGHTS
+from core.adapters.format import CONFIG, WEIGHTS, name_from_path
 from core.adapters.library import NAME_RE, Library
 from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
 from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
 from core.model.config import LoraConfig
 
 
-def resolve(spec: str, library_dir) -> Path:
+@dataclass(frozen=True)
+class AdapterRef:
+    """Where a reference points: the adapter's folder or file, and the library name it was found
+    under (None for a path given directly)."""
+    path: Path
+    library_name: str | None = None
+
+
+def library_entry(spec: str, library_dir) -> Path | None:
+    """The library's folder for 'run' or 'run@step_000050' (AdapterError if it has none); None when
+    there is no library folder at all: a lookup never creates one."""
+    root = Path(library_dir).expanduser()
+    return Library(root).path(spec) if root.is_dir() else None
+
+
+def resolve(spec: str, library_dir) -> AdapterRef:
     """A library name ('run' or 'run@step_000050'), or a path to an adapter folder or to a
     .safetensors file with adapter_config.json beside it (the CLI's --lora)."""
     spec = str(spec).strip()
     if not spec:
         raise AdapterError("no adapter given: pass a library name or a path to an adapter folder.")
-    run = spec.partition("@")[0]
-    if NAME_RE.fullmatch(run) and Path(library_dir).expanduser().is_dir():  # never create it here
+    if NAME_RE.fullmatch(spec.partition("@")[0]):
         try:
-            return Library(library_dir).path(spec)
+            entry = library_entry(spec, library_dir)
+            if entry is not None:
+                return AdapterRef(entry, spec)
         except AdapterError:
             if "@" in spec or not Path(spec).exists():
                 raise
-    p = Path(spec).expanduser()
+    return AdapterRef(_adapter_file(Path(spec).expanduser(), spec, library_dir))
+
+
+def _adapter_file(p: Path, spec: str, library_dir) -> Path:
+    """A path given as a reference, checked to be an adapter folder or a .safetensors file."""
     if p.is_dir():
         if not (p / WEIGHTS).is_file():
             if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
@@ -53,7 +75,7 @@ def load_adapter(model, source_path, name: str | None = None,
     """
     src = Path(source_path)
     if name is None:
-        name = src.name if src.is_dir() else (src.parent.name if src.name == WEIGHTS else src.stem)
+        name = name_from_path(src)
     if name in adapter_names(model):
         raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or choose another name.")
     files = read_adapter(src, model.config, base_id)

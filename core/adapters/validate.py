@@ -9,7 +9,6 @@ problem. Nothing here writes anything; pickles (.bin/.pt) are never opened.
 from __future__ import annotations
 
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 from core import safe_json
-from core.adapters.format import CONFIG, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
-from core.model.config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets
-from core.lora.layers import target_shapes
+from core.adapters.format import CONFIG, FILE_KEY, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS, lora_key
+from core.model.config import (HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets,
+                               target_shapes, width_from_a)
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
 # a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;
@@ -36,10 +35,6 @@ DTYPES = ("F32", "F16", "BF16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLE_HINT = ("pickle files can run code when opened, so they are never loaded; re-save the adapter "
                "as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True)).")
-
-# PEFT's key for one LoRA matrix; the adapter-name infix ('lora_A.default.weight') is tolerated.
-KEY = re.compile(r"^(?:base_model\.model\.)?transformer\.h\.(0|[1-9]\d*)\."
-                 r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 class AdapterError(ValueError):
@@ -161,7 +156,7 @@ def _parse_header(raw: bytes, name: str) -> dict:
         raise AdapterError(f"{name} holds {len(keys)} tensors; an adapter of GPT-2 holds at most 384 "
                            f"(48 layers x 4 projections x A/B). The file is not a LoRA adapter.")
     for k in keys:
-        if not KEY.match(k):
+        if not FILE_KEY.match(k):
             raise AdapterError(f"{name}: unexpected key {safe_json.shown(k)[:120]!r}; an adapter may only hold "
                                f"lora_A/lora_B weights of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
     return header
@@ -280,7 +275,7 @@ def check_header(path: Path, cfg: GPTConfig | None,
         raise AdapterError(f"{path.name} holds no tensors; an adapter holds lora_A/lora_B weights.")
     keys, slots = {}, {}
     for k in sorted(info):
-        m = KEY.match(k)
+        m = FILE_KEY.match(k)
         if not m:
             raise AdapterError(f"{path.name}: unexpected key {k!r}; an adapter may only hold lora_A/lora_B weights "
                                f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
@@ -288,7 +283,7 @@ def check_header(path: Path, cfg: GPTConfig | None,
         if cfg is not None and i >= cfg.n_layer:
             raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but {against} has {cfg.n_layer} "
                                f"layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
-        ours = f"transformer.h.{i}.{target}.lora_{ab}.weight"
+        ours = lora_key(i, target, ab)
         if ours in keys.values():
             raise AdapterError(f"{path.name}: key {k!r} duplicates another key for the same weight.")
         dtype, shape = info[k]
@@ -326,11 +321,6 @@ def check_header(path: Path, cfg: GPTConfig | None,
                                    f"({what} for {target} of width {width}, as in {base}).")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
     return keys, rank, targets
-
-
-def width_from_a(target: str, a_shape) -> int:
-    """Model width implied by a LoRA A matrix (mlp.c_proj's A reads the 4x wider hidden layer)."""
-    return a_shape[1] // 4 if target == "mlp.c_proj" else a_shape[1]
 
 
 def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:

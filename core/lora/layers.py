@@ -6,16 +6,14 @@ is never written to except by an explicit, tracked `merge`.
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES
-
-BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$")
+from core.adapters.format import LORA_KEY, lora_key
+from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
 
 
 def _key(name: str) -> str:
@@ -323,8 +321,9 @@ def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model).items():
         if layer.has(name):
             A, B = layer.weights(name)
-            out[f"{path}.lora_A.weight"] = A.detach()
-            out[f"{path}.lora_B.weight"] = B.detach()
+            i, target = _block_and_target(path)
+            out[lora_key(i, target, "A")] = A.detach()
+            out[lora_key(i, target, "B")] = B.detach()
     if not out:
         raise KeyError(f"no adapter named {name!r} is loaded")
     return out
@@ -337,7 +336,7 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
         raise ValueError(f"an adapter named {name!r} is already loaded")
     targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for k, t in state.items():
-        m = BLOCK_KEY.match(k)
+        m = LORA_KEY.match(k)
         if not m:
             raise ValueError(f"unexpected adapter key {k!r}")
         targets.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
@@ -365,7 +364,8 @@ def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str]) -> int:
     return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-def target_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each target projection."""
-    d = cfg.n_embd
-    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+
+def _block_and_target(path: str) -> tuple[int, str]:
+    """'transformer.h.3.attn.c_attn' -> (3, 'attn.c_attn')."""
+    _, _, i, target = path.split(".", 3)
+    return int(i), target

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
 
-# The four GPT-2 projections LoRA may wrap (HF module names inside each block).
-TARGET_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The four GPT-2 projections LoRA may wrap (HF module names inside each block), with their
+# (in, out) features as multiples of the model width n_embd: c_attn makes q, k and v at once, and
+# the MLP is 4x wider than the model. Every shape, count and width rule derives from this table.
+TARGET_WIDTHS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+TARGET_MODULES = tuple(TARGET_WIDTHS)
 EOT_TOKEN = 50256  # <|endoftext|>
 
 
@@ -24,7 +27,8 @@ class GPTConfig:
     def n_params(self) -> int:
         """Parameters with the tied lm_head counted once (GPT-2 124M for the gpt2 preset)."""
         d, L = self.n_embd, self.n_layer
-        per_block = 12 * d * d + 13 * d  # qkv, proj, 4x mlp, biases and two layer norms
+        # the four projections' weights and biases, and two layer norms (weight + bias each)
+        per_block = sum(i * o * d * d + o * d for i, o in TARGET_WIDTHS.values()) + 4 * d
         return self.vocab_size * d + self.block_size * d + L * per_block + 2 * d
 
     def to_hf(self) -> dict:
@@ -46,6 +50,17 @@ class GPTConfig:
             block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))),
             layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
         )
+
+
+def target_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target projection of `cfg`."""
+    return {t: (i * cfg.n_embd, o * cfg.n_embd) for t, (i, o) in TARGET_WIDTHS.items()}
+
+
+def width_from_a(target: str, a_shape) -> int:
+    """Model width implied by a LoRA A matrix (r, in) of `target` (mlp.c_proj's A reads the 4x wider
+    hidden layer)."""
+    return a_shape[1] // TARGET_WIDTHS[target][0]
 
 
 # Named model presets. "tiny" is random (fixed seed) so the app runs offline end to end.

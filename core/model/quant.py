@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from core.model.config import TARGET_MODULES
 from core.model.gpt import Conv1D
 
 # The 16 NormalFloat-4 levels of QLoRA (Dettmers et al., 2023): quantiles of N(0, 1), scaled to [-1, 1].
@@ -79,14 +80,15 @@ def quantize_base(model, mode: str) -> None:
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
         raise RuntimeError("unmerge adapters before quantizing the base")
     for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for child in ("c_attn", "c_proj", "c_fc"):
-                layer = getattr(parent, child, None)
-                if isinstance(layer, LoRALinear):
-                    if isinstance(layer.base, Conv1D):
-                        layer.base = QuantConv1D(layer.base, mode)
-                elif isinstance(layer, Conv1D):
-                    setattr(parent, child, QuantConv1D(layer, mode))
+        for target in TARGET_MODULES:
+            parent_name, child = target.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, child)
+            if isinstance(layer, LoRALinear):
+                if isinstance(layer.base, Conv1D):
+                    layer.base = QuantConv1D(layer.base, mode)
+            elif isinstance(layer, Conv1D):
+                setattr(parent, child, QuantConv1D(layer, mode))
     model.lora_version = getattr(model, "lora_version", 0) + 1  # cached decode graphs saw the old layers
 
 

@@ -13,12 +13,12 @@ from typing import Callable
 
 import torch
 
-from core.model.config import GPTConfig, HUB_IDS, PRESETS
+from core.model.config import GPTConfig, HUB_IDS, PRESETS, TARGET_MODULES, target_shapes
 from core.device import default_dtype, pick_device
 from core.model.gpt import GPT, init_random_
 
 TINY_SEED = 1337  # fixed: every process builds the same tiny base, so its adapters stay valid
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D = tuple(f"{t}.weight" for t in TARGET_MODULES)  # HF stores these (in, out), nn.Linear (out, in)
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # the four released GPT-2 sizes
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "gpt2_weights.pt")
 
@@ -196,7 +196,7 @@ def build(cfg: GPTConfig, state: dict) -> GPT:
                            f"is it a GPT-2 of {cfg.n_layer} layers?")
     # One orientation for the whole file: HF Conv1D (in, out) or nn.Linear (out, in).
     probe = "transformer.h.0.attn.c_attn.weight"
-    linear = cfg.n_layer > 0 and tuple(state[probe].shape) == (3 * cfg.n_embd, cfg.n_embd)
+    linear = cfg.n_layer > 0 and tuple(state[probe].shape) == target_shapes(cfg)["attn.c_attn"][::-1]
     fixed = {}
     for k, v in state.items():
         if linear and k.endswith(CONV1D):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 import time
-import zipfile
 from pathlib import Path
 
 import gradio as gr
 
+from core.adapters.export import zip_merged
 from core.adapters.validate import preset_of
 from core.adapters.validate import AdapterError
 from core.adapters.library import check_name
@@ -238,12 +237,7 @@ def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
     out = studio.engine.export_merged(name, folder / f"{name}-merged")
     if progress is not None:
         progress(0.7, desc="zipping the merged model…")
-    zpath = folder / f"{name}-merged.zip"
-    with zipfile.ZipFile(zpath, "w") as zf:
-        for f in sorted(out.iterdir()):
-            zf.write(f, f"{name}-merged/{f.name}",
-                     compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
-    shutil.rmtree(out, ignore_errors=True)
+    zpath = zip_merged(out)
     size = human_bytes(os.path.getsize(zpath))
     return (f"Merged **{name}** into {base}: a transformers folder (`GPT2LMHeadModel.from_pretrained`), "
             f"{size} zipped."), str(zpath)

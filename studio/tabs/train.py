@@ -300,11 +300,11 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=["attn.c_attn"], label="Target modules",
+            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=list(LoraConfig().targets), label="Target modules",
                                        elem_id="train-targets",
                                        info="Which projections in every block get a LoRA update: "
                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
-            size = gr.Markdown(size_md(studio, studio.default_model, ["attn.c_attn"], 8), elem_id="train-size")
+            size = gr.Markdown(size_md(studio, studio.default_model, list(LoraConfig().targets), 8), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
                     r = gr.Slider(1, 64, value=8, step=1, label="Rank", elem_id="train-rank", min_width=110,
@@ -338,7 +338,7 @@ def create_train_tab(studio: Studio) -> dict:
                     prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
-            estimate = gr.Markdown(estimate_md(studio, studio.default_model, ["attn.c_attn"], 8, 16, 0.0, 1e-3, 200,
+            estimate = gr.Markdown(estimate_md(studio, studio.default_model, list(LoraConfig().targets), 8, 16, 0.0, 1e-3, 200,
                                                4, 1, 128, 20, 1337), elem_id="train-estimate")
             with gr.Row():
                 start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
