@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from core.adapters.format import LORA_KEY, lora_key
+from core.lora.layers import LORA_KEY, lora_key
 from core.adapters.validate import MAX_RANK, AdapterError, check_values
 from core.model.config import TARGET_MODULES, LoraConfig
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from core import atomic, safe_json
-from core.model.config import TARGET_MODULES, LoraConfig
+from core.lora.layers import TARGET_PATTERN, adapter_state_dict
+from core.model.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -21,18 +22,11 @@ META = "studio.json"
 MAX_ALPHA = 10_000.0  # real adapters use alpha of 1..2 x rank (<= 512); 1e300 only overflows the update
 MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per step)
 
-# The key of one LoRA matrix, as this engine names it; files add PEFT_PREFIX in front.
-_TARGET = "|".join(re.escape(t) for t in TARGET_MODULES)
-LORA_KEY = re.compile(rf"^transformer\.h\.(\d+)\.({_TARGET})\.lora_([AB])\.weight$")
-# ... as found in a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight')
-# tolerated, and no leading zeros in the layer index (two spellings of one weight would collide)
-FILE_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?transformer\.h\.(0|[1-9]\d*)\.({_TARGET})"
+# A matrix's key as core.lora names it (LORA_KEY, lora_key); files add PEFT_PREFIX in front. As found in
+# a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight') tolerated, and no
+# leading zeros in the layer index (two spellings of one weight would collide)
+FILE_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?transformer\.h\.(0|[1-9]\d*)\.({TARGET_PATTERN})"
                       rf"\.lora_([AB])(?:\.default)?\.weight$")
-
-
-def lora_key(layer: int, target: str, ab: str) -> str:
-    """'transformer.h.{layer}.{target}.lora_{A|B}.weight' (target: one of TARGET_MODULES)."""
-    return f"transformer.h.{layer}.{target}.lora_{ab}.weight"
 
 
 def name_from_path(path) -> str:
@@ -60,7 +54,6 @@ def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
 
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     """PEFT-keyed fp32 tensors of a loaded adapter (contiguous CPU copies)."""
-    from core.lora.layers import adapter_state_dict  # here: core.lora.layers imports this module's keys
     return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
             for k, v in adapter_state_dict(model, name).items()}
 

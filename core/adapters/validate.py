@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from core import safe_json
-from core.adapters.format import CONFIG, FILE_KEY, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS, lora_key
+from core.adapters.format import CONFIG, FILE_KEY, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
+from core.lora.layers import lora_key
 from core.model.config import (HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets,
                                target_shapes, width_from_a)
 

@@ -6,14 +6,24 @@ is never written to except by an explicit, tracked `merge`.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.adapters.format import LORA_KEY, lora_key
 from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
+
+# The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
+# PEFT's prefix in front: core.adapters.format)
+TARGET_PATTERN = "|".join(re.escape(t) for t in TARGET_MODULES)
+LORA_KEY = re.compile(rf"^transformer\.h\.(\d+)\.({TARGET_PATTERN})\.lora_([AB])\.weight$")
+
+
+def lora_key(layer: int, target: str, ab: str) -> str:
+    """'transformer.h.{layer}.{target}.lora_{A|B}.weight' (target: one of TARGET_MODULES)."""
+    return f"transformer.h.{layer}.{target}.lora_{ab}.weight"
 
 
 def _key(name: str) -> str:
