@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from core.model.config import GPTConfig
+from core.model.config import GPTConfig, target_shapes
 
 
 class Conv1D(nn.Module):
@@ -49,8 +49,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        shapes = target_shapes(cfg)  # (in, out) of each projection, from the one table
+        self.c_attn = Conv1D(*shapes["attn.c_attn"])
+        self.c_proj = Conv1D(*shapes["attn.c_proj"])
 
     def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
         B, T, C = x.shape
@@ -82,8 +83,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = Conv1D(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd)
+        shapes = target_shapes(cfg)
+        self.c_fc = Conv1D(*shapes["mlp.c_fc"])
+        self.c_proj = Conv1D(*shapes["mlp.c_proj"])
 
     def forward(self, x, route=None):
         h = F.gelu(self.c_fc(x, route), approximate="tanh")
