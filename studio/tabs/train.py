@@ -11,7 +11,6 @@ import time
 
 import gradio as gr
 
-from core.adapters.library import valid_name
 from core.adapters.library import check_name
 from core.model.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.train.data import load_dataset
@@ -145,7 +144,7 @@ def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout,
                               prompt)
     lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
     tcfg.validate(PRESETS[model_name])
-    ds = load_dataset(studio.dataset_path(dataset))
+    ds = studio.dataset_store.load(dataset)
     name = check_name(typed_name(name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
     if progress is not None:
@@ -177,10 +176,7 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
                          f"{', '.join(CHOICES)} only (use the CLI for other bases).")
     ds_meta = ck.meta.get("dataset") if isinstance(ck.meta.get("dataset"), dict) else {}
-    ds_path = ds_meta.get("path") if isinstance(ds_meta.get("path"), str) else None
-    ds_name = ds_meta.get("name") if valid_name(ds_meta.get("name")) else None
-    candidates = [p for p in (ds_path, studio.dataset_path(ds_name) if ds_name else None) if p]
-    folder = next((p for p in candidates if _is_dataset(p)), None)
+    folder = studio.dataset_store.find(ds_meta.get("path"), ds_meta.get("name"))
     if folder is None:
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
@@ -195,11 +191,6 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
     model = studio.base(base, _progress_say(progress), pin=True)  # the runner releases the pin
     job = studio.runner.resume(model, base, ds, name, total, user=user, pinned=True)
     return f"Resumed **{name}** from step {ck.step} toward {job.steps} steps.", name
-
-
-def _is_dataset(p) -> bool:
-    from pathlib import Path
-    return Path(p).is_dir() and (Path(p) / "train_00000.npy").is_file()
 
 
 # ---- the live view -------------------------------------------------------------------------
