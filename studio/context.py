@@ -17,11 +17,10 @@ from typing import Callable
 
 import gradio as gr
 
-from core.adapters.library import shown_name, valid_name
 from core.adapters.validate import AdapterError
 from core.atomic import disk_full
 from core.model.config import PRESETS
-from core.train.data import read_dataset_meta
+from core.train.datasets import DatasetStore
 from core.engine import Engine
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
@@ -50,12 +49,13 @@ class Studio:
     admins: frozenset[str] = frozenset()  # --admin: signed-in users who may act on anyone's runs
     max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
     runner: Runner = field(init=False)
+    dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
     exports_dir: Path = field(init=False)
 
     def __post_init__(self):
-        self.datasets_dir = Path(self.datasets_dir).expanduser().resolve()
-        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset_store = DatasetStore(self.datasets_dir)
+        self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine)
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
@@ -102,22 +102,11 @@ class Studio:
     # ---- datasets ---------------------------------------------------------------------------
 
     def dataset_path(self, name: str) -> Path:
-        if not valid_name(name):
-            raise ValueError(f"invalid dataset name {shown_name(name)}: use 1-64 letters, digits, '_', '.' or '-', "
-                             f"starting with a letter or digit (not a Windows device name such as 'con').")
-        p = self.datasets_dir / name
-        if p.is_symlink() or not p.resolve().is_relative_to(self.datasets_dir):
-            raise ValueError(f"dataset {name!r} is not inside the datasets folder.")
-        return p
+        return self.dataset_store.path(name)
 
     def datasets(self) -> list[dict]:
-        """Prepared datasets, newest first: name, token counts, sources."""
-        out = []
-        for d in sorted(self.datasets_dir.iterdir()) if self.datasets_dir.is_dir() else []:
-            if not valid_name(d.name) or d.is_symlink() or not (d / "train_00000.npy").is_file():
-                continue
-            out.append({"name": d.name, "meta": read_dataset_meta(d), "mtime": d.stat().st_mtime})
-        return sorted(out, key=lambda x: -x["mtime"])
+        """Prepared datasets, newest first: name, meta (token counts, sources), mtime."""
+        return self.dataset_store.list()
 
     # ---- downloads --------------------------------------------------------------------------
 

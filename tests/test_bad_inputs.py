@@ -26,9 +26,10 @@ from core.model.weights import WeightsError
 from studio.app import create_studio
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
+from studio.tabs.compare import CompareForm
 from test_adapter_validation import CONFIG_CASES, LC, RAW_CASES, TENSOR_CASES, good
 from test_cli import cli, one_line_error
-from test_studio_handlers import FAST, _prepare, _start, _train, studio  # noqa: F401 - `studio` is a fixture
+from test_studio_handlers import FAST, _form, _prepare, _start, _train, studio  # noqa: F401 - `studio` is a fixture
 from test_train import base_tensors
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
@@ -185,9 +186,7 @@ SETTING_CASES = {  # name: (overrides of the Train tab's values, message)
 
 def _start_with(studio, over):
     a = {**FAST, "model": "tiny", "dataset": "pirates", "steps": 5, **over}
-    return train.start(studio, a["model"], a["dataset"], "new-run", a["targets"], a["r"], a["alpha"], a["dropout"],
-                       a["lr"], a["steps"], a["batch"], a["accum"], a["seq_len"], a["eval_interval"], a["seed"],
-                       a["prompt"])
+    return train.start(studio, _form(name="new-run", **a))
 
 
 @pytest.mark.parametrize("case", list(SETTING_CASES))
@@ -236,7 +235,8 @@ def test_weights_that_do_not_exist_or_are_junk(tmp_path, capsys):
         data.prepare(studio, dict(data.EMPTY), "word " * 400, 0.9, f"d-{folder.name}")
         refused(studio, WeightsError, pattern, studio.base, "gpt2")
         refused(studio, WeightsError, pattern, _start_with, studio, dict(model="gpt2", dataset=f"d-{folder.name}"))
-        refused(studio, WeightsError, pattern, compare.compare, studio, "gpt2", True, [], "Hi", 0.8, 50, 1.0, 4, 1)
+        refused(studio, WeightsError, pattern, compare.compare, studio, CompareForm(model="gpt2", prompt="Hi",
+                                                                                    max_tokens=4, seed=1))
         assert studio.engine.model is None
 
 
@@ -331,9 +331,11 @@ def test_an_adapter_for_a_different_base_width(studio, tmp_path):
     library.import_upload(studio, [str(wide / WEIGHTS), str(wide / CONFIG)], "width-128")
     assert "for-medium" not in compare.compatible_adapters(studio, "tiny")
     refused(studio, AdapterError, r"made for gpt2-medium \(24 layers, width 1024\) but the loaded base has 2 layers",
-            compare.compare, studio, "tiny", True, ["for-medium"], "Hi", 0.8, 50, 1.0, 4, 1)
+            compare.compare, studio, CompareForm(model="tiny", adapters=["for-medium"], prompt="Hi", max_tokens=4,
+                                                 seed=1))
     refused(studio, AdapterError, r"has shape \[4, 128\], expected \[4, 64\]",
-            compare.compare, studio, "tiny", True, ["width-128"], "Hi", 0.8, 50, 1.0, 4, 1)
+            compare.compare, studio, CompareForm(model="tiny", adapters=["width-128"], prompt="Hi", max_tokens=4,
+                                                 seed=1))
     # a blend of adapters of different widths is refused too
     refused(studio, AdapterError, r"different", library.blend, studio, ["for-medium", "width-128"], "", "mixed")
 
@@ -343,8 +345,8 @@ def test_a_broken_adapter_placed_in_the_library_by_hand(studio, tmp_path):
     studio.base("tiny")
     make, pattern = TENSOR_CASES["NaN"]
     write_adapter(studio.library.root / "hand-made", make(), LC, base_id="tiny")
-    refused(studio, AdapterError, pattern, compare.compare, studio, "tiny", True, ["hand-made"], "Hi", 0.8, 50, 1.0,
-            4, 1)
+    refused(studio, AdapterError, pattern, compare.compare, studio, CompareForm(model="tiny", adapters=["hand-made"],
+                                                                                prompt="Hi", max_tokens=4, seed=1))
     refused(studio, AdapterError, pattern, library.merge_export, studio, "hand-made")
     refused(studio, AdapterError, pattern, library.blend, studio, ["hand-made", "hand-made"], "", "b")
 
@@ -382,7 +384,8 @@ def test_bad_names_everywhere_a_name_is_typed(studio, tmp_path):
         refused(studio, AdapterError, adapter, library.delete, studio, bad)
         refused(studio, AdapterError, adapter, library.details, studio, bad)
         refused(studio, AdapterError, adapter, train.resume, studio, bad, 10)
-        refused(studio, AdapterError, adapter, compare.compare, studio, "tiny", True, [bad], "Hi", 0.8, 50, 1.0, 4, 1)
+        refused(studio, AdapterError, adapter, compare.compare, studio, CompareForm(model="tiny", adapters=[bad],
+                                                                                    prompt="Hi", max_tokens=4, seed=1))
         if len(bad) > 100:
             msg = refused(studio, AdapterError, adapter, library.duplicate, studio, "src", bad)
             assert "(1000 characters)" in msg and len(msg) < 250, msg

@@ -29,6 +29,7 @@ from core.lora.layers import adapter_names
 from studio.app import create_studio
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
+from studio.tabs.compare import CompareForm
 from test_bad_inputs import _files, unchanged
 from test_cli import ROOT
 from test_studio_handlers import _prepare, _start, _train, studio  # noqa: F401 - `studio` is a fixture
@@ -210,7 +211,8 @@ def test_a_failing_run_stops_cleanly_and_keeps_its_last_checkpoint(studio, monke
     assert [c["step"] for c in studio.library.checkpoints("faulty")] == [50]
     # the last good adapter is usable: keep it as an adapter and compare with it
     library.restore_checkpoint(studio, "faulty", "step_000050", "faulty-50")
-    out = list(compare.compare(studio, "tiny", True, ["faulty-50"], "Ahoy", 0.8, 50, 1.0, 6, 1))[-1]
+    out = list(compare.compare(studio, CompareForm(model="tiny", adapters=["faulty-50"], prompt="Ahoy", max_tokens=6,
+                                                   seed=1)))[-1]
     assert out[1].startswith("Ahoy") and out[0] != out[1]
     # ...and the run can be resumed from it once the cause is fixed
     train.resume(studio, "faulty", 55)

@@ -21,8 +21,9 @@ from studio import context
 from studio.app import build_ui
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
+from studio.tabs.compare import CompareForm
 from test_bad_inputs import refused, unchanged
-from test_studio_handlers import FAST, _prepare, _start, _train, _wait_for, studio  # noqa: F401 - a fixture
+from test_studio_handlers import FAST, _form, _prepare, _start, _train, _wait_for, studio  # noqa: F401 - a fixture
 
 SURROGATE = "Ahoy \ud800 matey"
 
@@ -56,8 +57,10 @@ def test_lone_surrogates_are_refused_in_every_text_input(studio, tmp_path):
     refused(studio, ValueError, bad, _start, studio, "run", 3, prompt=SURROGATE)  # broke every Train tab
     refused(studio, ValueError, bad, _start, studio, SURROGATE, 3)
     refused(studio, ValueError, bad, _start, studio, "run", 3, dataset=SURROGATE)
-    refused(studio, ValueError, bad, compare.compare, studio, "tiny", True, [], SURROGATE, 0.8, 50, 1.0, 4, 1)
-    refused(studio, ValueError, bad, compare.compare, studio, "tiny", True, [SURROGATE], "Hi", 0.8, 50, 1.0, 4, 1)
+    refused(studio, ValueError, bad, compare.compare, studio, CompareForm(model="tiny", prompt=SURROGATE, max_tokens=4,
+                                                                          seed=1))
+    refused(studio, ValueError, bad, compare.compare, studio, CompareForm(model="tiny", adapters=[SURROGATE],
+                                                                          prompt="Hi", max_tokens=4, seed=1))
     refused(studio, ValueError, bad, data.analyze, dict(data.EMPTY), SURROGATE, 0.9)
     refused(studio, ValueError, bad, data.prepare, studio, dict(data.EMPTY), "word " * 300 + SURROGATE, 0.9, "d")
     refused(studio, ValueError, bad, data.prepare, studio, dict(data.EMPTY), "word " * 300, 0.9, SURROGATE)
@@ -236,7 +239,8 @@ def test_prompts_are_capped(studio):
     _prepare(studio)
     long = "a" * (context.MAX_PROMPT_CHARS + 1)
     limit = rf"the prompt is {len(long):,} characters long; the limit is {context.MAX_PROMPT_CHARS:,}"
-    refused(studio, ValueError, limit, compare.compare, studio, "tiny", True, [], long, 0.8, 50, 1.0, 4, 1)
+    refused(studio, ValueError, limit, compare.compare, studio, CompareForm(model="tiny", prompt=long, max_tokens=4,
+                                                                            seed=1))
     refused(studio, ValueError, "the sample " + limit[4:], _start, studio, "run", 3, prompt=long)
 
 
@@ -281,8 +285,7 @@ def test_hostile_numbers_in_the_train_tab(studio, field):
     over = {} if field == "steps" else {field: value}
     refused(studio, ValueError, message, _start, studio, "run", steps, **over)
     a = {**FAST, **over}
-    shown = train.estimate_md(studio, "tiny", a["targets"], a["r"], a["alpha"], a["dropout"], a["lr"], steps,
-                              a["batch"], a["accum"], a["seq_len"], a["eval_interval"], a["seed"])
+    shown = train.estimate_md(studio, _form(model="tiny", steps=steps, **a))
     assert "⚠" in shown and message.split(" ")[0] in shown
     assert "warn" in train.size_md(studio, "tiny", ["attn.c_attn"], float("inf"))
 
@@ -294,16 +297,17 @@ def test_hostile_numbers_in_the_train_tab(studio, field):
     ((0.8, 50, 1.0, 1e300, 1), r"max new tokens is far too large"),
     ((0.8, 50, 1.0, 4, 2**64), r"seed is far too large")])
 def test_hostile_numbers_in_the_compare_tab(studio, args, message):
-    refused(studio, ValueError, message, compare.compare, studio, "tiny", True, [], "Hi", *args)
+    sampling = dict(zip(("temperature", "top_k", "top_p", "max_tokens", "seed"), args))
+    refused(studio, ValueError, message, compare.compare, studio, CompareForm(model="tiny", prompt="Hi", **sampling))
 
 
 def test_hostile_values_in_lists_and_blend_weights(studio):
     _prepare(studio)
     _train(studio, "src", 3)
-    refused(studio, ValueError, r"adapters must be a list", compare.compare, studio, "tiny", True, "src", "Hi",
-            0.8, 50, 1.0, 4, 1)
-    refused(studio, ValueError, r"unknown base model", compare.compare, studio, ["tiny"], True, [], "Hi",
-            0.8, 50, 1.0, 4, 1)
+    refused(studio, ValueError, r"adapters must be a list", compare.compare, studio,
+            CompareForm(model="tiny", adapters="src", prompt="Hi", max_tokens=4, seed=1))
+    refused(studio, ValueError, r"unknown base model", compare.compare, studio,
+            CompareForm(model=["tiny"], prompt="Hi", max_tokens=4, seed=1))
     refused(studio, ValueError, r"target modules must be a list", _start, studio, "run", 3, targets="attn.c_attn")
     for w in ("nan, 1", "1, inf"):
         refused(studio, ValueError, r"each blend weight must be a finite number", library.blend, studio,

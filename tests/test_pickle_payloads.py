@@ -26,6 +26,7 @@ from core.adapters.resolve import load_adapter
 from core.lora.layers import adapter_names
 from core.model.weights import WeightsError, load_base
 from studio.tabs import compare, library, train
+from studio.tabs.compare import CompareForm
 from test_adapter_validation import LC, good
 from test_cli import TINY_RUN, cli, one_line_error
 from test_studio_handlers import _prepare, _train, studio  # noqa: F401 - `studio` is a fixture
@@ -133,7 +134,8 @@ def test_core_library_engine_and_loader(studio, tmp_path, marker, tiny):
     studio.base("tiny")
     write_adapter(studio.library.root / "by-hand", {}, LC, base_id="tiny", raw=payloads(marker)["torch.save zip"])
     with pytest.raises(AdapterError, match=r"is a PyTorch pickle"):
-        next(compare.compare(studio, "tiny", True, ["by-hand"], "Hi", 0.8, 50, 1.0, 4, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", adapters=["by-hand"], prompt="Hi", max_tokens=4,
+                                                 seed=1)))
     with pytest.raises(AdapterError, match=r"is a PyTorch pickle"):
         library.blend(studio, ["by-hand", "by-hand"], "", "b")
     assert adapter_names(studio.engine.model) == []

@@ -19,6 +19,7 @@ from studio.context import friendly
 from studio.models import availability
 from studio.plots import figure_from_meta, loss_figure
 from studio.tabs import compare, data, library, train
+from studio.tabs.compare import CompareForm
 
 FAST = dict(targets=["attn.c_attn", "mlp.c_fc"], r=4, alpha=8, dropout=0.0, lr=2e-3, batch=2, accum=1,
             seq_len=32, eval_interval=5, seed=7, prompt="Ahoy")
@@ -42,9 +43,12 @@ def _prepare(studio, name="pirates", sample="pirate_recipes"):
 
 def _start(studio, name, steps, dataset="pirates", user=None, **over):
     a = {**FAST, **over}
-    return train.start(studio, "tiny", dataset, name, a["targets"], a["r"], a["alpha"], a["dropout"], a["lr"],
-                       steps, a["batch"], a["accum"], a["seq_len"], a["eval_interval"], a["seed"], a["prompt"],
-                       user=user)
+    return train.start(studio, _form(model="tiny", dataset=dataset, name=name, steps=steps, **a), user=user)
+
+
+def _form(r=None, **fields) -> train.TrainForm:
+    """The Train tab's form from FAST-style settings (`r` is the rank)."""
+    return train.TrainForm(**fields, **({} if r is None else {"rank": r}))
 
 
 def _wait_for(pred, timeout=120.0):
@@ -142,9 +146,9 @@ def test_size_and_estimate_update_with_settings(studio):
     assert "294,912" in one and "%" in one  # 12 layers x 8 x (768 + 2304)
     two = train.size_md(studio, "gpt2", ["attn.c_attn", "mlp.c_fc"], 8)
     assert "663,552" in two  # + 12 x 8 x (768 + 3072)
-    est = train.estimate_md(studio, "tiny", ["attn.c_attn"], 8, 16, 0, 1e-3, 200, 4, 1, 128, 20, 1)
+    est = train.estimate_md(studio, train.TrainForm(model="tiny", dropout=0, seed=1))
     assert "peak memory" in est and "200 steps" in est
-    bad = train.estimate_md(studio, "tiny", [], 8, 16, 0, 1e-3, 200, 4, 1, 128, 20, 1)
+    bad = train.estimate_md(studio, train.TrainForm(model="tiny", targets=[], dropout=0, seed=1))
     assert "target module" in bad
     assert "noise until" in train.model_status_md(studio, "tiny")
 
@@ -181,7 +185,7 @@ def test_busy_stop_keeps_adapter_and_resume_continues(studio):
     # the live chart skips a redraw when nothing changed
     first = train.live_view(studio, None)
     # generation keeps working while training runs
-    outs = list(compare.compare(studio, "tiny", True, [], "Hello", 0.8, 50, 1.0, 5, 1))
+    outs = list(compare.compare(studio, CompareForm(model="tiny", prompt="Hello", max_tokens=5, seed=1)))
     assert outs[-1][0].startswith("Hello")
     # stop keeps what was learned
     assert "Stopping" in train.stop(studio)
@@ -359,7 +363,8 @@ def test_compare_columns_equal_core_generation_with_same_seed(studio):
     _train(studio, "a2", 6, seed=2, lr=5e-3)
     model = studio.engine.model
     prompt, cfg = "Ahoy, the", SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=99)
-    gen = compare.compare(studio, "tiny", True, ["a1", "a2"], prompt, 0.9, 40, 0.95, 12, 99)
+    gen = compare.compare(studio, CompareForm(model="tiny", adapters=["a1", "a2"], prompt=prompt, temperature=0.9,
+                                              top_k=40, top_p=0.95, max_tokens=12, seed=99))
     first = next(gen)
     assert [u["label"] for u in first[:3]] == ["Base model · tiny", "Adapter · a1", "Adapter · a2"]
     assert [u["visible"] for u in first] == [True, True, True, False, False]
@@ -370,7 +375,8 @@ def test_compare_columns_equal_core_generation_with_same_seed(studio):
     assert len(set(final[:3])) == 3  # the adapters make a difference
     assert studio.engine.model is model  # adapters were hot-swapped in; the base was not reloaded
     # each column alone gives the same text as in the batch
-    alone = _final(compare.compare(studio, "tiny", False, ["a2"], prompt, 0.9, 40, 0.95, 12, 99))
+    alone = _final(compare.compare(studio, CompareForm(model="tiny", include_base=False, adapters=["a2"], prompt=prompt,
+                                                       temperature=0.9, top_k=40, top_p=0.95, max_tokens=12, seed=99)))
     assert alone[0] == final[2]
 
 
@@ -381,8 +387,9 @@ def test_concurrent_comparisons_do_not_cross_talk(studio):
     jobs = {"u1": ("c1", "Ahoy"), "u2": ("c2", "Once upon"), "u3": (None, "The galley")}
 
     def run(adapter, prompt):
-        return _final(compare.compare(studio, "tiny", adapter is None, [adapter] if adapter else [], prompt,
-                                      0.8, 50, 1.0, 16, 5))[0]
+        return _final(compare.compare(studio, CompareForm(model="tiny", include_base=adapter is None,
+                                                          adapters=[adapter] if adapter else [], prompt=prompt,
+                                                          max_tokens=16, seed=5)))[0]
 
     alone = {k: run(*v) for k, v in jobs.items()}
     together, errors = {}, []
@@ -403,15 +410,16 @@ def test_concurrent_comparisons_do_not_cross_talk(studio):
 
 def test_compare_input_errors(studio):
     with pytest.raises(ValueError, match="choose the base model"):
-        next(compare.compare(studio, "tiny", False, [], "x", 0.8, 50, 1.0, 5, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", include_base=False, prompt="x", max_tokens=5, seed=1)))
     with pytest.raises(ValueError, match="at most 4"):
-        next(compare.compare(studio, "tiny", True, list("abcde"), "x", 0.8, 50, 1.0, 5, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", adapters=list("abcde"), prompt="x", max_tokens=5,
+                                                 seed=1)))
     with pytest.raises(ValueError, match="prompt"):
-        next(compare.compare(studio, "tiny", True, [], "  ", 0.8, 50, 1.0, 5, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", prompt="  ", max_tokens=5, seed=1)))
     with pytest.raises(AdapterError, match="no adapter named"):
-        next(compare.compare(studio, "tiny", True, ["missing"], "x", 0.8, 50, 1.0, 5, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", adapters=["missing"], prompt="x", max_tokens=5, seed=1)))
     with pytest.raises(ValueError, match="top-p"):
-        next(compare.compare(studio, "tiny", True, [], "x", 0.8, 50, 0.0, 5, 1))
+        next(compare.compare(studio, CompareForm(model="tiny", prompt="x", top_p=0.0, max_tokens=5, seed=1)))
 
 
 # ---- models, plots, app wiring ---------------------------------------------------------------

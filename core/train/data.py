@@ -201,15 +201,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_dataset(ds: Dataset, folder) -> Path:
-    """Write the dataset folder (each file atomically, meta.json last)."""
+def save_dataset(ds: Dataset, folder, name: str | None = None) -> Path:
+    """Write the dataset folder (each file atomically, meta.json last). `name` is recorded in meta.json
+    (default: the folder's name; the dataset store builds in a hidden folder under another name)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in list(folder.glob("train_*.npy")) + list(folder.glob("val_*.npy")):
         old.unlink()  # a re-prepared folder must not keep stale shards
     atomic.write_bytes(folder / "train_00000.npy", _npy_bytes(ds.train.astype(np.uint16)))
     atomic.write_bytes(folder / "val_00000.npy", _npy_bytes(ds.val.astype(np.uint16)))
-    meta = dict(ds.meta, name=folder.name)
+    meta = dict(ds.meta, name=name or folder.name)
     atomic.write_text(folder / META, json.dumps(meta, indent=2))
     ds.meta, ds.path = meta, folder
     return folder

@@ -7,6 +7,7 @@ adapter. Each call streams its own generator: concurrent users never share outpu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import gradio as gr
 
@@ -50,17 +51,32 @@ def adapter_choices(studio: Studio, model_name: str, current=None, add: str | No
     return gr.update(choices=names, value=value)
 
 
-def sampling(temperature, top_k, top_p, max_tokens, seed) -> SamplingConfig:
-    cfg = SamplingConfig(max_new_tokens=whole(max_tokens, "max new tokens"),
-                         temperature=number(temperature, "temperature"), top_k=whole(top_k, "top-k"),
-                         top_p=number(top_p, "top-p"), seed=whole(seed, "seed"))
+@dataclass
+class CompareForm:
+    """The Compare tab's form, as the page (or an API client) sends it: unchecked values of any kind. The
+    defaults are the page's; the field order is the compare API's argument order."""
+    model: str = "gpt2"  # the shared base
+    include_base: bool = True  # a column without any adapter
+    adapters: list = field(default_factory=list)  # library names, one column each
+    prompt: str = PRESET_PROMPTS[0]
+    temperature: float | None = 0.8
+    top_k: float | None = 50
+    top_p: float | None = 1.0
+    max_tokens: float | None = 80
+    seed: float | None = 1234  # shared by every column
+
+
+def sampling(form: CompareForm) -> SamplingConfig:
+    cfg = SamplingConfig(max_new_tokens=whole(form.max_tokens, "max new tokens"),
+                         temperature=number(form.temperature, "temperature"), top_k=whole(form.top_k, "top-k"),
+                         top_p=number(form.top_p, "top-p"), seed=whole(form.seed, "seed"))
     cfg.validate()
     return cfg
 
 
-def compare(studio: Studio, model_name, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
-            seed, progress=None):
+def compare(studio: Studio, form: CompareForm, progress=None):
     """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow."""
+    model_name, adapters = form.model, form.adapters
     if adapters is not None and not isinstance(adapters, (list, tuple)):
         raise ValueError("adapters must be a list of library names; pick them from the list.")
     if len(adapters or []) > MAX_ADAPTERS:
@@ -70,13 +86,13 @@ def compare(studio: Studio, model_name, include_base, adapters, prompt, temperat
         raise ValueError("each adapter can be chosen once.")
     if not isinstance(model_name, str) or model_name not in CHOICES:
         raise ValueError(f"unknown base model {str(model_name)[:40]!r}; choose one of {', '.join(CHOICES)}.")
-    columns = ([None] if include_base else []) + adapters
+    columns = ([None] if form.include_base else []) + adapters
     if not columns:
         raise ValueError("choose the base model and/or at least one adapter to compare.")
-    prompt = check_text(prompt, "the prompt", MAX_PROMPT_CHARS)
+    prompt = check_text(form.prompt, "the prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
         raise ValueError("write a prompt (or pick a preset) to continue.")
-    cfg = sampling(temperature, top_k, top_p, max_tokens, seed)
+    cfg = sampling(form)
     if progress is not None:
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
@@ -105,38 +121,39 @@ def compare(studio: Studio, model_name, include_base, adapters, prompt, temperat
 
 
 def create_compare_tab(studio: Studio) -> dict:
+    d = CompareForm(model=studio.default_model)  # the page's starting values
     gr.Markdown("## 4 · Compare\nThe same prompt, the same seed, one batched pass: the base model and your "
                 "adapters side by side, so the only difference is the adapter.", elem_classes="tab-intro")
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
-            model = gr.Dropdown(CHOICES, value=studio.default_model, label="Base model", elem_id="cmp-model",
+            model = gr.Dropdown(CHOICES, value=d.model, label="Base model", elem_id="cmp-model",
                                 info="The shared base every column runs on (loaded once, kept loaded).")
-            model_status = gr.Markdown(studio.model_status(studio.default_model), elem_id="cmp-model-status")
+            model_status = gr.Markdown(studio.model_status(d.model), elem_id="cmp-model-status")
             with gr.Row(equal_height=False):
-                adapters = gr.Dropdown(compatible_adapters(studio, studio.default_model), value=[], multiselect=True,
+                adapters = gr.Dropdown(compatible_adapters(studio, d.model), value=d.adapters, multiselect=True,
                                        max_choices=MAX_ADAPTERS, label="Adapters (up to 4)", scale=4,
                                        allow_custom_value=True,  # adapters made after launch, checked on use
                                        elem_id="cmp-adapters",
                                        info="Library adapters made for this base; each gets its own column.")
                 refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="cmp-refresh",
                                     elem_classes="refresh-btn")
-            include_base = gr.Checkbox(True, label="Include the base model as a column", elem_id="cmp-base",
+            include_base = gr.Checkbox(d.include_base, label="Include the base model as a column", elem_id="cmp-base",
                                        info="Shows what the model writes without any adapter.")
         with gr.Column(scale=6):
-            prompt = gr.Textbox(PRESET_PROMPTS[0], label="Prompt", lines=2, elem_id="cmp-prompt",
+            prompt = gr.Textbox(d.prompt, label="Prompt", lines=2, elem_id="cmp-prompt",
                                 max_length=MAX_PROMPT_CHARS,  # the browser stops there; the server checks too
                                 info="The text every column continues.")
             gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="cmp-temp",
+                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature", elem_id="cmp-temp",
                                         min_width=110, info="0 = always the likeliest token; higher = wilder.")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", elem_id="cmp-topk", min_width=110,
+                top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k", elem_id="cmp-topk", min_width=110,
                                   info="Only the k likeliest tokens (0 = all).")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
+                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
                                   info="Only tokens holding this much probability (1 = off).")
-                max_tokens = gr.Slider(1, 512, value=80, step=1, label="Max new tokens", elem_id="cmp-max",
+                max_tokens = gr.Slider(1, 512, value=d.max_tokens, step=1, label="Max new tokens", elem_id="cmp-max",
                                        min_width=110, info="Tokens each column adds.")
-                seed = gr.Number(1234, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
+                seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
                                  info="Shared by every column: same seed = same text.")
             with gr.Row():
                 go = gr.Button("Generate side by side", variant="primary", elem_id="cmp-generate")
@@ -153,12 +170,15 @@ def create_compare_tab(studio: Studio) -> dict:
     refresh.click(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
                   api_visibility="private")
 
-    @friendly
-    def run(m, b, a, p, t, k, tp, mx, sd, progress=gr.Progress()):
-        yield from compare(studio, m, b, a, p, t, k, tp, mx, sd, progress)
+    # the form as CompareForm's fields, in its order (the compare API's argument order)
+    form = dict(model=model, include_base=include_base, adapters=adapters, prompt=prompt, temperature=temperature,
+                top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
-    event = go.click(run, inputs=[model, include_base, adapters, prompt, temperature, top_k, top_p, max_tokens,
-                                  seed], outputs=outputs, concurrency_limit=4, concurrency_id="generate",
+    @friendly
+    def run(progress=gr.Progress(), **values):
+        yield from compare(studio, CompareForm(**values), progress)
+
+    event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=4, concurrency_id="generate",
                      api_name="compare")
     event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                api_visibility="private")

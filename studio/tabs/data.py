@@ -5,19 +5,15 @@ saved as a named dataset in the datasets folder, where the Train tab finds it.
 """
 from __future__ import annotations
 
-import errno
 import html
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from core.model import tokenizer
-from core.train.data import TEXT_SUFFIXES, build_dataset, list_samples, load_sample, normalize_text, read_text_file
-from core.train.data import save_dataset, text_stats
+from core.train.data import TEXT_SUFFIXES, build_dataset, join_documents, list_samples, load_sample, normalize_text
+from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
@@ -102,32 +98,36 @@ def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
     return {"files": loaded, "tokens": 0, "sample": (state or EMPTY).get("sample")}, suggested
 
 
-def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT) -> str:
-    """The first `limit` GPT-2 tokens as coloured spans; hovering one shows its id."""
+def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None) -> str:
+    """The first `limit` GPT-2 tokens as coloured spans; hovering one shows its id. `ids`: the text's tokens
+    when the caller has them already (the text is then not encoded again)."""
     if not text:
         return "<div class='token-view empty'>Tokens appear here once there is text.</div>"
-    ids = tokenizer.encode(text[: limit * 40])[:limit]
+    if ids is None and len(text) < 2_000_000:
+        ids = tokenizer.encode(text)
+    total = len(ids) if ids is not None else None  # a huge text: only its beginning is encoded
+    shown = list(ids[:limit]) if ids is not None else tokenizer.encode(text[: limit * 40])[:limit]
     spans = []
-    for i, (tid, s) in enumerate(zip(ids, tokenizer.token_strings(ids))):
-        shown = html.escape(s).replace("\n", "↵\n")
+    for i, (tid, s) in enumerate(zip(shown, tokenizer.token_strings(shown))):
+        escaped = html.escape(s).replace("\n", "↵\n")
         tip = html.escape(f"id {tid}: {s!r}", quote=True)
-        spans.append(f"<span class='tok tok-c{i % 6}' title='{tip}' data-id='{tid}'>{shown}</span>")
-    total = len(tokenizer.encode(text)) if len(text) < 2_000_000 else None
+        spans.append(f"<span class='tok tok-c{i % 6}' title='{tip}' data-id='{tid}'>{escaped}</span>")
     more = f" of {total:,}" if total is not None else ""
-    return (f"<div class='token-caption'>First {len(ids):,}{more} tokens; hover a token to see its id.</div>"
+    return (f"<div class='token-caption'>First {len(shown):,}{more} tokens; hover a token to see its id.</div>"
             f"<div class='token-view'>{''.join(spans)}</div>")
 
 
-def stats_html(texts: list[str], sources: list[str], ratio: float, cut_from: int | None = None) -> tuple[str, int]:
+def stats_html(texts: list[str], sources: list[str], ratio: float, cut_from: int | None = None,
+               ids=None) -> tuple[str, int]:
     """Statistics cards + a split preview + the most frequent tokens; returns (html, token count).
     `cut_from`: the session's whole size in bytes when `texts` are only its first part (counts are then
-    estimated from that part)."""
+    estimated from that part). `ids`: the joined texts' tokens, when the caller has them already."""
     if not texts:
         return ("<div class='stats empty'>Upload .txt/.md files, paste text, or pick a sample to see "
                 "statistics.</div>", 0)
     ratio = number(ratio, "the training share")
-    text = "<|endoftext|>".join(texts)
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    text = join_documents(texts)
+    ids = np.asarray(tokenizer.encode(text) if ids is None else ids, dtype=np.int64)
     st = text_stats(text, ids, top=12)
     scale = cut_from / max(1, len(text)) if cut_from else 1.0
     tokens = int(st.tokens * scale)
@@ -162,12 +162,15 @@ def stats_html(texts: list[str], sources: list[str], ratio: float, cut_from: int
 
 def analyze(state: dict | None, pasted: str | None, ratio: float) -> tuple[dict, str, str]:
     """(state with the token count, statistics html, token view html) for the current text. It reads at most
-    PREVIEW_CHARS, so a big text costs every user the same fraction of a second as a small one."""
+    PREVIEW_CHARS, so a big text costs every user the same fraction of a second as a small one. The text is
+    encoded once, for the statistics and the token view together."""
     texts, sources, cut = _docs(state, pasted, PREVIEW_CHARS)
     whole_size = sum(size for _, _, size in (state or EMPTY).get("files", [])) + len(pasted or "")
-    stats, n = stats_html(texts, sources, ratio, cut_from=whole_size if cut else None)
+    text = join_documents(texts)
+    ids = tokenizer.encode(text) if texts else None
+    stats, n = stats_html(texts, sources, ratio, cut_from=whole_size if cut else None, ids=ids)
     state = dict(state or EMPTY, tokens=n)
-    return state, stats, token_view_html("<|endoftext|>".join(texts))
+    return state, stats, token_view_html(text, ids=ids)
 
 
 def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, dict]:
@@ -182,26 +185,12 @@ def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, 
 def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str) -> str:
     """Tokenize, split and save the session's text as dataset `name`; returns a status line."""
     name = typed_name(name, "the dataset name")
-    path = studio.dataset_path(name)
-    if path.exists():
-        raise ValueError(f"a dataset named '{name}' already exists; choose another name.")
+    studio.dataset_store.check_new(name)  # before the text is read and tokenized for nothing
     texts, sources, _ = _docs(state, pasted)
     if not texts:
         raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
     ds = build_dataset(texts, sources, float(ratio))
-    # built in a hidden folder and renamed into place: a failed write (a full disk) leaves nothing behind
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=studio.datasets_dir))
-    try:
-        save_dataset(ds, tmp / name)
-        try:
-            os.rename(tmp / name, path)  # fails if another session filled the name meanwhile
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise ValueError(f"a dataset named '{name}' already exists; choose another name.") from None
-            raise
-        ds.path = path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    studio.dataset_store.create(name, ds)  # published whole: a failed write (a full disk) leaves nothing
     m = ds.meta
     return (f"✓ Saved dataset **{name}**: {m['tokens']:,} tokens ({m['train_tokens']:,} train / "
             f"{m['val_tokens']:,} validation). It is now selectable on the **Train** tab.")

@@ -309,7 +309,7 @@ def create_library_tab(studio: Studio) -> dict:
             restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
 
     lists = [table, picked, blend_pick]
-    show = dict(fn=friendly(lambda n: details(studio, n)), inputs=picked, outputs=[info, curve, ckpt])
+    show = dict(fn=friendly(lambda selected: details(studio, selected)), inputs=picked, outputs=[info, curve, ckpt])
     picked.change(**show, api_visibility="private")
 
     def on_select(evt: gr.SelectData):
@@ -317,7 +317,8 @@ def create_library_tab(studio: Studio) -> dict:
         return row[0] if row else gr.skip()
 
     table.select(on_select, outputs=picked, api_visibility="private")
-    refresh_btn.click(lambda n: refresh(studio, n), inputs=picked, outputs=lists, api_visibility="private")
+    refresh_btn.click(lambda selected: refresh(studio, selected), inputs=picked, outputs=lists,
+                      api_visibility="private")
 
     def after(result):
         """Run an action returning (message, name to select); then refresh the lists."""
@@ -327,33 +328,34 @@ def create_library_tab(studio: Studio) -> dict:
     # every handler acts as the signed-in user: owners (or admins) only for rename/delete, the acting user
     # recorded for what it creates
     @friendly
-    def do_rename(n, new, request: gr.Request):
-        return after(rename(studio, n, new, user_of(request)))
+    def do_rename(selected, new_name, request: gr.Request):
+        return after(rename(studio, selected, new_name, user_of(request)))
 
     @friendly
-    def do_duplicate(n, new, request: gr.Request):
-        return after(duplicate(studio, n, new, user_of(request)))
+    def do_duplicate(selected, new_name, request: gr.Request):
+        return after(duplicate(studio, selected, new_name, user_of(request)))
 
     @friendly
-    def do_restore(n, c, new, request: gr.Request):
-        return after(restore_checkpoint(studio, n, c, new, user_of(request)))
+    def do_restore(selected, checkpoint, new_name, request: gr.Request):
+        return after(restore_checkpoint(studio, selected, checkpoint, new_name, user_of(request)))
 
     @friendly
-    def ask_delete(n):
-        n = _need(n)
-        return gr.update(visible=True), f"Delete **{html.escape(n)}** and its checkpoints? This cannot be undone."
+    def ask_delete(selected):
+        selected = _need(selected)
+        return (gr.update(visible=True),
+                f"Delete **{html.escape(selected)}** and its checkpoints? This cannot be undone.")
 
     @friendly
-    def do_delete(n, request: gr.Request):
-        return (gr.update(visible=False), delete(studio, n, user_of(request)), *refresh(studio, None))
+    def do_delete(selected, request: gr.Request):
+        return (gr.update(visible=False), delete(studio, selected, user_of(request)), *refresh(studio, None))
 
     @friendly
-    def do_import(f, n, request: gr.Request):
-        return (*after(import_upload(studio, f, n, user_of(request))), None)
+    def do_import(files, name, request: gr.Request):
+        return (*after(import_upload(studio, files, name, user_of(request))), None)
 
     @friendly
-    def do_blend(p, w, n, request: gr.Request):
-        return after(blend(studio, p, w, n, user_of(request)))
+    def do_blend(picked, weights, name, request: gr.Request):
+        return after(blend(studio, picked, weights, name, user_of(request)))
 
     rename_btn.click(do_rename, inputs=[picked, new_name], outputs=[status, *lists], api_name="rename_adapter")
     dup_btn.click(do_duplicate, inputs=[picked, new_name], outputs=[status, *lists], api_name="duplicate_adapter")
@@ -369,14 +371,14 @@ def create_library_tab(studio: Studio) -> dict:
     # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
     # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
     @friendly
-    def do_zip(n):
-        path = export_zip(studio, n)
+    def do_zip(selected):
+        path = export_zip(studio, selected)
         yield gr.update(value=path, visible=True)
         studio.drop_export(path)
 
     @friendly
-    def do_merge(n, progress=gr.Progress()):
-        msg, path = merge_export(studio, n, progress)
+    def do_merge(selected, progress=gr.Progress()):
+        msg, path = merge_export(studio, selected, progress)
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.adapters.library import valid_name
 from core.adapters.library import check_name
 from core.model.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.train.data import load_dataset
@@ -34,28 +34,53 @@ TARGET_HELP = {
 }
 
 
-# ---- settings -> configs -------------------------------------------------------------------
+# ---- the form -> configs ---------------------------------------------------------------------
 
-def make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
-                 prompt: str | None = None) -> tuple[LoraConfig, TrainConfig]:
-    """The UI's values as validated core configs (ValueError with a message otherwise). Every value is
+@dataclass
+class TrainForm:
+    """The Train tab's form, as the page (or an API client) sends it: unchecked values of any kind. The
+    defaults are the page's; the field order is the start_training API's argument order."""
+    model: str = "gpt2"  # base model preset
+    dataset: str | None = None  # a dataset name in the datasets folder
+    name: str | None = ""  # the new adapter's name; empty = automatic
+    targets: list = field(default_factory=lambda: list(LoraConfig().targets))  # projections that get LoRA
+    rank: float | None = 8
+    alpha: float | None = 16
+    dropout: float | None = 0.0
+    lr: float | None = 1e-3
+    steps: float | None = 200
+    batch: float | None = 4
+    accum: float | None = 1  # gradient accumulation
+    seq_len: float | None = 128
+    eval_interval: float | None = 20
+    seed: float | None = 1337
+    prompt: str | None = DEFAULT_PROMPT  # continued at each evaluation
+
+
+SETTINGS = ("model", "targets", "rank", "alpha", "dropout", "lr", "steps", "batch", "accum", "seq_len",
+            "eval_interval", "seed")  # the fields the estimate reads
+
+
+def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig, TrainConfig]:
+    """The form's values as validated core configs (ValueError with a message otherwise). Every value is
     checked here as an API client could send it: None, NaN, inf, 1e300 or text in any field."""
-    if lr is None:
+    f = form
+    if f.lr is None:
         raise ValueError("learning rate is empty; enter a number such as 3e-4.")
-    if targets is not None and not isinstance(targets, (list, tuple)):
+    if f.targets is not None and not isinstance(f.targets, (list, tuple)):
         raise ValueError("target modules must be a list; choose them with the checkboxes.")
-    unknown = [t for t in (targets or []) if t not in TARGET_MODULES]
+    unknown = [t for t in (f.targets or []) if t not in TARGET_MODULES]
     if unknown:
         raise ValueError(f"unknown target module {str(unknown[0])[:40]!r}; choose from {', '.join(TARGET_MODULES)}.")
-    prompt = check_text(prompt, "the sample prompt", MAX_PROMPT_CHARS).strip()
-    lcfg = LoraConfig(r=whole(r, "rank"), alpha=number(alpha if alpha is not None else 0, "alpha"),
-                      dropout=number(dropout or 0, "dropout"),
-                      targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
-    eval_every = whole(eval_interval, "eval interval")
-    tcfg = TrainConfig(steps=whole(steps, "steps"), lr=number(lr, "learning rate"),
-                       batch_size=whole(batch, "batch size"), grad_accum=whole(accum, "gradient accumulation"),
-                       seq_len=whole(seq_len, "sequence length"), eval_interval=eval_every,
-                       checkpoint_interval=max(eval_every, 50) if eval_every else 50, seed=whole(seed, "seed"),
+    prompt = check_text(f.prompt if with_prompt else None, "the sample prompt", MAX_PROMPT_CHARS).strip()
+    lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
+                      dropout=number(f.dropout or 0, "dropout"),
+                      targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])))
+    eval_every = whole(f.eval_interval, "eval interval")
+    tcfg = TrainConfig(steps=whole(f.steps, "steps"), lr=number(f.lr, "learning rate"),
+                       batch_size=whole(f.batch, "batch size"), grad_accum=whole(f.accum, "gradient accumulation"),
+                       seq_len=whole(f.seq_len, "sequence length"), eval_interval=eval_every,
+                       checkpoint_interval=max(eval_every, 50) if eval_every else 50, seed=whole(f.seed, "seed"),
                        sample_prompts=(prompt,) if prompt else ())
     return lcfg, tcfg
 
@@ -79,16 +104,15 @@ def size_md(studio: Studio, model_name, targets, r) -> str:
             f"**{human_bytes(est['adapter_bytes'])}** · **{est['share_percent']:.3f}%** of the model")
 
 
-def estimate_md(studio: Studio, model_name, targets, r, alpha, dropout, lr, steps, batch, accum, seq_len,
-                eval_interval, seed) -> str:
-    """Expected peak memory and time of the run, before it starts."""
+def estimate_md(studio: Studio, form: TrainForm) -> str:
+    """Expected peak memory and time of the run, before it starts (the form's SETTINGS only)."""
     try:
-        lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed)
-        cfg = PRESETS[model_name]
+        lcfg, tcfg = make_configs(form, with_prompt=False)
+        cfg = PRESETS[form.model]
         lcfg.validate(cfg)
         tcfg.validate(cfg)
         dev = studio.engine.device.type
-        est = training_estimate(model_name, lcfg, tcfg, dev)
+        est = training_estimate(form.model, lcfg, tcfg, dev)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
         return f"<span class='warn'>⚠ {html.escape(scrub(str(e)))}</span>"
     per = tcfg.batch_size * tcfg.grad_accum
@@ -130,23 +154,22 @@ def auto_name(dataset: str, model_name: str) -> str:
     return f"{dataset}-{model_name}-{time.strftime('%m%d-%H%M%S')}"[:64]
 
 
-def start(studio: Studio, model_name, dataset, name, targets, r, alpha, dropout, lr, steps, batch, accum,
-          seq_len, eval_interval, seed, prompt, user: str | None = None, progress=None) -> tuple[str, str]:
+def start(studio: Studio, form: TrainForm, user: str | None = None, progress=None) -> tuple[str, str]:
     """Start training; returns (status line, the run's name). Raises RunnerBusy/ValueError/WeightsError."""
     busy = studio.runner.busy_message()
     if busy:
         raise ValueError(busy)
-    dataset = typed_name(dataset, "the dataset name")
+    dataset = typed_name(form.dataset, "the dataset name")
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
+    model_name = form.model
     if not isinstance(model_name, str) or model_name not in PRESETS:
         raise ValueError(f"unknown base model {model_name!r}; choose one of {', '.join(CHOICES)}.")
-    lcfg, tcfg = make_configs(targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed,
-                              prompt)
+    lcfg, tcfg = make_configs(form)
     lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
     tcfg.validate(PRESETS[model_name])
-    ds = load_dataset(studio.dataset_path(dataset))
-    name = check_name(typed_name(name, "the adapter name") or auto_name(dataset, model_name))
+    ds = studio.dataset_store.load(dataset)
+    name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
     if progress is not None:
         progress(0.1, desc=f"loading base model {model_name} (first use only)…")
@@ -177,10 +200,7 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
                          f"{', '.join(CHOICES)} only (use the CLI for other bases).")
     ds_meta = ck.meta.get("dataset") if isinstance(ck.meta.get("dataset"), dict) else {}
-    ds_path = ds_meta.get("path") if isinstance(ds_meta.get("path"), str) else None
-    ds_name = ds_meta.get("name") if valid_name(ds_meta.get("name")) else None
-    candidates = [p for p in (ds_path, studio.dataset_path(ds_name) if ds_name else None) if p]
-    folder = next((p for p in candidates if _is_dataset(p)), None)
+    folder = studio.dataset_store.find(ds_meta.get("path"), ds_meta.get("name"))
     if folder is None:
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
@@ -195,11 +215,6 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
     model = studio.base(base, _progress_say(progress), pin=True)  # the runner releases the pin
     job = studio.runner.resume(model, base, ds, name, total, user=user, pinned=True)
     return f"Resumed **{name}** from step {ck.step} toward {job.steps} steps.", name
-
-
-def _is_dataset(p) -> bool:
-    from pathlib import Path
-    return Path(p).is_dir() and (Path(p) / "train_00000.npy").is_file()
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -284,12 +299,13 @@ def create_train_tab(studio: Studio) -> dict:
                 "matrices, and watch it learn. Only the adapter is trained; the base stays frozen.",
                 elem_classes="tab-intro")
     seen = gr.State(None)
+    d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, elem_classes="settings"):
-            model = gr.Dropdown(CHOICES, value=studio.default_model, label="Base model", elem_id="train-model",
+            model = gr.Dropdown(CHOICES, value=d.model, label="Base model", elem_id="train-model",
                                 info="The pretrained GPT-2 to adapt; bigger models learn better but need more "
                                      "memory and time. 'tiny' is random and offline.")
-            model_status = gr.Markdown(model_status_md(studio, studio.default_model), elem_id="train-model-status")
+            model_status = gr.Markdown(model_status_md(studio, d.model), elem_id="train-model-status")
             with gr.Row(equal_height=False):
                 # choices are a snapshot; API clients may name a dataset made since (checked on Start)
                 dataset = gr.Dropdown(dataset_choices(studio), value=None, label="Dataset", scale=4,
@@ -300,46 +316,46 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=list(LoraConfig().targets), label="Target modules",
+            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
                                        elem_id="train-targets",
                                        info="Which projections in every block get a LoRA update: "
                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
-            size = gr.Markdown(size_md(studio, studio.default_model, list(LoraConfig().targets), 8), elem_id="train-size")
+            size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
-                    r = gr.Slider(1, 64, value=8, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                    r = gr.Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
                                   info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = gr.Number(16, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                    alpha = gr.Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
                                       info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="Dropout", elem_id="train-dropout",
+                    dropout = gr.Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
                                         min_width=110,
                                         info="Randomly drops LoRA inputs while training to reduce overfitting.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
-                    lr = gr.Number(1e-3, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                    lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
                                    info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = gr.Number(200, precision=0, label="Steps", elem_id="train-steps", min_width=110, minimum=1,
+                    steps = gr.Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                                      minimum=1,
                                       info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = gr.Number(1337, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                    seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
                                      info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
-                    batch = gr.Number(4, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                    batch = gr.Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
                                       minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = gr.Number(1, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                    accum = gr.Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
                                       min_width=110, minimum=1,
                                       info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="train-seq",
+                    seq_len = gr.Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
                                         min_width=110, minimum=1,
                                         info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
-                    eval_interval = gr.Number(20, precision=0, label="Eval interval", elem_id="train-eval",
+                    eval_interval = gr.Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
                                               min_width=110, minimum=0,
                                               info="Measure validation loss and draw samples every N steps.")
-                    prompt = gr.Textbox(DEFAULT_PROMPT, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                    prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
-            estimate = gr.Markdown(estimate_md(studio, studio.default_model, list(LoraConfig().targets), 8, 16, 0.0, 1e-3, 200,
-                                               4, 1, 128, 20, 1337), elem_id="train-estimate")
+            estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
             with gr.Row():
                 start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
                 stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
@@ -357,34 +373,35 @@ def create_train_tab(studio: Studio) -> dict:
     timer.tick(lambda s: live_view(studio, s), inputs=seen, outputs=[job, chart, samples, seen],
                concurrency_limit=None, show_progress="hidden", api_visibility="private")
 
-    est_inputs = [model, targets, r, alpha, dropout, lr, steps, batch, accum, seq_len, eval_interval, seed]
-    est_fn = lambda *a: estimate_md(studio, *a)  # noqa: E731
-    for c in est_inputs:
-        c.change(est_fn, inputs=est_inputs, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
-                 api_visibility="private")
-    for c in (model, targets, r):
-        c.change(lambda m, t, rr: size_md(studio, m, t, rr), inputs=[model, targets, r], outputs=size,
-                 show_progress="hidden", api_visibility="private")
+    # the form as TrainForm's fields, in its order (the start_training API's argument order)
+    form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
+                steps=steps, batch=batch, accum=accum, seq_len=seq_len, eval_interval=eval_interval, seed=seed,
+                prompt=prompt)
+    settings = {k: form[k] for k in SETTINGS}
+    gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
+          inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
+          api_visibility="private")
+    gr.on([model.change, targets.change, r.change], lambda m, t, rank: size_md(studio, m, t, rank),
+          inputs=[model, targets, r], outputs=size, show_progress="hidden", trigger_mode="always_last",
+          api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
     refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset, api_visibility="private")
 
     @friendly
-    def do_start(m, d, n, t, rr, a, dr, l, st, b, ac, sl, ev, sd, pr, request: gr.Request,
-                 progress=gr.Progress()):
-        msg, run = start(studio, m, d, n, t, rr, a, dr, l, st, b, ac, sl, ev, sd, pr, user_of(request), progress)
-        return msg, run, model_status_md(studio, m)
+    def do_start(request: gr.Request, progress=gr.Progress(), **values):
+        msg, run = start(studio, TrainForm(**values), user_of(request), progress)
+        return msg, run, model_status_md(studio, values["model"])
 
     @friendly
     def do_stop(request: gr.Request):
         return stop(studio, user_of(request))
 
     @friendly
-    def do_resume(n, st, request: gr.Request, progress=gr.Progress()):
-        return resume(studio, n, st, user_of(request), progress)
+    def do_resume(run_name, total_steps, request: gr.Request, progress=gr.Progress()):
+        return resume(studio, run_name, total_steps, user_of(request), progress)
 
-    start_btn.click(do_start, inputs=[model, dataset, name, targets, r, alpha, dropout, lr, steps, batch, accum,
-                                      seq_len, eval_interval, seed, prompt], outputs=[action, name, model_status],
+    start_btn.click(do_start, inputs_kwargs=form, outputs=[action, name, model_status],
                     concurrency_id="train-control", api_name="start_training")
     stop_btn.click(do_stop, outputs=action, queue=False, api_name="stop_training")
     resume_btn.click(do_resume, inputs=[name, steps], outputs=[action, name], concurrency_id="train-control",
