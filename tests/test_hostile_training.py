@@ -347,7 +347,7 @@ def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(
 # ---- the same rules through the studio's Train tab ------------------------------------------------
 
 def test_the_train_tab_refuses_a_run_too_large_before_loading_the_base(tmp_path):
-    from test_studio_handlers import _prepare, _start
+    from studio_helpers import _prepare, _start
     from studio.app import create_studio
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny", max_train_memory="64MB")
     _prepare(studio)
@@ -359,7 +359,7 @@ def test_the_train_tab_refuses_a_run_too_large_before_loading_the_base(tmp_path)
 
 
 def test_the_train_tab_pins_its_base_until_the_run_ends(tmp_path, hf_small):
-    from test_studio_handlers import _prepare, _start
+    from studio_helpers import _prepare, _start
     from studio.app import create_studio
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
     _prepare(studio)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,49 +18,7 @@ from studio.context import friendly
 from studio.models import availability
 from studio.plots import figure_from_meta, loss_figure
 from studio.tabs import compare, data, library, train
-
-FAST = dict(targets=["attn.c_attn", "mlp.c_fc"], r=4, alpha=8, dropout=0.0, lr=2e-3, batch=2, accum=1,
-            seq_len=32, eval_interval=5, seed=7, prompt="Ahoy")
-
-
-@pytest.fixture
-def studio(tmp_path):
-    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
-    yield s
-    job = s.runner.busy()
-    if job is not None:
-        job.request_stop()
-        s.runner.wait(60)
-
-
-def _prepare(studio, name="pirates", sample="pirate_recipes"):
-    text, _, state = data.sample_text(sample)
-    state, _, _ = data.analyze(state, text, 0.9)
-    return data.prepare(studio, state, text, 0.9, name)
-
-
-def _start(studio, name, steps, dataset="pirates", user=None, **over):
-    a = {**FAST, **over}
-    return train.start(studio, "tiny", dataset, name, a["targets"], a["r"], a["alpha"], a["dropout"], a["lr"],
-                       steps, a["batch"], a["accum"], a["seq_len"], a["eval_interval"], a["seed"], a["prompt"],
-                       user=user)
-
-
-def _wait_for(pred, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _train(studio, name, steps=6, **kw):
-    _start(studio, name, steps, **kw)
-    snap = studio.runner.wait(180)
-    assert snap["state"] == "finished", snap["message"]
-    return snap
-
+from studio_helpers import _prepare, _start, _train, _wait_for
 
 # ---- data ----------------------------------------------------------------------------------
 

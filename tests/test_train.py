@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from adapter_helpers import base_tensors
 from core.train import data
 from core.model import tokenizer
 from core.model.config import LoraConfig, TrainConfig
@@ -38,10 +39,6 @@ def run_all(trainer) -> list[dict]:
 
 def of(events, kind):
     return [e for e in events if e["type"] == kind]
-
-
-def base_tensors(model) -> dict[str, torch.Tensor]:
-    return {k.replace(".base.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 # ---- schedule and settings ------------------------------------------------------------
