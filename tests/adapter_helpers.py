@@ -1,4 +1,5 @@
-"""Helpers for the adapter tests: adapters with non-zero weights, logits, crafted safetensors files."""
+"""Helpers for the adapter tests: adapters with non-zero weights, logits, crafted safetensors files, and
+the base weights (to check that adapter work leaves them bit for bit)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,11 @@ def make_adapter(model, name: str, lcfg: LoraConfig, seed: int = 0, std: float =
 @torch.no_grad()
 def logits(model, route=None, ids=IDS):
     return model(ids.to(model.device), route).float()
+
+
+def base_tensors(model) -> dict[str, torch.Tensor]:
+    """A copy of the base weights by name (LoRA wrapping moves 'c_attn.weight' to 'c_attn.base.weight')."""
+    return {k.replace(".base.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 def listing(lib) -> list[tuple[str, ...]]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: small random GPT-2 checkpoints written in HF format, and the tiny preset."""
+"""Shared fixtures: small random GPT-2 checkpoints written in HF format, the tiny preset, a studio on it,
+and a dataset prepared by the CLI. Shared helpers: adapter_helpers, bad_adapters, cli_helpers, studio_helpers."""
 from __future__ import annotations
 
 import os
@@ -43,3 +44,24 @@ def hf_small(tmp_path) -> Path:
 def tiny():
     from core.model.weights import load_base
     return load_base("tiny", device="cpu")
+
+
+@pytest.fixture
+def studio(tmp_path):
+    """A studio on the tiny model in a fresh library and datasets folder; a run still going is stopped."""
+    from studio.app import create_studio
+    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
+    yield s
+    job = s.runner.busy()
+    if job is not None:
+        job.request_stop()
+        s.runner.wait(60)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A dataset folder made by the CLI from a bundled sample text."""
+    from core.__main__ import main
+    from core.train.data import SAMPLES_DIR
+    main(["prepare", "--input", str(SAMPLES_DIR / "brainrot.txt"), "--output", str(tmp_path / "ds")])
+    return tmp_path / "ds"

@@ -1,4 +1,5 @@
-"""Every validation rule with a crafted bad file: its own clear message, and nothing changes.
+"""Every validation rule with a crafted bad file (the cases are in bad_adapters.py): its own clear
+message, and nothing changes.
 
 Each bad adapter is offered twice: imported into the library (which must stay as it was) and
 loaded into a model (which must end up with no new adapter).
@@ -6,169 +7,18 @@ loaded into a model (which must end up with no new adapter).
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
+from bad_adapters import CONFIG_CASES, KA, LC, RAW_CASES, TENSOR_CASES, TINY, config_with, good
 from core.adapters.format import CONFIG, PEFT_PREFIX, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.adapters.resolve import load_adapter
-from core.model.config import LoraConfig, PRESETS
 from core.lora.layers import adapter_names
-
-TINY = PRESETS["tiny"]  # 2 layers, width 64
-LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
-KA = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_A.weight"
-KB = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_B.weight"
-
-
-def good():
-    return lora_tensors(TINY, r=4)
-
-
-def _bad_shape():
-    t = good()
-    t[KA] = torch.zeros(4, 65)
-    return t
-
-
-def _extra_key():
-    t = good()
-    t[PEFT_PREFIX + "transformer.wte.weight"] = torch.zeros(2, 2)
-    return t
-
-
-def _layer_out_of_range():
-    return lora_tensors(TINY, r=4, layers=[0, 5])
-
-
-def _nan():
-    t = good()
-    t[KB][3, 1] = float("nan")
-    return t
-
-
-def _rank0():
-    t = good()
-    t[KA], t[KB] = torch.zeros(0, 64), torch.zeros(192, 0)
-    return t
-
-
-def _int_dtype():
-    t = good()
-    t[KB] = torch.ones(192, 4, dtype=torch.int32)
-    return t
-
-
-def _missing_b():
-    t = good()
-    del t[KB]
-    return t
-
-
-def _mixed_ranks():
-    t = good()
-    k = PEFT_PREFIX + "transformer.h.1.attn.c_attn.lora_"
-    t[k + "A.weight"], t[k + "B.weight"] = torch.zeros(2, 64), torch.zeros(192, 2)
-    return t
-
-
-def _rank_too_big():
-    t = good()
-    t[KA], t[KB] = torch.zeros(300, 64), torch.zeros(192, 300)
-    return t
-
-
-def _three_d():
-    t = good()
-    t[KA] = torch.zeros(4, 64, 1)
-    return t
-
-
-TENSOR_CASES = {
-    "wrong shape": (_bad_shape, r"has shape \[4, 65\], expected \[4, 64\]"),
-    "extra key": (_extra_key, r"unexpected key 'base_model\.model\.transformer\.wte\.weight'"),
-    "layer out of range": (_layer_out_of_range, r"layer 5 but the loaded base has 2 layers"),
-    "NaN": (_nan, r"lora_B\.weight' contains NaN or infinite values"),
-    "rank 0": (_rank0, r"has rank 0 .*must be 1\.\.256"),
-    "rank 300": (_rank_too_big, r"has rank 300"),
-    "int dtype": (_int_dtype, r"has dtype I32; adapter weights must be F32, F16, BF16"),
-    "missing B": (_missing_b, r"has no matching lora_B"),
-    "mixed ranks": (_mixed_ranks, r"must use a single rank"),
-    "3-D": (_three_d, r"LoRA weights are 2-D"),
-}
-
-
-def _raw_truncated():
-    return st_save(good())[:-100]
-
-
-def _raw_pickle():
-    import io
-    buf = io.BytesIO()
-    torch.save(good(), buf)
-    return buf.getvalue()
-
-
-def _raw_legacy_pickle():
-    import pickle
-    return pickle.dumps({"a": 1}, protocol=2)
-
-
-def _raw_oversized_header():
-    return struct.pack("<Q", 10**12) + b"{}" * 8
-
-
-def _raw_header_past_end():
-    return struct.pack("<Q", 5000) + b'{"a": 1}'
-
-
-def _raw_not_json():
-    return struct.pack("<Q", 8) + b"\xff\xfe\x00garb" + b"\0" * 16
-
-
-def _raw_tiny():
-    return b"\x01\x02"
-
-
-def _raw_trailing():
-    return st_save(good()) + b"junk"
-
-
-RAW_CASES = {
-    "truncated data": (_raw_truncated, r"is truncated: tensor data should end at byte"),
-    "pickle renamed": (_raw_pickle, r"is a PyTorch pickle \(torch\.save\), not safetensors"),
-    "legacy pickle renamed": (_raw_legacy_pickle, r"is a PyTorch pickle"),
-    "oversized header": (_raw_oversized_header, r"header claims 1000000000000 bytes, over the 1048576 byte limit"),
-    "header past end": (_raw_header_past_end, r"is truncated: its header needs 5000 bytes"),
-    "header not JSON": (_raw_not_json, r"is not a safetensors file \(its header is not JSON\)"),
-    "8 bytes short": (_raw_tiny, r"too short for a safetensors file"),
-    "trailing bytes": (_raw_trailing, r"could not be read as safetensors"),
-}
-
-
-def _cfg(**over):
-    c = peft_config(LC, None)
-    c.update(over)
-    return c
-
-
-CONFIG_CASES = {
-    "r mismatch": (_cfg(r=8), r"says r=8 but the tensors .* have rank 4"),
-    "r zero": (_cfg(r=0), r"r must be a whole number from 1 to 256 \(got 0\)"),
-    "alpha negative": (_cfg(lora_alpha=-1), r"lora_alpha must be a positive number"),
-    "not lora": (_cfg(peft_type="IA3"), r"peft_type is 'IA3'; only LoRA"),
-    "dora": (_cfg(use_dora=True), r"DoRA \(use_dora\) is not supported"),
-    "rank pattern": (_cfg(rank_pattern={"c_attn": 8}), r"rank_pattern/alpha_pattern"),
-    "unknown target": (_cfg(target_modules=["q_proj"]), r"target module 'q_proj' is not one of GPT-2's"),
-    "unlisted target": (_cfg(target_modules=["c_fc"]), r"has weights for attn\.c_attn but .* does not list it"),
-    "bias": (_cfg(bias="all"), r"bias='all' is not supported"),
-    "base mismatch": (_cfg(base_model_name_or_path="gpt2-medium"), r"made for gpt2-medium \(24 layers, width 1024\)"),
-}
 
 
 def _check_refused(tmp_path, folder, pattern):
@@ -293,7 +143,7 @@ def test_duplicate_key_forms_are_refused(tmp_path):
 
 
 def test_rslora_alpha_is_converted(tmp_path, tiny):
-    folder = write_adapter(tmp_path / "rs", good(), config=_cfg(use_rslora=True, lora_alpha=8))
+    folder = write_adapter(tmp_path / "rs", good(), config=config_with(use_rslora=True, lora_alpha=8))
     _, lcfg, _ = load_adapter(tiny, folder)
     assert lcfg.scaling == pytest.approx(8 / 4 ** 0.5)
 

@@ -9,28 +9,23 @@ files arrive the way a user sends them, through the Library tab's upload handler
 from __future__ import annotations
 
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 import core.train.data
-from adapter_helpers import listing, lora_tensors, write_adapter
+from adapter_helpers import lora_tensors, write_adapter
 from conftest import MEDIUM_SHAPED
 from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.validate import AdapterError
 from core.model.config import PRESETS, LoraConfig
-from core.lora.layers import adapter_names
 from core.model.weights import WeightsError
 from studio.app import create_studio
-from studio.context import friendly
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
-from test_adapter_validation import CONFIG_CASES, LC, RAW_CASES, TENSOR_CASES, good
-from test_cli import cli, one_line_error
-from test_studio_handlers import FAST, _form, _prepare, _start, _train, studio  # noqa: F401 - `studio` is a fixture
-from test_train import base_tensors
+from bad_adapters import CONFIG_CASES, LC, RAW_CASES, TENSOR_CASES, good
+from cli_helpers import cli, one_line_error
+from studio_helpers import FAST, _form, _prepare, _start, _train, refused
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
        b"\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
@@ -42,51 +37,6 @@ def _zip_bytes() -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("story.txt", "Once upon a time " * 50)
     return buf.getvalue()
-
-
-# ---- "changing no state" -------------------------------------------------------------------
-
-def _files(folder: Path) -> list[tuple[str, ...]]:
-    return sorted(tuple(p.relative_to(folder).parts) for p in folder.rglob("*") if p.name != ".lock")
-
-
-def _state(studio) -> dict:
-    model = studio.engine.model
-    snap = studio.runner.snapshot()
-    return {"datasets": _files(studio.datasets_dir), "library": listing(studio.library),
-            "entries": [e.to_dict() for e in studio.library.list()],
-            "base": studio.engine.base_id if model is not None else None,
-            "adapters": sorted(adapter_names(model)) if model is not None else None,
-            "engine slots": studio.engine.loaded(),
-            "job": None if snap is None else (snap["id"], snap["state"], snap["progress"].get("step"))}
-
-
-@contextmanager
-def unchanged(studio):
-    """Assert that the block changes none of the studio's state (base weights compared bit for bit)."""
-    before = _state(studio)
-    weights = base_tensors(studio.engine.model) if studio.engine.model is not None else None
-    yield
-    assert _state(studio) == before
-    if weights is not None:
-        after = base_tensors(studio.engine.model)
-        assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
-
-
-def refused(studio, exc, pattern, fn, *args, **kw) -> str:
-    """fn(*args) raises `exc` matching `pattern`, changes nothing, and the UI shows it as one short toast."""
-    with unchanged(studio):
-        with pytest.raises(exc, match=pattern) as info:
-            out = fn(*args, **kw)
-            if hasattr(out, "__next__"):  # a generator handler fails on its first step
-                next(out)
-    msg = str(info.value)
-    assert "Traceback" not in msg and len(msg) < 400, msg
-    with unchanged(studio), pytest.warns(UserWarning):  # the same error through the UI wrapper: a warning toast
-        out = friendly(fn)(*args, **kw)
-        if hasattr(out, "__next__"):
-            next(out)
-    return msg
 
 
 # ---- text ------------------------------------------------------------------------------------

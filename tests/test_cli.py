@@ -2,49 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from core.__main__ import main
 from core.train.data import SAMPLES_DIR
+from cli_helpers import ROOT, TINY_RUN, cli, one_line_error
 
-ROOT = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d+ \| lr \d\.\d+e[-+]\d+ \| norm \d+\.\d+ \| dt \d+\.\d+ms \| "
                        r"tok/sec \d+\.\d+ \| +\d+% ETA \d+s$", re.M)
-TINY_RUN = ["--model", "tiny", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--grad-accum", "2",
-            "--lr", "1e-2", "--eval-interval", "3", "--checkpoint-interval", "3", "--log-interval", "2"]
-
-
-def cli(*args, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(capsys, argv) -> str:
-    """Run the CLI in-process on bad input: exit status 2, one line on stderr, no traceback."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    main(["prepare", "--input", str(SAMPLES_DIR / "brainrot.txt"), "--output", str(tmp_path / "ds")])
-    return tmp_path / "ds"
-
-
 def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
     r = cli("prepare", "--input", SAMPLES_DIR / "brainrot.txt", SAMPLES_DIR / "pirate_recipes.txt",
             "--output", "ds", cwd=tmp_path)

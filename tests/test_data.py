@@ -131,7 +131,7 @@ def test_folder_in_the_seeds_layout_loads(tmp_path):
 
 
 def test_bad_dataset_folders_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing: no such dataset folder"):
         data.load_dataset(tmp_path / "missing")
     bad = tmp_path / "bad"
     bad.mkdir()

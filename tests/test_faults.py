@@ -30,9 +30,8 @@ from studio.app import create_studio
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
-from test_bad_inputs import _files, unchanged
-from test_cli import ROOT
-from test_studio_handlers import _prepare, _start, _train, studio  # noqa: F401 - `studio` is a fixture
+from cli_helpers import ROOT
+from studio_helpers import _files, _prepare, _start, _train, unchanged
 
 KILL_RUN = ["--model", "tiny", "--steps", "40", "--batch-size", "4", "--seq-len", "64", "--grad-accum", "1",
             "--lr", "5e-3", "--eval-interval", "10", "--checkpoint-interval", "5", "--log-interval", "1",
@@ -225,7 +224,7 @@ def test_a_failing_run_stops_cleanly_and_keeps_its_last_checkpoint(studio, monke
 KILL_AFTER_START = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_studio_handlers import _prepare, _start
+from studio_helpers import _prepare, _start
 from studio.app import create_studio
 studio = create_studio({lib!r}, {ds!r}, "cpu", "tiny")
 _prepare(studio)

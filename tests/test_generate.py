@@ -82,7 +82,12 @@ def test_long_prompts_are_cropped_to_fit_the_context(tiny):
     assert len(out[0]) == 8
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2)])
-def test_bad_sampling_settings_are_refused(tiny, bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-1), r"temperature must be a number from 0 to 5, 0 = greedy \(got -1\)"),
+    (dict(top_p=0), r"top-p must be a number in \(0, 1\], 1 turns it off \(got 0\)"),
+    (dict(max_new_tokens=0), r"max new tokens must be a whole number from 1 to 1024 \(got 0\)"),
+    (dict(top_k=-2), r"top-k must be a whole number from 0 to 50257 \(got -2\)"),
+])
+def test_bad_sampling_settings_are_refused(tiny, bad, message):
+    with pytest.raises(ValueError, match=message):
         generate(tiny, [PROMPT], None, SamplingConfig(**bad))

@@ -14,7 +14,7 @@ from adapter_helpers import lora_tensors, write_adapter
 from core.__main__ import main
 from core.adapters.format import META
 from core.model.config import LoraConfig, PRESETS
-from test_cli import TINY_RUN, one_line_error, prepared  # noqa: F401 - `prepared` is a fixture
+from cli_helpers import TINY_RUN, one_line_error
 
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
 

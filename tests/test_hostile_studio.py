@@ -22,8 +22,7 @@ from studio.app import build_ui
 from studio.context import friendly
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
-from test_bad_inputs import refused, unchanged
-from test_studio_handlers import FAST, _form, _prepare, _start, _train, _wait_for, studio  # noqa: F401 - a fixture
+from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for, refused, unchanged
 
 SURROGATE = "Ahoy \ud800 matey"
 

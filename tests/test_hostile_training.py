@@ -330,14 +330,14 @@ def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(
     eng = Engine("cpu", tmp_path / "lib", max_train_memory=parse_size("64MB"))
     runner = Runner(eng)
     model = eng.base("tiny", pin=True)
-    with pytest.raises(MemoryLimitError):
+    with pytest.raises(MemoryLimitError, match=r"more than the 64\.0 MB allowed by --max-train-memory"):
         runner.start(model, "tiny", sample_ds, "big", LoraConfig(), quick(**GIANT), pinned=True)
     assert runner.busy() is None and not (eng.library.root / "big").exists()  # the name stays free
     assert eng.base(str(hf_small)) is not model  # the refused start released the pin
 
     model = eng.base("tiny", pin=True)
     job = runner.start(model, "tiny", sample_ds, "ok", LoraConfig(), quick(steps=2), pinned=True)
-    with pytest.raises(BaseInUse):
+    with pytest.raises(BaseInUse, match=r"the base model tiny is in use by a starting or running training job"):
         eng.base(str(hf_small))
     runner.wait(120)
     assert job.state == "finished"
@@ -347,7 +347,7 @@ def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(
 # ---- the same rules through the studio's Train tab ------------------------------------------------
 
 def test_the_train_tab_refuses_a_run_too_large_before_loading_the_base(tmp_path):
-    from test_studio_handlers import _prepare, _start
+    from studio_helpers import _prepare, _start
     from studio.app import create_studio
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny", max_train_memory="64MB")
     _prepare(studio)
@@ -359,7 +359,7 @@ def test_the_train_tab_refuses_a_run_too_large_before_loading_the_base(tmp_path)
 
 
 def test_the_train_tab_pins_its_base_until_the_run_ends(tmp_path, hf_small):
-    from test_studio_handlers import _prepare, _start
+    from studio_helpers import _prepare, _start
     from studio.app import create_studio
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
     _prepare(studio)

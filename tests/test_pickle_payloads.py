@@ -27,9 +27,9 @@ from core.lora.layers import adapter_names
 from core.model.weights import WeightsError, load_base
 from studio.tabs import compare, library, train
 from studio.tabs.compare import CompareForm
-from test_adapter_validation import LC, good
-from test_cli import TINY_RUN, cli, one_line_error
-from test_studio_handlers import _prepare, _train, studio  # noqa: F401 - `studio` is a fixture
+from bad_adapters import LC, good
+from cli_helpers import TINY_RUN, cli, one_line_error
+from studio_helpers import _prepare, _train
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 5")  # torch's note on the protocol-5 form

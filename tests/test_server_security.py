@@ -133,7 +133,8 @@ def test_nothing_answers_before_sign_in(authed):
     bad = httpx.post(url + "login", data={"username": "ann", "password": "wrong"}, timeout=30)
     assert bad.status_code >= 400
     from gradio_client import Client
-    with pytest.raises(Exception):
+    from gradio_client.exceptions import AuthenticationError
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):  # /config answered 401
         Client(url, verbose=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -20,52 +19,7 @@ from studio.models import availability
 from studio.plots import figure_from_meta, loss_figure
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
-
-FAST = dict(targets=["attn.c_attn", "mlp.c_fc"], r=4, alpha=8, dropout=0.0, lr=2e-3, batch=2, accum=1,
-            seq_len=32, eval_interval=5, seed=7, prompt="Ahoy")
-
-
-@pytest.fixture
-def studio(tmp_path):
-    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
-    yield s
-    job = s.runner.busy()
-    if job is not None:
-        job.request_stop()
-        s.runner.wait(60)
-
-
-def _prepare(studio, name="pirates", sample="pirate_recipes"):
-    text, _, state = data.sample_text(sample)
-    state, _, _ = data.analyze(state, text, 0.9)
-    return data.prepare(studio, state, text, 0.9, name)
-
-
-def _start(studio, name, steps, dataset="pirates", user=None, **over):
-    a = {**FAST, **over}
-    return train.start(studio, _form(model="tiny", dataset=dataset, name=name, steps=steps, **a), user=user)
-
-
-def _form(r=None, **fields) -> train.TrainForm:
-    """The Train tab's form from FAST-style settings (`r` is the rank)."""
-    return train.TrainForm(**fields, **({} if r is None else {"rank": r}))
-
-
-def _wait_for(pred, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _train(studio, name, steps=6, **kw):
-    _start(studio, name, steps, **kw)
-    snap = studio.runner.wait(180)
-    assert snap["state"] == "finished", snap["message"]
-    return snap
-
+from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for
 
 # ---- data ----------------------------------------------------------------------------------
 
@@ -177,7 +131,7 @@ def test_busy_stop_keeps_adapter_and_resume_continues(studio):
     _start(studio, "long", 5000, user="bob")
     assert _wait_for(lambda: len(studio.runner.snapshot()["points"]) >= 3)
     # a second start is refused with the job's name and progress
-    with pytest.raises(ValueError) as busy:
+    with pytest.raises(ValueError, match=r"Busy: training 'long' on tiny by bob \(step \d+/5000") as busy:
         _start(studio, "other", 10)
     assert "Busy" in str(busy.value) and "'long'" in str(busy.value) and "step" in str(busy.value)
     html = train.job_html(studio.runner.snapshot())
@@ -260,7 +214,7 @@ def test_friendly_turns_user_errors_into_warnings():
     assert next(g) == 1
     with pytest.warns(UserWarning, match="Bad value"):
         assert next(g) == gr.skip()
-    with pytest.raises(KeyError):  # a real bug is not dressed up as a user error
+    with pytest.raises(KeyError, match="internal"):  # a real bug is not dressed up as a user error
         bug()
 
 
@@ -303,11 +257,11 @@ def test_library_operations(studio, tmp_path):
     # pickles and damaged files are refused before anything is written
     evil = tmp_path / "adapter.bin"
     evil.write_bytes(b"\x80\x04K\x01.")
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError, match=r"adapter\.bin: upload \.safetensors, \.zip or adapter_config\.json files only"):
         library.import_upload(studio, [str(evil)], "evil")
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError, match=r"broken\.zip is not a readable \.zip file"):
         library.import_upload(studio, [str(broken)], "broken")
     assert "evil" not in library.names(studio) and "broken" not in library.names(studio)
 
@@ -341,7 +295,7 @@ def test_a_new_runs_name_is_reserved_before_its_first_checkpoint(studio):
     _prepare(studio)
     _train(studio, "other", 2)
     _start(studio, "fresh", 5000)
-    with pytest.raises(Exception, match="already"):  # at once: no checkpoint exists yet
+    with pytest.raises(AdapterError, match="an adapter named 'fresh' already exists"):  # at once: no checkpoint exists yet
         studio.library.duplicate("other", "fresh")
     train.stop(studio)
     assert studio.runner.wait(120)["state"] in ("stopped", "finished")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from adapter_helpers import base_tensors
 from core.train import data
 from core.model import tokenizer
 from core.model.config import LoraConfig, TrainConfig
@@ -38,10 +39,6 @@ def run_all(trainer) -> list[dict]:
 
 def of(events, kind):
     return [e for e in events if e["type"] == kind]
-
-
-def base_tensors(model) -> dict[str, torch.Tensor]:
-    return {k.replace(".base.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 # ---- schedule and settings ------------------------------------------------------------
@@ -337,7 +334,7 @@ def test_unexpected_errors_are_raised_in_the_foreground_and_reported_from_a_thre
         raise ZeroDivisionError("bug")
 
     monkeypatch.setattr(tiny, "hidden", broken)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError, match="bug"):
         run_all(Trainer(tiny, sample_ds, LoraConfig(), quick(), "x", tmp_path / "a"))
     events = []
     Trainer(tiny, sample_ds, LoraConfig(), quick(), "y", tmp_path / "b").start(events.append).join(60)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.model.weights import WeightsError, load_base
-from tests.conftest import ROOT, SMALL, write_hf_checkpoint
+from conftest import ROOT, SMALL, write_hf_checkpoint
 
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045]])
 
