@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 
 from core import atomic
 from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
-from core.adapters.library import CHECKPOINTS
+from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
 from core.model.config import LoraConfig, TrainConfig
 from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
@@ -54,7 +54,7 @@ from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.layers import add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters, make_route
 from core.model.quant import weight_bytes
 
-STATE = "trainer_state.pt"
+STATE = TRAINER_STATE
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
 # tokens (20 batches) before the first step, and Stop would wait for them.
 EVAL_TOKENS = 32_768
@@ -139,22 +139,13 @@ class Checkpoint:
     meta: dict  # its studio.json
 
 
-def checkpoint_folders(run_dir) -> list[Path]:
-    """A run's checkpoints, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def find_checkpoint(path) -> Checkpoint:
     """A checkpoint folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint folder.")
     if not (path / STATE).is_file():
-        found = checkpoint_folders(path)
+        found = checkpoint_dirs(path, RESUMABLE)
         if not found:
             raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
         path = found[-1]
@@ -209,7 +200,7 @@ class Trainer:
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
         self.stop = stop or threading.Event()
-        if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_folders(self.out_dir)):
+        if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_dirs(self.out_dir, RESUMABLE)):
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
@@ -443,7 +434,8 @@ class Trainer:
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
         """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
-        root = self.out_dir / CHECKPOINTS
+        folder = checkpoint_path(self.out_dir, self.step)
+        root = folder.parent
         root.mkdir(parents=True, exist_ok=True)
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
             shutil.rmtree(junk, ignore_errors=True)
@@ -457,15 +449,15 @@ class Trainer:
             torch.save(state, buf)
             (tmp / STATE).write_bytes(buf.getvalue())
         # a checkpoint of the same step (a resumed run stopped again) is exchanged, never removed first
-        final = atomic.publish_dir(root / f"step_{self.step:06d}", build, replace=True)
+        final = atomic.publish_dir(folder, build, replace=True)
         keep = self.tcfg.keep_checkpoints
         if keep:
-            for old in checkpoint_folders(self.out_dir)[:-keep]:
+            for old in checkpoint_dirs(self.out_dir, RESUMABLE)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _latest_checkpoint(self) -> str | None:
-        found = checkpoint_folders(self.out_dir)
+        found = checkpoint_dirs(self.out_dir, RESUMABLE)
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt) -> np.random.Generator:
