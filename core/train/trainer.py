@@ -178,11 +178,13 @@ class Trainer:
     max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
         available on the device caps it too. Settings above it are refused here, before the adapter,
         the optimizer or any batch exists.
+    meta: fields written over the trainer's own in studio.json of the adapter and of every
+        checkpoint, e.g. {"name": the run's library name, "user": the signed-in user}.
     """
 
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
-                 resume=None, max_memory: int | None = None):
+                 resume=None, max_memory: int | None = None, meta: dict | None = None):
         self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
@@ -199,6 +201,7 @@ class Trainer:
         tcfg.validate(model.config)
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
+        self.extra_meta = dict(meta or {})
         self.stop = stop or threading.Event()
         if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_dirs(self.out_dir, RESUMABLE)):
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
@@ -427,6 +430,7 @@ class Trainer:
             "training": {**self.tcfg.to_dict(), "seq_len_used": self.seq_len},
             "train_loss": self._last("loss"), "val_loss": self._last("val_loss"),
             "start_val_loss": self.start_val_loss, "history": list(self.history),
+            **self.extra_meta,
         }
 
     def _save_final(self, status: str) -> Path:
