@@ -289,11 +289,9 @@ class Runner:
         model, lock = trainer.model, self.engine.lock
         final = None  # 'done' or 'error': reported only after the cleanup below, so the job stays
         try:          # busy until its live adapter is gone (a quick Resume cannot race the cleanup)
-            events = trainer.run()
             with lock:  # adding the run's adapter changes the shared model's structure: under the engine lock
-                first = next(events)
-            job.on_event(first)
-            for ev in events:
+                trainer.setup()
+            for ev in trainer.run():
                 if ev["type"] in ("done", "error"):
                     final = ev
                 else:
