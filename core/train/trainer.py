@@ -4,7 +4,8 @@ flag, checkpoints that resume bit-for-bit, and clear failures (NaN loss, out of 
 `Trainer(...).run()` is a generator of plain-dict events; the CLI iterates it in the foreground and
 the studio in a background thread (`Trainer.start`). The base model is shared, never copied: the
 adapter is added to it, trained through `route=name` (other adapters' generations on the same model
-are unaffected) and left loaded under that name at the end.
+are unaffected) and left loaded under that name at the end. `setup()` adds it (and builds the
+optimizer); the studio calls it under its engine lock, run() calls it when nobody did.
 
 Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     start       name, step (0, or the resumed step), steps, batch_size, seq_len (after fitting the data),
