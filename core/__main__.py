@@ -204,42 +204,47 @@ def _train(args, trainer, stop: threading.Event) -> int:
     bar = ProgressBar(sys.stderr)
     try:
         for ev in trainer.run():
-            t = ev["type"]
-            if t == "start":
-                say(f"trainable parameters: {ev['trainable_params']:,} | device {ev['device']}"
-                    + (" | bf16 autocast" if ev["autocast"] else ""))
-            elif t == "info":
-                bar.clear()
-                say(f"note: {ev['message']}")
-            elif t == "step":
-                if ev["step"] % args.log_interval == 0 or ev["step"] in (1, ev["steps"]):
-                    bar.clear()
-                    say(f"step {ev['step']:5d} | loss {ev['loss']:.6f} | lr {ev['lr']:.4e} | "
-                        f"norm {ev['grad_norm']:.4f} | dt {ev['step_time'] * 1000:.2f}ms | "
-                        f"tok/sec {ev['tokens_per_sec']:.2f} | {ev['step'] / ev['steps']:4.0%} ETA {_dur(ev['eta'])}")
-                bar.draw(ev["step"], ev["steps"], ev["eta"])
-            elif t == "eval":
-                bar.clear()
-                say(f"step {ev['step']:5d} | val loss {ev['val_loss']:.4f} | val ppl {ev['val_ppl']:.2f}")
-            elif t == "sample":
-                for s in ev["samples"]:
-                    say(f"  sample | {s['prompt']!r} -> {s['text']!r}")
-            elif t == "checkpoint":
-                say(f"checkpoint: {ev['path']}")
-            elif t == "error":
+            if ev["type"] == "error":
                 bar.clear()
                 raise TrainingError(ev["message"])
-            elif t == "done":
-                bar.clear()
-                val = f", val loss {ev['val_loss']:.4f}" if ev["val_loss"] is not None else ""
-                say(f"{ev['status']} after {ev['step']} steps in {_dur(ev['elapsed'])}{val}")
-                say(f"adapter: {ev['path']}")
-                say(f"resume point: {ev['checkpoint']}")
-                if ev["status"] == "stopped":
-                    say(f"continue with: python -m core finetune --resume {ev['path']}")
+            _print_event(ev, bar, args.log_interval)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
+
+
+def _print_event(ev: dict, bar: "ProgressBar", log_interval: int) -> None:
+    """One line (or none) for a trainer event; step lines every log_interval steps, a bar between."""
+    t = ev["type"]
+    if t == "start":
+        say(f"trainable parameters: {ev['trainable_params']:,} | device {ev['device']}"
+            + (" | bf16 autocast" if ev["autocast"] else ""))
+    elif t == "info":
+        bar.clear()
+        say(f"note: {ev['message']}")
+    elif t == "step":
+        if ev["step"] % log_interval == 0 or ev["step"] in (1, ev["steps"]):
+            bar.clear()
+            say(f"step {ev['step']:5d} | loss {ev['loss']:.6f} | lr {ev['lr']:.4e} | "
+                f"norm {ev['grad_norm']:.4f} | dt {ev['step_time'] * 1000:.2f}ms | "
+                f"tok/sec {ev['tokens_per_sec']:.2f} | {ev['step'] / ev['steps']:4.0%} ETA {_dur(ev['eta'])}")
+        bar.draw(ev["step"], ev["steps"], ev["eta"])
+    elif t == "eval":
+        bar.clear()
+        say(f"step {ev['step']:5d} | val loss {ev['val_loss']:.4f} | val ppl {ev['val_ppl']:.2f}")
+    elif t == "sample":
+        for s in ev["samples"]:
+            say(f"  sample | {s['prompt']!r} -> {s['text']!r}")
+    elif t == "checkpoint":
+        say(f"checkpoint: {ev['path']}")
+    elif t == "done":
+        bar.clear()
+        val = f", val loss {ev['val_loss']:.4f}" if ev["val_loss"] is not None else ""
+        say(f"{ev['status']} after {ev['step']} steps in {_dur(ev['elapsed'])}{val}")
+        say(f"adapter: {ev['path']}")
+        say(f"resume point: {ev['checkpoint']}")
+        if ev["status"] == "stopped":
+            say(f"continue with: python -m core finetune --resume {ev['path']}")
 
 
 def _pick(value, default):

@@ -37,20 +37,10 @@ class RunnerBusy(RuntimeError):
     """A training job is already running in this process; the message says which and how far."""
 
 
-class StudioTrainer(Trainer):
-    """The core trainer, recording the run's library name (not its internal 'train:' name) and the
-    signed-in user in studio.json of the adapter and of every checkpoint."""
-
-    def __init__(self, *args, run_name: str, user: str | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.run_name, self.user = run_name, user
-
-    def _meta(self, status: str) -> dict:
-        meta = super()._meta(status)
-        meta["name"] = self.run_name
-        if self.user:
-            meta["user"] = self.user
-        return meta
+def _run_meta(name: str, user: str | None) -> dict:
+    """What the studio records in studio.json of a run's adapter and checkpoints beyond the trainer's
+    own: the run's library name (not its internal 'train:' name) and the signed-in user."""
+    return {"name": name, **({"user": user} if user else {})}
 
 
 class Job:
@@ -215,9 +205,8 @@ class Runner:
             job = Job(name, base_id, dataset.name, user, tcfg.steps)
             # settings (and the memory they need) are checked before the name is reserved, so a
             # refused run leaves no empty folder blocking its name
-            trainer = StudioTrainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
-                                    base_id=base_id, run_name=name, user=user,
-                                    max_memory=self.engine.max_train_memory)
+            trainer = Trainer(model, dataset, lcfg, tcfg, TRAIN_PREFIX + name, out_dir, job.stop_flag,
+                              base_id=base_id, meta=_run_meta(name, user), max_memory=self.engine.max_train_memory)
             library = self.engine.library
             with library.lock():  # reserve the name now: the first checkpoint comes later
                 if out_dir.exists() or out_dir.is_symlink():
@@ -243,9 +232,9 @@ class Runner:
             self._check_free()
             job = Job(name, base_id, dataset.name, owner, tcfg.steps, history=ck.meta.get("history"),
                       start_val_loss=ck.meta.get("start_val_loss"), resumed_from=ck.step)
-            trainer = StudioTrainer(model, dataset, None, tcfg, TRAIN_PREFIX + name, self.run_dir(name),
-                                    job.stop_flag, base_id=base_id, resume=ck, run_name=name, user=owner,
-                                    max_memory=self.engine.max_train_memory)
+            trainer = Trainer(model, dataset, None, tcfg, TRAIN_PREFIX + name, self.run_dir(name), job.stop_flag,
+                              base_id=base_id, resume=ck, meta=_run_meta(name, owner),
+                              max_memory=self.engine.max_train_memory)
             hold = self.engine.library.hold_run(name)  # refused while another process trains this run
             self._launch(job, trainer, hold, pinned)
             return job
@@ -300,11 +289,9 @@ class Runner:
         model, lock = trainer.model, self.engine.lock
         final = None  # 'done' or 'error': reported only after the cleanup below, so the job stays
         try:          # busy until its live adapter is gone (a quick Resume cannot race the cleanup)
-            events = trainer.run()
             with lock:  # adding the run's adapter changes the shared model's structure: under the engine lock
-                first = next(events)
-            job.on_event(first)
-            for ev in events:
+                trainer.setup()
+            for ev in trainer.run():
                 if ev["type"] in ("done", "error"):
                     final = ev
                 else:

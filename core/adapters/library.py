@@ -4,7 +4,8 @@
     <root>/<name>/adapter_model.safetensors  PEFT keys, A: r x in, B: out x r
     <root>/<name>/adapter_config.json        as PEFT writes it
     <root>/<name>/studio.json                base model, dataset, training settings, losses, created
-    <root>/<name>/checkpoints/step_000050/   the same three files (+ the trainer's trainer_state.pt)
+    <root>/<name>/checkpoints/step_000050/   the same three files (+ the trainer's trainer_state.pt);
+                                            checkpoint_path() and checkpoint_dirs() hold this rule
     <root>/<name>/.run.lock                  fcntl lock held by the process training run <name>
     <root>/.tmp-*, .trash-*                  folders being built or deleted; never listed
 
@@ -46,6 +47,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Windows device names ('con', 'NUL.txt', 'com1'): such a folder cannot be made or opened there
 RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 CHECKPOINTS = "checkpoints"
+# step_<optimizer steps>, at most 64 characters in all so that 'run@step_...' is a valid name
+CHECKPOINT_RE = re.compile(r"step_([0-9]{1,59})")
+TRAINER_STATE = "trainer_state.pt"  # the trainer's resume state in a checkpoint
+LOADABLE = (WEIGHTS, CONFIG)  # the files without which a folder holds no adapter to load
+RESUMABLE = (TRAINER_STATE,)  # the file without which a checkpoint is no point to resume from
 ADAPTER_FILES = (WEIGHTS, CONFIG, META, README)  # what an adapter consists of (trainer_state.pt is not)
 STALE_TMP_S = 3600  # a .tmp- folder (or an empty run folder without a RUN_LOCK) this old belongs to a crashed writer
 RUN_LOCK = ".run.lock"  # flocked by the process that trains the run; free once that process is gone
@@ -68,6 +74,33 @@ def check_name(name) -> str:
         raise AdapterError(f"invalid adapter name {name!r}: {name.split('.')[0]!r} is a reserved device name on "
                            f"Windows; choose another name.")
     return name
+
+
+def checkpoint_path(run, step: int) -> Path:
+    """Where run folder `run` (in a library or not: the CLI may train into any folder) keeps its
+    checkpoint of optimizer step `step`."""
+    return Path(run) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def checkpoint_step(folder) -> int:
+    """The optimizer step of a checkpoint folder listed by checkpoint_dirs."""
+    return int(CHECKPOINT_RE.fullmatch(Path(folder).name).group(1))
+
+
+def checkpoint_dirs(run, holding: Sequence[str] = LOADABLE) -> list[Path]:
+    """The checkpoints of run folder `run` (in a library or not), oldest first: its folders
+    checkpoints/step_<digits> that hold every file in `holding`. The default asks for a loadable
+    adapter (what the library lists); the trainer asks for RESUMABLE ones.
+    Links are skipped, as everywhere in a library."""
+    root = Path(run) / CHECKPOINTS
+    try:
+        if root.is_symlink() or not root.is_dir():
+            return []
+        found = [c for c in root.iterdir() if CHECKPOINT_RE.fullmatch(c.name) and not c.is_symlink()
+                 and c.is_dir() and all((c / f).is_file() for f in holding)]
+    except OSError:  # deleted while we looked
+        return []
+    return sorted(found, key=lambda c: (checkpoint_step(c), c.name))
 
 
 def shown_name(name) -> str:
@@ -193,7 +226,7 @@ class Library:
         if e is None:
             raise AdapterError(f"{name!r} has no adapter files yet.")
         d = e.to_dict()
-        src = p if e.has_final else self._checkpoint_dirs(p)[-1]
+        src = p if e.has_final else checkpoint_dirs(p)[-1]
         d["path"] = str(p)
         d["meta"] = {} if e.problem else _read_meta(p / META if (p / META).is_file() else src / META)[0]
         d["config"] = {} if e.problem else _read_config(src / CONFIG)[1]
@@ -204,12 +237,10 @@ class Library:
     def checkpoints(self, name: str) -> list[dict]:
         """Training checkpoints of run `name`, oldest first; load one as '<name>@<checkpoint>'."""
         out = []
-        for c in self._checkpoint_dirs(self.path(name)):
+        for c in checkpoint_dirs(self.path(name)):
             meta, _ = _read_meta(c / META)
-            m = re.search(r"(\d+)$", c.name)
             out.append({
-                "name": c.name, "spec": f"{name}@{c.name}", "path": str(c),
-                "step": meta.get("steps") if m is None else int(m.group(1)),
+                "name": c.name, "spec": f"{name}@{c.name}", "path": str(c), "step": checkpoint_step(c),
                 "train_loss": meta.get("train_loss"), "val_loss": meta.get("val_loss"),
                 "created": meta.get("created") or _mtime_iso(c),
                 "size_bytes": _size(c),
@@ -407,18 +438,11 @@ class Library:
             return []
         return [d for d in kids if valid_name(d.name) and not d.is_symlink() and d.is_dir()]
 
-    def _checkpoint_dirs(self, run: Path) -> list[Path]:
-        ck = run / CHECKPOINTS
-        if not ck.is_dir() or ck.is_symlink():
-            return []
-        dirs = [c for c in ck.iterdir() if NAME_RE.fullmatch(c.name) and not c.is_symlink() and _complete(c)]
-        return sorted(dirs, key=lambda c: (int(m.group(1)) if (m := re.search(r"(\d+)$", c.name)) else -1, c.name))
-
     def _entry(self, d: Path, name: str | None = None, live: Collection[str] = ()) -> AdapterEntry | None:
         """What the listing shows for folder `d`; None for a folder that holds no adapter (yet)."""
         try:
             final = _complete(d)
-            ckpts = self._checkpoint_dirs(d)
+            ckpts = checkpoint_dirs(d)
             src = d if final else (ckpts[-1] if ckpts else None)
             if src is None:
                 return None
@@ -462,7 +486,7 @@ class Library:
 
     def _saved_nothing(self, d: Path) -> bool:
         """No adapter file and no complete checkpoint in run folder `d` (the listing skips it)."""
-        return not any((d / f).exists() for f in ADAPTER_FILES) and not self._checkpoint_dirs(d)
+        return not any((d / f).exists() for f in ADAPTER_FILES) and not checkpoint_dirs(d)
 
     def _abandoned(self, d: Path, now: float) -> bool:
         """An empty run folder whose trainer is gone. Without a RUN_LOCK (made by code that does not
@@ -545,7 +569,7 @@ def _raise_if_disk_full(e: BaseException, what: str, root: Path) -> None:
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
+    return all((folder / f).is_file() for f in LOADABLE)
 
 
 def _width(state: dict) -> int:

@@ -4,7 +4,8 @@ flag, checkpoints that resume bit-for-bit, and clear failures (NaN loss, out of 
 `Trainer(...).run()` is a generator of plain-dict events; the CLI iterates it in the foreground and
 the studio in a background thread (`Trainer.start`). The base model is shared, never copied: the
 adapter is added to it, trained through `route=name` (other adapters' generations on the same model
-are unaffected) and left loaded under that name at the end.
+are unaffected) and left loaded under that name at the end. `setup()` adds it (and builds the
+optimizer); the studio calls it under its engine lock, run() calls it when nobody did.
 
 Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     start       name, step (0, or the resumed step), steps, batch_size, seq_len (after fitting the data),
@@ -34,7 +35,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +46,7 @@ from safetensors.torch import load_file
 
 from core import atomic
 from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
-from core.adapters.library import CHECKPOINTS
+from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
 from core.model.config import LoraConfig, TrainConfig
 from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
@@ -54,7 +55,7 @@ from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.layers import add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters, make_route
 from core.model.quant import weight_bytes
 
-STATE = "trainer_state.pt"
+STATE = TRAINER_STATE
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
 # tokens (20 batches) before the first step, and Stop would wait for them.
 EVAL_TOKENS = 32_768
@@ -139,22 +140,13 @@ class Checkpoint:
     meta: dict  # its studio.json
 
 
-def checkpoint_folders(run_dir) -> list[Path]:
-    """A run's checkpoints, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def find_checkpoint(path) -> Checkpoint:
     """A checkpoint folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint folder.")
     if not (path / STATE).is_file():
-        found = checkpoint_folders(path)
+        found = checkpoint_dirs(path, RESUMABLE)
         if not found:
             raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
         path = found[-1]
@@ -176,6 +168,26 @@ def find_checkpoint(path) -> Checkpoint:
 
 # ---- the trainer ----------------------------------------------------------------------
 
+@dataclass
+class _Prepared:
+    """What Trainer.setup() made for the run loop."""
+    rng: np.random.Generator  # the batch order
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the adapter's, the only ones trained
+    loss_fn: Callable  # one micro-batch's loss: eager, or replayed CUDA graphs
+    graph_note: str | None  # why CUDA graphs were wanted but are not used
+
+
+@dataclass
+class _Progress:
+    """The run loop's bookkeeping between optimizer steps."""
+    last_good: str | None  # the newest checkpoint on disk
+    saved_step: int | None  # the step of the last checkpoint saved (or resumed from)
+    status: str = "finished"  # or 'stopped', 'failed'
+    t_run: float = field(default_factory=time.perf_counter)
+    recent: deque = field(default_factory=lambda: deque(maxlen=20))  # recent step times, for the ETA
+
+
 class Trainer:
     """One training run of adapter `name` on a shared base model.
 
@@ -187,11 +199,13 @@ class Trainer:
     max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
         available on the device caps it too. Settings above it are refused here, before the adapter,
         the optimizer or any batch exists.
+    meta: fields written over the trainer's own in studio.json of the adapter and of every
+        checkpoint, e.g. {"name": the run's library name, "user": the signed-in user}.
     """
 
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
-                 resume=None, max_memory: int | None = None):
+                 resume=None, max_memory: int | None = None, meta: dict | None = None):
         self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
@@ -208,8 +222,9 @@ class Trainer:
         tcfg.validate(model.config)
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
+        self.extra_meta = dict(meta or {})
         self.stop = stop or threading.Event()
-        if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_folders(self.out_dir)):
+        if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_dirs(self.out_dir, RESUMABLE)):
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
@@ -217,8 +232,13 @@ class Trainer:
         self.history: list[dict] = []
         self.step = 0
         self.start_val_loss: float | None = None
+        self._prepared: _Prepared | None = None
 
     # -- public --------------------------------------------------------------------------
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tcfg.batch_size * self.seq_len * self.tcfg.grad_accum
 
     def start(self, on_event: Callable[[dict], None]) -> threading.Thread:
         """Run in a background thread, passing every event to `on_event` (an unexpected
@@ -234,8 +254,12 @@ class Trainer:
         t.start()
         return t
 
-    def run(self) -> Iterator[dict]:
-        """Train, yielding the events listed in the module docstring."""
+    def setup(self) -> None:
+        """Add the adapter to the shared model, build the optimizer, load the resume state and prepare
+        the micro-step (CUDA graphs are captured here). This changes the shared model's structure, so
+        the studio calls it under the engine lock; run() calls it when nobody did. Runs once."""
+        if self._prepared is not None:
+            return
         model, tcfg = self.model, self.tcfg
         rng = np.random.default_rng(tcfg.seed)
         if self.resume is None or self.name not in adapter_names(model):
@@ -248,100 +272,138 @@ class Trainer:
         if self.resume is not None:
             rng = self._load_resume(opt)
         self._set_dropout(True)
-        B, T, A = tcfg.batch_size, self.seq_len, tcfg.grad_accum
-        tokens_per_step = B * T * A
-        chunk = ce_chunk(model, B, T)
-        loss_fn, graph_note = self._loss_fn(chunk, B, T)
-        yield {"type": "start", "name": self.name, "step": self.step, "steps": tcfg.steps,
-               "batch_size": B, "seq_len": T, "grad_accum": A, "tokens_per_step": tokens_per_step,
-               "trainable_params": int(sum(p.numel() for p in params)), "device": str(model.device),
-               "autocast": "bf16" if isinstance(autocast_for(model), torch.autocast) else None,
-               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
-        if self.block_note:
-            yield {"type": "info", "message": self.block_note}
-        if graph_note:
-            yield {"type": "info", "message": graph_note}
+        chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
+        loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len)
+        self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note)
+
+    def run(self) -> Iterator[dict]:
+        """Train, yielding the events listed in the module docstring."""
+        self.setup()
+        yield from self._start_events()
         if self.resume is None:
             self.start_val_loss = yield from self._eval()
-
-        recent: deque[float] = deque(maxlen=20)
-        t_run = time.perf_counter()
-        status, last_good = "finished", self._latest_checkpoint()
-        saved_step = self.resume.step if self.resume else None
+        progress = _Progress(last_good=self._latest_checkpoint(),
+                             saved_step=self.resume.step if self.resume else None)
         try:
-            while self.step < tcfg.steps:
+            while self.step < self.tcfg.steps:
                 if self.stop.is_set():
-                    status = "stopped"
+                    progress.status = "stopped"
                     break
-                rng_before, torch_before = rng.bit_generator.state, self._torch_rng()
-                lr = lr_at(self.step, tcfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=model.device)
-                micro = 0
-                while micro < A and not self.stop.is_set():
-                    x, y = get_batch(self.dataset.train, B, T, rng, model.device)
-                    with GUARD.shared(model.device.type == "cuda"), autocast_for(model):
-                        loss = loss_fn(x, y)
-                        (loss / A).backward()
-                    loss_sum += loss.detach()
-                    del loss
-                    micro += 1
-                if micro < A:  # stopped between micro-steps: drop the partial step, rewind its batches
-                    opt.zero_grad(set_to_none=True)
-                    rng.bit_generator.state = rng_before
-                    self._torch_rng(torch_before)
-                    status = "stopped"
+                if not (yield from self._optimizer_step(progress)):
                     break
-                norm = self._clip(params)
-                loss_val, norm_val = torch.stack([loss_sum / A, norm]).tolist()  # the step's one sync
-                if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                    opt.zero_grad(set_to_none=True)
-                    status = "failed"
-                    what = "NaN" if math.isnan(loss_val) or math.isnan(norm_val) else "infinite"
-                    kept = f"; the last good checkpoint {last_good} is kept" if last_good else ""
-                    yield {"type": "error", "kind": "nan", "step": self.step + 1, "checkpoint": last_good,
-                           "message": f"the {'loss' if not math.isfinite(loss_val) else 'gradient'} became "
-                                      f"{what} at step {self.step + 1}, so the run stopped{kept}. Try a lower "
-                                      f"learning rate (now {tcfg.lr:g})."}
-                    return
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                recent.append(dt)
-                self.history.append({"step": self.step, "loss": loss_val, "lr": lr})
-                yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": lr,
-                       "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": tokens_per_step / dt,
-                       "eta": sum(recent) / len(recent) * (tcfg.steps - self.step),
-                       "elapsed": time.perf_counter() - t_run, "tokens": self.step * tokens_per_step}
-                final = self.step == tcfg.steps
-                if final or tcfg.eval_interval and self.step % tcfg.eval_interval == 0:
-                    yield from self._eval()
-                if final or tcfg.checkpoint_interval and self.step % tcfg.checkpoint_interval == 0:
-                    last_good = str(self._save_checkpoint(opt, rng, "finished" if final else "running"))
-                    saved_step = self.step
-                    yield {"type": "checkpoint", "step": self.step, "path": last_good}
+                yield from self._evaluate_and_checkpoint(progress)
         except Exception as e:
             if not is_oom(e):
                 raise
-            opt.zero_grad(set_to_none=True)
+            self._prepared.opt.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            yield {"type": "error", "kind": "oom", "step": self.step, "checkpoint": last_good,
+            yield {"type": "error", "kind": "oom", "step": self.step, "checkpoint": progress.last_good,
                    "message": self._oom_message()}
             return
         finally:
             self._set_dropout(False)
+        if progress.status != "failed":
+            yield from self._finish(progress)
 
-        if saved_step != self.step:  # a stopped run: its resume point
-            last_good = str(self._save_checkpoint(opt, rng, status))
-            yield {"type": "checkpoint", "step": self.step, "path": last_good}
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _start_events(self) -> Iterator[dict]:
+        model, tcfg, prep = self.model, self.tcfg, self._prepared
+        yield {"type": "start", "name": self.name, "step": self.step, "steps": tcfg.steps,
+               "batch_size": tcfg.batch_size, "seq_len": self.seq_len, "grad_accum": tcfg.grad_accum,
+               "tokens_per_step": self.tokens_per_step,
+               "trainable_params": int(sum(p.numel() for p in prep.params)), "device": str(model.device),
+               "autocast": "bf16" if isinstance(autocast_for(model), torch.autocast) else None,
+               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
+        if self.block_note:
+            yield {"type": "info", "message": self.block_note}
+        if prep.graph_note:
+            yield {"type": "info", "message": prep.graph_note}
+
+    def _optimizer_step(self, progress: _Progress):
+        """One optimizer step and its 'step' event. Returns False when the step did not happen, with
+        progress.status saying why: 'stopped' (Stop came between micro-steps; the step's batches are
+        rewound, so a resume draws them again) or 'failed' (a non-finite loss; an 'error' event)."""
+        tcfg, prep = self.tcfg, self._prepared
+        rng_before, torch_before = prep.rng.bit_generator.state, self._torch_rng()
+        lr = lr_at(self.step, tcfg)
+        for g in prep.opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum, micro = self._micro_steps()
+        if micro < tcfg.grad_accum:  # stopped between micro-steps: drop the partial step, rewind its batches
+            prep.opt.zero_grad(set_to_none=True)
+            prep.rng.bit_generator.state = rng_before
+            self._torch_rng(torch_before)
+            progress.status = "stopped"
+            return False
+        norm = self._clip(prep.params)
+        loss_val, norm_val = torch.stack([loss_sum / tcfg.grad_accum, norm]).tolist()  # the step's one sync
+        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            prep.opt.zero_grad(set_to_none=True)
+            progress.status = "failed"
+            yield self._nan_event(loss_val, norm_val, progress.last_good)
+            return False
+        prep.opt.step()
+        prep.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        progress.recent.append(dt)
+        self.history.append({"step": self.step, "loss": loss_val, "lr": lr})
+        yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": lr,
+               "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt,
+               "eta": sum(progress.recent) / len(progress.recent) * (tcfg.steps - self.step),
+               "elapsed": time.perf_counter() - progress.t_run, "tokens": self.step * self.tokens_per_step}
+        return True
+
+    def _micro_steps(self) -> tuple[torch.Tensor, int]:
+        """Forward and backward of the step's grad_accum micro-batches (their gradients add up), until
+        done or Stop: the sum of their losses and how many ran."""
+        model, prep = self.model, self._prepared
+        B, T, A = self.tcfg.batch_size, self.seq_len, self.tcfg.grad_accum
+        loss_sum = torch.zeros((), device=model.device)
+        micro = 0
+        while micro < A and not self.stop.is_set():
+            x, y = get_batch(self.dataset.train, B, T, prep.rng, model.device)
+            with GUARD.shared(model.device.type == "cuda"), autocast_for(model):
+                loss = prep.loss_fn(x, y)
+                (loss / A).backward()
+            loss_sum += loss.detach()
+            del loss
+            micro += 1
+        return loss_sum, micro
+
+    def _evaluate_and_checkpoint(self, progress: _Progress) -> Iterator[dict]:
+        """The cadence after a step: validation every eval_interval steps, a checkpoint every
+        checkpoint_interval steps, and both after the last step."""
+        tcfg, prep = self.tcfg, self._prepared
+        final = self.step == tcfg.steps
+        if final or tcfg.eval_interval and self.step % tcfg.eval_interval == 0:
+            yield from self._eval()
+        if final or tcfg.checkpoint_interval and self.step % tcfg.checkpoint_interval == 0:
+            progress.last_good = str(self._save_checkpoint(prep.opt, prep.rng, "finished" if final else "running"))
+            progress.saved_step = self.step
+            yield {"type": "checkpoint", "step": self.step, "path": progress.last_good}
+
+    def _finish(self, progress: _Progress) -> Iterator[dict]:
+        """A stopped run's resume point, then the adapter itself and the 'done' event."""
+        prep, status = self._prepared, progress.status
+        if progress.saved_step != self.step:  # a stopped run: its resume point
+            progress.last_good = str(self._save_checkpoint(prep.opt, prep.rng, status))
+            yield {"type": "checkpoint", "step": self.step, "path": progress.last_good}
         path = self._save_final(status)
-        yield {"type": "done", "status": status, "step": self.step, "steps": tcfg.steps,
-               "path": str(path), "checkpoint": last_good, "train_loss": self._last("loss"),
-               "val_loss": self._last("val_loss"), "elapsed": time.perf_counter() - t_run}
+        yield {"type": "done", "status": status, "step": self.step, "steps": self.tcfg.steps,
+               "path": str(path), "checkpoint": progress.last_good, "train_loss": self._last("loss"),
+               "val_loss": self._last("val_loss"), "elapsed": time.perf_counter() - progress.t_run}
+
+    def _nan_event(self, loss_val: float, norm_val: float, last_good: str | None) -> dict:
+        what = "NaN" if math.isnan(loss_val) or math.isnan(norm_val) else "infinite"
+        kept = f"; the last good checkpoint {last_good} is kept" if last_good else ""
+        return {"type": "error", "kind": "nan", "step": self.step + 1, "checkpoint": last_good,
+                "message": f"the {'loss' if not math.isfinite(loss_val) else 'gradient'} became "
+                           f"{what} at step {self.step + 1}, so the run stopped{kept}. Try a lower "
+                           f"learning rate (now {self.tcfg.lr:g})."}
 
     # -- pieces ----------------------------------------------------------------------------
 
@@ -436,6 +498,7 @@ class Trainer:
             "training": {**self.tcfg.to_dict(), "seq_len_used": self.seq_len},
             "train_loss": self._last("loss"), "val_loss": self._last("val_loss"),
             "start_val_loss": self.start_val_loss, "history": list(self.history),
+            **self.extra_meta,
         }
 
     def _save_final(self, status: str) -> Path:
@@ -443,7 +506,8 @@ class Trainer:
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
         """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
-        root = self.out_dir / CHECKPOINTS
+        folder = checkpoint_path(self.out_dir, self.step)
+        root = folder.parent
         root.mkdir(parents=True, exist_ok=True)
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
             shutil.rmtree(junk, ignore_errors=True)
@@ -457,15 +521,15 @@ class Trainer:
             torch.save(state, buf)
             (tmp / STATE).write_bytes(buf.getvalue())
         # a checkpoint of the same step (a resumed run stopped again) is exchanged, never removed first
-        final = atomic.publish_dir(root / f"step_{self.step:06d}", build, replace=True)
+        final = atomic.publish_dir(folder, build, replace=True)
         keep = self.tcfg.keep_checkpoints
         if keep:
-            for old in checkpoint_folders(self.out_dir)[:-keep]:
+            for old in checkpoint_dirs(self.out_dir, RESUMABLE)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _latest_checkpoint(self) -> str | None:
-        found = checkpoint_folders(self.out_dir)
+        found = checkpoint_dirs(self.out_dir, RESUMABLE)
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt) -> np.random.Generator:
