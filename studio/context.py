@@ -57,6 +57,7 @@ class Studio:
         self.dataset_store = DatasetStore(self.datasets_dir)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine)
+        self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
         atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
