@@ -1,7 +1,7 @@
 """Adapter hot-swap: how long the engine takes to switch the shared base between two library adapters,
 and a short forward pass after each switch, one run on this machine.
 
-A switch is `Engine.ensure_adapter(name)`: the adapter is already loaded, its files are re-checked
+A switch is `Engine.load(name)`: the adapter is already loaded, its files are re-checked
 (so an adapter replaced in the library is noticed) and the name to route rows to comes back; the base
 weights are never touched. The first call per adapter reads it from the library (shown separately).
 The target is < 50 ms per switch, so picking an adapter in the studio feels instant.
@@ -64,13 +64,13 @@ def main():
         first = {}
         for name in ADAPTERS:  # the first call reads each adapter from the library
             t0 = time.perf_counter()
-            eng.ensure_adapter(name)
+            eng.load(name)
             first[name] = time.perf_counter() - t0
         switch, forward = [], []
         with torch.no_grad():
             for i in range(args.rounds):
                 t0 = time.perf_counter()
-                routed = eng.ensure_adapter("x" if i % 2 else "y")
+                routed = eng.load("x" if i % 2 else "y")
                 t1 = time.perf_counter()
                 model(ids, routed)
                 if model.device.type == "cuda":

@@ -130,13 +130,6 @@ class Engine:
 
     # ---- adapters ------------------------------------------------------------------------
 
-    def ensure_adapter(self, library_name: str) -> str:
-        """Load a library adapter ('name' or 'run@step_000050') unless the same files are loaded
-        already; returns the name to route rows to. Never reloads the base."""
-        with self.lock:
-            self.shared_model()
-            return self._from_library(library_name)
-
     def resolve(self, spec: str) -> AdapterRef:
         """Where a reference points (the CLI's --lora): a library name ('run' or 'run@step_000050'), or
         a path to an adapter folder or .safetensors file. Reads the library only if its folder exists."""
@@ -147,7 +140,14 @@ class Engine:
         to route rows to: the library name, or for a path its full resolved path."""
         with self.lock:
             self.shared_model()
-            ref = ref if isinstance(ref, AdapterRef) else self.resolve(ref)
+            if not isinstance(ref, AdapterRef):
+                try:
+                    ref = self.resolve(ref)
+                except AdapterError:
+                    slot = self._slots.get(ref)
+                    if slot is not None and slot.in_library:
+                        self._drop(ref)  # deleted or renamed in the library meanwhile
+                    raise
             if ref.library_name is not None:
                 return self._ensure(ref.library_name, ref.path, True)
             return self._ensure(str(ref.path.resolve()), ref.path, False)
@@ -160,28 +160,10 @@ class Engine:
                 raise AdapterError(f"no adapter named {name!r} is loaded.")
             return slot.lcfg
 
-    def unload(self, name: str) -> None:
-        """Forget a loaded adapter (library name, path key or loaded name); running generations finish."""
-        with self.lock:
-            key = next((k for k, s in self._slots.items() if name in (k, s.loaded)), None)
-            if key is not None:
-                self._drop(key)
-            elif self._model is not None and name in adapter_names(self._model):
-                self._retire(name)
-            else:
-                raise AdapterError(f"no adapter named {name!r} is loaded.")
-
     def loaded(self) -> dict[str, str]:
         """Library name (or path) -> the name it is loaded under."""
         with self.lock:
             return {k: s.loaded for k, s in self._slots.items()}
-
-    @contextmanager
-    def using(self, adapters: Sequence[str | None]):
-        """Load and pin adapters (library names or loaded names) for the duration of the block, so
-        no reload or unload removes them meanwhile; yields the loaded names (None = the base)."""
-        with self._pinned(adapters) as (_, names):
-            yield names
 
     @contextmanager
     def _pinned(self, adapters):

@@ -152,7 +152,7 @@ def test_bad_settings_through_the_train_tab(studio, case):
 def test_bad_settings_do_not_disturb_a_loaded_model_or_its_adapters(studio):
     _prepare(studio)
     _train(studio, "kept", 3)
-    studio.engine.ensure_adapter("kept")
+    studio.engine.load("kept")
     for over, pattern in [SETTING_CASES["rank above the width"], SETTING_CASES["lr NaN"],
                           SETTING_CASES["seq len over 1024"]]:
         refused(studio, ValueError, pattern, _start_with, studio, over)

@@ -77,7 +77,7 @@ def test_base_is_loaded_once_and_replaced_by_another(tmp_path, hf_small):
 def test_hot_swap_keeps_the_base_bit_identical(eng, source):
     model = eng.shared_model()
     snap = _base_snapshot(model)
-    x, y = eng.ensure_adapter("x"), eng.ensure_adapter("y")
+    x, y = eng.load("x"), eng.load("y")
     assert (x, y) == ("x", "y") and sorted(adapter_names(model)) == ["x", "y"]
     assert torch.equal(logits(model, x), logits(source, "x"))
     assert torch.equal(logits(model, y), logits(source, "y"))
@@ -87,11 +87,9 @@ def test_hot_swap_keeps_the_base_bit_identical(eng, source):
     ids = torch.tensor([[464, 2068]])
     with torch.no_grad():
         for i in range(21):
-            model(ids, eng.ensure_adapter("x" if i % 2 else "y"))
+            model(ids, eng.load("x" if i % 2 else "y"))
     _last(eng.compare(PROMPT, [None, "x", "y"], GREEDY))
-    eng.unload("x")
     _assert_base_unchanged(model, snap)
-    assert adapter_names(model) == ["y"]
 
 
 def test_compare_rows_match_each_adapter_alone(eng):
@@ -112,9 +110,9 @@ def test_changed_files_are_reloaded_and_running_generations_keep_the_old(eng, so
     make_adapter(other, "x2", LX, seed=9, std=0.3)
     eng.library.delete("x")
     eng.library.save(other, "x2", "x", LX, "tiny")  # same name, new weights
-    new = eng.ensure_adapter("x")
+    new = eng.load("x")
     assert new != "x" and sorted(adapter_names(model)) == sorted(["x", new])  # old kept for the stream
-    assert eng.ensure_adapter("x") == new  # unchanged files: no reload
+    assert eng.load("x") == new  # unchanged files: no reload
     assert torch.equal(logits(model, new), logits(other, "x2"))
     rest = _last(running)
     assert rest[0].startswith(first[0]) and adapter_names(model) == [new]  # finished: old version gone
@@ -128,18 +126,16 @@ def test_unknown_adapters_fail_before_streaming(eng):
         eng.compare(PROMPT, ["../x"], GREEDY)
     with pytest.raises(AdapterError, match="at least one"):
         eng.compare(PROMPT, [], GREEDY)
-    with pytest.raises(AdapterError, match="no adapter named 'nope' is loaded"):
-        eng.unload("nope")
 
 
 def test_renamed_adapter_is_dropped(eng):
     model = eng.shared_model()
-    eng.ensure_adapter("x")
+    eng.load("x")
     eng.library.rename("x", "x_renamed")
     with pytest.raises(AdapterError, match="no adapter named 'x'"):
-        eng.ensure_adapter("x")
+        eng.load("x")
     assert "x" not in adapter_names(model)
-    assert eng.ensure_adapter("x_renamed") == "x_renamed"
+    assert eng.load("x_renamed") == "x_renamed"
 
 
 def test_concurrent_users_do_not_cross_talk(eng):
@@ -172,18 +168,13 @@ def test_cli_path_and_trainer_adapter(eng, source, tmp_path):
         add_adapter(model, "train:run1", LY)
     texts = _last(eng.compare(PROMPT, [name, "train:run1"], GREEDY))
     assert texts[0] == _last(eng.compare(PROMPT, ["x"], GREEDY))[0]
-    with eng.using(["x", None]) as names:
-        assert names == ["x", None]
-        eng.unload("x")
-        assert "x" in adapter_names(model)  # pinned: removed only when the block ends
-    assert "x" not in adapter_names(model)
 
 
 def test_least_recently_used_adapters_are_evicted(eng, source):
     eng.max_loaded = 2
     eng.library.duplicate("x", "x_copy")
     for n in ("x", "y", "x_copy"):
-        eng.ensure_adapter(n)
+        eng.load(n)
     assert sorted(eng.loaded()) == ["x_copy", "y"]
     assert sorted(adapter_names(eng.shared_model())) == ["x_copy", "y"]
 

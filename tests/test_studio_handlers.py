@@ -323,7 +323,7 @@ def test_compare_columns_equal_core_generation_with_same_seed(studio):
     assert [u["label"] for u in first[:3]] == ["Base model · tiny", "Adapter · a1", "Adapter · a2"]
     assert [u["visible"] for u in first] == [True, True, True, False, False]
     final = _final(gen)
-    loaded = [None] + [studio.engine.ensure_adapter(n) for n in ("a1", "a2")]
+    loaded = [None] + [studio.engine.load(n) for n in ("a1", "a2")]
     expected = generate_text(model, prompt, loaded, cfg)
     assert final[:3] == [prompt + t for t in expected]
     assert len(set(final[:3])) == 3  # the adapters make a difference
