@@ -413,7 +413,14 @@ def cmd_merge(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m core", description="LoRA Studio headless: prepare -> finetune -> compare -> merge.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_prepare(sub)
+    _add_finetune(sub)
+    _add_compare(sub)
+    _add_merge(sub)
+    return p
 
+
+def _add_prepare(sub) -> None:
     s = sub.add_parser("prepare", help="text files -> a tokenized train/val dataset folder",
                        description="Tokenize .txt/.md files (GPT-2 BPE), join them with <|endoftext|>, split "
                                    "train/val and write train_00000.npy, val_00000.npy and meta.json.")
@@ -422,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-ratio", type=float, default=0.9, help="share of tokens for training (default 0.9)")
     s.set_defaults(func=cmd_prepare)
 
+
+def _add_finetune(sub) -> None:
     s = sub.add_parser("finetune", help="train a LoRA adapter on a prepared dataset",
                        description="Train a LoRA adapter. The adapter is saved in the library as "
                                    "<library>/<name>/ with checkpoints in <name>/checkpoints/step_NNNNNN/. "
@@ -462,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)
 
+
+def _add_compare(sub) -> None:
     s = sub.add_parser("compare", help="base vs adapters on the same prompts and seed, side by side",
                        description="Generate with the base model and each adapter in one batch per sample, "
                                    "same prompt and seed, printed side by side.")
@@ -476,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1234, help="seed of the first sample (default 1234)")
     s.set_defaults(func=cmd_compare)
 
+
+def _add_merge(sub) -> None:
     s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder",
                        description="Write base + adapter as an HF GPT2LMHeadModel folder "
                                    "(config.json + model.safetensors).")
@@ -483,7 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, metavar="DIR", help="the new model folder (must not exist)")
     add_model_options(s, "default: the base recorded with the adapter")
     s.set_defaults(func=cmd_merge)
-    return p
 
 
 def main(argv=None) -> int:
