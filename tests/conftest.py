@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from core.model.config import GPTConfig  # noqa: E402
+from core.train import data  # noqa: E402
 
 # gpt2-shaped (width 64, 4 heads) and gpt2-medium-shaped (different width and head count) tiny configs
 SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
@@ -65,3 +66,9 @@ def prepared(tmp_path):
     from core.train.data import SAMPLES_DIR
     main(["prepare", "--input", str(SAMPLES_DIR / "brainrot.txt"), "--output", str(tmp_path / "ds")])
     return tmp_path / "ds"
+
+
+@pytest.fixture(scope="module")
+def sample_ds():
+    """The brainrot sample text (~1,100 tokens), in memory."""
+    return data.prepare(text=data.load_sample("brainrot"), text_name="brainrot.txt")

@@ -17,17 +17,11 @@ from core.generate.sampling import SamplingConfig
 from core.lora.layers import adapter_names
 from core.train.trainer import Trainer, find_checkpoint, run_to_end
 from core.model.weights import load_base
-
-
-@pytest.fixture(scope="module")
-def sample_ds():
-    return data.prepare(text=data.load_sample("brainrot"), text_name="brainrot.txt")
+import train_helpers
 
 
 def quick(**kw) -> TrainConfig:
-    base = dict(steps=4, lr=1e-2, batch_size=2, seq_len=32, grad_accum=1, eval_interval=2,
-                checkpoint_interval=2, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return train_helpers.quick(**{"steps": 4, "grad_accum": 1, "eval_interval": 2, "checkpoint_interval": 2, **kw})
 
 
 # ---- item 11/12: every numeric setting is bounded, with a message -------------------------------

@@ -5,26 +5,18 @@ import json
 import os
 import threading
 
-import pytest
 
 from core.adapters.format import CONFIG, META, WEIGHTS
 from core.adapters.library import (LOADABLE, RESUMABLE, TRAINER_STATE, Library, checkpoint_dirs, checkpoint_path,
                                    checkpoint_step)
 from core.lora.layers import adapter_names, lora_parameters
 from core.model.config import LoraConfig, TrainConfig
-from core.train import data
 from core.train.trainer import Trainer, find_checkpoint
-
-
-@pytest.fixture(scope="module")
-def sample_ds():
-    return data.prepare(text=data.load_sample("brainrot"), text_name="brainrot.txt")
+from train_helpers import quick
 
 
 def small(**kw) -> TrainConfig:
-    base = dict(steps=4, lr=1e-2, batch_size=2, seq_len=32, grad_accum=2, eval_interval=2,
-                checkpoint_interval=2, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return quick(**{"steps": 4, "eval_interval": 2, "checkpoint_interval": 2, **kw})
 
 
 def fake_checkpoint(folder, files) -> None:

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from adapter_helpers import base_tensors
+from train_helpers import quick
 from core.train import data
 from core.model import tokenizer
 from core.model.config import LoraConfig, TrainConfig
@@ -20,17 +21,6 @@ from core.model.weights import load_base
 LORA_KEY = re.compile(r"^base_model\.model\.transformer\.h\.\d+\.attn\.c_attn\.lora_[AB]\.weight$")
 
 
-@pytest.fixture(scope="module")
-def sample_ds():
-    """The brainrot sample text (~1,100 tokens), in memory."""
-    return data.prepare(text=data.load_sample("brainrot"), text_name="brainrot.txt")
-
-
-def quick(**kw) -> TrainConfig:
-    """A run small enough for a test: 2 x 32 tokens, 2 micro-steps per step."""
-    base = dict(steps=8, lr=1e-2, batch_size=2, seq_len=32, grad_accum=2, eval_interval=4,
-                checkpoint_interval=4, seed=3)
-    return TrainConfig(**{**base, **kw})
 
 
 def run_all(trainer) -> list[dict]:
