@@ -35,7 +35,6 @@ UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are delete
 EXPORT_MAX_AGE = 600  # seconds a download stays on the server if it was never handed to Gradio
 MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl merge is ~6.4 GB)
 LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
-MAX_PROMPT_CHARS = 4000  # prompts: GPT-2 sees at most 1024 tokens (~4,000 characters of English) anyway
 
 
 @dataclass

@@ -298,6 +298,16 @@ def test_huge_alpha_and_values_are_refused_on_import(lib, tmp_path):
     assert listing(lib) == before
 
 
+def test_rslora_alpha_is_bounded_as_it_will_be_saved(lib, tmp_path):
+    before = listing(lib)
+    rs = {**peft_config(LC, "tiny"), "use_rslora": True, "lora_alpha": 9000}  # x sqrt(4) = 18000 once saved
+    with pytest.raises(AdapterError, match=r"with use_rslora, lora_alpha x sqrt\(r\) = 18000 is over 10000"):
+        lib.import_path(adapter_folder(tmp_path / "rs", config=rs))
+    assert listing(lib) == before
+    lib.import_path(adapter_folder(tmp_path / "rs-ok", config={**rs, "lora_alpha": 16}), "rs-ok")
+    assert next(e for e in lib.list() if e.name == "rs-ok").problem is None  # listed as it was imported
+
+
 def test_blend_weights_and_results_are_bounded(lib, tmp_path):
     lib.import_path(adapter_folder(tmp_path / "a"), "a")
     t = lora_tensors(TINY, r=4)

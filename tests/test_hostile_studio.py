@@ -16,6 +16,7 @@ import gradio as gr
 import pytest
 
 from core.adapters.validate import AdapterError
+from core.model.config import MAX_PROMPT_CHARS
 from core.text_checks import check_text, scrub
 from studio import context
 from studio.app import build_ui
@@ -151,6 +152,22 @@ def test_only_the_owner_or_an_admin_may_resume_rename_or_delete(signed_in):
     assert library.delete(studio, "anns2", user="root") == "Deleted **anns2**."
 
 
+def test_a_damaged_entry_stays_its_owners(signed_in):
+    # a long sample prompt is a legitimate setting: the entry stays readable and ann's
+    studio = signed_in
+    _train(studio, "long-prompt", 2, user="ann", prompt="a" * 1500)
+    entry = next(e for e in studio.library.list() if e.name == "long-prompt")
+    assert entry.problem is None and entry.user == "ann"
+    # a field damaged by hand makes the entry unreadable, but not anyone's to take
+    meta_path = studio.library.root / "anns" / "studio.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "steps": "many"}))
+    entry = next(e for e in studio.library.list() if e.name == "anns")
+    assert entry.status == "unreadable" and entry.user == "ann"
+    who = r"'anns' belongs to ann; only they \(or an admin\) can"
+    refused(studio, ValueError, who + " rename it", library.rename, studio, "anns", "bobs", user="bob")
+    refused(studio, ValueError, who + " delete it", library.delete, studio, "anns", user="bob")
+
+
 def test_an_admin_may_stop_anyones_run(signed_in):
     studio = signed_in
     _start(studio, "long", 5000, user="ann")
@@ -236,8 +253,8 @@ def test_analysis_never_waits_behind_one_other_session(studio):
 
 def test_prompts_are_capped(studio):
     _prepare(studio)
-    long = "a" * (context.MAX_PROMPT_CHARS + 1)
-    limit = rf"the prompt is {len(long):,} characters long; the limit is {context.MAX_PROMPT_CHARS:,}"
+    long = "a" * (MAX_PROMPT_CHARS + 1)
+    limit = rf"the prompt is {len(long):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
     refused(studio, ValueError, limit, compare.compare, studio, CompareForm(model="tiny", prompt=long, max_tokens=4,
                                                                             seed=1))
     refused(studio, ValueError, "the sample " + limit[4:], _start, studio, "run", 3, prompt=long)
@@ -274,6 +291,14 @@ NUMBERS = {"steps": (float("inf"), r"steps must be a finite number"),
            "alpha": (float("nan"), r"alpha must be a finite number"),
            "lr": ("fast", r"learning rate is empty or not a number"),
            "r": (1e300, r"rank is far too large")}
+
+
+@pytest.mark.parametrize("ratio", [None, [0.9], float("nan"), "most"])
+def test_hostile_split_ratios_in_the_data_tab(studio, ratio):
+    text, _, state = data.sample_text("pirate_recipes")
+    state, _, _ = data.analyze(state, text, 0.9)
+    refused(studio, ValueError, r"the training share (is empty or not a number|must be a finite number)",
+            data.prepare, studio, state, text, ratio, "pirates")
 
 
 @pytest.mark.parametrize("field", list(NUMBERS))

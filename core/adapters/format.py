@@ -13,13 +13,12 @@ from safetensors.torch import save as st_save
 
 from core import atomic, safe_json
 from core.lora.layers import TARGET_PATTERN, adapter_state_dict
-from core.model.config import LoraConfig
+from core.model.config import MAX_LOADED_ALPHA, MAX_PROMPT_CHARS, MAX_RANK, LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 META = "studio.json"
-MAX_ALPHA = 10_000.0  # real adapters use alpha of 1..2 x rank (<= 512); 1e300 only overflows the update
 MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per step)
 
 # A matrix's key as core.lora names it (LORA_KEY, lora_key); files add PEFT_PREFIX in front. As found in
@@ -90,6 +89,12 @@ def _text(x):
     return x
 
 
+def _prompt(x):
+    if safe_json.text(x, MAX_PROMPT_CHARS) is None:
+        raise _Bad(f"is not a valid UTF-8 prompt of at most {MAX_PROMPT_CHARS} characters")
+    return x
+
+
 def _date(x):
     if x is not None and safe_json.date(x) is None:
         raise _Bad(f"is not a date from {safe_json.FIRST_YEAR} to {safe_json.LAST_YEAR}")
@@ -132,7 +137,7 @@ def _list_of(item, limit: int):
 def _scalar(x):
     """A training setting: text, number, bool, None, or a list of texts (sample prompts)."""
     if isinstance(x, list):
-        return _list_of(_text, 64)(x)
+        return _list_of(_prompt, 64)(x)
     if x is None or isinstance(x, bool):
         return x
     return _num()(x) if isinstance(x, (int, float)) else _text(x)
@@ -158,7 +163,7 @@ META_FIELDS = {  # every field this app writes to studio.json, and what it may h
     "created": _date, "imported": _date, "steps": _int(),
     **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
     "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
-    "lora": _record({"r": _int(1, 256), "alpha": _num(0, MAX_ALPHA), "dropout": _num(0, 1),
+    "lora": _record({"r": _int(1, MAX_RANK), "alpha": _num(0, MAX_LOADED_ALPHA), "dropout": _num(0, 1),
                      "targets": _list_of(_text, 8)}),
     "blend": _list_of(_record({"name": _text, "weight": _num()}), 64),
 }

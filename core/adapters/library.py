@@ -584,7 +584,9 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _read_meta(path: Path) -> tuple[dict, str | None]:
-    """studio.json's checked fields and the reason it is unreadable (None if fine); {} if absent or broken."""
+    """studio.json's checked fields and the reason it is unreadable (None if fine); {} if absent or broken.
+    An unreadable file keeps its owner when that field itself is sound: with sign-in, a damaged entry
+    must not become anyone's to rename, delete or resume."""
     if not path.is_file():
         return {}, None
     try:
@@ -592,7 +594,9 @@ def _read_meta(path: Path) -> tuple[dict, str | None]:
     except ValueError as e:
         return {}, str(e)
     meta, problem = clean_meta(raw)
-    return ({}, problem) if problem else (meta, None)
+    if problem:
+        return ({"user": meta["user"]} if meta.get("user") else {}), problem
+    return meta, None
 
 
 def _read_config(path: Path) -> tuple[dict, dict, str | None]:

@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 
 from core import safe_json
-from core.adapters.format import CONFIG, FILE_KEY, MAX_ALPHA, META, PEFT_PREFIX, WEIGHTS
+from core.adapters.format import CONFIG, FILE_KEY, META, PEFT_PREFIX, WEIGHTS
 from core.lora.layers import lora_key
-from core.model.config import (HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig, normalize_targets,
-                               target_shapes, width_from_a)
+from core.model.config import (HUB_IDS, MAX_LOADED_ALPHA, MAX_RANK, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig,
+                               normalize_targets, target_shapes, width_from_a)
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
 # a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;
@@ -31,7 +31,6 @@ MAX_TENSORS = 1024
 # 3e38 passes the finiteness check yet overflows every product (generation then prints 'GGGG')
 MAX_VALUE = 10_000.0
 MAX_JSON_BYTES = 16 * 2**20  # adapter_config.json, studio.json (loss histories can be long)
-MAX_RANK = 256
 DTYPES = ("F32", "F16", "BF16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLE_HINT = ("pickle files can run code when opened, so they are never loaded; re-save the adapter "
@@ -198,8 +197,8 @@ def parse_config(c: dict, path: Path):
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
         raise AdapterError(f"{where}: r must be a whole number from 1 to {MAX_RANK} (got {r!r}).")
     alpha = c.get("lora_alpha", 8)
-    if safe_json.number(alpha, 0, MAX_ALPHA) is None or alpha <= 0:
-        raise AdapterError(f"{where}: lora_alpha must be a positive number up to {MAX_ALPHA:g} (got {alpha!r}); "
+    if safe_json.number(alpha, 0, MAX_LOADED_ALPHA) is None or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive number up to {MAX_LOADED_ALPHA:g} (got {alpha!r}); "
                            f"adapters use about 1-2 x the rank.")
     dropout = c.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -216,6 +215,9 @@ def parse_config(c: dict, path: Path):
         raise AdapterError(f"{where}: modules_to_save is not supported (only LoRA A/B weights are loaded).")
     if c.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same update as alpha' = alpha * sqrt(r)
         alpha = alpha * math.sqrt(r)
+        if alpha > MAX_LOADED_ALPHA:  # checked as saved, so the library can always read it back
+            raise AdapterError(f"{where}: with use_rslora, lora_alpha x sqrt(r) = {alpha:g} is over "
+                               f"{MAX_LOADED_ALPHA:g}; adapters use about 1-2 x the rank.")
     base = c.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a string (got {type(base).__name__}).")

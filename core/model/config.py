@@ -94,7 +94,7 @@ class LoraConfig:
 
     def validate(self, cfg: GPTConfig | None = None) -> None:
         """Raise ValueError with a message a user can act on."""
-        whole_number("rank", self.r, 1, 256)
+        whole_number("rank", self.r, 1, MAX_RANK)
         if cfg is not None and self.r > cfg.n_embd:
             raise ValueError(f"rank {self.r} is larger than the model width {cfg.n_embd}; choose a rank <= {cfg.n_embd}.")
         # alpha / r scales the update: past ~1024 a single step already overflows (1e300 trained to NaN)
@@ -215,9 +215,12 @@ class TrainConfig:
 
 # ---- checks shared by the settings -----------------------------------------------------
 
-MAX_ALPHA = 1024  # LoRA alpha; real runs use 1..2 x rank (rank <= 256)
+MAX_RANK = 256  # LoRA rank, trained or loaded
+MAX_ALPHA = 1024  # LoRA alpha to train with: real runs use 1..2 x rank; alpha / r past ~1024 overflows a step
+# alpha of a loaded adapter (after rsLoRA's alpha * sqrt(r)): real ones stay far below; 1e300 only overflows
+MAX_LOADED_ALPHA = 10_000.0
 MAX_PROMPTS = 8  # sample prompts continued at each evaluation
-MAX_PROMPT_CHARS = 2000  # the model reads at most 1024 tokens anyway
+MAX_PROMPT_CHARS = 4000  # prompts: GPT-2 sees at most 1024 tokens (~4,000 characters of English) anyway
 
 
 def whole_number(name: str, v, lo: int, hi: int) -> None:

@@ -275,7 +275,7 @@ def read_dataset_meta(folder) -> dict:
     out = {k: v for k, check in _META_FIELDS.items() if k in raw and (v := check(raw[k])) is not None}
     sources = raw.get("sources")
     if isinstance(sources, list):
-        out["sources"] = [t for x in sources[:MAX_SOURCES] if (t := safe_json.text(x, 200)) is not None]
+        out["sources"] = [t for x in sources[:MAX_SOURCES] if (t := safe_json.text(x, 255)) is not None]  # file names
     dropped = [k for k in (*_META_FIELDS, "sources") if k in raw and k not in out]
     why = safe_json.problem(raw)
     if why or dropped or (isinstance(sources, list) and len(out["sources"]) < len(sources)):

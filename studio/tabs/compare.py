@@ -13,10 +13,10 @@ import gradio as gr
 
 from core.adapters.validate import preset_of
 from core.generate.sampling import SamplingConfig
-
+from core.model.config import MAX_PROMPT_CHARS
 from core.text_checks import check_text
 
-from ..context import MAX_PROMPT_CHARS, Studio, friendly, number, typed_name, whole
+from ..context import Studio, friendly, number, typed_name, whole
 from ..models import CHOICES
 
 MAX_ADAPTERS = 4

@@ -189,7 +189,7 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
     texts, sources, _ = _docs(state, pasted)
     if not texts:
         raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
-    ds = build_dataset(texts, sources, float(ratio))
+    ds = build_dataset(texts, sources, number(ratio, "the training share"))
     studio.dataset_store.create(name, ds)  # published whole: a failed write (a full disk) leaves nothing
     m = ds.meta
     return (f"✓ Saved dataset **{name}**: {m['tokens']:,} tokens ({m['train_tokens']:,} train / "

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from core.adapters.library import check_name
-from core.model.config import PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.model.config import MAX_PROMPT_CHARS, PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.train.data import load_dataset
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import MAX_PROMPT_CHARS, Studio, friendly, number, typed_name, user_of, whole
+from ..context import Studio, friendly, number, typed_name, user_of, whole
 from ..models import CHOICES
 from ..plots import loss_figure
 
