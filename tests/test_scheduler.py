@@ -62,6 +62,17 @@ def test_an_adapter_changes_the_output(model, scheduler):
     assert req.texts() == [tokenizer.decode(r) for r in (base, a, b)]
 
 
+def test_iterating_a_request_streams_its_tokens_so_far(model, scheduler):
+    s, _ = scheduler()
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.9, seed=5, stop_at_eot=False)
+    req = s.submit(PROMPT, ["a", "b"], cfg)
+    snapshots = list(req)  # a slow reader skips to the latest state, never sees a partial step
+    final = req.result()
+    assert snapshots and snapshots[-1] == final
+    for earlier, later in zip(snapshots, snapshots[1:]):
+        assert all(later[i][:len(r)] == r for i, r in enumerate(earlier))  # each one extends the last
+
+
 def random_requests(n, seed=0):
     """n requests with different adapters, prompt lengths, max tokens, sampling settings and seeds.
 
@@ -141,16 +152,18 @@ def test_a_failing_request_fails_alone(model, scheduler):
 
 
 def test_a_full_queue_says_busy_try_again(model, scheduler):
-    s, lock = scheduler(max_rows=2, max_queue=1)
+    s, lock = scheduler(max_rows=2, max_queue=2)
     running = started(s.submit(PROMPT, [None, "a"], LONG))
     with lock:
-        waiting = s.submit(PROMPT, ["b"], LONG)
-        assert (running.position(), waiting.position()) == (0, 1)
+        waiting = [s.submit(PROMPT, ["b"], LONG), s.submit(PROMPT, [None], LONG)]
+        assert [r.position() for r in [running] + waiting] == [0, 1, 2]
         with pytest.raises(SchedulerBusy, match="busy, try again in a moment"):
             s.submit(PROMPT, [None], LONG)
+        waiting[0].cancel()
+        assert waiting[1].position() == 1  # moved up
         running.cancel()
-        waiting.cancel()
-    assert waiting.result(60) == [[]]  # left the queue at once, no token
+        waiting[1].cancel()
+    assert [r.result(60) for r in waiting] == [[[]], [[]]]  # left the queue at once, no token
     assert len(running.result(60)[0]) < 100 and running.cancelled  # stopped at the next step boundary
 
 

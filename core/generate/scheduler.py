@@ -296,16 +296,16 @@ class DecodeScheduler:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(int(req.cfg.seed))
                 with self._cond:
-                    slots = self._reserved.pop(id(req))
                     self._joining.remove(req)
                     if req.cancelled:
-                        self._free = sorted(self._free + slots)
-                        self._finish(req)
+                        self._finish(req)  # frees its reserved slots
                         return
+                    slots = self._reserved[id(req)]
                     s = torch.tensor(slots, device=dev)
                     self.pool.k[:, s, :, :T] = cache.k
                     self.pool.v[:, s, :, :T] = cache.v
                     req._gen = gen
+                    del self._reserved[id(req)]  # the slots now belong to its rows
                     self._rows += [_Row(req, i, slot, T, logits[i]) for i, slot in enumerate(slots)]
         except Exception as e:
             with self._cond:
