@@ -108,7 +108,8 @@ class _Row:
     index: int  # which row of its request
     slot: int  # its slot in the KV pool
     length: int  # tokens in its slot so far (the next one is written at this index)
-    logits: torch.Tensor | None = None  # (V,) for the next pick
+    logits: torch.Tensor | None = None  # (n, V): the forward's logits, this row's next pick at `at`
+    at: int = 0
     token: int = 0  # the last picked token, fed at the next step
 
 
@@ -306,7 +307,7 @@ class DecodeScheduler:
                     self.pool.v[:, s, :, :T] = cache.v
                     req._gen = gen
                     del self._reserved[id(req)]  # the slots now belong to its rows
-                    self._rows += [_Row(req, i, slot, T, logits[i]) for i, slot in enumerate(slots)]
+                    self._rows += [_Row(req, i, slot, T, logits, i) for i, slot in enumerate(slots)]
         except Exception as e:
             with self._cond:
                 if req in self._joining:
@@ -339,7 +340,11 @@ class DecodeScheduler:
             u = None
             if req.cfg.temperature > 0:
                 u = torch.rand((1, 1), generator=req._gen, device=self.model.device)
-            logits = torch.stack([r.logits for r in rs])
+            logits, first = rs[0].logits, rs[0].at
+            if all(r.logits is logits and r.at == first + j for j, r in enumerate(rs)):
+                logits = logits[first:first + len(rs)]  # a request's rows sit together: a view
+            else:
+                logits = torch.stack([r.logits[r.at] for r in rs])
             out[key] = pick_tokens(logits, req.cfg, u).tolist()
             for r, t in zip(rs, out[key]):
                 r.token = t
@@ -383,5 +388,5 @@ class DecodeScheduler:
         tokens = torch.tensor([[r.token] for r in rows], device=dev)
         logits = model(tokens, self._route, view, 0, pos=pos[:, None], mask=mask)[:, -1]
         for i, r in enumerate(rows):
-            r.logits = logits[i]
+            r.logits, r.at = logits, i
             r.length += 1
