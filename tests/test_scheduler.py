@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.generate.sampling import SamplingConfig, generate
-from core.generate.scheduler import DecodeScheduler, SchedulerBusy, SchedulerClosed
+from core.generate.scheduler import DecodeScheduler, SchedulerBusy, SchedulerClosed, pool_rows
 from core.lora import layers as lora
 from core.model import tokenizer
 from core.model.config import LoraConfig
@@ -190,6 +190,31 @@ def test_max_tokens_are_capped_by_the_pool_length(model):
         assert got == alone(model, PROMPT[-1:], ["a"], capped)  # 15 new tokens after the last prompt token
     finally:
         s.close()
+
+
+def test_a_failing_decode_step_fails_the_running_requests_and_the_loop_goes_on(model, scheduler, monkeypatch):
+    s, lock = scheduler()
+    running = started(s.submit(PROMPT, [None, "a"], LONG))
+    real = s._forward
+    with lock:
+        def broken(rows):
+            monkeypatch.setattr(s, "_forward", real)  # once
+            raise RuntimeError("out of memory (simulated)")
+        monkeypatch.setattr(s, "_forward", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        running.result(60)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.7, seed=8)
+    assert s.submit(PROMPT, ["b"], cfg).result(60) == alone(model, PROMPT, ["b"], cfg)
+
+
+def test_the_pool_is_sized_from_free_memory(model):
+    cfg = model.config
+    slot = 2 * cfg.n_layer * cfg.n_head * 128 * cfg.head_dim * 4  # fp32 keys and values of 128 tokens
+    assert pool_rows(model, 128, memory=40 * slot) == 10  # a quarter of it
+    assert pool_rows(model, 128, memory=10**15) == 64 and pool_rows(model, 128, memory=0) == 1
+    measured = DecodeScheduler(model, max_len=128)  # no max_rows: measured
+    measured.close()
+    assert 1 <= measured.max_rows <= 64
 
 
 def test_close_ends_running_requests_and_refuses_new_ones(model, scheduler):

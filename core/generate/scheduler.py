@@ -23,12 +23,24 @@ from typing import Iterator, Sequence
 
 import torch
 
-from core.device import GUARD
+from core.device import GUARD, available_memory
 from core.generate.sampling import SamplingConfig, pick_tokens
 from core.lora.layers import make_route
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.gpt import GPT, KVCache
+
+
+def pool_rows(model: GPT, max_len: int, memory: int | None = None, share: float = 0.25, most: int = 64) -> int:
+    """Slots for a KV pool of `max_len` tokens each: `share` of the memory a new allocation can get
+    on the model's device (the rest stays for activations, logits and training jobs), at most `most`,
+    at least 1; 16 when the free memory is unknown. memory: bytes available (default: measured)."""
+    cfg = model.config
+    slot = 2 * cfg.n_layer * cfg.n_head * max_len * cfg.head_dim * model.dtype.itemsize  # keys + values
+    memory = available_memory(model.device) if memory is None else memory
+    if memory is None:
+        return 16
+    return max(1, min(most, int(memory * share) // slot))
 
 
 class SchedulerBusy(RuntimeError):
@@ -135,19 +147,21 @@ class _SlotView:
 class DecodeScheduler:
     """One decode loop thread serving every request submitted to it.
 
-    max_rows: slots in the KV pool (rows decoded together at most); max_len: tokens per slot
+    max_rows: slots in the KV pool (rows decoded together at most; default: `pool_rows`, sized
+    from free memory); max_len: tokens per slot
     (prompt + new tokens; longer prompts are cropped from the left, as `sampling.stream` does);
     max_queue: requests waiting at most (beyond it `submit` raises SchedulerBusy);
     max_rows_per_user: rows one user may have waiting or running; lock: held around each step
     (prefill or decode), so a caller can share the model with other work.
     """
 
-    def __init__(self, model: GPT, max_rows: int = 16, max_len: int | None = None, max_queue: int = 64,
+    def __init__(self, model: GPT, max_rows: int | None = None, max_len: int | None = None, max_queue: int = 64,
                  max_rows_per_user: int = 8, lock=None):
         block = model.config.block_size
         max_len = block if max_len is None else max_len
         if not 2 <= max_len <= block:
             raise ValueError(f"max_len must be from 2 to the context of {block} tokens (got {max_len}).")
+        max_rows = pool_rows(model, max_len) if max_rows is None else max_rows
         if max_rows < 1 or max_queue < 0 or max_rows_per_user < 1:
             raise ValueError("max_rows and max_rows_per_user must be at least 1, max_queue at least 0.")
         self.model, self.max_rows, self.max_len = model, max_rows, max_len
