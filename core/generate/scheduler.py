@@ -114,7 +114,7 @@ class Request:
         return [tokenizer.decode(r) for r in rows]
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity (list.remove), never by their tensors
 class _Row:
     request: Request
     index: int  # which row of its request
@@ -193,9 +193,10 @@ class DecodeScheduler:
             raise ValueError("a request needs at least one row (an adapter name, or None for the base).")
         if len(prompt_ids) == 0:
             raise ValueError("the prompt needs at least one token")
-        if len(adapters) > min(self.max_rows, self.max_rows_per_user):
-            raise ValueError(f"{len(adapters)} rows in one request is more than the {min(self.max_rows, self.max_rows_per_user)} "
-                             f"rows allowed at once; compare fewer adapters.")
+        most = min(self.max_rows, self.max_rows_per_user)
+        if len(adapters) > most:
+            raise ValueError(f"{len(adapters)} rows in one request is more than the {most} rows allowed at once; "
+                             f"compare fewer adapters.")
         max_new = min(cfg.max_new_tokens, self.max_len - 1)
         prompt = list(prompt_ids)[-(self.max_len - max_new):]  # crop from the left so all fits
         req = Request(self, prompt, adapters, cfg, user, max_new)
