@@ -57,7 +57,12 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x, route).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None and torch.is_tensor(start):
+        if cache is not None and hasattr(cache, "write"):
+            # a cache that places each row itself (the decode scheduler's slotted pool: every row
+            # writes at its own position); it returns the keys/values to attend over, `mask` hides
+            # each row's unfilled positions
+            k, v = cache.write(layer, k, v)
+        elif cache is not None and torch.is_tensor(start):
             # static decode (CUDA graphs): write at a position held in a tensor, attend over the
             # whole cache; `mask` says which positions are filled
             cache.k[layer].index_copy_(2, start, k)
