@@ -29,6 +29,7 @@ PRESET_PROMPTS = [
     "The best advice I ever got was",
 ]
 STREAM_INTERVAL = 0.08  # seconds between UI updates while tokens stream
+BATCHED_CONCURRENCY = 32  # compares served at once with batched generation (under anyio's 40 worker threads)
 
 
 def compatible_adapters(studio: Studio, model_name: str) -> list[str]:
@@ -182,7 +183,10 @@ def create_compare_tab(studio: Studio) -> dict:
     def run(request: gr.Request, progress=gr.Progress(), **values):
         yield from compare(studio, CompareForm(**values), progress, user=requester(request))
 
-    event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=4, concurrency_id="generate",
+    # batched: every running compare is rows of the one decode loop, so more may run at once (each handler
+    # thread only waits for its rows); loop: each runs its own decode loop, four at a time
+    limit = BATCHED_CONCURRENCY if studio.engine.batched_generation else 4
+    event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=limit, concurrency_id="generate",
                      api_name="compare")
     event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                api_visibility="private")
