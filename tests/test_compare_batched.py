@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from adapter_helpers import make_adapter
+from core.adapters.validate import AdapterError
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy
@@ -273,3 +274,18 @@ def test_generation_flags():
     assert Engine(torch.device("cuda")).batched_generation is False
     assert Engine(torch.device("mps")).batched_generation is True
     assert Engine("cpu", batched_generation=False).batched_generation is False
+
+
+def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
+    """A running compare on the old base ends with a clear message; the new base gets its own loop."""
+    eng, _ = engines
+    folder = eng.export_merged("x", tmp_path / "merged")  # another base: tiny with x merged in
+    old = eng.scheduler()
+    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=1000))
+    next(running)
+    eng.base(str(folder))
+    with pytest.raises(AdapterError, match="base model was changed"):
+        _last(running)
+    assert _wait(lambda: not old._thread.is_alive())
+    assert eng.scheduler() is not old and eng.scheduler().model is eng.shared_model()
+    assert _last(eng.compare("Ahoy", [None], _cfg(GREEDY, 1, n=4)))[0]
