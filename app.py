@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-memory", default=None, metavar="SIZE",
                    help="refuse training settings whose estimated peak memory exceeds SIZE, e.g. 8GB "
                         "(default: the memory available on the device)")
+    p.add_argument("--generation", default=None, choices=["batched", "loop"],
+                   help="batched: every Compare decodes in one shared loop (continuous batching); loop: one decode "
+                        "loop per request (default: batched on CPU/MPS, loop on CUDA, where it replays a CUDA graph)")
+    p.add_argument("--max-rows-per-user", type=int, default=8, metavar="N",
+                   help="batched generation: rows one user may have generating or waiting (a Compare of the base "
+                        "and 3 adapters is 4 rows; default 8)")
     return p
 
 
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
         from studio.app import build_ui, create_studio, launch_options
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
-                               max_train_memory=args.max_train_memory, admins=args.admin)
+                               max_train_memory=args.max_train_memory, admins=args.admin,
+                               generation=args.generation, max_rows_per_user=args.max_rows_per_user)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,17 +2,21 @@
 N concurrent gradio_client clients each running side-by-side comparisons for a while.
 
     python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
+                         [--generation loop,batched]
 
 What it does, in order:
   1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
-  2. starts `python app.py --model tiny` on 127.0.0.1 in its own process (as a user would);
+then for each generation mode (`--generation`: the one-decode-loop-per-request path and the batched
+decode scheduler, both by default, one after the other in the same run):
+  2. starts `python app.py --model tiny --generation MODE` on 127.0.0.1 in its own process (as a user would);
   3. starts a long training run through the API (/start_training), so the machine is busy training;
   4. solo: one client runs each request of a fixed set alone, in turn, `--solo-rounds` times: the
      expected answers (a repeat must give the same text) and the solo latency;
   5. load: `--clients` clients, each its own gradio_client.Client, send those requests in a loop for
      `--seconds`; every answer is compared with the solo answer of the same request (same seed),
      so a mix-up between users shows as a mismatch;
-  6. stops the training run and the server; prints a table with the date and the machine.
+  6. stops the training run and the server;
+and prints one table, a row per mode, with the date and the machine (and whether the modes' answers agree).
 
 A benchmark, not a test: it reports; the exit status is 1 only when a request failed or mismatched.
 """
@@ -65,17 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, mode: str) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(tmp / "server.log", "w")
+    log = open(tmp / f"server-{mode}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
                              "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
-                             "--host", "127.0.0.1", "--port", str(port)],
+                             "--host", "127.0.0.1", "--port", str(port), "--generation", mode],
                             cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {tmp / 'server.log'}")
+            raise SystemExit(f"the server exited ({proc.returncode}); see {tmp / f'server-{mode}.log'}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return proc
@@ -118,33 +122,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
-    ap.add_argument("--seconds", type=float, default=60, help="how long the clients keep sending (default 60)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per column (default 32)")
-    ap.add_argument("--solo-rounds", type=int, default=3, help="times each request runs alone (default 3)")
-    ap.add_argument("--timeout", type=float, default=300, help="longest wait for one answer, s (default 300)")
-    ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
-    args = ap.parse_args()
+def run_mode(tmp: Path, mode: str, args) -> dict:
+    """One served studio in `mode`: solo answers, then the clients' load; returns the measurements."""
     from gradio_client import Client
-
-    tmp = Path(tempfile.mkdtemp(prefix="lora-load-"))
     server = None
     try:
         t0 = time.time()
-        prepare_library(tmp)
         port = free_port()
-        server = start_server(tmp, port)
+        server = start_server(tmp, port, mode)
         url = f"http://127.0.0.1:{port}/"
         control = Client(url, verbose=False)
         msg = "none (--no-training)"
         if not args.no_training:
-            msg = control.predict("tiny", "pirate", "background", ["attn.c_attn", "mlp.c_fc"], 8, 16, 0.0, 1e-3,
-                                  100_000, 4, 1, 128, 50, 1337, "Ahoy", api_name="/start_training")[0]
+            msg = control.predict("tiny", "pirate", f"background-{mode}", ["attn.c_attn", "mlp.c_fc"], 8, 16, 0.0,
+                                  1e-3, 100_000, 4, 1, 128, 50, 1337, "Ahoy", api_name="/start_training")[0]
             if "Started" not in msg:
                 raise SystemExit(f"could not start the background training run: {msg}")
-        print(f"setup {time.time() - t0:.0f} s; background training: {msg}", flush=True)
+        print(f"[{mode}] setup {time.time() - t0:.0f} s; background training: {msg}", flush=True)
 
         # solo: each request alone, in turn
         expected, solo, solo_errors = {}, [], 0
@@ -155,12 +149,12 @@ def main() -> int:
                     out = ask(control, req, args.max_tokens, args.timeout)
                 except Exception as e:  # noqa: BLE001 - counted and shown
                     solo_errors += 1
-                    print(f"solo error on request {i}: {type(e).__name__}: {e}", flush=True)
+                    print(f"[{mode}] solo error on request {i}: {type(e).__name__}: {e}", flush=True)
                     continue
                 solo.append(time.perf_counter() - t)
                 if expected.setdefault(i, out) != out:
                     solo_errors += 1
-                    print(f"solo request {i} gave a different text when repeated", flush=True)
+                    print(f"[{mode}] solo request {i} gave a different text when repeated", flush=True)
         if len(expected) < len(REQUESTS):
             raise SystemExit("some requests never succeeded alone; see the messages above")
         if not all(len(expected[i]) == (1 if r[0] else 0) + len(r[1]) and all(t.startswith(r[2]) for t in expected[i])
@@ -214,47 +208,15 @@ def main() -> int:
         unanswered = counts["sent"] - counts["answered"] - counts["errors"]
 
         training_note = "no training run" if args.no_training else control.predict(api_name="/stop_training")
-        saved = tmp / "lib" / "background" / "studio.json"
+        saved = tmp / "lib" / f"background-{mode}" / "studio.json"
         deadline = time.time() + 60
         while not args.no_training and not saved.exists() and time.time() < deadline:
             time.sleep(0.2)
         if saved.exists():
             import json
             training_note += f" It had trained {json.loads(saved.read_text())['steps']} steps meanwhile."
-
-        solo_p50, solo_p95 = statistics.median(solo), pct(solo, 0.95)
-        p50, p95 = (statistics.median(lat), pct(lat, 0.95)) if lat else (float("nan"), float("nan"))
-        import gradio
-        import torch
-        print()
-        print(f"LoRA Studio load benchmark, {dt.date.today().isoformat()}")
-        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs (nproc), {platform.system()} {platform.release()}; "
-              f"python {platform.python_version()}, torch {torch.__version__}, gradio {gradio.__version__}")
-        print("server: python app.py --model tiny (one process); background: " + (
-            "nothing (--no-training)" if args.no_training else
-            "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
-        print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "
-              f"tokens per column, temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
-              f"top-p {SAMPLING['top_p']}, a fixed seed each")
-        print()
-        print(table([[args.clients, f"{wall:.0f} s", counts["sent"], counts["answered"], counts["errors"] + unanswered,
-                      counts["mismatches"], f"{solo_p50:.2f} s", f"{p50:.2f} s", f"{p95:.2f} s",
-                      f"{p95 / solo_p50:.1f}x", f"{counts['answered'] / wall:.2f}/s"]],
-                    ["clients", "duration", "requests", "answered", "errors", "mismatches", "solo p50", "p50",
-                     "p95", "p95 / solo p50", "throughput"]))
-        failed = counts["errors"] + unanswered + counts["mismatches"]
-        met = "met" if not failed and p95 < 5 * solo_p50 else "NOT met"
-        need = args.clients / (5 * solo_p50)
-        print(f"solo: {len(solo)} requests alone (p50 {solo_p50:.2f} s, p95 {solo_p95:.2f} s), {solo_errors} "
-              f"problems; goal: 0 errors, 0 mismatches, p95 under 5x solo -> {met}")
-        print(f"closed loop: each client waits for its answer, so latency ~ clients / throughput; p95 under 5x solo "
-              f"would need ~{need:.0f} answers/s, {need * solo_p50:.0f}x what one client alone gets")
-        print(f"CPU time while loaded: server {cpu[0]:.0f} s, the {args.clients} clients (this process) "
-              f"{cpu[1]:.0f} s, of {wall * (os.cpu_count() or 1):.0f} s available")
-        print(f"stop: {training_note}")
-        for p in problems[:10]:
-            print("  " + p)
-        return 1 if failed + solo_errors else 0
+        return dict(mode=mode, expected=expected, solo=solo, solo_errors=solo_errors, lat=lat, counts=counts,
+                    problems=problems, wall=wall, cpu=cpu, unanswered=unanswered, training_note=training_note)
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGINT)
@@ -262,7 +224,76 @@ def main() -> int:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
+    ap.add_argument("--seconds", type=float, default=60, help="how long the clients keep sending (default 60)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per column (default 32)")
+    ap.add_argument("--solo-rounds", type=int, default=3, help="times each request runs alone (default 3)")
+    ap.add_argument("--timeout", type=float, default=300, help="longest wait for one answer, s (default 300)")
+    ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
+    ap.add_argument("--generation", default="loop,batched",
+                    help="the served studio's --generation modes to run, in order (default loop,batched)")
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.generation.split(",") if m.strip()]
+    if not modes or any(m not in ("loop", "batched") for m in modes):
+        raise SystemExit("--generation: a comma-separated list of loop and batched")
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-load-"))
+    try:
+        t0 = time.time()
+        prepare_library(tmp)
+        print(f"adapters trained in {time.time() - t0:.0f} s", flush=True)
+        results = [run_mode(tmp, m, args) for m in modes]
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    import gradio
+    import torch
+    print()
+    print(f"LoRA Studio load benchmark, {dt.date.today().isoformat()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs (nproc), {platform.system()} {platform.release()}; "
+          f"python {platform.python_version()}, torch {torch.__version__}, gradio {gradio.__version__}")
+    print("server: python app.py --model tiny --generation MODE (one process per mode, one after the other); "
+          "background: " + ("nothing (--no-training)" if args.no_training else
+                            "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
+    print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "
+          f"tokens per column, temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
+          f"top-p {SAMPLING['top_p']}, a fixed seed each")
+    print()
+    rows, failed = [], 0
+    for r in results:
+        c, solo, lat, wall = r["counts"], r["solo"], r["lat"], r["wall"]
+        solo_p50 = statistics.median(solo)
+        p50, p95 = (statistics.median(lat), pct(lat, 0.95)) if lat else (float("nan"), float("nan"))
+        r.update(solo_p50=solo_p50, p95=p95, throughput=c["answered"] / wall)
+        rows.append([r["mode"], args.clients, f"{wall:.0f} s", c["sent"], c["answered"], c["errors"] + r["unanswered"],
+                     c["mismatches"], f"{solo_p50:.2f} s", f"{p50:.2f} s", f"{p95:.2f} s", f"{p95 / solo_p50:.1f}x",
+                     f"{r['throughput']:.2f}/s"])
+        failed += c["errors"] + r["unanswered"] + c["mismatches"] + r["solo_errors"]
+    print(table(rows, ["mode", "clients", "duration", "requests", "answered", "errors", "mismatches", "solo p50",
+                       "p50", "p95", "p95 / solo p50", "throughput"]))
+    for r in results:
+        c = r["counts"]
+        bad = c["errors"] + r["unanswered"] + c["mismatches"]
+        met = "met" if not bad and r["p95"] <= 5 * r["solo_p50"] else "NOT met"
+        print(f"[{r['mode']}] solo: {len(r['solo'])} requests alone (p50 {r['solo_p50']:.2f} s, p95 "
+              f"{pct(r['solo'], 0.95):.2f} s), {r['solo_errors']} problems; goal: 0 errors, 0 mismatches, "
+              f"p95 at most 5x solo -> {met}")
+        print(f"[{r['mode']}] CPU time while loaded: server {r['cpu'][0]:.0f} s, the {args.clients} clients (this "
+              f"process) {r['cpu'][1]:.0f} s, of {r['wall'] * (os.cpu_count() or 1):.0f} s available")
+        print(f"[{r['mode']}] stop: {r['training_note']}")
+        for p in r["problems"][:10]:
+            print("  " + p)
+    by = {r["mode"]: r for r in results}
+    if "loop" in by and "batched" in by:
+        ratio = by["batched"]["throughput"] / by["loop"]["throughput"] if by["loop"]["throughput"] else float("inf")
+        same = sum(by["loop"]["expected"][i] == by["batched"]["expected"][i] for i in range(len(REQUESTS)))
+        print(f"batched / loop throughput: {ratio:.2f}x (goal at least 3x); solo answers identical in both modes: "
+              f"{same} of {len(REQUESTS)} requests (a difference can only be a floating-point near-tie)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

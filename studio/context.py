@@ -22,6 +22,7 @@ from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.train.datasets import DatasetStore
 from core.engine import Engine
+from core.generate.scheduler import SchedulerBusy
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 from core.train.trainer import TrainingError
@@ -30,7 +31,7 @@ from core.model.weights import WeightsError
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner, RunnerBusy
 
-USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, RunnerBusy, FileNotFoundError)
+USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, RunnerBusy, SchedulerBusy, FileNotFoundError)
 UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are deleted (delete_cache)
 EXPORT_MAX_AGE = 600  # seconds a download stays on the server if it was never handed to Gradio
 MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl merge is ~6.4 GB)
@@ -184,6 +185,15 @@ def whole(value, what: str) -> int:
 def user_of(request: gr.Request | None) -> str | None:
     """The signed-in user name (None without --auth)."""
     return getattr(request, "username", None) if request is not None else None
+
+
+def requester(request: gr.Request | None) -> str | None:
+    """Who asks, for per-user limits: the signed-in user, else the browser session (None if unknown)."""
+    user = user_of(request)
+    if user is not None:
+        return f"user:{user}"
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"session:{session}" if session else None
 
 
 def sentence(text: str) -> str:

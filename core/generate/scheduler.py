@@ -205,7 +205,8 @@ class DecodeScheduler:
                 raise SchedulerClosed("the decode scheduler is closed")
             self._check_user(req)
             if len(self._queue) >= self.max_queue:
-                raise SchedulerBusy(f"busy, try again in a moment ({len(self._queue)} requests are waiting).")
+                n = len(self._queue)
+                raise SchedulerBusy(f"busy, try again in a moment ({n} request{'s are' if n != 1 else ' is'} waiting).")
             self._queue.append(req)
             self._cond.notify_all()
         return req

@@ -16,7 +16,7 @@ from core.generate.sampling import SamplingConfig
 from core.model.config import MAX_PROMPT_CHARS
 from core.text_checks import check_text
 
-from ..context import Studio, friendly, number, typed_name, whole
+from ..context import Studio, friendly, number, requester, typed_name, whole
 from ..models import CHOICES
 
 MAX_ADAPTERS = 4
@@ -29,6 +29,7 @@ PRESET_PROMPTS = [
     "The best advice I ever got was",
 ]
 STREAM_INTERVAL = 0.08  # seconds between UI updates while tokens stream
+BATCHED_CONCURRENCY = 32  # compares served at once with batched generation (under anyio's 40 worker threads)
 
 
 def compatible_adapters(studio: Studio, model_name: str) -> list[str]:
@@ -74,8 +75,9 @@ def sampling(form: CompareForm) -> SamplingConfig:
     return cfg
 
 
-def compare(studio: Studio, form: CompareForm, progress=None):
-    """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow."""
+def compare(studio: Studio, form: CompareForm, progress=None, user=None):
+    """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow.
+    user: who asks (signed-in user or session), for the rows-per-user cap of batched generation."""
     model_name, adapters = form.model, form.adapters
     if adapters is not None and not isinstance(adapters, (list, tuple)):
         raise ValueError("adapters must be a list of library names; pick them from the list.")
@@ -96,7 +98,7 @@ def compare(studio: Studio, form: CompareForm, progress=None):
     if progress is not None:
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
-    stream = studio.engine.compare(prompt, columns, cfg)  # loads and validates the adapters, eagerly
+    stream = studio.engine.compare(prompt, columns, cfg, user=user)  # loads and validates the adapters, eagerly
     labels = [f"Base model · {model_name}" if c is None else f"Adapter · {c}" for c in columns]
     texts = [prompt] * len(columns)
 
@@ -109,15 +111,18 @@ def compare(studio: Studio, form: CompareForm, progress=None):
                 out.append(gr.update(value="", visible=False) if first else gr.skip())
         return out
 
-    yield updates(first=True)
-    last = 0.0
-    for step in stream:
-        texts = [prompt + t for t in step]
-        now = time.monotonic()
-        if now - last >= STREAM_INTERVAL:
-            last = now
-            yield updates()
-    yield updates()
+    try:
+        yield updates(first=True)
+        last = 0.0
+        for step in stream:
+            texts = [prompt + t for t in step]
+            now = time.monotonic()
+            if now - last >= STREAM_INTERVAL:
+                last = now
+                yield updates()
+        yield updates()
+    finally:
+        stream.close()  # Stop or a closed page: the request is cancelled and its rows freed now
 
 
 def create_compare_tab(studio: Studio) -> dict:
@@ -175,10 +180,13 @@ def create_compare_tab(studio: Studio) -> dict:
                 top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
     @friendly
-    def run(progress=gr.Progress(), **values):
-        yield from compare(studio, CompareForm(**values), progress)
+    def run(request: gr.Request, progress=gr.Progress(), **values):
+        yield from compare(studio, CompareForm(**values), progress, user=requester(request))
 
-    event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=4, concurrency_id="generate",
+    # batched: every running compare is rows of the one decode loop, so more may run at once (each handler
+    # thread only waits for its rows); loop: each runs its own decode loop, four at a time
+    limit = BATCHED_CONCURRENCY if studio.engine.batched_generation else 4
+    event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=limit, concurrency_id="generate",
                      api_name="compare")
     event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                api_visibility="private")

@@ -1,0 +1,291 @@
+"""Compare through the decode scheduler (issue 13, step 2): the Engine and the Compare tab.
+
+Concurrent compares each get exactly the text they get alone (and the text the one-loop-per-request
+mode gives); a closed stream frees its rows; a full queue and the rows-per-user cap reach the user as
+one message; the loop mode (--generation loop) still works.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from adapter_helpers import make_adapter
+from core.adapters.validate import AdapterError
+from core.engine import Engine
+from core.generate.sampling import SamplingConfig
+from core.generate.scheduler import DecodeScheduler, SchedulerBusy
+from core.lora.layers import add_adapter, remove_adapter
+from core.model import tokenizer
+from core.model.config import LoraConfig
+from core.model.weights import load_base
+from studio.context import friendly
+from studio.tabs import compare
+from studio.tabs.compare import CompareForm
+
+LX = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
+LY = LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",))
+GREEDY = dict(temperature=0.0, top_k=50, top_p=1.0)
+SAMPLED = dict(temperature=0.9, top_k=40, top_p=1.0)
+# (prompt, adapters, seed): different prompt lengths, adapter sets and seeds
+JOBS = [("The quick brown fox", [None, "x", "y"], 1),
+        ("Ahoy", ["y"], 2),
+        ("Once upon a time in a galley far away, the cook said", ["x", None], 3),
+        ("no cap", [None], 4)]
+
+
+@pytest.fixture
+def source():
+    m = load_base("tiny", device="cpu")
+    make_adapter(m, "x", LX, seed=1, std=0.3)
+    make_adapter(m, "y", LY, seed=2, std=0.3)
+    return m
+
+
+def _engine(lib, batched: bool) -> Engine:
+    e = Engine("cpu", lib, batched_generation=batched)
+    e.base("tiny")
+    return e
+
+
+@pytest.fixture
+def engines(tmp_path, source):
+    """(batched, loop): two engines over one library holding adapters x and y."""
+    lib = tmp_path / "lib"
+    batched = _engine(lib, True)
+    batched.library.save(source, "x", "x", LX, "tiny")
+    batched.library.save(source, "y", "y", LY, "tiny")
+    return batched, _engine(lib, False)
+
+
+@pytest.fixture
+def studio_xy(studio, source):
+    studio.engine.library.save(source, "x", "x", LX, "tiny")
+    studio.engine.library.save(source, "y", "y", LY, "tiny")
+    studio.base("tiny")
+    return studio
+
+
+def _last(it):
+    out = None
+    for out in it:
+        pass
+    return out
+
+
+def _cfg(sampling, seed, n=24):
+    return SamplingConfig(max_new_tokens=n, seed=seed, stop_at_eot=False, **sampling)
+
+
+def _live_rows(sched: DecodeScheduler) -> int:
+    with sched._cond:
+        return len(sched._rows) + sum(r.rows for r in sched._queue) + sum(r.rows for r in sched._joining)
+
+
+def _wait(cond, timeout=30.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def _widest_batch(sched: DecodeScheduler) -> list[int]:
+    """Record the rows of every decode step (proof that requests shared steps)."""
+    widths, forward = [], sched._forward
+
+    def spy(rows):
+        widths.append(len(rows))
+        return forward(rows)
+    sched._forward = spy
+    return widths
+
+
+def _concurrently(fn, jobs, rounds=2):
+    got, errors = [], []
+
+    def worker(job):
+        try:
+            for _ in range(rounds):
+                got.append((job, fn(*job)))
+        except Exception as e:  # noqa: BLE001 -- surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(j,)) for j in jobs]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors, errors
+    assert len(got) == rounds * len(jobs)
+    return got
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled-top-k"])
+def test_concurrent_compares_through_the_engine_equal_each_alone(engines, sampling):
+    batched, loop = engines
+    assert batched.batched_generation and not loop.batched_generation
+
+    def run(eng, prompt, adapters, seed):
+        return _last(eng.compare(prompt, adapters, _cfg(sampling, seed), user=f"u{seed}"))
+
+    alone = {j[2]: run(batched, *j) for j in JOBS}
+    assert alone == {j[2]: run(loop, *j) for j in JOBS}  # the scheduler alone = today's loop
+    widths = _widest_batch(batched.scheduler())
+    for (prompt, adapters, seed), texts in _concurrently(lambda *j: run(batched, *j), JOBS):
+        assert texts == alone[seed], (prompt, adapters, seed)
+    assert max(widths) > 3  # rows of different requests decoded in one step
+    assert _live_rows(batched.scheduler()) == 0 and not batched._refs  # rows freed, adapters unpinned
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled-top-k"])
+def test_concurrent_compares_through_the_tab_equal_each_alone(studio_xy, sampling):
+    studio = studio_xy
+    assert studio.engine.batched_generation  # the default on CPU
+
+    def run(prompt, adapters, seed):
+        form = CompareForm(model="tiny", include_base=None in adapters, adapters=[a for a in adapters if a],
+                           prompt=prompt, max_tokens=20, seed=seed, **sampling)
+        return _last(compare.compare(studio, form, user=f"session:{seed}"))
+
+    jobs = [(p, [None] + [a for a in adapters if a], s) for p, adapters, s in JOBS]  # the base column comes first
+    alone = {j[2]: run(*j) for j in jobs}
+    widths = _widest_batch(studio.engine.scheduler())
+    for job, texts in _concurrently(run, jobs):
+        assert texts == alone[job[2]], job
+    assert max(widths) > 3
+    assert _live_rows(studio.engine.scheduler()) == 0
+
+
+def test_a_closed_stream_frees_its_rows(engines):
+    eng, _ = engines
+    sched = eng.scheduler()
+    stream = eng.compare("The quick brown fox", [None, "x", "y"], _cfg(GREEDY, 1, n=500))
+    next(stream)
+    next(stream)
+    assert _live_rows(sched) == 3 and eng._refs  # running, its adapters pinned
+    stream.close()  # the caller stopped reading (Stop, a closed page)
+    assert _wait(lambda: _live_rows(sched) == 0)
+    assert not eng._refs
+    # the loop goes on serving
+    assert _last(eng.compare("Ahoy", ["x"], _cfg(GREEDY, 1, n=4)))[0]
+
+
+def test_a_stopped_compare_in_the_tab_frees_its_rows(studio_xy):
+    studio = studio_xy
+    gen = compare.compare(studio, CompareForm(model="tiny", adapters=["x", "y"], prompt="Ahoy", max_tokens=500,
+                                              temperature=0, seed=1), user="session:a")
+    next(gen)  # the labels
+    sched = studio.engine.scheduler()
+    next(gen)  # the first texts
+    assert _live_rows(sched) == 3
+    gen.close()  # what Gradio does on Stop or a closed page
+    assert _wait(lambda: _live_rows(sched) == 0)
+    assert not studio.engine._refs
+
+
+def _busy_form(**kw):
+    return CompareForm(model="tiny", prompt="Hello", max_tokens=4, seed=1, **kw)
+
+
+def test_a_full_queue_gives_the_busy_message_through_the_tab(studio_xy):
+    studio = studio_xy
+    sched = studio.engine.scheduler()
+    sched.max_queue = 1
+    ids = tokenizer.encode("Hello")
+    with studio.engine.lock:  # the loop waits at its next step: what was submitted stays
+        first = sched.submit(ids, [None], SamplingConfig(max_new_tokens=4))
+        assert _wait(lambda: first.position() == 0)  # admitted; its prefill waits for the lock
+        second = sched.submit(ids, [None], SamplingConfig(max_new_tokens=4))
+        assert second.position() == 1
+        with pytest.raises(SchedulerBusy, match="busy, try again"):
+            _last(compare.compare(studio, _busy_form(), user="session:b"))
+        with pytest.warns(UserWarning, match=r"busy, try again in a moment \(1 request is waiting\)"):  # one toast, not an error page
+            _last(friendly(compare.compare)(studio, _busy_form(), None, "session:b"))
+    assert first.result(60) and second.result(60)  # the others are untouched
+    assert _live_rows(sched) == 0
+
+
+def test_the_rows_per_user_cap_through_the_tab(studio_xy):
+    studio = studio_xy
+    sched = studio.engine.scheduler()
+    with studio.engine.lock:
+        mine = sched.submit(tokenizer.encode("Hello"), [None] * 8, SamplingConfig(max_new_tokens=4), user="session:c")
+        with pytest.warns(UserWarning, match=r"limit is 8 rows per user"):
+            _last(friendly(compare.compare)(studio, _busy_form(), None, "session:c"))
+        # another user is not limited by it
+        other = compare.compare(studio, _busy_form(), user="session:d")
+        next(other)
+    assert _last(other)[0].startswith("Hello")
+    assert mine.result(60)
+    assert _wait(lambda: _live_rows(sched) == 0)
+
+
+def test_the_trainer_changing_adapters_cannot_race_a_step(engines):
+    """The trainer adds and removes its adapter under engine.lock; the loop holds that lock around each
+    step, so a running compare's text is unchanged."""
+    eng, _ = engines
+    cfg = _cfg(GREEDY, 1, n=120)
+    want = _last(eng.compare("The quick brown fox", [None, "x"], cfg))
+    model, stop, changes = eng.shared_model(), threading.Event(), [0]
+
+    def trainer():
+        while not stop.is_set():
+            with eng.lock:
+                add_adapter(model, "train:run", LY)
+                remove_adapter(model, "train:run")
+            changes[0] += 1
+            time.sleep(0.001)
+    t = threading.Thread(target=trainer)
+    t.start()
+    try:
+        got = _last(eng.compare("The quick brown fox", [None, "x"], cfg))
+    finally:
+        stop.set()
+        t.join(30)
+    assert got == want and changes[0] > 0
+
+
+def test_loop_mode_still_works(tmp_path, source):
+    from studio.app import create_studio
+    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", generation="loop")
+    assert not studio.engine.batched_generation
+    studio.engine.library.save(source, "x", "x", LX, "tiny")
+    form = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=12, seed=3, **SAMPLED)
+    loop = _last(compare.compare(studio, form, user="session:e"))
+    assert studio.engine._scheduler is None  # no scheduler made
+    batched = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", generation="batched")
+    assert _last(compare.compare(batched, form, user="session:e")) == loop
+    assert batched.engine._scheduler is not None
+
+
+def test_generation_flags():
+    from app import build_parser
+    from studio.app import create_studio
+    args = build_parser().parse_args(["--generation", "loop", "--max-rows-per-user", "3"])
+    assert (args.generation, args.max_rows_per_user) == ("loop", 3)
+    args = build_parser().parse_args([])
+    assert (args.generation, args.max_rows_per_user) == (None, 8)
+    with pytest.raises(ValueError, match="--generation"):
+        create_studio(generation="fast")
+    with pytest.raises(ValueError, match="--max-rows-per-user"):
+        create_studio(max_rows_per_user=0)
+    # off by default on CUDA (its decoder replays a CUDA graph), on for CPU and MPS
+    assert Engine(torch.device("cuda")).batched_generation is False
+    assert Engine(torch.device("mps")).batched_generation is True
+    assert Engine("cpu", batched_generation=False).batched_generation is False
+
+
+def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
+    """A running compare on the old base ends with a clear message; the new base gets its own loop."""
+    eng, _ = engines
+    folder = eng.export_merged("x", tmp_path / "merged")  # another base: tiny with x merged in
+    old = eng.scheduler()
+    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=1000))
+    next(running)
+    eng.base(str(folder))
+    with pytest.raises(AdapterError, match="base model was changed"):
+        _last(running)
+    assert _wait(lambda: not old._thread.is_alive())
+    assert eng.scheduler() is not old and eng.scheduler().model is eng.shared_model()
+    assert _last(eng.compare("Ahoy", [None], _cfg(GREEDY, 1, n=4)))[0]
