@@ -344,7 +344,8 @@ def _engine(args, adapters: int = 1):
     """The Engine for compare and merge: the studio's one path from an adapter reference to a loaded
     adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder."""
     from core.engine import Engine
-    return Engine(args.device, args.library, max_loaded=max(16, adapters))
+    # one user, one request at a time: nothing to batch, and no loop thread left running at exit
+    return Engine(args.device, args.library, max_loaded=max(16, adapters), batched_generation=False)
 
 
 def _recorded_base(src: Path) -> str | None:

@@ -236,7 +236,9 @@ class Engine:
                 # lock: the engine's, held by the loop around each prefill and decode step, so nobody
                 # adds or removes an adapter (the trainer does it under this lock) in the middle of a step
                 self._scheduler = DecodeScheduler(model, max_rows_per_user=self.max_rows_per_user, lock=self.lock)
-                weakref.finalize(self, self._scheduler.close, 0)  # an engine dropped stops its loop thread
+                # an engine dropped (or the process ending) stops its loop thread; at exit it is given time
+                # to finish its step, since a thread killed inside a torch call aborts the process
+                weakref.finalize(self, self._scheduler.close, 5)
             return self._scheduler
 
     def _close_scheduler(self) -> None:
