@@ -10,8 +10,11 @@ from safetensors.torch import save as st_save
 
 from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
 from core.model.config import LoraConfig
-from core.lora.layers import add_adapter, lora_parameters
+from core.lora.layers import add_adapter, lora_layers, lora_parameters
 
+# two adapters for the engine tests: different ranks and targets
+LX = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
+LY = LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",))
 IDS = torch.tensor([[50256, 464, 2068, 7586, 21831, 18045, 625, 262], [40, 588, 257, 1332, 13, 198, 50256, 11]])
 
 
@@ -22,6 +25,16 @@ def make_adapter(model, name: str, lcfg: LoraConfig, seed: int = 0, std: float =
     with torch.no_grad():
         for p in lora_parameters(model, name):
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def randomize_b(model, name, std=0.05, seed=0):
+    """Tests make B non-zero so an adapter actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        if layer.has(name):
+            B = layer.weights(name)[1]
+            with torch.no_grad():
+                B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
 @torch.no_grad()

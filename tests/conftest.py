@@ -72,3 +72,27 @@ def prepared(tmp_path):
 def sample_ds():
     """The brainrot sample text (~1,100 tokens), in memory."""
     return data.prepare(text=data.load_sample("brainrot"), text_name="brainrot.txt")
+
+
+@pytest.fixture
+def tiny_ab(tiny):
+    """tiny with adapters 'a' (attention) and 'b' (MLP), B random enough to change greedy text."""
+    from adapter_helpers import randomize_b
+    from core.lora.layers import add_adapter
+    from core.model.config import LoraConfig
+    add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    add_adapter(tiny, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
+    randomize_b(tiny, "a", std=0.3, seed=1)
+    randomize_b(tiny, "b", std=0.3, seed=2)
+    return tiny
+
+
+@pytest.fixture
+def source():
+    """A separate tiny model holding adapters x and y (random, strong enough to change greedy text)."""
+    from adapter_helpers import LX, LY, make_adapter
+    from core.model.weights import load_base
+    m = load_base("tiny", device="cpu")
+    make_adapter(m, "x", LX, seed=1, std=0.3)
+    make_adapter(m, "y", LY, seed=2, std=0.3)
+    return m

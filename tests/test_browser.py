@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.studio_server import served_studio
+from studio_server import served_studio
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):

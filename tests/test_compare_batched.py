@@ -12,21 +12,17 @@ import time
 import pytest
 import torch
 
-from adapter_helpers import make_adapter
+from adapter_helpers import LX, LY
 from core.adapters.validate import AdapterError
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy
 from core.lora.layers import add_adapter, remove_adapter
 from core.model import tokenizer
-from core.model.config import LoraConfig
-from core.model.weights import load_base
 from studio.context import friendly
 from studio.tabs import compare
 from studio.tabs.compare import CompareForm
 
-LX = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
-LY = LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",))
 GREEDY = dict(temperature=0.0, top_k=50, top_p=1.0)
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=1.0)
 # (prompt, adapters, seed): different prompt lengths, adapter sets and seeds
@@ -34,14 +30,6 @@ JOBS = [("The quick brown fox", [None, "x", "y"], 1),
         ("Ahoy", ["y"], 2),
         ("Once upon a time in a galley far away, the cook said", ["x", None], 3),
         ("no cap", [None], 4)]
-
-
-@pytest.fixture
-def source():
-    m = load_base("tiny", device="cpu")
-    make_adapter(m, "x", LX, seed=1, std=0.3)
-    make_adapter(m, "y", LY, seed=2, std=0.3)
-    return m
 
 
 def _engine(lib, batched: bool) -> Engine:

@@ -7,22 +7,17 @@ import torch
 from core.generate import decoders as decode, sampling as generate
 from core.lora import layers as lora
 from core.model import tokenizer
-from core.model.config import EOT_TOKEN, LoraConfig
+from core.model.config import EOT_TOKEN
 from core.generate.decoders import DynamicDecoder, StaticDecoder, open_decoder
 from core.generate.sampling import TextSoFar
-from tests.test_lora import randomize_b
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586]]  # different lengths: left padding
 NAMES = [None, "a", "b"]
 
 
 @pytest.fixture
-def model(tiny):
-    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
-    lora.add_adapter(tiny, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
-    randomize_b(tiny, "a", std=0.3, seed=1)
-    randomize_b(tiny, "b", std=0.3, seed=2)
-    return tiny
+def model(tiny_ab):
+    return tiny_ab
 
 
 @torch.inference_mode()

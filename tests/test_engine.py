@@ -6,28 +6,16 @@ import threading
 import pytest
 import torch
 
-from adapter_helpers import logits, make_adapter
+from adapter_helpers import LX, LY, logits, make_adapter
 from core.adapters.format import save_adapter
 from core.adapters.validate import AdapterError
-from core.model.config import LoraConfig
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.lora.layers import adapter_names, add_adapter
 from core.model.weights import load_base
 
-LX = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
-LY = LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",))
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture
-def source():
-    """A separate tiny model holding adapters x and y (random, strong enough to change greedy text)."""
-    m = load_base("tiny", device="cpu")
-    make_adapter(m, "x", LX, seed=1, std=0.3)
-    make_adapter(m, "y", LY, seed=2, std=0.3)
-    return m
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from core.model.config import LoraConfig
 from core.generate.sampling import SamplingConfig, generate
 from core.model.quant import quantize_base, weight_bytes
 from core.model.weights import load_base
-from tests.test_lora import randomize_b
+from adapter_helpers import randomize_b
 
 IDS = torch.randint(0, 50000, (2, 48), generator=torch.Generator().manual_seed(0))
 

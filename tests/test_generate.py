@@ -6,7 +6,7 @@ from core.lora import layers as lora
 from core.model import tokenizer
 from core.model.config import LoraConfig
 from core.generate.sampling import SamplingConfig, generate, generate_text, stream, stream_text
-from tests.test_lora import randomize_b
+from adapter_helpers import randomize_b
 
 PROMPT = tokenizer.encode("The quick brown fox")
 

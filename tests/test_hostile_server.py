@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client
 
 from studio.tabs import data
-from tests.studio_server import served_studio
+from studio_server import served_studio
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]

@@ -5,16 +5,7 @@ import torch
 from core.lora import layers as lora
 from core.model.config import LoraConfig, PRESETS
 from core.model.gpt import GPT
-
-
-def randomize_b(model, name, std=0.05, seed=0):
-    """Tests make B non-zero so an adapter actually changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora.lora_layers(model).values():
-        if layer.has(name):
-            B = layer.weights(name)[1]
-            with torch.no_grad():
-                B.copy_(torch.randn(B.shape, generator=g) * std)
+from adapter_helpers import randomize_b
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import torch
 
 from core.model.weights import load_base
 from core.generate.sampling import SamplingConfig, generate
-from tests.conftest import MEDIUM_SHAPED, SMALL, write_hf_checkpoint
+from conftest import MEDIUM_SHAPED, SMALL, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,22 +11,15 @@ import torch
 
 from core.generate.sampling import SamplingConfig, generate
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy, SchedulerClosed, pool_rows
-from core.lora import layers as lora
 from core.model import tokenizer
-from core.model.config import LoraConfig
-from tests.test_lora import randomize_b
 
 PROMPT = tokenizer.encode("The quick brown fox")
 LONG = SamplingConfig(max_new_tokens=100, temperature=0.8, seed=9, stop_at_eot=False)
 
 
 @pytest.fixture
-def model(tiny):
-    lora.add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
-    lora.add_adapter(tiny, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
-    randomize_b(tiny, "a", std=0.3, seed=1)
-    randomize_b(tiny, "b", std=0.3, seed=2)
-    return tiny
+def model(tiny_ab):
+    return tiny_ab
 
 
 @pytest.fixture
