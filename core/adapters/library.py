@@ -312,11 +312,8 @@ class Library:
             src = self.path(check_name(old))
             self._check_not_live(src, old, "rename it")
             dst = self._check_free(new)
-            try:
+            with _disk_full_says(f"rename {old!r} to {new!r}", self.root):
                 os.rename(src, dst)
-            except OSError as e:
-                _raise_if_disk_full(e, f"rename {old!r} to {new!r}", self.root)
-                raise
             atomic.fsync_dir(self.root)
         return new
 
@@ -396,11 +393,8 @@ class Library:
         check_name(name)
         with self._lock:
             dst = self._check_free(name)
-            try:
+            with _disk_full_says(f"save {name!r}", self.root):
                 atomic.publish_dir(dst, build)
-            except BaseException as e:
-                _raise_if_disk_full(e, f"save {name!r}", self.root)
-                raise
         return name
 
     def _copy_entry(self, src: Path, new_name: str, note: dict, user: str | None) -> str:
@@ -562,10 +556,16 @@ def _is_live(folder: Path) -> bool:
 
 # ---- small helpers -----------------------------------------------------------------------
 
-def _raise_if_disk_full(e: BaseException, what: str, root: Path) -> None:
-    if atomic.disk_full(e):
-        raise AdapterError(f"not enough disk space to {what} in the library ({root}): {e.strerror}. Nothing was "
-                           f"changed; free some space and try again.") from e
+@contextlib.contextmanager
+def _disk_full_says(what: str, root: Path):
+    """A full disk inside the block becomes an AdapterError saying so (nothing was changed)."""
+    try:
+        yield
+    except OSError as e:
+        if atomic.disk_full(e):
+            raise AdapterError(f"not enough disk space to {what} in the library ({root}): {e.strerror}. Nothing was "
+                               f"changed; free some space and try again.") from e
+        raise
 
 
 def _complete(folder: Path) -> bool:
