@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,25 @@ class Route:
         return A.transpose(1, 2).to(dtype), B.transpose(1, 2).to(dtype)
 
 
+class Segment(NamedTuple):
+    """Rows [start, stop) of a co-batched training step: one job's micro-batch."""
+    name: str  # the job's adapter
+    start: int
+    stop: int
+    length: int  # the job's own sequence length; positions past it are padding the adapter never sees
+    generator: torch.Generator | None = None  # the job's own dropout RNG (None: no dropout)
+
+
+class Segments:
+    """Training route: contiguous row ranges, each trained through its own adapter (with gradients,
+    unlike Route, which gathers detached weights for generation). A job's rows see only their own
+    adapter, on their own positions, with their own dropout draws, so its gradient is the one a solo
+    step computes."""
+
+    def __init__(self, segments: Sequence[Segment]):
+        self.segments = tuple(segments)
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base):
         super().__init__()
@@ -133,11 +152,16 @@ class LoRALinear(nn.Module):
         A, B = self.weights(name)
         return (B.float() @ A.float()) * self.scaling[name]
 
-    def lora(self, x, name: str):
+    def lora(self, x, name: str, generator: torch.Generator | None = None):
         A, B = self.weights(name)
         p = self.dropout[name]
-        if p and self.training and torch.is_grad_enabled():  # never while generating
-            x = F.dropout(x, p)
+        if p and torch.is_grad_enabled():  # never while generating or evaluating
+            if generator is not None:
+                # a training run's own RNG (core.train: every run passes one): its masks do not depend on
+                # who else trains in the same step, and no module-wide train() flag is shared between runs
+                x = x * torch.empty_like(x).bernoulli_(1 - p, generator=generator) / (1 - p)
+            elif self.training:
+                x = F.dropout(x, p)
         # fp32 parameters, computed in the activations' dtype (bf16 on CUDA).
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
 
@@ -154,11 +178,25 @@ class LoRALinear(nn.Module):
             return y
         if isinstance(route, str):
             return y + self.lora(x, route) if self.has(route) else y
+        if isinstance(route, Segments):
+            return self._segments(x, y, route)
         plan = route.plan(self, x.dtype)
         if plan is None:  # no row's adapter wraps this projection
             return y
         A_rows, B_rows = plan  # (batch, in, r), (batch, r, out)
         return torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
+
+    def _segments(self, x, y, route: Segments):
+        """Each job's rows plus its own adapter's update (zero where the job has none on this layer)."""
+        T, parts, used = x.shape[1], [], False
+        for seg in route.segments:
+            rows = x[seg.start:seg.stop, :seg.length]
+            if self.has(seg.name):
+                d, used = self.lora(rows, seg.name, seg.generator), True
+            else:
+                d = rows.new_zeros(rows.shape[:-1] + (self.out_features,))
+            parts.append(F.pad(d, (0, 0, 0, T - seg.length)) if seg.length < T else d)
+        return y + torch.cat(parts).to(y.dtype) if used else y
 
     def _check_unmerged(self, what):
         if self.merged is not None:

@@ -181,8 +181,11 @@ class GPT(nn.Module):
         most 8 pieces) and is recomputed in the backward pass, so the (tokens x 50257) logits never
         exist whole: at 16 x 1024 that is ~8 GB less at the peak, for one extra head matmul.
         """
-        h = self.hidden(idx, route).flatten(0, 1)
-        t = targets.flatten()
+        return self.mean_ce(self.hidden(idx, route), targets, chunk)
+
+    def mean_ce(self, h, targets, chunk: int = 256):
+        """Mean cross entropy of hidden states h (B, T, d) against targets (B, T), chunked as in `loss`."""
+        h, t = h.flatten(0, 1), targets.flatten()
         w = self.lm_head.weight
         if chunk <= 0 or h.shape[0] <= chunk or not torch.is_grad_enabled():
             return _ce_sum(h, t, w) / t.numel()

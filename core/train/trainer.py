@@ -52,7 +52,9 @@ from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
-from core.lora.layers import add_adapter, adapter_names, adapter_state_dict, lora_layers, lora_parameters, make_route
+from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict, lora_layers,
+                              lora_parameters, make_route)
+from core.train.cobatch import forward_backward
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
@@ -174,8 +176,21 @@ class _Prepared:
     rng: np.random.Generator  # the batch order
     opt: torch.optim.Optimizer
     params: list[torch.nn.Parameter]  # the adapter's, the only ones trained
-    loss_fn: Callable  # one micro-batch's loss: eager, or replayed CUDA graphs
+    loss_fn: Callable  # one micro-batch's loss alone: eager, or replayed CUDA graphs
     graph_note: str | None  # why CUDA graphs were wanted but are not used
+    dropout_gen: torch.Generator | None  # this run's own LoRA dropout RNG (None without dropout)
+    chunk: int  # tokens per piece of the chunked loss (0 = whole)
+
+
+@dataclass
+class _StepState:
+    """One optimizer step in progress: its micro-batches so far and how to take them back."""
+    micro: int = 0  # micro-batches done (forward + backward)
+    loss_sum: torch.Tensor | None = None
+    lr: float = 0.0
+    t0: float = 0.0
+    rng_before: dict | None = None  # the batch order before the step (Stop rewinds to it)
+    gen_before: torch.Tensor | None = None  # the dropout RNG before the step
 
 
 @dataclass
@@ -183,7 +198,6 @@ class _Progress:
     """The run loop's bookkeeping between optimizer steps."""
     last_good: str | None  # the newest checkpoint on disk
     saved_step: int | None  # the step of the last checkpoint saved (or resumed from)
-    status: str = "finished"  # or 'stopped', 'failed'
     t_run: float = field(default_factory=time.perf_counter)
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # recent step times, for the ETA
 
@@ -233,6 +247,9 @@ class Trainer:
         self.step = 0
         self.start_val_loss: float | None = None
         self._prepared: _Prepared | None = None
+        self._progress: _Progress | None = None
+        self._pending = _StepState()
+        self.outcome: str | None = None  # 'finished', 'stopped' or 'failed' once the run has ended
 
     # -- public --------------------------------------------------------------------------
 
@@ -264,49 +281,144 @@ class Trainer:
         rng = np.random.default_rng(tcfg.seed)
         if self.resume is None or self.name not in adapter_names(model):
             add_adapter(model, self.name, self.lcfg, seed=tcfg.seed)
-        if self.resume is None and self.lcfg.dropout > 0:
-            torch.manual_seed(tcfg.seed)
+        gen = None
+        if self.lcfg.dropout > 0:  # its own RNG: the masks do not depend on other users' work
+            gen = torch.Generator(device=model.device)
+            gen.manual_seed(tcfg.seed)
         params = lora_parameters(model, self.name)
         opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
-            rng = self._load_resume(opt)
-        self._set_dropout(True)
+            rng = self._load_resume(opt, gen)
         chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
-        loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len)
-        self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note)
+        loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len, gen)
+        self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note, gen, chunk)
 
     def run(self) -> Iterator[dict]:
-        """Train, yielding the events listed in the module docstring."""
+        """Train alone in the foreground, yielding the events listed in the module docstring as they
+        happen: the steps a co-batched run takes (core.train.cobatch), with this run as the only one."""
+        yield from self.open()
+        while self.outcome is None:
+            if self.stop.is_set():
+                yield from self.stopped()
+                break
+            self.begin_micro()
+            try:
+                loss, = forward_backward(self.model, [self])
+            except Exception as e:
+                if not is_oom(e):
+                    self.abort()
+                    raise
+                yield self.out_of_memory()
+                break
+            yield from self.end_micro(loss)
+
+    # -- the steps, one micro-batch at a time (core.train.cobatch drives several runs through them) --
+
+    def open(self) -> Iterator[dict]:
+        """Set up (unless done), then the 'start' events and the first validation loss."""
         self.setup()
         yield from self._start_events()
         if self.resume is None:
             self.start_val_loss = yield from self._eval()
-        progress = _Progress(last_good=self._latest_checkpoint(),
-                             saved_step=self.resume.step if self.resume else None)
-        try:
-            while self.step < self.tcfg.steps:
-                if self.stop.is_set():
-                    progress.status = "stopped"
-                    break
-                if not (yield from self._optimizer_step(progress)):
-                    break
-                yield from self._evaluate_and_checkpoint(progress)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            self._prepared.opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            yield {"type": "error", "kind": "oom", "step": self.step, "checkpoint": progress.last_good,
-                   "message": self._oom_message()}
-            return
-        finally:
-            self._set_dropout(False)
-        if progress.status != "failed":
-            yield from self._finish(progress)
+        self._progress = _Progress(last_good=self._latest_checkpoint(),
+                                   saved_step=self.resume.step if self.resume else None)
+        if self.step >= self.tcfg.steps or self.stop.is_set():
+            yield from self.stopped() if self.stop.is_set() else self._close("finished")
 
-    # -- the loop ----------------------------------------------------------------------------
+    def begin_micro(self) -> None:
+        """Before a micro-batch: at the start of an optimizer step, its learning rate and rewind point."""
+        st, prep = self._pending, self._prepared
+        if st.micro == 0:
+            st.rng_before, st.gen_before = prep.rng.bit_generator.state, self._dropout_state()
+            st.lr = lr_at(self.step, self.tcfg)
+            for g in prep.opt.param_groups:
+                g["lr"] = st.lr
+            st.t0 = time.perf_counter()
+            st.loss_sum = torch.zeros((), device=self.model.device)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch (inputs, targets), each (batch_size, seq_len), from this run's own order."""
+        return get_batch(self.dataset.train, self.tcfg.batch_size, self.seq_len, self._prepared.rng,
+                         self.model.device)
+
+    def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
+        """After a micro-batch's backward (`loss`: its mean loss, detached): the optimizer step once all
+        grad_accum micro-batches are in, then validation and checkpoints on their cadence."""
+        st = self._pending
+        st.loss_sum += loss
+        st.micro += 1
+        if st.micro < self.tcfg.grad_accum:
+            return
+        self._pending = _StepState()
+        if not (yield from self._optimizer_step(st)):
+            return
+        yield from self._evaluate_and_checkpoint(self._progress)
+        if self.step >= self.tcfg.steps:
+            yield from self._close("finished")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.tcfg.grad_accum
+
+    @property
+    def loss_chunk(self) -> int:
+        return self._prepared.chunk
+
+    def solo_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's mean loss when this run trains alone (a replayed CUDA graph on GPUs)."""
+        return self._prepared.loss_fn(x, y)
+
+    def segment(self, start: int, length: int) -> Segment:
+        """This run's rows in a co-batched step: its micro-batch from row `start`, `length` tokens each."""
+        return Segment(self.name, start, start + self.tcfg.batch_size, length, self._prepared.dropout_gen)
+
+    def mark(self) -> tuple:
+        """What a micro-batch changes (batch order, dropout RNG, gradients), to undo it (`undo`)."""
+        grads = [None if p.grad is None else p.grad.clone() for p in self._prepared.params]
+        return self._prepared.rng.bit_generator.state, self._dropout_state(), grads, self._pending.micro
+
+    def undo(self, mark: tuple) -> None:
+        """Take back the micro-batch started after `mark` (an out-of-memory error in a shared step)."""
+        rng, gen, grads, micro = mark
+        self._prepared.rng.bit_generator.state = rng
+        self._dropout_state(gen)
+        for p, g in zip(self._prepared.params, grads):
+            p.grad = g
+        if micro == 0:
+            self._pending = _StepState()
+
+    def stopped(self) -> Iterator[dict]:
+        """Stop between micro-batches: a partial step is dropped and its batches rewound (a resume draws
+        them again); the adapter and a resume point are saved."""
+        st = self._pending
+        if st.micro:
+            self._prepared.opt.zero_grad(set_to_none=True)
+            self._prepared.rng.bit_generator.state = st.rng_before
+            self._dropout_state(st.gen_before)
+            self._pending = _StepState()
+        yield from self._close("stopped")
+
+    def out_of_memory(self) -> dict:
+        """The run ends on an out-of-memory error: the 'error' event (the last checkpoint is kept)."""
+        self._prepared.opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._end("failed")
+        return {"type": "error", "kind": "oom", "step": self.step, "checkpoint": self._progress.last_good,
+                "message": self._oom_message()}
+
+    def abort(self) -> None:
+        """The run ends on an unexpected error (raised by whoever steps it): nothing more is saved."""
+        self._prepared.opt.zero_grad(set_to_none=True)
+        self._end("failed")
+
+    def _close(self, status: str) -> Iterator[dict]:
+        self._end(status)
+        yield from self._finish(self._progress, status)
+
+    def _end(self, status: str) -> None:
+        self.outcome = status
 
     def _start_events(self) -> Iterator[dict]:
         model, tcfg, prep = self.model, self.tcfg, self._prepared
@@ -321,58 +433,28 @@ class Trainer:
         if prep.graph_note:
             yield {"type": "info", "message": prep.graph_note}
 
-    def _optimizer_step(self, progress: _Progress):
-        """One optimizer step and its 'step' event. Returns False when the step did not happen, with
-        progress.status saying why: 'stopped' (Stop came between micro-steps; the step's batches are
-        rewound, so a resume draws them again) or 'failed' (a non-finite loss; an 'error' event)."""
-        tcfg, prep = self.tcfg, self._prepared
-        rng_before, torch_before = prep.rng.bit_generator.state, self._torch_rng()
-        lr = lr_at(self.step, tcfg)
-        for g in prep.opt.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum, micro = self._micro_steps()
-        if micro < tcfg.grad_accum:  # stopped between micro-steps: drop the partial step, rewind its batches
-            prep.opt.zero_grad(set_to_none=True)
-            prep.rng.bit_generator.state = rng_before
-            self._torch_rng(torch_before)
-            progress.status = "stopped"
-            return False
+    def _optimizer_step(self, st: _StepState):
+        """The optimizer step once its micro-batches are in, and its 'step' event. Returns False when
+        the loss or gradient is not finite (an 'error' event; the run ends as failed)."""
+        tcfg, prep, progress = self.tcfg, self._prepared, self._progress
         norm = self._clip(prep.params)
-        loss_val, norm_val = torch.stack([loss_sum / tcfg.grad_accum, norm]).tolist()  # the step's one sync
+        loss_val, norm_val = torch.stack([st.loss_sum / tcfg.grad_accum, norm]).tolist()  # the step's one sync
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             prep.opt.zero_grad(set_to_none=True)
-            progress.status = "failed"
+            self._end("failed")
             yield self._nan_event(loss_val, norm_val, progress.last_good)
             return False
         prep.opt.step()
         prep.opt.zero_grad(set_to_none=True)
         self.step += 1
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - st.t0
         progress.recent.append(dt)
-        self.history.append({"step": self.step, "loss": loss_val, "lr": lr})
-        yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": lr,
+        self.history.append({"step": self.step, "loss": loss_val, "lr": st.lr})
+        yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": st.lr,
                "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt,
                "eta": sum(progress.recent) / len(progress.recent) * (tcfg.steps - self.step),
                "elapsed": time.perf_counter() - progress.t_run, "tokens": self.step * self.tokens_per_step}
         return True
-
-    def _micro_steps(self) -> tuple[torch.Tensor, int]:
-        """Forward and backward of the step's grad_accum micro-batches (their gradients add up), until
-        done or Stop: the sum of their losses and how many ran."""
-        model, prep = self.model, self._prepared
-        B, T, A = self.tcfg.batch_size, self.seq_len, self.tcfg.grad_accum
-        loss_sum = torch.zeros((), device=model.device)
-        micro = 0
-        while micro < A and not self.stop.is_set():
-            x, y = get_batch(self.dataset.train, B, T, prep.rng, model.device)
-            with GUARD.shared(model.device.type == "cuda"), autocast_for(model):
-                loss = prep.loss_fn(x, y)
-                (loss / A).backward()
-            loss_sum += loss.detach()
-            del loss
-            micro += 1
-        return loss_sum, micro
 
     def _evaluate_and_checkpoint(self, progress: _Progress) -> Iterator[dict]:
         """The cadence after a step: validation every eval_interval steps, a checkpoint every
@@ -386,9 +468,9 @@ class Trainer:
             progress.saved_step = self.step
             yield {"type": "checkpoint", "step": self.step, "path": progress.last_good}
 
-    def _finish(self, progress: _Progress) -> Iterator[dict]:
+    def _finish(self, progress: _Progress, status: str) -> Iterator[dict]:
         """A stopped run's resume point, then the adapter itself and the 'done' event."""
-        prep, status = self._prepared, progress.status
+        prep = self._prepared
         if progress.saved_step != self.step:  # a stopped run: its resume point
             progress.last_good = str(self._save_checkpoint(prep.opt, prep.rng, status))
             yield {"type": "checkpoint", "step": self.step, "path": progress.last_good}
@@ -407,7 +489,7 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _loss_fn(self, chunk: int, B: int, T: int):
+    def _loss_fn(self, chunk: int, B: int, T: int, gen: torch.Generator | None):
         """The micro-step's loss function, and a note for the user if CUDA graphs were wanted but failed.
 
         On a GPU the forward and backward are captured once as CUDA graphs and replayed: at small
@@ -415,9 +497,11 @@ class Trainer:
         Dropout, autocast (an fp32 base) and activation checkpointing keep the eager path.
         """
         model, name = self.model, self.name
+        # with dropout, the one-job form of a co-batched step's route: the masks come from this run's RNG
+        route = name if gen is None else Segments([Segment(name, 0, B, T, gen)])
 
         def plain(x, y):
-            return model.loss(x, y, name, chunk=chunk)
+            return model.loss(x, y, route, chunk=chunk)
 
         wanted = (self.tcfg.cuda_graphs and model.device.type == "cuda" and self.lcfg.dropout == 0
                   and not getattr(model, "checkpointing", False)
@@ -440,36 +524,24 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
-    def _set_dropout(self, on: bool) -> None:
-        """LoRA dropout is the only train/eval difference (the base has no dropout): switch it on for
-        this adapter's layers while training, off for evaluation and afterwards."""
-        for layer in lora_layers(self.model).values():
-            if layer.has(self.name):
-                layer.train(on and self.lcfg.dropout > 0)
-
-    def _torch_rng(self, state=None):
-        """Get (or set) the RNG LoRA dropout draws from (the device's: CUDA's on GPUs); untouched
-        without dropout."""
-        if self.lcfg.dropout <= 0:
+    def _dropout_state(self, state: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Get (or set, given a state) this run's dropout RNG state; None without dropout."""
+        gen = self._prepared.dropout_gen
+        if gen is None:
             return None
-        cuda = self.model.device.type == "cuda"
         if state is None:
-            return torch.cuda.get_rng_state(self.model.device) if cuda else torch.get_rng_state()
-        if cuda:
-            torch.cuda.set_rng_state(state, self.model.device)
-        else:
-            torch.set_rng_state(state)
+            return gen.get_state()
+        gen.set_state(state)
+        return state
 
     def _eval(self):
         """Validation loss (+ samples) at the current step; yields events and returns the loss
         (None when Stop came during it: no event, no samples)."""
         t = self.tcfg
-        self._set_dropout(False)
         try:
             loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
                                t.eval_max_batches, stop=self.stop)
         except Stopped:
-            self._set_dropout(True)
             return None
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1]["val_loss"] = loss
@@ -480,7 +552,6 @@ class Trainer:
             samples = [{"prompt": p, "text": generate_text(self.model, p, [self.name], scfg)[0]}
                        for p in t.sample_prompts]
             yield {"type": "sample", "step": self.step, "samples": samples}
-        self._set_dropout(True)
         return loss
 
     def _last(self, key):
@@ -512,7 +583,7 @@ class Trainer:
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
             shutil.rmtree(junk, ignore_errors=True)
         state = {"step": self.step, "optimizer": opt.state_dict(),
-                 "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._torch_rng() if self.lcfg.dropout > 0 else torch.get_rng_state(),
+                 "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._dropout_state(),
                  "history": list(self.history), "start_val_loss": self.start_val_loss}
 
         def build(tmp: Path):
@@ -532,7 +603,7 @@ class Trainer:
         found = checkpoint_dirs(self.out_dir, RESUMABLE)
         return str(found[-1]) if found else None
 
-    def _load_resume(self, opt) -> np.random.Generator:
+    def _load_resume(self, opt, gen: torch.Generator | None) -> np.random.Generator:
         """Adapter weights, optimizer, step, RNG and history from the checkpoint (all read and
         checked before any of them is applied)."""
         ck = self.resume
@@ -557,10 +628,12 @@ class Trainer:
         with torch.no_grad():
             for k, p in current.items():
                 p.copy_(loaded[k])
-        try:
-            self._torch_rng(state.get("torch_rng"))
-        except (RuntimeError, TypeError):  # saved on another kind of device: dropout masks differ from here on
-            pass
+        saved = state.get("torch_rng")
+        if gen is not None and torch.is_tensor(saved):
+            try:
+                gen.set_state(saved)
+            except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
+                pass                           # the global RNG's state): dropout masks differ from here on
         self.step, self.history = step, history
         self.start_val_loss = state.get("start_val_loss")
         return rng

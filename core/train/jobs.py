@@ -1,0 +1,458 @@
+"""The training job scheduler: every user's runs train at once on the loaded base, co-batched.
+
+Jobs wait in a queue, first come first served, and start when the shared step has room (a token
+budget per step: a flag on CPU, the memory estimate against free memory on a GPU) and the loaded
+base is theirs: a job on another base waits until the current base has no jobs, then the base is
+switched. Running jobs share every micro-step (core.train.cobatch.CoTrainer) in one thread; each
+keeps its own optimizer, schedule, data order, evaluation cadence, samples and checkpoints. A job
+that ends leaves alone; an out-of-memory error sends the newest job back to the head of the queue,
+exactly where it was, until a running job ends.
+
+A job's events (core.train.trainer's) are folded into a small report (loss and validation points,
+samples, progress) with a version that grows with each event: a page polls `snapshot()` and
+redraws only on change, and a reloaded page reattaches to it.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from core.atomic import disk_full
+from core.device import available_memory
+from core.lora.layers import adapter_names, remove_adapter
+from core.model.config import LoraConfig, TrainConfig
+from core.train.cobatch import CoTrainer
+from core.train.data import Dataset
+from core.train.estimate import estimate_training
+from core.train.trainer import Checkpoint, Trainer
+
+# Tokens per shared step on CPU and MPS unless set (--train-capacity): 8 jobs of 4 x 128.
+CPU_CAPACITY = 4096
+# The share of the GPU memory free at a step boundary that co-batched jobs may plan to use.
+GPU_SHARE = 0.85
+LIVE = ("queued", "starting", "running", "stopping")
+TRAINING = ("starting", "running", "stopping")
+
+
+@dataclass
+class JobSpec:
+    """One training job, as a user asks for it."""
+    name: str  # the run's name (its adapter's name while training, and its folder's)
+    base_id: str  # the base model it trains on (a preset name)
+    dataset: Dataset
+    lcfg: LoraConfig | None  # None when resuming: the checkpoint's settings
+    tcfg: TrainConfig | None  # None when resuming: the checkpoint's (a resume may ask for more steps)
+    out_dir: Path  # the run folder
+    user: str | None = None  # who asks (the per-user limit, who may stop it): a user name or a session
+    resume: Checkpoint | None = None  # continue this checkpoint
+    meta: dict = field(default_factory=dict)  # fields written over the trainer's own in studio.json
+    weights: str | None = None  # local weights for base_id (None: the hub or the preset)
+    adapter: str | None = None  # the name the adapter is trained under (default: name)
+    max_memory: int | None = None  # a cap in bytes on the job's estimated peak (--max-train-memory)
+    on_end: Callable[["TrainJob"], None] | None = None  # called once when the job has ended (releases a hold)
+
+
+class TrainJob:
+    """One job and what it has reported so far (thread-safe; read it through `snapshot`)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, spec: JobSpec):
+        self.id = next(self._ids)
+        self.spec = spec
+        self.stop_flag = threading.Event()
+        self.trainer: Trainer | None = None
+        self.model = None  # the base it trains on, once started
+        self._lock = threading.Lock()
+        self.state = "queued"  # queued, starting, running, stopping, finished, stopped, failed
+        self.message = ""  # the error, or where the adapter was saved
+        self.notes: list[str] = []
+        ck = spec.resume
+        history = ck.meta.get("history") if ck is not None and isinstance(ck.meta.get("history"), list) else []
+        start_val = ck.meta.get("start_val_loss") if ck is not None else None
+        self.points = [{"step": h["step"], "loss": h["loss"], "lr": h["lr"]}
+                       for h in history if isinstance(h, dict) and "loss" in h]
+        self.evals = ([{"step": 0, "val_loss": start_val}] if isinstance(start_val, float) else []) + [
+            {"step": h["step"], "val_loss": h["val_loss"]} for h in history
+            if isinstance(h, dict) and isinstance(h.get("val_loss"), float)]
+        self.samples: list[dict] = []  # {"step", "samples": [{"prompt", "text"}]}, oldest first
+        steps = spec.tcfg.steps if spec.tcfg is not None else ck.tcfg.steps
+        self.resumed_from = ck.step if ck is not None else None
+        self.progress: dict = {"step": self.resumed_from or 0, "steps": steps}
+        self.trainable_params: int | None = None
+        self.path: str | None = None
+        self.submitted = time.time()
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.position = 0  # 1 = first in the queue; 0 once it started (set by the scheduler)
+        self.waiting = ""  # why a queued job waits (set by the scheduler)
+        self.tokens = 0  # tokens it adds to each shared step (set by the scheduler)
+        self.version = 0
+        self._final: dict | None = None
+        self._done = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def user(self) -> str | None:
+        return self.spec.user
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    def on_event(self, ev: dict) -> None:
+        """Fold one trainer event into the report."""
+        with self._lock:
+            t = ev.get("type")
+            if t == "start":
+                self.state = "stopping" if self.stop_flag.is_set() else "running"
+                self.trainable_params = ev.get("trainable_params")
+                self.progress.update(step=ev["step"], steps=ev["steps"], tokens_per_step=ev["tokens_per_step"])
+            elif t == "info":
+                self.notes.append(ev["message"])
+            elif t == "step":
+                self.points.append({"step": ev["step"], "loss": ev["loss"], "lr": ev["lr"]})
+                self.progress.update({k: ev[k] for k in ("step", "steps", "eta", "tokens_per_sec", "elapsed",
+                                                        "tokens", "step_time") if k in ev})
+            elif t == "eval":
+                self.evals = [e for e in self.evals if e["step"] != ev["step"]]
+                self.evals.append({"step": ev["step"], "val_loss": ev["val_loss"]})
+            elif t == "sample":
+                self.samples.append({"step": ev["step"], "samples": list(ev["samples"])})
+                del self.samples[:-20]
+            elif t == "error":
+                self.state = "failed" if ev.get("kind") != "cancelled" else "stopped"
+                self.message = ev["message"]
+                self.ended = time.time()
+            elif t == "done":
+                self.state = ev["status"] if ev["status"] in ("finished", "stopped") else "finished"
+                self.path = ev.get("path")
+                self.progress.update(step=ev["step"], steps=ev["steps"], eta=0.0)
+                self.message = f"saved to the library as '{self.name}'"
+                self.ended = time.time()
+            self.version += 1
+
+    def _touch(self, **changes) -> None:
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self, k, v)
+            self.version += 1
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self.stop_flag.set()
+            if self.state in TRAINING:
+                self.state = "stopping"
+                self.version += 1
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended and been cleaned up; False on timeout."""
+        return self._done.wait(timeout)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "id": self.id, "version": self.version, "name": self.name, "base_id": self.spec.base_id,
+                "dataset": self.spec.dataset.name, "user": self.user, "state": self.state, "live": self.live,
+                "message": self.message, "notes": list(self.notes), "points": list(self.points),
+                "evals": list(self.evals), "samples": list(self.samples), "progress": dict(self.progress),
+                "trainable_params": self.trainable_params, "path": self.path, "submitted": self.submitted,
+                "started": self.started, "ended": self.ended, "resumed_from": self.resumed_from,
+                "position": self.position, "waiting": self.waiting,
+            }
+
+    def describe(self) -> str:
+        """'<name>' on <base> (step 12/200, 6%): for messages."""
+        p = self.progress
+        step, steps = p.get("step", 0), p.get("steps") or 1
+        return f"'{self.name}' on {self.spec.base_id} (step {step}/{steps}, {100 * step / steps:.0f}%)"
+
+
+class TrainScheduler:
+    """One training thread for every job submitted to it, co-batched on the loaded base.
+
+    load_base(spec) -> model: the base a job trains on, loaded (and pinned) for it; called when the
+        job starts, only while no job of another base is running. release_base(model): once per job
+        that loaded it, when the job ends.
+    lock: held while a job's adapter is added to or removed from the shared model (the engine's lock:
+        generation steps hold it too).
+    capacity_tokens: tokens one shared micro-step may hold (the sum of the running jobs' batch x
+        sequence length); None: CPU_CAPACITY on CPU and MPS, free memory against the estimate on CUDA.
+        A job bigger than the capacity still runs, alone.
+    max_jobs_per_user: jobs one user may have queued or running; max_queue: jobs waiting at most.
+    """
+
+    def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
+                 lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
+                 max_jobs_per_user: int = 1, max_queue: int = 64):
+        if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
+            raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
+        self._load_base, self._release_base = load_base, release_base or (lambda model: None)
+        self._model_lock = lock if lock is not None else contextlib.nullcontext()
+        self.device_type = device_type
+        self.capacity_tokens = capacity_tokens if capacity_tokens is not None else (
+            None if device_type == "cuda" else CPU_CAPACITY)
+        self.max_jobs_per_user, self.max_queue = max_jobs_per_user, max_queue
+        self._cond = threading.Condition()
+        self._queue: deque[TrainJob] = deque()
+        self._running: list[TrainJob] = []
+        self._recent: deque[TrainJob] = deque(maxlen=50)  # ended jobs, newest last
+        self._co: CoTrainer | None = None
+        self._base_key = None  # (base_id, weights) of the running jobs
+        self._squeezed: int | None = None  # tokens that ran out of memory: nothing more joins until a job ends
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="train-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side --------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> TrainJob:
+        """Queue a job; raises ValueError past the per-user limit or a full queue."""
+        job = TrainJob(spec)
+        seq = spec.tcfg.seq_len if spec.tcfg is not None else spec.resume.tcfg.seq_len
+        batch = spec.tcfg.batch_size if spec.tcfg is not None else spec.resume.tcfg.batch_size
+        job.tokens = batch * spec.dataset.block_size(seq)[0]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the training scheduler is closed")
+            if spec.user is not None:
+                mine = [j for j in self._live() if j.user == spec.user]
+                if len(mine) >= self.max_jobs_per_user:
+                    raise ValueError(f"you already have {len(mine)} training job{'s' if len(mine) != 1 else ''} "
+                                     f"queued or running ({', '.join(repr(j.name) for j in mine)}); the limit is "
+                                     f"{self.max_jobs_per_user} per user. Wait for it to finish, or stop it.")
+            if len(self._queue) >= self.max_queue:
+                raise ValueError(f"busy, try again later: {len(self._queue)} training jobs are waiting.")
+            if any(j.name == spec.name and j.spec.out_dir == spec.out_dir for j in self._live()):
+                raise ValueError(f"a job named '{spec.name}' is already queued or training.")
+            self._queue.append(job)
+            self._update_positions()
+            self._cond.notify_all()
+        return job
+
+    def stop(self, job: TrainJob) -> str:
+        """Stop a job: a queued one leaves the queue (nothing was trained); a running one ends within one
+        optimizer step and is saved. (Who may stop which job is the caller's rule.)"""
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self._update_positions()
+                self._end(job, {"type": "error", "kind": "cancelled", "step": job.progress.get("step", 0),
+                                "checkpoint": None, "message": "removed from the queue before it started; "
+                                                               "nothing was trained."})
+                return f"'{job.name}' left the queue; nothing was trained."
+        if not job.live:
+            return f"'{job.name}' is not running."
+        job.request_stop()
+        with self._cond:
+            self._cond.notify_all()
+        return f"Stopping '{job.name}': it ends within one optimizer step and is saved to the library."
+
+    def jobs(self) -> list[TrainJob]:
+        """Running jobs, then queued ones in order, then recently ended ones (newest first)."""
+        with self._cond:
+            return list(self._running) + list(self._queue) + list(reversed(self._recent))
+
+    def live(self) -> list[TrainJob]:
+        with self._cond:
+            return self._live()
+
+    def get(self, job_id) -> TrainJob | None:
+        return next((j for j in self.jobs() if j.id == job_id), None)
+
+    def eta_to_start(self, job: TrainJob) -> float | None:
+        """Seconds until a queued job can start, as far as the running jobs' ETAs tell (each job that
+        ends frees a place); None when unknown."""
+        with self._cond:
+            if job not in self._queue:
+                return None
+            pos = list(self._queue).index(job)
+            etas = sorted(j.progress.get("eta") for j in self._running if j.progress.get("eta") is not None)
+        return etas[pos] if pos < len(etas) else None
+
+    def running_base(self) -> str | None:
+        """The base the running jobs train on (None when none runs)."""
+        with self._cond:
+            return self._running[0].spec.base_id if self._running else None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop every job (running ones are saved) and the thread."""
+        with self._cond:
+            for job in list(self._queue):
+                self.stop(job)
+            for job in self._running:
+                job.request_stop()
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ---- the loop's side ------------------------------------------------------------------------
+
+    def _live(self) -> list[TrainJob]:
+        return list(self._running) + list(self._queue)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._running or self._startable())
+                if self._closed and not self._running:
+                    return
+                starting = self._startable() if not self._closed else None
+            if starting is not None:
+                self._start(starting)
+                continue
+            self._step()
+
+    def _startable(self) -> TrainJob | None:
+        """(Holding _cond.) The queue's head if it can start now; else None, with its reason set."""
+        if not self._queue:
+            return None
+        job = self._queue[0]
+        key = (job.spec.base_id, job.spec.weights)
+        if self._running and key != self._base_key:
+            self._wait_reason(job, f"waiting for the base model: the running jobs train on {self._base_key[0]}, "
+                                   f"this one needs {job.spec.base_id}; it starts when they end.")
+            return None
+        if self._running and not self._fits(job):
+            self._wait_reason(job, "waiting for room: the running jobs fill this machine's shared training step; "
+                                   "it starts when one ends.")
+            return None
+        return job
+
+    def _wait_reason(self, job: TrainJob, reason: str) -> None:
+        if job.waiting != reason:
+            job._touch(waiting=reason)
+
+    def _fits(self, job: TrainJob) -> bool:
+        used = sum(j.tokens for j in self._running)
+        if self._squeezed is not None:
+            return False
+        if self.capacity_tokens is not None:
+            return used + job.tokens <= self.capacity_tokens
+        model = self._running[0].model  # a GPU: every job's activations against the memory free now
+        need = sum(self._extra_bytes(j, model) for j in self._running + [job])
+        room = available_memory(model.device)
+        return room is None or need <= GPU_SHARE * (room + sum(self._extra_bytes(j, model) for j in self._running))
+
+    @staticmethod
+    def _extra_bytes(job: TrainJob, model) -> int:
+        """A job's estimated peak beyond the shared base: activations, logits and its LoRA state."""
+        spec = job.spec
+        lcfg = spec.lcfg if spec.lcfg is not None else spec.resume.lcfg
+        tcfg = spec.tcfg if spec.tcfg is not None else spec.resume.tcfg
+        seq = spec.dataset.block_size(tcfg.seq_len)[0]
+        est = estimate_training(model.config, lcfg, replace(tcfg, seq_len=seq), model.device.type)
+        return est.peak_bytes - est.weights_bytes
+
+    def _update_positions(self) -> None:
+        for i, job in enumerate(self._queue):
+            if job.position != i + 1:
+                job._touch(position=i + 1)
+
+    def _start(self, job: TrainJob) -> None:
+        """Load its base, build its trainer and add it to the shared step (its first evaluation runs
+        now, while the others wait); a job that cannot start ends with its message."""
+        spec = job.spec
+        with self._cond:
+            self._queue.remove(job)
+            self._update_positions()
+            job._touch(position=0, waiting="", state="starting", started=job.started or time.time())
+            self._running.append(job)
+        try:
+            if job.trainer is None:  # a job pushed out by an out-of-memory error keeps its trainer
+                job.model = self._load_base(spec)
+                with self._cond:
+                    self._base_key = (spec.base_id, spec.weights)
+                job.trainer = Trainer(job.model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name,
+                                      spec.out_dir, job.stop_flag, base_id=spec.base_id, resume=spec.resume,
+                                      max_memory=spec.max_memory, meta=spec.meta)
+                with self._model_lock:  # the shared model's structure changes: generation waits
+                    job.trainer.setup()
+                if self._co is None or self._co.model is not job.model:
+                    self._co = CoTrainer(job.model)
+                self._co.join(job.trainer, lambda ev, job=job: self._event(job, ev))
+            else:
+                self._co.rejoin(job.trainer, lambda ev, job=job: self._event(job, ev))
+                job._touch(state="stopping" if job.stop_flag.is_set() else "running")
+        except Exception as e:  # noqa: BLE001 - the job's own failure, reported to whoever follows it
+            self._fail(job, e)
+        self._collect()
+
+    def _step(self) -> None:
+        try:
+            pushed = self._co.step()
+        except Exception as e:  # noqa: BLE001 - not one job's fault: every job in the step gets it
+            for job in [j for j in self._running if j.trainer is not None and j.trainer.outcome is not None]:
+                self._fail(job, e)
+            self._collect()
+            return
+        for trainer in pushed:
+            job = next(j for j in self._running if j.trainer is trainer)
+            with self._cond:
+                self._running.remove(job)
+                self._squeezed = sum(j.tokens for j in self._running)
+                self._queue.appendleft(job)
+                self._update_positions()
+            job._touch(state="queued", waiting="back in the queue: the shared step ran out of memory with this "
+                                                "job in it; it continues where it was when a running job ends.")
+            job.on_event({"type": "info", "message": "out of memory in the shared step: this job went back to "
+                                                     "the queue and continues where it was when another job ends."})
+        self._collect()
+
+    def _event(self, job: TrainJob, ev: dict) -> None:
+        if ev["type"] in ("done", "error"):  # reported after the cleanup: the job stays live until then
+            job._final = ev
+        else:
+            job.on_event(ev)
+
+    def _fail(self, job: TrainJob, e: BaseException) -> None:
+        if job.trainer is not None and job.trainer.outcome is None:
+            job.trainer.abort()
+        msg = f"training failed: {e}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {e}"
+        if disk_full(e):
+            msg = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). Checkpoints "
+                   f"saved before are kept; free some space, then Resume.")
+        job._final = {"type": "error", "kind": "internal", "step": job.progress.get("step", 0), "message": msg,
+                      "checkpoint": None}
+        if job not in self._running:
+            with self._cond:
+                self._running.append(job)
+
+    def _collect(self) -> None:
+        """Clean up the jobs that ended: their live adapter goes, their base is released, then their
+        last event is reported."""
+        ended = [j for j in self._running if j._final is not None or (j.trainer is not None and j.trainer.outcome)]
+        for job in ended:
+            if job.trainer is not None and self._co is not None:
+                self._co.leave(job.trainer)
+            model, name = job.model, job.spec.adapter or job.spec.name
+            if model is not None:
+                with self._model_lock:
+                    if job.trainer is not None and name in adapter_names(model):
+                        remove_adapter(model, name)
+                self._release_base(model)
+            with self._cond:
+                self._running.remove(job)
+                self._squeezed = None
+                if not self._running:
+                    self._base_key = None
+            self._end(job, job._final or {"type": "error", "kind": "internal", "step": job.progress.get("step", 0),
+                                          "message": "training ended without a result.", "checkpoint": None})
+
+    def _end(self, job: TrainJob, final: dict) -> None:
+        job.on_event(final)
+        if job.spec.on_end is not None:
+            job.spec.on_end(job)
+        with self._cond:
+            self._recent.append(job)
+            self._cond.notify_all()
+        job._done.set()

@@ -1,0 +1,184 @@
+"""The training job scheduler: jobs co-batched on the loaded base, a queue with a token budget, jobs on
+another base waiting for the current one, a per-user limit, stop rules, and cleanup."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from core.lora.layers import adapter_names, adapter_state_dict
+from core.model.config import LoraConfig
+from core.model.weights import load_base
+from core.train.jobs import JobSpec, TrainScheduler
+from core.train.trainer import Trainer
+from train_helpers import quick
+
+A = (LoraConfig(r=4, alpha=8, targets=("attn.c_attn",)), quick(steps=3, batch_size=2, seq_len=16, grad_accum=1,
+                                                                eval_interval=0, checkpoint_interval=0, seed=1))
+B = (LoraConfig(r=2, alpha=4, targets=("mlp.c_fc",)), quick(steps=4, batch_size=1, seq_len=24, grad_accum=2,
+                                                             eval_interval=2, checkpoint_interval=0, seed=2))
+
+
+class Bases:
+    """load_base for the scheduler: one model per base id, loaded on first use; counts pins."""
+
+    def __init__(self):
+        self.models, self.pins, self.loads = {}, {}, []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def load(self, spec):
+        self.gate.wait(30)
+        if spec.base_id not in self.models:
+            self.models[spec.base_id] = load_base("tiny", device="cpu")
+        self.loads.append(spec.base_id)
+        model = self.models[spec.base_id]
+        self.pins[id(model)] = self.pins.get(id(model), 0) + 1
+        return model
+
+    def release(self, model):
+        self.pins[id(model)] -= 1
+
+
+@pytest.fixture
+def bases():
+    return Bases()
+
+
+@pytest.fixture
+def sched(bases):
+    s = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
+    yield s
+    s.close()
+
+
+def spec(ds, tmp_path, name, job=A, user=None, base="tiny", **kw):
+    lcfg, tcfg = job
+    return JobSpec(name, base, ds, lcfg, tcfg, tmp_path / name, user=user, **kw)
+
+
+def alone(ds, tmp_path, name, job):
+    model = load_base("tiny", device="cpu")
+    events = list(Trainer(model, ds, job[0], job[1], name, tmp_path / f"alone-{name}").run())
+    return [e["loss"] for e in events if e["type"] == "step"], adapter_state_dict(model, name)
+
+
+def test_two_users_jobs_train_together_each_as_alone(sched, bases, sample_ds, tmp_path):
+    bases.gate.clear()  # both are queued before either starts, so they share their steps
+    jobs = [sched.submit(spec(sample_ds, tmp_path, "a", A, user="u1")),
+            sched.submit(spec(sample_ds, tmp_path, "b", B, user="u2"))]
+    bases.gate.set()
+    for job in jobs:
+        assert job.wait(120)
+    model = bases.models["tiny"]
+    for job, settings in zip(jobs, (A, B)):
+        snap = job.snapshot()
+        assert snap["state"] == "finished" and snap["message"] == f"saved to the library as '{job.name}'"
+        losses, tensors = alone(sample_ds, tmp_path, job.name, settings)
+        assert [p["loss"] for p in snap["points"]] == pytest.approx(losses, abs=1e-5)
+        saved = (tmp_path / job.name / "adapter_model.safetensors")
+        assert saved.exists()
+        from safetensors.torch import load_file
+        got = {k.removeprefix("base_model.model."): v for k, v in load_file(str(saved)).items()}
+        for k, v in tensors.items():
+            torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
+    assert adapter_names(model) == []  # the live adapters are gone: the library has them
+    assert bases.pins[id(model)] == 0  # every job released the base it pinned
+
+
+def test_the_queue_runs_in_order_within_the_token_budget(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=40)  # room for one 2 x 16 job at a time
+    try:
+        bases.gate.clear()
+        first = sched.submit(spec(sample_ds, tmp_path, "first"))
+        second = sched.submit(spec(sample_ds, tmp_path, "second"))
+        third = sched.submit(spec(sample_ds, tmp_path, "third"))
+        assert [second.position, third.position] == [2, 3] or [second.position, third.position] == [1, 2]
+        bases.gate.set()
+        assert third.wait(120)
+        snaps = [j.snapshot() for j in (first, second, third)]
+        assert all(s["state"] == "finished" for s in snaps)
+        assert snaps[0]["ended"] <= snaps[1]["started"] and snaps[1]["ended"] <= snaps[2]["started"]
+    finally:
+        sched.close()
+
+
+def test_a_job_on_another_base_waits_until_the_current_base_has_no_jobs(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
+    try:
+        long = (A[0], quick(steps=30, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0,
+                            checkpoint_interval=0, seed=1))
+        first = sched.submit(spec(sample_ds, tmp_path, "first", long))
+        other = sched.submit(spec(sample_ds, tmp_path, "other", base="tiny-other"))
+        same = sched.submit(spec(sample_ds, tmp_path, "same"))  # behind it: first come, first served
+        for _ in range(600):
+            if other.snapshot()["waiting"]:
+                break
+            threading.Event().wait(0.05)
+        snap = other.snapshot()
+        assert snap["state"] == "queued" and snap["position"] == 1
+        assert "needs tiny-other" in snap["waiting"] and "train on tiny" in snap["waiting"]
+        assert same.snapshot()["state"] == "queued"
+        assert same.wait(120) and other.wait(1)
+        assert bases.loads == ["tiny", "tiny-other", "tiny"]
+        assert first.snapshot()["ended"] <= other.snapshot()["started"] <= other.snapshot()["ended"] \
+            <= same.snapshot()["started"]
+    finally:
+        sched.close()
+
+
+def test_the_per_user_limit_and_the_queue_cap(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, max_jobs_per_user=1, max_queue=2)
+    try:
+        bases.gate.clear()
+        sched.submit(spec(sample_ds, tmp_path, "mine", user="ann"))
+        with pytest.raises(ValueError, match=r"you already have 1 training job queued or running \('mine'\); "
+                                             r"the limit is 1 per user"):
+            sched.submit(spec(sample_ds, tmp_path, "mine2", user="ann"))
+        sched.submit(spec(sample_ds, tmp_path, "bob", user="bob"))
+        with pytest.raises(ValueError, match="busy, try again later: 2 training jobs are waiting"):
+            sched.submit(spec(sample_ds, tmp_path, "cy", user="cy"))
+    finally:
+        bases.gate.set()
+        sched.close()
+
+
+def test_stopping_a_queued_job_removes_it_and_a_running_one_is_saved(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=40)
+    ended = []
+    try:
+        long = (A[0], quick(steps=500, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0,
+                            checkpoint_interval=0, seed=1))
+        running = sched.submit(spec(sample_ds, tmp_path, "running", long, on_end=ended.append))
+        queued = sched.submit(spec(sample_ds, tmp_path, "queued", on_end=ended.append))
+        for _ in range(600):
+            if running.snapshot()["points"]:
+                break
+            threading.Event().wait(0.05)
+        assert "left the queue" in sched.stop(queued)
+        assert queued.snapshot()["state"] == "stopped" and "nothing was trained" in queued.snapshot()["message"]
+        assert not (tmp_path / "queued").exists()
+        assert "Stopping 'running'" in sched.stop(running)
+        assert running.wait(60)
+        snap = running.snapshot()
+        assert snap["state"] == "stopped" and 0 < snap["progress"]["step"] < 500
+        assert (tmp_path / "running" / "adapter_model.safetensors").exists()
+        assert ended == [queued, running]  # each job's hold is released once
+    finally:
+        sched.close()
+
+
+def test_a_job_that_cannot_start_fails_alone_with_its_message(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
+    try:
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "adapter_model.safetensors").write_bytes(b"")
+        bad = sched.submit(spec(sample_ds, tmp_path, "taken"))
+        good = sched.submit(spec(sample_ds, tmp_path, "good"))
+        assert bad.wait(60) and good.wait(120)
+        assert bad.snapshot()["state"] == "failed" and "already holds a training run" in bad.snapshot()["message"]
+        assert good.snapshot()["state"] == "finished"
+        assert bases.pins[id(bases.models["tiny"])] == 0
+    finally:
+        sched.close()
