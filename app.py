@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-user", type=int, default=8, metavar="N",
                    help="batched generation: rows one user may have generating or waiting (a Compare of the base "
                         "and 3 adapters is 4 rows; default 8)")
+    p.add_argument("--max-jobs-per-user", type=int, default=1, metavar="N",
+                   help="training jobs one user (signed in, or one browser) may have queued or running (default 1)")
+    p.add_argument("--train-capacity", type=int, default=None, metavar="TOKENS",
+                   help="tokens per shared training step (the sum of the running jobs' batch x sequence length); "
+                        "jobs beyond it wait in the queue (default: 4096 on CPU/MPS, from free memory on CUDA)")
     return p
 
 
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         from studio.app import build_ui, create_studio, launch_options
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
-                               generation=args.generation, max_rows_per_user=args.max_rows_per_user)
+                               generation=args.generation, max_rows_per_user=args.max_rows_per_user,
+                               max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ Bad input ends with one line, `error: ...`, on stderr and exit status 2; never a
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -198,18 +199,35 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
 
 
 def _train(args, trainer, stop: threading.Event) -> int:
-    """Run the trainer, printing its events; Ctrl-C stops after the current step and saves."""
+    """Run the trainer as the one job of a training scheduler (the studio's path, with no one else to
+    co-batch with), printing its events; Ctrl-C stops after the current step and saves."""
+    import queue
+    from core.train.jobs import JobSpec, TrainScheduler
     from core.train.trainer import TrainingError
+    events: queue.Queue = queue.Queue()
+    scheduler = TrainScheduler(lambda spec: trainer.model, device_type=trainer.model.device.type)
     _on_sigint(stop)
     bar = ProgressBar(sys.stderr)
     try:
-        for ev in trainer.run():
+        scheduler.submit(JobSpec(trainer.name, trainer.base_id, trainer.dataset, trainer.lcfg, trainer.tcfg,
+                                 trainer.out_dir, trainer=trainer, listener=events.put))
+        while True:
+            try:
+                ev = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if ev["type"] == "error":
                 bar.clear()
                 raise TrainingError(ev["message"])
             _print_event(ev, bar, args.log_interval)
+            if ev["type"] == "done":
+                break
+    except KeyboardInterrupt:  # Ctrl-C twice: quit now, without saving (the step in progress is not waited for)
+        print("quit without saving.", file=sys.stderr, flush=True)
+        os._exit(130)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        scheduler.close()
     return 0
 
 

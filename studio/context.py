@@ -8,6 +8,8 @@ import atexit
 import functools
 import inspect
 import math
+import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,12 +31,13 @@ from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
 from .models import CHOICES, HubProbe, availability, describe
-from .runner import Runner, RunnerBusy
+from .runner import Runner
 
-USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, RunnerBusy, SchedulerBusy, FileNotFoundError)
+USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, SchedulerBusy, FileNotFoundError)
 UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are deleted (delete_cache)
 EXPORT_MAX_AGE = 600  # seconds a download stays on the server if it was never handed to Gradio
 MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl merge is ~6.4 GB)
+BROWSER_ID = re.compile(r"[0-9a-f]{32}")  # a browser's random id (new_browser_id)
 LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
 
 
@@ -48,6 +51,8 @@ class Studio:
     auth: bool = False  # sign-in is on: record user names; only owners (or admins) stop, resume, rename, delete
     admins: frozenset[str] = frozenset()  # --admin: signed-in users who may act on anyone's runs
     max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
+    max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
+    train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -56,7 +61,8 @@ class Studio:
     def __post_init__(self):
         self.dataset_store = DatasetStore(self.datasets_dir)
         self.datasets_dir = self.dataset_store.root
-        self.runner = Runner(self.engine)
+        self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
+                             self.max_jobs_per_user, self.train_capacity)
         self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
@@ -76,10 +82,10 @@ class Studio:
         run, see Engine.base (the runner releases the pin)."""
         if name not in PRESETS:
             raise ValueError(f"unknown base model {name!r}; choose one of {', '.join(CHOICES)}.")
-        job = self.runner.busy()
-        if job is not None and job.base_id != name:
-            raise ValueError(f"the base model cannot change to {name} while {job.describe()} is training "
-                             f"on {job.base_id}; pick {job.base_id}, or wait for the run to end.")
+        busy = self.runner.scheduler.running_base()
+        if busy is not None and busy != name:
+            raise ValueError(f"the base model cannot change to {name} while training jobs run on {busy}; "
+                             f"pick {busy}, or wait for them to end.")
         weights = self.weights if name == self.weights_for else None
         model = self.engine.base(name, weights, progress, pin=pin)
         c, p = model.config, PRESETS[name]
@@ -187,13 +193,22 @@ def user_of(request: gr.Request | None) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
-def requester(request: gr.Request | None) -> str | None:
-    """Who asks, for per-user limits: the signed-in user, else the browser session (None if unknown)."""
+def requester(request: gr.Request | None, browser: str | None = None) -> str | None:
+    """Who asks, for per-user limits and who may stop a job: the signed-in user, else the browser (its
+    random id kept in the page's local storage, so a reloaded page is the same user), else the session
+    (None if unknown)."""
     user = user_of(request)
     if user is not None:
         return f"user:{user}"
+    if isinstance(browser, str) and BROWSER_ID.fullmatch(browser):
+        return f"browser:{browser}"
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"session:{session}" if session else None
+
+
+def new_browser_id(current) -> str:
+    """The page's browser id: kept if it is one, else a new random one (stored in the browser)."""
+    return current if isinstance(current, str) and BROWSER_ID.fullmatch(current) else secrets.token_hex(16)
 
 
 def sentence(text: str) -> str:

@@ -53,10 +53,7 @@ def studio(tmp_path):
     from studio.app import create_studio
     s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
     yield s
-    job = s.runner.busy()
-    if job is not None:
-        job.request_stop()
-        s.runner.wait(60)
+    s.runner.stop_all(60)
 
 
 @pytest.fixture

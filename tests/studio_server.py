@@ -28,8 +28,5 @@ def served_studio(tmp, auth=None, max_upload=None, before_build=None):
     try:
         yield url, studio
     finally:
-        job = studio.runner.busy()
-        if job is not None:
-            job.request_stop()
-            studio.runner.wait(60)
+        studio.runner.stop_all(60)
         demo.close()

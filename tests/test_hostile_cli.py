@@ -67,12 +67,12 @@ def test_model_names_the_base_whatever_the_adapter_says(tmp_path, capsys):
 
 def test_finetune_holds_its_run_while_it_trains(prepared, tmp_path, monkeypatch):  # noqa: F811
     seen = []
-    run = core.train.trainer.Trainer.run
+    opened = core.train.trainer.Trainer.open  # where a run starts, alone or co-batched
 
     def watched(self):
         seen.append(al._is_live(self.out_dir))
-        yield from run(self)
-    monkeypatch.setattr(core.train.trainer.Trainer, "run", watched)
+        yield from opened(self)
+    monkeypatch.setattr(core.train.trainer.Trainer, "open", watched)
     lib = tmp_path / "lib"
     assert main(["finetune", "--data", str(prepared), *TINY_RUN, "--steps", "1", "--library", str(lib),
                  "--output", "held"]) == 0

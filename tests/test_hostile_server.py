@@ -43,8 +43,7 @@ def _seed_adapter(studio):
     from core.model.config import LoraConfig, TrainConfig
     from core.train.data import load_dataset
     _pirates(studio, "seed-data")
-    model = studio.base("tiny")
-    studio.runner.start(model, "tiny", load_dataset(studio.dataset_path("seed-data")), "seed",
+    studio.runner.start("tiny", load_dataset(studio.dataset_path("seed-data")), "seed",
                         LoraConfig(r=4, alpha=8), TrainConfig(steps=2, batch_size=2, seq_len=32, eval_interval=0))
     assert studio.runner.wait(120)["state"] == "finished"
 
@@ -101,7 +100,7 @@ def test_api_clients_can_name_what_was_made_after_launch(server):
     url, studio = server
     client = Client(url, verbose=False)
     _pirates(studio, "made-later")  # not among the dropdown's choices when the UI was built
-    msg, run, _ = client.predict("tiny", "made-later", "later-run", *RUN, api_name="/start_training")
+    msg, run, *_ = client.predict("tiny", "made-later", "later-run", *RUN, api_name="/start_training")
     assert run == "later-run" and "Started" in msg
     assert studio.runner.wait(120)["state"] == "finished"
     out = client.predict("tiny", False, ["later-run"], "Ahoy", 0.8, 50, 1.0, 4, 3, api_name="/compare")

@@ -83,7 +83,7 @@ def test_nothing_the_live_view_sends_can_hold_a_lone_surrogate(studio):
     job = studio.runner.job  # whatever a future trainer reports (a note, a sample) reaches every page
     job.on_event({"type": "info", "message": "note " + SURROGATE})
     job.on_event({"type": "sample", "step": 3, "samples": [{"prompt": "p", "text": SURROGATE}]})
-    job_html, _, samples_html, _ = train.live_view(studio, None)
+    job_html, _, samples_html = train.live_view(studio, None)[:3]
     assert _encodes([job_html, samples_html]) and "\ufffd" in job_html and "\ufffd" in samples_html
 
 
@@ -172,9 +172,10 @@ def test_an_admin_may_stop_anyones_run(signed_in):
     studio = signed_in
     _start(studio, "long", 5000, user="ann")
     assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
+    job_id = studio.runner.snapshot()["id"]  # the job their pages follow
     with pytest.raises(ValueError, match=r"'long' was started by ann; only they \(or an admin\) can stop it"):
-        train.stop(studio, user="bob")
-    assert "Stopping" in train.stop(studio, user="root")
+        train.stop(studio, user="bob", job_id=job_id)
+    assert "Stopping" in train.stop(studio, user="root", job_id=job_id)
     assert studio.runner.wait(120)["state"] == "stopped"
 
 

@@ -3,6 +3,7 @@ machine, Stop during evaluation, and the shared base switching under a starting 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -322,15 +323,20 @@ def test_a_starting_training_run_pins_the_base_against_other_loads(tmp_path, hf_
 def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(tmp_path, sample_ds, hf_small):
     from studio.runner import Runner
     eng = Engine("cpu", tmp_path / "lib", max_train_memory=parse_size("64MB"))
-    runner = Runner(eng)
-    model = eng.base("tiny", pin=True)
-    with pytest.raises(MemoryLimitError, match=r"more than the 64\.0 MB allowed by --max-train-memory"):
-        runner.start(model, "tiny", sample_ds, "big", LoraConfig(), quick(**GIANT), pinned=True)
+    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    job = runner.start("tiny", sample_ds, "big", LoraConfig(), quick(**GIANT))
+    assert job.wait(60) and job.state == "failed"
+    assert "more than the 64.0 MB allowed by --max-train-memory" in job.message
     assert runner.busy() is None and not (eng.library.root / "big").exists()  # the name stays free
-    assert eng.base(str(hf_small)) is not model  # the refused start released the pin
+    model = eng.model
+    assert eng.base(str(hf_small)) is not model  # the refused job released the pin
 
-    model = eng.base("tiny", pin=True)
-    job = runner.start(model, "tiny", sample_ds, "ok", LoraConfig(), quick(steps=2), pinned=True)
+    job = runner.start("tiny", sample_ds, "ok", LoraConfig(), quick(steps=40, eval_interval=0))
+    for _ in range(600):
+        if job.snapshot()["points"]:
+            break
+        time.sleep(0.05)
+    model = eng.model
     with pytest.raises(BaseInUse, match=r"the base model tiny is in use by a starting or running training job"):
         eng.base(str(hf_small))
     runner.wait(120)
@@ -358,6 +364,10 @@ def test_the_train_tab_pins_its_base_until_the_run_ends(tmp_path, hf_small):
     studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
     _prepare(studio)
     _start(studio, "long", 500)
+    for _ in range(600):  # the job pins its base when it starts (it is queued first)
+        if studio.runner.snapshot()["state"] == "running":
+            break
+        time.sleep(0.05)
     model = studio.engine.model
     with pytest.raises(BaseInUse, match="in use by a starting or running training job"):
         studio.engine.base(str(hf_small))  # what a Compare queued during the load would have done

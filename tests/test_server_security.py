@@ -142,7 +142,7 @@ def test_signed_in_users_are_recorded_with_their_adapters(authed):
     from gradio_client import Client
     url, studio = authed
     ann = Client(url, auth=USERS[0], verbose=False)
-    msg, run, _ = ann.predict("tiny", "pirates", "anns-run", ["attn.c_attn"], 4, 8, 0.0, 2e-3, 3, 2, 1, 32, 0, 7,
+    msg, run, *_ = ann.predict("tiny", "pirates", "anns-run", ["attn.c_attn"], 4, 8, 0.0, 2e-3, 3, 2, 1, 32, 0, 7,
                               "Ahoy", api_name="/start_training")
     assert run == "anns-run" and "Started" in msg
     snap = studio.runner.wait(120)
@@ -164,7 +164,9 @@ def test_signed_in_users_are_recorded_with_their_adapters(authed):
     end = time.time() + 60
     while studio.runner.snapshot()["state"] != "running" and time.time() < end:
         time.sleep(0.05)
-    bob.predict(api_name="/stop_training")  # refused: shown to bob as a warning, the job keeps running
+    job_id = str(studio.runner.snapshot()["id"])
+    assert "No training job of yours" in bob.predict(api_name="/stop_training")
+    assert "only they (or an admin) can stop it" in bob.predict(job_id, api_name="/stop_training")  # refused
     time.sleep(0.5)
     assert studio.runner.snapshot()["state"] == "running"
     assert "Stopping" in ann.predict(api_name="/stop_training")

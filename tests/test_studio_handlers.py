@@ -126,16 +126,16 @@ def test_training_runs_in_background_and_lands_in_library(studio):
     assert "finished" in html and "step <b>8</b> / 8" in html
 
 
-def test_busy_stop_keeps_adapter_and_resume_continues(studio):
+def test_one_job_per_user_stop_keeps_adapter_and_resume_continues(studio):
     _prepare(studio)
     _start(studio, "long", 5000, user="bob")
     assert _wait_for(lambda: len(studio.runner.snapshot()["points"]) >= 3)
-    # a second start is refused with the job's name and progress
-    with pytest.raises(ValueError, match=r"Busy: training 'long' on tiny by bob \(step \d+/5000") as busy:
-        _start(studio, "other", 10)
-    assert "Busy" in str(busy.value) and "'long'" in str(busy.value) and "step" in str(busy.value)
+    # bob's second job is refused by the per-user limit (default 1), naming the job he has
+    with pytest.raises(ValueError, match=r"you already have 1 training job queued or running \('long'\); "
+                                         r"the limit is 1 per user"):
+        _start(studio, "other", 10, user="bob")
     html = train.job_html(studio.runner.snapshot())
-    assert "Busy" in html and "long" in html and "tokens/s" in html and "ETA" in html
+    assert "Training" in html and "long" in html and "tokens/s" in html and "ETA" in html
     # the live chart skips a redraw when nothing changed
     first = train.live_view(studio, None)
     # generation keeps working while training runs
@@ -150,9 +150,9 @@ def test_busy_stop_keeps_adapter_and_resume_continues(studio):
     assert stopped_at >= 3
     entry = next(e for e in studio.library.list() if e.name == "long")
     assert entry.has_final and entry.steps == stopped_at and entry.status == "stopped"
-    assert first[3] != train.live_view(studio, None)[3]  # the job moved on since
+    assert first[5][0] != train.live_view(studio, None)[5][0]  # the job moved on since
     again = train.live_view(studio, None)
-    assert train.live_view(studio, again[3]) == (gr.skip(),) * 4
+    assert train.live_view(studio, again[5]) == (*(gr.skip(),) * 5, again[5])
     # resume continues the stopped run to a new total
     msg, name = train.resume(studio, "long", stopped_at + 4, user="bob")
     assert name == "long" and f"from step {stopped_at}" in msg
@@ -171,8 +171,10 @@ def test_stop_is_owner_only_with_auth(studio):
     studio.auth = True
     _start(studio, "mine", 5000, user="carol")
     assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
+    job_id = studio.runner.snapshot()["id"]  # the job mallory's page follows
     with pytest.raises(ValueError, match=r"only they \(or an admin\) can stop"):
-        train.stop(studio, user="mallory")
+        train.stop(studio, user="mallory", job_id=job_id)
+    assert "No training job of yours" in train.stop(studio, user="mallory")  # and she has none to stop
     assert "Stopping" in train.stop(studio, user="carol")
     assert studio.runner.wait(120)["state"] == "stopped"
 

@@ -56,6 +56,9 @@ class JobSpec:
     adapter: str | None = None  # the name the adapter is trained under (default: name)
     max_memory: int | None = None  # a cap in bytes on the job's estimated peak (--max-train-memory)
     on_end: Callable[["TrainJob"], None] | None = None  # called once when the job has ended (releases a hold)
+    listener: Callable[[dict], None] | None = None  # gets every event of the job, the last one included (the CLI)
+    trainer: Trainer | None = None  # one built by the caller, on the base load_base returns (the CLI builds it
+                                    # first, so bad settings are refused before anything runs)
 
 
 class TrainJob:
@@ -66,7 +69,7 @@ class TrainJob:
     def __init__(self, spec: JobSpec):
         self.id = next(self._ids)
         self.spec = spec
-        self.stop_flag = threading.Event()
+        self.stop_flag = spec.trainer.stop if spec.trainer is not None else threading.Event()
         self.trainer: Trainer | None = None
         self.model = None  # the base it trains on, once started
         self._lock = threading.Lock()
@@ -140,6 +143,8 @@ class TrainJob:
                 self.message = f"saved to the library as '{self.name}'"
                 self.ended = time.time()
             self.version += 1
+        if self.spec.listener is not None:
+            self.spec.listener(ev)
 
     def _touch(self, **changes) -> None:
         with self._lock:
@@ -162,7 +167,8 @@ class TrainJob:
         with self._lock:
             return {
                 "id": self.id, "version": self.version, "name": self.name, "base_id": self.spec.base_id,
-                "dataset": self.spec.dataset.name, "user": self.user, "state": self.state, "live": self.live,
+                "dataset": self.spec.dataset.name, "owner": self.user, "user": self.spec.meta.get("user"),
+                "state": self.state, "live": self.live,
                 "message": self.message, "notes": list(self.notes), "points": list(self.points),
                 "evals": list(self.evals), "samples": list(self.samples), "progress": dict(self.progress),
                 "trainable_params": self.trainable_params, "path": self.path, "submitted": self.submitted,
@@ -312,19 +318,33 @@ class TrainScheduler:
                 continue
             self._step()
 
+    def waits(self, job: TrainJob) -> str | None:
+        """Why a queued job cannot start now (None: it starts as soon as the loop sees it)."""
+        with self._cond:
+            if job not in self._queue:
+                return None
+            ahead = list(self._queue).index(job)
+            if ahead:
+                return f"{ahead} job{'s are' if ahead != 1 else ' is'} ahead of it in the queue"
+            return self._reason(job)
+
+    def _reason(self, job: TrainJob) -> str | None:
+        """(Holding _cond.) Why the queue's head must wait, or None."""
+        if self._running and (job.spec.base_id, job.spec.weights) != self._base_key:
+            return (f"waiting for the base model: the running jobs train on {self._base_key[0]}, this one needs "
+                    f"{job.spec.base_id}; it starts when they end.")
+        if self._running and not self._fits(job):
+            return "waiting for room: the running jobs fill this machine's shared training step; it starts when one ends."
+        return None
+
     def _startable(self) -> TrainJob | None:
         """(Holding _cond.) The queue's head if it can start now; else None, with its reason set."""
         if not self._queue:
             return None
         job = self._queue[0]
-        key = (job.spec.base_id, job.spec.weights)
-        if self._running and key != self._base_key:
-            self._wait_reason(job, f"waiting for the base model: the running jobs train on {self._base_key[0]}, "
-                                   f"this one needs {job.spec.base_id}; it starts when they end.")
-            return None
-        if self._running and not self._fits(job):
-            self._wait_reason(job, "waiting for room: the running jobs fill this machine's shared training step; "
-                                   "it starts when one ends.")
+        reason = self._reason(job)
+        if reason is not None:
+            self._wait_reason(job, reason)
             return None
         return job
 
@@ -372,9 +392,9 @@ class TrainScheduler:
                 job.model = self._load_base(spec)
                 with self._cond:
                     self._base_key = (spec.base_id, spec.weights)
-                job.trainer = Trainer(job.model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name,
-                                      spec.out_dir, job.stop_flag, base_id=spec.base_id, resume=spec.resume,
-                                      max_memory=spec.max_memory, meta=spec.meta)
+                job.trainer = spec.trainer or Trainer(
+                    job.model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name, spec.out_dir,
+                    job.stop_flag, base_id=spec.base_id, resume=spec.resume, max_memory=spec.max_memory, meta=spec.meta)
                 with self._model_lock:  # the shared model's structure changes: generation waits
                     job.trainer.setup()
                 if self._co is None or self._co.model is not job.model:

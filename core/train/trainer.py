@@ -410,7 +410,8 @@ class Trainer:
 
     def abort(self) -> None:
         """The run ends on an unexpected error (raised by whoever steps it): nothing more is saved."""
-        self._prepared.opt.zero_grad(set_to_none=True)
+        if self._prepared is not None:
+            self._prepared.opt.zero_grad(set_to_none=True)
         self._end("failed")
 
     def _close(self, status: str) -> Iterator[dict]:

@@ -110,9 +110,8 @@ def details(studio: Studio, name: str | None):
 
 
 def _not_training(studio: Studio, name: str) -> None:
-    job = studio.runner.busy()
-    if job is not None and job.name == name:
-        raise ValueError(f"'{name}' is being trained right now; stop the run first.")
+    if studio.runner.training(name) is not None:
+        raise ValueError(f"'{name}' is being trained right now (or queued to be); stop the run first.")
 
 
 def _need(name) -> str:

@@ -1,8 +1,10 @@
-"""Train tab: base model, dataset, LoRA and training settings, an estimate, and the live run.
+"""Train tab: base model, dataset, LoRA and training settings, an estimate, your jobs and everyone's.
 
-The run itself belongs to the Runner (one per process). This page only starts/stops/resumes it and
-polls its snapshot with a gr.Timer, so a reloaded page, or a second user, attaches to the running
-job's chart; the session remembers only which version of the job it drew last.
+Jobs belong to the Runner (core's TrainScheduler underneath: every job on the loaded base trains in
+one shared step). This page queues, stops and resumes jobs and polls the followed job's snapshot
+with a gr.Timer, so a reloaded page reattaches to its chart; the session remembers only which job it
+follows and which versions it drew last. Who owns a job: the signed-in user, else the browser (a
+random id in its local storage).
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import Studio, friendly, number, typed_name, user_of, whole
+from ..context import Studio, friendly, new_browser_id, number, requester, sentence, typed_name, user_of, whole
 from ..models import CHOICES
 from ..plots import loss_figure
 
-REFRESH_SECONDS = 1.0  # the live chart polls the runner this often
+REFRESH_SECONDS = 1.0  # the live chart and the jobs table poll the runner this often
 DEFAULT_PROMPT = "The"
 TARGET_HELP = {
     "attn.c_attn": "attention query/key/value projection (the classic LoRA target)",
@@ -154,11 +156,15 @@ def auto_name(dataset: str, model_name: str) -> str:
     return f"{dataset}-{model_name}-{time.strftime('%m%d-%H%M%S')}"[:64]
 
 
-def start(studio: Studio, form: TrainForm, user: str | None = None, progress=None) -> tuple[str, str]:
-    """Start training; returns (status line, the run's name). Raises RunnerBusy/ValueError/WeightsError."""
-    busy = studio.runner.busy_message()
-    if busy:
-        raise ValueError(busy)
+def owner_of(user: str | None, owner: str | None) -> str | None:
+    """Who a job belongs to: the given owner key, else the signed-in user's (None: the process itself)."""
+    return owner if owner is not None else (f"user:{user}" if user else None)
+
+
+def start(studio: Studio, form: TrainForm, user: str | None = None, progress=None,
+          owner: str | None = None) -> tuple[str, str]:
+    """Queue a training job; it starts at once when there is room. Returns (status line, the run's name).
+    Raises ValueError/WeightsError. user: the signed-in user; owner: who may stop it (see owner_of)."""
     dataset = typed_name(form.dataset, "the dataset name")
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
@@ -171,25 +177,40 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     ds = studio.dataset_store.load(dataset)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
-    if progress is not None:
-        progress(0.1, desc=f"loading base model {model_name} (first use only)…")
-    model = studio.base(model_name, _progress_say(progress), pin=True)  # the runner releases the pin
-    studio.runner.start(model, model_name, ds, name, lcfg, tcfg, user=user, pinned=True)
-    return f"Started **{name}** on {model_name}. The chart updates live; Stop saves what was learned.", name
+    _load_now(studio, model_name, progress)
+    job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user)
+    return _queued_line(studio, job, f"Started **{name}** on {model_name}"), name
 
 
-def stop(studio: Studio, user: str | None = None) -> str:
-    return studio.runner.stop(user=user, auth=studio.auth, admins=studio.admins)
+def _load_now(studio: Studio, model_name: str, progress) -> None:
+    """Load the job's base here when it can start on it now: the page shows the load, and missing weights
+    are explained before anything is queued (a queued job on another base loads it when it starts)."""
+    if studio.runner.scheduler.running_base() in (None, model_name):
+        if progress is not None:
+            progress(0.1, desc=f"loading base model {model_name} (first use only)…")
+        studio.base(model_name, _progress_say(progress))
 
 
-def resume(studio: Studio, name, steps, user: str | None = None, progress=None) -> tuple[str, str]:
-    """Continue run `name` (default: the last job) from its newest checkpoint to `steps` in total."""
-    busy = studio.runner.busy_message()
-    if busy:
-        raise ValueError(busy)
+def _queued_line(studio: Studio, job, started: str) -> str:
+    """'Started ...' when the job can start now; else its place in the queue and why it waits."""
+    why = studio.runner.scheduler.waits(job)
+    if why is None:
+        return f"{started}. The chart updates live; Stop saves what was learned."
+    return f"Queued **{job.name}**: {why[0].lower() + why[1:].rstrip('.')}. The chart below follows it."
+
+
+def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None = None) -> str:
+    """Stop a job (default: the user's newest live one); only its owner or an admin may."""
+    admin = studio.auth and user is not None and user in studio.admins
+    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin)
+
+
+def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
+           job_id=None) -> tuple[str, str]:
+    """Continue run `name` (default: the followed job's run) from its newest checkpoint to `steps` in total."""
     name = typed_name(name, "the run name")
     if not name:
-        snap = studio.runner.snapshot()
+        snap = studio.runner.snapshot(job_id, owner_of(user, owner))
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
@@ -210,11 +231,10 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None) 
     if total is None and ck.tcfg.steps <= ck.step:
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
                          f"train it further.")
-    if progress is not None:
-        progress(0.1, desc=f"loading base model {base} (first use only)…")
-    model = studio.base(base, _progress_say(progress), pin=True)  # the runner releases the pin
-    job = studio.runner.resume(model, base, ds, name, total, user=user, pinned=True)
-    return f"Resumed **{name}** from step {ck.step} toward {job.steps} steps.", name
+    _load_now(studio, base, progress)
+    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user)
+    return _queued_line(studio, job, f"Resumed **{name}** from step {ck.step} toward {job.progress['steps']} "
+                                     f"steps"), name
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -237,9 +257,12 @@ def job_html(snap: dict | None) -> str:
     name = html.escape(snap["name"])
     who = f" · started by <b>{html.escape(snap['user'])}</b>" if snap.get("user") else ""
     state = snap["state"]
-    badge = {"starting": "Busy", "running": "Busy", "stopping": "Stopping", "finished": "Finished",
-             "stopped": "Stopped", "failed": "Failed"}[state]
+    badge = {"queued": "Queued", "starting": "Training", "running": "Training", "stopping": "Stopping",
+             "finished": "Finished", "stopped": "Stopped", "failed": "Failed"}[state]
+    wait = f" · starts in about <b>{_clock(snap['start_eta'])}</b>" if snap.get("start_eta") is not None else ""
     text = {
+        "queued": f"<b>{name}</b> waits in the queue: position <b>{snap.get('position') or 1}</b>{wait}. "
+                  f"{html.escape(snap.get('waiting') or 'It starts in a moment.')}",
         "starting": f"starting <b>{name}</b>…",
         "running": f"training <b>{name}</b> on {html.escape(snap['base_id'])}",
         "stopping": f"<b>{name}</b>: saving at the end of this step…",
@@ -249,7 +272,7 @@ def job_html(snap: dict | None) -> str:
     }[state]
     head = f"<span class='badge {state}'>{badge}</span> {text}"
     metrics = [f"step <b>{step:,}</b> / {steps:,} ({pct:.0f}%)"]
-    if snap["live"]:
+    if snap["live"] and state != "queued":
         metrics.append(f"ETA <b>{_clock(p.get('eta'))}</b>")
     if p.get("tokens_per_sec"):
         metrics.append(f"<b>{p['tokens_per_sec']:,.0f}</b> tokens/s")
@@ -260,8 +283,11 @@ def job_html(snap: dict | None) -> str:
     if snap["evals"]:
         metrics.append(f"val loss <b>{snap['evals'][-1]['val_loss']:.4f}</b>")
     notes = "".join(f"<div class='job-note'>Note: {html.escape(n)}</div>" for n in snap.get("notes", []))
-    busy = (f"<div class='job-note'>One training job runs at a time in this studio; others can watch it here "
-            f"and keep comparing adapters.{who}</div>" if snap["live"] else "")
+    together = snap.get("together", 0)
+    busy = (f"<div class='job-note'>Trains in one shared step with {together} other job"
+            f"{'s' if together != 1 else ''} on this base; each job learns exactly what it would alone.{who}</div>"
+            if snap["live"] and state != "queued" and together else
+            f"<div class='job-note'>{who[3:]}</div>" if who else "")
     bar_cls = "bar live" if snap["live"] else f"bar {state}"
     return (f"<div class='job {state}' data-state='{state}'><div class='job-head'>{head}</div>"
             f"<div class='{bar_cls}'><div class='fill' style='width:{pct:.1f}%'></div></div>"
@@ -281,15 +307,50 @@ def samples_html(snap: dict | None) -> str:
     return f"<div class='samples'>{''.join(rows)}</div>"
 
 
-def live_view(studio: Studio, seen):
-    """Timer tick: redraw only when the job changed since this page last drew it."""
-    snap = studio.runner.snapshot()
-    key = None if snap is None else f"{snap['id']}:{snap['version']}"
-    if key == seen and seen is not None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    fig = loss_figure(snap["points"], snap["evals"], snap["progress"].get("steps")) if snap else loss_figure([], [])
-    # every page polls this: one unencodable character in it would break the Train tab for all users
-    return scrub(job_html(snap)), fig, scrub(samples_html(snap)), key or ""
+JOB_COLUMNS = ["job", "user", "adapter", "base", "state", "step", "loss", "queue"]
+
+
+def jobs_table(studio: Studio, owner: str | None) -> list[list]:
+    """Every running and queued job (then the recently ended), for the table all users see. Without
+    sign-in, users are 'you' and 'another browser': browser ids are never shown."""
+    rows = []
+    for job in studio.runner.jobs()[:30]:
+        snap = job.snapshot()
+        who = snap["user"] or ("you" if owner is not None and snap["owner"] == owner else "another browser")
+        p = snap["progress"]
+        loss = f"{snap['points'][-1]['loss']:.4f}" if snap["points"] else ""
+        rows.append([f"#{snap['id']}", who, snap["name"], snap["base_id"], snap["state"],
+                     f"{p.get('step', 0)}/{p.get('steps', 0)}", loss, snap["position"] or ""])
+    return [[scrub(str(c)) for c in row] for row in rows]
+
+
+def job_choices(studio: Studio, owner: str | None) -> list[tuple[str, str]]:
+    """(label, job id) of the jobs a page may follow: yours first, then everyone's."""
+    jobs = sorted(studio.runner.jobs(), key=lambda j: (j.user != owner or owner is None, -j.id))
+    return [(scrub(f"#{j.id} {j.name} ({j.state})"), str(j.id)) for j in jobs[:30]]
+
+
+def live_view(studio: Studio, seen, job_id=None, owner: str | None = None):
+    """Timer tick: the followed job (`job_id`, else the owner's newest, else the newest) and the jobs table,
+    each redrawn only when it changed since this page last drew it (`seen`: what it drew, as a list)."""
+    snap = studio.runner.snapshot(job_id, owner)
+    if snap is not None:
+        snap["together"] = max(0, sum(j.state in ("running", "stopping") for j in studio.runner.jobs()) - 1)
+    table, choices = jobs_table(studio, owner), job_choices(studio, owner)
+    job_key = None if snap is None else f"{snap['id']}:{snap['version']}:{snap['together']}:{snap.get('start_eta')}"
+    keys = [job_key, repr(table), repr(choices)]
+    drawn = list(seen) if isinstance(seen, (list, tuple)) and len(seen) == 3 else [None, None, None]
+    outs = [gr.skip()] * 5
+    if job_key != drawn[0] or job_key is None and seen is None:
+        fig = loss_figure(snap["points"], snap["evals"], snap["progress"].get("steps")) if snap else \
+            loss_figure([], [])
+        # every page polls this: one unencodable character in it would break the Train tab for all users
+        outs[:3] = [scrub(job_html(snap)), fig, scrub(samples_html(snap))]
+    if keys[1] != drawn[1]:
+        outs[3] = gr.update(value=table)
+    if keys[2] != drawn[2]:  # only when jobs come, go or change state: an open list is not redrawn
+        outs[4] = gr.update(choices=choices)
+    return (*outs, keys)
 
 
 # ---- the tab ---------------------------------------------------------------------------------
@@ -299,6 +360,9 @@ def create_train_tab(studio: Studio) -> dict:
                 "matrices, and watch it learn. Only the adapter is trained; the base stays frozen.",
                 elem_classes="tab-intro")
     seen = gr.State(None)
+    # the browser's random id (who owns a job without sign-in), kept across reloads in its local storage
+    browser = gr.BrowserState("", storage_key="lora-studio-browser")
+    me = gr.State("")  # the same id on the server side: handlers read it (a State is not an API argument)
     d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, elem_classes="settings"):
@@ -364,14 +428,31 @@ def create_train_tab(studio: Studio) -> dict:
                         "library; Resume continues the run named above from where it stopped.</span>")
             action = gr.Markdown(elem_id="train-action")
         with gr.Column(scale=6, elem_classes="live"):
+            follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
+                                 allow_custom_value=True,  # choices change as jobs come and go
+                                 info="Your jobs first. The chart, samples, Stop and Resume act on this job.")
             job = gr.HTML(job_html(None), elem_id="train-job")
             chart = gr.Plot(loss_figure([], []), label="Loss and learning rate", elem_id="train-chart")
             gr.Markdown("### Samples at each evaluation")
             samples = gr.HTML(samples_html(None), elem_id="train-samples")
+            gr.Markdown("### Training jobs on this studio\n<span class='help'>Jobs on the loaded base train "
+                        "together in one shared step; the rest wait in the queue, in order.</span>")
+            table = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, elem_id="train-jobs",
+                                 wrap=True)
 
+    def tick(drawn, followed, browser_id, known, request: gr.Request):
+        kept = new_browser_id(browser_id if browser_id else known)
+        views = live_view(studio, drawn, followed or None, requester(request, kept))
+        return (*views, gr.skip() if kept == browser_id else kept, kept)
+
+    # the page's id as soon as it loads (the first tick then stores a new one in the browser)
+    gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
     timer = gr.Timer(REFRESH_SECONDS)
-    timer.tick(lambda s: live_view(studio, s), inputs=seen, outputs=[job, chart, samples, seen],
+    timer.tick(tick, inputs=[seen, follow, browser, me],
+               outputs=[job, chart, samples, table, follow, seen, browser, me],
                concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    # a newly chosen job is drawn at once, not at the next change
+    follow.input(lambda: None, outputs=seen, show_progress="hidden", api_visibility="private")
 
     # the form as TrainForm's fields, in its order (the start_training API's argument order)
     form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
@@ -388,26 +469,37 @@ def create_train_tab(studio: Studio) -> dict:
                  api_visibility="private")
     refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset, api_visibility="private")
 
-    @friendly
-    def do_start(request: gr.Request, progress=gr.Progress(), **values):
-        msg, run = start(studio, TrainForm(**values), user_of(request), progress)
-        return msg, run, model_status_md(studio, values["model"])
+    def followed(run: str):
+        job = studio.runner.training(run)
+        return gr.update(value=str(job.id)) if job is not None else gr.skip()
 
     @friendly
-    def do_stop(request: gr.Request):
-        return stop(studio, user_of(request))
+    def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
+        msg, run = start(studio, TrainForm(**values), user_of(request), progress,
+                         owner=requester(request, browser_id))
+        return msg, run, model_status_md(studio, values["model"]), followed(run)
+
+    def do_stop(job_id, browser_id, request: gr.Request):
+        try:
+            return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id))
+        except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
+            return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
     @friendly
-    def do_resume(run_name, total_steps, request: gr.Request, progress=gr.Progress()):
-        return resume(studio, run_name, total_steps, user_of(request), progress)
+    def do_resume(run_name, total_steps, job_id, browser_id, request: gr.Request, progress=gr.Progress()):
+        msg, run = resume(studio, run_name, total_steps, user_of(request), progress,
+                          owner=requester(request, browser_id), job_id=job_id or None)
+        return msg, run, followed(run)
 
-    start_btn.click(do_start, inputs_kwargs=form, outputs=[action, name, model_status],
-                    concurrency_id="train-control", api_name="start_training")
-    stop_btn.click(do_stop, outputs=action, queue=False, api_name="stop_training")
-    resume_btn.click(do_resume, inputs=[name, steps], outputs=[action, name], concurrency_id="train-control",
-                     api_name="resume_training")
+    start_btn.click(do_start, inputs_kwargs={**form, "browser_id": me},
+                    outputs=[action, name, model_status, follow], concurrency_id="train-control",
+                    api_name="start_training")
+    stop_btn.click(do_stop, inputs=[follow, me], outputs=action, queue=False, api_name="stop_training")
+    resume_btn.click(do_resume, inputs=[name, steps, follow, me], outputs=[action, name, follow],
+                     concurrency_id="train-control", api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
             "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
-            "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer}
+            "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
+            "table": table, "browser": browser}
