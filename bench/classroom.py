@@ -3,6 +3,8 @@ while M other users keep comparing generations on the same Engine. One run on th
 
     python bench/classroom.py [--students 8] [--comparers 4] [--steps N] [--device cpu|cuda]
                               [--model tiny|gpt2] [--capacity TOKENS] [--uniform] [--json OUT]
+                              [--idle-seconds 5] [--max-tokens 16] [--tolerance T] [--threads N]
+    python bench/classroom.py --device cuda --model gpt2 --uniform --json OUT   # the GPU goals
 
 What it does, in order, on one Engine (one shared base: `tiny`, or a random gpt2-shaped checkpoint
 written by transformers and loaded as the gpt2 base):
@@ -14,11 +16,11 @@ written by transformers and loaded as the gpt2 base):
   4. sequential: the same jobs again through the same scheduler, each submitted after the previous
      ended (each trains alone); comparers go on;
 then prints a row per job (wall time from submit to end, steps, and whether the co-batched adapter
-equals its solo one: the saved safetensors within 1e-5 on CPU fp32), and a row per phase (training
-tokens/s over the phase's wall time, the padded share of the co-batched steps, the comparers'
-answers/s and latency; the seconds spent inside the shared forward+backward passes), with the date
-and the machine. On CUDA also the peak memory
-(torch.cuda.max_memory_allocated) of the co-batched phase against the largest job alone.
+equals its solo one: the saved safetensors within 1e-5 on CPU fp32, 1e-2 by default on CUDA with
+bf16 weights), and a row per phase (training tokens/s over the phase's wall time, the seconds inside
+the forward+backward passes, the padded share of the co-batched steps, the comparers' answers/s and
+latency), with the date and the machine, and the peak memory of the co-batched phase against the
+largest job alone (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set).
 
 Students' settings cycle through a mix (batch x sequence 2x64, 4x128, 1x128 with 2 accumulation
 steps, 4x64; ranks 4-16; different targets), so the co-batched steps pad; `--uniform` gives every
@@ -203,11 +205,33 @@ def train_teachers(sched: TrainScheduler, engine: Engine, base) -> None:
             raise SystemExit(f"the comparers' adapter {job.name} failed: {job.snapshot()['message']}")
 
 
-def co_batched(sched, studs, folder: Path, base, cuda: bool) -> float:
-    """Every student's job submitted at once; the phase's wall time (first submit to last end)."""
+def reset_peak(cuda: bool) -> None:
+    """Measure the peak from now on: CUDA's allocated memory, or the process's resident set (Linux)."""
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(cuda: bool) -> int | None:
+    """The peak since reset_peak (None where the platform does not say)."""
+    if cuda:
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def co_batched(sched, studs, folder: Path, base, cuda: bool) -> float:
+    """Every student's job submitted at once; the phase's wall time (first submit to last end)."""
+    reset_peak(cuda)
     t0 = time.perf_counter()
     for s in studs:
         s.jobs["co"] = sched.submit(spec(s, folder, base))
@@ -220,13 +244,10 @@ def sequential(sched, studs, folder: Path, base, cuda: bool) -> float:
     """The same jobs through the same scheduler, each submitted when the previous one has ended."""
     t0 = time.perf_counter()
     for s in studs:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak(cuda)
         s.jobs["seq"] = sched.submit(spec(s, folder, base))
         s.jobs["seq"].wait()
-        if cuda:
-            s.peak = torch.cuda.max_memory_allocated()
+        s.peak = peak_bytes(cuda)
     return time.perf_counter() - t0
 
 
@@ -302,7 +323,7 @@ def measure(args, tmp: Path) -> dict:
             idle = time.perf_counter() - t0
             comparers.phase, mark = "co-batched", len(log.steps)
             co_wall = co_batched(sched, studs, tmp / "co", base, cuda)
-            co_peak = torch.cuda.max_memory_allocated() if cuda else None
+            co_peak = peak_bytes(cuda)
             co_steps = log.summary(mark)
             comparers.phase, mark = "sequential", len(log.steps)
             seq_wall = sequential(sched, studs, tmp / "seq", base, cuda)
@@ -331,7 +352,8 @@ def measure(args, tmp: Path) -> dict:
             "mismatches": comparers.mismatches, "equal": sum(j["equal"] for j in jobs),
             "adapters_left": [n for n in adapter_names(model) if n.startswith("student-")],
             "pins_left": engine._base_pins,
-            "peak_co_bytes": co_peak, "peak_solo_bytes": max((s.peak for s in studs), default=None) if cuda else None}
+            "peak_co_bytes": co_peak,
+            "peak_solo_bytes": max(s.peak for s in studs) if all(s.peak for s in studs) else None}
 
 
 def report(r: dict, args) -> None:
@@ -376,11 +398,13 @@ def verdicts(r: dict) -> None:
     for j in r["jobs"]:
         if j["message"]:
             print(f"  {j['name']}: {j['message']}")
-    if r["peak_co_bytes"] is not None:
+    if r["peak_co_bytes"] and r["peak_solo_bytes"]:
         ratio = r["peak_co_bytes"] / r["peak_solo_bytes"]
-        print(f"peak GPU memory: co-batched {r['peak_co_bytes'] / 2**30:.2f} GiB, the largest job alone "
-              f"{r['peak_solo_bytes'] / 2**30:.2f} GiB: {ratio:.2f}x (goal <= 1.5x: "
-              f"{'met' if ratio <= 1.5 else 'NOT met'})")
+        what = "GPU memory allocated" if r["device"] == "cuda" else "resident memory of the process"
+        goal = f" (goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})" if r["device"] == "cuda" else ""
+        print(f"peak {what}, comparers included: co-batched {r['peak_co_bytes'] / 2**30:.2f} GiB, the largest "
+              f"job alone {r['peak_solo_bytes'] / 2**30:.2f} GiB: {ratio:.2f}x{goal}")
+    if r["device"] == "cuda":
         goal = r["model"] == "gpt2" and r["uniform"] and r["students"] == 8
         verdict = ("met" if r["speedup"] >= 3 else "NOT met") if goal else "not this setting (--model gpt2 --uniform)"
         print(f"speed-up goal >= 3x for 8 gpt2 jobs at 4 x 128: {verdict}")
@@ -402,12 +426,15 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest difference between a co-batched and a solo adapter's tensors counted as equal "
                         "(default 1e-5 on CPU fp32; 1e-2 on CUDA, bf16 weights: to calibrate on a first GPU run)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT")
     args = p.parse_args()
     args.steps = args.steps or (50 if args.device == "cuda" else 8)
     args.tolerance = args.tolerance if args.tolerance is not None else (1e-2 if args.device == "cuda" else 1e-5)
     if args.students < 1 or args.comparers < 0 or args.steps < 1:
         raise SystemExit("--students and --steps must be at least 1, --comparers at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-classroom-"))
     try:
         r = measure(args, tmp)
