@@ -79,7 +79,7 @@ class Student:
     lcfg: LoraConfig
     tcfg: TrainConfig
     jobs: dict = field(default_factory=dict)  # phase -> TrainJob
-    peak: float | None = None  # CUDA: peak allocated while it trained alone (bytes)
+    peak: int | None = None  # peak memory while it trained alone, bytes (CUDA allocated; CPU resident)
 
 
 def students(n: int, steps: int, uniform: bool) -> list[Student]:
@@ -169,6 +169,7 @@ class Comparers:
             except Exception as e:  # noqa: BLE001 - counted and shown
                 with self._lock:
                     self.errors.append(f"viewer-{k + 1} request {req}: {type(e).__name__}: {str(e)[:200]}")
+                time.sleep(0.1)  # a request that fails at once does not spin
                 continue
             took = time.perf_counter() - t
             with self._lock:
