@@ -38,9 +38,8 @@ class Runner:
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
                  capacity_tokens: int | None = None):
         self.engine = engine
-        self.scheduler = TrainScheduler(lambda spec: load_base(spec.base_id), engine.unpin_base, lock=engine.lock,
-                                        device_type=engine.device.type, capacity_tokens=capacity_tokens,
-                                        max_jobs_per_user=max_jobs_per_user)
+        self.scheduler = TrainScheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
+                                                   capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user)
 
     # ---- queries -------------------------------------------------------------------------
 

@@ -87,8 +87,8 @@ def test_the_studio_trains_with_the_core_trainer(tmp_path, sample_ds):
     from core.engine import Engine
     from studio.runner import Runner
     eng = Engine("cpu", tmp_path / "lib")
-    runner = Runner(eng)
-    job = runner.start(eng.base("tiny"), "tiny", sample_ds, "run1", LoraConfig(), small(), user="bob")
+    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(), user="bob")
     runner.wait(120)
     assert job.state == "finished"
     meta = eng.library.details("run1")["meta"]
@@ -133,7 +133,7 @@ def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monke
         seen.append(other[0])
         real_setup(self)
     monkeypatch.setattr(Trainer, "setup", spying_setup)
-    runner = Runner(eng)
-    job = runner.start(eng.base("tiny"), "tiny", sample_ds, "run1", LoraConfig(), small(steps=2))
+    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(steps=2))
     runner.wait(120)
     assert seen[0] is False and job.state == "finished"  # the first call does the work (run() calls it again)

@@ -182,3 +182,24 @@ def test_a_job_that_cannot_start_fails_alone_with_its_message(bases, sample_ds, 
         assert bases.pins[id(bases.models["tiny"])] == 0
     finally:
         sched.close()
+
+
+def test_the_token_budget_counts_the_padded_rows_of_a_shared_step(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=100)
+    try:
+        long = (A[0], quick(steps=500, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0,
+                            checkpoint_interval=0, seed=1))
+        first = sched.submit(spec(sample_ds, tmp_path, "first", long))
+        for _ in range(600):
+            if first.snapshot()["points"]:
+                break
+            threading.Event().wait(0.05)
+        wide = (B[0], quick(steps=2, batch_size=1, seq_len=48, grad_accum=1, eval_interval=0, checkpoint_interval=0,
+                            seed=2))
+        second = sched.submit(spec(sample_ds, tmp_path, "second", wide))
+        # 32 + 48 real tokens would fit 100, but the step would be 3 rows x 48 = 144 positions
+        assert sched.waits(second).startswith("waiting for room")
+        sched.stop(first)
+        assert second.wait(120) and second.snapshot()["state"] == "finished"
+    finally:
+        sched.close()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from core.device import GUARD, autocast_for, is_oom
 from core.lora.layers import Segment, Segments
+from core.train.estimate import loss_chunk
 
 
 class Run(Protocol):
@@ -55,10 +56,13 @@ def forward_backward(model, runs: Sequence[Run]) -> list[torch.Tensor]:
         segments.append(run.segment(start, x.shape[1]))
         start += x.shape[0]
     idx = torch.cat([F.pad(x, (0, T - x.shape[1])) for x, _ in batches])
+    # every run's logits live until the one backward: the pieces are sized for the whole step's tokens
+    # (a run alone may keep its logits whole; eight of them together may not)
+    tokens = sum(y.numel() for _, y in batches)
+    chunk = max(max(run.loss_chunk for run in runs), loss_chunk(tokens, model.config.vocab_size))
     with GUARD.shared(cuda), autocast_for(model):
         h = model.hidden(idx, Segments(segments))
-        losses = [model.mean_ce(h[s.start:s.stop, :s.length], y, run.loss_chunk)
-                  for run, s, (_, y) in zip(runs, segments, batches)]
+        losses = [model.mean_ce(h[s.start:s.stop, :s.length], y, chunk) for s, (_, y) in zip(segments, batches)]
         sum(loss / run.grad_accum for run, loss in zip(runs, losses)).backward()
     return [loss.detach() for loss in losses]
 

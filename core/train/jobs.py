@@ -95,7 +95,9 @@ class TrainJob:
         self.ended: float | None = None
         self.position = 0  # 1 = first in the queue; 0 once it started (set by the scheduler)
         self.waiting = ""  # why a queued job waits (set by the scheduler)
-        self.tokens = 0  # tokens it adds to each shared step (set by the scheduler)
+        self.rows = 0  # rows (sequences) it adds to each shared step (set by the scheduler)
+        self.seq_len = 0  # their length (a shared step pads every row to the longest)
+        self.tokens = 0  # rows x seq_len
         self.version = 0
         self._final: dict | None = None
         self._done = threading.Event()
@@ -197,6 +199,13 @@ class TrainScheduler:
     max_jobs_per_user: jobs one user may have queued or running; max_queue: jobs waiting at most.
     """
 
+    @classmethod
+    def for_engine(cls, engine, load_base: Callable[[JobSpec], object] | None = None, **kw) -> "TrainScheduler":
+        """A scheduler on a core.engine.Engine's one shared base: its pins, its lock, its device.
+        load_base: instead of engine.base(spec.base_id, spec.weights, pin=True) (it must pin too)."""
+        load = load_base or (lambda spec: engine.base(spec.base_id, spec.weights, pin=True))
+        return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type, **kw)
+
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
                  lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
                  max_jobs_per_user: int = 1, max_queue: int = 64):
@@ -224,9 +233,9 @@ class TrainScheduler:
     def submit(self, spec: JobSpec) -> TrainJob:
         """Queue a job; raises ValueError past the per-user limit or a full queue."""
         job = TrainJob(spec)
-        seq = spec.tcfg.seq_len if spec.tcfg is not None else spec.resume.tcfg.seq_len
-        batch = spec.tcfg.batch_size if spec.tcfg is not None else spec.resume.tcfg.batch_size
-        job.tokens = batch * spec.dataset.block_size(seq)[0]
+        tcfg = spec.tcfg if spec.tcfg is not None else spec.resume.tcfg
+        job.rows, job.seq_len = tcfg.batch_size, spec.dataset.block_size(tcfg.seq_len)[0]
+        job.tokens = job.rows * job.seq_len
         with self._cond:
             if self._closed:
                 raise RuntimeError("the training scheduler is closed")
@@ -353,24 +362,27 @@ class TrainScheduler:
             job._touch(waiting=reason)
 
     def _fits(self, job: TrainJob) -> bool:
-        used = sum(j.tokens for j in self._running)
+        """Whether the shared step has room for `job` beside the running ones. A step is every row padded
+        to the longest sequence, so that is what is counted: rows x the longest length."""
         if self._squeezed is not None:
             return False
+        jobs = self._running + [job]
+        longest = max(j.seq_len for j in jobs)
         if self.capacity_tokens is not None:
-            return used + job.tokens <= self.capacity_tokens
+            return sum(j.rows for j in jobs) * longest <= self.capacity_tokens
         model = self._running[0].model  # a GPU: every job's activations against the memory free now
-        need = sum(self._extra_bytes(j, model) for j in self._running + [job])
+        now = max(j.seq_len for j in self._running)
+        held = sum(self._extra_bytes(j, model, now) for j in self._running)
         room = available_memory(model.device)
-        return room is None or need <= GPU_SHARE * (room + sum(self._extra_bytes(j, model) for j in self._running))
+        return room is None or sum(self._extra_bytes(j, model, longest) for j in jobs) <= GPU_SHARE * (room + held)
 
     @staticmethod
-    def _extra_bytes(job: TrainJob, model) -> int:
-        """A job's estimated peak beyond the shared base: activations, logits and its LoRA state."""
+    def _extra_bytes(job: TrainJob, model, seq_len: int) -> int:
+        """A job's estimated peak beyond the shared base at `seq_len` (padded): activations, logits, its LoRA."""
         spec = job.spec
         lcfg = spec.lcfg if spec.lcfg is not None else spec.resume.lcfg
         tcfg = spec.tcfg if spec.tcfg is not None else spec.resume.tcfg
-        seq = spec.dataset.block_size(tcfg.seq_len)[0]
-        est = estimate_training(model.config, lcfg, replace(tcfg, seq_len=seq), model.device.type)
+        est = estimate_training(model.config, lcfg, replace(tcfg, seq_len=seq_len), model.device.type)
         return est.peak_bytes - est.weights_bytes
 
     def _update_positions(self) -> None:
