@@ -62,6 +62,19 @@ class _Slot:
     used: float  # last use, for evicting the least recently used
 
 
+QUEUE_POLL_S = 0.1  # how often a request waiting in the scheduler's queue looks at its place, at least
+
+
+class Texts(list):
+    """What a compare stream yields: the text so far per row (a list of str, equal to one). `waiting`: the
+    request's place in the decode scheduler's queue (1 = next) while it waits for free rows, its texts
+    empty meanwhile; 0 once it generates."""
+
+    def __init__(self, texts=(), waiting: int = 0):
+        super().__init__(texts)
+        self.waiting = waiting
+
+
 class BaseInUse(ValueError):
     """Another base was asked for while training runs (or starts) on the loaded one."""
 
@@ -202,30 +215,43 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------
 
     def compare(self, prompt: str, adapters: Sequence[str | None],
-                cfg: SamplingConfig | None = None, user=None) -> Iterator[list[str]]:
+                cfg: SamplingConfig | None = None, user=None,
+                every: float | Callable[[], float] | None = None) -> Iterator["Texts"]:
         """Stream one continuation of `prompt` per entry of `adapters` (None = the base) in one
-        batch; yields the texts so far after every token (batched: after every step the caller
-        sees; a slow reader skips to the latest texts). Unknown adapters raise here, eagerly.
+        batch; yields the texts so far (a `Texts`, a list of str) after every token, or at most once per
+        `every` seconds (a number, or a function asked before each wait, so a busy server can slow every
+        stream down): a slow reader skips to the latest texts, and the final texts come at once.
+        Unknown adapters raise here, eagerly.
 
         user: who asks (a user name or a session id), for the scheduler's rows-per-user cap. In batched
-        mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts.
+        mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts; while the
+        request waits for free rows it yields empty texts with `waiting` = its place in the queue.
         Closing the generator (the caller stopped reading) cancels the request and frees its rows."""
         if not adapters:
             raise AdapterError("choose at least one model to compare (the base or an adapter).")
-        (cfg or SamplingConfig()).validate()
+        cfg = cfg or SamplingConfig()
+        cfg.validate()
         with self.lock:
             model = self.shared_model()
             for a in adapters:
                 if a is not None:
                     self._name_for(a, model)
+        pace = every if callable(every) else (lambda: every or 0.0)
         if self.batched_generation:
-            return self._stream_batched(prompt, list(adapters), cfg, user)
-        return self._stream(prompt, list(adapters), cfg)
+            return self._stream_batched(prompt, list(adapters), cfg, user, pace)
+        return self._stream(prompt, list(adapters), cfg, pace)
 
-    def _stream(self, prompt, adapters, cfg):
+    def _stream(self, prompt, adapters, cfg, pace):
         # pinned only while the generator runs: one that is never started holds nothing
         with self._pinned(adapters) as (model, names):
-            yield from stream_text(model, prompt, names, cfg)
+            last, held = 0.0, None
+            for texts in stream_text(model, prompt, names, cfg):
+                held = Texts(texts)
+                if time.monotonic() - last >= pace():
+                    yield held
+                    last, held = time.monotonic(), None
+            if held is not None:
+                yield held  # the final texts, always
 
     def scheduler(self) -> DecodeScheduler:
         """The decode scheduler of the loaded base (made on first use; a new base gets a new one)."""
@@ -247,7 +273,7 @@ class Engine:
             self._scheduler.close(timeout=0)
             self._scheduler = None
 
-    def _stream_batched(self, prompt, adapters, cfg, user):
+    def _stream_batched(self, prompt, adapters, cfg, user, pace):
         with self._pinned(adapters) as (model, names):  # the adapters stay loaded while the request lives
             with self.lock:
                 sched = self.scheduler()
@@ -255,14 +281,26 @@ class Engine:
                     raise AdapterError("the base model changed while this request started; generate again.")
             req = sched.submit(tokenizer.encode(prompt) or [EOT_TOKEN], names, cfg, user)
             try:
+                # no free rows: say where it stands in the queue, and again when that changes (looked at every
+                # so often); a request admitted at the next step boundary, as usual, never shows up here
+                shown, place = 0, req.wait_queued(QUEUE_POLL_S)
+                while place > 0:
+                    if place != shown:
+                        shown = place
+                        yield Texts([""] * len(names), waiting=place)
+                    place = req.wait_queued(max(pace(), QUEUE_POLL_S))
                 rows = [TextSoFar() for _ in names]
                 seen = [0] * len(names)  # tokens each row's text holds
-                for tokens in req:
+                for tokens in req:  # the latest tokens after each step, or after the wait below
                     for i, (row, new) in enumerate(zip(rows, tokens)):
                         for t in new[seen[i]:]:
                             row.add(t)
                         seen[i] = len(new)
-                    yield [row.text for row in rows]
+                    shown_at = time.monotonic()
+                    yield Texts(row.text for row in rows)
+                    wait = shown_at + pace() - time.monotonic()
+                    if wait > 0:
+                        req.wait(wait)  # woken at once when the request ends: the final texts are never late
             except SchedulerClosed:
                 raise AdapterError("the base model was changed by another request while this one generated; "
                                    "generate again.") from None

@@ -10,7 +10,9 @@ import inspect
 import math
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,6 +40,29 @@ MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl mer
 LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
 
 
+class StreamCount:
+    """How many outputs stream to pages right now (thread-safe): the Compare tab spaces each stream's
+    updates by it, so the server's events per second stay bounded however many users generate."""
+
+    def __init__(self):
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __int__(self) -> int:
+        return self._n
+
+    @contextmanager
+    def one(self):
+        """Count one stream for the duration of the `with` block."""
+        with self._lock:
+            self._n += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._n -= 1
+
+
 @dataclass
 class Studio:
     engine: Engine
@@ -51,6 +76,7 @@ class Studio:
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
+    streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
     exports_dir: Path = field(init=False)
 
     def __post_init__(self):

@@ -148,7 +148,7 @@ def test_concurrent_compares_through_the_tab_equal_each_alone(studio_xy, samplin
 def test_a_closed_stream_frees_its_rows(engines):
     eng, _ = engines
     sched = eng.scheduler()
-    stream = eng.compare("The quick brown fox", [None, "x", "y"], _cfg(GREEDY, 1, n=500))
+    stream = eng.compare("The quick brown fox", [None, "x", "y"], _cfg(GREEDY, 1, n=1000))
     next(stream)
     next(stream)
     assert _live_rows(sched) == 3 and eng._refs  # running, its adapters pinned
@@ -277,3 +277,105 @@ def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
     assert _wait(lambda: not old._thread.is_alive())
     assert eng.scheduler() is not old and eng.scheduler().model is eng.shared_model()
     assert _last(eng.compare("Ahoy", [None], _cfg(GREEDY, 1, n=4)))[0]
+
+
+# ---- coalesced updates, the queue position, the token limit (issue 13, last step) ------------------------
+
+def _in_thread(fn, timeout=120):
+    """fn() in a thread; its result (fails if it is still running after `timeout` s: a stream never woke)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive() and out, "the stream never ended"
+    return out[0]
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "loop"])
+def test_a_paced_stream_skips_to_the_latest_texts_and_ends_with_the_final_ones_at_once(engines, batched):
+    eng = engines[0 if batched else 1]
+    cfg = _cfg(SAMPLED, 5, n=40)
+    every_token = list(eng.compare("The quick brown fox", [None, "x"], cfg))
+    assert len(every_token) > 10  # unpaced: an update per token (per step the reader sees)
+    # an hour between updates: the first texts, then the final ones as soon as the request ends (not in an hour)
+    paced = _in_thread(lambda: list(eng.compare("The quick brown fox", [None, "x"], cfg, every=3600)))
+    assert 1 <= len(paced) <= 2 and paced[-1] == every_token[-1]
+    asked = []
+    _in_thread(lambda: list(eng.compare("Ahoy", ["y"], cfg, every=lambda: asked.append(1) or 0.01)))
+    assert asked  # a function is asked again before each wait (the studio's interval follows its load)
+
+
+def test_all_streams_together_stay_within_the_update_budget():
+    for streams in range(1, 500):
+        interval = compare.update_interval(streams)
+        assert interval >= compare.STREAM_INTERVAL  # no stream updates more often than every 80 ms
+        assert streams / interval <= compare.UPDATES_PER_S * (1 + 1e-9)  # all together: 50 updates/s at most
+    assert compare.update_interval(1) == compare.STREAM_INTERVAL
+    assert compare.update_interval(30) == pytest.approx(30 / compare.UPDATES_PER_S)  # 0.6 s with a classroom
+
+
+def test_the_tab_counts_its_streams_and_spaces_their_updates_by_that_count(studio_xy, monkeypatch):
+    studio, asked = studio_xy, []
+    engine_compare = studio.engine.compare
+
+    def spy(*a, every=None, **kw):  # what each stream's interval is when the engine asks for it
+        return engine_compare(*a, every=lambda: asked.append(every()) or every(), **kw)
+    monkeypatch.setattr(studio.engine, "compare", spy)
+
+    def form(seed):
+        return CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=400, temperature=0, seed=seed)
+    assert int(studio.streams) == 0
+    first = compare.compare(studio, form(1), user="session:f")
+    next(first), next(first)
+    assert int(studio.streams) == 1
+    second = compare.compare(studio, form(2), user="session:g")
+    next(second), next(second)
+    assert int(studio.streams) == 2
+    asked.clear()
+    next(first)
+    assert asked and set(asked) == {compare.update_interval(2)}
+    second.close()  # Stop: the count goes down at once
+    assert int(studio.streams) == 1
+    asked.clear()
+    next(first)
+    assert set(asked) == {compare.update_interval(1)}
+    first.close()
+    assert int(studio.streams) == 0
+    with pytest.raises(ValueError):  # a refused request is never counted
+        next(compare.compare(studio, CompareForm(model="tiny", adapters=["nope"], prompt="Ahoy", max_tokens=4)))
+    assert int(studio.streams) == 0
+
+
+def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy):
+    studio = studio_xy
+    sched = studio.engine.scheduler()
+    ids, four = tokenizer.encode("Hello"), SamplingConfig(max_new_tokens=4)
+    prompt = "Once upon a time"
+    form = CompareForm(model="tiny", adapters=["x"], prompt=prompt, max_tokens=6, temperature=0, seed=3)
+    alone = _last(compare.compare(studio, form, user="session:h"))
+    freeze = threading.Lock()  # held by the loop around each step, instead of the engine lock (which the
+    sched._lock = freeze         # handler takes too): holding it stops the loop; whoever was admitted holds its slots
+    with freeze:
+        fillers = [sched.submit(ids, [None] * sched.max_rows_per_user, four, user=f"filler{i}")
+                   for i in range(-(-sched.max_rows // sched.max_rows_per_user))]
+        assert _wait(lambda: all(f.position() == 0 for f in fillers))  # admitted: every slot is taken
+        ahead = sched.submit(ids, [None], four, user="ahead")
+        assert ahead.position() == 1
+        gen = compare.compare(studio, form, user="session:h")
+        next(gen)  # the labels
+        # (in a thread: a stream that only waits for tokens would block here while the loop is stopped)
+        assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 2"] * 2
+        ahead.cancel()  # the request ahead leaves: this one moves up, and the page is told
+        assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 1"] * 2
+    # the slots free up: it runs, and its text is what it is alone
+    assert _last(gen) == alone
+    sched._lock = studio.engine.lock
+    assert all(f.result(60) for f in fillers)
+    assert _wait(lambda: _live_rows(sched) == 0)
+
+
+def test_a_compare_admitted_at_once_never_mentions_the_queue(studio_xy):
+    studio = studio_xy
+    form = CompareForm(model="tiny", adapters=["x", "y"], prompt="Ahoy", max_tokens=30, temperature=0, seed=3)
+    outs = list(compare.compare(studio, form, user="session:i"))
+    assert not any("waiting in the queue" in str(o) for out in outs for o in out)
