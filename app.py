@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-user", type=int, default=8, metavar="N",
                    help="batched generation: rows one user may have generating or waiting (a Compare of the base "
                         "and 3 adapters is 4 rows; default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="new tokens one Compare request may ask for per column (default 512, the slider's end)")
     return p
 
 
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         from studio.app import build_ui, create_studio, launch_options
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
-                               generation=args.generation, max_rows_per_user=args.max_rows_per_user)
+                               generation=args.generation, max_rows_per_user=args.max_rows_per_user,
+                               max_new_tokens=args.max_new_tokens)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

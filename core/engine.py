@@ -63,6 +63,7 @@ class _Slot:
 
 
 QUEUE_POLL_S = 0.1  # how often a request waiting in the scheduler's queue looks at its place, at least
+DEFAULT_MAX_NEW_TOKENS = 512  # new tokens per compare request (the Compare tab's slider goes this far)
 
 
 class Texts(list):
@@ -82,10 +83,12 @@ class BaseInUse(ValueError):
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
                  max_loaded: int = 16, max_train_memory: int | None = None,
-                 batched_generation: bool | None = None, max_rows_per_user: int = 8):
+                 batched_generation: bool | None = None, max_rows_per_user: int = 8,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         """batched_generation: Compare through one DecodeScheduler (True) or one decode loop per request
         (False); default on for CPU and MPS, off on CUDA. max_rows_per_user: rows one user may have
-        generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows)."""
+        generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows).
+        max_new_tokens: new tokens one compare request may ask for (both modes; more is refused)."""
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         # Off on CUDA by default: there the per-request decoder replays a CUDA graph (1,355 tok/s at
         # batch 1 on an H200), while the scheduler decodes eagerly and is not measured on a GPU yet.
@@ -93,6 +96,9 @@ class Engine:
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
         self.max_rows_per_user = max_rows_per_user
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
+        self.max_new_tokens = max_new_tokens
         self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first batched use
         self.dtype = dtype
         self.library_dir = Path(library_dir)
@@ -221,7 +227,7 @@ class Engine:
         batch; yields the texts so far (a `Texts`, a list of str) after every token, or at most once per
         `every` seconds (a number, or a function asked before each wait, so a busy server can slow every
         stream down): a slow reader skips to the latest texts, and the final texts come at once.
-        Unknown adapters raise here, eagerly.
+        Unknown adapters and more new tokens than `max_new_tokens` raise here, eagerly.
 
         user: who asks (a user name or a session id), for the scheduler's rows-per-user cap. In batched
         mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts; while the
@@ -231,6 +237,9 @@ class Engine:
             raise AdapterError("choose at least one model to compare (the base or an adapter).")
         cfg = cfg or SamplingConfig()
         cfg.validate()
+        if cfg.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"{cfg.max_new_tokens} new tokens is more than this server allows per request "
+                             f"({self.max_new_tokens}, its --max-new-tokens); ask for fewer.")
         with self.lock:
             model = self.shared_model()
             for a in adapters:

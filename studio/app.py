@@ -42,19 +42,22 @@ GENERATION_MODES = ("batched", "loop")
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
                   auth=False, max_train_memory: str | int | None = None, admins=(),
-                  generation: str | None = None, max_rows_per_user: int = 8) -> Studio:
+                  generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
-    per request); default batched on CPU/MPS, loop on CUDA. max_rows_per_user: --max-rows-per-user."""
+    per request); default batched on CPU/MPS, loop on CUDA. max_rows_per_user: --max-rows-per-user.
+    max_new_tokens: --max-new-tokens, new tokens one Compare request may ask for (the Engine refuses more)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
     if isinstance(max_rows_per_user, bool) or not isinstance(max_rows_per_user, int) or max_rows_per_user < 1:
         raise ValueError(f"--max-rows-per-user must be a whole number of at least 1 (got {max_rows_per_user!r}).")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
     batched = None if generation is None else generation == "batched"
     engine = Engine(device=device, library_dir=library, max_train_memory=cap, batched_generation=batched,
-                    max_rows_per_user=max_rows_per_user)
+                    max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()))
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later

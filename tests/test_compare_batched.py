@@ -148,7 +148,7 @@ def test_concurrent_compares_through_the_tab_equal_each_alone(studio_xy, samplin
 def test_a_closed_stream_frees_its_rows(engines):
     eng, _ = engines
     sched = eng.scheduler()
-    stream = eng.compare("The quick brown fox", [None, "x", "y"], _cfg(GREEDY, 1, n=1000))
+    stream = eng.compare("The quick brown fox", [None, "x", "y"], _cfg(GREEDY, 1, n=500))
     next(stream)
     next(stream)
     assert _live_rows(sched) == 3 and eng._refs  # running, its adapters pinned
@@ -269,7 +269,7 @@ def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
     eng, _ = engines
     folder = eng.export_merged("x", tmp_path / "merged")  # another base: tiny with x merged in
     old = eng.scheduler()
-    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=1000))
+    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=500))
     next(running)
     eng.base(str(folder))
     with pytest.raises(AdapterError, match="base model was changed"):
@@ -379,3 +379,29 @@ def test_a_compare_admitted_at_once_never_mentions_the_queue(studio_xy):
     form = CompareForm(model="tiny", adapters=["x", "y"], prompt="Ahoy", max_tokens=30, temperature=0, seed=3)
     outs = list(compare.compare(studio, form, user="session:i"))
     assert not any("waiting in the queue" in str(o) for out in outs for o in out)
+
+
+def test_new_tokens_per_request_are_capped_by_the_server(tmp_path, source):
+    from app import build_parser
+    from studio.app import create_studio
+    assert build_parser().parse_args([]).max_new_tokens == 512  # the Compare slider's end
+    assert build_parser().parse_args(["--max-new-tokens", "64"]).max_new_tokens == 64
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", max_new_tokens=0)
+    for generation in ("batched", "loop"):
+        studio = create_studio(tmp_path / generation, tmp_path / "ds", "cpu", "tiny", generation=generation,
+                               max_new_tokens=16)
+        studio.engine.library.save(source, "x", "x", LX, "tiny")
+        studio.base("tiny")
+        too_many = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=17, seed=1)
+        with pytest.raises(ValueError, match=r"17 new tokens is more than this server allows per request \(16"):
+            next(compare.compare(studio, too_many, user="session:j"))
+        with pytest.warns(UserWarning, match=r"more than this server allows per request \(16, its --max-new-tokens\)"):
+            _last(friendly(compare.compare)(studio, too_many, None, "session:j"))
+        assert studio.engine._scheduler is None or _live_rows(studio.engine._scheduler) == 0  # nothing was queued
+        assert int(studio.streams) == 0 and not studio.engine._refs
+        at_the_cap = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=16, temperature=0, seed=1)
+        at_the_cap = _last(compare.compare(studio, at_the_cap, user="session:j"))
+        assert len(tokenizer.encode(at_the_cap[0])) > len(tokenizer.encode("Ahoy"))
+    with pytest.raises(ValueError, match="max new tokens"):
+        Engine("cpu", max_new_tokens=0)

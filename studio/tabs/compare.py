@@ -165,8 +165,9 @@ def create_compare_tab(studio: Studio) -> dict:
                                   info="Only the k likeliest tokens (0 = all).")
                 top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
                                   info="Only tokens holding this much probability (1 = off).")
-                max_tokens = gr.Slider(1, 512, value=d.max_tokens, step=1, label="Max new tokens", elem_id="cmp-max",
-                                       min_width=110, info="Tokens each column adds.")
+                most = studio.engine.max_new_tokens  # --max-new-tokens (the engine refuses more)
+                max_tokens = gr.Slider(1, most, value=min(d.max_tokens, most), step=1, label="Max new tokens",
+                                       elem_id="cmp-max", min_width=110, info="Tokens each column adds.")
                 seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
                                  info="Shared by every column: same seed = same text.")
             with gr.Row():
