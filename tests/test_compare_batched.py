@@ -346,6 +346,17 @@ def test_the_tab_counts_its_streams_and_spaces_their_updates_by_that_count(studi
     assert int(studio.streams) == 0
 
 
+def test_only_the_first_update_changes_the_columns_the_rest_are_plain_texts(studio_xy):
+    """Gradio rebuilds a component for every gr.update() or gr.skip() it gets (~1 ms of its event loop each), so
+    the streamed updates after the first are plain values; the hidden columns get the "" they hold."""
+    form = CompareForm(model="tiny", include_base=False, adapters=["x"], prompt="Ahoy", max_tokens=30, temperature=0,
+                       seed=3)
+    first, *rest = list(compare.compare(studio_xy, form, user="session:k"))
+    assert [u["visible"] for u in first] == [True, False, False, False, False]
+    assert rest and all(type(v) is str for out in rest for v in out)
+    assert all(out[1:] == [""] * 4 for out in rest)
+
+
 def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy):
     studio = studio_xy
     sched = studio.engine.scheduler()
