@@ -385,13 +385,6 @@ def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy)
     assert _wait(lambda: _live_rows(sched) == 0)
 
 
-def test_a_compare_admitted_at_once_never_mentions_the_queue(studio_xy):
-    studio = studio_xy
-    form = CompareForm(model="tiny", adapters=["x", "y"], prompt="Ahoy", max_tokens=30, temperature=0, seed=3)
-    outs = list(compare.compare(studio, form, user="session:i"))
-    assert not any("waiting in the queue" in str(o) for out in outs for o in out)
-
-
 def test_new_tokens_per_request_are_capped_by_the_server(tmp_path, source):
     from app import build_parser
     from studio.app import create_studio
