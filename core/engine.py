@@ -276,6 +276,16 @@ class Engine:
                 weakref.finalize(self, self._scheduler.close, 5)
             return self._scheduler
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the decode scheduler's loop and wait for its thread to end (running requests end with
+        SchedulerClosed). A process should call it before it exits: interpreter shutdown in the middle of
+        the loop's torch call aborts the process ("terminate called without an active exception").
+        The engine stays usable: the next batched compare makes a new scheduler."""
+        with self.lock:
+            sched, self._scheduler = self._scheduler, None
+        if sched is not None:  # joined outside the lock: the loop takes it around each step
+            sched.close(timeout)
+
     def _close_scheduler(self) -> None:
         """(Holding lock.) Stop the loop without waiting for it: it may be waiting for this lock."""
         if self._scheduler is not None:

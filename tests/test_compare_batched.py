@@ -407,5 +407,22 @@ def test_new_tokens_per_request_are_capped_by_the_server(tmp_path, source):
         at_the_cap = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=16, temperature=0, seed=1)
         at_the_cap = _last(compare.compare(studio, at_the_cap, user="session:j"))
         assert len(tokenizer.encode(at_the_cap[0])) > len(tokenizer.encode("Ahoy"))
+        studio.engine.close()
     with pytest.raises(ValueError, match="max new tokens"):
         Engine("cpu", max_new_tokens=0)
+
+
+def test_close_stops_the_loop_thread_and_a_later_compare_gets_a_new_one(engines):
+    eng, _ = engines
+    want = _last(eng.compare("Ahoy", [None, "x"], _cfg(SAMPLED, 2, n=8)))
+    old = eng.scheduler()
+    running = eng.compare("The quick brown fox", [None], _cfg(GREEDY, 1, n=500))
+    next(running)
+    eng.close()
+    assert not old._thread.is_alive()  # joined: nothing of it runs when the process goes on to exit
+    with pytest.raises(AdapterError, match="generate again"):  # a request still running ends with a message
+        _last(running)
+    assert _last(eng.compare("Ahoy", [None, "x"], _cfg(SAMPLED, 2, n=8))) == want
+    assert eng.scheduler() is not old
+    eng.close()
+    eng.close()  # twice is harmless
