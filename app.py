@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and 3 adapters is 4 rows; default 8)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
                    help="new tokens one Compare request may ask for per column (default 512, the slider's end)")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses per operation, for generation and training alike (default: torch's "
+                        "choice, one per core); on a small CPU where people generate while a run trains, 1 avoids "
+                        "oversubscribing the cores (README, Reliability)")
     return p
 
 
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -264,6 +264,27 @@ def test_generation_flags():
     assert Engine("cpu", batched_generation=False).batched_generation is False
 
 
+def test_torch_threads_flag_sets_the_threads_of_the_whole_process(tmp_path):
+    """--torch-threads: a decode loop and a training run each use torch's threads; on 2 cores 2 + 2 oversubscribe."""
+    from app import build_parser
+    from studio.app import create_studio
+    assert build_parser().parse_args([]).torch_threads is None  # torch's choice, one per core
+    assert build_parser().parse_args(["--torch-threads", "1"]).torch_threads == 1
+    with pytest.raises(ValueError, match="--torch-threads"):
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", torch_threads=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", torch_threads=1)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 1 and seen == [1]  # threads started later (decode loop, training) too
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
     """A running compare on the old base ends with a clear message; the new base gets its own loop."""
     eng, _ = engines
