@@ -354,6 +354,7 @@ def _engine(args, adapters: int = 1, batched: bool = False):
     adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder.
     batched: generate through the decode scheduler (compare; the caller closes the engine)."""
     from core.engine import Engine
+    # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (merge generates none)
     return Engine(args.device, args.library, max_loaded=max(16, adapters), batched_generation=batched,
                   max_new_tokens=max(1, getattr(args, "max_tokens", 1)))
 

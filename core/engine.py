@@ -301,7 +301,7 @@ class Engine:
             req = sched.submit(tokenizer.encode(prompt) or [EOT_TOKEN], names, cfg, user)
             try:
                 # no free rows: say where it stands in the queue, and again when that changes (looked at every
-                # so often); a request admitted at the next step boundary, as usual, never shows up here
+                # so often); one admitted within QUEUE_POLL_S (usually: at the next step boundary) never says it
                 shown, place = 0, req.wait_queued(QUEUE_POLL_S)
                 while place > 0:
                     if place != shown:
