@@ -60,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-user", type=int, default=8, metavar="N",
                    help="batched generation: rows one user may have generating or waiting (a Compare of the base "
                         "and 3 adapters is 4 rows; default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="new tokens one Compare request may ask for per column (default 512, the slider's end)")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses per operation, for generation and training alike (default: torch's "
+                        "choice, one per core); on a small CPU where people generate while a run trains, 1 avoids "
+                        "oversubscribing the cores (README, Reliability)")
     p.add_argument("--max-jobs-per-user", type=int, default=1, metavar="N",
                    help="training jobs one user (signed in, or one browser) may have queued or running (default 1)")
     p.add_argument("--train-capacity", type=int, default=None, metavar="TOKENS",
-                   help="tokens per shared training step (the sum of the running jobs' batch x sequence length); "
+                   help="tokens per shared training step (the running jobs' rows x the longest sequence); "
                         "jobs beyond it wait in the queue (default: 4096 on CPU/MPS, from free memory on CUDA)")
     return p
 
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
+                               max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
                                max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

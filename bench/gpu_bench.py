@@ -1,6 +1,11 @@
 """The performance issue's figures, ours against transformers+PEFT, in one run (CUDA; --quick on CPU).
 
-    python bench/gpu_bench.py --out result.json [--quick] [--only train,xl,decode,...]
+    python bench/gpu_bench.py --out result.json [--quick] [--only train,xl,decode,scheduler,...]
+                              [--model gpt2|tiny] [--sched-requests 64] [--sched-tokens 128]
+
+`scheduler` is issue 13's classroom case (64 concurrent requests through the DecodeScheduler vs one
+alone). Without a GPU it runs a small CPU smoke check (8 x 16 tokens) and says it measured nothing:
+    python bench/gpu_bench.py --only scheduler --model tiny --out /tmp/s.json
 
 Each section records its figures or its error in the JSON; a failing section never hides the others.
 """
@@ -569,7 +574,82 @@ def trainer_graphs_check(cfg, dev, steps):
     return res
 
 
-SECTIONS = {"checks": sec_checks, "train": sec_train, "decode": sec_decode, "xl": sec_xl, "quant": sec_quant_loss}
+def sec_scheduler(a, dev, R):
+    """The classroom case of issue 13 on a GPU: `a.sched_requests` concurrent requests (one row each) of
+    `a.sched_tokens` new tokens through one DecodeScheduler, against one request alone through it.
+    Goals: tokens/s at least 20x the solo request's, p95 per-token latency at most 2x solo's. The
+    per-token latency is the time between a request's consecutive decode steps (step end times, so
+    reader threads play no part). On the CPU this is only a smoke check with smaller counts."""
+    from core.generate.scheduler import DecodeScheduler
+    from core.model.weights import load_base
+    on_gpu = dev.type == "cuda"
+    n, new = a.sched_requests, a.sched_tokens
+    if not on_gpu:  # the CPU fallback: checks the section runs, measures nothing the goals are about
+        n, new = min(n, 8), min(new, 16)
+    if a.model == "tiny":
+        model = load_base("tiny", dev, torch.bfloat16 if on_gpu else torch.float32)
+    else:
+        model = ours_random(a.cfg, dev, torch.bfloat16 if on_gpu else torch.float32)
+    prompt_len = 16
+    sched = DecodeScheduler(model, max_rows=n, max_len=prompt_len + new + 1, max_queue=n, max_rows_per_user=1)
+    ends: list[float] = []  # the end time of every decode step
+    step = sched._step
+
+    def timed_step():
+        step()
+        dev_sync(dev)
+        ends.append(time.perf_counter())
+    sched._step = timed_step
+    cfgs = [SamplingConfig(max_new_tokens=new, temperature=0.8, top_k=50, seed=i, stop_at_eot=False) for i in range(n)]
+    prompts = [[(1000 + 37 * i + j) % 50257 for j in range(prompt_len)] for i in range(n)]
+
+    def run(k: int):
+        """k requests submitted at once; (wall s, [per-token gaps of every request])."""
+        ends.clear()
+        dev_sync(dev)
+        t0 = time.perf_counter()
+        reqs = [sched.submit(prompts[i], [None], cfgs[i]) for i in range(k)]
+        for r in reqs:
+            r.result(600)
+        wall = time.perf_counter() - t0
+        first = sched.step_count - len(ends) + 1  # step_count of ends[0]
+        gaps = []
+        for r in reqs:
+            times = ends[r.first_step - first:r.last_step - first + 1]
+            gaps += [b - q for q, b in zip(times, times[1:])]
+        return wall, gaps
+
+    try:
+        run(1)  # warm-up (kernels, allocator)
+        run(min(n, 4))
+        solo_wall, solo_gaps = min((run(1) for _ in range(3)), key=lambda w: w[0])
+        all_wall, all_gaps = run(n)
+        all_wall, all_gaps = min([(all_wall, all_gaps), run(n)], key=lambda w: w[0])
+    finally:
+        sched.close()
+    solo_tok_s, all_tok_s = new / solo_wall, n * new / all_wall
+    p95 = lambda xs: sorted(xs)[min(len(xs) - 1, int(0.95 * len(xs)))]  # noqa: E731
+    solo_p95, all_p95 = p95(solo_gaps), p95(all_gaps)
+    out = {"requests": n, "new_tokens": new, "prompt_tokens": prompt_len, "model": a.model,
+           "dtype": str(model.dtype).replace("torch.", ""), "device": str(dev),
+           "solo_tok_s": solo_tok_s, "concurrent_tok_s": all_tok_s, "tok_s_ratio": all_tok_s / solo_tok_s,
+           "solo_token_latency_p95_ms": solo_p95 * 1e3, "concurrent_token_latency_p95_ms": all_p95 * 1e3,
+           "token_latency_p95_ratio": all_p95 / solo_p95, "goal_tok_s_ratio": 20, "goal_latency_ratio": 2}
+    if on_gpu and n >= 64 and new >= 128:
+        out["met"] = {"tok_s_ratio": out["tok_s_ratio"] >= 20, "latency_ratio": out["token_latency_p95_ratio"] <= 2}
+    else:
+        out["note"] = (f"smoke check on {dev.type} ({n} requests x {new} tokens): unmeasured on a GPU; the goals "
+                       f"are about 64 x 128 on an H200")
+    R["scheduler"] = out
+    print(f"[scheduler] {n} x {new} tokens on {dev}: {all_tok_s:.0f} tok/s vs {solo_tok_s:.0f} alone "
+          f"({out['tok_s_ratio']:.1f}x, goal 20x); p95 per-token {all_p95 * 1e3:.1f} ms vs {solo_p95 * 1e3:.1f} ms "
+          f"({out['token_latency_p95_ratio']:.2f}x, goal <= 2x)", flush=True)
+    del model
+    reset_peak(dev)
+
+
+SECTIONS = {"checks": sec_checks, "train": sec_train, "decode": sec_decode, "xl": sec_xl, "quant": sec_quant_loss,
+            "scheduler": sec_scheduler}
 
 
 def save(a, R):
@@ -580,7 +660,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script runs")
-    ap.add_argument("--only", default="checks,decode,xl,quant,train")
+    ap.add_argument("--only", default="checks,decode,scheduler,xl,quant,train")
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "tiny"],
+                    help="the scheduler section's model: gpt2 shapes, random weights (default), or the tiny preset")
+    ap.add_argument("--sched-requests", type=int, default=64, help="scheduler: concurrent requests (default 64)")
+    ap.add_argument("--sched-tokens", type=int, default=128, help="scheduler: new tokens each (default 128)")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
     if a.quick:

@@ -2,13 +2,14 @@
 N concurrent gradio_client clients each running side-by-side comparisons for a while.
 
     python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
-                         [--generation loop,batched]
+                         [--generation loop,batched] [--no-training] [--server-threads N]
 
 What it does, in order:
   1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
 then for each generation mode (`--generation`: the one-decode-loop-per-request path and the batched
 decode scheduler, both by default, one after the other in the same run):
-  2. starts `python app.py --model tiny --generation MODE` on 127.0.0.1 in its own process (as a user would);
+  2. starts `python app.py --model tiny --generation MODE [--torch-threads N]` on 127.0.0.1 in its own
+     process (as a user would);
   3. starts a long training run through the API (/start_training), so the machine is busy training;
   4. solo: one client runs each request of a fixed set alone, in turn, `--solo-rounds` times: the
      expected answers (a repeat must give the same text) and the solo latency;
@@ -16,7 +17,9 @@ decode scheduler, both by default, one after the other in the same run):
      `--seconds`; every answer is compared with the solo answer of the same request (same seed),
      so a mix-up between users shows as a mismatch;
   6. stops the training run and the server;
-and prints one table, a row per mode, with the date and the machine (and whether the modes' answers agree).
+and prints one table, a row per mode, with the date and the machine (and whether the modes' answers agree),
+the streamed updates the clients received per answer (each is an event the server encodes and sends) and
+the server's CPU seconds per answer (training included, unless --no-training).
 
 A benchmark, not a test: it reports; the exit status is 1 only when a request failed or mismatched.
 """
@@ -69,12 +72,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, port: int, mode: str) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, mode: str, threads: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(tmp / f"server-{mode}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
                              "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
-                             "--host", "127.0.0.1", "--port", str(port), "--generation", mode],
+                             "--host", "127.0.0.1", "--port", str(port), "--generation", mode,
+                             *(["--torch-threads", str(threads)] if threads else [])],
                             cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -89,12 +93,13 @@ def start_server(tmp: Path, port: int, mode: str) -> subprocess.Popen:
     raise SystemExit("the server did not start within 120 s")
 
 
-def ask(client, request, max_tokens: int, timeout: float) -> list[str]:
+def ask(client, request, max_tokens: int, timeout: float) -> tuple[list[str], int]:
+    """The final texts of one compare, and how many updates the server streamed for it."""
     include_base, adapters, prompt, seed = request
     job = client.submit("tiny", include_base, adapters, prompt, SAMPLING["temperature"], SAMPLING["top_k"],
                         SAMPLING["top_p"], max_tokens, seed, api_name="/compare")
     out = job.result(timeout=timeout)
-    return list(out[:(1 if include_base else 0) + len(adapters)])
+    return list(out[:(1 if include_base else 0) + len(adapters)]), len(job.outputs())
 
 
 def pct(values: list[float], q: float) -> float:
@@ -129,7 +134,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
     try:
         t0 = time.time()
         port = free_port()
-        server = start_server(tmp, port, mode)
+        server = start_server(tmp, port, mode, args.server_threads)
         url = f"http://127.0.0.1:{port}/"
         control = Client(url, verbose=False)
         msg = "none (--no-training)"
@@ -146,7 +151,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
             for i, req in enumerate(REQUESTS):
                 t = time.perf_counter()
                 try:
-                    out = ask(control, req, args.max_tokens, args.timeout)
+                    out, _ = ask(control, req, args.max_tokens, args.timeout)
                 except Exception as e:  # noqa: BLE001 - counted and shown
                     solo_errors += 1
                     print(f"[{mode}] solo error on request {i}: {type(e).__name__}: {e}", flush=True)
@@ -163,7 +168,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
 
         # load: N clients in a loop
         lat: list[float] = []
-        counts = {"sent": 0, "answered": 0, "errors": 0, "mismatches": 0}
+        counts = {"sent": 0, "answered": 0, "errors": 0, "mismatches": 0, "updates": 0}
         problems: list[str] = []
         lock = threading.Lock()
         clients = [Client(url, verbose=False) for _ in range(args.clients)]
@@ -181,7 +186,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
                     counts["sent"] += 1
                 t = time.perf_counter()
                 try:
-                    out = ask(clients[k], REQUESTS[i], args.max_tokens, args.timeout)
+                    out, updates = ask(clients[k], REQUESTS[i], args.max_tokens, args.timeout)
                 except Exception as e:  # noqa: BLE001 - counted and shown
                     with lock:
                         counts["errors"] += 1
@@ -190,6 +195,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
                 dt_s = time.perf_counter() - t
                 with lock:
                     counts["answered"] += 1
+                    counts["updates"] += updates
                     lat.append(dt_s)
                     if out != expected[i]:
                         counts["mismatches"] += 1
@@ -234,6 +240,8 @@ def main() -> int:
     ap.add_argument("--solo-rounds", type=int, default=3, help="times each request runs alone (default 3)")
     ap.add_argument("--timeout", type=float, default=300, help="longest wait for one answer, s (default 300)")
     ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
+    ap.add_argument("--server-threads", type=int, default=None, metavar="N",
+                    help="the server's --torch-threads (default: torch's choice, one per core)")
     ap.add_argument("--generation", default="loop,batched",
                     help="the served studio's --generation modes to run, in order (default loop,batched)")
     args = ap.parse_args()
@@ -259,6 +267,8 @@ def main() -> int:
     print("server: python app.py --model tiny --generation MODE (one process per mode, one after the other); "
           "background: " + ("nothing (--no-training)" if args.no_training else
                             "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
+    if args.server_threads:
+        print(f"server torch threads: {args.server_threads} (app.py --torch-threads)")
     print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "
           f"tokens per column, temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
           f"top-p {SAMPLING['top_p']}, a fixed seed each")
@@ -269,12 +279,14 @@ def main() -> int:
         solo_p50 = statistics.median(solo)
         p50, p95 = (statistics.median(lat), pct(lat, 0.95)) if lat else (float("nan"), float("nan"))
         r.update(solo_p50=solo_p50, p95=p95, throughput=c["answered"] / wall)
+        per = c["answered"] or 1
         rows.append([r["mode"], args.clients, f"{wall:.0f} s", c["sent"], c["answered"], c["errors"] + r["unanswered"],
                      c["mismatches"], f"{solo_p50:.2f} s", f"{p50:.2f} s", f"{p95:.2f} s", f"{p95 / solo_p50:.1f}x",
-                     f"{r['throughput']:.2f}/s"])
+                     f"{r['throughput']:.2f}/s", f"{c['updates'] / per:.1f} ({c['updates'] / wall:.0f}/s)",
+                     f"{r['cpu'][0] / per:.2f} s"])
         failed += c["errors"] + r["unanswered"] + c["mismatches"] + r["solo_errors"]
     print(table(rows, ["mode", "clients", "duration", "requests", "answered", "errors", "mismatches", "solo p50",
-                       "p50", "p95", "p95 / solo p50", "throughput"]))
+                       "p50", "p95", "p95 / solo p50", "throughput", "updates per answer", "server CPU per answer"]))
     for r in results:
         c = r["counts"]
         bad = c["errors"] + r["unanswered"] + c["mismatches"]

@@ -332,10 +332,19 @@ class ProgressBar:
 # ---- compare --------------------------------------------------------------------------
 
 def cmd_compare(args) -> int:
-    """Base and adapters continue the same prompts in one batch per sample, through the Engine as in
-    the studio's Compare tab."""
+    """Base and adapters continue the same prompts in one batch per sample, through the Engine and its
+    decode scheduler, as in the studio's Compare tab."""
+    engine = _engine(args, len(args.lora), batched=True)
+    try:
+        return _compare(args, engine)
+    finally:
+        # the scheduler's loop thread is stopped and joined before the interpreter shuts down: killed
+        # inside a torch call, it aborts the process ("terminate called without an active exception")
+        engine.close()
+
+
+def _compare(args, engine) -> int:
     from core.generate.sampling import SamplingConfig
-    engine = _engine(args, len(args.lora))
     refs = [engine.resolve(spec) for spec in args.lora]
     load_model(args, _recorded_base(refs[0].path), engine=engine)
     names, titles = [], []
@@ -350,20 +359,22 @@ def cmd_compare(args) -> int:
         cfg = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i)
         texts = []
-        for texts in engine.compare(prompt, [None] + names, cfg):
-            pass  # the stream's last step holds the whole continuations
+        for texts in engine.compare(prompt, [None] + names, cfg, every=3600.0):
+            pass  # the final texts come at once, whatever `every`: the whole continuations
         say(f"=== sample {i + 1}/{args.samples} | seed {cfg.seed} | prompt: {prompt!r} ===")
         say(_side_by_side(columns, [prompt + t for t in texts], width))
         say()
     return 0
 
 
-def _engine(args, adapters: int = 1):
+def _engine(args, adapters: int = 1, batched: bool = False):
     """The Engine for compare and merge: the studio's one path from an adapter reference to a loaded
-    adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder."""
+    adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder.
+    batched: generate through the decode scheduler (compare; the caller closes the engine)."""
     from core.engine import Engine
-    # one user, one request at a time: nothing to batch, and no loop thread left running at exit
-    return Engine(args.device, args.library, max_loaded=max(16, adapters), batched_generation=False)
+    # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (merge generates none)
+    return Engine(args.device, args.library, max_loaded=max(16, adapters), batched_generation=batched,
+                  max_new_tokens=max(1, getattr(args, "max_tokens", 1)))
 
 
 def _recorded_base(src: Path) -> str | None:

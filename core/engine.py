@@ -62,6 +62,20 @@ class _Slot:
     used: float  # last use, for evicting the least recently used
 
 
+QUEUE_POLL_S = 0.1  # how often a request waiting in the scheduler's queue looks at its place, at least
+DEFAULT_MAX_NEW_TOKENS = 512  # new tokens per compare request (the Compare tab's slider goes this far)
+
+
+class Texts(list):
+    """What a compare stream yields: the text so far per row (a list of str, equal to one). `waiting`: the
+    request's place in the decode scheduler's queue (1 = next) while it waits for free rows, its texts
+    empty meanwhile; 0 once it generates."""
+
+    def __init__(self, texts=(), waiting: int = 0):
+        super().__init__(texts)
+        self.waiting = waiting
+
+
 class BaseInUse(ValueError):
     """Another base was asked for while training runs (or starts) on the loaded one."""
 
@@ -69,10 +83,12 @@ class BaseInUse(ValueError):
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
                  max_loaded: int = 16, max_train_memory: int | None = None,
-                 batched_generation: bool | None = None, max_rows_per_user: int = 8):
+                 batched_generation: bool | None = None, max_rows_per_user: int = 8,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         """batched_generation: Compare through one DecodeScheduler (True) or one decode loop per request
         (False); default on for CPU and MPS, off on CUDA. max_rows_per_user: rows one user may have
-        generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows)."""
+        generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows).
+        max_new_tokens: new tokens one compare request may ask for (both modes; more is refused)."""
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         # Off on CUDA by default: there the per-request decoder replays a CUDA graph (1,355 tok/s at
         # batch 1 on an H200), while the scheduler decodes eagerly and is not measured on a GPU yet.
@@ -80,6 +96,9 @@ class Engine:
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
         self.max_rows_per_user = max_rows_per_user
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
+        self.max_new_tokens = max_new_tokens
         self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first batched use
         self.dtype = dtype
         self.library_dir = Path(library_dir)
@@ -202,30 +221,46 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------
 
     def compare(self, prompt: str, adapters: Sequence[str | None],
-                cfg: SamplingConfig | None = None, user=None) -> Iterator[list[str]]:
+                cfg: SamplingConfig | None = None, user=None,
+                every: float | Callable[[], float] | None = None) -> Iterator["Texts"]:
         """Stream one continuation of `prompt` per entry of `adapters` (None = the base) in one
-        batch; yields the texts so far after every token (batched: after every step the caller
-        sees; a slow reader skips to the latest texts). Unknown adapters raise here, eagerly.
+        batch; yields the texts so far (a `Texts`, a list of str) after every token, or at most once per
+        `every` seconds (a number, or a function asked before each wait, so a busy server can slow every
+        stream down): a slow reader skips to the latest texts, and the final texts come at once.
+        Unknown adapters and more new tokens than `max_new_tokens` raise here, eagerly.
 
         user: who asks (a user name or a session id), for the scheduler's rows-per-user cap. In batched
-        mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts.
+        mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts; while the
+        request waits for free rows it yields empty texts with `waiting` = its place in the queue.
         Closing the generator (the caller stopped reading) cancels the request and frees its rows."""
         if not adapters:
             raise AdapterError("choose at least one model to compare (the base or an adapter).")
-        (cfg or SamplingConfig()).validate()
+        cfg = cfg or SamplingConfig()
+        cfg.validate()
+        if cfg.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"{cfg.max_new_tokens} new tokens is more than this server allows per request "
+                             f"({self.max_new_tokens}, its --max-new-tokens); ask for fewer.")
         with self.lock:
             model = self.shared_model()
             for a in adapters:
                 if a is not None:
                     self._name_for(a, model)
+        pace = every if callable(every) else (lambda: every or 0.0)
         if self.batched_generation:
-            return self._stream_batched(prompt, list(adapters), cfg, user)
-        return self._stream(prompt, list(adapters), cfg)
+            return self._stream_batched(prompt, list(adapters), cfg, user, pace)
+        return self._stream(prompt, list(adapters), cfg, pace)
 
-    def _stream(self, prompt, adapters, cfg):
+    def _stream(self, prompt, adapters, cfg, pace):
         # pinned only while the generator runs: one that is never started holds nothing
         with self._pinned(adapters) as (model, names):
-            yield from stream_text(model, prompt, names, cfg)
+            last, held = 0.0, None
+            for texts in stream_text(model, prompt, names, cfg):
+                held = Texts(texts)
+                if time.monotonic() - last >= pace():
+                    yield held
+                    last, held = time.monotonic(), None
+            if held is not None:
+                yield held  # the final texts, always
 
     def scheduler(self) -> DecodeScheduler:
         """The decode scheduler of the loaded base (made on first use; a new base gets a new one)."""
@@ -241,13 +276,23 @@ class Engine:
                 weakref.finalize(self, self._scheduler.close, 5)
             return self._scheduler
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the decode scheduler's loop and wait for its thread to end (running requests end with
+        SchedulerClosed). A process should call it before it exits: interpreter shutdown in the middle of
+        the loop's torch call aborts the process ("terminate called without an active exception").
+        The engine stays usable: the next batched compare makes a new scheduler."""
+        with self.lock:
+            sched, self._scheduler = self._scheduler, None
+        if sched is not None:  # joined outside the lock: the loop takes it around each step
+            sched.close(timeout)
+
     def _close_scheduler(self) -> None:
         """(Holding lock.) Stop the loop without waiting for it: it may be waiting for this lock."""
         if self._scheduler is not None:
             self._scheduler.close(timeout=0)
             self._scheduler = None
 
-    def _stream_batched(self, prompt, adapters, cfg, user):
+    def _stream_batched(self, prompt, adapters, cfg, user, pace):
         with self._pinned(adapters) as (model, names):  # the adapters stay loaded while the request lives
             with self.lock:
                 sched = self.scheduler()
@@ -255,14 +300,26 @@ class Engine:
                     raise AdapterError("the base model changed while this request started; generate again.")
             req = sched.submit(tokenizer.encode(prompt) or [EOT_TOKEN], names, cfg, user)
             try:
+                # no free rows: say where it stands in the queue, and again when that changes (looked at every
+                # so often); one admitted within QUEUE_POLL_S (usually: at the next step boundary) never says it
+                shown, place = 0, req.wait_queued(QUEUE_POLL_S)
+                while place > 0:
+                    if place != shown:
+                        shown = place
+                        yield Texts([""] * len(names), waiting=place)
+                    place = req.wait_queued(max(pace(), QUEUE_POLL_S))
                 rows = [TextSoFar() for _ in names]
                 seen = [0] * len(names)  # tokens each row's text holds
-                for tokens in req:
+                for tokens in req:  # the latest tokens after each step, or after the wait below
                     for i, (row, new) in enumerate(zip(rows, tokens)):
                         for t in new[seen[i]:]:
                             row.add(t)
                         seen[i] = len(new)
-                    yield [row.text for row in rows]
+                    shown_at = time.monotonic()
+                    yield Texts(row.text for row in rows)
+                    wait = shown_at + pace() - time.monotonic()
+                    if wait > 0:
+                        req.wait(wait)  # woken at once when the request ends: the final texts are never late
             except SchedulerClosed:
                 raise AdapterError("the base model was changed by another request while this one generated; "
                                    "generate again.") from None

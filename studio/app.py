@@ -42,12 +42,16 @@ GENERATION_MODES = ("batched", "loop")
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
                   auth=False, max_train_memory: str | int | None = None, admins=(),
-                  generation: str | None = None, max_rows_per_user: int = 8, max_jobs_per_user: int = 1,
+                  generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
+                  torch_threads: int | None = None, max_jobs_per_user: int = 1,
                   train_capacity: int | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
     per request); default batched on CPU/MPS, loop on CUDA. max_rows_per_user: --max-rows-per-user.
+    max_new_tokens: --max-new-tokens, new tokens one Compare request may ask for (the Engine refuses more).
+    torch_threads: --torch-threads, torch's CPU threads per operation for the whole process (None: torch's choice).
+    The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
     max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
@@ -57,9 +61,16 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{flag} must be a whole number of at least 1 (got {value!r}).")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
+    if torch_threads is not None:
+        if isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1:
+            raise ValueError(f"--torch-threads must be a whole number of at least 1 (got {torch_threads!r}).")
+        import torch
+        torch.set_num_threads(torch_threads)  # threads started later (the decode loop, training runs) get it too
     batched = None if generation is None else generation == "batched"
     engine = Engine(device=device, library_dir=library, max_train_memory=cap, batched_generation=batched,
-                    max_rows_per_user=max_rows_per_user)
+                    max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
                     max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity)

@@ -12,7 +12,9 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +43,29 @@ BROWSER_ID = re.compile(r"[0-9a-f]{32}")  # a browser's random id (new_browser_i
 LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
 
 
+class StreamCount:
+    """How many outputs stream to pages right now (thread-safe): the Compare tab spaces each stream's
+    updates by it, so the server's events per second stay bounded however many users generate."""
+
+    def __init__(self):
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __int__(self) -> int:
+        return self._n
+
+    @contextmanager
+    def one(self):
+        """Count one stream for the duration of the `with` block."""
+        with self._lock:
+            self._n += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._n -= 1
+
+
 @dataclass
 class Studio:
     engine: Engine
@@ -56,6 +81,7 @@ class Studio:
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
+    streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
     exports_dir: Path = field(init=False)
 
     def __post_init__(self):

@@ -39,6 +39,7 @@ def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
     r = cli("compare", "--lora", "pirate-rot", "--lora", "pirate-rot@step_000003", "--library", tmp_path / "lib",
             "--prompts", "Ahoy", "--samples", "2", "--max-tokens", "8", "--seed", "7", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "terminate called" not in r.stderr  # the scheduler's thread was stopped before the interpreter exited
     header = [l for l in r.stdout.splitlines() if l.startswith("base ") and "|" in l]
     assert len(header) == 2 and all("pirate-rot" in h and "pirate-rot@step_000003" in h for h in header)
     assert r.stdout.count("prompt: 'Ahoy'") == 2 and "seed 7" in r.stdout and "seed 8" in r.stdout
@@ -55,6 +56,45 @@ def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
     ids = torch.tensor([[464, 3290, 318, 257, 1332]])
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids, "pirate-rot"), atol=1e-4)
+
+
+def test_compare_goes_through_the_decode_scheduler_and_stops_it_before_returning(tmp_path, source, capsys,
+                                                                                 monkeypatch):
+    import shutil
+    import core.engine
+    from adapter_helpers import LX
+    from core.__main__ import _side_by_side
+    from core.adapters.library import Library
+    from core.generate.sampling import SamplingConfig
+    from core.generate.scheduler import DecodeScheduler
+    made, engines = [], []
+
+    class Recorded(DecodeScheduler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    class Kept(core.engine.Engine):  # kept alive here: dropping the engine is not what stops the loop
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            engines.append(self)
+    monkeypatch.setattr(core.engine, "DecodeScheduler", Recorded)
+    monkeypatch.setattr(core.engine, "Engine", Kept)
+    lib = tmp_path / "lib"
+    Library(lib).save(source, "x", "x", LX, "tiny")
+    assert main(["compare", "--lora", "x", "--library", str(lib), "--prompts", "Ahoy", "--samples", "2",
+                 "--max-tokens", "6", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert len(made) == 1 and made[0].step_count >= 6  # one scheduler decoded both samples
+    assert not made[0]._thread.is_alive()  # stopped and joined before the command returned
+    # the same texts as one decode loop per request (the studio's --generation loop)
+    loop = Kept("cpu", lib, batched_generation=False)
+    loop.base("tiny")
+    width = max(24, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
+    for seed in (5, 6):
+        texts = list(loop.compare("Ahoy", [None, "x"], SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=50,
+                                                                     seed=seed)))[-1]
+        assert _side_by_side(["base", "x"], ["Ahoy" + t for t in texts], width) in out
 
 
 def test_every_command_has_help():

@@ -264,12 +264,33 @@ def test_generation_flags():
     assert Engine("cpu", batched_generation=False).batched_generation is False
 
 
+def test_torch_threads_flag_sets_the_threads_of_the_whole_process(tmp_path):
+    """--torch-threads: a decode loop and a training run each use torch's threads; on 2 cores 2 + 2 oversubscribe."""
+    from app import build_parser
+    from studio.app import create_studio
+    assert build_parser().parse_args([]).torch_threads is None  # torch's choice, one per core
+    assert build_parser().parse_args(["--torch-threads", "1"]).torch_threads == 1
+    with pytest.raises(ValueError, match="--torch-threads"):
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", torch_threads=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", torch_threads=1)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 1 and seen == [1]  # threads started later (decode loop, training) too
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
     """A running compare on the old base ends with a clear message; the new base gets its own loop."""
     eng, _ = engines
     folder = eng.export_merged("x", tmp_path / "merged")  # another base: tiny with x merged in
     old = eng.scheduler()
-    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=1000))
+    running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=500))
     next(running)
     eng.base(str(folder))
     with pytest.raises(AdapterError, match="base model was changed"):
@@ -277,3 +298,152 @@ def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
     assert _wait(lambda: not old._thread.is_alive())
     assert eng.scheduler() is not old and eng.scheduler().model is eng.shared_model()
     assert _last(eng.compare("Ahoy", [None], _cfg(GREEDY, 1, n=4)))[0]
+
+
+# ---- coalesced updates, the queue position, the token limit (issue 13, last step) ------------------------
+
+def _in_thread(fn, timeout=120):
+    """fn() in a thread; its result (fails if it is still running after `timeout` s: a stream never woke)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive() and out, "the stream never ended"
+    return out[0]
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "loop"])
+def test_a_paced_stream_skips_to_the_latest_texts_and_ends_with_the_final_ones_at_once(engines, batched):
+    eng = engines[0 if batched else 1]
+    cfg = _cfg(SAMPLED, 5, n=40)
+    every_token = list(eng.compare("The quick brown fox", [None, "x"], cfg))
+    assert len(every_token) > 10  # unpaced: an update per token (per step the reader sees)
+    # an hour between updates: the first texts, then the final ones as soon as the request ends (not in an hour)
+    paced = _in_thread(lambda: list(eng.compare("The quick brown fox", [None, "x"], cfg, every=3600)))
+    assert 1 <= len(paced) <= 2 and paced[-1] == every_token[-1]
+    asked = []
+    _in_thread(lambda: list(eng.compare("Ahoy", ["y"], cfg, every=lambda: asked.append(1) or 0.01)))
+    assert asked  # a function is asked again before each wait (the studio's interval follows its load)
+
+
+def test_all_streams_together_stay_within_the_update_budget():
+    for streams in range(1, 500):
+        interval = compare.update_interval(streams)
+        assert interval >= compare.STREAM_INTERVAL  # no stream updates more often than every 80 ms
+        assert streams / interval <= compare.UPDATES_PER_S * (1 + 1e-9)  # all together: 50 updates/s at most
+    assert compare.update_interval(1) == compare.STREAM_INTERVAL
+    assert compare.update_interval(30) == pytest.approx(30 / compare.UPDATES_PER_S)  # 0.6 s with a classroom
+
+
+def test_the_tab_counts_its_streams_and_spaces_their_updates_by_that_count(studio_xy, monkeypatch):
+    studio, asked = studio_xy, []
+    engine_compare = studio.engine.compare
+
+    def spy(*a, every=None, **kw):  # what each stream's interval is when the engine asks for it
+        return engine_compare(*a, every=lambda: asked.append(every()) or every(), **kw)
+    monkeypatch.setattr(studio.engine, "compare", spy)
+
+    def form(seed):
+        return CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=400, temperature=0, seed=seed)
+    assert int(studio.streams) == 0
+    first = compare.compare(studio, form(1), user="session:f")
+    next(first), next(first)
+    assert int(studio.streams) == 1
+    second = compare.compare(studio, form(2), user="session:g")
+    next(second), next(second)
+    assert int(studio.streams) == 2
+    asked.clear()
+    next(first)
+    assert asked and set(asked) == {compare.update_interval(2)}
+    second.close()  # Stop: the count goes down at once
+    assert int(studio.streams) == 1
+    asked.clear()
+    next(first)
+    assert set(asked) == {compare.update_interval(1)}
+    first.close()
+    assert int(studio.streams) == 0
+    with pytest.raises(ValueError):  # a refused request is never counted
+        next(compare.compare(studio, CompareForm(model="tiny", adapters=["nope"], prompt="Ahoy", max_tokens=4)))
+    assert int(studio.streams) == 0
+
+
+def test_only_the_first_update_changes_the_columns_the_rest_are_plain_texts(studio_xy):
+    """Gradio rebuilds a component for every gr.update() or gr.skip() it gets (~1 ms of its event loop each), so
+    the streamed updates after the first are plain values; the hidden columns get the "" they hold."""
+    form = CompareForm(model="tiny", include_base=False, adapters=["x"], prompt="Ahoy", max_tokens=30, temperature=0,
+                       seed=3)
+    first, *rest = list(compare.compare(studio_xy, form, user="session:k"))
+    assert [u["visible"] for u in first] == [True, False, False, False, False]
+    assert rest and all(type(v) is str for out in rest for v in out)
+    assert all(out[1:] == [""] * 4 for out in rest)
+
+
+def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy):
+    studio = studio_xy
+    sched = studio.engine.scheduler()
+    ids, four = tokenizer.encode("Hello"), SamplingConfig(max_new_tokens=4)
+    prompt = "Once upon a time"
+    form = CompareForm(model="tiny", adapters=["x"], prompt=prompt, max_tokens=6, temperature=0, seed=3)
+    alone = _last(compare.compare(studio, form, user="session:h"))
+    freeze = threading.Lock()  # held by the loop around each step, instead of the engine lock (which the
+    sched._lock = freeze         # handler takes too): holding it stops the loop; whoever was admitted holds its slots
+    with freeze:
+        fillers = [sched.submit(ids, [None] * sched.max_rows_per_user, four, user=f"filler{i}")
+                   for i in range(-(-sched.max_rows // sched.max_rows_per_user))]
+        assert _wait(lambda: all(f.position() == 0 for f in fillers))  # admitted: every slot is taken
+        ahead = sched.submit(ids, [None], four, user="ahead")
+        assert ahead.position() == 1
+        gen = compare.compare(studio, form, user="session:h")
+        next(gen)  # the labels
+        # (in a thread: a stream that only waits for tokens would block here while the loop is stopped)
+        assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 2"] * 2
+        ahead.cancel()  # the request ahead leaves: this one moves up, and the page is told
+        assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 1"] * 2
+    # the slots free up: it runs, and its text is what it is alone
+    assert _last(gen) == alone
+    sched._lock = studio.engine.lock
+    assert all(f.result(60) for f in fillers)
+    assert _wait(lambda: _live_rows(sched) == 0)
+
+
+def test_new_tokens_per_request_are_capped_by_the_server(tmp_path, source):
+    from app import build_parser
+    from studio.app import create_studio
+    assert build_parser().parse_args([]).max_new_tokens == 512  # the Compare slider's end
+    assert build_parser().parse_args(["--max-new-tokens", "64"]).max_new_tokens == 64
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", max_new_tokens=0)
+    for generation in ("batched", "loop"):
+        studio = create_studio(tmp_path / generation, tmp_path / "ds", "cpu", "tiny", generation=generation,
+                               max_new_tokens=16)
+        studio.engine.library.save(source, "x", "x", LX, "tiny")
+        studio.base("tiny")
+        too_many = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=17, seed=1)
+        with pytest.raises(ValueError, match=r"17 new tokens is more than this server allows per request \(16"):
+            next(compare.compare(studio, too_many, user="session:j"))
+        with pytest.warns(UserWarning, match=r"more than this server allows per request \(16, its --max-new-tokens\)"):
+            _last(friendly(compare.compare)(studio, too_many, None, "session:j"))
+        assert studio.engine._scheduler is None or _live_rows(studio.engine._scheduler) == 0  # nothing was queued
+        assert int(studio.streams) == 0 and not studio.engine._refs
+        at_the_cap = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=16, temperature=0, seed=1)
+        at_the_cap = _last(compare.compare(studio, at_the_cap, user="session:j"))
+        assert len(tokenizer.encode(at_the_cap[0])) > len(tokenizer.encode("Ahoy"))
+        studio.engine.close()
+    with pytest.raises(ValueError, match="max new tokens"):
+        Engine("cpu", max_new_tokens=0)
+
+
+def test_close_stops_the_loop_thread_and_a_later_compare_gets_a_new_one(engines):
+    eng, _ = engines
+    want = _last(eng.compare("Ahoy", [None, "x"], _cfg(SAMPLED, 2, n=8)))
+    old = eng.scheduler()
+    running = eng.compare("The quick brown fox", [None], _cfg(GREEDY, 1, n=500))
+    next(running)
+    eng.close()
+    assert not old._thread.is_alive()  # joined: nothing of it runs when the process goes on to exit
+    with pytest.raises(AdapterError, match="generate again"):  # a request still running ends with a message
+        _last(running)
+    assert _last(eng.compare("Ahoy", [None, "x"], _cfg(SAMPLED, 2, n=8))) == want
+    assert eng.scheduler() is not old
+    eng.close()
+    eng.close()  # twice is harmless

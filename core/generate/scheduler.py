@@ -68,6 +68,7 @@ class Request:
         self.error: BaseException | None = None
         self.cancelled = False
         self.done = False
+        self._ended = threading.Event()  # set with `done`: waiting on it is not woken by every step
         self._version = 0
         self._gen: torch.Generator | None = None
 
@@ -78,6 +79,19 @@ class Request:
     def position(self) -> int:
         """1 for the first request waiting in the queue, 2 for the next...; 0 once it runs or ended."""
         return self._sched._position(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until the request is over (True) or `timeout` seconds passed (False). Unlike iterating, it
+        is not woken at every decode step: a reader that shows the text every so often waits here between
+        looks, so the end (the final text) is never late."""
+        return self._ended.wait(timeout)
+
+    def wait_queued(self, timeout: float | None = None) -> int:
+        """Wait while the request is in the queue, `timeout` seconds at most; returns `position()` then
+        (0: it left the queue: admitted, or over). Admission is seen at the next decode step at the latest."""
+        with self._sched._cond:
+            self._sched._cond.wait_for(lambda: self.done or self.position() == 0, timeout)
+            return self.position()
 
     def cancel(self) -> None:
         """Stop this request; its rows are freed at the next step boundary (at once if it waits)."""
@@ -256,6 +270,7 @@ class DecodeScheduler:
             return
         req.error = req.error or error
         req.done = True
+        req._ended.set()
         self._free += self._reserved.pop(id(req), [])
         for row in [r for r in self._rows if r.request is req]:
             self._rows.remove(row)

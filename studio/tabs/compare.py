@@ -6,7 +6,6 @@ adapter. Each call streams its own generator: concurrent users never share outpu
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -28,7 +27,12 @@ PRESET_PROMPTS = [
     "no cap the bus this morning",
     "The best advice I ever got was",
 ]
-STREAM_INTERVAL = 0.08  # seconds between UI updates while tokens stream
+STREAM_INTERVAL = 0.08  # seconds between one stream's UI updates, at least
+# Each update is an event the server encodes and sends (Gradio's per-event CPU work): with 30 streams
+# every 80 ms that was 375 events/s on 2 cores. The streams share this budget instead: each one updates
+# every max(80 ms, streams / UPDATES_PER_S), so the total stays about this many per second.
+UPDATES_PER_S = 50
+QUEUE_NOTE = "waiting in the queue: position {}"  # shown under the prompt while a request waits for free rows
 BATCHED_CONCURRENCY = 32  # compares served at once with batched generation (under anyio's 40 worker threads)
 
 
@@ -75,6 +79,11 @@ def sampling(form: CompareForm) -> SamplingConfig:
     return cfg
 
 
+def update_interval(streams: int) -> float:
+    """Seconds between one stream's updates while `streams` stream at once (see UPDATES_PER_S)."""
+    return max(STREAM_INTERVAL, streams / UPDATES_PER_S)
+
+
 def compare(studio: Studio, form: CompareForm, progress=None, user=None):
     """Yield, for the five output columns, gr.update()s: labels/visibility first, then the texts as they grow.
     user: who asks (signed-in user or session), for the rows-per-user cap of batched generation."""
@@ -95,34 +104,38 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None):
     if not prompt.strip():
         raise ValueError("write a prompt (or pick a preset) to continue.")
     cfg = sampling(form)
-    if progress is not None:
+    if progress is not None and studio.loaded_base() != model_name:  # a progress message is an event too
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
-    stream = studio.engine.compare(prompt, columns, cfg, user=user)  # loads and validates the adapters, eagerly
     labels = [f"Base model · {model_name}" if c is None else f"Adapter · {c}" for c in columns]
     texts = [prompt] * len(columns)
 
     def updates(first: bool = False):
+        # Only the first update changes labels and visibility: Gradio rebuilds a component (its config, the
+        # signature of its __init__) for every gr.update() or gr.skip() it gets, about 1 ms of the server's
+        # event loop each (py-spy under load: a quarter of that thread). The streamed updates are plain values,
+        # "" for the hidden columns (what they hold).
         out = []
         for i in range(COLUMNS):
             if i < len(columns):
                 out.append(gr.update(value=texts[i], label=labels[i], visible=True) if first else texts[i])
             else:
-                out.append(gr.update(value="", visible=False) if first else gr.skip())
+                out.append(gr.update(value="", visible=False) if first else "")
         return out
 
-    try:
-        yield updates(first=True)
-        last = 0.0
-        for step in stream:
-            texts = [prompt + t for t in step]
-            now = time.monotonic()
-            if now - last >= STREAM_INTERVAL:
-                last = now
+    with studio.streams.one() as streams:
+        # loads and validates the adapters, eagerly; the last texts always come, at once
+        stream = studio.engine.compare(prompt, columns, cfg, user=user, every=lambda: update_interval(int(streams)))
+        try:
+            yield updates(first=True)
+            for step in stream:
+                if step.waiting:  # no free rows yet (batched generation): where this request stands
+                    texts = [f"{prompt}\n\n{QUEUE_NOTE.format(step.waiting)}"] * len(columns)
+                else:
+                    texts = [prompt + t for t in step]
                 yield updates()
-        yield updates()
-    finally:
-        stream.close()  # Stop or a closed page: the request is cancelled and its rows freed now
+        finally:
+            stream.close()  # Stop or a closed page: the request is cancelled and its rows freed now
 
 
 def create_compare_tab(studio: Studio) -> dict:
@@ -156,8 +169,9 @@ def create_compare_tab(studio: Studio) -> dict:
                                   info="Only the k likeliest tokens (0 = all).")
                 top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
                                   info="Only tokens holding this much probability (1 = off).")
-                max_tokens = gr.Slider(1, 512, value=d.max_tokens, step=1, label="Max new tokens", elem_id="cmp-max",
-                                       min_width=110, info="Tokens each column adds.")
+                most = studio.engine.max_new_tokens  # --max-new-tokens (the engine refuses more)
+                max_tokens = gr.Slider(1, most, value=min(d.max_tokens, most), step=1, label="Max new tokens",
+                                       elem_id="cmp-max", min_width=110, info="Tokens each column adds.")
                 seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
                                  info="Shared by every column: same seed = same text.")
             with gr.Row():
