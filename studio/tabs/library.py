@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.adapters.export import zip_merged
+from core.adapters.metrics import write_metrics
 from core.adapters.validate import preset_of
 from core.adapters.validate import AdapterError
 from core.adapters.library import check_name
@@ -192,6 +193,13 @@ def export_zip(studio: Studio, name) -> str:
     return str(studio.library.export_zip(name, studio.export_folder()))
 
 
+def export_metrics(studio: Studio, name, fmt: str) -> str:
+    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its studio.json, as CSV or JSON."""
+    name = _need(name)
+    meta = _dict(studio.library.details(name).get("meta"))
+    return str(write_metrics(meta, studio.export_folder(), name, fmt))
+
+
 def blend_weights(weights_text, n: int) -> list[float]:
     """One finite number per adapter from 'a, b, ...' (empty: equal weights)."""
     text = check_text(weights_text, "the blend weights", 1000)
@@ -278,6 +286,9 @@ def create_library_tab(studio: Studio) -> dict:
             with gr.Row():
                 zip_btn = gr.Button("Download adapter (.zip)", elem_id="lib-download")
                 merge_btn = gr.Button("Merge into base & export", elem_id="lib-merge")
+            with gr.Row():
+                csv_btn = gr.Button("Metrics (.csv)", size="sm", elem_id="lib-metrics-csv")
+                json_btn = gr.Button("Metrics (.json)", size="sm", elem_id="lib-metrics-json")
             gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
                         "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model.</span>")
             out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
@@ -381,12 +392,22 @@ def create_library_tab(studio: Studio) -> dict:
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
+    def metrics_of(fmt: str):
+        @friendly
+        def do_metrics(selected):
+            path = export_metrics(studio, selected, fmt)
+            yield gr.update(value=path, visible=True)
+            studio.drop_export(path)
+        return do_metrics
+
     zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
+    csv_btn.click(metrics_of("csv"), inputs=picked, outputs=out_file, api_name="export_metrics_csv")
+    json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
-            "merge": merge_btn, "file": out_file, "upload": upload, "upload_name": up_name, "import": up_btn,
+            "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn, "file": out_file, "upload": upload, "upload_name": up_name, "import": up_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
             "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
             "lists": lists}
