@@ -126,6 +126,8 @@ def cmd_finetune(args) -> int:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
         name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
+    from core.train.trackers import make_trackers
+    args.trackers = make_trackers(args.report_to, out_dir)  # a missing package is refused before a model loads
     return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
 
 
@@ -210,7 +212,8 @@ def _train(args, trainer, stop: threading.Event) -> int:
     bar = ProgressBar(sys.stderr)
     try:
         scheduler.submit(JobSpec(trainer.name, trainer.base_id, trainer.dataset, trainer.lcfg, trainer.tcfg,
-                                 trainer.out_dir, trainer=trainer, listener=events.put))
+                                 trainer.out_dir, trainer=trainer, listener=events.put,
+                                 trackers=getattr(args, "trackers", [])))
         while True:
             try:
                 ev = events.get(timeout=0.2)
@@ -486,6 +489,10 @@ def _add_finetune(sub) -> None:
     s.add_argument("--max-train-memory", metavar="SIZE",
                    help="refuse settings whose estimated peak memory exceeds SIZE, e.g. 8GB (default: the memory "
                         "available on the device)")
+    from core.train.trackers import REPORT_TO
+    s.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="log the run's metrics to a tracker: tensorboard writes <run>/tensorboard/ "
+                        "(pip install tensorboard); default none")
     s.add_argument("--no-cuda-graphs", action="store_true",
                    help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)
