@@ -419,14 +419,23 @@ def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
 # ---- merge ----------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
+    if not args.output and not args.gguf:
+        raise ValueError("pass --output DIR (a transformers folder), --gguf FILE (for llama.cpp), or both.")
+    if args.gguf:
+        from core.adapters.gguf_export import load_gguf
+        load_gguf()  # a missing package is refused before a model loads
     engine = _engine(args)
     ref = engine.resolve(args.lora)
     _, base_id = load_model(args, _recorded_base(ref.path), engine=engine)
     name = engine.load(ref)
     lcfg = engine.config_of(name)
-    out = engine.export_merged(name, args.output)
     say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
-    say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    if args.output:
+        out = engine.export_merged(name, args.output)
+        say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    if args.gguf:
+        out = engine.export_gguf(name, args.gguf, args.type)
+        say(f"wrote {out} (GGUF, {args.type}, llama.cpp's GPT-2 layout)")
     return 0
 
 
@@ -515,11 +524,15 @@ def _add_compare(sub) -> None:
 
 
 def _add_merge(sub) -> None:
-    s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder",
+    s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder or GGUF",
                        description="Write base + adapter as an HF GPT2LMHeadModel folder "
-                                   "(config.json + model.safetensors).")
+                                   "(config.json + model.safetensors) and/or a GGUF file for llama.cpp.")
     s.add_argument("--lora", required=True, metavar="PATH", help="an adapter: library name, folder or .safetensors")
-    s.add_argument("--output", required=True, metavar="DIR", help="the new model folder (must not exist)")
+    s.add_argument("--output", metavar="DIR", help="the new model folder (must not exist)")
+    s.add_argument("--gguf", metavar="FILE", help="also (or only) write a GGUF file for llama.cpp (must not exist; "
+                                                  "pip install gguf)")
+    s.add_argument("--type", choices=("f16", "q8_0"), default="f16",
+                   help="GGUF weight type: f16 (default) or q8_0 (8-bit, about half the size)")
     add_model_options(s, "default: the base recorded with the adapter")
     s.set_defaults(func=cmd_merge)
 
