@@ -15,7 +15,7 @@ from core.model.config import EOT_TOKEN
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> character table: printable bytes stand for themselves, the rest map to 256 + n."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -157,9 +157,9 @@ class TrainJob:
                 tracker(ev)
             except Exception as e:  # noqa: BLE001 - reported as a note, the run goes on
                 self.spec.trackers.remove(tracker)
+                what = getattr(tracker, "name", getattr(tracker, "__name__", "a tracker"))
                 with self._lock:
-                    self.notes.append(f"logging to {getattr(tracker, 'name', getattr(tracker, '__name__', 'a tracker'))} stopped "
-                                      f"({type(e).__name__}: {e}); training goes on.")
+                    self.notes.append(f"logging to {what} stopped ({type(e).__name__}: {e}); training goes on.")
                     self.version += 1
 
     def _touch(self, **changes) -> None:

@@ -441,7 +441,8 @@ def create_library_tab(studio: Studio) -> dict:
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
             "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn,
-            "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name, "import": up_btn,
+            "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name,
+            "import": up_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
             "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
             "lists": lists}
