@@ -126,6 +126,8 @@ def cmd_finetune(args) -> int:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
         name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
+    from core.train.trackers import make_trackers
+    args.trackers = make_trackers(args.report_to, out_dir)  # a missing package is refused before a model loads
     return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
 
 
@@ -210,7 +212,8 @@ def _train(args, trainer, stop: threading.Event) -> int:
     bar = ProgressBar(sys.stderr)
     try:
         scheduler.submit(JobSpec(trainer.name, trainer.base_id, trainer.dataset, trainer.lcfg, trainer.tcfg,
-                                 trainer.out_dir, trainer=trainer, listener=events.put))
+                                 trainer.out_dir, trainer=trainer, listener=events.put,
+                                 trackers=getattr(args, "trackers", [])))
         while True:
             try:
                 ev = events.get(timeout=0.2)
@@ -427,14 +430,23 @@ def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
 # ---- merge ----------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
+    if not args.output and not args.gguf:
+        raise ValueError("pass --output DIR (a transformers folder), --gguf FILE (for llama.cpp), or both.")
+    if args.gguf:
+        from core.adapters.gguf_export import load_gguf
+        load_gguf()  # a missing package is refused before a model loads
     engine = _engine(args)
     ref = engine.resolve(args.lora)
     _, base_id = load_model(args, _recorded_base(ref.path), engine=engine)
     name = engine.load(ref)
     lcfg = engine.config_of(name)
-    out = engine.export_merged(name, args.output)
     say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
-    say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    if args.output:
+        out = engine.export_merged(name, args.output)
+        say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    if args.gguf:
+        out = engine.export_gguf(name, args.gguf, args.type)
+        say(f"wrote {out} (GGUF, {args.type}, llama.cpp's GPT-2 layout)")
     return 0
 
 
@@ -497,6 +509,10 @@ def _add_finetune(sub) -> None:
     s.add_argument("--max-train-memory", metavar="SIZE",
                    help="refuse settings whose estimated peak memory exceeds SIZE, e.g. 8GB (default: the memory "
                         "available on the device)")
+    from core.train.trackers import REPORT_TO
+    s.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="log the run's metrics to a tracker: tensorboard writes <run>/tensorboard/ "
+                        "(pip install tensorboard); default none")
     s.add_argument("--no-cuda-graphs", action="store_true",
                    help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)
@@ -519,11 +535,15 @@ def _add_compare(sub) -> None:
 
 
 def _add_merge(sub) -> None:
-    s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder",
+    s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder or GGUF",
                        description="Write base + adapter as an HF GPT2LMHeadModel folder "
-                                   "(config.json + model.safetensors).")
+                                   "(config.json + model.safetensors) and/or a GGUF file for llama.cpp.")
     s.add_argument("--lora", required=True, metavar="PATH", help="an adapter: library name, folder or .safetensors")
-    s.add_argument("--output", required=True, metavar="DIR", help="the new model folder (must not exist)")
+    s.add_argument("--output", metavar="DIR", help="the new model folder (must not exist)")
+    s.add_argument("--gguf", metavar="FILE", help="also (or only) write a GGUF file for llama.cpp (must not exist; "
+                                                  "pip install gguf)")
+    s.add_argument("--type", choices=("f16", "q8_0"), default="f16",
+                   help="GGUF weight type: f16 (default) or q8_0 (8-bit, about half the size)")
     add_model_options(s, "default: the base recorded with the adapter")
     s.set_defaults(func=cmd_merge)
 

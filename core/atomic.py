@@ -84,6 +84,31 @@ def publish_dir(dst, build: Callable[[Path], object], replace: bool = False) -> 
     return dst
 
 
+def publish_file(dst, write: Callable[[Path], object]) -> Path:
+    """Make a new file `dst` appear whole or not at all: `write(tmp)` fills a hidden temp file beside it,
+    which is fsynced and then linked into place. FileExistsError if `dst` exists (or appears meanwhile):
+    an export never overwrites a file."""
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, f"{dst} already exists", str(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        _fsync_file(Path(tmp))
+        try:
+            os.link(tmp, dst)  # unlike os.replace, refuses a file that appeared meanwhile
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: checked above, under a small race
+            os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(dst.parent)
+    return dst
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

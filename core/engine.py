@@ -332,6 +332,12 @@ class Engine:
         with self._pinned([adapter]) as (model, names):
             return export_merged(model, names[0], out_dir)
 
+    def export_gguf(self, adapter: str, out_path, qtype: str = "f16") -> Path:
+        """A GGUF file (llama.cpp's GPT-2 layout) of the base with an adapter merged in; see export_merged."""
+        from core.adapters.gguf_export import export_gguf  # the optional gguf package is needed only here
+        with self._pinned([adapter]) as (model, names):
+            return export_gguf(model, names[0], out_path, qtype, title=adapter)
+
     # ---- internals ---------------------------------------------------------------------------
 
     def _name_for(self, a: str, model: GPT) -> str:

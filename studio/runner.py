@@ -19,6 +19,7 @@ from core.model.config import PRESETS, LoraConfig, TrainConfig
 from core.train.data import Dataset
 from core.train.estimate import check_memory, estimate_training
 from core.train.jobs import JobSpec, TrainJob, TrainScheduler
+from core.train.trackers import make_trackers
 from core.train.trainer import find_checkpoint
 
 TRAIN_PREFIX = "train:"  # adapters being trained are loaded under 'train:<run>', never a library name
@@ -94,13 +95,15 @@ class Runner:
     # ---- control -------------------------------------------------------------------------
 
     def start(self, base_id: str, dataset: Dataset, name: str, lcfg: LoraConfig, tcfg: TrainConfig,
-              owner: str | None = None, user: str | None = None) -> TrainJob:
+              owner: str | None = None, user: str | None = None, report_to: str = "none") -> TrainJob:
         """Queue a new adapter `name` for training into the library; it starts when there is room.
         owner: who may stop it and whose limit it counts against (the signed-in user or the browser);
-        user: the signed-in user name recorded in studio.json. Raises ValueError (the name is taken,
-        the per-user limit, a full queue)."""
+        user: the signed-in user name recorded in studio.json; report_to: a tracker of
+        core.train.trackers.REPORT_TO. Raises ValueError (the name is taken, the per-user limit, a full
+        queue, a tracker whose package is missing)."""
         check_name(name)
         out_dir = self.engine.library.root / name
+        trackers = make_trackers(report_to, out_dir)
         library = self.engine.library
         with library.lock():  # reserve the name now: the first checkpoint comes later
             if out_dir.exists() or out_dir.is_symlink():
@@ -110,13 +113,14 @@ class Runner:
             hold = library.reserve_run(name)
         return self._submit(hold, JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner,
                                           meta=_run_meta(name, user), adapter=TRAIN_PREFIX + name,
-                                          max_memory=self.engine.max_train_memory))
+                                          max_memory=self.engine.max_train_memory, trackers=trackers))
 
     def resume(self, base_id: str, dataset: Dataset, name: str, steps: int | None = None,
-               owner: str | None = None, user: str | None = None) -> TrainJob:
+               owner: str | None = None, user: str | None = None, report_to: str = "none") -> TrainJob:
         """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan).
         The run keeps the signed-in user it was started by; `user` is recorded only when it had none."""
         check_name(name)
+        trackers = make_trackers(report_to, self.run_dir(name))
         if self.training(name) is not None:
             raise ValueError(f"'{name}' is already queued or training.")
         ck = find_checkpoint(self.run_dir(name))
@@ -127,7 +131,7 @@ class Runner:
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
                                           resume=ck, meta=_run_meta(name, recorded), adapter=TRAIN_PREFIX + name,
-                                          max_memory=self.engine.max_train_memory))
+                                          max_memory=self.engine.max_train_memory, trackers=trackers))
 
     def stop(self, job_id=None, owner: str | None = None, admin: bool = False) -> str:
         """Stop a job (default: the owner's newest live one). Only its owner, or an admin, may; owner None

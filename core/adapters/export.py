@@ -23,20 +23,9 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
     is never touched; the folder is built beside `out_dir` and renamed into place.
     """
     out = Path(out_dir)
-    if merged_name(model) is not None:
-        raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
-    if adapter_name not in adapter_names(model):
-        raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise AdapterError(f"{out} already exists; choose a new folder for the merged model.")
-    state = {k: v.float() for k, v in hf_state_dict(model).items()}  # HF layout: Conv1D is (in, out)
-    for path, layer in lora_layers(model).items():
-        if layer.has(adapter_name):
-            merged = state[f"{path}.weight"] + layer.delta(adapter_name).to("cpu").t()
-            if not bool(torch.isfinite(merged).all()):
-                raise AdapterError(f"merging {adapter_name!r} gives non-finite weights in {path}; refusing to export.")
-            state[f"{path}.weight"] = merged
-    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    state = {k: v.to(dtype).contiguous() for k, v in merged_state_dict(model, adapter_name).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path):
@@ -46,6 +35,25 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
         out.rmdir()  # an empty folder the caller made: the export takes its place
     atomic.publish_dir(out, build)
     return out
+
+
+@torch.no_grad()
+def merged_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Base + adapter as float32 CPU tensors in HF GPT2LMHeadModel layout (Conv1D weights are (in, out); no
+    lm_head: it is tied to transformer.wte). The one merge every export format starts from; the shared
+    model is never touched."""
+    if merged_name(model) is not None:
+        raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
+    if adapter_name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
+    state = {k: v.float() for k, v in hf_state_dict(model).items()}
+    for path, layer in lora_layers(model).items():
+        if layer.has(adapter_name):
+            merged = state[f"{path}.weight"] + layer.delta(adapter_name).to("cpu").t()
+            if not bool(torch.isfinite(merged).all()):
+                raise AdapterError(f"merging {adapter_name!r} gives non-finite weights in {path}; refusing to export.")
+            state[f"{path}.weight"] = merged
+    return state
 
 
 def zip_merged(folder) -> Path:

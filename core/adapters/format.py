@@ -156,7 +156,10 @@ def _dataset(x):
                     "val_tokens": _int(0, 10**12)})(x)
 
 
-_POINT = _record({"step": _int(), "loss": _num(), "lr": _num(), "val_loss": _num()})
+# one history point per optimizer step (core.train.trainer); val_loss at evaluations; the last four since
+# metrics export (older files lack them)
+_POINT = _record({"step": _int(), "loss": _num(), "lr": _num(), "val_loss": _num(), "grad_norm": _num(),
+                  "tokens_per_sec": _num(), "elapsed": _num(), "wall_time": _num()})
 META_FIELDS = {  # every field this app writes to studio.json, and what it may hold
     **{k: _text for k in ("name", "base_model", "status", "user", "imported_from", "duplicated_from",
                           "restored_from")},

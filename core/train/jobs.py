@@ -57,6 +57,8 @@ class JobSpec:
     max_memory: int | None = None  # a cap in bytes on the job's estimated peak (--max-train-memory)
     on_end: Callable[["TrainJob"], None] | None = None  # called once when the job has ended (releases a hold)
     listener: Callable[[dict], None] | None = None  # gets every event of the job, the last one included (the CLI)
+    trackers: list = field(default_factory=list)  # event consumers that log the job (core.train.trackers), each
+                                                  # getting every event; one that fails is dropped with a note
     trainer: Trainer | None = None  # one built by the caller, on the base load_base returns (the CLI builds it
                                     # first, so bad settings are refused before anything runs)
 
@@ -145,8 +147,22 @@ class TrainJob:
                 self.message = f"saved to the library as '{self.name}'"
                 self.ended = time.time()
             self.version += 1
+        self._track(ev)  # first: whoever sees the last event finds the trackers' files complete
         if self.spec.listener is not None:
             self.spec.listener(ev)
+
+    def _track(self, ev: dict) -> None:
+        """Hand the event to the job's trackers. Logging never stops training: a tracker that fails (a full
+        disk, a broken package) is dropped, and the job says so."""
+        for tracker in list(self.spec.trackers):
+            try:
+                tracker(ev)
+            except Exception as e:  # noqa: BLE001 - reported as a note, the run goes on
+                self.spec.trackers.remove(tracker)
+                what = getattr(tracker, "name", getattr(tracker, "__name__", "a tracker"))
+                with self._lock:
+                    self.notes.append(f"logging to {what} stopped ({type(e).__name__}: {e}); training goes on.")
+                    self.version += 1
 
     def _touch(self, **changes) -> None:
         with self._lock:

@@ -12,7 +12,8 @@ Events (plain dicts of str/int/float/None/list, safe to hand between threads):
                 grad_accum, tokens_per_step, trainable_params, device, autocast ('bf16' | None),
                 out_dir, resumed_from
     info        message (e.g. the block size was reduced to fit short data)
-    step        step, steps, loss, lr, grad_norm, step_time (s), tokens_per_sec, eta (s), elapsed (s), tokens
+    step        step, steps, loss, lr, grad_norm, step_time (s), tokens_per_sec, eta (s), elapsed (s, this
+                process), tokens
     eval        step, val_loss, val_ppl, val_tokens (at step 0, every eval_interval steps and at the end)
     sample      step, samples: [{prompt, text}] (after each eval when sample_prompts are set)
     checkpoint  step, path
@@ -199,6 +200,7 @@ class _Progress:
     last_good: str | None  # the newest checkpoint on disk
     saved_step: int | None  # the step of the last checkpoint saved (or resumed from)
     t_run: float = field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # training seconds of the run before this process resumed it (its history's)
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # recent step times, for the ETA
 
 
@@ -321,8 +323,11 @@ class Trainer:
         yield from self._start_events()
         if self.resume is None:
             self.start_val_loss = yield from self._eval()
+        before = self._last("elapsed")  # a resumed run's training time so far
         self._progress = _Progress(last_good=self._latest_checkpoint(),
-                                   saved_step=self.resume.step if self.resume else None)
+                                   saved_step=self.resume.step if self.resume else None,
+                                   elapsed_before=float(before) if isinstance(before, (int, float))
+                                   and math.isfinite(before) else 0.0)
         if self.step >= self.tcfg.steps or self.stop.is_set():
             yield from self.stopped() if self.stop.is_set() else self._close("finished")
 
@@ -450,11 +455,16 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - st.t0
         progress.recent.append(dt)
-        self.history.append({"step": self.step, "loss": loss_val, "lr": st.lr})
+        elapsed = time.perf_counter() - progress.t_run
+        # the run's metrics as studio.json keeps them (core.adapters.metrics downloads them): elapsed is the
+        # training time since the run began, resumes included; wall_time the Unix time the step ended
+        self.history.append({"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
+                             "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
+                             "wall_time": time.time()})
         yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": st.lr,
                "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt,
                "eta": sum(progress.recent) / len(progress.recent) * (tcfg.steps - self.step),
-               "elapsed": time.perf_counter() - progress.t_run, "tokens": self.step * self.tokens_per_step}
+               "elapsed": elapsed, "tokens": self.step * self.tokens_per_step}
         return True
 
     def _evaluate_and_checkpoint(self, progress: _Progress) -> Iterator[dict]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from core.adapters.export import zip_merged
+from core.adapters.gguf_export import GGUF_TYPES
+from core.adapters.metrics import write_metrics
 from core.adapters.validate import preset_of
 from core.adapters.validate import AdapterError
 from core.adapters.library import check_name
@@ -192,6 +194,13 @@ def export_zip(studio: Studio, name) -> str:
     return str(studio.library.export_zip(name, studio.export_folder()))
 
 
+def export_metrics(studio: Studio, name, fmt: str) -> str:
+    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its studio.json, as CSV or JSON."""
+    name = _need(name)
+    meta = _dict(studio.library.details(name).get("meta"))
+    return str(write_metrics(meta, studio.export_folder(), name, fmt))
+
+
 def blend_weights(weights_text, n: int) -> list[float]:
     """One finite number per adapter from 'a, b, ...' (empty: equal weights)."""
     text = check_text(weights_text, "the blend weights", 1000)
@@ -242,6 +251,25 @@ def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
             f"{size} zipped."), str(zpath)
 
 
+def gguf_export(studio: Studio, name, qtype, progress=None) -> tuple[str, str]:
+    """Base + adapter merged into one GGUF file (llama.cpp's GPT-2 layout), f16 or q8_0."""
+    name = _need(name)
+    if not isinstance(qtype, str) or qtype not in GGUF_TYPES:
+        raise ValueError(f"choose the GGUF type: {' or '.join(GGUF_TYPES)}.")
+    d = studio.library.details(name)
+    base = preset_of(d.get("base_model")) or studio.loaded_base()
+    if base is None:
+        raise ValueError(f"'{name}' does not record a known base model; load its base on the Compare tab first.")
+    if progress is not None:
+        progress(0.1, desc=f"loading base model {base}…")
+    studio.base(base)
+    if progress is not None:
+        progress(0.4, desc=f"writing the GGUF file ({qtype})…")
+    out = studio.engine.export_gguf(name, studio.export_folder() / f"{name}-{qtype}.gguf", qtype)
+    return (f"Merged **{name}** into {base} as a GGUF file ({qtype}, {human_bytes(os.path.getsize(out))}) for "
+            f"llama.cpp, LM Studio or ollama."), str(out)
+
+
 def create_library_tab(studio: Studio) -> dict:
     gr.Markdown("## 3 · Library\nEvery adapter you trained, blended or uploaded. Adapters are small PEFT-format "
                 "files; they load onto the one shared base model without reloading it.", elem_classes="tab-intro")
@@ -278,8 +306,17 @@ def create_library_tab(studio: Studio) -> dict:
             with gr.Row():
                 zip_btn = gr.Button("Download adapter (.zip)", elem_id="lib-download")
                 merge_btn = gr.Button("Merge into base & export", elem_id="lib-merge")
+            with gr.Row():
+                csv_btn = gr.Button("Metrics (.csv)", size="sm", elem_id="lib-metrics-csv")
+                json_btn = gr.Button("Metrics (.json)", size="sm", elem_id="lib-metrics-json")
+            with gr.Row():
+                gguf_type = gr.Dropdown(list(GGUF_TYPES), value="f16", label="GGUF type", scale=1, min_width=110,
+                                        elem_id="lib-gguf-type", info="q8_0: 8-bit, about half the size.")
+                gguf_btn = gr.Button("Merge & export GGUF", scale=2, elem_id="lib-gguf")
             gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
-                        "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model.</span>")
+                        "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model; "
+                        "GGUF as one file for llama.cpp. Metrics: every step's losses, lr, grad norm, tokens/s "
+                        "and time.</span>")
             out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
         with gr.Column():
             gr.Markdown("### Upload")
@@ -381,12 +418,31 @@ def create_library_tab(studio: Studio) -> dict:
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
+    @friendly
+    def do_gguf(selected, qtype, progress=gr.Progress()):
+        msg, path = gguf_export(studio, selected, qtype, progress)
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
+    def metrics_of(fmt: str):
+        @friendly
+        def do_metrics(selected):
+            path = export_metrics(studio, selected, fmt)
+            yield gr.update(value=path, visible=True)
+            studio.drop_export(path)
+        return do_metrics
+
     zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
+    gguf_btn.click(do_gguf, inputs=[picked, gguf_type], outputs=[status, out_file], api_name="export_gguf")
+    csv_btn.click(metrics_of("csv"), inputs=picked, outputs=out_file, api_name="export_metrics_csv")
+    json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
-            "merge": merge_btn, "file": out_file, "upload": upload, "upload_name": up_name, "import": up_btn,
+            "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn,
+            "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name,
+            "import": up_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
             "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
             "lists": lists}

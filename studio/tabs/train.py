@@ -18,6 +18,7 @@ from core.adapters.library import check_name
 from core.model.config import MAX_PROMPT_CHARS, PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
 from core.train.data import load_dataset
 from core.train.estimate import estimate_training, human_bytes, human_seconds
+from core.train.trackers import REPORT_TO
 from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
@@ -57,6 +58,7 @@ class TrainForm:
     eval_interval: float | None = 20
     seed: float | None = 1337
     prompt: str | None = DEFAULT_PROMPT  # continued at each evaluation
+    report_to: str | None = "none"  # a tracker that logs the run (core.train.trackers.REPORT_TO)
 
 
 SETTINGS = ("model", "targets", "rank", "alpha", "dropout", "lr", "steps", "batch", "accum", "seq_len",
@@ -178,7 +180,8 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
     _load_now(studio, model_name, progress)
-    job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user)
+    job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user,
+                              report_to=form.report_to)
     return _queued_line(studio, job, f"Started **{name}** on {model_name}"), name
 
 
@@ -419,6 +422,9 @@ def create_train_tab(studio: Studio) -> dict:
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
+                report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
+                                        info="Also log the run's metrics to a tracker: tensorboard writes event files "
+                                             "in the run's folder (tensorboard --logdir <library>).")
             estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
             with gr.Row():
                 start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
@@ -457,7 +463,7 @@ def create_train_tab(studio: Studio) -> dict:
     # the form as TrainForm's fields, in its order (the start_training API's argument order)
     form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
                 steps=steps, batch=batch, accum=accum, seq_len=seq_len, eval_interval=eval_interval, seed=seed,
-                prompt=prompt)
+                prompt=prompt, report_to=report_to)
     settings = {k: form[k] for k in SETTINGS}
     gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
           inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
@@ -500,6 +506,7 @@ def create_train_tab(studio: Studio) -> dict:
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
             "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
+            "report_to": report_to,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
             "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
             "table": table, "browser": browser}
