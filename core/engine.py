@@ -50,7 +50,8 @@ from core.lora.layers import adapter_names, remove_adapter
 from core.model.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import load_base
-from core.train.evaluate import EVAL_TOKENS, Evaluation, TokenDiff, check_models, evaluate_models, token_differences
+from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,
+                                 token_differences)
 
 
 @dataclass
@@ -277,10 +278,11 @@ class Engine:
         """Mean loss of each entry of `adapters` (None = the base) on token ids `ids`, all in one batched pass
         on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs;
         `lock` is held around each forward only, as the decode scheduler holds it around each step."""
+        max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
+        check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
         with self._pinned(adapters) as (model, names):
-            ev = evaluate_models(model, names, ids, seq_len, EVAL_TOKENS if max_tokens is None else max_tokens,
-                                 lock=self.lock, stop=stop)
+            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop)
         for score, asked in zip(ev.scores, adapters):
             score.name = asked  # the caller's name, not the internal (perhaps versioned) one
         return ev

@@ -74,6 +74,14 @@ def check_models(names: Sequence) -> list:
     return names
 
 
+def check_settings(seq_len: int, max_tokens: int, block: int) -> None:
+    """ValueError unless 1 <= seq_len <= block (the model's context) and 1 <= max_tokens <= EVAL_TOKENS."""
+    if not 1 <= seq_len <= block:
+        raise ValueError(f"the sequence length must be from 1 to the model's context of {block} (got {seq_len}).")
+    if not 1 <= max_tokens <= EVAL_TOKENS:
+        raise ValueError(f"the tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
+
+
 def _nll(model, h: torch.Tensor, targets: torch.Tensor, budget: int = LOGITS_BUDGET) -> torch.Tensor:
     """Per-token negative log-likelihood (rows, T), fp32, from hidden states (rows, T, d): the logits of
     at most `budget` bytes' worth of rows exist at once (at least one row)."""
@@ -103,11 +111,7 @@ def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len
     lock: held around each forward (the engine's: nobody changes the model's adapters mid-forward).
     stop: checked between forwards (raises core.train.trainer.Stopped)."""
     names = check_models(names)
-    block = model.config.block_size
-    if not 1 <= seq_len <= block:
-        raise ValueError(f"the sequence length must be from 1 to the model's context of {block} (got {seq_len}).")
-    if not 1 <= max_tokens <= EVAL_TOKENS:
-        raise ValueError(f"the tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
+    check_settings(seq_len, max_tokens, model.config.block_size)
     if len(ids) < 2:
         raise ValueError(f"evaluation needs at least 2 tokens (got {len(ids)}); use a longer text or split.")
     windows = eval_windows(np.asarray(ids), seq_len, max(1, max_tokens // seq_len))
