@@ -76,6 +76,12 @@ def eval_figure(rows: list[dict], height: int = 340) -> go.Figure:
                          text=[f"{r['ppl']:,.1f}" for r in rows], textposition="outside",
                          hovertemplate="%{x}<br>perplexity %{y:,.2f}<extra></extra>"), row=1, col=2)
     fig.update_layout(template="plotly_white", height=height, showlegend=False, margin=dict(l=48, r=24, t=40, b=40))
+    for col, key in ((1, "loss"), (2, "ppl")):  # zoomed on the values: bars from 0 hide a 1% difference
+        values = [r[key] for r in rows]
+        if values:
+            lo, hi = min(values), max(values)
+            pad = max(hi - lo, abs(hi) * 0.01, 1e-3)
+            fig.update_yaxes(range=[max(0.0, lo - pad), hi + pad * 0.6], row=1, col=col)
     if not rows:
         fig.add_annotation(text="No evaluation yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
                            font=dict(color="#64748b", size=14))

@@ -124,7 +124,7 @@ def evaluate(studio: Studio, form: EvalForm, progress=None):
     rows = [{"model": "base" if m is None else m, "base": m is None, "loss": s.loss, "ppl": s.ppl,
              "tokens": s.tokens, "seconds": ev.seconds} for m, s in zip(models, ev.scores)]
     table = [[r["model"], round(r["loss"], 4), round(r["ppl"], 2), r["tokens"], round(r["seconds"], 2)] for r in rows]
-    summary = (f"Scored **{ev.tokens:,} tokens** of {html.escape(where)} per model ({ev.windows:,} windows of up to "
+    summary = (f"Scored **{ev.tokens:,} tokens** of {html.escape(where)} per model ({ev.windows:,} window(s) of up to "
                f"{ev.seq_len} tokens): **{len(models)} model(s) in one batched pass**, {ev.forwards} forward(s), "
                f"**{ev.seconds:.2f} s** in all (the time is shared by every row). Lower loss = the model finds the "
                f"text more predictable; perplexity is e<sup>loss</sup>.")
