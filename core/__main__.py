@@ -450,6 +450,47 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# ---- eval -----------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    """The base and each adapter scored on one dataset split in one batched pass (core Engine.evaluate):
+    a table of loss, perplexity, tokens and seconds, or with --json one JSON object on stdout."""
+    import contextlib
+    import json
+    from core.train.data import load_dataset
+    from core.train.evaluate import MAX_MODELS
+    if len(args.lora) > MAX_MODELS - 1:
+        raise ValueError(f"--lora takes at most {MAX_MODELS - 1} adapters (got {len(args.lora)}).")
+    dataset = load_dataset(args.data)
+    ids = dataset.val if args.split == "val" else dataset.train
+    if len(ids) < 2:
+        other = "train" if args.split == "val" else "val"
+        raise ValueError(f"the {args.split} split of {args.data} holds {len(ids)} tokens, too few to evaluate; "
+                         f"use --split {other} or prepare more text.")
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # stdout: JSON only
+        engine = _engine(args, len(args.lora))
+        refs = [engine.resolve(spec) for spec in args.lora]
+        _, base_id = load_model(args, _recorded_base(refs[0].path) if refs else None, engine=engine)
+        names, titles = [], []
+        for ref in refs:
+            names.append(engine.load(ref))
+            titles.append(_unique(_display_name(ref.path), titles))
+    ev = engine.evaluate(ids, [None] + names, args.seq_len, args.max_tokens)
+    rows = [{"model": title, "adapter": spec, "loss": s.loss, "ppl": s.ppl, "tokens": s.tokens,
+             "seconds": ev.seconds} for title, spec, s in zip(["base"] + titles, [None] + args.lora, ev.scores)]
+    if args.json:
+        print(json.dumps({"data": str(args.data), "split": args.split, "base_model": base_id, "seq_len": ev.seq_len,
+                          "windows": ev.windows, "tokens": ev.tokens, "seconds": ev.seconds, "models": rows}))
+        return 0
+    width = max(8, *(len(r["model"]) for r in rows))
+    say(f"{'model':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>8}  {'seconds':>8}")
+    for r in rows:
+        say(f"{r['model']:<{width}}  {r['loss']:8.4f}  {r['ppl']:10.2f}  {r['tokens']:8,}  {r['seconds']:8.2f}")
+    say(f"{len(rows)} model(s) in one batched pass: {ev.windows} window(s) of up to {ev.seq_len} tokens from the "
+        f"{args.split} split, {ev.forwards} forward(s), {ev.seconds:.2f} s in all (the time is shared).")
+    return 0
+
+
 # ---- the parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_compare(sub)
     _add_merge(sub)
+    _add_eval(sub)
     return p
 
 
@@ -546,6 +588,24 @@ def _add_merge(sub) -> None:
                    help="GGUF weight type: f16 (default) or q8_0 (8-bit, about half the size)")
     add_model_options(s, "default: the base recorded with the adapter")
     s.set_defaults(func=cmd_merge)
+
+
+def _add_eval(sub) -> None:
+    from core.train.trainer import EVAL_TOKENS
+    s = sub.add_parser("eval", help="loss and perplexity of the base and adapters on a dataset split",
+                       description="Score the base model and each adapter on the same windows of a dataset split, "
+                                   "all in one batched pass (each window once per model), and print loss, "
+                                   "perplexity, tokens and seconds.")
+    s.add_argument("--data", required=True, metavar="DIR", help="a dataset folder from `prepare` (or the seed's layout)")
+    s.add_argument("--lora", nargs="+", default=[], metavar="PATH",
+                   help="up to 8 adapters: library names, NAME@step_000050, folders or .safetensors files")
+    s.add_argument("--split", choices=("val", "train"), default="val", help="the split to score (default val)")
+    add_model_options(s, "default: the base recorded with the first adapter")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens of context per window (default 128)")
+    s.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,
+                   help=f"tokens scored per model at most, an even sample of the split (default and limit {EVAL_TOKENS})")
+    s.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of the table")
+    s.set_defaults(func=cmd_eval)
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,8 @@ from core.lora.layers import adapter_names, remove_adapter
 from core.model.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import load_base
+from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,
+                                 token_differences)
 
 
 @dataclass
@@ -325,6 +327,29 @@ class Engine:
                                    "generate again.") from None
             finally:
                 req.cancel()  # the caller stopped reading (Stop, a closed page): its rows free at the next step
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, ids, adapters: Sequence[str | None], seq_len: int = 128, max_tokens: int | None = None,
+                 stop: threading.Event | None = None) -> Evaluation:
+        """Mean loss of each entry of `adapters` (None = the base) on token ids `ids`, all in one batched pass
+        on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs;
+        `lock` is held around each forward only, as the decode scheduler holds it around each step."""
+        max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
+        check_models(adapters)  # before any adapter is loaded
+        check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
+        with self._pinned(adapters) as (model, names):
+            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop)
+        for score, asked in zip(ev.scores, adapters):
+            score.name = asked  # the caller's name, not the internal (perhaps versioned) one
+        return ev
+
+    def token_differences(self, text: str, adapter: str) -> list[TokenDiff]:
+        """Each token of `text` scored by the base and by `adapter` (core.train.evaluate.token_differences)."""
+        if not isinstance(adapter, str) or not adapter:
+            raise AdapterError("choose an adapter to compare with the base.")
+        with self._pinned([adapter]) as (model, names):
+            return token_differences(model, text, names[0], lock=self.lock)
 
     def export_merged(self, adapter: str, out_dir) -> Path:
         """An HF-format folder of the base with an adapter merged in (a library name, or a name `load`

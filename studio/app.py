@@ -1,4 +1,4 @@
-"""build_ui(): the four tabs around one shared Engine (base model + adapters) and the training Runner.
+"""build_ui(): the five tabs around one shared Engine (base model + adapters) and the training Runner.
 
 Process-wide objects (engine, runner, folders) live in a Studio that the tabs close over; gr.State
 holds only small per-session values (the session's uploaded text, which job version a page drew).
@@ -21,6 +21,7 @@ from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
 from .style import CSS, theme
 from .tabs.compare import adapter_choices, create_compare_tab
 from .tabs.data import create_data_tab
+from .tabs.evaluate import create_evaluate_tab, from_compare
 from .tabs.library import create_library_tab, refresh as library_refresh
 from .tabs.train import create_train_tab, refresh_datasets
 
@@ -109,6 +110,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 library = create_library_tab(studio)
             with gr.Tab("4 · Compare", id="compare", elem_id="tab-compare") as compare_tab:
                 compare = create_compare_tab(studio)
+            with gr.Tab("5 · Evaluate", id="evaluate", elem_id="tab-evaluate") as evaluate_tab:
+                evaluate = create_evaluate_tab(studio)
 
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
         data["prepared"].success(lambda n, cur: refresh_datasets(studio, cur, select=(n or "").strip()),
@@ -123,6 +126,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
                            inputs=[compare["model"], compare["adapters"]],
                            outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden",
                            api_visibility="private")
+        evaluate_tab.select(lambda m, *cur: (*evaluate["refresh_all"](m, *cur), studio.model_status(m)),
+                            inputs=[evaluate["model"], evaluate["adapters"], evaluate["diff_adapter"],
+                                    evaluate["dataset"]], outputs=[*evaluate["lists"], evaluate["model_status"]],
+                            show_progress="hidden", api_visibility="private")
+        # "Use Compare's text": the first adapter column (prompt + continuation) and its adapter
+        evaluate["from_compare"].click(from_compare, inputs=[compare["include_base"], compare["adapters"],
+                                                             *compare["outputs"]],
+                                       outputs=[evaluate["diff_text"], evaluate["diff_adapter"]],
+                                       api_visibility="private")
         # a page opened later sees what exists now (choices built with the UI are a snapshot)
         demo.load(lambda: (refresh_datasets(studio), studio.model_status(studio.default_model),
                            adapter_choices(studio, studio.default_model), studio.model_status(studio.default_model),
@@ -135,7 +147,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.studio = studio  # for tests and the entry point
-    demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "tabs": tabs}
+    demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "evaluate": evaluate,
+                  "tabs": tabs}
     return demo
 
 

@@ -1,4 +1,4 @@
-"""Plotly figures from training events: train loss and validation loss, learning rate on a second axis."""
+"""Plotly figures: training events (train loss and validation loss, learning rate on a second axis) and evaluation bars."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
@@ -60,3 +60,29 @@ def figure_from_meta(meta: dict, height: int = 320) -> go.Figure:
         evals.insert(0, {"step": 0, "val_loss": meta["start_val_loss"]})
     steps = (meta.get("training") or {}).get("steps") if isinstance(meta.get("training"), dict) else None
     return loss_figure(points, evals, steps if isinstance(steps, int) else None, height=height)
+
+
+def eval_figure(rows: list[dict], height: int = 340) -> go.Figure:
+    """Bars of loss and perplexity per model, side by side. rows: [{"model", "loss", "ppl"}] (an evaluation)."""
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss (nats, lower is better)", "perplexity"),
+                        horizontal_spacing=0.12)
+    names = [r["model"] for r in rows]
+    colors = [LR_COLOR if r.get("base") else TRAIN_COLOR for r in rows]  # the base grey, adapters indigo
+    fig.add_trace(go.Bar(x=names, y=[r["loss"] for r in rows], marker_color=colors, name="loss",
+                         text=[f"{r['loss']:.3f}" for r in rows], textposition="outside",
+                         hovertemplate="%{x}<br>loss %{y:.4f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=names, y=[r["ppl"] for r in rows], marker_color=colors, name="perplexity",
+                         text=[f"{r['ppl']:,.1f}" for r in rows], textposition="outside",
+                         hovertemplate="%{x}<br>perplexity %{y:,.2f}<extra></extra>"), row=1, col=2)
+    fig.update_layout(template="plotly_white", height=height, showlegend=False, margin=dict(l=48, r=24, t=40, b=40))
+    for col, key in ((1, "loss"), (2, "ppl")):  # zoomed on the values: bars from 0 hide a 1% difference
+        values = [r[key] for r in rows]
+        if values:
+            lo, hi = min(values), max(values)
+            pad = max(hi - lo, abs(hi) * 0.01, 1e-3)
+            fig.update_yaxes(range=[max(0.0, lo - pad), hi + pad * 0.6], row=1, col=col)
+    if not rows:
+        fig.add_annotation(text="No evaluation yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                           font=dict(color="#64748b", size=14))
+    return fig

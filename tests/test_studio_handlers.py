@@ -441,7 +441,7 @@ def test_plots():
 def test_build_ui_and_launch_options(studio):
     from studio.app import launch_options
     demo = build_ui(studio)
-    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "tabs"}
+    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "evaluate", "tabs"}
     opts = launch_options()
     assert opts["enable_monitoring"] is False and opts["max_file_size"] and "allowed_paths" not in opts
     assert "css" in opts and "theme" in opts
