@@ -299,6 +299,7 @@ def test_a_new_runs_name_is_reserved_before_its_first_checkpoint(studio):
     _start(studio, "fresh", 5000)
     with pytest.raises(AdapterError, match="an adapter named 'fresh' already exists"):  # at once: no checkpoint exists yet
         studio.library.duplicate("other", "fresh")
+    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")  # stopped in the queue, it saves nothing
     train.stop(studio)
     assert studio.runner.wait(120)["state"] in ("stopped", "finished")
     assert studio.library.details("fresh")["meta"].get("duplicated_from") is None
