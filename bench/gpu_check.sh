@@ -3,9 +3,16 @@
 # Sections: checks, decode, scheduler (issue 13: 64 concurrent gpt2 requests x 128 tokens through the decode
 # scheduler vs one alone; goals >= 20x tokens/s, p95 per-token latency <= 2x), xl, quant, train. Without a GPU
 # the scheduler section is only a CPU smoke check: bench/gpu_check.sh OUT --only scheduler --model tiny
+# Then the classroom case (issue 12): 8 gpt2-shaped jobs at 4 x 128 co-batched vs one after another, while 4 users
+# compare (goals: >= 3x the aggregate tokens/s, peak memory <= 1.5x one job) -> OUT/classroom.json. Skipped
+# without a GPU, or with CLASSROOM=0.
 set -uo pipefail
 out="${1:?usage: bench/gpu_check.sh OUT_DIR}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 PYTHONUNBUFFERED=1 timeout 290 python3 bench/gpu_bench.py --out "$out/gpu_check.json" "${@:2}" 2>&1 | tee "$out/gpu_check.log"
+if [ "${CLASSROOM:-1}" != "0" ] && python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/classroom.py --device cuda --model gpt2 --uniform --students 8 \
+    --comparers 4 --json "$out/classroom.json" 2>&1 | tee "$out/classroom.log"
+fi
