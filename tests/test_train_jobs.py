@@ -2,6 +2,7 @@
 another base waiting for the current one, a per-user limit, stop rules, and cleanup."""
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -202,4 +203,22 @@ def test_the_token_budget_counts_the_padded_rows_of_a_shared_step(bases, sample_
         sched.stop(first)
         assert second.wait(120) and second.snapshot()["state"] == "finished"
     finally:
+        sched.close()
+
+
+def test_a_queued_job_is_told_why_it_waits_only_when_it_must(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=100)
+    try:
+        bases.gate.clear()  # nothing trains yet: the first job is starting or queued
+        first = sched.submit(spec(sample_ds, tmp_path, "first"))  # 2 x 16
+        second = sched.submit(spec(sample_ds, tmp_path, "second", B))  # 1 x 24: 3 rows x 24 = 72 fit beside it
+        wide = (B[0], quick(steps=2, batch_size=1, seq_len=48, grad_accum=1, eval_interval=0, checkpoint_interval=0,
+                            seed=2))
+        third = sched.submit(spec(sample_ds, tmp_path, "third", wide))  # 4 rows x 48 = 192 do not
+        fourth = sched.submit(spec(sample_ds, tmp_path, "fourth"))  # would fit, but waits its turn
+        assert sched.waits(first) is None and sched.waits(second) is None  # both start at once
+        assert sched.waits(third).startswith("waiting for room")
+        assert re.fullmatch(r"[23] jobs are ahead of it in the queue", sched.waits(fourth))
+    finally:
+        bases.gate.set()
         sched.close()

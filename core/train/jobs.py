@@ -238,7 +238,6 @@ class TrainScheduler:
         self._running: list[TrainJob] = []
         self._recent: deque[TrainJob] = deque(maxlen=50)  # ended jobs, newest last
         self._co: CoTrainer | None = None
-        self._base_key = None  # (base_id, weights) of the running jobs
         self._squeezed: int | None = None  # tokens that ran out of memory: nothing more joins until a job ends
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="train-scheduler", daemon=True)
@@ -348,18 +347,28 @@ class TrainScheduler:
         with self._cond:
             if job not in self._queue:
                 return None
-            ahead = list(self._queue).index(job)
-            if ahead:
-                return f"{ahead} job{'s are' if ahead != 1 else ' is'} ahead of it in the queue"
-            return self._reason(job)
+            queue = list(self._queue)
+            ahead = queue[:queue.index(job)]
+            running = list(self._running)
+            for other in ahead + [job]:  # the queue starts in order: those ahead that can start, will
+                reason = self._reason(other, running)
+                if reason is not None:
+                    n = len(ahead)
+                    return reason if other is job else f"{n} job{'s are' if n != 1 else ' is'} ahead of it in the queue"
+                running.append(other)
+            return None
 
-    def _reason(self, job: TrainJob) -> str | None:
-        """(Holding _cond.) Why the queue's head must wait, or None."""
-        if self._running and (job.spec.base_id, job.spec.weights) != self._base_key:
-            return (f"waiting for the base model: the running jobs train on {self._base_key[0]}, this one needs "
-                    f"{job.spec.base_id}; it starts when they end.")
-        if self._running and not self._fits(job):
-            return "waiting for room: the running jobs fill this machine's shared training step; it starts when one ends."
+    def _reason(self, job: TrainJob, running: list[TrainJob] | None = None) -> str | None:
+        """(Holding _cond.) Why `job` could not start beside `running` (default: the running jobs), or None."""
+        running = self._running if running is None else running
+        if running:
+            base = (running[0].spec.base_id, running[0].spec.weights)
+            if (job.spec.base_id, job.spec.weights) != base:
+                return (f"waiting for the base model: the running jobs train on {base[0]}, this one needs "
+                        f"{job.spec.base_id}; it starts when they end.")
+            if not self._fits(job, running):
+                return ("waiting for room: the running jobs fill this machine's shared training step; it starts "
+                        "when one ends.")
         return None
 
     def _startable(self) -> TrainJob | None:
@@ -377,17 +386,20 @@ class TrainScheduler:
         if job.waiting != reason:
             job._touch(waiting=reason)
 
-    def _fits(self, job: TrainJob) -> bool:
-        """Whether the shared step has room for `job` beside the running ones. A step is every row padded
-        to the longest sequence, so that is what is counted: rows x the longest length."""
+    def _fits(self, job: TrainJob, running: list[TrainJob]) -> bool:
+        """Whether the shared step has room for `job` beside `running`. A step is every row padded to the
+        longest sequence, so that is what is counted: rows x the longest length."""
         if self._squeezed is not None:
             return False
-        jobs = self._running + [job]
+        jobs = running + [job]
         longest = max(j.seq_len for j in jobs)
         if self.capacity_tokens is not None:
             return sum(j.rows for j in jobs) * longest <= self.capacity_tokens
-        model = self._running[0].model  # a GPU: every job's activations against the memory free now
-        now = max(j.seq_len for j in self._running)
+        model = next((j.model for j in running if j.model is not None), None)
+        if model is None:  # none loaded yet (a forecast for queued jobs): the loop decides when they start
+            return True
+        # a GPU: every job's activations against the memory free now
+        now = max(j.seq_len for j in running)
         held = sum(self._extra_bytes(j, model, now) for j in self._running)
         room = available_memory(model.device)
         return room is None or sum(self._extra_bytes(j, model, longest) for j in jobs) <= GPU_SHARE * (room + held)
@@ -418,8 +430,6 @@ class TrainScheduler:
         try:
             if job.trainer is None:  # a job pushed out by an out-of-memory error keeps its trainer
                 job.model = self._load_base(spec)
-                with self._cond:
-                    self._base_key = (spec.base_id, spec.weights)
                 job.trainer = spec.trainer or Trainer(
                     job.model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name, spec.out_dir,
                     job.stop_flag, base_id=spec.base_id, resume=spec.resume, max_memory=spec.max_memory, meta=spec.meta)
@@ -491,8 +501,6 @@ class TrainScheduler:
             with self._cond:
                 self._running.remove(job)
                 self._squeezed = None
-                if not self._running:
-                    self._base_key = None
             self._end(job, job._final or {"type": "error", "kind": "internal", "step": job.progress.get("step", 0),
                                           "message": "training ended without a result.", "checkpoint": None})
 
