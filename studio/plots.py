@@ -62,6 +62,38 @@ def figure_from_meta(meta: dict, height: int = 320) -> go.Figure:
     return loss_figure(points, evals, steps if isinstance(steps, int) else None, height=height)
 
 
+OVERLAY_COLORS = ["#4f46e5", "#f97316", "#059669", "#dc2626", "#0891b2", "#a21caf", "#ca8a04", "#475569"]
+
+
+def overlay_figure(runs: list[tuple[str, dict]], height: int = 360) -> go.Figure:
+    """Several saved adapters' curves on one chart: runs = [(name, its studio.json)]; per adapter one colour,
+    train loss as a line, validation loss dashed with markers."""
+    fig = go.Figure()
+    for i, (name, meta) in enumerate(runs):
+        color = OVERLAY_COLORS[i % len(OVERLAY_COLORS)]
+        history = meta.get("history") if isinstance(meta.get("history"), list) else []
+        history = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)]
+        points = _thin([h for h in history if isinstance(h.get("loss"), (int, float))])
+        evals = [h for h in history if isinstance(h.get("val_loss"), (int, float))]
+        if isinstance(meta.get("start_val_loss"), (int, float)):
+            evals.insert(0, {"step": 0, "val_loss": meta["start_val_loss"]})
+        fig.add_trace(go.Scatter(x=[p["step"] for p in points], y=[p["loss"] for p in points],
+                                 name=f"{name} · train", mode="lines", line=dict(color=color, width=2),
+                                 hovertemplate=f"{name}<br>step %{{x}}<br>train loss %{{y:.4f}}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["val_loss"] for e in evals],
+                                 name=f"{name} · validation", mode="lines+markers",
+                                 line=dict(color=color, width=2, dash="dash"), marker=dict(size=6),
+                                 hovertemplate=f"{name}<br>step %{{x}}<br>val loss %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=56, r=24, t=16, b=44),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      xaxis=dict(title="optimizer step", rangemode="tozero", zeroline=False),
+                      yaxis=dict(title="loss"), hovermode="closest")
+    if not runs:
+        fig.add_annotation(text="Choose adapters to see their curves together", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper", font=dict(color="#64748b", size=14))
+    return fig
+
+
 def eval_figure(rows: list[dict], height: int = 340) -> go.Figure:
     """Bars of loss and perplexity per model, side by side. rows: [{"model", "loss", "ppl"}] (an evaluation)."""
     from plotly.subplots import make_subplots

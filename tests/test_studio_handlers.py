@@ -463,3 +463,26 @@ def test_app_flags_and_auth(tmp_path):
         app.parse_auth("nopassword")
     assert app.main(["--weights", str(tmp_path / "missing"), "--model", "gpt2"]) == 2
     assert app.main(["--weights", str(tmp_path), "--model", "tiny"]) == 2
+
+
+def test_the_library_overlays_several_adapters_curves_on_one_chart(studio):
+    _prepare(studio)
+    _train(studio, "slow", 6, lr=1e-3)
+    _train(studio, "fast", 4, lr=5e-3, eval_interval=2)
+    fig = library.overlay(studio, ["slow", "fast"])
+    traces = {t.name: t for t in fig.data}
+    assert set(traces) == {"slow · train", "slow · validation", "fast · train", "fast · validation"}
+    for name in ("slow", "fast"):  # each line is the adapter's own history from studio.json
+        meta = json.loads((studio.library.root / name / "studio.json").read_text())
+        steps = [h["step"] for h in meta["history"]]
+        assert list(traces[f"{name} · train"].x) == steps
+        assert list(traces[f"{name} · train"].y) == [h["loss"] for h in meta["history"]]
+        vals = [(0, meta["start_val_loss"])] + [(h["step"], h["val_loss"]) for h in meta["history"]
+                                                 if h.get("val_loss") is not None]
+        assert list(zip(traces[f"{name} · validation"].x, traces[f"{name} · validation"].y)) == vals
+    assert traces["slow · train"].line.color != traces["fast · train"].line.color
+    assert library.overlay(studio, []).data == ()
+    for bad, msg in ((["slow", "slow"], "each adapter can be chosen once"), (["nope"], "nope"),
+                     ([f"x{i}" for i in range(9)], "at most 8 adapters"), ("slow", "choose the adapters")):
+        with pytest.raises((ValueError, AdapterError), match=msg):
+            library.overlay(studio, bad)

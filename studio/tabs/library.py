@@ -22,7 +22,7 @@ from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
 from ..context import Studio, friendly, number, typed_name, user_of
-from ..plots import figure_from_meta, loss_figure
+from ..plots import figure_from_meta, loss_figure, overlay_figure
 
 COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
            "created", "size"]
@@ -109,6 +109,21 @@ def details(studio: Studio, name: str | None):
     ckpts = [c["name"] for c in d.get("checkpoints", [])]
     fig = figure_from_meta(_dict(d.get("meta")), height=300)
     return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
+
+
+MAX_OVERLAY = 8  # adapters on one chart (beyond that the colours repeat and the lines blur)
+
+
+def overlay(studio: Studio, chosen) -> object:
+    """The train and validation curves of up to MAX_OVERLAY library adapters on one chart."""
+    if chosen is not None and not isinstance(chosen, (list, tuple)):
+        raise ValueError("choose the adapters from the list.")
+    names = [typed_name(n, "an adapter name") for n in chosen or []]
+    if len(names) > MAX_OVERLAY:
+        raise ValueError(f"choose at most {MAX_OVERLAY} adapters for one chart (got {len(names)}).")
+    if len(set(names)) != len(names):
+        raise ValueError("each adapter can be chosen once.")
+    return overlay_figure([(n, _dict(studio.library.details(n).get("meta"))) for n in names])
 
 
 def _not_training(studio: Studio, name: str) -> None:
@@ -344,6 +359,13 @@ def create_library_tab(studio: Studio) -> dict:
                                info="Training saves checkpoints; keep one as an adapter of its own (uses New name).")
             restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
 
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Curves side by side")
+            chosen = gr.Dropdown(names(studio), value=[], multiselect=True, max_choices=MAX_OVERLAY,
+                                 label="Adapters to overlay", elem_id="lib-overlay-pick", allow_custom_value=True,
+                                 info="Their train loss (lines) and validation loss (dashed) on one chart.")
+            overlay_plot = gr.Plot(overlay_figure([]), label="Loss curves", elem_id="lib-overlay")
     lists = [table, picked, blend_pick]
     show = dict(fn=friendly(lambda selected: details(studio, selected)), inputs=picked, outputs=[info, curve, ckpt])
     picked.change(**show, api_visibility="private")
@@ -437,6 +459,11 @@ def create_library_tab(studio: Studio) -> dict:
     csv_btn.click(metrics_of("csv"), inputs=picked, outputs=out_file, api_name="export_metrics_csv")
     json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
+    # the list is read when it opens (adapters come and go); the chart follows the choice
+    chosen.focus(lambda cur: gr.update(choices=names(studio), value=cur or []), inputs=chosen, outputs=chosen,
+                 show_progress="hidden", api_visibility="private")
+    chosen.change(friendly(lambda cur: overlay(studio, cur)), inputs=chosen, outputs=overlay_plot,
+                  show_progress="hidden", api_name="overlay_curves")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
@@ -445,4 +472,4 @@ def create_library_tab(studio: Studio) -> dict:
             "import": up_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
             "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
-            "lists": lists}
+            "lists": lists, "overlay_pick": chosen, "overlay": overlay_plot}
