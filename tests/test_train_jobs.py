@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -52,6 +53,13 @@ def sched(bases):
     s = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
     yield s
     s.close()
+
+
+def _until(pred, timeout: float = 30.0) -> None:
+    """Wait until pred() holds (a job reported something), at most `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.05)
 
 
 def spec(ds, tmp_path, name, job=A, user=None, base="tiny", **kw):
@@ -113,10 +121,7 @@ def test_a_job_on_another_base_waits_until_the_current_base_has_no_jobs(bases, s
         first = sched.submit(spec(sample_ds, tmp_path, "first", long))
         other = sched.submit(spec(sample_ds, tmp_path, "other", base="tiny-other"))
         same = sched.submit(spec(sample_ds, tmp_path, "same"))  # behind it: first come, first served
-        for _ in range(600):
-            if other.snapshot()["waiting"]:
-                break
-            threading.Event().wait(0.05)
+        _until(lambda: other.snapshot()["waiting"])
         snap = other.snapshot()
         assert snap["state"] == "queued" and snap["position"] == 1
         assert "needs tiny-other" in snap["waiting"] and "train on tiny" in snap["waiting"]
@@ -153,10 +158,7 @@ def test_stopping_a_queued_job_removes_it_and_a_running_one_is_saved(bases, samp
                             checkpoint_interval=0, seed=1))
         running = sched.submit(spec(sample_ds, tmp_path, "running", long, on_end=ended.append))
         queued = sched.submit(spec(sample_ds, tmp_path, "queued", on_end=ended.append))
-        for _ in range(600):
-            if running.snapshot()["points"]:
-                break
-            threading.Event().wait(0.05)
+        _until(lambda: running.snapshot()["points"])
         assert "left the queue" in sched.stop(queued)
         assert queued.snapshot()["state"] == "stopped" and "nothing was trained" in queued.snapshot()["message"]
         assert not (tmp_path / "queued").exists()
@@ -191,10 +193,7 @@ def test_the_token_budget_counts_the_padded_rows_of_a_shared_step(bases, sample_
         long = (A[0], quick(steps=500, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0,
                             checkpoint_interval=0, seed=1))
         first = sched.submit(spec(sample_ds, tmp_path, "first", long))
-        for _ in range(600):
-            if first.snapshot()["points"]:
-                break
-            threading.Event().wait(0.05)
+        _until(lambda: first.snapshot()["points"])
         wide = (B[0], quick(steps=2, batch_size=1, seq_len=48, grad_accum=1, eval_interval=0, checkpoint_interval=0,
                             seed=2))
         second = sched.submit(spec(sample_ds, tmp_path, "second", wide))

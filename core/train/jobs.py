@@ -99,7 +99,6 @@ class TrainJob:
         self.waiting = ""  # why a queued job waits (set by the scheduler)
         self.rows = 0  # rows (sequences) it adds to each shared step (set by the scheduler)
         self.seq_len = 0  # their length (a shared step pads every row to the longest)
-        self.tokens = 0  # rows x seq_len
         self.version = 0
         self._final: dict | None = None
         self._done = threading.Event()
@@ -194,12 +193,6 @@ class TrainJob:
                 "position": self.position, "waiting": self.waiting,
             }
 
-    def describe(self) -> str:
-        """'<name>' on <base> (step 12/200, 6%): for messages."""
-        p = self.progress
-        step, steps = p.get("step", 0), p.get("steps") or 1
-        return f"'{self.name}' on {self.spec.base_id} (step {step}/{steps}, {100 * step / steps:.0f}%)"
-
 
 class TrainScheduler:
     """One training thread for every job submitted to it, co-batched on the loaded base.
@@ -238,7 +231,7 @@ class TrainScheduler:
         self._running: list[TrainJob] = []
         self._recent: deque[TrainJob] = deque(maxlen=50)  # ended jobs, newest last
         self._co: CoTrainer | None = None
-        self._squeezed: int | None = None  # tokens that ran out of memory: nothing more joins until a job ends
+        self._squeezed = False  # a shared step ran out of memory: nothing more joins until a job ends
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="train-scheduler", daemon=True)
         self._thread.start()
@@ -250,7 +243,6 @@ class TrainScheduler:
         job = TrainJob(spec)
         tcfg = spec.tcfg if spec.tcfg is not None else spec.resume.tcfg
         job.rows, job.seq_len = tcfg.batch_size, spec.dataset.block_size(tcfg.seq_len)[0]
-        job.tokens = job.rows * job.seq_len
         with self._cond:
             if self._closed:
                 raise RuntimeError("the training scheduler is closed")
@@ -295,9 +287,6 @@ class TrainScheduler:
     def live(self) -> list[TrainJob]:
         with self._cond:
             return self._live()
-
-    def get(self, job_id) -> TrainJob | None:
-        return next((j for j in self.jobs() if j.id == job_id), None)
 
     def eta_to_start(self, job: TrainJob) -> float | None:
         """Seconds until a queued job can start, as far as the running jobs' ETAs tell (each job that
@@ -389,7 +378,7 @@ class TrainScheduler:
     def _fits(self, job: TrainJob, running: list[TrainJob]) -> bool:
         """Whether the shared step has room for `job` beside `running`. A step is every row padded to the
         longest sequence, so that is what is counted: rows x the longest length."""
-        if self._squeezed is not None:
+        if self._squeezed:
             return False
         jobs = running + [job]
         longest = max(j.seq_len for j in jobs)
@@ -457,7 +446,7 @@ class TrainScheduler:
             job = next(j for j in self._running if j.trainer is trainer)
             with self._cond:
                 self._running.remove(job)
-                self._squeezed = sum(j.tokens for j in self._running)
+                self._squeezed = True
                 self._queue.appendleft(job)
                 self._update_positions()
             job._touch(state="queued", waiting="back in the queue: the shared step ran out of memory with this "
@@ -500,7 +489,7 @@ class TrainScheduler:
                 self._release_base(model)
             with self._cond:
                 self._running.remove(job)
-                self._squeezed = None
+                self._squeezed = False
             self._end(job, job._final or {"type": "error", "kind": "internal", "step": job.progress.get("step", 0),
                                           "message": "training ended without a result.", "checkpoint": None})
 

@@ -53,7 +53,7 @@ from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
-from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict, lora_layers,
+from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_parameters, make_route)
 from core.train.cobatch import forward_backward
 from core.model.quant import weight_bytes

@@ -246,16 +246,21 @@ def blend(studio: Studio, picked, weights_text, new, user: str | None = None) ->
     return f"Blended **{new}** = {mix}.", new
 
 
-def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
-    """Base + adapter merged into an HF GPT-2 folder (config.json + model.safetensors), zipped."""
-    name = _need(name)
-    d = studio.library.details(name)
-    base = preset_of(d.get("base_model")) or studio.loaded_base()
+def _load_base_of(studio: Studio, name: str, progress=None) -> str:
+    """Load the base adapter `name` records (else the loaded one) for an export; returns its preset name."""
+    base = preset_of(studio.library.details(name).get("base_model")) or studio.loaded_base()
     if base is None:
         raise ValueError(f"'{name}' does not record a known base model; load its base on the Compare tab first.")
     if progress is not None:
         progress(0.1, desc=f"loading base model {base}…")
     studio.base(base)
+    return base
+
+
+def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
+    """Base + adapter merged into an HF GPT-2 folder (config.json + model.safetensors), zipped."""
+    name = _need(name)
+    base = _load_base_of(studio, name, progress)
     folder = studio.export_folder()
     out = studio.engine.export_merged(name, folder / f"{name}-merged")
     if progress is not None:
@@ -271,13 +276,7 @@ def gguf_export(studio: Studio, name, qtype, progress=None) -> tuple[str, str]:
     name = _need(name)
     if not isinstance(qtype, str) or qtype not in GGUF_TYPES:
         raise ValueError(f"choose the GGUF type: {' or '.join(GGUF_TYPES)}.")
-    d = studio.library.details(name)
-    base = preset_of(d.get("base_model")) or studio.loaded_base()
-    if base is None:
-        raise ValueError(f"'{name}' does not record a known base model; load its base on the Compare tab first.")
-    if progress is not None:
-        progress(0.1, desc=f"loading base model {base}…")
-    studio.base(base)
+    base = _load_base_of(studio, name, progress)
     if progress is not None:
         progress(0.4, desc=f"writing the GGUF file ({qtype})…")
     out = studio.engine.export_gguf(name, studio.export_folder() / f"{name}-{qtype}.gguf", qtype)
