@@ -122,12 +122,17 @@ def cmd_finetune(args) -> int:
     if args.max_train_memory is not None:  # a bad size is refused before a model loads
         args.max_train_memory = parse_size(args.max_train_memory)
     dataset = load_dataset(data)
+    from core.train import distributed  # under torchrun: join the other processes before the base loads
+    args.group = distributed.Group(args.device) if distributed.launched() else None
+    if args.group:
+        args.device = str(args.group.device)
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
         name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
     from core.train.trackers import make_trackers
-    args.trackers = make_trackers(args.report_to, out_dir)  # a missing package is refused before a model loads
+    args.trackers = make_trackers(args.report_to if not args.group or args.group.writes else None,
+                                  out_dir)  # a missing package is refused before a model loads
     return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
 
 
@@ -196,6 +201,8 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
     say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+    if args.group:  # torchrun: not the in-process job scheduler, but this process's rank of the run
+        return _train_distributed(args, trainer, stop, lambda: _hold_run(out_dir, args.library, new=resume is None))
     with _hold_run(out_dir, args.library, new=resume is None):  # after the checks: bad flags create nothing
         return _train(args, trainer, stop)
 
@@ -232,6 +239,21 @@ def _train(args, trainer, stop: threading.Event) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         scheduler.close()
     return 0
+
+
+def _train_distributed(args, trainer, stop: threading.Event, hold) -> int:
+    """torchrun: this process's rank of a data-parallel run (core.train.distributed). Rank 0 holds the run
+    folder, prints the events and logs them to the trackers; Ctrl-C stops every rank after the same step."""
+    from core.train.distributed import train
+    bar = ProgressBar(sys.stderr)
+
+    def on_event(ev: dict) -> None:
+        for tracker in args.trackers:
+            tracker(ev)
+        if ev["type"] != "error":  # an error ends the run with its one line (main)
+            _print_event(ev, bar, args.log_interval)
+    _on_sigint(stop)
+    return train(trainer, args.group, hold, on_event)
 
 
 def _print_event(ev: dict, bar: "ProgressBar", log_interval: int) -> None:

@@ -56,6 +56,7 @@ from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_parameters, make_route)
 from core.train.cobatch import forward_backward
+from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
@@ -252,6 +253,7 @@ class Trainer:
         self._progress: _Progress | None = None
         self._pending = _StepState()
         self.outcome: str | None = None  # 'finished', 'stopped' or 'failed' once the run has ended
+        self.dist = None  # a core.train.distributed.Group when torchrun trains the run on several processes
 
     # -- public --------------------------------------------------------------------------
 
@@ -293,7 +295,8 @@ class Trainer:
         if self.resume is not None:
             rng = self._load_resume(opt, gen)
         chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
-        loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len, gen)
+        rows = tcfg.batch_size // (self.dist.world if self.dist else 1)  # this process's share of a micro-batch
+        loss_fn, graph_note = self._loss_fn(chunk, rows, self.seq_len, gen)
         self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note, gen, chunk)
 
     def run(self) -> Iterator[dict]:
@@ -344,8 +347,9 @@ class Trainer:
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch (inputs, targets), each (batch_size, seq_len), from this run's own order."""
-        return get_batch(self.dataset.train, self.tcfg.batch_size, self.seq_len, self._prepared.rng,
+        x, y = get_batch(self.dataset.train, self.tcfg.batch_size, self.seq_len, self._prepared.rng,
                          self.model.device)
+        return local_rows(x, y, self.dist)  # under torchrun: this rank's rows of the global micro-batch
 
     def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
         """After a micro-batch's backward (`loss`: its mean loss, detached): the optimizer step once all
@@ -443,6 +447,8 @@ class Trainer:
         """The optimizer step once its micro-batches are in, and its 'step' event. Returns False when
         the loss or gradient is not finite (an 'error' event; the run ends as failed)."""
         tcfg, prep, progress = self.tcfg, self._prepared, self._progress
+        if self.dist is not None:  # under torchrun: the gradient and loss of the global batch
+            st.loss_sum = self.dist.average(prep.params, st.loss_sum, self.step + 1)
         norm = self._clip(prep.params)
         loss_val, norm_val = torch.stack([st.loss_sum / tcfg.grad_accum, norm]).tolist()  # the step's one sync
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
@@ -584,11 +590,15 @@ class Trainer:
         }
 
     def _save_final(self, status: str) -> Path:
+        if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
+            return self.out_dir
         return save_adapter(self.model, self.name, self.out_dir, self.lcfg, self.base_id, self._meta(status))
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
         """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
         folder = checkpoint_path(self.out_dir, self.step)
+        if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
+            return folder
         root = folder.parent
         root.mkdir(parents=True, exist_ok=True)
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
