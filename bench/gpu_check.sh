@@ -16,3 +16,15 @@ if [ "${CLASSROOM:-1}" != "0" ] && python3 -c "import torch, sys; sys.exit(not t
   PYTHONUNBUFFERED=1 timeout 300 python3 bench/classroom.py --device cuda --model gpt2 --uniform --students 8 \
     --comparers 4 --json "$out/classroom.json" 2>&1 | tee "$out/classroom.log"
 fi
+# Issue 17: data-parallel training, 1 GPU vs all of them under torchrun (same global batch; gpt2-shaped random
+# weights) -> OUT/ddp.json. With one GPU (or none) it says so there instead: nothing is measured. DDP=0 skips it.
+if [ "${DDP:-1}" != "0" ]; then
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+  if [ "${ngpu:-0}" -gt 1 ]; then
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/ddp.py --nproc "$ngpu" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log"
+  else
+    msg="1 vs N GPUs: not measured (this machine has ${ngpu:-0} GPU(s); the comparison needs at least 2)"
+    echo "$msg" | tee "$out/ddp.log"
+    printf '{"measured": false, "gpus": %s, "reason": "%s"}\n' "${ngpu:-0}" "$msg" > "$out/ddp.json"
+  fi
+fi
