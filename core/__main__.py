@@ -126,6 +126,7 @@ def cmd_finetune(args) -> int:
     args.group = distributed.Group(args.device) if distributed.launched() else None
     if args.group:
         args.device = str(args.group.device)
+        args.group.check_batch(tcfg.batch_size)  # before the base loads
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
@@ -195,7 +196,7 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
         tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "cuda_graphs": False})
     stop = threading.Event()
     trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume,
-                      max_memory=args.max_train_memory)
+                      max_memory=args.max_train_memory, dist=args.group)
     say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
     say(f"LoRA: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "

@@ -152,7 +152,8 @@ def train(trainer, group: Group, hold, on_event) -> int:
     """Run `trainer` on this rank to the end; rank 0 holds the run folder (`hold()`, a context manager) and
     passes every event to `on_event`. Exit status 0, or 1 after one line on stderr when a rank was lost."""
     group.check_batch(trainer.tcfg.batch_size)
-    trainer.dist = group
+    if trainer.dist is not group:
+        raise ValueError("the trainer was made for another process group (Trainer(dist=group)).")
     try:
         group.barrier()  # every rank has checked the run folder before rank 0 claims it
         with hold() if group.writes else contextlib.nullcontext():

@@ -218,11 +218,13 @@ class Trainer:
         the optimizer or any batch exists.
     meta: fields written over the trainer's own in studio.json of the adapter and of every
         checkpoint, e.g. {"name": the run's library name, "user": the signed-in user}.
+    dist: a core.train.distributed.Group when torchrun trains the run on several processes (tcfg's
+        batch size is then the total of all of them; this process computes its share).
     """
 
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
-                 resume=None, max_memory: int | None = None, meta: dict | None = None):
+                 resume=None, max_memory: int | None = None, meta: dict | None = None, dist=None):
         self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
@@ -245,6 +247,7 @@ class Trainer:
             raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
+        self.dist = dist
         self._check_memory(max_memory)
         self.history: list[dict] = []
         self.step = 0
@@ -253,7 +256,6 @@ class Trainer:
         self._progress: _Progress | None = None
         self._pending = _StepState()
         self.outcome: str | None = None  # 'finished', 'stopped' or 'failed' once the run has ended
-        self.dist = None  # a core.train.distributed.Group when torchrun trains the run on several processes
 
     # -- public --------------------------------------------------------------------------
 
@@ -295,8 +297,7 @@ class Trainer:
         if self.resume is not None:
             rng = self._load_resume(opt, gen)
         chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
-        rows = tcfg.batch_size // (self.dist.world if self.dist else 1)  # this process's share of a micro-batch
-        loss_fn, graph_note = self._loss_fn(chunk, rows, self.seq_len, gen)
+        loss_fn, graph_note = self._loss_fn(chunk, self._rows, self.seq_len, gen)
         self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note, gen, chunk)
 
     def run(self) -> Iterator[dict]:
@@ -365,6 +366,11 @@ class Trainer:
         yield from self._evaluate_and_checkpoint(self._progress)
         if self.step >= self.tcfg.steps:
             yield from self._close("finished")
+
+    @property
+    def _rows(self) -> int:
+        """Rows of a micro-batch this process computes: all of them, or its share under torchrun."""
+        return max(1, self.tcfg.batch_size // (self.dist.world if self.dist else 1))
 
     @property
     def grad_accum(self) -> int:
@@ -664,7 +670,8 @@ class Trainer:
         with its real weight size) exceeds the cap or the memory available now."""
         model, t, r = self.model, self.tcfg, self.lcfg.r
         checkpointing = bool(getattr(model, "checkpointing", False))
-        est = estimate_training(model.config, self.lcfg, replace(t, seq_len=self.seq_len), model.device.type,
+        est = estimate_training(model.config, self.lcfg, replace(t, seq_len=self.seq_len, batch_size=self._rows),
+                                model.device.type,
                                 checkpointing=checkpointing, weights_bytes=weight_bytes(model))
         advice = (f"lower the batch size (now {t.batch_size}), the sequence length (now {self.seq_len}) or the "
                   f"rank (now {r})" + ("" if checkpointing else ", or use --checkpointing (recomputes "
