@@ -140,10 +140,10 @@ def run(trainer, group: Group):
         trainer.begin_micro()
         try:
             loss, = forward_backward(trainer.model, [trainer])
-        except Exception as e:
-            trainer.abort()
-            if is_oom(e):  # the other ranks learn of it through their timeout
+        except Exception as e:  # the other ranks learn of it when their next collective fails
+            if is_oom(e):
                 raise RuntimeError(trainer.out_of_memory()["message"]) from None
+            trainer.abort()
             raise
         yield from trainer.end_micro(loss)
 
