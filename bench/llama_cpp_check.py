@@ -1,8 +1,10 @@
 """Runs an exported GGUF file in real llama.cpp (through llama-cpp-python) and compares it with this engine:
 issue 17's "run the exported file once in llama.cpp" check. Not a test: llama-cpp-python compiles
-llama.cpp from source (many minutes on a small machine), so it is installed by hand, never by CI:
+llama.cpp from source (10 minutes or more on 2 cores), so it is installed by hand, never by CI, and named in
+no requirements file:
 
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" pip install --no-binary llama-cpp-python llama-cpp-python
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
+        pip install --no-binary llama-cpp-python llama-cpp-python
     python bench/llama_cpp_check.py [--json out.json]
 
 What it does, all on CPU:
