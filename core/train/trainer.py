@@ -49,7 +49,7 @@ from core import atomic
 from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
 from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
 from core.model.config import LoraConfig, TrainConfig
-from core.train.data import Dataset, eval_windows, get_batch
+from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
@@ -101,12 +101,16 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
-             max_batches: int | None = None, stop: threading.Event | None = None) -> tuple[float, int]:
+             max_batches: int | None = None, stop: threading.Event | None = None,
+             mask: np.ndarray | None = None) -> tuple[float, int]:
     """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it,
     at most max_batches x batch_size windows and EVAL_TOKENS tokens). Raises Stopped when `stop` is
-    set between two forwards."""
+    set between two forwards. With a loss `mask` (instruction data) only response tokens count."""
     cap = max(1, EVAL_TOKENS // seq_len)
     windows = eval_windows(ids, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
+    if mask is not None:  # the same windows of the mask (eval_windows depends on the length only)
+        masks = eval_windows(mask, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
+        windows = [np.stack([w.astype(np.int64), m.astype(np.int64)]) for w, m in zip(windows, masks)]
     route = make_route(model, [name])
     rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
     total = torch.zeros((), dtype=torch.float64, device=model.device)
@@ -116,13 +120,16 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
             if stop is not None and stop.is_set():
                 raise Stopped
             group = windows[i:i + rows]
-            for length in sorted({len(w) for w in group}):  # only the last window may be shorter
-                win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
+            for length in sorted({w.shape[-1] for w in group}):  # only the last window may be shorter
+                win = torch.from_numpy(np.stack([w for w in group if w.shape[-1] == length]).astype(np.int64))
                 win = win.to(model.device)
-                n = win[:, 1:].numel()
-                total += model.loss(win[:, :-1], win[:, 1:], route, chunk=0).double() * n
-                count += n
-    return float(total) / count, count
+                x, y = (win[:, 0, :-1], masked_targets(win[:, 0, 1:], win[:, 1, 1:].cpu())) if mask is not None \
+                    else (win[:, :-1], win[:, 1:])
+                n = int((y != IGNORE).sum())  # windows of prompt tokens only add nothing (not 0 / 0)
+                if n:
+                    total += model.loss(x, y, route, chunk=0).double() * n
+                    count += n
+    return float(total) / max(1, count), count
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
@@ -345,7 +352,7 @@ class Trainer:
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch (inputs, targets), each (batch_size, seq_len), from this run's own order."""
         return get_batch(self.dataset.train, self.tcfg.batch_size, self.seq_len, self._prepared.rng,
-                         self.model.device)
+                         self.model.device, mask=self.dataset.train_mask)
 
     def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
         """After a micro-batch's backward (`loss`: its mean loss, detached): the optimizer step once all
@@ -551,7 +558,7 @@ class Trainer:
         t = self.tcfg
         try:
             loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
-                               t.eval_max_batches, stop=self.stop)
+                               t.eval_max_batches, stop=self.stop, mask=self.dataset.val_mask)
         except Stopped:
             return None
         if self.history and self.history[-1]["step"] == self.step:
