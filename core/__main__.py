@@ -477,7 +477,8 @@ def cmd_eval(args) -> int:
         for ref in refs:
             names.append(engine.load(ref))
             titles.append(_unique(_display_name(ref.path), titles))
-    ev = engine.evaluate(ids, [None] + names, args.seq_len, args.max_tokens)
+    mask = dataset.val_mask if args.split == "val" else dataset.train_mask  # instruction data: responses only
+    ev = engine.evaluate(ids, [None] + names, args.seq_len, args.max_tokens, mask=mask)
     rows = [{"model": title, "adapter": spec, "loss": s.loss, "ppl": s.ppl, "tokens": s.tokens,
              "seconds": ev.seconds} for title, spec, s in zip(["base"] + titles, [None] + args.lora, ev.scores)]
     if args.json:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from core.generate.sampling import SamplingConfig, generate_text
 from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 from studio.tabs import compare
@@ -79,3 +81,17 @@ def test_compare_applies_the_dataset_template_to_the_prompt(studio, tmp_path):
     assert final[:2] == [wrapped + t for t in expected]
     plain = list(compare.compare(studio, CompareForm(**form)))[-1]
     assert plain[0].startswith("Name a colour.") and not plain[0].startswith("User:")
+
+
+def test_the_evaluate_tab_scores_an_instruction_split_on_response_tokens_only(studio, tmp_path):
+    from core.train.evaluate import evaluate_models
+    from studio.tabs import evaluate as ev_tab
+    from studio.tabs.evaluate import EvalForm
+    rec.prepare_records(studio, upload(tmp_path), "instruction", "output", "", DEFAULT_TEMPLATE, 0.8, "colours")
+    ds = studio.dataset_store.load("colours")
+    table, _, summary = ev_tab.evaluate(studio, EvalForm(model="tiny", adapters=[], dataset="colours", seq_len=32))
+    assert "response tokens only" in summary
+    assert table[0][3] == int(ds.val_mask[1:].sum())  # each response token of the split predicted once
+    masked = evaluate_models(studio.engine.model, [None], ds.val, 32, mask=ds.val_mask).scores[0].loss
+    whole = evaluate_models(studio.engine.model, [None], ds.val, 32).scores[0].loss
+    assert table[0][1] == pytest.approx(masked, abs=1e-4) and abs(masked - whole) > 1e-3
