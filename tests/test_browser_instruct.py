@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_browser import ARGS, ARTIFACTS, CHROMIUM, VIEWPORT, _fill, _pick, _shot, _tab, _value, server  # noqa: F401
+from test_browser import ARGS, ARTIFACTS, CHROMIUM, README_SHOTS, VIEWPORT, _fill, _pick, _shot, _tab, _value, server  # noqa: F401
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -47,7 +47,7 @@ def test_import_jsonl_train_evaluate_and_colour_tokens(server, browser, tmp_path
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("#data-records").screenshot(path=str(ARTIFACTS / "6-instruction-data.png"))
     if os.environ.get("UPDATE_README_SCREENSHOTS"):
-        page.locator("#data-records").screenshot(path="docs/screenshots/instruction-data.png")
+        page.locator("#data-records").screenshot(path=str(README_SHOTS / "instruction-data.png"))
 
     # 2. Train on it
     _tab(page, "2 · Train")
