@@ -188,7 +188,11 @@ def pick(records: list[Record], fields: Fields, name: str) -> list[dict]:
 
 def preview(data: bytes, name: str, rows: int = 5) -> tuple[list[str], list[list[str]]]:
     """The fields found and the first `rows` records (cells cut to PREVIEW_CHARS), for a table."""
-    records = read_records(data, name)
+    return preview_records(read_records(data, name), rows)
+
+
+def preview_records(records: list[Record], rows: int = 5) -> tuple[list[str], list[list[str]]]:
+    """`preview` of records already read."""
     names = field_names(records)
     cut = [[(v := r.fields.get(k, ""))[:PREVIEW_CHARS] + ("…" if len(v) > PREVIEW_CHARS else "") for k in names]
            for r in records[:rows]]

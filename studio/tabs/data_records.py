@@ -13,7 +13,7 @@ import numpy as np
 
 from core.text_checks import check_text
 from core.train.estimate import human_bytes
-from core.train.imports import RECORD_SUFFIXES, Fields, field_names, pick, read_records
+from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example
 
 from ..context import Studio, friendly, number, typed_name
@@ -55,8 +55,7 @@ def inspect_upload(file) -> tuple:
         empty = gr.update(choices=[NONE], value=NONE)
         return None, gr.update(value=None), empty, empty, empty, gr.skip()
     records, name = _records(path)
-    names = field_names(records)
-    rows = [[r.fields.get(k, "")[:200] for k in names] for r in records[:PREVIEW_ROWS]]
+    names, rows = preview_records(records, PREVIEW_ROWS)
     choices = [NONE] + names
     prompt, response = _guess(names, "prompt"), _guess(names, "response")
     text = NONE if prompt and response else _guess(names, "text")
