@@ -125,7 +125,8 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
                 win = win.to(model.device)
                 x, y = (win[:, 0, :-1], masked_targets(win[:, 0, 1:], win[:, 1, 1:].cpu())) if mask is not None \
                     else (win[:, :-1], win[:, 1:])
-                n = int((y != IGNORE).sum())  # windows of prompt tokens only add nothing (not 0 / 0)
+                # plain text: every target counts (no device sync); prompt-only windows add nothing (not 0 / 0)
+                n = y.numel() if mask is None else int((y != IGNORE).sum())
                 if n:
                     total += model.loss(x, y, route, chunk=0).double() * n
                     count += n
