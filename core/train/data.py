@@ -2,7 +2,8 @@
 
 A dataset folder holds `train_00000.npy` and `val_00000.npy` (uint16 GPT-2 token ids, the
 seed's layout; more shards `_00001`... load too) and `meta.json` (where the text came from,
-its sha256, counts and the split ratio). Folders without meta.json load as well.
+its sha256, counts and the split ratio). Folders without meta.json load as well. Instruction data
+(core.train.instruct) adds a loss mask per split beside the tokens (`train_mask_00000.npy`, uint8).
 """
 from __future__ import annotations
 
