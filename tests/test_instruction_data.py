@@ -204,7 +204,7 @@ def test_a_window_of_prompt_tokens_only_has_zero_loss_and_no_nan_gradient(adapte
     y = torch.full_like(x, data.IGNORE)
     loss = adapted.loss(x, y, "qa", chunk=0)
     loss.backward()
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     grads = [p.grad for n, p in adapted.named_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
 
@@ -285,3 +285,20 @@ def test_cli_prepare_with_prompt_and_response_fields_and_a_template_file(tmp_pat
     err = one_line_error(capsys, ["prepare", "--input", f, "--prompt-field", "question", "--response-field",
                                   "answer", "--template", bad, "--output", tmp_path / "ds2"])
     assert "{prompt} exactly once" in err and not (tmp_path / "ds2").exists()
+
+
+def test_cli_eval_scores_an_instruction_split_on_response_tokens_only(tmp_path, source, capsys):
+    from adapter_helpers import LX
+    from core.engine import Engine
+    Engine("cpu", tmp_path / "lib").library.save(source, "x", "x", LX, "tiny")
+    f = tmp_path / "qa.jsonl"
+    write_jsonl(f, pairs(20))
+    ds = instruct.prepare_records(f, QA, tmp_path / "ds", train_ratio=0.5)
+    capsys.readouterr()
+    assert main(["eval", "--data", str(tmp_path / "ds"), "--lora", "x", "--library", str(tmp_path / "lib"),
+                 "--seq-len", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    x = next(m for m in out["models"] if m["model"] == "x")
+    alone, n = evaluate(source, "x", ds.val, 32, mask=ds.val_mask)
+    assert x["tokens"] == n == int(ds.val_mask[1:].sum())
+    assert x["loss"] == pytest.approx(alone, abs=1e-5)
