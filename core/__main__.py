@@ -92,6 +92,8 @@ def say(msg: str = "") -> None:
 def cmd_prepare(args) -> int:
     import numpy as np
     from core.train.data import prepare, top_tokens
+    if args.prompt_field or args.response_field or args.text_field or args.template:
+        return _prepare_records(args)  # .jsonl/.json/.csv/.tsv: core.train.instruct
     ds = prepare(args.input, args.output, args.train_ratio)
     m = ds.meta
     say(f"read {len(args.input)} file(s): {', '.join(m['sources'])}")
@@ -498,7 +500,8 @@ def cmd_eval(args) -> int:
         for ref in refs:
             names.append(engine.load(ref))
             titles.append(_unique(_display_name(ref.path), titles))
-    ev = engine.evaluate(ids, [None] + names, args.seq_len, args.max_tokens)
+    mask = dataset.val_mask if args.split == "val" else dataset.train_mask  # instruction data: responses only
+    ev = engine.evaluate(ids, [None] + names, args.seq_len, args.max_tokens, mask=mask)
     rows = [{"model": title, "adapter": spec, "loss": s.loss, "ppl": s.ppl, "tokens": s.tokens,
              "seconds": ev.seconds} for title, spec, s in zip(["base"] + titles, [None] + args.lora, ev.scores)]
     if args.json:
@@ -527,13 +530,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prepare_records(args) -> int:
+    """prepare --input data.jsonl --prompt-field q --response-field a [--template FILE] | --text-field t."""
+    from core.train.imports import Fields
+    from core.train.instruct import prepare_records, read_template
+    if len(args.input) != 1:
+        raise ValueError("with --prompt-field/--response-field/--text-field give one --input file "
+                         "(.jsonl, .json, .csv or .tsv).")
+    fields = Fields(text=args.text_field, prompt=args.prompt_field, response=args.response_field)
+    template = read_template(args.template) if args.template else None
+    ds = prepare_records(args.input[0], fields, args.output, template, args.train_ratio)
+    m = ds.meta
+    if fields.instruction:
+        say(f"read {m['records']:,} examples from {args.input[0]} ({m['train_records']:,} train / "
+            f"{m['val_records']:,} val)")
+        say(f"template: {m['template']!r}")
+        say(f"tokens: {m['tokens']:,} ({m['response_tokens']:,} response tokens in the loss; prompts masked)")
+        say(f"wrote {args.output}/train_00000.npy, val_00000.npy, train_mask_00000.npy, val_mask_00000.npy, "
+            f"meta.json")
+    else:
+        say(f"read {len(m['sources'])} record(s) of field '{args.text_field}': {m['tokens']:,} tokens, split "
+            f"{m['train_tokens']:,} train / {m['val_tokens']:,} val")
+        say(f"wrote {args.output}/train_00000.npy, val_00000.npy, meta.json")
+    return 0
+
+
 def _add_prepare(sub) -> None:
     s = sub.add_parser("prepare", help="text files -> a tokenized train/val dataset folder",
                        description="Tokenize .txt/.md files (GPT-2 BPE), join them with <|endoftext|>, split "
                                    "train/val and write train_00000.npy, val_00000.npy and meta.json.")
-    s.add_argument("--input", nargs="+", required=True, metavar="FILE", help="one or more UTF-8 .txt/.md files")
+    s.add_argument("--input", nargs="+", required=True, metavar="FILE", help="one or more UTF-8 .txt/.md files, or one .jsonl/.json/.csv/.tsv file with --prompt-field/--response-field or --text-field")
     s.add_argument("--output", required=True, metavar="DIR", help="the dataset folder to write")
     s.add_argument("--train-ratio", type=float, default=0.9, help="share of tokens for training (default 0.9)")
+    s.add_argument("--prompt-field", metavar="F", help="instruction data (.jsonl/.json/.csv/.tsv): the prompt's "
+                                                        "field or column (no loss on its tokens)")
+    s.add_argument("--response-field", metavar="F", help="... and the response's field (the loss is on these)")
+    s.add_argument("--text-field", metavar="F", help="plain text from records: each record's field F is a document")
+    s.add_argument("--template", metavar="FILE", help="a template file with {prompt} and {response} (default: "
+                                                      "'### Instruction:\\n{prompt}\\n\\n### Response:\\n{response}')")
     s.set_defaults(func=cmd_prepare)
 
 

@@ -331,15 +331,16 @@ class Engine:
     # ---- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, ids, adapters: Sequence[str | None], seq_len: int = 128, max_tokens: int | None = None,
-                 stop: threading.Event | None = None) -> Evaluation:
+                 stop: threading.Event | None = None, mask=None) -> Evaluation:
         """Mean loss of each entry of `adapters` (None = the base) on token ids `ids`, all in one batched pass
         on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs;
-        `lock` is held around each forward only, as the decode scheduler holds it around each step."""
+        `lock` is held around each forward only, as the decode scheduler holds it around each step.
+        `mask`: the split's loss mask (instruction data): only response tokens are scored."""
         max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
         check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
         with self._pinned(adapters) as (model, names):
-            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop)
+            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask)
         for score, asked in zip(ev.scores, adapters):
             score.name = asked  # the caller's name, not the internal (perhaps versioned) one
         return ev

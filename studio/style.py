@@ -52,6 +52,7 @@ CSS = """
 .tok-c0 { background: rgba(99, 102, 241, .20); } .tok-c1 { background: rgba(16, 185, 129, .22); }
 .tok-c2 { background: rgba(245, 158, 11, .24); } .tok-c3 { background: rgba(236, 72, 153, .18); }
 .tok-c4 { background: rgba(14, 165, 233, .22); } .tok-c5 { background: rgba(132, 204, 22, .24); }
+.tok-masked { background: rgba(148, 163, 184, .16); color: var(--body-text-color-subdued); }
 
 /* train: job banner, progress bar, samples */
 .job { border: 1px solid var(--border-color-primary); border-radius: 12px; padding: 12px 14px;

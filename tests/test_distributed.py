@@ -127,3 +127,25 @@ def test_a_batch_the_processes_cannot_share_evenly_is_refused_on_every_rank(work
     assert [p.returncode for p in procs] == [2, 2], outs
     assert "must be a multiple of it; choose --batch-size 2" in outs[0][1]
     assert not (work / "lib" / "odd").exists()
+
+
+def test_instruction_data_two_processes_weigh_each_rank_by_its_response_tokens(work):
+    """With a loss mask each rank holds a different number of response tokens: one process averages over the
+    whole micro-batch's, so 2 processes must too (not the mean of the two ranks' means)."""
+    rng = np.random.default_rng(1)
+    ds = work / "masked"
+    ds.mkdir()
+    for split, n in (("train", 3000), ("val", 400)):
+        np.save(ds / f"{split}_00000.npy", rng.integers(0, 50257, n).astype(np.uint16))
+        # long masked and unmasked runs, so the two ranks' rows hold very different response counts
+        mask = np.repeat(rng.random(n // 50 + 1) < 0.4, 50)[:n].astype(np.uint8)
+        np.save(ds / f"{split}_mask_00000.npy", mask)
+    r = cli("finetune", "--data", "masked", "--library", "lib", "--output", "m1", *RUN, cwd=work)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "core", "finetune", "--data", "masked", "--library", "lib",
+                        "--output", "m2", *RUN], cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    one, two = work / "lib" / "m1", work / "lib" / "m2"
+    assert max_diff(adapter(one), adapter(two)) < TOL
+    assert losses(one) == pytest.approx(losses(two), abs=TOL)

@@ -187,13 +187,18 @@ class GPT(nn.Module):
         """Mean cross entropy of hidden states h (B, T, d) against targets (B, T), chunked as in `loss`."""
         h, t = h.flatten(0, 1), targets.flatten()
         w = self.lm_head.weight
+        # targets of -100 (instruction data's prompt tokens) count in neither the sum nor the mean: a window
+        # of prompt tokens only adds nothing to its micro-batch's mean (windows weigh by their response
+        # tokens), and a micro-batch whose targets are all ignored has loss 0 and no gradient (0 / 1), never
+        # 0 / 0 = NaN (with gradient accumulation its step averages a zero into the loss and the gradient)
+        n = (t != -100).sum().clamp(min=1)
         if chunk <= 0 or h.shape[0] <= chunk or not torch.is_grad_enabled():
-            return _ce_sum(h, t, w) / t.numel()
+            return _ce_sum(h, t, w) / n
         chunk = max(chunk, -(-h.shape[0] // 8))
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
             total = total + checkpoint(_ce_sum, h[i:i + chunk], t[i:i + chunk], w, use_reentrant=False)
-        return total / t.numel()
+        return total / n
 
     def _head_t(self) -> torch.Tensor:
         """A (d, vocab) copy of the tied head for CPU inference: 2x faster than (vocab, d) at batch 1."""

@@ -2,7 +2,8 @@
 
 A dataset folder holds `train_00000.npy` and `val_00000.npy` (uint16 GPT-2 token ids, the
 seed's layout; more shards `_00001`... load too) and `meta.json` (where the text came from,
-its sha256, counts and the split ratio). Folders without meta.json load as well.
+its sha256, counts and the split ratio). Folders without meta.json load as well. Instruction data
+(core.train.instruct) adds a loss mask per split beside the tokens (`train_mask_00000.npy`, uint8).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ META = "meta.json"
 MAX_META_BYTES = 1 << 20  # meta.json: counts and source names, a few KB
 MAX_SOURCES = 1000  # source file names kept from a meta.json
 DOC_SEPARATOR = "<|endoftext|>"
+MASK_SUFFIX = "_mask_"  # train_mask_00000.npy: instruction data's loss mask beside train_00000.npy
+IGNORE = -100  # a target that counts in no loss (F.cross_entropy's default ignore_index)
 
 
 # ---- reading text ---------------------------------------------------------------------
@@ -107,6 +110,10 @@ class Dataset:
     val: np.ndarray  # uint16 token ids of the validation split
     meta: dict = field(default_factory=dict)  # meta.json (empty for folders prepared elsewhere)
     path: Path | None = None  # the folder it was loaded from / saved to
+    # instruction data only (core.train.instruct): uint8 per token of the split, 1 = the token is a
+    # response token and counts in the loss when predicted, 0 = a prompt token (no loss). None = all count.
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -207,9 +214,12 @@ def save_dataset(ds: Dataset, folder, name: str | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in list(folder.glob("train_*.npy")) + list(folder.glob("val_*.npy")):
-        old.unlink()  # a re-prepared folder must not keep stale shards
+        old.unlink()  # a re-prepared folder must not keep stale shards (or masks)
     atomic.write_bytes(folder / "train_00000.npy", _npy_bytes(ds.train.astype(np.uint16)))
     atomic.write_bytes(folder / "val_00000.npy", _npy_bytes(ds.val.astype(np.uint16)))
+    for split, mask in (("train", ds.train_mask), ("val", ds.val_mask)):
+        if mask is not None:  # plain-text datasets keep the seed's layout: no mask files
+            atomic.write_bytes(folder / f"{split}{MASK_SUFFIX}00000.npy", _npy_bytes(mask.astype(np.uint8)))
     meta = dict(ds.meta, name=name or folder.name)
     atomic.write_text(folder / META, json.dumps(meta, indent=2))
     ds.meta, ds.path = meta, folder
@@ -217,7 +227,7 @@ def save_dataset(ds: Dataset, folder, name: str | None = None) -> Path:
 
 
 def _load_split(folder: Path, split: str) -> np.ndarray:
-    shards = sorted(folder.glob(f"{split}_*.npy"))
+    shards = sorted(folder.glob(f"{split}_[0-9]*.npy"))  # not the loss masks (train_mask_00000.npy)
     if not shards:
         raise ValueError(f"{folder} has no {split}_00000.npy; prepare the data first "
                          f"(python -m core prepare --input FILE --output {folder}).")
@@ -248,7 +258,25 @@ def load_dataset(folder) -> Dataset:
     # training needs, so a damaged meta.json costs its counts and sha256 (then a digest of the tokens)
     meta = read_dataset_meta(folder)
     meta.pop("problem", None)
-    return Dataset(train=_load_split(folder, "train"), val=_load_split(folder, "val"), meta=meta, path=folder)
+    train, val = _load_split(folder, "train"), _load_split(folder, "val")
+    return Dataset(train=train, val=val, meta=meta, path=folder,
+                   train_mask=_load_mask(folder, "train", len(train)), val_mask=_load_mask(folder, "val", len(val)))
+
+
+def _load_mask(folder: Path, split: str, n: int) -> np.ndarray | None:
+    """The split's loss mask (instruction data), checked against its tokens; None when there is none."""
+    shards = sorted(folder.glob(f"{split}{MASK_SUFFIX}[0-9]*.npy"))
+    if not shards:
+        return None
+    try:
+        mask = np.concatenate([np.load(s, allow_pickle=False).reshape(-1) for s in shards])
+    except Exception as e:
+        raise ValueError(f"{folder}: the {split} loss mask is not a readable .npy file ({type(e).__name__}).") from None
+    if mask.dtype.kind not in "iub" or len(mask) != n or (mask.size and int(mask.max()) > 1) or \
+            (mask.size and int(mask.min()) < 0):
+        raise ValueError(f"{folder}: the {split} loss mask does not match its tokens ({len(mask)} values of 0/1 "
+                         f"expected {n}); prepare the data again.")
+    return mask.astype(np.uint8, copy=False)
 
 
 _META_FIELDS = {  # what build_dataset writes, and the check each value must pass
@@ -257,6 +285,10 @@ _META_FIELDS = {  # what build_dataset writes, and the check each value must pas
     **{k: safe_json.integer for k in ("version", "chars", "tokens", "unique_tokens", "train_tokens", "val_tokens")},
     "train_ratio": lambda x: safe_json.number(x, 0, 1),
     "created": safe_json.date,
+    # instruction data (core.train.instruct): the template, the fields read, the record counts
+    **{k: lambda x: safe_json.text(x, 200) for k in ("kind", "prompt_field", "response_field", "loss_mask")},
+    "template": lambda x: safe_json.text(x, 4000),
+    **{k: safe_json.integer for k in ("records", "train_records", "val_records", "response_tokens")},
 }
 
 
@@ -287,17 +319,29 @@ def read_dataset_meta(folder) -> dict:
 # ---- batches --------------------------------------------------------------------------
 
 def get_batch(ids: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator,
-              device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` random windows of seq_len + 1 tokens: inputs and next-token targets (int64)."""
+              device="cpu", mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of seq_len + 1 tokens: inputs and next-token targets (int64).
+    With a loss `mask` (instruction data), the targets of masked tokens in the same windows are IGNORE."""
     if len(ids) < seq_len + 1:
         raise ValueError(f"{len(ids)} tokens cannot fill a window of {seq_len} + 1 tokens.")
     starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
-    win = torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    at = starts[:, None] + np.arange(seq_len + 1)
+    win = torch.from_numpy(ids[at].astype(np.int64))
+    if mask is not None:  # the inputs stay whole; only the targets' copy is masked
+        win = torch.cat([win, masked_targets(win[:, 1:], mask[at][:, 1:])], dim=1)
     if torch.device(device).type == "cuda":
         win = win.pin_memory().to(device, non_blocking=True)
     else:
         win = win.to(device)
+    if mask is not None:
+        return win[:, :seq_len], win[:, seq_len + 1:]
     return win[:, :-1], win[:, 1:]
+
+
+def masked_targets(targets: torch.Tensor, mask) -> torch.Tensor:
+    """`targets` with IGNORE where `mask` (same shape, 0/1) is 0: those tokens count in no loss."""
+    keep = torch.as_tensor(np.asarray(mask), dtype=torch.bool, device=targets.device)
+    return targets.masked_fill(~keep, IGNORE)
 
 
 def eval_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from core.device import GUARD, autocast_for
 from core.lora.layers import make_route
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
-from core.train.data import eval_windows
+from core.train.data import eval_windows, masked_targets
 from core.train.estimate import LOGITS_BUDGET
 from core.train.trainer import EVAL_TOKENS, Stopped
 
@@ -104,36 +104,43 @@ def windows_per_forward(models: int, seq_len: int, vocab: int, budget: int = LOG
 @torch.no_grad()
 def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len: int = 128,
                     max_tokens: int = EVAL_TOKENS, lock=None, stop: threading.Event | None = None,
-                    budget: int = LOGITS_BUDGET) -> Evaluation:
+                    budget: int = LOGITS_BUDGET, mask: np.ndarray | None = None) -> Evaluation:
     """Mean loss of each model in `names` (loaded adapter names, None = the base) on the windows of `ids`
     that core.train.trainer.evaluate reads at this seq_len (at most max_tokens tokens), in one batched pass.
 
     lock: held around each forward (the engine's: nobody changes the model's adapters mid-forward).
-    stop: checked between forwards (raises core.train.trainer.Stopped)."""
+    stop: checked between forwards (raises core.train.trainer.Stopped).
+    mask: a split's loss mask (instruction data): the mean is over response tokens only (masked mean)."""
     names = check_models(names)
     check_settings(seq_len, max_tokens, model.config.block_size)
     if len(ids) < 2:
         raise ValueError(f"evaluation needs at least 2 tokens (got {len(ids)}); use a longer text or split.")
     windows = eval_windows(np.asarray(ids), seq_len, max(1, max_tokens // seq_len))
+    masks = eval_windows(np.asarray(mask), seq_len, max(1, max_tokens // seq_len)) if mask is not None \
+        else [np.ones(len(w), dtype=np.uint8) for w in windows]  # the same windows (they depend on the length)
     M, dev = len(names), model.device
     per = windows_per_forward(M, seq_len, model.config.vocab_size, budget)
     totals = torch.zeros(M, dtype=torch.float64, device=dev)
     count, forwards, start = 0, 0, time.perf_counter()
     lock = lock if lock is not None else contextlib.nullcontext()
     for i in range(0, len(windows), per):
-        group = windows[i:i + per]
+        group, gmask = windows[i:i + per], masks[i:i + per]
         for length in sorted({len(w) for w in group}):  # only the last window may be shorter
             if stop is not None and stop.is_set():
                 raise Stopped
             win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64)).to(dev)
+            keep = torch.from_numpy(np.stack([m for w, m in zip(group, gmask) if len(w) == length])[:, 1:] > 0)
             rows = win.repeat_interleave(M, dim=0)  # window k's copy for model j is row k * M + j
+            targets = masked_targets(rows[:, 1:], keep.repeat_interleave(M, dim=0))
             with lock, GUARD.shared(dev.type == "cuda"), autocast_for(model):
                 h = model.hidden(rows[:, :-1], make_route(model, names * len(win)))
-                nll = _nll(model, h, rows[:, 1:], budget)
+                nll = _nll(model, h, targets, budget)  # 0 at ignored targets
             totals += nll.double().sum(1).view(len(win), M).sum(0)
-            count += win[:, 1:].numel()
+            count += int(keep.sum())
             forwards += 1
     seconds = time.perf_counter() - start
+    if count == 0:  # only prompt tokens were read: there is no response to score (not 0 / 0 = NaN)
+        raise ValueError("the evaluated windows hold no response tokens (only prompts); evaluate more tokens.")
     losses = (totals / count).tolist()
     scores = [ModelScore(n, loss, math.exp(min(loss, 50.0)), count) for n, loss in zip(names, losses)]
     return Evaluation(scores, count, len(windows), seq_len, seconds, forwards)

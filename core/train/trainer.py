@@ -49,7 +49,7 @@ from core import atomic
 from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
 from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
 from core.model.config import LoraConfig, TrainConfig
-from core.train.data import Dataset, eval_windows, get_batch
+from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
@@ -102,12 +102,16 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
-             max_batches: int | None = None, stop: threading.Event | None = None) -> tuple[float, int]:
+             max_batches: int | None = None, stop: threading.Event | None = None,
+             mask: np.ndarray | None = None) -> tuple[float, int]:
     """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it,
     at most max_batches x batch_size windows and EVAL_TOKENS tokens). Raises Stopped when `stop` is
-    set between two forwards."""
+    set between two forwards. With a loss `mask` (instruction data) only response tokens count."""
     cap = max(1, EVAL_TOKENS // seq_len)
     windows = eval_windows(ids, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
+    if mask is not None:  # the same windows of the mask (eval_windows depends on the length only)
+        masks = eval_windows(mask, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
+        windows = [np.stack([w.astype(np.int64), m.astype(np.int64)]) for w, m in zip(windows, masks)]
     route = make_route(model, [name])
     rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
     total = torch.zeros((), dtype=torch.float64, device=model.device)
@@ -117,13 +121,17 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
             if stop is not None and stop.is_set():
                 raise Stopped
             group = windows[i:i + rows]
-            for length in sorted({len(w) for w in group}):  # only the last window may be shorter
-                win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64))
+            for length in sorted({w.shape[-1] for w in group}):  # only the last window may be shorter
+                win = torch.from_numpy(np.stack([w for w in group if w.shape[-1] == length]).astype(np.int64))
                 win = win.to(model.device)
-                n = win[:, 1:].numel()
-                total += model.loss(win[:, :-1], win[:, 1:], route, chunk=0).double() * n
-                count += n
-    return float(total) / count, count
+                x, y = (win[:, 0, :-1], masked_targets(win[:, 0, 1:], win[:, 1, 1:].cpu())) if mask is not None \
+                    else (win[:, :-1], win[:, 1:])
+                # plain text: every target counts (no device sync); prompt-only windows add nothing (not 0 / 0)
+                n = y.numel() if mask is None else int((y != IGNORE).sum())
+                if n:
+                    total += model.loss(x, y, route, chunk=0).double() * n
+                    count += n
+    return float(total) / max(1, count), count
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
@@ -248,6 +256,7 @@ class Trainer:
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
         self.dist = dist
+        self._rank_share = 1.0  # under torchrun with a loss mask: this rank's weight in the ranks' average (draw)
         self._check_memory(max_memory)
         self.history: list[dict] = []
         self.step = 0
@@ -349,8 +358,16 @@ class Trainer:
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch (inputs, targets), each (batch_size, seq_len), from this run's own order."""
         x, y = get_batch(self.dataset.train, self.tcfg.batch_size, self.seq_len, self._prepared.rng,
-                         self.model.device)
-        return local_rows(x, y, self.dist)  # under torchrun: this rank's rows of the global micro-batch
+                         self.model.device, mask=self.dataset.train_mask)
+        if self.dist is None:
+            return x, y
+        lx, ly = local_rows(x, y, self.dist)  # under torchrun: this rank's rows of the global micro-batch
+        if self.dataset.train_mask is not None:
+            # masked targets differ per rank: one process averages over the whole micro-batch's response
+            # tokens, so this rank's mean weighs (its tokens x ranks / all tokens) before the ranks' average
+            total = int((y != -100).sum())
+            self._rank_share = int((ly != -100).sum()) * self.dist.world / total if total else 1.0
+        return lx, ly
 
     def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
         """After a micro-batch's backward (`loss`: its mean loss, detached): the optimizer step once all
@@ -382,7 +399,8 @@ class Trainer:
 
     def solo_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A micro-batch's mean loss when this run trains alone (a replayed CUDA graph on GPUs)."""
-        return self._prepared.loss_fn(x, y)
+        loss = self._prepared.loss_fn(x, y)
+        return loss * self._rank_share if self._rank_share != 1.0 else loss
 
     def segment(self, start: int, length: int) -> Segment:
         """This run's rows in a co-batched step: its micro-batch from row `start`, `length` tokens each."""
@@ -563,7 +581,7 @@ class Trainer:
         t = self.tcfg
         try:
             loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
-                               t.eval_max_batches, stop=self.stop)
+                               t.eval_max_batches, stop=self.stop, mask=self.dataset.val_mask)
         except Stopped:
             return None
         if self.history and self.history[-1]["step"] == self.step:

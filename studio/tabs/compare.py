@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.adapters.validate import preset_of
+from core.adapters.validate import AdapterError, preset_of
 from core.generate.sampling import SamplingConfig
 from core.model.config import MAX_PROMPT_CHARS
 from core.text_checks import check_text
+from core.train.data import read_dataset_meta
+from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 
 from ..context import Studio, friendly, number, requester, typed_name, whole
 from ..models import CHOICES
@@ -69,6 +71,22 @@ class CompareForm:
     top_p: float | None = 1.0
     max_tokens: float | None = 80
     seed: float | None = 1234  # shared by every column
+    apply_template: bool = False  # wrap the prompt in the dataset's template ({prompt}, empty {response})
+
+
+def dataset_template(studio: Studio, adapters: list[str]) -> str:
+    """The template of the instruction dataset the first of `adapters` was trained on (studio.json records
+    the dataset; its meta.json the template); the default template when none was (or it is gone)."""
+    for a in adapters:
+        try:
+            ds = studio.library.details(a).get("meta", {}).get("dataset", {})
+            folder = studio.dataset_store.find(ds.get("path"), ds.get("name")) if isinstance(ds, dict) else None
+        except (ValueError, OSError, AdapterError):
+            continue
+        template = read_dataset_meta(folder).get("template") if folder else None
+        if isinstance(template, str):
+            return template
+    return DEFAULT_TEMPLATE
 
 
 def sampling(form: CompareForm) -> SamplingConfig:
@@ -103,6 +121,8 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None):
     prompt = check_text(form.prompt, "the prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
         raise ValueError("write a prompt (or pick a preset) to continue.")
+    if form.apply_template:
+        prompt = render_prompt(dataset_template(studio, adapters), prompt)
     cfg = sampling(form)
     if progress is not None and studio.loaded_base() != model_name:  # a progress message is an event too
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
@@ -161,6 +181,9 @@ def create_compare_tab(studio: Studio) -> dict:
             prompt = gr.Textbox(d.prompt, label="Prompt", lines=2, elem_id="cmp-prompt",
                                 max_length=MAX_PROMPT_CHARS,  # the browser stops there; the server checks too
                                 info="The text every column continues.")
+            apply_template = gr.Checkbox(d.apply_template, label="Apply the dataset's template", elem_id="cmp-template",
+                                         info="For adapters trained on instruction data: the prompt becomes the "
+                                              "template's {prompt}, with an empty {response} for the model to write.")
             gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature", elem_id="cmp-temp",
@@ -191,7 +214,7 @@ def create_compare_tab(studio: Studio) -> dict:
 
     # the form as CompareForm's fields, in its order (the compare API's argument order)
     form = dict(model=model, include_base=include_base, adapters=adapters, prompt=prompt, temperature=temperature,
-                top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
+                top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed, apply_template=apply_template)
 
     @friendly
     def run(request: gr.Request, progress=gr.Progress(), **values):
@@ -207,4 +230,4 @@ def create_compare_tab(studio: Studio) -> dict:
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
     return {"model": model, "model_status": model_status, "include_base": include_base, "adapters": adapters,
             "refresh": refresh, "prompt": prompt, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "max_tokens": max_tokens, "seed": seed, "generate": go, "stop": stop, "outputs": outputs}
+            "max_tokens": max_tokens, "seed": seed, "apply_template": apply_template, "generate": go, "stop": stop, "outputs": outputs}

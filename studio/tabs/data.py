@@ -98,9 +98,10 @@ def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
     return {"files": loaded, "tokens": 0, "sample": (state or EMPTY).get("sample")}, suggested
 
 
-def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None) -> str:
+def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None, mask=None) -> str:
     """The first `limit` GPT-2 tokens as coloured spans; hovering one shows its id. `ids`: the text's tokens
-    when the caller has them already (the text is then not encoded again)."""
+    when the caller has them already (the text is then not encoded again). `mask` (instruction data, one 0/1
+    per id): tokens with 0 are prompt tokens, outside the loss, shown greyed out (class tok-masked)."""
     if not text:
         return "<div class='token-view empty'>Tokens appear here once there is text.</div>"
     if ids is None and len(text) < 2_000_000:
@@ -110,10 +111,14 @@ def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None) -> str:
     spans = []
     for i, (tid, s) in enumerate(zip(shown, tokenizer.token_strings(shown))):
         escaped = html.escape(s).replace("\n", "↵\n")
-        tip = html.escape(f"id {tid}: {s!r}", quote=True)
-        spans.append(f"<span class='tok tok-c{i % 6}' title='{tip}' data-id='{tid}'>{escaped}</span>")
+        masked = mask is not None and not mask[i]
+        tip = html.escape(f"id {tid}: {s!r}" + (" (prompt: no loss)" if masked else ""), quote=True)
+        cls = "tok-masked" if masked else f"tok-c{i % 6}"
+        spans.append(f"<span class='tok {cls}' title='{tip}' data-id='{tid}'>{escaped}</span>")
     more = f" of {total:,}" if total is not None else ""
-    return (f"<div class='token-caption'>First {len(shown):,}{more} tokens; hover a token to see its id.</div>"
+    legend = " Grey tokens are prompt tokens: the model reads them but is not trained on them." if mask is not None \
+        else ""
+    return (f"<div class='token-caption'>First {len(shown):,}{more} tokens; hover a token to see its id.{legend}</div>"
             f"<div class='token-view'>{''.join(spans)}</div>")
 
 
@@ -244,6 +249,10 @@ def create_data_tab(studio: Studio) -> dict:
     tokens = gr.HTML(token_view_html(""), elem_id="data-tokens")
     with gr.Accordion("Saved datasets", open=False):
         saved = gr.Markdown(saved_datasets_md(studio))
+    with gr.Accordion("Records: .jsonl / .json / .csv / .tsv (instruction data: prompt and response)", open=False,
+                      elem_id="data-records"):
+        from .data_records import create_records_section  # it builds on this module's token view
+        records = create_records_section(studio, ratio, saved)
 
     # analysis reads a bounded preview, so it is cheap; four run at once, shared by all sessions, so one
     # user's analysis never waits behind another's (Prepare, which reads everything, stays one at a time)
@@ -264,4 +273,4 @@ def create_data_tab(studio: Studio) -> dict:
                                  outputs=[status, saved], api_name="prepare_dataset")
     return {"files": files, "sample": sample, "text": pasted, "ratio": ratio, "name": name,
             "prepare": prepare_btn, "status": status, "stats": stats, "tokens": tokens, "state": state,
-            "prepared": prepared}
+            "prepared": prepared, **records}

@@ -73,12 +73,13 @@ def _adapter(studio: Studio, name) -> str:
 
 
 def _ids(studio: Studio, form: EvalForm):
-    """The token ids to score and where they came from (for the summary)."""
+    """The token ids to score, where they came from (for the summary) and their loss mask (instruction data:
+    only response tokens are scored; None = every token)."""
     if form.source == SOURCES[1]:
         text = check_text(form.text, "the text to evaluate on", MAX_EVAL_TEXT_CHARS)
         if not text.strip():
             raise ValueError("paste some text to evaluate on (or choose a dataset split).")
-        return text_ids(text), "the pasted text"
+        return text_ids(text), "the pasted text", None
     if form.source != SOURCES[0]:
         raise ValueError(f"the source must be one of: {', '.join(SOURCES)}.")
     name = typed_name(form.dataset, "the dataset name")
@@ -93,7 +94,8 @@ def _ids(studio: Studio, form: EvalForm):
     if len(ids) < 2:
         raise ValueError(f"the {form.split} split of {name} holds {len(ids)} tokens, too few to evaluate; "
                          f"choose the other split or paste text.")
-    return ids, f"the {form.split} split of {name}"
+    mask = ds.val_mask if form.split == "val" else ds.train_mask
+    return ids, f"the {form.split} split of {name}" + (" (response tokens only)" if mask is not None else ""), mask
 
 
 def evaluate(studio: Studio, form: EvalForm, progress=None):
@@ -114,13 +116,13 @@ def evaluate(studio: Studio, form: EvalForm, progress=None):
     seq_len, max_tokens = whole(form.seq_len, "the sequence length"), whole(form.max_tokens, "tokens to evaluate")
     if not 1 <= max_tokens <= EVAL_TOKENS:
         raise ValueError(f"tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
-    ids, where = _ids(studio, form)
+    ids, where, mask = _ids(studio, form)
     if progress is not None:
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
     if progress is not None:
         progress(0.3, desc=f"scoring {len(models)} model(s) in one batched pass…")
-    ev = studio.engine.evaluate(ids, models, seq_len, max_tokens)
+    ev = studio.engine.evaluate(ids, models, seq_len, max_tokens, mask=mask)
     rows = [{"model": "base" if m is None else m, "base": m is None, "loss": s.loss, "ppl": s.ppl,
              "tokens": s.tokens, "seconds": ev.seconds} for m, s in zip(models, ev.scores)]
     table = [[r["model"], round(r["loss"], 4), round(r["ppl"], 2), r["tokens"], round(r["seconds"], 2)] for r in rows]

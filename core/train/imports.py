@@ -1,0 +1,199 @@
+"""Records from a user's file: .jsonl/.json (objects), .csv/.tsv (a header row), or .txt/.md (one text).
+
+A record is a dict of field -> string. `read_records` parses a whole file and refuses what doesn't parse
+with the line number (bad JSON on line N, a ragged CSV row on line N); `pick` then takes the fields a
+dataset needs (a text field, or a prompt and a response field) and names the line of a missing field
+or an empty response. `preview` shows the first records and the fields found, for the studio's pickers.
+Nothing here writes anything: a refused file leaves no dataset behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.train.data import MAX_TEXT_BYTES, TEXT_SUFFIXES, decode_text
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+SUFFIXES = RECORD_SUFFIXES + TEXT_SUFFIXES
+MAX_RECORDS = 1_000_000  # more records than this are refused (memory; a classroom set is a few thousand)
+MAX_FIELDS = 200  # columns / keys per record
+PREVIEW_CHARS = 200  # a preview cell shows at most this many characters
+
+
+@dataclass
+class Record:
+    line: int  # where the record starts in its file (1-based; for .json, the array element's number)
+    fields: dict  # field name -> its value as a string
+
+
+@dataclass
+class Fields:
+    """Which fields of the records a dataset reads: `text`, or `prompt` and `response`."""
+    text: str | None = None  # a plain-text dataset: this field of each record is one document
+    prompt: str | None = None  # an instruction dataset: the prompt's field (no loss on its tokens)
+    response: str | None = None  # ... and the response's field (the loss is computed on these tokens)
+
+    def check(self) -> None:
+        if self.text and (self.prompt or self.response):
+            raise ValueError("choose either a text field, or a prompt field and a response field, not both.")
+        if not self.text and not (self.prompt and self.response):
+            raise ValueError("choose a text field, or both a prompt field and a response field.")
+
+    @property
+    def instruction(self) -> bool:
+        return bool(self.prompt and self.response)
+
+
+def kind_of(name: str) -> str:
+    """'jsonl', 'json', 'csv', 'tsv' or 'text', from the file name; ValueError for other kinds."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{Path(name).name}: use a .jsonl, .json, .csv, .tsv, .txt or .md file.")
+    return "text" if suffix in TEXT_SUFFIXES else suffix[1:]
+
+
+def _value(v, name: str, where: str, key: str) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if v is None:
+        return ""
+    raise ValueError(f"{name}: {where}: field '{key}' is a {type(v).__name__}, not text; give it as a string.")
+
+
+def _object(obj, name: str, where: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name}: {where} is a JSON {type(obj).__name__}, not an object with fields "
+                         f'(e.g. {{"prompt": "...", "response": "..."}}).')
+    if len(obj) > MAX_FIELDS:
+        raise ValueError(f"{name}: {where} has {len(obj)} fields; at most {MAX_FIELDS} are read.")
+    return Record(line, {str(k): _value(v, name, where, k) for k, v in obj.items()})
+
+
+def _jsonl(text: str, name: str) -> list[Record]:
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are not records
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: bad JSON on line {n} ({e.msg} at column {e.colno}); fix that line.") from None
+        except RecursionError:
+            raise ValueError(f"{name}: line {n} is nested too deeply to be read.") from None
+        out.append(_object(obj, name, f"line {n}", n))
+        if len(out) > MAX_RECORDS:
+            raise ValueError(f"{name} has more than {MAX_RECORDS:,} records; use a smaller part of it.")
+    return out
+
+
+def _json(text: str, name: str) -> list[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: bad JSON on line {e.lineno} ({e.msg} at column {e.colno}); fix it.") from None
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply to be read.") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ValueError(f"{name}: a .json file must hold an array of objects (or one object).")
+    if len(data) > MAX_RECORDS:
+        raise ValueError(f"{name} has {len(data):,} records, over the limit of {MAX_RECORDS:,}.")
+    # json keeps no line numbers for array elements: a record is named by its number in the array
+    return [_object(obj, name, f"record {i}", i) for i, obj in enumerate(data, 1)]
+
+
+def _csv(text: str, name: str, delimiter: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise ValueError(f"{name} is empty; the first row must name the columns.")
+        header = [h.strip() for h in header]
+        if len(header) > MAX_FIELDS or len(set(header)) != len(header) or "" in header:
+            raise ValueError(f"{name}: the header row must name each column once, with at most {MAX_FIELDS} "
+                             f"columns (got {header[:10]}).")
+        out = []
+        for row in reader:
+            if not row or all(not c.strip() for c in row) and len(row) <= 1:
+                continue  # blank lines
+            if len(row) != len(header):
+                raise ValueError(f"{name}: row on line {reader.line_num} has {len(row)} columns, the header has "
+                                 f"{len(header)} (a ragged file: check the quotes and the "
+                                 f"{'tabs' if delimiter == chr(9) else 'commas'} on that line).")
+            out.append(Record(reader.line_num, dict(zip(header, row))))
+            if len(out) > MAX_RECORDS:
+                raise ValueError(f"{name} has more than {MAX_RECORDS:,} rows; use a smaller part of it.")
+    except csv.Error as e:
+        raise ValueError(f"{name}: unreadable CSV on line {reader.line_num} ({e}).") from None
+    return out
+
+
+def read_records(data: bytes, name: str) -> list[Record]:
+    """The records of a file's bytes (`name` gives its kind and names it in errors). A .txt/.md file is
+    one record with the field 'text'. ValueError with the line number for what doesn't parse."""
+    kind = kind_of(name)
+    text = decode_text(data, name)  # size cap, binary, UTF-8 (as plain text files)
+    if kind == "text":
+        return [Record(1, {"text": text})]
+    records = {"jsonl": _jsonl, "json": _json}.get(kind)
+    records = records(text, name) if records else _csv(text, name, "\t" if kind == "tsv" else ",")
+    if not records:
+        raise ValueError(f"{name} holds no records; give at least two.")
+    return records
+
+
+def read_file(path) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
+    return read_records(path.read_bytes(), path.name)
+
+
+def field_names(records: list[Record]) -> list[str]:
+    """Every field seen, in the order first seen."""
+    seen: dict[str, None] = {}
+    for r in records:
+        seen.update(dict.fromkeys(r.fields))
+    return list(seen)
+
+
+def pick(records: list[Record], fields: Fields, name: str) -> list[dict]:
+    """The chosen fields of every record: [{'text': ...}] or [{'prompt': ..., 'response': ...}].
+    ValueError naming the line of a missing field or an empty response (or text)."""
+    fields.check()
+    wanted = {"text": fields.text} if fields.text else {"prompt": fields.prompt, "response": fields.response}
+    out = []
+    for r in records:
+        for role, key in wanted.items():
+            if key not in r.fields:
+                known = ", ".join(list(r.fields)[:10])
+                raise ValueError(f"{name}: line {r.line} has no field '{key}' (it has: {known}); choose "
+                                 f"another {role} field or fix that record.")
+        row = {role: r.fields[key] for role, key in wanted.items()}
+        empty = "text" if fields.text else "response"
+        if not row[empty].strip():
+            raise ValueError(f"{name}: empty {empty} on line {r.line}; every record needs some {empty} "
+                             f"to train on. Fill it in or remove that record.")
+        out.append(row)
+    return out
+
+
+def preview(data: bytes, name: str, rows: int = 5) -> tuple[list[str], list[list[str]]]:
+    """The fields found and the first `rows` records (cells cut to PREVIEW_CHARS), for a table."""
+    return preview_records(read_records(data, name), rows)
+
+
+def preview_records(records: list[Record], rows: int = 5) -> tuple[list[str], list[list[str]]]:
+    """`preview` of records already read."""
+    names = field_names(records)
+    cut = [[(v := r.fields.get(k, ""))[:PREVIEW_CHARS] + ("…" if len(v) > PREVIEW_CHARS else "") for k in names]
+           for r in records[:rows]]
+    return names, cut
