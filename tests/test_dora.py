@@ -157,3 +157,23 @@ def test_blend_of_dora_adapters_is_refused(tiny, tmp_path):
     state = lora.adapter_state_dict(tiny, "d")
     with pytest.raises(AdapterError, match="DoRA adapters cannot be blended"):
         blend_states([(state, DORA)], [1.0])
+
+
+def test_cli_finetune_dora_writes_a_dora_adapter(prepared, tmp_path):
+    from core.__main__ import main
+    from cli_helpers import TINY_RUN
+    assert main(["finetune", "--data", str(prepared), *TINY_RUN, "--library", str(tmp_path / "lib"),
+                 "--output", "d", "--dora"]) == 0
+    cfg = json.loads((tmp_path / "lib" / "d" / CONFIG).read_text())
+    assert cfg["use_dora"] is True
+    entry = next(e for e in Library(tmp_path / "lib").list() if e.name == "d")
+    assert entry.variant == "DoRA"
+
+
+def test_train_form_dora_box_reaches_the_config_and_the_count():
+    from studio.tabs.train import TrainForm, make_configs
+    lcfg, _ = make_configs(TrainForm(dataset="x", dora=True))
+    assert lcfg.use_dora
+    assert not make_configs(TrainForm(dataset="x"))[0].use_dora
+    with pytest.raises(ValueError, match="DoRA must be true or false"):
+        make_configs(TrainForm(dataset="x", dora="yes"))
