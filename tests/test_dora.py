@@ -177,3 +177,15 @@ def test_train_form_dora_box_reaches_the_config_and_the_count():
     assert not make_configs(TrainForm(dataset="x"))[0].use_dora
     with pytest.raises(ValueError, match="DoRA must be true or false"):
         make_configs(TrainForm(dataset="x", dora="yes"))
+
+
+def test_a_dora_run_resumes_from_its_checkpoint(sample_ds, tmp_path):
+    from core.model.weights import load_base as load
+    lc = LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn",), use_dora=True)
+    list(Trainer(load("tiny", device="cpu"), sample_ds, lc, quick(steps=4), "r", tmp_path / "run").run())
+    model = load("tiny", device="cpu")
+    events = list(Trainer(model, sample_ds, None, quick(steps=6), "r", tmp_path / "run",
+                          resume=tmp_path / "run").run())
+    assert events[-1]["type"] == "done" and events[-1]["step"] == 6
+    assert all(l.is_dora("r") for l in lora.lora_layers(model).values() if l.has("r"))
+    assert json.loads((tmp_path / "run" / CONFIG).read_text())["use_dora"] is True
