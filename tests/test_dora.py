@@ -110,6 +110,11 @@ def test_peft_made_dora_loads_here_and_merged_export_matches_peft_merge(hf_small
     out = export_merged(model, name, tmp_path / "merged")
     assert (_hf_logits(_hf(out)) - peft_merged).abs().max() <= TOL
     assert (peft_merged - want).abs().max() <= TOL
+    lib = Library(tmp_path / "lib")  # imported into the library, it stays a DoRA adapter PEFT reads back
+    lib.import_path(tmp_path / "pd", "imp", base_cfg=model.config)
+    assert next(e for e in lib.list() if e.name == "imp").variant == "DoRA"
+    pm = peft.PeftModel.from_pretrained(_hf(hf_small), str(lib.path("imp"))).eval()
+    assert (_hf_logits(pm) - want).abs().max() <= TOL
 
 
 def test_saved_file_has_peft_keys(hf_small, tmp_path):
