@@ -194,3 +194,31 @@ def test_a_dora_run_resumes_from_its_checkpoint(sample_ds, tmp_path):
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
     assert all(l.is_dora("r") for l in lora.lora_layers(model).values() if l.has("r"))
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["use_dora"] is True
+
+
+def test_compare_through_the_engine_with_a_dora_column_equals_each_alone(tmp_path, tiny):
+    from core.engine import Engine
+    from core.generate.sampling import SamplingConfig
+    lib = tmp_path / "lib"
+    make_dora(tiny, "d", LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True), seed=6)
+    lora.add_adapter(tiny, "x", LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",)), seed=7)
+    with torch.no_grad():
+        for layer in lora.lora_layers(tiny).values():
+            if layer.has("x"):
+                layer.weights("x")[1].normal_(0, 0.5)
+    eng = Engine("cpu", lib, batched_generation=True)
+    eng.base("tiny")
+    eng.library.save(tiny, "d", "d", LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True),
+                     "tiny")
+    eng.library.save(tiny, "x", "x", LoraConfig(r=2, alpha=4.0, targets=("attn.c_proj",)), "tiny")
+    cfg = SamplingConfig(max_new_tokens=16, seed=1, stop_at_eot=False, temperature=0.0, top_k=50, top_p=1.0)
+
+    def run(adapters):
+        out = None
+        for out in eng.compare("The quick brown fox", adapters, cfg, user="u"):
+            pass
+        return list(out)
+
+    together = run([None, "d", "x"])
+    assert together[1] != together[0]  # the DoRA adapter changes the text
+    assert together == [run([None])[0], run(["d"])[0], run(["x"])[0]]
