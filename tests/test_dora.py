@@ -222,3 +222,33 @@ def test_compare_through_the_engine_with_a_dora_column_equals_each_alone(tmp_pat
     together = run([None, "d", "x"])
     assert together[1] != together[0]  # the DoRA adapter changes the text
     assert together == [run([None])[0], run(["d"])[0], run(["x"])[0]]
+
+
+def test_dora_runs_co_batched_equal_each_alone(sample_ds, tmp_path):
+    from core.model.weights import load_base as load
+    from core.train.cobatch import CoTrainer
+    jobs = {"d": (LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), dropout=0.1, use_dora=True),
+                  quick(steps=3, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0, checkpoint_interval=0,
+                        seed=1)),
+            "p": (LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn",)),
+                  quick(steps=3, batch_size=1, seq_len=24, grad_accum=2, eval_interval=0, checkpoint_interval=0,
+                        seed=2))}
+    alone = {}
+    for n, (lc, tc) in jobs.items():
+        model = load("tiny", device="cpu")
+        events = list(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n).run())
+        alone[n] = ([e["loss"] for e in events if e["type"] == "step"], lora.adapter_state_dict(model, n))
+    model = load("tiny", device="cpu")
+    co, events = CoTrainer(model), {n: [] for n in jobs}
+    for n, (lc, tc) in jobs.items():
+        co.join(Trainer(model, sample_ds, lc, tc, n, tmp_path / "co" / n), events[n].append)
+    while co.runs:
+        co.step()
+    for n in jobs:
+        losses = [e["loss"] for e in events[n] if e["type"] == "step"]
+        assert len(losses) == 3 and max(abs(a - b) for a, b in zip(losses, alone[n][0])) <= 1e-5
+        got = lora.adapter_state_dict(model, n)
+        assert got.keys() == alone[n][1].keys()
+        for k, v in alone[n][1].items():
+            torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
+    assert any(k.endswith("lora_magnitude_vector") for k in alone["d"][1])
