@@ -119,6 +119,8 @@ def cmd_finetune(args) -> int:
     from core.train.data import load_dataset
     from core.train.estimate import parse_size
     resume, data, lcfg, tcfg = _finetune_settings(args)
+    if args.quantize and lcfg.use_dora:  # DoRA's weight norm reads the full-precision base weights
+        raise ValueError("DoRA (--dora) needs the full-precision base; drop --quantize, or train plain LoRA.")
     if args.max_train_memory is not None:  # a bad size is refused before a model loads
         args.max_train_memory = parse_size(args.max_train_memory)
     dataset = load_dataset(data)

@@ -252,3 +252,11 @@ def test_dora_runs_co_batched_equal_each_alone(sample_ds, tmp_path):
         for k, v in alone[n][1].items():
             torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
     assert any(k.endswith("lora_magnitude_vector") for k in alone["d"][1])
+
+
+def test_cli_refuses_dora_on_a_quantized_base(prepared, tmp_path, capsys):
+    from cli_helpers import one_line_error
+    argv = ["finetune", "--data", prepared, "--model", "tiny", "--library", tmp_path / "lib", "--dora",
+            "--quantize", "int8"]
+    assert "DoRA (--dora) needs the full-precision base" in one_line_error(capsys, argv)
+    assert not (tmp_path / "lib").exists()
