@@ -171,8 +171,12 @@ def test_cli_finetune_dora_writes_a_dora_adapter(prepared, tmp_path):
                  "--output", "d", "--dora"]) == 0
     cfg = json.loads((tmp_path / "lib" / "d" / CONFIG).read_text())
     assert cfg["use_dora"] is True
-    entry = next(e for e in Library(tmp_path / "lib").list() if e.name == "d")
+    lib = Library(tmp_path / "lib")
+    entry = next(e for e in lib.list() if e.name == "d")
     assert entry.variant == "DoRA"
+    from studio.tabs.library import _detail_rows, table_rows  # the Library tab says so
+    assert table_rows(None, [entry])[0][3].endswith("DoRA")
+    assert ("Variant", "DoRA") in _detail_rows(lib.details("d"))
 
 
 def test_train_form_dora_box_reaches_the_config_and_the_count():
