@@ -89,8 +89,8 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     B, T, d = tcfg.batch_size, tcfg.seq_len, cfg.n_embd
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
-    if dora:  # core.lora.dora keeps x W (no bias) and the LoRA output of every target for the magnitude's gradient
-        per_layer += 2 * sum(target_shapes(cfg)[t][1] for t in lcfg.targets)
+    if dora:  # core.lora.dora keeps x W + s B A x of every target for the magnitude's gradient
+        per_layer += sum(target_shapes(cfg)[t][1] for t in lcfg.targets)
     acts = B * T * (per_layer * act_bytes * layers_kept + (2 * d * act_bytes * cfg.n_layer if checkpointing else 0))
     logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
     act_total = int(max(acts + logits[0], logits[1]))
