@@ -14,6 +14,7 @@ working memory = that peak minus what is held between steps (weights, optimizer 
 
     python bench/train.py                                 # CPU, the seed's micro-batch 4 x 128
     python bench/train.py --device cuda --batch 16 --seq 1024
+    python bench/train.py --dora                          # also DoRA, ours and PEFT's, in the same ABBA rotation
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def tokens(n: int = 200_000) -> np.ndarray:
 
 # ---- the two sides: generators that run one training step per next() and yield its time ------
 
-def steps_ours(ckpt, device, batch, seq, total):
+def steps_ours(ckpt, device, batch, seq, total, dora=False):
     """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events."""
     from core.model.config import LoraConfig, TrainConfig
     from core.train.data import Dataset
@@ -81,7 +82,8 @@ def steps_ours(ckpt, device, batch, seq, total):
                        grad_clip=CLIP, weight_decay=0.01, eval_interval=0, checkpoint_interval=0)
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
     trainer = Trainer(model, Dataset(train=ids, val=ids[: seq + 1]),
-                      LoraConfig(r=RANK, alpha=ALPHA, targets=("attn.c_attn",)), tcfg, "bench", out / "run")
+                      LoraConfig(r=RANK, alpha=ALPHA, targets=("attn.c_attn",), use_dora=dora), tcfg, "bench",
+                      out / "run")
     try:
         for ev in trainer.run():
             if ev["type"] == "step":
@@ -90,7 +92,7 @@ def steps_ours(ckpt, device, batch, seq, total):
         shutil.rmtree(out, ignore_errors=True)
 
 
-def steps_peer(ckpt, device, batch, seq, total):
+def steps_peer(ckpt, device, batch, seq, total, dora=False):
     """transformers GPT2LMHeadModel + PEFT get_peft_model, the plain loop PEFT users write."""
     import transformers
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -99,7 +101,8 @@ def steps_peer(ckpt, device, batch, seq, total):
     model = transformers.GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype, attn_pdrop=0.0, resid_pdrop=0.0,
                                                          embd_pdrop=0.0).to(device)
     model = get_peft_model(model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                 fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 use_dora=dora))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=device.type == "cuda" or None)
@@ -123,15 +126,17 @@ def steps_peer(ckpt, device, batch, seq, total):
 
 
 SIDES = {"ours": steps_ours, "peer": steps_peer}
+DORA_SIDES = {"ours-dora": lambda *a: steps_ours(*a, dora=True), "peer-dora": lambda *a: steps_peer(*a, dora=True)}
 
 
 def speed_worker(args, device) -> dict:
     """Both sides in this process, one step each in turn (ABBA order), so load on the machine hits both alike."""
     total = args.warmup + args.steps
-    gens = {side: fn(args.ckpt, device, args.batch, args.seq, total) for side, fn in SIDES.items()}
-    times = {side: [] for side in SIDES}
+    sides = {**SIDES, **(DORA_SIDES if args.dora else {})}
+    gens = {side: fn(args.ckpt, device, args.batch, args.seq, total) for side, fn in sides.items()}
+    times = {side: [] for side in sides}
     for i in range(total):
-        for side in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+        for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
             times[side].append(next(gens[side]))
     for g in gens.values():
         g.close()
@@ -165,6 +170,7 @@ def spawn(worker_kind, args) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--mem-steps", str(args.mem_steps)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--dora"] if args.dora else []
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"{worker_kind} worker failed:\n{r.stderr[-3000:]}")
@@ -180,6 +186,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 5 on CUDA)")
     p.add_argument("--mem-steps", type=int, default=2, help="steps in each memory measurement (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dora", action="store_true", help="also time DoRA training (ours and PEFT's) in the same run")
     p.add_argument("--worker", choices=["speed", "mem-ours", "mem-peer"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -209,6 +216,11 @@ def main() -> None:
         ["  of it, a step's working memory (MiB)", f"{peer['step_mb']:,.0f}", f"{ours['step_mb']:,.0f}",
          f"{ours['step_mb'] / peer['step_mb']:.2f}x"],
     ], ["", "transformers+PEFT", "LoRA Studio", "ours / peer"]))
+    if args.dora:
+        print(f"\nDoRA (use_dora) on the same rotation: tokens/s {speed['peer-dora']:,.0f} transformers+PEFT, "
+              f"{speed['ours-dora']:,.0f} LoRA Studio ({speed['ours-dora'] / speed['peer-dora']:.2f}x); "
+              f"DoRA / plain LoRA: ours {speed['ours-dora'] / speed['ours']:.2f}x, "
+              f"PEFT {speed['peer-dora'] / speed['peer']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def cmd_prepare(args) -> int:
 
 # ---- finetune -------------------------------------------------------------------------
 
-RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_len", "grad_accum", "seed",
+RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "dora", "lr", "batch_size", "seq_len", "grad_accum", "seed",
                 "warmup", "output")
 
 
@@ -121,6 +121,8 @@ def cmd_finetune(args) -> int:
     from core.train.data import load_dataset
     from core.train.estimate import parse_size
     resume, data, lcfg, tcfg = _finetune_settings(args)
+    if args.quantize and lcfg.use_dora:  # DoRA's weight norm reads the full-precision base weights
+        raise ValueError("DoRA (--dora) needs the full-precision base; drop --quantize, or train plain LoRA.")
     if args.max_train_memory is not None:  # a bad size is refused before a model loads
         args.max_train_memory = parse_size(args.max_train_memory)
     dataset = load_dataset(data)
@@ -178,7 +180,7 @@ def _finetune_settings(args):
                            eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
                            sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed))
         lcfg = LoraConfig(r=_pick(args.rank, 8), alpha=float(_pick(args.alpha, 16.0)),
-                          dropout=_pick(args.dropout, 0.0),
+                          dropout=_pick(args.dropout, 0.0), use_dora=bool(args.dora),
                           targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets)
         tcfg.validate()
         lcfg.validate()
@@ -200,7 +202,7 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
     trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume,
                       max_memory=args.max_train_memory, dist=args.group)
     say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
-    say(f"LoRA: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
+    say(f"{'DoRA' if lcfg.use_dora else 'LoRA'}: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
     say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
@@ -582,6 +584,9 @@ def _add_finetune(sub) -> None:
     s.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 16)")
     s.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    s.add_argument("--dora", action="store_true", default=None,
+                   help="DoRA: also train a magnitude per output feature; often closer to full fine-tuning at low "
+                        "rank, for a slower step and more activation memory (default off)")
     s.add_argument("--targets", help="comma-separated projections: c_attn, c_proj, c_fc, mlp.c_proj, attn.c_proj "
                                      "(default c_attn)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")

@@ -17,6 +17,8 @@ TINY = PRESETS["tiny"]  # 2 layers, width 64
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
 KA = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_A.weight"
 KB = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_B.weight"
+LC_DORA = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",), use_dora=True)
+KM = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_magnitude_vector"
 
 
 def good():
@@ -132,6 +134,48 @@ def _raw_trailing():
     return st_save(good()) + b"junk"
 
 
+def good_dora():
+    """good() as a DoRA adapter: a magnitude (one per output feature, 192 for c_attn) on every target."""
+    t = good()
+    for k in [k for k in t if k.endswith("lora_A.weight")]:
+        t[k.removesuffix("lora_A.weight") + "lora_magnitude_vector"] = torch.rand(192) + 0.5
+    return t
+
+
+def _no_magnitude():
+    t = good_dora()
+    del t[KM]
+    return t
+
+
+def _magnitude_shape():
+    t = good_dora()
+    t[KM] = torch.ones(191)
+    return t
+
+
+def _magnitude_2d():
+    t = good_dora()
+    t[KM] = torch.ones(192, 1)
+    return t
+
+
+def _magnitude_inf():
+    t = good_dora()
+    t[KM][5] = float("inf")
+    return t
+
+
+# DoRA files (written with LC_DORA's config unless the case names another): each refused, nothing loaded
+DORA_CASES = {
+    "missing magnitude": (_no_magnitude, LC_DORA, r"lora_magnitude_vector' is missing; .* sets use_dora"),
+    "magnitude shape": (_magnitude_shape, LC_DORA, r"lora_magnitude_vector' has shape \[191\], expected \[192\]"),
+    "magnitude 2-D": (_magnitude_2d, LC_DORA, r"a DoRA magnitude vector is 1-D"),
+    "magnitude not finite": (_magnitude_inf, LC_DORA, r"lora_magnitude_vector' contains NaN or infinite values"),
+    "magnitude without use_dora": (good_dora, LC, r"holds DoRA magnitude vectors but .* does not set use_dora"),
+}
+
+
 RAW_CASES = {
     "truncated data": (_raw_truncated, r"is truncated: tensor data should end at byte"),
     "pickle renamed": (_raw_pickle, r"is a PyTorch pickle \(torch\.save\), not safetensors"),
@@ -156,7 +200,7 @@ CONFIG_CASES = {
     "r zero": (config_with(r=0), r"r must be a whole number from 1 to 256 \(got 0\)"),
     "alpha negative": (config_with(lora_alpha=-1), r"lora_alpha must be a positive number"),
     "not lora": (config_with(peft_type="IA3"), r"peft_type is 'IA3'; only LoRA"),
-    "dora": (config_with(use_dora=True), r"DoRA \(use_dora\) is not supported"),
+    "use_dora not a bool": (config_with(use_dora="yes"), r"use_dora must be true or false \(got 'yes'\)"),
     "rank pattern": (config_with(rank_pattern={"c_attn": 8}), r"rank_pattern/alpha_pattern"),
     "unknown target": (config_with(target_modules=["q_proj"]), r"target module 'q_proj' is not one of GPT-2's"),
     "unlisted target": (config_with(target_modules=["c_fc"]),

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from bad_adapters import CONFIG_CASES, KA, LC, RAW_CASES, TENSOR_CASES, TINY, config_with, good
+from bad_adapters import CONFIG_CASES, DORA_CASES, KA, LC, RAW_CASES, TENSOR_CASES, TINY, config_with, good
 from core.adapters.format import CONFIG, PEFT_PREFIX, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
@@ -38,6 +38,18 @@ def _check_refused(tmp_path, folder, pattern):
 def test_bad_tensors_are_refused(tmp_path, case):
     make, pattern = TENSOR_CASES[case]
     _check_refused(tmp_path, write_adapter(tmp_path / "bad", make(), LC), pattern)
+
+
+@pytest.mark.parametrize("case", list(DORA_CASES))
+def test_broken_dora_files_are_refused(tmp_path, case):
+    make, lcfg, pattern = DORA_CASES[case]
+    _check_refused(tmp_path, write_adapter(tmp_path / "bad", make(), lcfg), pattern)
+
+
+def test_a_good_dora_file_loads(tmp_path, tiny):
+    from bad_adapters import LC_DORA, good_dora
+    name, lcfg, _ = load_adapter(tiny, write_adapter(tmp_path / "dora", good_dora(), LC_DORA))
+    assert lcfg.use_dora and name in adapter_names(tiny)
 
 
 @pytest.mark.parametrize("case", list(RAW_CASES))

@@ -34,3 +34,12 @@ def test_time_scales_with_steps_and_graphs_cut_overhead():
 def test_human_units():
     assert human_bytes(1536) == "1.5 KB" and human_bytes(3 * 2**30) == "3.0 GB"
     assert human_seconds(59) == "59s" and human_seconds(61) == "1m 01s" and human_seconds(3700) == "1h 01m"
+
+
+def test_dora_counts_its_magnitudes_and_their_activations():
+    cfg = PRESETS["gpt2"]
+    plain = LoraConfig(r=8, targets=("attn.c_attn", "mlp.c_fc"))
+    dora = LoraConfig(r=8, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True)
+    a, b = estimate_training(cfg, plain, TrainConfig(), "cpu"), estimate_training(cfg, dora, TrainConfig(), "cpu")
+    assert b.trainable_params - a.trainable_params == cfg.n_layer * (3 + 4) * cfg.n_embd  # one per output feature
+    assert b.activation_bytes > a.activation_bytes and b.peak_bytes > a.peak_bytes

@@ -24,6 +24,9 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
     """The blended adapter's fp32 tensors (our keys) and its LoraConfig (r = sum of ranks, alpha = r)."""
     if not parts:
         raise AdapterError("choose at least one adapter to blend.")
+    if any(lcfg.use_dora for _, lcfg in parts):  # each DoRA update is rescaled by its own weight norm
+        raise AdapterError("DoRA adapters cannot be blended: a weighted sum of DoRA updates is not a DoRA or LoRA "
+                           "update; blend plain LoRA adapters only.")
     if len(parts) != len(weights):
         raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
     ws = []

@@ -49,7 +49,7 @@ def merged_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     state = {k: v.float() for k, v in hf_state_dict(model).items()}
     for path, layer in lora_layers(model).items():
         if layer.has(adapter_name):
-            merged = state[f"{path}.weight"] + layer.delta(adapter_name).to("cpu").t()
+            merged = layer.merged_weight(adapter_name, state[f"{path}.weight"])  # plain or DoRA
             if not bool(torch.isfinite(merged).all()):
                 raise AdapterError(f"merging {adapter_name!r} gives non-finite weights in {path}; refusing to export.")
             state[f"{path}.weight"] = merged

@@ -23,9 +23,10 @@ MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per 
 
 # A matrix's key as core.lora names it (LORA_KEY, lora_key); files add PEFT_PREFIX in front. As found in
 # a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight') tolerated, and no
-# leading zeros in the layer index (two spellings of one weight would collide)
+# leading zeros in the layer index (two spellings of one weight would collide). Group 3 is A or B, or None
+# for DoRA's magnitude vector (saved by PEFT without '.weight'; core.lora.dora)
 FILE_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?transformer\.h\.(0|[1-9]\d*)\.({TARGET_PATTERN})"
-                      rf"\.lora_([AB])(?:\.default)?\.weight$")
+                      rf"\.(?:lora_([AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
 
 
 def name_from_path(path) -> str:
@@ -46,7 +47,7 @@ def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
         # full module paths so PEFT matches attn.c_proj and mlp.c_proj separately
         "target_modules": list(lcfg.targets), "fan_in_fan_out": True, "bias": "none",
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None,
+        "use_rslora": False, "use_dora": bool(lcfg.use_dora), "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
 
@@ -92,6 +93,12 @@ def _text(x):
 def _prompt(x):
     if safe_json.text(x, MAX_PROMPT_CHARS) is None:
         raise _Bad(f"is not a valid UTF-8 prompt of at most {MAX_PROMPT_CHARS} characters")
+    return x
+
+
+def _bool(x):
+    if not isinstance(x, bool):
+        raise _Bad("is not true or false")
     return x
 
 
@@ -167,7 +174,7 @@ META_FIELDS = {  # every field this app writes to studio.json, and what it may h
     **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
     "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
     "lora": _record({"r": _int(1, MAX_RANK), "alpha": _num(0, MAX_LOADED_ALPHA), "dropout": _num(0, 1),
-                     "targets": _list_of(_text, 8)}),
+                     "targets": _list_of(_text, 8), "use_dora": _bool}),
     "blend": _list_of(_record({"name": _text, "weight": _num()}), 64),
 }
 

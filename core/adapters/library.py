@@ -128,6 +128,7 @@ class AdapterEntry:
     has_final: bool = True  # False while a run has only checkpoints so far
     problem: str | None = None  # why the entry is unreadable (broken files); it can still be deleted
     created_ts: float = field(default=0.0, repr=False)
+    variant: str = "LoRA"  # "DoRA" when adapter_config.json sets use_dora
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -460,7 +461,8 @@ class Library:
                 steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
                 created=created, size_bytes=_size(src), dataset=_dataset(meta), status=status,
                 user=meta.get("user"), n_checkpoints=len(ckpts), has_final=final, problem=problem,
-                created_ts=safe_json.timestamp(created) or d.stat().st_mtime)
+                created_ts=safe_json.timestamp(created) or d.stat().st_mtime,
+                variant="DoRA" if config.get("dora") else "LoRA")
         except OSError:  # deleted or renamed while we looked
             return None
 
@@ -610,7 +612,8 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
         r, alpha, _, listed, base = parse_config(raw, path)
     except ValueError as e:  # AdapterError is a ValueError too
         return {}, {}, safe_json.shown(str(e))[:300]
-    return {"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200)}, raw, None
+    return {"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
+            "dora": raw.get("use_dora") is True}, raw, None
 
 
 def _set_user(meta: dict, user: str | None) -> None:

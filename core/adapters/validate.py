@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from core import safe_json
 from core.adapters.format import CONFIG, FILE_KEY, META, PEFT_PREFIX, WEIGHTS
+from core.lora.dora import magnitude_key
 from core.lora.layers import lora_key
 from core.model.config import (HUB_IDS, MAX_LOADED_ALPHA, MAX_RANK, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig,
                                normalize_targets, target_shapes, width_from_a)
@@ -71,6 +72,7 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
     if cfg is None and preset_of(adapter_base):  # no base given: hold it to the GPT-2 size it names
         cfg, against = PRESETS[preset_of(adapter_base)], f"its recorded base {adapter_base}"
     keys, rank, targets = check_header(weights, cfg, against)
+    check_dora(peft.get("use_dora", False), keys, config_file.name, weights.name)
     if rank != r:
         raise AdapterError(f"{config_file.name} says r={r} but the tensors in {weights.name} have rank {rank}; "
                            f"the config does not belong to these weights.")
@@ -81,7 +83,7 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
                                f"in target_modules ({', '.join(listed) or 'empty'}); the files do not match.")
     state = read_values(weights, keys)
     meta = read_json(meta_file, "studio metadata") if meta_file else {}
-    lcfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
+    lcfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_dora=bool(peft.get("use_dora")))
     return AdapterFiles(state, lcfg, adapter_base, meta, peft)
 
 
@@ -153,8 +155,8 @@ def _parse_header(raw: bytes, name: str) -> dict:
         raise AdapterError(f"{name} is not a safetensors file (its header is not a JSON object).")
     keys = [k for k in header if k != "__metadata__"]
     if len(keys) > MAX_TENSORS:
-        raise AdapterError(f"{name} holds {len(keys)} tensors; an adapter of GPT-2 holds at most 384 "
-                           f"(48 layers x 4 projections x A/B). The file is not a LoRA adapter.")
+        raise AdapterError(f"{name} holds {len(keys)} tensors; an adapter of GPT-2 holds at most 576 "
+                           f"(48 layers x 4 projections x A, B and a DoRA magnitude). The file is not a LoRA adapter.")
     for k in keys:
         if not FILE_KEY.match(k):
             raise AdapterError(f"{name}: unexpected key {safe_json.shown(k)[:120]!r}; an adapter may only hold "
@@ -203,7 +205,9 @@ def parse_config(c: dict, path: Path):
     dropout = c.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterError(f"{where}: lora_dropout must be in [0, 1) (got {dropout!r}).")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("layer_replication", "layer replication")):
+    if not isinstance(c.get("use_dora", False), bool):
+        raise AdapterError(f"{where}: use_dora must be true or false (got {c.get('use_dora')!r}).")
+    for flag, what in (("lora_bias", "LoRA biases"), ("layer_replication", "layer replication")):
         if c.get(flag):
             raise AdapterError(f"{where}: {what} ({flag}) is not supported; use a plain LoRA adapter.")
     if c.get("rank_pattern") or c.get("alpha_pattern"):
@@ -282,25 +286,28 @@ def check_header(path: Path, cfg: GPTConfig | None,
         if not m:
             raise AdapterError(f"{path.name}: unexpected key {k!r}; an adapter may only hold lora_A/lora_B weights "
                                f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
-        i, target, ab = int(m.group(1)), m.group(2), m.group(3)
+        i, target, ab = int(m.group(1)), m.group(2), m.group(3) or "M"  # M: DoRA's magnitude vector
         if cfg is not None and i >= cfg.n_layer:
             raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but {against} has {cfg.n_layer} "
                                f"layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
-        ours = lora_key(i, target, ab)
+        ours = magnitude_key(i, target) if ab == "M" else lora_key(i, target, ab)
         if ours in keys.values():
             raise AdapterError(f"{path.name}: key {k!r} duplicates another key for the same weight.")
         dtype, shape = info[k]
         if dtype not in DTYPES:
             raise AdapterError(f"{path.name}: key {k!r} has dtype {dtype}; adapter weights must be "
                                f"{', '.join(DTYPES)}.")
-        if len(shape) != 2:
+        if ab == "M" and len(shape) != 1:
+            raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}; a DoRA magnitude vector is 1-D "
+                               f"(one value per output feature).")
+        if ab != "M" and len(shape) != 2:
             raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}; LoRA weights are 2-D matrices.")
         keys[k] = ours
         slots.setdefault((i, target), {})[ab] = (k, shape)
     rank, first = None, None
     width = cfg.n_embd if cfg is not None else None
     for (i, target), ab in sorted(slots.items()):
-        if set(ab) != {"A", "B"}:
+        if set(ab) - {"M"} != {"A", "B"}:
             k, _ = next(iter(ab.values()))
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterError(f"{path.name}: key {k!r} has no matching {missing}; LoRA weights come in A/B pairs.")
@@ -322,8 +329,25 @@ def check_header(path: Path, cfg: GPTConfig | None,
                 base = against if cfg is not None else "the other weights"
                 raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}, expected {list(want)} "
                                    f"({what} for {target} of width {width}, as in {base}).")
+        if "M" in ab and ab["M"][1] != (fan_out,):
+            raise AdapterError(f"{path.name}: key {ab['M'][0]!r} has shape {list(ab['M'][1])}, expected [{fan_out}] "
+                               f"(one magnitude per output feature of {target} of width {width}).")
     targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
     return keys, rank, targets
+
+
+def check_dora(use_dora: bool, keys: dict[str, str], config_name: str, weights_name: str) -> None:
+    """A DoRA adapter has a magnitude vector beside every A/B pair; a plain one has none."""
+    ours = set(keys.values())
+    for k in sorted(ours):
+        if k.endswith(".lora_A.weight"):
+            mag = k.removesuffix(".lora_A.weight") + ".lora_magnitude_vector"
+            if use_dora and mag not in ours:
+                raise AdapterError(f"{weights_name}: {PEFT_PREFIX + mag!r} is missing; {config_name} sets use_dora, "
+                                   f"and a DoRA adapter has a magnitude vector for every target.")
+    if not use_dora and any(k.endswith(".lora_magnitude_vector") for k in ours):
+        raise AdapterError(f"{weights_name} holds DoRA magnitude vectors but {config_name} does not set use_dora; "
+                           f"the files do not match.")
 
 
 def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:

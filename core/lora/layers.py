@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.lora import dora
 from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
 
 # The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
@@ -43,6 +44,7 @@ class Route:
         self.names = tuple(names)
         self.groups = [n for n in dict.fromkeys(self.names) if n]
         self._plans: dict[int, tuple[LoRALinear, tuple | None]] = {}  # id(layer) -> (layer, plan)
+        self._dora: dict[int, tuple[LoRALinear, list]] = {}  # id(layer) -> (layer, DoRA row groups)
 
     def plan(self, layer: "LoRALinear", dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A_rows (batch, in, r), B_rows (batch, r, out)) for `layer`, or None if no row uses it."""
@@ -59,8 +61,18 @@ class Route:
                 plan[0].copy_(A)
                 plan[1].copy_(B)
 
+    def dora_rows(self, layer: "LoRALinear") -> list[tuple[str, torch.Tensor]]:
+        """(adapter, row indices) for each DoRA adapter of the batch on `layer`: its update depends on
+        its own weight norm, so it is not a gathered low-rank product and runs per group instead."""
+        key = id(layer)
+        if key not in self._dora:
+            self._dora[key] = (layer, [(n, torch.tensor([i for i, m in enumerate(self.names) if m == n],
+                                                         device=layer.device))
+                                        for n in self.groups if layer.is_dora(n)])
+        return self._dora[key][1]
+
     def _gather(self, layer: "LoRALinear", dtype):
-        present = [n for n in self.groups if layer.has(n)]
+        present = [n for n in self.groups if layer.has(n) and not layer.is_dora(n)]
         if not present:
             return None
         r = max(layer.weights(n)[0].shape[0] for n in present)
@@ -99,6 +111,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.lora_A = nn.ParameterDict()  # (r, in) per adapter
         self.lora_B = nn.ParameterDict()  # (out, r) per adapter
+        # DoRA's magnitude (out,) per DoRA adapter (core.lora.dora); named so freeze_base keeps it trainable
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
@@ -134,11 +148,25 @@ class LoRALinear(nn.Module):
         self.scaling[name] = alpha / r
         self.dropout[name] = dropout
 
+    def enable_dora(self, name: str, magnitude: torch.Tensor | None = None):
+        """Make adapter `name` a DoRA adapter: its magnitude is `magnitude` or PEFT's init from A, B, W."""
+        if not hasattr(self.base, "weight"):
+            raise RuntimeError("DoRA needs the base weights to compute its norm; load the base unquantized to use DoRA")
+        A, B = self.weights(name)
+        m = dora.initial_magnitude(self.base.weight, A, B, self.scaling[name]) if magnitude is None else magnitude
+        self.lora_magnitude_vector[self.keys[name]] = nn.Parameter(
+            m.detach().to(self.device, torch.float32).clone())
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.keys and self.keys[name] in self.lora_magnitude_vector
+
     def remove(self, name: str):
         if self.merged == name:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
         key = self.keys.pop(name)
         del self.lora_A[key], self.lora_B[key]
+        if key in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[key]
         self.scaling.pop(name), self.dropout.pop(name)
         if self.active == name:
             self.active = None
@@ -152,9 +180,12 @@ class LoRALinear(nn.Module):
         A, B = self.weights(name)
         return (B.float() @ A.float()) * self.scaling[name]
 
-    def lora(self, x, name: str, generator: torch.Generator | None = None):
+    def lora(self, x, name: str, generator: torch.Generator | None = None, y=None):
+        """The adapter's addition to the base output; `y` (the base output for this x) saves DoRA a
+        matmul when no dropout is drawn."""
         A, B = self.weights(name)
         p = self.dropout[name]
+        x0 = x
         if p and torch.is_grad_enabled():  # never while generating or evaluating
             if generator is not None:
                 # a training run's own RNG (core.train: every run passes one): its masks do not depend on
@@ -162,6 +193,10 @@ class LoRALinear(nn.Module):
                 x = x * torch.empty_like(x).bernoulli_(1 - p, generator=generator) / (1 - p)
             elif self.training:
                 x = F.dropout(x, p)
+        if self.is_dora(name):  # PEFT: the base part is recomputed from the dropped-out input
+            base_out = y - self.base.bias.to(y.dtype) if (y is not None and x is x0) else None  # x W, no bias
+            return dora.update(x, base_out, self.base.weight, A, B,
+                               self.lora_magnitude_vector[self.keys[name]], self.scaling[name])
         # fp32 parameters, computed in the activations' dtype (bf16 on CUDA).
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
 
@@ -172,19 +207,22 @@ class LoRALinear(nn.Module):
             if name is None or name == self.merged:
                 return y
             self._check_unmerged(name)
-            return y + self.lora(x, name)
+            return y + self.lora(x, name, y=y)
         self._check_unmerged(route)
         if route is BASE_ONLY:
             return y
         if isinstance(route, str):
-            return y + self.lora(x, route) if self.has(route) else y
+            return y + self.lora(x, route, y=y) if self.has(route) else y
         if isinstance(route, Segments):
             return self._segments(x, y, route)
         plan = route.plan(self, x.dtype)
-        if plan is None:  # no row's adapter wraps this projection
-            return y
-        A_rows, B_rows = plan  # (batch, in, r), (batch, r, out)
-        return torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
+        out = y
+        if plan is not None:  # some row's plain LoRA adapter wraps this projection
+            A_rows, B_rows = plan  # (batch, in, r), (batch, r, out)
+            out = torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
+        for name, rows in route.dora_rows(self):
+            out = out.index_add(0, rows, self.lora(x[rows], name, y=y[rows]).to(y.dtype))
+        return out
 
     def _segments(self, x, y, route: Segments):
         """Each job's rows plus its own adapter's update (zero where the job has none on this layer)."""
@@ -192,7 +230,7 @@ class LoRALinear(nn.Module):
         for seg in route.segments:
             rows = x[seg.start:seg.stop, :seg.length]
             if self.has(seg.name):
-                d, used = self.lora(rows, seg.name, seg.generator), True
+                d, used = self.lora(rows, seg.name, seg.generator, y=y[seg.start:seg.stop, :seg.length]), True
             else:
                 d = rows.new_zeros(rows.shape[:-1] + (self.out_features,))
             parts.append(F.pad(d, (0, 0, 0, T - seg.length)) if seg.length < T else d)
@@ -210,13 +248,23 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
         if not hasattr(self.base, "weight"):
             raise RuntimeError("a quantized base cannot be merged into; load the base unquantized to merge")
-        d = self.delta(name)
-        if not torch.isfinite(d).all():
-            raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
         w = self.base.weight  # (in, out), Conv1D layout
+        new = self.merged_weight(name, w)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
         self._backup = w.detach().to("cpu", copy=True)
-        w.add_(d.t().to(w.dtype))
+        w.copy_(new.to(w.dtype))
         self.merged = name
+
+    @torch.no_grad()
+    def merged_weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
+        """`base_weight` (in, out) with adapter `name` folded in, fp32 on base_weight's device."""
+        if self.is_dora(name):
+            A, B = self.weights(name)
+            dev = base_weight.device
+            return dora.merged_weight(base_weight, A.to(dev), B.to(dev),
+                                      self.lora_magnitude_vector[self.keys[name]].to(dev), self.scaling[name])
+        return base_weight.float() + self.delta(name).to(base_weight.device).t()
 
     @torch.no_grad()
     def unmerge(self):
@@ -278,6 +326,8 @@ def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> 
     for target in lcfg.targets:
         for layer in _wrap(model, target):
             layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)
+            if getattr(lcfg, "use_dora", False):
+                layer.enable_dora(name)
     freeze_base(model)
     _bump(model)
 
@@ -360,6 +410,8 @@ def lora_parameters(model, name: str) -> list[nn.Parameter]:
     for layer in lora_layers(model).values():
         if layer.has(name):
             params += list(layer.weights(name))
+            if layer.is_dora(name):
+                params.append(layer.lora_magnitude_vector[layer.keys[name]])
     return params
 
 
@@ -372,6 +424,8 @@ def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
             i, target = _block_and_target(path)
             out[lora_key(i, target, "A")] = A.detach()
             out[lora_key(i, target, "B")] = B.detach()
+            if layer.is_dora(name):
+                out[dora.magnitude_key(i, target)] = layer.lora_magnitude_vector[layer.keys[name]].detach()
     if not out:
         raise KeyError(f"no adapter named {name!r} is loaded")
     return out
@@ -384,13 +438,17 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
         raise ValueError(f"an adapter named {name!r} is already loaded")
     targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for k, t in state.items():
-        m = LORA_KEY.match(k)
+        m = LORA_KEY.match(k) or dora.MAGNITUDE_KEY.match(k)
         if not m:
             raise ValueError(f"unexpected adapter key {k!r}")
-        targets.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+        part = m.group(3) if m.re is LORA_KEY else "m"
+        targets.setdefault((int(m.group(1)), m.group(2)), {})[part] = t
+    with_m = {slot for slot, ab in targets.items() if "m" in ab}
     for (i, target), ab in targets.items():
-        if set(ab) != {"A", "B"}:
+        if set(ab) - {"m"} != {"A", "B"}:
             raise ValueError(f"layer {i} {target}: lora_A and lora_B must both be present")
+        if with_m and (i, target) not in with_m:
+            raise ValueError(f"layer {i} {target}: a DoRA adapter needs a lora_magnitude_vector on every target")
     for target in {t for _, t in targets}:
         _wrap(model, target)
     layers = lora_layers(model)
@@ -402,14 +460,17 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
         with torch.no_grad():
             A.copy_(ab["A"].float())
             B.copy_(ab["B"].float())
+        if "m" in ab:
+            layer.enable_dora(name, ab["m"].float())
     freeze_base(model)
     _bump(model)
 
 
-def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str]) -> int:
-    """Trainable parameters of a rank-r adapter on `targets` in every block."""
+def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], dora: bool = False) -> int:
+    """Trainable parameters of a rank-r adapter on `targets` in every block (DoRA adds a magnitude
+    per output feature)."""
     shapes = target_shapes(cfg)
-    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) + (shapes[t][1] if dora else 0) for t in targets)
 
 
 

@@ -87,6 +87,7 @@ class LoraConfig:
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the LoRA input path while training
     targets: tuple[str, ...] = ("attn.c_attn",)  # which projections of each block get an adapter
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of B A (core.lora.dora)
 
     @property
     def scaling(self) -> float:
@@ -108,6 +109,8 @@ class LoraConfig:
         for t in self.targets:
             if t not in TARGET_MODULES:
                 raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false (got {self.use_dora!r}).")
 
     @staticmethod
     def from_dict(d) -> "LoraConfig":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core import device as _device
-from core.model.config import GPTConfig, LoraConfig, TrainConfig
+from core.model.config import GPTConfig, LoraConfig, TrainConfig, target_shapes
 from core.lora.layers import count_lora_params
 
 # Sustained training FLOP/s of this engine by device kind (measured: README performance tables).
@@ -81,13 +81,16 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     weights_bytes: the real size of a loaded base (instead of its estimate)."""
     weights = weights or ("bf16" if device_type == "cuda" else "fp32")
     act_bytes = 2 if device_type == "cuda" else 4
-    lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets)
+    dora = bool(getattr(lcfg, "use_dora", False))
+    lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets, dora=dora)
     total = cfg.n_params()
     w_bytes = int(total * BYTES[weights]) if weights_bytes is None else int(weights_bytes)
     lora_bytes = lora_params * 16  # fp32 weight + grad + two AdamW moments
     B, T, d = tcfg.batch_size, tcfg.seq_len, cfg.n_embd
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
+    if dora:  # core.lora.dora keeps x W + s B A x of every target for the magnitude's gradient
+        per_layer += sum(target_shapes(cfg)[t][1] for t in lcfg.targets)
     acts = B * T * (per_layer * act_bytes * layers_kept + (2 * d * act_bytes * cfg.n_layer if checkpointing else 0))
     logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
     act_total = int(max(acts + logits[0], logits[1]))

@@ -37,7 +37,8 @@ def _f(x, digits=4):
 def table_rows(studio: Studio, entries=None) -> list[list]:
     rows = []
     for e in studio.library.list() if entries is None else entries:
-        row = [e.name, e.base_model or "?", e.rank or "", ", ".join(map(str, e.targets)), e.steps or "",
+        targets = ", ".join(map(str, e.targets)) + (" · DoRA" if e.variant == "DoRA" else "")
+        row = [e.name, e.base_model or "?", e.rank or "", targets, e.steps or "",
                _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
                str(e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)]
         # metadata comes from files anyone could have uploaded: one unencodable string must not break the page
@@ -74,7 +75,8 @@ def _detail_rows(d: dict) -> list[tuple[str, object]]:
     meta, cfg = _dict(d.get("meta")), _dict(d.get("config"))
     lora, training, ds = _dict(meta.get("lora")), _dict(meta.get("training")), _dict(meta.get("dataset"))
     rows = [("Base model", d.get("base_model") or cfg.get("base_model_name_or_path") or "?"),
-            ("Status", d.get("status")), ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
+            ("Status", d.get("status")), ("Variant", d.get("variant") or "LoRA"),
+            ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
             ("Targets", ", ".join(map(str, d.get("targets") or []))),
             ("Dropout", lora.get("dropout", cfg.get("lora_dropout"))), ("Steps", d.get("steps")),
             ("Train / val loss", f"{_f(d.get('train_loss'))} / {_f(d.get('val_loss'))}"),

@@ -59,10 +59,11 @@ class TrainForm:
     seed: float | None = 1337
     prompt: str | None = DEFAULT_PROMPT  # continued at each evaluation
     report_to: str | None = "none"  # a tracker that logs the run (core.train.trackers.REPORT_TO)
+    dora: bool | None = False  # DoRA (use_dora): a trained magnitude per output feature on top of LoRA
 
 
 SETTINGS = ("model", "targets", "rank", "alpha", "dropout", "lr", "steps", "batch", "accum", "seq_len",
-            "eval_interval", "seed")  # the fields the estimate reads
+            "eval_interval", "seed", "dora")  # the fields the estimate reads
 
 
 def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig, TrainConfig]:
@@ -77,8 +78,10 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     if unknown:
         raise ValueError(f"unknown target module {str(unknown[0])[:40]!r}; choose from {', '.join(TARGET_MODULES)}.")
     prompt = check_text(f.prompt if with_prompt else None, "the sample prompt", MAX_PROMPT_CHARS).strip()
+    if f.dora not in (None, True, False):
+        raise ValueError("DoRA must be true or false; tick or untick the DoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
-                      dropout=number(f.dropout or 0, "dropout"),
+                      dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])))
     eval_every = whole(f.eval_interval, "eval interval")
     tcfg = TrainConfig(steps=whole(f.steps, "steps"), lr=number(f.lr, "learning rate"),
@@ -96,10 +99,11 @@ def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, devi
     return est.as_dict() if hasattr(est, "as_dict") else dict(est)
 
 
-def size_md(studio: Studio, model_name, targets, r) -> str:
+def size_md(studio: Studio, model_name, targets, r, dora=False) -> str:
     """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model."""
     try:
-        lcfg = LoraConfig(r=whole(r, "rank"), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])))
+        lcfg = LoraConfig(r=whole(r, "rank"), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])),
+                          use_dora=dora is True)
         lcfg.validate(PRESETS.get(model_name))
         est = training_estimate(model_name, lcfg, TrainConfig(steps=1), studio.engine.device.type)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
@@ -397,6 +401,9 @@ def create_train_tab(studio: Studio) -> dict:
                     dropout = gr.Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
                                         min_width=110,
                                         info="Randomly drops LoRA inputs while training to reduce overfitting.")
+                    dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
+                                       info="Also learns each output's magnitude: often better at low rank, close to "
+                                            "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
                     lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
@@ -463,13 +470,13 @@ def create_train_tab(studio: Studio) -> dict:
     # the form as TrainForm's fields, in its order (the start_training API's argument order)
     form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
                 steps=steps, batch=batch, accum=accum, seq_len=seq_len, eval_interval=eval_interval, seed=seed,
-                prompt=prompt, report_to=report_to)
+                prompt=prompt, report_to=report_to, dora=dora)
     settings = {k: form[k] for k in SETTINGS}
     gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
           inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
-    gr.on([model.change, targets.change, r.change], lambda m, t, rank: size_md(studio, m, t, rank),
-          inputs=[model, targets, r], outputs=size, show_progress="hidden", trigger_mode="always_last",
+    gr.on([model.change, targets.change, r.change, dora.change], lambda m, t, rank, dr: size_md(studio, m, t, rank, dr),
+          inputs=[model, targets, r, dora], outputs=size, show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
@@ -506,7 +513,7 @@ def create_train_tab(studio: Studio) -> dict:
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
             "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
-            "report_to": report_to,
+            "report_to": report_to, "dora": dora,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
             "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
             "table": table, "browser": browser}
