@@ -97,11 +97,12 @@ def offline(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def _wandb_history(run) -> list[dict]:
-    """The history rows of the one offline run in <run>/wandb/, decoded from its .wandb file: a LevelDB-style
-    log of wandb's own protobuf Records (after a 7-byte ':W&B' header; 32 KiB blocks of 7-byte-framed chunks)."""
+def _wandb_history(run, offline_run=None) -> list[dict]:
+    """The history rows of an offline run (the only one in <run>/wandb/ by default), decoded from its .wandb
+    file: a LevelDB-style log of wandb's own protobuf Records (after a 7-byte ':W&B' header; 32 KiB blocks of
+    7-byte-framed chunks)."""
     from wandb.proto import wandb_internal_pb2
-    (path,) = (run / WANDB_DIR).glob("offline-run-*/run-*.wandb")
+    (path,) = (offline_run or run / WANDB_DIR).glob("**/run-*.wandb")
     data, pos, chunk, rows = path.read_bytes(), 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
@@ -164,3 +165,53 @@ def test_a_missing_wandb_or_trackio_package_is_one_line_saying_what_to_install(p
                                   "--output", "run", "--report-to", package])
     assert f"pip install {package}" in err
     assert not (tmp_path / "lib" / "run").exists()  # refused before anything was made
+
+
+def test_a_resumed_run_continues_its_trackio_run_and_starts_a_new_offline_wandb_run(prepared, tmp_path, capsys,
+                                                                                    offline):
+    pytest.importorskip("wandb")
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed")
+    lib = tmp_path / "lib"
+    for tracker in ("wandb", "trackio"):
+        run = f"re-{tracker}"
+        assert main(["finetune", "--data", str(prepared), *TINY_RUN, "--library", str(lib), "--output", run,
+                     "--report-to", tracker]) == 0
+        assert main(["finetune", "--resume", run, "--library", str(lib), "--steps", "9", "--model", "tiny",
+                     "--report-to", tracker]) == 0
+    losses = [h["loss"] for h in _history(lib / "re-wandb")]
+    wandb_runs = sorted((lib / "re-wandb" / WANDB_DIR).glob("offline-run-*"))
+    assert len(wandb_runs) == 2
+    assert [[r["_step"] for r in _wandb_history(lib / "re-wandb", w) if "train/loss" in r] for w in wandb_runs] \
+        == [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    assert [r["train/loss"] for w in wandb_runs for r in _wandb_history(lib / "re-wandb", w)
+            if "train/loss" in r] == losses
+    from trackio.sqlite_storage import SQLiteStorage
+    logs = [r for r in SQLiteStorage.get_logs(PROJECT, "re-trackio") if "train/loss" in r]
+    assert [r["step"] for r in logs] == list(range(1, 10))  # one trackio run, each step once
+    assert [r["train/loss"] for r in logs] == pytest.approx([h["loss"] for h in _history(lib / "re-trackio")],
+                                                             rel=1e-12)
+
+
+def test_two_jobs_logging_at_once_from_one_thread_keep_their_own_runs(tmp_path, offline):
+    """The studio's co-batched jobs report from one scheduler thread, interleaved."""
+    pytest.importorskip("wandb")
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed")
+    lib = tmp_path / "lib"
+    for kind in ("wandb", "trackio"):
+        a, b = make_trackers(kind, lib / f"{kind}-a")[0], make_trackers(kind, lib / f"{kind}-b")[0]
+        for t in (a, b):
+            t({"type": "start", "step": 0})
+        for step in (1, 2, 3):
+            for offset, t in ((0.0, a), (10.0, b)):
+                t({"type": "step", "step": step, "loss": step + offset, "lr": 0.1, "grad_norm": 1.0,
+                   "tokens_per_sec": 100.0})
+        a({"type": "done"})
+        b({"type": "done"})
+    from trackio.sqlite_storage import SQLiteStorage
+    for name, offset in (("a", 0.0), ("b", 10.0)):
+        assert [(r["_step"], r["train/loss"]) for r in _wandb_history(lib / f"wandb-{name}")] \
+            == [(s, s + offset) for s in (1, 2, 3)]
+        assert [(r["step"], r["train/loss"]) for r in SQLiteStorage.get_logs(PROJECT, f"trackio-{name}")] \
+            == [(s, s + offset) for s in (1, 2, 3)]
