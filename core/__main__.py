@@ -615,8 +615,9 @@ def _add_finetune(sub) -> None:
                         "available on the device)")
     from core.train.trackers import REPORT_TO
     s.add_argument("--report-to", choices=REPORT_TO, default="none",
-                   help="log the run's metrics to a tracker: tensorboard writes <run>/tensorboard/ "
-                        "(pip install tensorboard); default none")
+                   help="log the run's metrics to a tracker: tensorboard writes <run>/tensorboard/, wandb an "
+                        "offline run in <run>/wandb/, trackio a local database in TRACKIO_DIR (default "
+                        "<library>/.trackio/); each needs its package (pip install NAME); default none")
     s.add_argument("--no-cuda-graphs", action="store_true",
                    help="on GPUs, run each step eagerly instead of replaying it as a CUDA graph")
     s.set_defaults(func=cmd_finetune)

@@ -7,15 +7,37 @@ optional and imported only when it is chosen; a missing one is a ValueError that
 tensorboard: event files in <run>/tensorboard/ (`tensorboard --logdir <library>` shows every run):
     train/loss, train/lr, train/grad_norm, train/tokens_per_sec at each step; eval/loss and eval/ppl at
     each evaluation; samples as text. A resumed run appends a new event file beside the old ones.
+wandb: offline only (never a network call): <run>/wandb/offline-run-*/, the same train/* and eval/* metrics
+    at the same steps; `wandb sync <run>/wandb/offline-run-*` uploads one later if the user wants. A resumed
+    run is a new offline run that starts at the checkpoint's step.
+trackio: local only (no Space, no server, no dashboard launched): its SQLite database in TRACKIO_DIR, by
+    default <library>/.trackio/ (project "lora-studio", one trackio run per run name; a resumed run
+    continues it); `TRACKIO_DIR=<library>/.trackio trackio show` shows them. trackio reads TRACKIO_DIR once,
+    when it is first imported, so one process keeps one store.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from pathlib import Path
 from typing import Callable
 
-REPORT_TO = ("none", "tensorboard")  # the choices of --report-to and the Train tab
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # the choices of --report-to and the Train tab
 TENSORBOARD_DIR = "tensorboard"  # in the run folder
 STEP_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_sec")  # a 'step' event's fields logged as train/<field>
+WANDB_DIR = "wandb"  # in the run folder; wandb itself adds offline-run-<time>-<id>/
+TRACKIO_DEFAULT_DIR = ".trackio"  # in the library (a dot name, so it is never taken for a run) unless TRACKIO_DIR is set
+PROJECT = "lora-studio"  # the wandb and trackio project every run logs to, under its run name
+
+
+def _metrics(ev: dict) -> dict[str, float]:
+    """The scalars of one event, under the names TensorBoard uses too; {} for an event with none."""
+    if ev.get("type") == "step":
+        return {f"train/{k}": ev[k] for k in STEP_SCALARS}
+    if ev.get("type") == "eval":
+        return {"eval/loss": ev["val_loss"], "eval/ppl": ev["val_ppl"]}
+    return {}
 
 
 class TensorBoardTracker:
@@ -54,6 +76,72 @@ class TensorBoardTracker:
             self._writer = None
 
 
+class WandbTracker:
+    """Logs one job's metrics to an offline Weights & Biases run in `<run_dir>/wandb/`. The run is made at the
+    first event (a job that never starts leaves nothing)."""
+
+    name = "wandb"  # for messages
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)  # wandb writes <run_dir>/wandb/offline-run-*/
+        # set before wandb reads them, and again over a user's WANDB_MODE=online: this tracker never uploads
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true",
+                          WANDB_DISABLE_CODE="true", WANDB_CONFIG_DIR=str(self.run_dir / WANDB_DIR / "config"))
+        self._wandb = _optional("wandb", "wandb", "wandb")
+        self._run = None  # made at the first event
+
+    def __call__(self, ev: dict) -> None:
+        if ev.get("type") in ("done", "error"):
+            self.close()
+            return
+        if self._run is None:
+            (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+            settings = self._wandb.Settings(mode="offline", silent=True, console="off", reinit="create_new",
+                                            x_disable_stats=True, disable_git=True, save_code=False)
+            self._run = self._wandb.init(mode="offline", dir=str(self.run_dir), project=PROJECT,
+                                         name=self.run_dir.name, settings=settings)
+        if metrics := _metrics(ev):
+            self._run.log(metrics, step=ev["step"])  # an eval after a step at the same step joins its row
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()  # writes the run's summary and closes its .wandb file
+            self._run = None
+
+
+class TrackioTracker:
+    """Logs one job's metrics to a local trackio run (SQLite, in TRACKIO_DIR or <library>/.trackio/). The run
+    is made at the first event."""
+
+    name = "trackio"  # for messages
+
+    def __init__(self, run_dir):
+        self.run_name = Path(run_dir).name  # the trackio run
+        os.environ.setdefault("TRACKIO_DIR", str(Path(run_dir).parent / TRACKIO_DEFAULT_DIR))  # before the import
+        for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):  # they would send the metrics away
+            os.environ.pop(var, None)
+        self._trackio = _optional("trackio", "trackio", "trackio")
+        self.store = Path(self._trackio.utils.TRACKIO_DIR)  # where the database really is (fixed at import)
+        self._run = None  # made at the first event
+
+    def __call__(self, ev: dict) -> None:
+        if ev.get("type") in ("done", "error"):
+            self.close()
+            return
+        if self._run is None:
+            with contextlib.redirect_stdout(io.StringIO()):  # its banner would interleave with the CLI's lines
+                self._run = self._trackio.init(project=PROJECT, name=self.run_name, resume="allow",
+                                               auto_log_gpu=False, auto_log_cpu=False, embed=False)
+        if metrics := _metrics(ev):
+            self._run.log(metrics, step=ev["step"])
+
+    def close(self) -> None:
+        if self._run is not None:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._run.finish()  # writes what is queued to the database
+            self._run = None
+
+
 def make_trackers(report_to: str | None, run_dir) -> list[Callable[[dict], None]]:
     """The trackers a job reports to: [] for 'none' (or None). ValueError for an unknown name or a
     tracker whose package is missing."""
@@ -61,6 +149,10 @@ def make_trackers(report_to: str | None, run_dir) -> list[Callable[[dict], None]
         return []
     if report_to == "tensorboard":
         return [TensorBoardTracker(run_dir)]
+    if report_to == "wandb":
+        return [WandbTracker(run_dir)]
+    if report_to == "trackio":
+        return [TrackioTracker(run_dir)]
     raise ValueError(f"unknown tracker {str(report_to)[:40]!r}; choose one of {', '.join(REPORT_TO)}.")
 
 
@@ -70,3 +162,11 @@ def _summary_writer():
     except ImportError:
         raise ValueError("reporting to TensorBoard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter
+
+
+def _optional(module: str, package: str, tracker: str):
+    """Imports a tracker's package, or a one-line ValueError that says what to install."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ValueError(f"reporting to {tracker} needs the {package} package: pip install {package}") from None

@@ -430,8 +430,8 @@ def create_train_tab(studio: Studio) -> dict:
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
                 report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
-                                        info="Also log the run's metrics to a tracker: tensorboard writes event files "
-                                             "in the run's folder (tensorboard --logdir <library>).")
+                                        info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
+                                             "write in the run's folder, trackio in <library>/.trackio.")
             estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
             with gr.Row():
                 start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
