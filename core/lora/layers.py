@@ -5,7 +5,6 @@ is never written to except by an explicit, tracked `merge`.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Iterable, NamedTuple, Sequence
 
@@ -13,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.lora import variants
+from core.lora.init import init_ab
 from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
 
 # The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
@@ -102,6 +103,7 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
+        self.frozen: dict[str, tuple] = {}  # PiSSA/OLoRA: name -> (A0, B0), the start subtracted (core.lora.init)
         self.active: str | None = None
         self.merged: str | None = None
         self._backup: torch.Tensor | None = None  # exact base weight while merged
@@ -121,17 +123,23 @@ class LoRALinear(nn.Module):
     def device(self):
         return self.base.bias.device  # plain and quantized bases both keep a bias
 
-    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True):
-        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw)."""
-        A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
-        if init:  # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base
-            bound = 1.0 / math.sqrt(self.in_features)
-            A.uniform_(-bound, bound, generator=generator)
-        B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True,
+            method: str = "kaiming", rslora: bool = False):
+        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw).
+        method: how A and B start (core.lora.init); every one starts as exactly the base model."""
+        scale = variants.scaling(alpha, r, rslora)
+        frozen = None
+        if init:
+            A, B, frozen = init_ab(self.base, r, scale, method, generator)
+        else:
+            A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
+            B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
         self.keys[name] = _key(name)
         self.lora_A[self.keys[name]] = nn.Parameter(A)
         self.lora_B[self.keys[name]] = nn.Parameter(B)
-        self.scaling[name] = alpha / r
+        if frozen is not None:
+            self.frozen[name] = frozen
+        self.scaling[name] = scale
         self.dropout[name] = dropout
 
     def remove(self, name: str):
@@ -139,12 +147,22 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
         key = self.keys.pop(name)
         del self.lora_A[key], self.lora_B[key]
-        self.scaling.pop(name), self.dropout.pop(name)
+        self.scaling.pop(name), self.dropout.pop(name), self.frozen.pop(name, None)
         if self.active == name:
             self.active = None
 
     def weights(self, name: str):
+        """(A, B) of the update; for PiSSA/OLoRA the rank-2r pair [A; A0], [B, -B0] (see core.lora.init)."""
         key = self.keys[name]  # a plain dict lookup: torch.compile traces it without a graph break
+        A, B = self.lora_A[key], self.lora_B[key]
+        if name in self.frozen:
+            A0, B0 = self.frozen[name]
+            return torch.cat([A, A0.to(A.device)]), torch.cat([B, -B0.to(B.device)], 1)
+        return A, B
+
+    def trainable(self, name: str):
+        """The adapter's own parameters (A, B): what an optimizer updates."""
+        key = self.keys[name]
         return self.lora_A[key], self.lora_B[key]
 
     def delta(self, name: str) -> torch.Tensor:
@@ -276,8 +294,9 @@ def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> 
         g = torch.Generator(device=model.device)
         g.manual_seed(0 if seed is None else seed)
     for target in lcfg.targets:
-        for layer in _wrap(model, target):
-            layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)
+        for i, layer in enumerate(_wrap(model, target)):
+            r, alpha = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")
+            layer.add(name, r, alpha, lcfg.dropout, generator=g, method=lcfg.init, rslora=lcfg.use_rslora)
     freeze_base(model)
     _bump(model)
 
@@ -359,7 +378,7 @@ def lora_parameters(model, name: str) -> list[nn.Parameter]:
     params = []
     for layer in lora_layers(model).values():
         if layer.has(name):
-            params += list(layer.weights(name))
+            params += list(layer.trainable(name))
     return params
 
 
@@ -378,8 +397,9 @@ def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: float,
-                       dropout: float = 0.0) -> None:
-    """Load validated LoRA tensors (keys as `adapter_state_dict` writes them) as adapter `name`."""
+                       dropout: float = 0.0, lcfg: LoraConfig | None = None) -> None:
+    """Load validated LoRA tensors (keys as `adapter_state_dict` writes them) as adapter `name`.
+    lcfg, when given, sets each layer's alpha (alpha_pattern) and rsLoRA; the rank is the tensors'."""
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded")
     targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -397,7 +417,8 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     for (i, target), ab in targets.items():
         layer = layers[f"transformer.h.{i}.{target}"]
         r = ab["A"].shape[0]
-        layer.add(name, r, alpha, dropout, init=False)
+        a, rs = (variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")[1], lcfg.use_rslora) if lcfg else (alpha, False)
+        layer.add(name, r, a, dropout, init=False, rslora=rs)
         A, B = layer.weights(name)
         with torch.no_grad():
             A.copy_(ab["A"].float())
@@ -406,9 +427,11 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     _bump(model)
 
 
-def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str]) -> int:
-    """Trainable parameters of a rank-r adapter on `targets` in every block."""
+def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], lcfg: LoraConfig | None = None) -> int:
+    """Trainable parameters of a rank-r adapter on `targets` in every block (lcfg: with its per-layer ranks)."""
     shapes = target_shapes(cfg)
+    if lcfg is not None:
+        return variants.param_count(lcfg, shapes, cfg.n_layer)
     return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
