@@ -382,6 +382,15 @@ def lora_parameters(model, name: str) -> list[nn.Parameter]:
     return params
 
 
+def lora_param_groups(model, name: str, lr: float, loraplus_lr_ratio: float = 1.0) -> list[dict]:
+    """Optimizer groups: the A matrices at `lr`, the B matrices at ratio x lr (LoRA+; ratio 1 is plain
+    LoRA). 'lr_ratio' stays in each group so a schedule can set lr = schedule x lr_ratio."""
+    A = [l.trainable(name)[0] for l in lora_layers(model).values() if l.has(name)]
+    B = [l.trainable(name)[1] for l in lora_layers(model).values() if l.has(name)]
+    return [{"params": A, "lr": lr, "lr_ratio": 1.0},
+            {"params": B, "lr": lr * loraplus_lr_ratio, "lr_ratio": float(loraplus_lr_ratio)}]
+
+
 def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
     """PEFT-style keys without the 'base_model.model.' prefix: '...c_attn.lora_A.weight'."""
     out = {}

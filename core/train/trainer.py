@@ -53,8 +53,9 @@ from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
+from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
-                              lora_parameters, make_route)
+                              lora_param_groups, lora_parameters, make_route)
 from core.train.cobatch import forward_backward
 from core.model.quant import weight_bytes
 
@@ -288,9 +289,15 @@ class Trainer:
             gen = torch.Generator(device=model.device)
             gen.manual_seed(tcfg.seed)
         params = lora_parameters(model, self.name)
-        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+        # LoRA+ puts B in a faster group; without it one group, as checkpoints written before LoRA+ expect
+        ratio = self.lcfg.loraplus_lr_ratio
+        groups = params if ratio == 1 else lora_param_groups(model, self.name, tcfg.lr, ratio)
+        opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
+            if self.lcfg.init in RESIDUAL_INITS:  # the checkpoint holds the converted rank-2r file, not A/B alone
+                raise ValueError(f"a {self.lcfg.init} run cannot be resumed from a checkpoint; start a new run "
+                                 f"(or train further from the saved adapter as a plain LoRA).")
             rng = self._load_resume(opt, gen)
         chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
         loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len, gen)
@@ -338,7 +345,7 @@ class Trainer:
             st.rng_before, st.gen_before = prep.rng.bit_generator.state, self._dropout_state()
             st.lr = lr_at(self.step, self.tcfg)
             for g in prep.opt.param_groups:
-                g["lr"] = st.lr
+                g["lr"] = st.lr * g.get("lr_ratio", 1.0)
             st.t0 = time.perf_counter()
             st.loss_sum = torch.zeros((), device=self.model.device)
 
