@@ -111,7 +111,7 @@ def cmd_prepare(args) -> int:
 # ---- finetune -------------------------------------------------------------------------
 
 RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "lr", "batch_size", "seq_len", "grad_accum", "seed",
-                "warmup", "output")
+                "warmup", "output", "rslora", "init", "loraplus_lr_ratio", "rank_pattern", "alpha_pattern")
 
 
 def cmd_finetune(args) -> int:
@@ -171,10 +171,28 @@ def _finetune_settings(args):
                            sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed))
         lcfg = LoraConfig(r=_pick(args.rank, 8), alpha=float(_pick(args.alpha, 16.0)),
                           dropout=_pick(args.dropout, 0.0),
-                          targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets)
+                          targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets,
+                          **_variant_options(args))
         tcfg.validate()
         lcfg.validate()
     return resume, data, lcfg, tcfg
+
+
+def _variant_options(args) -> dict:
+    """The LoRA-variant flags as LoraConfig fields (patterns are JSON objects; checked by LoraConfig)."""
+    import json
+    out = {"use_rslora": bool(args.rslora), "init": args.init or "kaiming",
+           "loraplus_lr_ratio": 1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio}
+    for flag in ("rank_pattern", "alpha_pattern"):
+        text = getattr(args, flag)
+        if text is None:
+            continue
+        try:
+            out[flag] = json.loads(text)
+        except ValueError:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object such as "
+                             f"'{{\"h.0.attn.c_attn\": 4}}' (got {text[:80]!r}).") from None
+    return out
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
@@ -525,6 +543,16 @@ def _add_finetune(sub) -> None:
     s.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 16)")
     s.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    s.add_argument("--rslora", action="store_const", const=True,
+                   help="rsLoRA: scale by alpha/sqrt(rank), so high ranks (64+) still learn")
+    s.add_argument("--init", choices=("kaiming", "gaussian", "pissa", "olora"),
+                   help="how A and B start (default kaiming, PEFT's default); pissa/olora start from the base's "
+                        "principal directions (faster early progress) and save a plain LoRA of twice the rank")
+    s.add_argument("--loraplus-lr-ratio", type=float, metavar="RATIO",
+                   help="LoRA+: B learns RATIO x faster than A (16 is the paper's choice; default 1, off)")
+    s.add_argument("--rank-pattern", metavar="JSON",
+                   help="per-module ranks as PEFT's rank_pattern, e.g. '{\"h.0.attn.c_attn\": 4}'")
+    s.add_argument("--alpha-pattern", metavar="JSON", help="per-module alphas as PEFT's alpha_pattern (JSON)")
     s.add_argument("--targets", help="comma-separated projections: c_attn, c_proj, c_fc, mlp.c_proj, attn.c_proj "
                                      "(default c_attn)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")

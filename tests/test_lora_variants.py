@@ -252,3 +252,30 @@ def test_library_shows_mixed_ranks(hf_small, tmp_path):
     entry = next(e for e in lib.list() if e.name == "mixed")
     assert entry.rank == "mixed" and "h.0.attn.c_attn: 4" in entry.rank_detail and "default 8" in entry.rank_detail
     assert json.loads((lib.path("mixed") / META).read_text())["lora"]["rank_pattern"] == PATTERNS["rank_pattern"]
+
+
+def test_cli_trains_with_variant_flags(prepared, tmp_path, capsys):
+    from cli_helpers import TINY_RUN
+    from core.__main__ import main
+    rc = main(["finetune", "--data", str(prepared), *TINY_RUN, "--library", str(tmp_path / "lib"), "--output", "v",
+               "--targets", "c_attn,c_fc", "--rslora", "--loraplus-lr-ratio", "4",
+               "--rank-pattern", '{"h.0.attn.c_attn": 2}', "--alpha-pattern", '{"c_fc": 4}'])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "lib" / "v" / CONFIG).read_text())
+    assert (saved["use_rslora"], saved["rank_pattern"], saved["alpha_pattern"]) == (True, {"h.0.attn.c_attn": 2},
+                                                                                    {"c_fc": 4})
+    meta = json.loads((tmp_path / "lib" / "v" / META).read_text())
+    assert meta["lora"]["loraplus_lr_ratio"] == 4 and meta["val_loss"] < meta["start_val_loss"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--rank-pattern", '{"h.5.attn.c_attn": 4}'], "rank_pattern: 'h.5.attn.c_attn' names no wrapped module"),
+    (["--rank-pattern", "{h.0: 4"], "--rank-pattern must be a JSON object"),
+    (["--alpha-pattern", '{"c_attn": -1}'], "the alpha must be a positive number"),
+    (["--init", "pissa", "--quantize", "nf4"], "pissa initialisation needs the base weights"),
+])
+def test_cli_refuses_bad_variant_flags(prepared, tmp_path, capsys, args, expect):
+    from cli_helpers import one_line_error
+    argv = ["finetune", "--data", prepared, "--model", "tiny", "--library", tmp_path / "lib", *args]
+    assert expect in one_line_error(capsys, argv)
+    assert not (tmp_path / "lib").exists()  # nothing was written

@@ -45,3 +45,17 @@ def init_ab(base, r: int, scale: float, method: str, generator=None):
         raise ValueError(f"unknown LoRA initialisation {method!r}; choose kaiming, gaussian, pissa or olora.")
     A, B = A.contiguous(), B.contiguous()
     return A, B, (A.clone(), B.clone())
+
+
+def check_fits(model, lcfg) -> None:
+    """PiSSA/OLoRA read the base weights: refuse a quantized base before anything is written."""
+    from core.lora.variants import RESIDUAL_INITS
+    if lcfg.init not in RESIDUAL_INITS:
+        return
+    for block in model.transformer.h:
+        for target in lcfg.targets:
+            parent, child = target.split(".")
+            layer = getattr(getattr(block, parent), child)
+            if not hasattr(getattr(layer, "base", layer), "weight"):
+                raise ValueError(f"{lcfg.init} initialisation needs the base weights; load the base unquantized "
+                                 f"(or use --init kaiming with a quantized base).")

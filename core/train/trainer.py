@@ -53,6 +53,7 @@ from core.train.data import Dataset, eval_windows, get_batch
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
+from core.lora.init import check_fits as check_init_fits
 from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_param_groups, lora_parameters, make_route)
@@ -236,6 +237,7 @@ class Trainer:
                                  f"to resume (got {tcfg.steps}).")
         lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
         lcfg.validate(model.config)
+        check_init_fits(model, lcfg)
         tcfg.validate(model.config)
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
