@@ -279,3 +279,16 @@ def test_cli_refuses_bad_variant_flags(prepared, tmp_path, capsys, args, expect)
     argv = ["finetune", "--data", prepared, "--model", "tiny", "--library", tmp_path / "lib", *args]
     assert expect in one_line_error(capsys, argv)
     assert not (tmp_path / "lib").exists()  # nothing was written
+
+
+def test_estimate_counts_per_module_ranks_and_the_frozen_start():
+    from core.model.config import PRESETS, TrainConfig
+    from core.train.estimate import estimate_training
+    cfg, tc = PRESETS["tiny"], TrainConfig(batch_size=2, seq_len=32)
+    plain = estimate_training(cfg, LoraConfig(r=8, targets=TARGET_MODULES), tc)
+    mixed = estimate_training(cfg, LoraConfig(r=8, targets=TARGET_MODULES, **PATTERNS), tc)
+    pissa = estimate_training(cfg, LoraConfig(r=8, targets=TARGET_MODULES, init="pissa"), tc)
+    assert mixed.trainable_params == count_lora_params(cfg, 8, TARGET_MODULES, LoraConfig(r=8, targets=TARGET_MODULES,
+                                                                                         **PATTERNS))
+    assert mixed.trainable_params < plain.trainable_params == pissa.trainable_params
+    assert pissa.adapter_bytes - 2048 == 2 * (plain.adapter_bytes - 2048)  # the saved file is rank 2r
