@@ -180,19 +180,11 @@ def _finetune_settings(args):
 
 def _variant_options(args) -> dict:
     """The LoRA-variant flags as LoraConfig fields (patterns are JSON objects; checked by LoraConfig)."""
-    import json
-    out = {"use_rslora": bool(args.rslora), "init": args.init or "kaiming",
-           "loraplus_lr_ratio": 1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio}
-    for flag in ("rank_pattern", "alpha_pattern"):
-        text = getattr(args, flag)
-        if text is None:
-            continue
-        try:
-            out[flag] = json.loads(text)
-        except ValueError:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object such as "
-                             f"'{{\"h.0.attn.c_attn\": 4}}' (got {text[:80]!r}).") from None
-    return out
+    from core.lora.variants import parse_pattern
+    return {"use_rslora": bool(args.rslora), "init": args.init or "kaiming",
+            "loraplus_lr_ratio": 1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
+            "rank_pattern": parse_pattern(args.rank_pattern, "--rank-pattern"),
+            "alpha_pattern": parse_pattern(args.alpha_pattern, "--alpha-pattern")}
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:

@@ -95,3 +95,19 @@ def mixed_ranks(lcfg, n_layer: int) -> dict[str, int]:
         if r != lcfg.r:
             out[m] = r
     return out
+
+
+def parse_pattern(text, what: str) -> dict:
+    """A pattern typed as JSON text ('' or None: none); the values are checked by LoraConfig.validate."""
+    import json
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {}
+    if not isinstance(text, str) or len(text) > 100_000:
+        raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object such as {{\"h.0.attn.c_attn\": 4}} (got {text[:80]!r}).")
+    return value
