@@ -292,3 +292,16 @@ def test_estimate_counts_per_module_ranks_and_the_frozen_start():
                                                                                          **PATTERNS))
     assert mixed.trainable_params < plain.trainable_params == pissa.trainable_params
     assert pissa.adapter_bytes - 2048 == 2 * (plain.adapter_bytes - 2048)  # the saved file is rank 2r
+
+
+def test_blending_a_pattern_adapter_is_refused_and_nothing_changes(hf_small, tmp_path):
+    from core.adapters.validate import AdapterError
+    model = load_base(str(hf_small), device="cpu")
+    lib = Library(tmp_path / "lib")
+    for name, lc in (("mixed", _lc(**PATTERNS)), ("plain", _lc())):
+        make_adapter(model, name, lc)
+        lib.save(model, name, name, lc, str(hf_small))
+    before = [e.name for e in lib.list()]
+    with pytest.raises(AdapterError, match=r"'mixed' has per-module ranks or alphas"):
+        lib.blend(["plain", "mixed"], [0.5, 0.5], "both")
+    assert [e.name for e in lib.list()] == before

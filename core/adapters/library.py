@@ -296,6 +296,10 @@ class Library:
                                f"blend adapters of one base only.")
         if base_cfg is None and len({_width(p.state) for p in parts}) > 1:
             raise AdapterError("these adapters were made for models of different widths; they cannot be blended.")
+        patterned = next((n for n, p in zip(names, parts) if p.lcfg.rank_pattern or p.lcfg.alpha_pattern), None)
+        if patterned:  # blend_states scales each adapter by one alpha/r; per-module scales would be lost
+            raise AdapterError(f"{patterned!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "
+                               f"blending those is not supported yet: blend adapters with one rank and alpha.")
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
         meta = {"status": "blend", "base_model": bases[0] if bases else None,
                 "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
