@@ -74,8 +74,11 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path, variant):
     again = load_base(str(hf_small), device="cpu")
     name, _, meta = load_adapter(again, tmp_path / "run", "back")
     assert (logits(again, name) - got).abs().max() <= TOL
-    if lc.loraplus_lr_ratio != 1:
-        assert meta["lora"]["loraplus_lr_ratio"] == 16.0
+    assert (meta["lora"]["init"], meta["lora"]["r"], meta["lora"]["loraplus_lr_ratio"]) == (
+        lc.init, 8, lc.loraplus_lr_ratio)  # studio.json keeps the run's own settings
+    if lc.init in ("pissa", "olora"):  # its checkpoints hold the converted file, not A and B alone
+        with pytest.raises(ValueError, match=f"a {lc.init} run cannot be resumed"):
+            Trainer(model, sample_ds, None, quick(steps=5), "a", tmp_path / "run", resume=tmp_path / "run")
 
 
 def _peft_made(hf_small, folder, seed=0, **kw):

@@ -73,7 +73,7 @@ def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraCon
     meta = dict(meta or {})
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("base_model", base_id)
-    meta["lora"] = converted(lcfg).to_dict()  # what the file holds (a PiSSA run's is a plain LoRA)
+    meta["lora"] = lcfg.to_dict()  # the run's settings (a PiSSA run says so; its adapter_config.json is converted)
     atomic.write_text(folder / META, json.dumps(meta, indent=2))
     return folder
 

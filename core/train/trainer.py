@@ -238,6 +238,9 @@ class Trainer:
         lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
         lcfg.validate(model.config)
         check_init_fits(model, lcfg)
+        if self.resume is not None and lcfg.init in RESIDUAL_INITS:  # its checkpoint holds the converted file
+            raise ValueError(f"a {lcfg.init} run cannot be resumed from a checkpoint (it saves a converted "
+                             f"rank-{2 * lcfg.r} LoRA, not its A and B); start a new run.")
         tcfg.validate(model.config)
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
@@ -297,9 +300,6 @@ class Trainer:
         opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
-            if self.lcfg.init in RESIDUAL_INITS:  # the checkpoint holds the converted rank-2r file, not A/B alone
-                raise ValueError(f"a {self.lcfg.init} run cannot be resumed from a checkpoint; start a new run "
-                                 f"(or train further from the saved adapter as a plain LoRA).")
             rng = self._load_resume(opt, gen)
         chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
         loss_fn, graph_note = self._loss_fn(chunk, tcfg.batch_size, self.seq_len, gen)
