@@ -308,3 +308,34 @@ def test_blending_a_pattern_adapter_is_refused_and_nothing_changes(hf_small, tmp
     with pytest.raises(AdapterError, match=r"'mixed' has per-module ranks or alphas"):
         lib.blend(["plain", "mixed"], [0.5, 0.5], "both")
     assert [e.name for e in lib.list()] == before
+
+
+def test_loraplus_steps_equal_a_hand_built_torch_optimizer(sample_ds, tmp_path):
+    """Two trainer steps equal two steps of a torch AdamW built by hand with B's group at ratio x lr, on
+    the same batches (the second step moves A too, since B is no longer zero)."""
+    import numpy as np
+    import torch.nn.functional as F
+    from core.train.trainer import get_batch, lr_at
+    lc = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), loraplus_lr_ratio=16.0)
+    tc = quick(steps=2, grad_accum=1, lr=1e-3, eval_interval=0)
+    ours = load_base("tiny", device="cpu")
+    run_to_end(Trainer(ours, sample_ds, lc, tc, "a", tmp_path / "run"))
+    hand = load_base("tiny", device="cpu")
+    add_adapter(hand, "a", lc, seed=tc.seed)
+    layers = [l for l in lora_layers(hand).values() if l.has("a")]
+    A = [l.trainable("a")[0] for l in layers]
+    B = [l.trainable("a")[1] for l in layers]
+    opt = torch.optim.AdamW([{"params": A, "lr": tc.lr}, {"params": B, "lr": tc.lr * 16}],
+                            weight_decay=tc.weight_decay)
+    rng = np.random.default_rng(tc.seed)
+    for step in range(tc.steps):
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_at(step, tc), 16 * lr_at(step, tc)
+        x, y = get_batch(sample_ds.train, tc.batch_size, tc.seq_len, rng, hand.device)
+        out = hand(x, "a")
+        F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(A + B, tc.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    mine = [p for l in lora_layers(ours).values() if l.has("a") for p in l.trainable("a")]
+    assert max(float((p - q).abs().max()) for p, q in zip(mine, [p for ab in zip(A, B) for p in ab])) <= 1e-6
+    assert max(float(b.abs().max()) for b in B) > 1e-3  # the steps moved B
