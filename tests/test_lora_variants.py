@@ -339,3 +339,34 @@ def test_loraplus_steps_equal_a_hand_built_torch_optimizer(sample_ds, tmp_path):
     mine = [p for l in lora_layers(ours).values() if l.has("a") for p in l.trainable("a")]
     assert max(float((p - q).abs().max()) for p, q in zip(mine, [p for ab in zip(A, B) for p in ab])) <= 1e-6
     assert max(float(b.abs().max()) for b in B) > 1e-3  # the steps moved B
+
+
+def test_variant_jobs_co_batched_on_one_base_equal_each_alone(sample_ds, tmp_path):
+    """PiSSA + LoRA+, patterns + rsLoRA and gaussian jobs trained together on one shared base end where
+    each ends alone, and the shared base is bit-identical afterwards (PiSSA never writes it)."""
+    from core.lora.layers import adapter_state_dict
+    from core.train.cobatch import CoTrainer
+    jobs = {"p": (_lc(init="pissa", loraplus_lr_ratio=8.0), quick(steps=3, seed=1, eval_interval=0)),
+            "q": (_lc(**PATTERNS, use_rslora=True), quick(steps=2, seed=2, eval_interval=0, grad_accum=1)),
+            "g": (_lc(init="gaussian"), quick(steps=3, seed=3, eval_interval=0, seq_len=16))}
+    want = {}
+    for n, (lc, tc) in jobs.items():
+        model = load_base("tiny", device="cpu")
+        run_to_end(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n))
+        want[n] = adapter_state_dict(model, n)
+    model = load_base("tiny", device="cpu")
+    before = base_tensors(model)
+    co = CoTrainer(model)
+    for n, (lc, tc) in jobs.items():
+        co.join(Trainer(model, sample_ds, lc, tc, n, tmp_path / "together" / n), lambda ev: None)
+    widths = []
+    while co.runs:
+        widths.append(len(co.runs))
+        co.step()
+    assert widths[0] == 3
+    for n in jobs:
+        got = adapter_state_dict(model, n)
+        assert got.keys() == want[n].keys()
+        assert max(float((got[k] - want[n][k]).abs().max()) for k in got) <= 1e-5
+    after = base_tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
