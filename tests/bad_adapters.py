@@ -158,7 +158,8 @@ CONFIG_CASES = {
     "not lora": (config_with(peft_type="IA3"), r"peft_type is 'IA3'; only LoRA"),
     "dora": (config_with(use_dora=True), r"DoRA \(use_dora\) is not supported"),
     "rank pattern disagrees": (config_with(rank_pattern={"c_attn": 8}),
-                               r"has rank 4 but the config's r/rank_pattern give 8 for transformer\.h\.0\.attn\.c_attn"),
+                               r"has rank 4 but the config's r/rank_pattern give 8 for "
+                               r"transformer\.h\.0\.attn\.c_attn"),
     "pattern names no module": (config_with(rank_pattern={"h.7.attn.c_attn": 4}),
                                 r"rank_pattern: 'h\.7\.attn\.c_attn' names no wrapped module"),
     "alpha pattern not a number": (config_with(alpha_pattern={"c_attn": "x"}),

@@ -248,10 +248,10 @@ def parse_variants(c: dict, path: Path, r: int, alpha: float) -> tuple[bool, dic
     if not isinstance(rs, bool):
         raise AdapterError(f"{path.name}: use_rslora must be true or false (got {rs!r}).")
     pats = []
-    for field in ("rank_pattern", "alpha_pattern"):
-        p = c.get(field) or {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        p = c.get(key) or {}
         if not isinstance(p, dict):
-            raise AdapterError(f"{path.name}: {field} must be a JSON object of module pattern -> value "
+            raise AdapterError(f"{path.name}: {key} must be a JSON object of module pattern -> value "
                                f"(got {type(p).__name__}).")
         pats.append(dict(p))
     probe = LoraConfig(r=r, alpha=alpha, rank_pattern=pats[0], alpha_pattern=pats[1])

@@ -426,8 +426,8 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     for (i, target), ab in targets.items():
         layer = layers[f"transformer.h.{i}.{target}"]
         r = ab["A"].shape[0]
-        a, rs = (variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")[1], lcfg.use_rslora) if lcfg else (alpha, False)
-        layer.add(name, r, a, dropout, init=False, rslora=rs)
+        a = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")[1] if lcfg else alpha
+        layer.add(name, r, a, dropout, init=False, rslora=bool(lcfg and lcfg.use_rslora))
         A, B = layer.weights(name)
         with torch.no_grad():
             A.copy_(ab["A"].float())

@@ -53,7 +53,8 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
             raise ValueError(f"{field} has {len(pats)} entries; at most {MAX_PATTERNS}.")
         for key, v in pats.items():
             if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
-                raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} characters.")
+                raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} "
+                                 f"characters.")
             try:
                 re.compile(key)
             except re.error as e:

@@ -104,7 +104,8 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     return Estimate(
         peak_bytes=w_bytes + lora_bytes + act_total, weights_bytes=w_bytes, lora_bytes=lora_bytes,
         activation_bytes=act_total, logits_bytes=int(max(logits)), step_seconds=step_s,
-        total_seconds=step_s * tcfg.steps, trainable_params=lora_params, adapter_bytes=(lora_params + frozen) * 4 + 2048,
+        total_seconds=step_s * tcfg.steps, trainable_params=lora_params,
+        adapter_bytes=(lora_params + frozen) * 4 + 2048,
         share_percent=100.0 * lora_params / total,
     )
 
