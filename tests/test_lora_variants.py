@@ -70,6 +70,8 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path, variant):
         assert saved["rank_pattern"] == lc.rank_pattern and saved["alpha_pattern"] == lc.alpha_pattern
     pm = peft.PeftModel.from_pretrained(_hf(hf_small), str(tmp_path / "run")).eval()
     assert (_hf_logits(pm) - got).abs().max() <= TOL
+    export_merged(model, "a", tmp_path / "merged")  # merged here = PEFT's own merge of the saved file
+    assert (_hf_logits(_hf(tmp_path / "merged")) - _hf_logits(pm.merge_and_unload())).abs().max() <= TOL
     # and back here from the file: the same function
     again = load_base(str(hf_small), device="cpu")
     name, _, meta = load_adapter(again, tmp_path / "run", "back")
