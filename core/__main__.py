@@ -113,7 +113,7 @@ def cmd_prepare(args) -> int:
 # ---- finetune -------------------------------------------------------------------------
 
 RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "dora", "lr", "batch_size", "seq_len", "grad_accum", "seed",
-                "warmup", "output")
+                "warmup", "output", "rslora", "init", "loraplus_lr_ratio", "rank_pattern", "alpha_pattern")
 
 
 def cmd_finetune(args) -> int:
@@ -181,10 +181,20 @@ def _finetune_settings(args):
                            sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed))
         lcfg = LoraConfig(r=_pick(args.rank, 8), alpha=float(_pick(args.alpha, 16.0)),
                           dropout=_pick(args.dropout, 0.0), use_dora=bool(args.dora),
-                          targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets)
+                          targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets,
+                          **_variant_options(args))
         tcfg.validate()
         lcfg.validate()
     return resume, data, lcfg, tcfg
+
+
+def _variant_options(args) -> dict:
+    """The LoRA-variant flags as LoraConfig fields (patterns are JSON objects; checked by LoraConfig)."""
+    from core.lora.variants import parse_pattern
+    return {"use_rslora": bool(args.rslora), "init": args.init or "kaiming",
+            "loraplus_lr_ratio": 1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
+            "rank_pattern": parse_pattern(args.rank_pattern, "--rank-pattern"),
+            "alpha_pattern": parse_pattern(args.alpha_pattern, "--alpha-pattern")}
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
@@ -587,6 +597,16 @@ def _add_finetune(sub) -> None:
     s.add_argument("--dora", action="store_true", default=None,
                    help="DoRA: also train a magnitude per output feature; often closer to full fine-tuning at low "
                         "rank, for a slower step and more activation memory (default off)")
+    s.add_argument("--rslora", action="store_const", const=True,
+                   help="rsLoRA: scale by alpha/sqrt(rank), so high ranks (64+) still learn")
+    s.add_argument("--init", choices=("kaiming", "gaussian", "pissa", "olora"),
+                   help="how A and B start (default kaiming, PEFT's default); pissa/olora start from the base's "
+                        "principal directions (faster early progress) and save a plain LoRA of twice the rank")
+    s.add_argument("--loraplus-lr-ratio", type=float, metavar="RATIO",
+                   help="LoRA+: B learns RATIO x faster than A (16 is the paper's choice; default 1, off)")
+    s.add_argument("--rank-pattern", metavar="JSON",
+                   help="per-module ranks as PEFT's rank_pattern, e.g. '{\"h.0.attn.c_attn\": 4}'")
+    s.add_argument("--alpha-pattern", metavar="JSON", help="per-module alphas as PEFT's alpha_pattern (JSON)")
     s.add_argument("--targets", help="comma-separated projections: c_attn, c_proj, c_fc, mlp.c_proj, attn.c_proj "
                                      "(default c_attn)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")

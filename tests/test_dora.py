@@ -264,3 +264,33 @@ def test_cli_refuses_dora_on_a_quantized_base(prepared, tmp_path, capsys):
             "--quantize", "int8"]
     assert "DoRA (--dora) needs the full-precision base" in one_line_error(capsys, argv)
     assert not (tmp_path / "lib").exists()
+
+
+def test_dora_with_rslora_lora_plus_and_a_rank_pattern_trains_and_loads_in_peft(hf_small, sample_ds, tmp_path):
+    lc = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True, use_rslora=True,
+                    loraplus_lr_ratio=16.0, rank_pattern={"h.0.attn.c_attn": 2}, init="gaussian")
+    model = load_base(str(hf_small), device="cpu")
+    trainer = Trainer(model, sample_ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small))
+    events = list(trainer.run())
+    assert events[-1]["type"] == "done", events[-1]
+    layers = [l for l in lora.lora_layers(model).values() if l.has("t")]
+    groups = lora.lora_param_groups(model, "t", 1e-3, 16.0)
+    mags = {id(l.lora_magnitude_vector[l.keys["t"]]) for l in layers}
+    assert mags <= {id(p) for p in groups[1]["params"]}  # LoRA+: magnitudes learn at B's rate, as in PEFT
+    assert sum(p.numel() for g in groups for p in g["params"]) == lora.count_lora_params(
+        model.config, lc.r, lc.targets, lc)
+    want = logits(model, "t")
+    assert (want - logits(model, None)).abs().max() > 1e-3
+    cfg = json.loads((tmp_path / "run" / CONFIG).read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True and cfg["rank_pattern"] == {"h.0.attn.c_attn": 2}
+    pm = peft.PeftModel.from_pretrained(_hf(hf_small), str(tmp_path / "run")).eval()
+    assert (_hf_logits(pm) - want).abs().max() <= TOL
+    again = load_base(str(hf_small), device="cpu")  # saved == loaded, here too
+    name, back, _ = load_adapter(again, tmp_path / "run")
+    assert back.use_dora and (logits(again, name) - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_from_a_principal_start_is_refused_with_what_to_choose(init):
+    with pytest.raises(ValueError, match=f"DoRA cannot start from {init} initialisation; choose kaiming or gaussian"):
+        LoraConfig(use_dora=True, init=init).validate()

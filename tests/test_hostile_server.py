@@ -118,7 +118,8 @@ def test_a_hostile_value_over_the_api_changes_nothing(server):
     for dataset in ("never-made", "../datasets"):
         client.predict("tiny", dataset, "hostile-run", *RUN, api_name="/start_training")
     # JSON's \ud800 escape: how a lone surrogate arrives (gradio_client cannot even encode one)
-    answer = _raw_call(url, "start_training", ["tiny", "seed-data", "hostile-run", *RUN[:-1], "Ahoy \ud800", "none", False])
+    answer = _raw_call(url, "start_training", ["tiny", "seed-data", "hostile-run", *RUN[:-1], "Ahoy \ud800", "none",
+                                               False, False, "kaiming", 1, "", ""])  # + DoRA, the Advanced LoRA fields
     assert answer.startswith("event: complete") and "Started" not in answer  # a warning; outputs unchanged
     client.predict("../etc", "x", api_name="/rename_adapter")
     client.predict("tiny", True, ["../../etc/passwd"], "Hi", 0.8, 50, 1.0, 4, 1, api_name="/compare")

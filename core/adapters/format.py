@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from core import atomic, safe_json
 from core.lora.layers import TARGET_PATTERN, adapter_state_dict
+from core.lora.variants import converted
 from core.model.config import MAX_LOADED_ALPHA, MAX_PROMPT_CHARS, MAX_RANK, LoraConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -40,15 +41,20 @@ def name_from_path(path) -> str:
 
 
 def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
-    """adapter_config.json as PEFT writes it for GPT-2 (Conv1D layers: fan_in_fan_out)."""
+    """adapter_config.json as PEFT writes it for GPT-2 (Conv1D layers: fan_in_fan_out). A PiSSA/OLoRA
+    run's settings are written as PEFT writes the converted adapter (core.lora.variants.converted)."""
+    lcfg = converted(lcfg)
+    num = lambda a: int(a) if float(a).is_integer() else a  # noqa: E731 - PEFT writes whole alphas as ints
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id,
         "r": lcfg.r, "lora_alpha": int(lcfg.alpha) if float(lcfg.alpha).is_integer() else lcfg.alpha, "lora_dropout": lcfg.dropout,
         # full module paths so PEFT matches attn.c_proj and mlp.c_proj separately
         "target_modules": list(lcfg.targets), "fan_in_fan_out": True, "bias": "none",
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": bool(lcfg.use_dora), "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": "gaussian" if lcfg.init == "gaussian" else True,
+        "use_rslora": bool(lcfg.use_rslora), "use_dora": bool(lcfg.use_dora), "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": dict(lcfg.rank_pattern),
+        "alpha_pattern": {k: num(v) for k, v in lcfg.alpha_pattern.items()}, "revision": None,
     }
 
 
@@ -68,7 +74,7 @@ def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraCon
     meta = dict(meta or {})
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("base_model", base_id)
-    meta["lora"] = lcfg.to_dict()
+    meta["lora"] = lcfg.to_dict()  # the run's settings (a PiSSA run says so; its adapter_config.json is converted)
     atomic.write_text(folder / META, json.dumps(meta, indent=2))
     return folder
 
@@ -150,6 +156,21 @@ def _scalar(x):
     return _num()(x) if isinstance(x, (int, float)) else _text(x)
 
 
+def _bool(x):
+    if not isinstance(x, bool):
+        raise _Bad("is not true or false")
+    return x
+
+
+def _pattern(top):
+    """{module regex: number}: short keys, bounded values (checked fully when the adapter is used)."""
+    def check(x):
+        if not isinstance(x, dict) or len(x) > 384:
+            raise _Bad("is not a JSON object of at most 384 module patterns")
+        return {_text(k): _num(0, top)(v) for k, v in x.items()}
+    return check
+
+
 def _training(x):
     if not isinstance(x, dict) or len(x) > 64:
         raise _Bad("is not a JSON object of training settings")
@@ -174,7 +195,9 @@ META_FIELDS = {  # every field this app writes to studio.json, and what it may h
     **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
     "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
     "lora": _record({"r": _int(1, MAX_RANK), "alpha": _num(0, MAX_LOADED_ALPHA), "dropout": _num(0, 1),
-                     "targets": _list_of(_text, 8), "use_dora": _bool}),
+                     "targets": _list_of(_text, 8), "use_dora": _bool, "use_rslora": _bool, "init": _text,
+                     "loraplus_lr_ratio": _num(0, 1000), "rank_pattern": _pattern(MAX_RANK),
+                     "alpha_pattern": _pattern(MAX_LOADED_ALPHA)}),
     "blend": _list_of(_record({"name": _text, "weight": _num()}), 64),
 }
 

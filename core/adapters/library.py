@@ -113,7 +113,7 @@ def shown_name(name) -> str:
 class AdapterEntry:
     name: str
     base_model: str | None
-    rank: int | None
+    rank: int | str | None  # "mixed" when rank_pattern gives some modules another rank (rank_detail says which)
     targets: list[str]
     alpha: float | None
     steps: int | None
@@ -129,6 +129,7 @@ class AdapterEntry:
     problem: str | None = None  # why the entry is unreadable (broken files); it can still be deleted
     created_ts: float = field(default=0.0, repr=False)
     variant: str = "LoRA"  # "DoRA" when adapter_config.json sets use_dora
+    rank_detail: str | None = None  # per-module ranks of a "mixed" adapter: 'default 8; h.0.attn.c_attn: 4'
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,6 +297,10 @@ class Library:
                                f"blend adapters of one base only.")
         if base_cfg is None and len({_width(p.state) for p in parts}) > 1:
             raise AdapterError("these adapters were made for models of different widths; they cannot be blended.")
+        patterned = next((n for n, p in zip(names, parts) if p.lcfg.rank_pattern or p.lcfg.alpha_pattern), None)
+        if patterned:  # blend_states scales each adapter by one alpha/r; per-module scales would be lost
+            raise AdapterError(f"{patterned!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "
+                               f"blending those is not supported yet: blend adapters with one rank and alpha.")
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
         meta = {"status": "blend", "base_model": bases[0] if bases else None,
                 "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
@@ -455,8 +460,12 @@ class Library:
                 status = "training"
             else:  # a checkpoint's status is the one it was saved with, not the run's: only the run says
                 status = top.get("status") or ("complete" if final else INTERRUPTED)
+            pattern = config.get("rank_pattern") or {}
+            detail = (f"default {r}; " + "; ".join(f"{k}: {v}" for k, v in pattern.items())
+                      if any(v != r for v in pattern.values()) else None)
             return AdapterEntry(
-                name=name, base_model=meta.get("base_model") or base, rank=r,
+                name=name, base_model=meta.get("base_model") or base, rank="mixed" if detail else r,
+                rank_detail=detail,
                 targets=list(listed or (meta.get("lora") or {}).get("targets") or []), alpha=alpha,
                 steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
                 created=created, size_bytes=_size(src), dataset=_dataset(meta), status=status,
@@ -612,8 +621,10 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
         r, alpha, _, listed, base = parse_config(raw, path)
     except ValueError as e:  # AdapterError is a ValueError too
         return {}, {}, safe_json.shown(str(e))[:300]
-    return {"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
-            "dora": raw.get("use_dora") is True}, raw, None
+    pattern = raw.get("rank_pattern") if isinstance(raw.get("rank_pattern"), dict) else {}
+    return ({"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
+             "dora": raw.get("use_dora") is True,
+             "rank_pattern": {safe_json.shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
 
 
 def _set_user(meta: dict, user: str | None) -> None:

@@ -79,7 +79,7 @@ def load_adapter(model, source_path, name: str | None = None,
     if name in adapter_names(model):
         raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or choose another name.")
     files = read_adapter(src, model.config, base_id)
-    load_adapter_state(model, name, files.state, files.lcfg.alpha, dropout=0.0)
+    load_adapter_state(model, name, files.state, files.lcfg.alpha, dropout=0.0, lcfg=files.lcfg)
     for p in lora_parameters(model, name):
         p.requires_grad_(False)
     return name, files.lcfg, files.meta

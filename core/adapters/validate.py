@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from core import safe_json
 from core.adapters.format import CONFIG, FILE_KEY, META, PEFT_PREFIX, WEIGHTS
+from core.lora import variants
 from core.lora.dora import magnitude_key
 from core.lora.layers import lora_key
 from core.model.config import (HUB_IDS, MAX_LOADED_ALPHA, MAX_RANK, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig,
@@ -67,13 +68,18 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
     check_safetensors(weights, max_bytes)
     peft = read_json(config_file, "adapter config")
     r, alpha, dropout, listed, adapter_base = parse_config(peft, config_file)
+    rs, rank_pattern, alpha_pattern = parse_variants(peft, config_file, r, alpha)
+    if rs and not (rank_pattern or alpha_pattern):  # one scale: the same update as alpha' = alpha * sqrt(r)
+        alpha, rs = alpha * math.sqrt(r), False
     check_base(adapter_base, cfg, base_id)
     against = "the loaded base"
     if cfg is None and preset_of(adapter_base):  # no base given: hold it to the GPT-2 size it names
         cfg, against = PRESETS[preset_of(adapter_base)], f"its recorded base {adapter_base}"
-    keys, rank, targets = check_header(weights, cfg, against)
+    probe = LoraConfig(r=r, alpha=alpha, rank_pattern=rank_pattern)
+    expect = (lambda module: variants.rank_alpha(probe, module)[0]) if rank_pattern else None
+    keys, rank, targets = check_header(weights, cfg, against, expect)
     check_dora(peft.get("use_dora", False), keys, config_file.name, weights.name)
-    if rank != r:
+    if not rank_pattern and rank != r:
         raise AdapterError(f"{config_file.name} says r={r} but the tensors in {weights.name} have rank {rank}; "
                            f"the config does not belong to these weights.")
     if listed is not None:
@@ -81,9 +87,16 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
         if extra:
             raise AdapterError(f"{weights.name} has weights for {extra[0]} but {config_file.name} does not list it "
                                f"in target_modules ({', '.join(listed) or 'empty'}); the files do not match.")
+    lcfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=rs,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=bool(peft.get("use_dora")))
+    try:
+        # without a base, the file's own deepest layer bounds the modules a pattern may name
+        depth = cfg.n_layer if cfg is not None else 1 + max(int(k.split(".")[2]) for k in keys.values())
+        variants.check_patterns(lcfg, depth, MAX_RANK, MAX_LOADED_ALPHA)
+    except ValueError as e:
+        raise AdapterError(f"{config_file.name}: {e}") from None
     state = read_values(weights, keys)
     meta = read_json(meta_file, "studio metadata") if meta_file else {}
-    lcfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_dora=bool(peft.get("use_dora")))
     return AdapterFiles(state, lcfg, adapter_base, meta, peft)
 
 
@@ -210,18 +223,13 @@ def parse_config(c: dict, path: Path):
     for flag, what in (("lora_bias", "LoRA biases"), ("layer_replication", "layer replication")):
         if c.get(flag):
             raise AdapterError(f"{where}: {what} ({flag}) is not supported; use a plain LoRA adapter.")
-    if c.get("rank_pattern") or c.get("alpha_pattern"):
-        raise AdapterError(f"{where}: per-layer ranks or alphas (rank_pattern/alpha_pattern) are not supported; "
-                           f"an adapter must use one rank and one alpha.")
     if c.get("bias", "none") != "none":
         raise AdapterError(f"{where}: bias={c.get('bias')!r} is not supported; only bias='none' adapters.")
     if c.get("modules_to_save"):
         raise AdapterError(f"{where}: modules_to_save is not supported (only LoRA A/B weights are loaded).")
-    if c.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same update as alpha' = alpha * sqrt(r)
-        alpha = alpha * math.sqrt(r)
-        if alpha > MAX_LOADED_ALPHA:  # checked as saved, so the library can always read it back
-            raise AdapterError(f"{where}: with use_rslora, lora_alpha x sqrt(r) = {alpha:g} is over "
-                               f"{MAX_LOADED_ALPHA:g}; adapters use about 1-2 x the rank.")
+    if c.get("use_rslora") and alpha * math.sqrt(r) > MAX_LOADED_ALPHA:  # checked as saved (alpha x sqrt r)
+        raise AdapterError(f"{where}: with use_rslora, lora_alpha x sqrt(r) = {alpha * math.sqrt(r):g} is over "
+                           f"{MAX_LOADED_ALPHA:g}; adapters use about 1-2 x the rank.")
     base = c.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a string (got {type(base).__name__}).")
@@ -235,6 +243,27 @@ def parse_config(c: dict, path: Path):
             raise AdapterError(f"{where}: target module {bad!r} is not one of GPT-2's "
                                f"{', '.join(TARGET_MODULES)} (short names c_attn, c_proj, c_fc).") from None
     return r, float(alpha), float(dropout), listed, (base or None)
+
+
+def parse_variants(c: dict, path: Path, r: int, alpha: float) -> tuple[bool, dict, dict]:
+    """(use_rslora, rank_pattern, alpha_pattern) from adapter_config.json, their kinds checked (which
+    modules they name is checked once the targets are known)."""
+    rs = c.get("use_rslora", False)
+    if not isinstance(rs, bool):
+        raise AdapterError(f"{path.name}: use_rslora must be true or false (got {rs!r}).")
+    pats = []
+    for key in ("rank_pattern", "alpha_pattern"):
+        p = c.get(key) or {}
+        if not isinstance(p, dict):
+            raise AdapterError(f"{path.name}: {key} must be a JSON object of module pattern -> value "
+                               f"(got {type(p).__name__}).")
+        pats.append(dict(p))
+    probe = LoraConfig(r=r, alpha=alpha, rank_pattern=pats[0], alpha_pattern=pats[1])
+    try:
+        variants.check_patterns(probe, None, MAX_RANK, MAX_LOADED_ALPHA)
+    except ValueError as e:
+        raise AdapterError(f"{path.name}: {e}") from None
+    return rs, pats[0], pats[1]
 
 
 def _known_target(t: str) -> bool:
@@ -269,10 +298,10 @@ def check_base(adapter_base: str | None, cfg: GPTConfig | None, base_id: str | N
                            f"load {adapter_base} first.")
 
 
-def check_header(path: Path, cfg: GPTConfig | None,
-                 against: str = "the loaded base") -> tuple[dict[str, str], int, tuple[str, ...]]:
+def check_header(path: Path, cfg: GPTConfig | None, against: str = "the loaded base",
+                 expect=None) -> tuple[dict[str, str], int, tuple[str, ...]]:
     """Names, dtypes and shapes from the header: ({file key: our key}, rank, targets).
-    `against` names `cfg` in messages."""
+    `against` names `cfg` in messages; `expect(module)`, when given, is each module's rank (rank_pattern)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             info = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
@@ -316,9 +345,15 @@ def check_header(path: Path, cfg: GPTConfig | None,
         if not 1 <= r <= MAX_RANK:
             raise AdapterError(f"{path.name}: key {ka!r} has rank {r} (shape {list(sa)}); the rank must be "
                                f"1..{MAX_RANK}.")
+        if expect is not None:
+            want_r = expect(f"transformer.h.{i}.{target}")
+            if r != want_r:
+                raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but the config's r/rank_pattern give "
+                                   f"{want_r} for transformer.h.{i}.{target}; the config does not belong to "
+                                   f"these weights.")
         if rank is None:
             rank, first = r, ka
-        elif r != rank:
+        elif r != rank and expect is None:
             raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but {first!r} has rank {rank}; an adapter "
                                f"must use a single rank.")
         if width is None:  # no base given: the first A matrix sets the width the others must match

@@ -5,7 +5,6 @@ is never written to except by an explicit, tracked `merge`.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Iterable, NamedTuple, Sequence
 
@@ -13,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.lora import dora
+from core.lora import dora, variants
+from core.lora.init import init_ab
 from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
 
 # The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
@@ -116,6 +116,7 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
+        self.frozen: dict[str, tuple] = {}  # PiSSA/OLoRA: name -> (A0, B0), the start subtracted (core.lora.init)
         self.active: str | None = None
         self.merged: str | None = None
         self._backup: torch.Tensor | None = None  # exact base weight while merged
@@ -135,17 +136,23 @@ class LoRALinear(nn.Module):
     def device(self):
         return self.base.bias.device  # plain and quantized bases both keep a bias
 
-    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True):
-        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw)."""
-        A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
-        if init:  # PEFT's default: kaiming-uniform A, zero B, so a fresh adapter is exactly the base
-            bound = 1.0 / math.sqrt(self.in_features)
-            A.uniform_(-bound, bound, generator=generator)
-        B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True,
+            method: str = "kaiming", rslora: bool = False):
+        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw).
+        method: how A and B start (core.lora.init); every one starts as exactly the base model."""
+        scale = variants.scaling(alpha, r, rslora)
+        frozen = None
+        if init:
+            A, B, frozen = init_ab(self.base, r, scale, method, generator)
+        else:
+            A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
+            B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
         self.keys[name] = _key(name)
         self.lora_A[self.keys[name]] = nn.Parameter(A)
         self.lora_B[self.keys[name]] = nn.Parameter(B)
-        self.scaling[name] = alpha / r
+        if frozen is not None:
+            self.frozen[name] = frozen
+        self.scaling[name] = scale
         self.dropout[name] = dropout
 
     def enable_dora(self, name: str, magnitude: torch.Tensor | None = None):
@@ -167,12 +174,22 @@ class LoRALinear(nn.Module):
         del self.lora_A[key], self.lora_B[key]
         if key in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[key]
-        self.scaling.pop(name), self.dropout.pop(name)
+        self.scaling.pop(name), self.dropout.pop(name), self.frozen.pop(name, None)
         if self.active == name:
             self.active = None
 
     def weights(self, name: str):
+        """(A, B) of the update; for PiSSA/OLoRA the rank-2r pair [A; A0], [B, -B0] (see core.lora.init)."""
         key = self.keys[name]  # a plain dict lookup: torch.compile traces it without a graph break
+        A, B = self.lora_A[key], self.lora_B[key]
+        if name in self.frozen:
+            A0, B0 = self.frozen[name]
+            return torch.cat([A, A0.to(A.device)]), torch.cat([B, -B0.to(B.device)], 1)
+        return A, B
+
+    def trainable(self, name: str):
+        """The adapter's own parameters (A, B): what an optimizer updates."""
+        key = self.keys[name]
         return self.lora_A[key], self.lora_B[key]
 
     def delta(self, name: str) -> torch.Tensor:
@@ -324,9 +341,10 @@ def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> 
         g = torch.Generator(device=model.device)
         g.manual_seed(0 if seed is None else seed)
     for target in lcfg.targets:
-        for layer in _wrap(model, target):
-            layer.add(name, lcfg.r, lcfg.alpha, lcfg.dropout, generator=g)
-            if getattr(lcfg, "use_dora", False):
+        for i, layer in enumerate(_wrap(model, target)):
+            r, alpha = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")
+            layer.add(name, r, alpha, lcfg.dropout, generator=g, method=lcfg.init, rslora=lcfg.use_rslora)
+            if lcfg.use_dora:
                 layer.enable_dora(name)
     freeze_base(model)
     _bump(model)
@@ -409,10 +427,22 @@ def lora_parameters(model, name: str) -> list[nn.Parameter]:
     params = []
     for layer in lora_layers(model).values():
         if layer.has(name):
-            params += list(layer.weights(name))
+            params += list(layer.trainable(name))
             if layer.is_dora(name):
                 params.append(layer.lora_magnitude_vector[layer.keys[name]])
     return params
+
+
+def lora_param_groups(model, name: str, lr: float, loraplus_lr_ratio: float = 1.0) -> list[dict]:
+    """Optimizer groups: the A matrices at `lr`, the B matrices at ratio x lr (LoRA+; ratio 1 is plain
+    LoRA). 'lr_ratio' stays in each group so a schedule can set lr = schedule x lr_ratio. DoRA's
+    magnitudes join B's group, as PEFT's create_loraplus_optimizer puts every 1-D parameter there."""
+    layers = [l for l in lora_layers(model).values() if l.has(name)]
+    A = [l.trainable(name)[0] for l in layers]
+    B = [l.trainable(name)[1] for l in layers]
+    B += [l.lora_magnitude_vector[l.keys[name]] for l in layers if l.is_dora(name)]
+    return [{"params": A, "lr": lr, "lr_ratio": 1.0},
+            {"params": B, "lr": lr * loraplus_lr_ratio, "lr_ratio": float(loraplus_lr_ratio)}]
 
 
 def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
@@ -432,8 +462,9 @@ def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: float,
-                       dropout: float = 0.0) -> None:
-    """Load validated LoRA tensors (keys as `adapter_state_dict` writes them) as adapter `name`."""
+                       dropout: float = 0.0, lcfg: LoraConfig | None = None) -> None:
+    """Load validated LoRA tensors (keys as `adapter_state_dict` writes them) as adapter `name`.
+    lcfg, when given, sets each layer's alpha (alpha_pattern) and rsLoRA; the rank is the tensors'."""
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded")
     targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -455,7 +486,8 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     for (i, target), ab in targets.items():
         layer = layers[f"transformer.h.{i}.{target}"]
         r = ab["A"].shape[0]
-        layer.add(name, r, alpha, dropout, init=False)
+        a = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")[1] if lcfg else alpha
+        layer.add(name, r, a, dropout, init=False, rslora=bool(lcfg and lcfg.use_rslora))
         A, B = layer.weights(name)
         with torch.no_grad():
             A.copy_(ab["A"].float())
@@ -466,11 +498,16 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     _bump(model)
 
 
-def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], dora: bool = False) -> int:
-    """Trainable parameters of a rank-r adapter on `targets` in every block (DoRA adds a magnitude
-    per output feature)."""
+def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], lcfg: LoraConfig | None = None,
+                      dora: bool = False) -> int:
+    """Trainable parameters of a rank-r adapter on `targets` in every block (lcfg: with its per-layer
+    ranks and its DoRA flag; DoRA adds a magnitude per output feature)."""
     shapes = target_shapes(cfg)
-    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) + (shapes[t][1] if dora else 0) for t in targets)
+    dora = dora or (lcfg is not None and lcfg.use_dora)
+    magnitudes = cfg.n_layer * sum(shapes[t][1] for t in targets) if dora else 0
+    if lcfg is not None:
+        return variants.param_count(lcfg, shapes, cfg.n_layer) + magnitudes
+    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) + magnitudes
 
 
 

@@ -88,10 +88,15 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the LoRA input path while training
     targets: tuple[str, ...] = ("attn.c_attn",)  # which projections of each block get an adapter
     use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of B A (core.lora.dora)
+    use_rslora: bool = False  # rsLoRA: scale by alpha / sqrt(r) instead of alpha / r
+    init: str = "kaiming"  # start of A and B: kaiming | gaussian | pissa | olora (core.lora.init)
+    loraplus_lr_ratio: float = 1.0  # LoRA+: B's learning rate is this times A's
+    rank_pattern: dict = field(default_factory=dict)  # PEFT's per-module ranks: {module regex: rank}
+    alpha_pattern: dict = field(default_factory=dict)  # PEFT's per-module alphas: {module regex: alpha}
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / self.r ** 0.5 if self.use_rslora else self.alpha / self.r
 
     def validate(self, cfg: GPTConfig | None = None) -> None:
         """Raise ValueError with a message a user can act on."""
@@ -111,6 +116,22 @@ class LoraConfig:
                 raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"use_dora must be true or false (got {self.use_dora!r}).")
+        self._validate_variants(cfg)
+
+    def _validate_variants(self, cfg: GPTConfig | None) -> None:
+        from core.lora import variants  # the pattern rules live with the LoRA code
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false (got {self.use_rslora!r}).")
+        if self.init not in variants.INITS:
+            raise ValueError(f"unknown LoRA initialisation {self.init!r}; choose from {', '.join(variants.INITS)}.")
+        real_number("LoRA+ learning-rate ratio", self.loraplus_lr_ratio, 0, 1000, "a positive number up to 1000",
+                    above=True, hint="; 16 is the LoRA+ paper's choice, 1 turns it off")
+        top = MAX_RANK if cfg is None else min(MAX_RANK, cfg.n_embd)
+        variants.check_patterns(self, None if cfg is None else cfg.n_layer, top, MAX_ALPHA)
+        if self.use_dora and self.init in ("pissa", "olora"):
+            # they are saved converted to a rank-2r LoRA (core.lora.init); that conversion is not built for DoRA
+            raise ValueError(f"DoRA cannot start from {self.init} initialisation; choose kaiming or gaussian, "
+                             "or turn DoRA off.")
 
     @staticmethod
     def from_dict(d) -> "LoraConfig":
@@ -118,7 +139,7 @@ class LoraConfig:
         if not isinstance(d, dict):
             raise ValueError(f"LoRA settings must be a JSON object (got {type(d).__name__}).")
         known = {k: v for k, v in d.items() if k in LoraConfig.__dataclass_fields__}
-        if isinstance(known.get("targets"), list):
+        if isinstance(known.get("targets"), list):  # JSON has no tuples
             known["targets"] = tuple(known["targets"])
         cfg = LoraConfig(**known)
         cfg.validate()

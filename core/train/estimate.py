@@ -16,6 +16,7 @@ import torch
 from core import device as _device
 from core.model.config import GPTConfig, LoraConfig, TrainConfig, target_shapes
 from core.lora.layers import count_lora_params
+from core.lora.variants import RESIDUAL_INITS
 
 # Sustained training FLOP/s of this engine by device kind (measured: README performance tables).
 THROUGHPUT = {"cuda": 450e12, "mps": 4e12, "cpu": 0.16e12}
@@ -81,11 +82,13 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     weights_bytes: the real size of a loaded base (instead of its estimate)."""
     weights = weights or ("bf16" if device_type == "cuda" else "fp32")
     act_bytes = 2 if device_type == "cuda" else 4
-    dora = bool(getattr(lcfg, "use_dora", False))
-    lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets, dora=dora)
+    dora = lcfg.use_dora
+    lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets, lcfg)  # per-module ranks, DoRA magnitudes
+    # PiSSA/OLoRA keep their frozen start beside A and B (core.lora.init): computed with, saved with, not trained
+    frozen = lora_params if lcfg.init in RESIDUAL_INITS else 0
     total = cfg.n_params()
     w_bytes = int(total * BYTES[weights]) if weights_bytes is None else int(weights_bytes)
-    lora_bytes = lora_params * 16  # fp32 weight + grad + two AdamW moments
+    lora_bytes = lora_params * 16 + frozen * 4  # fp32 weight + grad + two AdamW moments; the frozen start
     B, T, d = tcfg.batch_size, tcfg.seq_len, cfg.n_embd
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
@@ -95,7 +98,7 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
     act_total = int(max(acts + logits[0], logits[1]))
     kind = device_type if device_type in THROUGHPUT else "cpu"
-    per_token = (flops_per_token(cfg, T, lora_params) / THROUGHPUT[kind]
+    per_token = (flops_per_token(cfg, T, lora_params + frozen) / THROUGHPUT[kind]
                  + cfg.vocab_size * VOCAB_BYTES / BANDWIDTH[kind])
     overhead = cfg.n_layer * LAYER_OVERHEAD["cuda-graphs" if kind == "cuda" and cuda_graphs else kind]
     step_s = tcfg.grad_accum * (overhead + B * T * per_token)
@@ -104,7 +107,8 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     return Estimate(
         peak_bytes=w_bytes + lora_bytes + act_total, weights_bytes=w_bytes, lora_bytes=lora_bytes,
         activation_bytes=act_total, logits_bytes=int(max(logits)), step_seconds=step_s,
-        total_seconds=step_s * tcfg.steps, trainable_params=lora_params, adapter_bytes=lora_params * 4 + 2048,
+        total_seconds=step_s * tcfg.steps, trainable_params=lora_params,
+        adapter_bytes=(lora_params + frozen) * 4 + 2048,
         share_percent=100.0 * lora_params / total,
     )
 

@@ -53,8 +53,10 @@ from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_tar
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
+from core.lora.init import check_fits as check_init_fits
+from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
-                              lora_parameters, make_route)
+                              lora_param_groups, lora_parameters, make_route)
 from core.train.cobatch import forward_backward
 from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
@@ -246,6 +248,10 @@ class Trainer:
                                  f"to resume (got {tcfg.steps}).")
         lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
         lcfg.validate(model.config)
+        check_init_fits(model, lcfg)
+        if self.resume is not None and lcfg.init in RESIDUAL_INITS:  # its checkpoint holds the converted file
+            raise ValueError(f"a {lcfg.init} run cannot be resumed from a checkpoint (it saves a converted "
+                             f"rank-{2 * lcfg.r} LoRA, not its A and B); start a new run.")
         tcfg.validate(model.config)
         self.model, self.dataset, self.lcfg, self.tcfg = model, dataset, lcfg, tcfg
         self.name, self.out_dir, self.base_id = name, Path(out_dir), base_id
@@ -301,7 +307,10 @@ class Trainer:
             gen = torch.Generator(device=model.device)
             gen.manual_seed(tcfg.seed)
         params = lora_parameters(model, self.name)
-        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+        # LoRA+ puts B in a faster group; without it one group, as checkpoints written before LoRA+ expect
+        ratio = self.lcfg.loraplus_lr_ratio
+        groups = params if ratio == 1 else lora_param_groups(model, self.name, tcfg.lr, ratio)
+        opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
             rng = self._load_resume(opt, gen)
@@ -351,7 +360,7 @@ class Trainer:
             st.rng_before, st.gen_before = prep.rng.bit_generator.state, self._dropout_state()
             st.lr = lr_at(self.step, self.tcfg)
             for g in prep.opt.param_groups:
-                g["lr"] = st.lr
+                g["lr"] = st.lr * g.get("lr_ratio", 1.0)
             st.t0 = time.perf_counter()
             st.loss_sum = torch.zeros((), device=self.model.device)
 

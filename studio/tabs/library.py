@@ -86,6 +86,13 @@ def _detail_rows(d: dict) -> list[tuple[str, object]]:
         rows.append(("Training", ", ".join(f"{k} {_short(training[k], 40)}" for k in
                                            ("lr", "batch_size", "grad_accum", "seq_len", "eval_interval", "seed")
                                            if k in training)))
+    if d.get("rank_detail"):  # rank "mixed": rank_pattern's per-module ranks
+        rows.append(("Per-module ranks", _short(d["rank_detail"], 400)))
+    defaults = {"init": "kaiming", "use_rslora": False, "loraplus_lr_ratio": 1}  # plain LoRA shows no row
+    variant = [f"{k} {_short(lora[k], 40)}" for k, plain in defaults.items()
+               if k in lora and lora[k] != plain]
+    if variant:
+        rows.append(("LoRA variant", ", ".join(variant)))
     blend = meta.get("blend") if isinstance(meta.get("blend"), list) else []
     if blend:
         rows.append(("Blend of", ", ".join(f"{_short(b.get('name'), 64)} × {_short(b.get('weight'), 20)}"

@@ -16,6 +16,7 @@ import gradio as gr
 
 from core.adapters.library import check_name
 from core.model.config import MAX_PROMPT_CHARS, PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.lora.variants import INITS, parse_pattern
 from core.train.data import load_dataset
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trackers import REPORT_TO
@@ -60,10 +61,15 @@ class TrainForm:
     prompt: str | None = DEFAULT_PROMPT  # continued at each evaluation
     report_to: str | None = "none"  # a tracker that logs the run (core.train.trackers.REPORT_TO)
     dora: bool | None = False  # DoRA (use_dora): a trained magnitude per output feature on top of LoRA
+    rslora: bool | None = False  # rsLoRA scaling alpha / sqrt(rank)
+    init: str | None = "kaiming"  # how A and B start (core.lora.init)
+    loraplus_lr_ratio: float | None = 1.0  # LoRA+: B's learning rate over A's
+    rank_pattern: str | None = ""  # JSON {module regex: rank}, PEFT's rank_pattern
+    alpha_pattern: str | None = ""  # JSON {module regex: alpha}, PEFT's alpha_pattern
 
 
 SETTINGS = ("model", "targets", "rank", "alpha", "dropout", "lr", "steps", "batch", "accum", "seq_len",
-            "eval_interval", "seed", "dora")  # the fields the estimate reads
+            "eval_interval", "seed", "dora", "init", "rank_pattern")  # the fields the estimate reads
 
 
 def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig, TrainConfig]:
@@ -82,7 +88,12 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
         raise ValueError("DoRA must be true or false; tick or untick the DoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
                       dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
-                      targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])))
+                      targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
+                      use_rslora=f.rslora is True, init=f.init if f.init is not None else "kaiming",
+                      loraplus_lr_ratio=number(f.loraplus_lr_ratio if f.loraplus_lr_ratio is not None else 1,
+                                               "LoRA+ ratio"),
+                      rank_pattern=parse_pattern(f.rank_pattern, "rank pattern"),
+                      alpha_pattern=parse_pattern(f.alpha_pattern, "alpha pattern"))
     eval_every = whole(f.eval_interval, "eval interval")
     tcfg = TrainConfig(steps=whole(f.steps, "steps"), lr=number(f.lr, "learning rate"),
                        batch_size=whole(f.batch, "batch size"), grad_accum=whole(f.accum, "gradient accumulation"),
@@ -404,6 +415,29 @@ def create_train_tab(studio: Studio) -> dict:
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
                                        info="Also learns each output's magnitude: often better at low rank, close to "
                                             "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
+            with gr.Accordion("Advanced LoRA", open=False):
+                with gr.Row():
+                    rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
+                                         info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
+                                              "ranks (32+), which otherwise learn too slowly.")
+                    init = gr.Dropdown(list(INITS), value=d.init, label="Initialisation", elem_id="train-init",
+                                       min_width=110,
+                                       info="kaiming: the standard start, the adapter begins as the base. gaussian: "
+                                            "the same with a normal A. pissa / olora: start from the base weights' "
+                                            "main directions for faster early progress on small budgets; the saved "
+                                            "adapter is a plain LoRA of twice the rank (larger file).")
+                    loraplus = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                                         min_width=110, minimum=0.01,
+                                         info="B learns this many times faster than A (LoRA+); 16 often "
+                                              "converges faster, 1 is plain LoRA.")
+                with gr.Row():
+                    rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
+                                              placeholder='{"h.0.attn.c_attn": 4}',
+                                              info="Per-layer ranks, as PEFT's rank_pattern: give layers that matter "
+                                                   "more a higher rank, others less (fewer parameters).")
+                    alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
+                                               elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
+                                               info="Per-layer alphas, as PEFT's alpha_pattern.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
                     lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
@@ -470,7 +504,8 @@ def create_train_tab(studio: Studio) -> dict:
     # the form as TrainForm's fields, in its order (the start_training API's argument order)
     form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
                 steps=steps, batch=batch, accum=accum, seq_len=seq_len, eval_interval=eval_interval, seed=seed,
-                prompt=prompt, report_to=report_to, dora=dora)
+                prompt=prompt, report_to=report_to, dora=dora, rslora=rslora, init=init, loraplus_lr_ratio=loraplus,
+                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     settings = {k: form[k] for k in SETTINGS}
     gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
           inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
@@ -513,7 +548,8 @@ def create_train_tab(studio: Studio) -> dict:
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
             "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
-            "report_to": report_to, "dora": dora,
+            "report_to": report_to, "dora": dora, "rslora": rslora, "init": init, "loraplus": loraplus,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
             "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
             "table": table, "browser": browser}

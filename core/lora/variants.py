@@ -1,0 +1,114 @@
+"""LoRA options beyond a plain rank-r adapter: per-layer ranks and alphas (PEFT's rank_pattern /
+alpha_pattern), rsLoRA scaling, and the file form of PiSSA/OLoRA adapters.
+
+Kept apart from layers.py so the layer code stays about computing; this module only decides numbers.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+# Patterns from a file or the command line: bounded so a hostile config cannot make matching slow
+MAX_PATTERNS = 384  # one per wrapped projection of the deepest GPT-2 (48 layers x 4 targets x 2)
+MAX_PATTERN_CHARS = 200
+# Initialisations that move part of the base weight into the adapter (PEFT: the base keeps the residual)
+RESIDUAL_INITS = ("pissa", "olora")
+INITS = ("kaiming", "gaussian") + RESIDUAL_INITS
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """The first pattern key that matches `module` ('transformer.h.0.attn.c_attn'), as PEFT's
+    get_pattern_key matches it: the key is a regex for a dotted suffix of the module's name."""
+    for key in patterns or ():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def rank_alpha(lcfg, module: str) -> tuple[int, float]:
+    """(rank, alpha) of one wrapped projection under `lcfg`'s patterns."""
+    rk = pattern_key(lcfg.rank_pattern, module)
+    ak = pattern_key(lcfg.alpha_pattern, module)
+    r = lcfg.rank_pattern[rk] if rk is not None else lcfg.r
+    alpha = lcfg.alpha_pattern[ak] if ak is not None else lcfg.alpha
+    return r, float(alpha)
+
+
+def scaling(alpha: float, r: int, rslora: bool) -> float:
+    """rsLoRA divides by sqrt(r) so the update's size does not shrink as the rank grows."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def module_names(n_layer: int, targets) -> list[str]:
+    return [f"transformer.h.{i}.{t}" for i in range(n_layer) for t in targets]
+
+
+def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -> None:
+    """Each pattern: a valid regex naming at least one wrapped module, with a sane value (ValueError)."""
+    for field, top, what in (("rank_pattern", max_rank, "rank"), ("alpha_pattern", max_alpha, "alpha")):
+        pats = getattr(lcfg, field)
+        if not isinstance(pats, dict):
+            raise ValueError(f"{field} must be a JSON object of module pattern -> {what} (got {type(pats).__name__}).")
+        if len(pats) > MAX_PATTERNS:
+            raise ValueError(f"{field} has {len(pats)} entries; at most {MAX_PATTERNS}.")
+        for key, v in pats.items():
+            if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
+                raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} "
+                                 f"characters.")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{field}: {key!r} is not a valid regular expression ({e}).") from None
+            ok = (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top) if what == "rank" else \
+                (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= top)
+            if not ok:
+                kind = "a whole number" if what == "rank" else "a positive number"
+                raise ValueError(f"{field}: {key!r} -> {v!r}; the {what} must be {kind} up to {top:g}.")
+            if n_layer is not None and not any(pattern_key([key], m) for m in module_names(n_layer, lcfg.targets)):
+                raise ValueError(f"{field}: {key!r} names no wrapped module (they are transformer.h.<0..{n_layer - 1}>."
+                                 f"<{'|'.join(lcfg.targets)}>); fix the name, e.g. 'h.0.attn.c_attn'.")
+
+
+def converted(lcfg):
+    """The settings of the file a PiSSA/OLoRA run saves: a plain LoRA of twice the rank relative to the
+    ORIGINAL base (A' = [A; A0], B' = [B, -B0]), as PEFT's save_pretrained(...,
+    path_initial_model_for_weight_conversion=...) writes it. The scale stays alpha/r per layer: doubling r
+    doubles alpha (rsLoRA: x sqrt 2). Other inits: unchanged."""
+    if lcfg.init not in RESIDUAL_INITS:
+        return lcfg
+    from dataclasses import replace
+    k = math.sqrt(2) if lcfg.use_rslora else 2.0
+    return replace(lcfg, r=2 * lcfg.r, alpha=lcfg.alpha * k, init="kaiming",
+                   rank_pattern={p: 2 * v for p, v in lcfg.rank_pattern.items()},
+                   alpha_pattern={p: v * k for p, v in lcfg.alpha_pattern.items()})
+
+
+def param_count(lcfg, shapes: dict, n_layer: int) -> int:
+    """Trainable parameters with per-layer ranks (shapes: target -> (in, out))."""
+    return sum(rank_alpha(lcfg, m)[0] * sum(shapes[m.split(".", 3)[3]]) for m in module_names(n_layer, lcfg.targets))
+
+
+def mixed_ranks(lcfg, n_layer: int) -> dict[str, int]:
+    """{module: rank} for modules whose rank differs from lcfg.r (the library's 'mixed' detail)."""
+    out = {}
+    for m in module_names(n_layer, lcfg.targets):
+        r = rank_alpha(lcfg, m)[0]
+        if r != lcfg.r:
+            out[m] = r
+    return out
+
+
+def parse_pattern(text, what: str) -> dict:
+    """A pattern typed as JSON text ('' or None: none); the values are checked by LoraConfig.validate."""
+    import json
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {}
+    if not isinstance(text, str) or len(text) > 100_000:
+        raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object such as {{\"h.0.attn.c_attn\": 4}} (got {text[:80]!r}).")
+    return value
