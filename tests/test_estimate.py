@@ -1,5 +1,5 @@
 """The pre-start estimate: parameter counts exact, memory and time grow the way training does."""
-from core.model.config import LoraConfig, PRESETS, TrainConfig
+from core.model.config import LoraConfig, PRESETS, TARGET_MODULES as TARGET_MODULES_ALL, TrainConfig
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 
 
@@ -43,3 +43,34 @@ def test_dora_counts_its_magnitudes_and_their_activations():
     a, b = estimate_training(cfg, plain, TrainConfig(), "cpu"), estimate_training(cfg, dora, TrainConfig(), "cpu")
     assert b.trainable_params - a.trainable_params == cfg.n_layer * (3 + 4) * cfg.n_embd  # one per output feature
     assert b.activation_bytes > a.activation_bytes and b.peak_bytes > a.peak_bytes
+
+
+def _saved_bytes(lcfg, B=4, T=64):
+    """Bytes autograd keeps for the backward of one forward pass (each storage once, as memory holds it)."""
+    import torch
+    from core.lora.layers import add_adapter, lora_layers
+    from core.model.config import GPTConfig
+    from core.model.gpt import GPT, init_random_
+    model = init_random_(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128)))
+    add_adapter(model, "a", lcfg)
+    for layer in lora_layers(model).values():
+        layer.active = "a"
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 50257, (B, T)))
+    return sum(seen.values())
+
+
+def test_the_dora_activation_term_matches_what_autograd_keeps():
+    from core.model.config import GPTConfig
+    cfg, targets = GPTConfig(n_layer=2, n_head=4, n_embd=128), TARGET_MODULES_ALL
+    plain, dora = LoraConfig(r=8, targets=targets), LoraConfig(r=8, targets=targets, use_dora=True)
+    tc = TrainConfig(batch_size=4, seq_len=64)
+    predicted = (estimate_training(cfg, dora, tc, "cpu").activation_bytes
+                 - estimate_training(cfg, plain, tc, "cpu").activation_bytes)
+    measured = _saved_bytes(dora) - _saved_bytes(plain)
+    assert measured > 0 and 0.8 < predicted / measured < 1.25, (predicted, measured)

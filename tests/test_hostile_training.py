@@ -322,11 +322,11 @@ def test_a_starting_training_run_pins_the_base_against_other_loads(tmp_path, hf_
 
 def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(tmp_path, sample_ds, hf_small):
     from studio.runner import Runner
-    eng = Engine("cpu", tmp_path / "lib", max_train_memory=parse_size("64MB"))
+    eng = Engine("cpu", tmp_path / "lib", max_train_memory=parse_size("256MB"))
     runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
     job = runner.start("tiny", sample_ds, "big", LoraConfig(), quick(**GIANT))
     assert job.wait(60) and job.state == "failed"
-    assert "more than the 64.0 MB allowed by --max-train-memory" in job.message
+    assert "more than the 256.0 MB allowed by --max-train-memory" in job.message
     assert runner.busy() is None and not (eng.library.root / "big").exists()  # the name stays free
     model = eng.model
     assert eng.base(str(hf_small)) is not model  # the refused job released the pin

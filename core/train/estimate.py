@@ -30,6 +30,10 @@ LAYER_OVERHEAD = {"cuda": 1.4e-3, "cuda-graphs": 0.08e-3, "mps": 1e-3, "cpu": 1e
 # Values saved per token per block for the backward pass, in units of the width (ln, qkv, attn
 # out, proj in, ln, fc out, gelu out, residuals), measured against peaks on CUDA.
 ACT_PER_TOKEN_LAYER = 18
+# Memory a CPU training step touches whatever the model's size: library code paged in on first use, thread
+# pools and allocator arenas; 87 MB at widths 128, 256 and 512 alike (bench/memory.py). CUDA peaks are
+# allocator figures, which exclude the context, so nothing is added there.
+RUNTIME_BYTES = {"cpu": 88 * 2**20}
 BYTES = {"fp32": 4, "bf16": 2, "nf4": 0.5 + 0.0625, "int8": 1 + 0.0625}
 # Bytes of fp32 logits one forward may hold whole; larger micro-batches train the loss in pieces and
 # evaluate fewer rows at a time. The trainer (core.train.trainer) follows this same rule.
@@ -93,6 +97,7 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
     if dora:  # core.lora.dora keeps x W + s B A x of every target for the magnitude's gradient
+        # (tests/test_estimate.py holds this to what autograd saves)
         per_layer += sum(target_shapes(cfg)[t][1] for t in lcfg.targets)
     acts = B * T * (per_layer * act_bytes * layers_kept + (2 * d * act_bytes * cfg.n_layer if checkpointing else 0))
     logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
@@ -105,7 +110,8 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     if checkpointing:
         step_s *= 4 / 3  # the forward runs twice
     return Estimate(
-        peak_bytes=w_bytes + lora_bytes + act_total, weights_bytes=w_bytes, lora_bytes=lora_bytes,
+        peak_bytes=w_bytes + lora_bytes + act_total + RUNTIME_BYTES.get(kind, 0), weights_bytes=w_bytes,
+        lora_bytes=lora_bytes,
         activation_bytes=act_total, logits_bytes=int(max(logits)), step_seconds=step_s,
         total_seconds=step_s * tcfg.steps, trainable_params=lora_params,
         adapter_bytes=(lora_params + frozen) * 4 + 2048,

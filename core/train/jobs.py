@@ -400,7 +400,7 @@ class TrainScheduler:
         lcfg = spec.lcfg if spec.lcfg is not None else spec.resume.lcfg
         tcfg = spec.tcfg if spec.tcfg is not None else spec.resume.tcfg
         est = estimate_training(model.config, lcfg, replace(tcfg, seq_len=seq_len), model.device.type)
-        return est.peak_bytes - est.weights_bytes
+        return est.activation_bytes + est.lora_bytes  # the runtime overhead is shared, like the base
 
     def _update_positions(self) -> None:
         for i, job in enumerate(self._queue):
