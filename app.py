@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", default="adapters", metavar="DIR", help="adapter library folder (default ./adapters)")
     p.add_argument("--datasets", default="datasets", metavar="DIR", help="datasets folder (default ./datasets)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the frozen base's dtype: auto (default) is bf16 where the device computes it natively "
+                        "(CUDA, CPUs with AVX-512 BF16/AMX, Apple M2+), else fp32; LoRA weights stay fp32")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD|FILE",
                    help="require sign-in: one user:password, or a file of user:password lines")
     p.add_argument("--admin", action="append", default=[], metavar="USER",
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
-                               max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity)
+                               max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity,
+                               precision=args.precision)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

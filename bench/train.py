@@ -15,6 +15,7 @@ working memory = that peak minus what is held between steps (weights, optimizer 
     python bench/train.py                                 # CPU, the seed's micro-batch 4 x 128
     python bench/train.py --device cuda --batch 16 --seq 1024
     python bench/train.py --dora                          # also DoRA, ours and PEFT's, in the same ABBA rotation
+    python bench/train.py --bf16                          # also ours with the frozen base in bf16 (--precision bf16)
 """
 from __future__ import annotations
 
@@ -69,14 +70,15 @@ def tokens(n: int = 200_000) -> np.ndarray:
 
 # ---- the two sides: generators that run one training step per next() and yield its time ------
 
-def steps_ours(ckpt, device, batch, seq, total, dora=False):
-    """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events."""
+def steps_ours(ckpt, device, batch, seq, total, dora=False, dtype=None):
+    """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events.
+    dtype: the frozen base's (None: the device's default, fp32 on CPUs)."""
     from core.model.config import LoraConfig, TrainConfig
     from core.train.data import Dataset
     from core.train.trainer import Trainer
     from core.model.weights import load_base
 
-    model = load_base(str(ckpt), device)
+    model = load_base(str(ckpt), device, dtype)
     ids = tokens()
     tcfg = TrainConfig(steps=total, lr=LR, warmup_steps=0, batch_size=batch, seq_len=seq, grad_accum=1,
                        grad_clip=CLIP, weight_decay=0.01, eval_interval=0, checkpoint_interval=0)
@@ -127,12 +129,14 @@ def steps_peer(ckpt, device, batch, seq, total, dora=False):
 
 SIDES = {"ours": steps_ours, "peer": steps_peer}
 DORA_SIDES = {"ours-dora": lambda *a: steps_ours(*a, dora=True), "peer-dora": lambda *a: steps_peer(*a, dora=True)}
+BF16_SIDES = {"ours-bf16": lambda *a: steps_ours(*a, dtype=torch.bfloat16)}
+ALL_SIDES = {**SIDES, **DORA_SIDES, **BF16_SIDES}
 
 
 def speed_worker(args, device) -> dict:
     """Both sides in this process, one step each in turn (ABBA order), so load on the machine hits both alike."""
     total = args.warmup + args.steps
-    sides = {**SIDES, **(DORA_SIDES if args.dora else {})}
+    sides = {**SIDES, **(DORA_SIDES if args.dora else {}), **(BF16_SIDES if args.bf16 else {})}
     gens = {side: fn(args.ckpt, device, args.batch, args.seq, total) for side, fn in sides.items()}
     times = {side: [] for side in sides}
     for i in range(total):
@@ -145,7 +149,7 @@ def speed_worker(args, device) -> dict:
 
 def memory_worker(args, device) -> dict:
     """One side alone in this process: peak memory over `mem_steps` steps after one warmup step."""
-    gen = SIDES[args.worker[4:]](args.ckpt, device, args.batch, args.seq, 1 + args.mem_steps)
+    gen = ALL_SIDES[args.worker[4:]](args.ckpt, device, args.batch, args.seq, 1 + args.mem_steps)
     next(gen)
     between = reset_peak(device)
     for _ in range(args.mem_steps):
@@ -171,6 +175,7 @@ def spawn(worker_kind, args) -> dict:
            "--steps", str(args.steps), "--mem-steps", str(args.mem_steps)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--dora"] if args.dora else []
+    cmd += ["--bf16"] if args.bf16 else []
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"{worker_kind} worker failed:\n{r.stderr[-3000:]}")
@@ -187,7 +192,9 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=2, help="steps in each memory measurement (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dora", action="store_true", help="also time DoRA training (ours and PEFT's) in the same run")
-    p.add_argument("--worker", choices=["speed", "mem-ours", "mem-peer"], help=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true",
+                   help="also time ours with the frozen base in bf16 (LoRA fp32) in the same run, and its memory")
+    p.add_argument("--worker", choices=["speed", "mem-ours", "mem-peer", "mem-ours-bf16"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -199,7 +206,7 @@ def main() -> None:
     args.ckpt = random_hf_checkpoint()  # gpt2 124M shapes, random weights, written by transformers
     try:
         speed = spawn("speed", args)
-        mem = {side: spawn(f"mem-{side}", args) for side in SIDES}
+        mem = {side: spawn(f"mem-{side}", args) for side in (*SIDES, *(BF16_SIDES if args.bf16 else {}))}
     finally:
         shutil.rmtree(args.ckpt, ignore_errors=True)
     what = "peak RSS" if not cuda else "peak allocated"
@@ -216,6 +223,11 @@ def main() -> None:
         ["  of it, a step's working memory (MiB)", f"{peer['step_mb']:,.0f}", f"{ours['step_mb']:,.0f}",
          f"{ours['step_mb'] / peer['step_mb']:.2f}x"],
     ], ["", "transformers+PEFT", "LoRA Studio", "ours / peer"]))
+    if args.bf16:
+        b = mem["ours-bf16"]
+        print(f"\nbf16 base (LoRA and optimizer fp32) on the same rotation: tokens/s {speed['ours-bf16']:,.0f} "
+              f"({speed['ours-bf16'] / speed['peer']:.2f}x the peer in fp32, {speed['ours-bf16'] / speed['ours']:.2f}x "
+              f"ours in fp32); {what} {b['peak_mb']:,.0f} MiB ({b['peak_mb'] / ours['peak_mb']:.2f}x ours in fp32)")
     if args.dora:
         print(f"\nDoRA (use_dora) on the same rotation: tokens/s {speed['peer-dora']:,.0f} transformers+PEFT, "
               f"{speed['ours-dora']:,.0f} LoRA Studio ({speed['ours-dora'] / speed['peer-dora']:.2f}x); "

@@ -33,6 +33,9 @@ def add_model_options(p, default_note: str):
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local GPT-2 weights (an HF folder or a .safetensors/.bin/.pt file) instead of the hub")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="the frozen base's dtype: auto (default) is bf16 where the device computes it natively "
+                        "(CUDA, CPUs with AVX-512 BF16/AMX, Apple M2+), else fp32; LoRA stays fp32")
     p.add_argument("--library", default="adapters", metavar="DIR",
                    help="the adapter library folder (default: ./adapters)")
 
@@ -51,7 +54,7 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2", engine
     if engine is not None:
         model = engine.base(base_id, weights=args.weights, progress=progress)
     else:
-        model = load_base(source, args.device, progress=progress)
+        model = load_base(source, args.device, _dtype(args), progress=progress)
     if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
         c = model.config
         raise WeightsError(f"--weights {args.weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
@@ -62,6 +65,16 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2", engine
     if source == "tiny":
         say("note: 'tiny' has random weights: its text is noise until trained.")
     return model, base_id
+
+
+def _dtype(args):
+    """--precision as the base's dtype on --device. merge's auto is fp32: an export carries the base's
+    weights as published, not rounded to bf16 (asking for bf16 still gets it)."""
+    from core.device import pick_device, precision_dtype
+    precision = getattr(args, "precision", "auto")
+    if precision == "auto" and getattr(args, "command", None) == "merge":
+        precision = "fp32"
+    return precision_dtype(precision, pick_device(args.device))
 
 
 def _known_base(recorded: str | None) -> str | None:
@@ -413,7 +426,7 @@ def _engine(args, adapters: int = 1, batched: bool = False):
     batched: generate through the decode scheduler (compare; the caller closes the engine)."""
     from core.engine import Engine
     # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (merge generates none)
-    return Engine(args.device, args.library, max_loaded=max(16, adapters), batched_generation=batched,
+    return Engine(args.device, args.library, _dtype(args), max_loaded=max(16, adapters), batched_generation=batched,
                   max_new_tokens=max(1, getattr(args, "max_tokens", 1)))
 
 

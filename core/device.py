@@ -35,6 +35,56 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU flags of native bf16 arithmetic: AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4+) and AMX
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 matmuls natively (faster than fp32): x86 with AVX-512 BF16 or AMX
+    (Linux /proc/cpuinfo flags), or Apple silicon from M2 on (FEAT_BF16). Without it torch emulates bf16,
+    slower than fp32 (this project's CI machine: 53.8 ms against 13.6 ms for one 512x768 @ 768x3072)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return any(f in line.split(":", 1)[1].split() for f in BF16_CPU_FLAGS)
+    import platform
+    import subprocess
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5)
+            return out.stdout.strip() == "1"
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return False
+
+
+def precision_dtype(precision: str, device: torch.device, native_bf16: bool | None = None) -> torch.dtype:
+    """The frozen base's dtype for --precision: fp32, bf16, or auto (bf16 where the device computes it
+    natively: CUDA GPUs with bf16, CPUs with AVX-512 BF16/AMX or Apple M2+; fp32 elsewhere, MPS included).
+    LoRA weights and optimizer state stay fp32 whatever the base."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16.")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16 support; use --precision fp32 or auto.")
+        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if (cpu_has_native_bf16() if native_bf16 is None else native_bf16) else torch.float32
+    return default_dtype(device)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 def autocast_for(model) -> contextlib.AbstractContextManager:
     """bf16 autocast for an fp32 model on a CUDA GPU with bf16; nothing otherwise (bf16 weights, CPU)."""
     if model.dtype == torch.float32 and default_dtype(model.device) == torch.bfloat16:

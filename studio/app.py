@@ -14,6 +14,7 @@ import anyio
 import gradio as gr
 
 from core.adapters.validate import preset_of
+from core.device import pick_device, precision_dtype
 from core.engine import Engine
 from core.train.estimate import parse_size
 
@@ -45,7 +46,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   auth=False, max_train_memory: str | int | None = None, admins=(),
                   generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
-                  train_capacity: int | None = None) -> Studio:
+                  train_capacity: int | None = None, precision: str = "auto") -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -53,7 +54,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     max_new_tokens: --max-new-tokens, new tokens one Compare request may ask for (the Engine refuses more).
     torch_threads: --torch-threads, torch's CPU threads per operation for the whole process (None: torch's choice).
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
-    max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step)."""
+    max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step).
+    precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
@@ -70,7 +72,9 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
         import torch
         torch.set_num_threads(torch_threads)  # threads started later (the decode loop, training runs) get it too
     batched = None if generation is None else generation == "batched"
-    engine = Engine(device=device, library_dir=library, max_train_memory=cap, batched_generation=batched,
+    dev = pick_device(device)
+    engine = Engine(device=dev, library_dir=library, dtype=precision_dtype(precision, dev),
+                    max_train_memory=cap, batched_generation=batched,
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
@@ -84,6 +88,7 @@ def header_html(studio: Studio) -> str:
     return (f"<div class='studio-header'><h1>{LOGO}LoRA Studio</h1>"
             f"<span class='tagline'>Fine-tune GPT-2 on your own text with LoRA, watch it learn, compare "
             f"side by side.</span><span class='pill'>device: {html.escape(str(dev))}</span>"
+            f"<span class='pill'>precision: {studio.precision} base, fp32 LoRA</span>"
             f"<span class='pill'>library: {html.escape(studio.library.root.name)}/</span></div>")
 
 

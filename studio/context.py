@@ -25,6 +25,7 @@ from core.adapters.validate import AdapterError
 from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.train.datasets import DatasetStore
+from core.device import default_dtype, precision_name
 from core.engine import Engine
 from core.generate.scheduler import SchedulerBusy
 from core.train.estimate import human_bytes
@@ -93,6 +94,11 @@ class Studio:
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
         atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
+
+    @property
+    def precision(self) -> str:
+        """The frozen base's dtype name ('bf16', 'fp32') on this studio's device (--precision)."""
+        return precision_name(self.engine.dtype or default_dtype(self.engine.device))
 
     @property
     def library(self):

@@ -85,7 +85,7 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     """device_type: 'cuda', 'mps' or 'cpu'; weights: 'fp32', 'bf16', 'int8' or 'nf4' (default by device);
     weights_bytes: the real size of a loaded base (instead of its estimate)."""
     weights = weights or ("bf16" if device_type == "cuda" else "fp32")
-    act_bytes = 2 if device_type == "cuda" else 4
+    act_bytes = 2 if device_type == "cuda" or weights == "bf16" else 4  # bf16 weights: bf16 activations
     dora = lcfg.use_dora
     lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets, lcfg)  # per-module ranks, DoRA magnitudes
     # PiSSA/OLoRA keep their frozen start beside A and B (core.lora.init): computed with, saved with, not trained

@@ -103,10 +103,11 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     return lcfg, tcfg
 
 
-def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, device_type: str) -> dict:
+def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, device_type: str,
+                      precision: str | None = None) -> dict:
     """Memory/time/size estimate (core.train.estimate): peak_bytes, step_seconds, total_seconds,
-    trainable_params, adapter_bytes, share_percent."""
-    est = estimate_training(PRESETS[model_name], lcfg, tcfg, device_type)
+    trainable_params, adapter_bytes, share_percent. precision: the base's dtype name (default by device)."""
+    est = estimate_training(PRESETS[model_name], lcfg, tcfg, device_type, weights=precision)
     return est.as_dict() if hasattr(est, "as_dict") else dict(est)
 
 
@@ -131,11 +132,12 @@ def estimate_md(studio: Studio, form: TrainForm) -> str:
         lcfg.validate(cfg)
         tcfg.validate(cfg)
         dev = studio.engine.device.type
-        est = training_estimate(form.model, lcfg, tcfg, dev)
+        est = training_estimate(form.model, lcfg, tcfg, dev, studio.precision)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
         return f"<span class='warn'>⚠ {html.escape(scrub(str(e)))}</span>"
     per = tcfg.batch_size * tcfg.grad_accum
-    return (f"**Estimate on {dev}:** peak memory ≈ **{human_bytes(est['peak_bytes'])}** · "
+    return (f"**Estimate on {dev}** ({studio.precision} base, fp32 LoRA): peak memory ≈ "
+            f"**{human_bytes(est['peak_bytes'])}** · "
             f"≈ {est['step_seconds']:.2f} s per step → **{human_seconds(est['total_seconds'])}** for "
             f"{tcfg.steps:,} steps ({per} sequences × {tcfg.seq_len} tokens per step). "
             f"<span class='muted'>A rough guide; the live ETA is measured.</span>")
