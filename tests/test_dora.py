@@ -11,7 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_helpers import IDS, base_tensors, logits  # noqa: E402
+from peft_helpers import hf as _hf, hf_logits as _hf_logits, peft_made  # noqa: E402
+from adapter_helpers import base_tensors, logits  # noqa: E402
 from core.adapters.blend import blend_states  # noqa: E402
 from core.adapters.export import export_merged  # noqa: E402
 from core.adapters.format import CONFIG, WEIGHTS, save_adapter  # noqa: E402
@@ -26,15 +27,6 @@ from train_helpers import quick  # noqa: E402
 
 TOL = 1e-4
 DORA = LoraConfig(r=4, alpha=8.0, targets=TARGET_MODULES, use_dora=True)
-
-
-def _hf(path):
-    return transformers.GPT2LMHeadModel.from_pretrained(str(path)).eval()
-
-
-@torch.no_grad()
-def _hf_logits(model):
-    return model(input_ids=IDS).logits.float()
 
 
 def make_dora(model, name, lcfg=DORA, seed=0):
@@ -83,19 +75,7 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path):
 
 def _peft_dora(hf_small, folder, seed=0):
     """A DoRA adapter made by PEFT: random non-zero B and magnitude; (its logits, its merge_and_unload logits)."""
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"],
-                          use_dora=True)
-    pm = peft.get_peft_model(_hf(hf_small), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            if "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    pm.eval()
-    pm.save_pretrained(str(folder))
-    want = _hf_logits(pm)
+    pm, want = peft_made(hf_small, folder, seed, use_dora=True, move_magnitude=True)
     return want, _hf_logits(pm.merge_and_unload())
 
 

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from peft_helpers import hf as _hf, hf_logits as _hf_logits, peft_made  # noqa: E402
 from adapter_helpers import IDS, base_tensors, logits, make_adapter  # noqa: E402
 from core.adapters.export import export_merged  # noqa: E402
 from core.adapters.format import CONFIG, META  # noqa: E402
@@ -38,15 +39,6 @@ VARIANTS = {
 
 def _lc(**kw) -> LoraConfig:
     return LoraConfig(r=8, alpha=16.0, targets=TARGET_MODULES, **kw)
-
-
-def _hf(path):
-    return transformers.GPT2LMHeadModel.from_pretrained(str(path)).eval()
-
-
-@torch.no_grad()
-def _hf_logits(model):
-    return model(input_ids=IDS).logits.float()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -83,19 +75,6 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path, variant):
             Trainer(model, sample_ds, None, quick(steps=5), "a", tmp_path / "run", resume=tmp_path / "run")
 
 
-def _peft_made(hf_small, folder, seed=0, **kw):
-    """An adapter made by PEFT with option `kw` and random non-zero B; PEFT's logits."""
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
-                          target_modules=["c_attn", "c_proj", "c_fc"], **kw)
-    pm = peft.get_peft_model(_hf(hf_small), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.eval()
-    pm.save_pretrained(str(folder))
-    return pm, _hf_logits(pm)
 
 
 PEFT_OPTIONS = {
@@ -108,7 +87,7 @@ PEFT_OPTIONS = {
 
 @pytest.mark.parametrize("option", list(PEFT_OPTIONS))
 def test_peft_made_adapter_loads_here_and_merges_like_peft(hf_small, tmp_path, option):
-    pm, want = _peft_made(hf_small, tmp_path / "p", **PEFT_OPTIONS[option])
+    pm, want = peft_made(hf_small, tmp_path / "p", **PEFT_OPTIONS[option])
     model = load_base(str(hf_small), device="cpu")
     name, lcfg, _ = load_adapter(model, tmp_path / "p")
     got = logits(model, name)

@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_helpers import IDS, logits, make_adapter  # noqa: E402
+from peft_helpers import hf as _hf, hf_logits as _hf_logits, peft_made  # noqa: E402
+from adapter_helpers import logits, make_adapter  # noqa: E402
 from core.adapters.library import Library
 from core.adapters.export import export_merged
 from core.adapters.resolve import load_adapter  # noqa: E402
@@ -19,15 +20,6 @@ from core.lora.layers import merged_name  # noqa: E402
 from core.model.weights import load_base  # noqa: E402
 
 TOL = 1e-4
-
-
-def _hf(path):
-    return transformers.GPT2LMHeadModel.from_pretrained(str(path)).eval()
-
-
-@torch.no_grad()
-def _hf_logits(model):
-    return model(input_ids=IDS).logits.float()
 
 
 def _ours(hf_small):
@@ -51,18 +43,7 @@ def test_adapter_saved_here_loads_in_peft(hf_small, tmp_path):
 
 def _peft_adapter(hf_small, folder, seed=0):
     """An adapter made by PEFT itself: r=16 on c_attn, c_proj (both) and c_fc, random non-zero B."""
-    hf = _hf(hf_small)
-    cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, fan_in_fan_out=True,
-                          target_modules=["c_attn", "c_proj", "c_fc"])
-    pm = peft.get_peft_model(hf, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.eval()
-    pm.save_pretrained(str(folder))
-    return _hf_logits(pm)
+    return peft_made(hf_small, folder, seed, r=16, alpha=32)[1]
 
 
 def test_adapter_made_by_peft_loads_here(hf_small, tmp_path):
