@@ -180,10 +180,11 @@ def test_a_resumed_run_continues_its_trackio_run_and_starts_a_new_offline_wandb_
         assert main(["finetune", "--resume", run, "--library", str(lib), "--steps", "9", "--model", "tiny",
                      "--report-to", tracker]) == 0
     losses = [h["loss"] for h in _history(lib / "re-wandb")]
-    wandb_runs = sorted((lib / "re-wandb" / WANDB_DIR).glob("offline-run-*"))
+    steps = lambda w: [r["_step"] for r in _wandb_history(lib / "re-wandb", w) if "train/loss" in r]  # noqa: E731
+    # folder names hold the start second, then a random id: two runs in one second sort by chance, so by steps
+    wandb_runs = sorted((lib / "re-wandb" / WANDB_DIR).glob("offline-run-*"), key=lambda w: steps(w)[:1])
     assert len(wandb_runs) == 2
-    assert [[r["_step"] for r in _wandb_history(lib / "re-wandb", w) if "train/loss" in r] for w in wandb_runs] \
-        == [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    assert [steps(w) for w in wandb_runs] == [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     assert [r["train/loss"] for w in wandb_runs for r in _wandb_history(lib / "re-wandb", w)
             if "train/loss" in r] == losses
     from trackio.sqlite_storage import SQLiteStorage
