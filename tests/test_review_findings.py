@@ -1,0 +1,105 @@
+"""Review of the DoRA x variants merge, --precision and the CPU runtime estimate: each test states a rule
+the merged code should keep (tiny random models; PEFT is the reference where it has one)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from peft_helpers import hf as _hf, hf_logits as _hf_logits, peft_made  # noqa: E402
+from adapter_helpers import IDS, logits  # noqa: E402
+from core.adapters.export import export_merged  # noqa: E402
+from core.adapters.format import CONFIG  # noqa: E402
+from core.adapters.library import Library  # noqa: E402
+from core.adapters.resolve import load_adapter  # noqa: E402
+from core.lora import layers as lora  # noqa: E402
+from core.model.config import LoraConfig  # noqa: E402
+from core.model.weights import load_base  # noqa: E402
+
+TOL = 1e-4
+DORA_PEFT = {
+    "patterns": dict(rank_pattern={"h.0.attn.c_attn": 4, "mlp.c_fc": 2}, alpha_pattern={"h.1.attn.c_proj": 4}),
+    "patterns+rslora": dict(rank_pattern={"c_attn": 2}, alpha_pattern={"c_fc": 3}, use_rslora=True),
+    "rslora": dict(use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("option", list(DORA_PEFT))
+def test_peft_made_dora_with_variants_loads_merges_routes_and_lists_like_peft(hf_small, tmp_path, option):
+    pm, want = peft_made(hf_small, tmp_path / "p", use_dora=True, move_magnitude=True, **DORA_PEFT[option])
+    model = load_base(str(hf_small), device="cpu")
+    name, lcfg, _ = load_adapter(model, tmp_path / "p")
+    assert lcfg.use_dora
+    base = logits(model, None)
+    got = logits(model, name)
+    assert (got - base).abs().max() > 1e-2
+    assert (got - want).abs().max() <= TOL
+    # mixed batch: row 0 the DoRA adapter, row 1 the base, each equal to its row alone
+    mixed = logits(model, lora.make_route(model, [name, None]))
+    assert (mixed[0] - got[0]).abs().max() <= 1e-5 and (mixed[1] - base[1]).abs().max() <= 1e-5
+    export_merged(model, name, tmp_path / "merged")
+    theirs = _hf_logits(pm.merge_and_unload())
+    assert (_hf_logits(_hf(tmp_path / "merged")) - theirs).abs().max() <= TOL
+    lib = Library(tmp_path / "lib")
+    lib.import_path(tmp_path / "p", "imp", base_cfg=model.config)
+    entry = next(e for e in lib.list() if e.name == "imp")
+    assert entry.variant == "DoRA"
+    pm2 = peft.PeftModel.from_pretrained(_hf(hf_small), str(lib.path("imp"))).eval()
+    assert (_hf_logits(pm2) - want).abs().max() <= TOL
+
+
+def test_a_dora_loraplus_run_resumed_equals_the_run_uninterrupted(sample_ds, tmp_path):
+    from core.train.trainer import Trainer
+    from train_helpers import quick
+    lc = LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True, loraplus_lr_ratio=16.0,
+                    rank_pattern={"h.0.mlp.c_fc": 4}, use_rslora=True, dropout=0.1)
+    whole = load_base("tiny", device="cpu")
+    list(Trainer(whole, sample_ds, lc, quick(steps=6), "r", tmp_path / "whole").run())
+    cut = Trainer(load_base("tiny", device="cpu"), sample_ds, lc, quick(steps=6), "r", tmp_path / "part")
+    for ev in cut.run():  # stopped after step 4: the same schedule as the whole run
+        if ev["type"] == "step" and ev["step"] == 4:
+            cut.stop.set()
+    assert cut.step == 4
+    part = load_base("tiny", device="cpu")
+    events = list(Trainer(part, sample_ds, None, quick(steps=6), "r", tmp_path / "part",
+                          resume=tmp_path / "part").run())
+    assert events[-1]["type"] == "done" and events[-1]["step"] == 6
+    a, b = lora.adapter_state_dict(whole, "r"), lora.adapter_state_dict(part, "r")
+    assert a.keys() == b.keys() and any(k.endswith("lora_magnitude_vector") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_a_run_the_bf16_studio_estimates_under_the_cap_is_not_refused_at_start(tmp_path):
+    """--precision bf16 on a CPU: the Train tab's estimate counts a bf16 base and bf16 activations, so Start
+    must hold the run to the same figure, not to an fp32 base's."""
+    from dataclasses import replace
+    from studio.app import create_studio
+    from studio.tabs import train
+    from studio_helpers import _form, _prepare, FAST
+    from core.model.config import PRESETS
+    from core.train.estimate import estimate_training, human_bytes
+    probe = create_studio(tmp_path / "lib0", tmp_path / "ds0", "cpu", "tiny", precision="bf16")
+    _prepare(probe)
+    form = _form(model="tiny", dataset="pirates", name="fits", steps=2, **{**FAST, "batch": 64})
+    lcfg, tcfg = train.make_configs(form)
+    seq = probe.dataset_store.load("pirates").block_size(tcfg.seq_len)[0]
+    tcfg = replace(tcfg, seq_len=seq)
+    b16 = estimate_training(PRESETS["tiny"], lcfg, tcfg, "cpu", weights="bf16").peak_bytes
+    b32 = estimate_training(PRESETS["tiny"], lcfg, tcfg, "cpu", weights="fp32").peak_bytes
+    assert b16 < b32
+    cap = (b16 + b32) // 2  # room for the bf16 run, not for an fp32 one
+    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", precision="bf16", max_train_memory=cap)
+    _prepare(studio)
+    shown = train.estimate_md(studio, form)
+    assert "(bf16 base, fp32 LoRA)" in shown and human_bytes(b16) in shown  # the page says it fits
+    try:
+        train.start(studio, form)  # refused here before the fix: MemoryLimitError with the fp32 figure
+        job = studio.runner.find(None)
+        assert job.wait(120) and job.state == "finished", job.message  # the trainer's own check agrees
+    finally:
+        studio.runner.stop_all(60)
