@@ -103,3 +103,23 @@ def test_a_run_the_bf16_studio_estimates_under_the_cap_is_not_refused_at_start(t
         assert job.wait(120) and job.state == "finished", job.message  # the trainer's own check agrees
     finally:
         studio.runner.stop_all(60)
+
+
+def test_the_train_tabs_size_line_counts_the_rank_pattern_and_a_principal_start(tmp_path):
+    """The size line under the LoRA settings ('N trainable parameters · adapter file ≈ X') must count what the
+    form will train: a rank pattern changes the parameters, PiSSA/OLoRA save a rank-2r file."""
+    from studio.app import create_studio
+    from studio.tabs import train
+    from core.model.config import PRESETS, TrainConfig
+    from core.train.estimate import estimate_training, human_bytes
+    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny")
+    targets = ["attn.c_attn", "mlp.c_fc"]
+    for extra in (dict(rank_pattern={"mlp.c_fc": 16}), dict(init="pissa"), dict(use_dora=True, init="gaussian")):
+        lcfg = LoraConfig(r=4, targets=tuple(targets), **extra)
+        est = estimate_training(PRESETS["gpt2"], lcfg, TrainConfig(steps=1), "cpu")
+        plain = estimate_training(PRESETS["gpt2"], LoraConfig(r=4, targets=tuple(targets)), TrainConfig(steps=1),
+                                  "cpu")
+        assert (est.trainable_params, est.adapter_bytes) != (plain.trainable_params, plain.adapter_bytes)
+        shown = train.size_md(studio, "gpt2", targets, 4, extra.get("use_dora", False), extra.get("init", "kaiming"),
+                              json.dumps(extra.get("rank_pattern", {})))
+        assert f"**{est.trainable_params:,}** trainable" in shown and human_bytes(est.adapter_bytes) in shown, shown
