@@ -123,3 +123,19 @@ def test_the_train_tabs_size_line_counts_the_rank_pattern_and_a_principal_start(
         shown = train.size_md(studio, "gpt2", targets, 4, extra.get("use_dora", False), extra.get("init", "kaiming"),
                               json.dumps(extra.get("rank_pattern", {})))
         assert f"**{est.trainable_params:,}** trainable" in shown and human_bytes(est.adapter_bytes) in shown, shown
+
+
+def test_blending_a_dora_adapter_with_a_rank_pattern_says_dora_cannot_be_blended(tiny, tmp_path):
+    """Dropping the pattern, as the pattern refusal advises, would not make a DoRA adapter blendable: the
+    refusal must name the reason that holds."""
+    from adapter_helpers import listing, make_adapter
+    from core.adapters.validate import AdapterError
+    lib = Library(tmp_path / "lib")
+    for name, lc in (("d", LoraConfig(r=4, alpha=8.0, use_dora=True, rank_pattern={"h.0.attn.c_attn": 2})),
+                     ("p", LoraConfig(r=4, alpha=8.0))):
+        make_adapter(tiny, name, lc)
+        lib.save(tiny, name, name, lc, "tiny")
+    before = listing(lib)
+    with pytest.raises(AdapterError, match="DoRA adapters cannot be blended"):
+        lib.blend(["p", "d"], [0.5, 0.5], "both")
+    assert listing(lib) == before
