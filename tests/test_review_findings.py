@@ -139,3 +139,12 @@ def test_blending_a_dora_adapter_with_a_rank_pattern_says_dora_cannot_be_blended
     with pytest.raises(AdapterError, match="DoRA adapters cannot be blended"):
         lib.blend(["p", "d"], [0.5, 0.5], "both")
     assert listing(lib) == before
+
+
+def test_the_train_form_refuses_an_rslora_value_that_is_not_true_or_false():
+    """As for the DoRA box: an API client's 'yes' is refused, not trained as plain LoRA without a word."""
+    from studio.tabs.train import TrainForm, make_configs
+    assert make_configs(TrainForm(dataset="x", rslora=True))[0].use_rslora
+    assert not make_configs(TrainForm(dataset="x", rslora=None))[0].use_rslora
+    with pytest.raises(ValueError, match="rsLoRA must be true or false"):
+        make_configs(TrainForm(dataset="x", rslora="yes"))
