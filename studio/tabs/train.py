@@ -86,6 +86,8 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     prompt = check_text(f.prompt if with_prompt else None, "the sample prompt", MAX_PROMPT_CHARS).strip()
     if f.dora not in (None, True, False):
         raise ValueError("DoRA must be true or false; tick or untick the DoRA box.")
+    if f.rslora not in (None, True, False):
+        raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
                       dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
