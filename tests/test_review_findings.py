@@ -148,3 +148,26 @@ def test_the_train_form_refuses_an_rslora_value_that_is_not_true_or_false():
     assert not make_configs(TrainForm(dataset="x", rslora=None))[0].use_rslora
     with pytest.raises(ValueError, match="rsLoRA must be true or false"):
         make_configs(TrainForm(dataset="x", rslora="yes"))
+
+
+@pytest.mark.xfail(strict=True, reason="the studio exports from its shared base: with --precision auto on a CPU "
+                   "with native bf16 (or any CUDA studio) that base is bf16, so the export carries rounded base "
+                   "weights; the CLI's merge reads auto as fp32 for this reason, the studio has no such path yet")
+def test_a_studio_merged_export_is_not_rounded_to_bf16_by_precision_auto(tmp_path, monkeypatch):
+    import core.device
+    from safetensors.torch import load_file
+    from adapter_helpers import make_adapter
+    from core.adapters.export import merged_state_dict
+    from studio.app import create_studio
+    monkeypatch.setattr(core.device, "cpu_has_native_bf16", lambda: True)  # a CPU where auto means bf16
+    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny")
+    assert studio.precision == "bf16"
+    lc = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))
+    fp32 = load_base("tiny", device="cpu")
+    make_adapter(fp32, "a", lc)
+    assert (logits(fp32, "a") - logits(fp32, None)).abs().max() > 1e-3
+    studio.library.save(fp32, "a", "a", lc, "tiny")
+    studio.base("tiny")
+    out = studio.engine.export_merged("a", tmp_path / "merged")
+    got, want = load_file(str(out / "model.safetensors")), merged_state_dict(fp32, "a")
+    assert all(torch.equal(got[k], want[k]) for k in want)  # what `python -m core merge` writes
