@@ -183,3 +183,39 @@ def test_a_peft_adapter_whose_rank_pattern_matches_no_module_loads_like_peft(hf_
     name, _, _ = load_adapter(model, tmp_path / "p")
     assert (logits(model, name) - logits(model, None)).abs().max() > 1e-2
     assert (logits(model, name) - want).abs().max() <= TOL
+
+
+HOSTILE = "(.*)*(.*)*y"  # nested quantifiers: re backtracks ~2^n over a 27-character module name (hours)
+
+
+def test_a_pattern_that_backtracks_for_hours_is_refused_quickly(tmp_path):
+    """A rank pattern is a regex from a user (the Train tab, the start_training API, --rank-pattern) or from an
+    uploaded adapter_config.json. Matching one like HOSTILE holds the GIL for hours: one request would freeze
+    the whole studio. It must be refused in well under a second (a child process, so this test cannot hang)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from adapter_helpers import lora_tensors, write_adapter
+    from core.model.config import GPTConfig
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["attn.c_attn"],
+              "rank_pattern": {HOSTILE: 2}}
+    write_adapter(tmp_path / "up", lora_tensors(cfg, r=4), config=config)
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from core.adapters.validate import read_adapter
+from core.model.config import PRESETS, GPTConfig, LoraConfig
+for check in (lambda: LoraConfig(rank_pattern={{{HOSTILE!r}: 4}}).validate(PRESETS["gpt2"]),
+              lambda: read_adapter({str(tmp_path / "up")!r}, GPTConfig(n_layer=2, n_head=2, n_embd=64))):
+    try:
+        check()
+        print("accepted")
+    except ValueError as e:
+        print("refused:", e)
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("validating the pattern was still running after 30 s")
+    assert out.count("refused:") == 2, out
