@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.adapters.library import check_name
+from core.device import default_dtype, precision_name
 from core.model.config import PRESETS, LoraConfig, TrainConfig
 from core.train.data import Dataset
 from core.train.estimate import check_memory, estimate_training
@@ -86,7 +87,9 @@ class Runner:
         engine, cfg = self.engine, PRESETS[base_id]
         seq_len, _ = dataset.block_size(tcfg.seq_len)
         loaded = engine.model is not None and engine.base_id == base_id
-        est = estimate_training(cfg, lcfg, replace(tcfg, seq_len=seq_len), engine.device.type)
+        # the base as --precision loads it: the Train tab's estimate counts the same bytes
+        weights = precision_name(engine.dtype or default_dtype(engine.device))
+        est = estimate_training(cfg, lcfg, replace(tcfg, seq_len=seq_len), engine.device.type, weights=weights)
         check_memory(est, engine.device, engine.max_train_memory, loaded=loaded,
                      advice=f"lower the batch size (now {tcfg.batch_size}), the sequence length (now {seq_len}) "
                             f"or the rank (now {lcfg.r}); gradient accumulation keeps the effective batch at "

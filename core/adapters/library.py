@@ -298,7 +298,9 @@ class Library:
         if base_cfg is None and len({_width(p.state) for p in parts}) > 1:
             raise AdapterError("these adapters were made for models of different widths; they cannot be blended.")
         patterned = next((n for n, p in zip(names, parts) if p.lcfg.rank_pattern or p.lcfg.alpha_pattern), None)
-        if patterned:  # blend_states scales each adapter by one alpha/r; per-module scales would be lost
+        # blend_states scales each adapter by one alpha/r, per-module scales would be lost; DoRA is refused there
+        # whatever its ranks, so that refusal (the one that holds) comes first
+        if patterned and not any(p.lcfg.use_dora for p in parts):
             raise AdapterError(f"{patterned!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "
                                f"blending those is not supported yet: blend adapters with one rank and alpha.")
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))

@@ -5,8 +5,14 @@ Kept apart from layers.py so the layer code stays about computing; this module o
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import time
+
+import regex  # tiktoken's own dependency; unlike re, its matching takes a time limit
+
+from core.model.config import TARGET_MODULES
 
 # Patterns from a file or the command line: bounded so a hostile config cannot make matching slow
 MAX_PATTERNS = 384  # one per wrapped projection of the deepest GPT-2 (48 layers x 4 targets x 2)
@@ -16,13 +22,44 @@ RESIDUAL_INITS = ("pissa", "olora")
 INITS = ("kaiming", "gaussian") + RESIDUAL_INITS
 
 
+# Time one pattern may take to be matched against every module name of the deepest GPT-2 (a module name or a
+# simple regex takes ~1 ms): a regex with nested quantifiers such as '(.*)*(.*)*y' backtracks for hours in re,
+# holding the GIL, so one typed or uploaded pattern would freeze every user of the studio
+MATCH_BUDGET_S = 0.1
+ALL_MODULES = tuple(f"transformer.h.{i}.{t}" for i in range(48) for t in TARGET_MODULES)
+
+
 def pattern_key(patterns, module: str) -> str | None:
     """The first pattern key that matches `module` ('transformer.h.0.attn.c_attn'), as PEFT's
     get_pattern_key matches it: the key is a regex for a dotted suffix of the module's name."""
     for key in patterns or ():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if module in _ALL:  # a GPT-2 module name: the key's matches are found once, then looked up
+            if module in _matches(key):
+                return key
+        elif _match(key, module, time.monotonic() + MATCH_BUDGET_S):  # a deeper custom model
             return key
     return None
+
+
+_ALL = frozenset(ALL_MODULES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches(key: str) -> frozenset:
+    """The module names `key` matches, found once within MATCH_BUDGET_S (ValueError if it takes longer)."""
+    deadline = time.monotonic() + MATCH_BUDGET_S
+    return frozenset(m for m in ALL_MODULES if _match(key, m, deadline))
+
+
+def _match(key: str, module: str, deadline: float) -> bool:
+    try:
+        return regex.match(rf"(.*\.)?({key})$", module, timeout=max(1e-6, deadline - time.monotonic())) is not None
+    except TimeoutError:
+        raise ValueError(f"the pattern {key[:80]!r} takes too long to match (a regex that backtracks); write module "
+                         f"names such as 'h.0.attn.c_attn', or simple regexes such as 'h\\.[0-3]\\.attn\\.c_attn'.") \
+            from None
+    except regex.error as e:
+        raise ValueError(f"{key[:80]!r} is not a valid regular expression ({e}).") from None
 
 
 def rank_alpha(lcfg, module: str) -> tuple[int, float]:
@@ -59,6 +96,7 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
                 re.compile(key)
             except re.error as e:
                 raise ValueError(f"{field}: {key!r} is not a valid regular expression ({e}).") from None
+            _matches(key)  # ValueError for a regex that takes too long to match, before anything else matches it
             ok = (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top) if what == "rank" else \
                 (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= top)
             if not ok:

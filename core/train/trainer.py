@@ -698,8 +698,8 @@ class Trainer:
         model, t, r = self.model, self.tcfg, self.lcfg.r
         checkpointing = bool(getattr(model, "checkpointing", False))
         est = estimate_training(model.config, self.lcfg, replace(t, seq_len=self.seq_len, batch_size=self._rows),
-                                model.device.type,
-                                checkpointing=checkpointing, weights_bytes=weight_bytes(model))
+                                model.device.type, weights="bf16" if model.dtype == torch.bfloat16 else None,
+                                checkpointing=checkpointing, weights_bytes=weight_bytes(model))  # bf16 base: bf16 acts
         advice = (f"lower the batch size (now {t.batch_size}), the sequence length (now {self.seq_len}) or the "
                   f"rank (now {r})" + ("" if checkpointing else ", or use --checkpointing (recomputes "
                                                                  "activations: less memory, more time)")

@@ -86,6 +86,8 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     prompt = check_text(f.prompt if with_prompt else None, "the sample prompt", MAX_PROMPT_CHARS).strip()
     if f.dora not in (None, True, False):
         raise ValueError("DoRA must be true or false; tick or untick the DoRA box.")
+    if f.rslora not in (None, True, False):
+        raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
                       dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
@@ -111,11 +113,13 @@ def training_estimate(model_name: str, lcfg: LoraConfig, tcfg: TrainConfig, devi
     return est.as_dict() if hasattr(est, "as_dict") else dict(est)
 
 
-def size_md(studio: Studio, model_name, targets, r, dora=False) -> str:
-    """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model."""
+def size_md(studio: Studio, model_name, targets, r, dora=False, init="kaiming", rank_pattern="") -> str:
+    """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model (a rank
+    pattern changes the count; PiSSA/OLoRA save a rank-2r file)."""
     try:
         lcfg = LoraConfig(r=whole(r, "rank"), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])),
-                          use_dora=dora is True)
+                          use_dora=dora is True, init=init if init is not None else "kaiming",
+                          rank_pattern=parse_pattern(rank_pattern, "rank pattern"))
         lcfg.validate(PRESETS.get(model_name))
         est = training_estimate(model_name, lcfg, TrainConfig(steps=1), studio.engine.device.type)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
@@ -512,8 +516,9 @@ def create_train_tab(studio: Studio) -> dict:
     gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
           inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
-    gr.on([model.change, targets.change, r.change, dora.change], lambda m, t, rank, dr: size_md(studio, m, t, rank, dr),
-          inputs=[model, targets, r, dora], outputs=size, show_progress="hidden", trigger_mode="always_last",
+    sized = [model, targets, r, dora, init, rank_pattern]
+    gr.on([c.change for c in sized], lambda *values: size_md(studio, *values),
+          inputs=sized, outputs=size, show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
