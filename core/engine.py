@@ -49,7 +49,7 @@ from core.model.config import EOT_TOKEN
 from core.lora.layers import adapter_names, remove_adapter
 from core.model.config import LoraConfig
 from core.model.gpt import GPT
-from core.model.weights import load_base
+from core.model.weights import hf_state_dict, load_base
 from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,
                                  token_differences)
 
@@ -356,13 +356,21 @@ class Engine:
         """An HF-format folder of the base with an adapter merged in (a library name, or a name `load`
         returned); the shared model is untouched."""
         with self._pinned([adapter]) as (model, names):
-            return export_merged(model, names[0], out_dir)
+            return export_merged(model, names[0], out_dir, base_state=self._fp32_base(model))
 
     def export_gguf(self, adapter: str, out_path, qtype: str = "f16") -> Path:
         """A GGUF file (llama.cpp's GPT-2 layout) of the base with an adapter merged in; see export_merged."""
         from core.adapters.gguf_export import export_gguf  # the optional gguf package is needed only here
         with self._pinned([adapter]) as (model, names):
-            return export_gguf(model, names[0], out_path, qtype, title=adapter)
+            return export_gguf(model, names[0], out_path, qtype, title=adapter, base_state=self._fp32_base(model))
+
+    def _fp32_base(self, model: GPT) -> dict[str, torch.Tensor] | None:
+        """The loaded base's weights in fp32, read again from their source when the shared base is held in
+        bf16 (CUDA, --precision bf16), so an export carries the base as published; None when it is fp32."""
+        if model.dtype == torch.float32:
+            return None
+        name, weights = self._base_key
+        return hf_state_dict(load_base(weights or name, "cpu", torch.float32))
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -16,8 +16,10 @@ from core.model.weights import hf_state_dict
 
 
 @torch.no_grad()
-def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.float32) -> Path:
+def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.float32,
+                  base_state: dict[str, torch.Tensor] | None = None) -> Path:
     """An HF GPT2LMHeadModel folder (config.json + model.safetensors) of base + adapter.
+    base_state: the base's fp32 weights to merge into (see merged_state_dict).
 
     The merge happens in a copy of the weights (W + delta per projection), so the shared model
     is never touched; the folder is built beside `out_dir` and renamed into place.
@@ -25,7 +27,7 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise AdapterError(f"{out} already exists; choose a new folder for the merged model.")
-    state = {k: v.to(dtype).contiguous() for k, v in merged_state_dict(model, adapter_name).items()}
+    state = {k: v.to(dtype).contiguous() for k, v in merged_state_dict(model, adapter_name, base_state).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path):
@@ -38,15 +40,17 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
 
 
 @torch.no_grad()
-def merged_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+def merged_state_dict(model, adapter_name: str,
+                      base_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Base + adapter as float32 CPU tensors in HF GPT2LMHeadModel layout (Conv1D weights are (in, out); no
     lm_head: it is tied to transformer.wte). The one merge every export format starts from; the shared
-    model is never touched."""
+    model is never touched. base_state: the same base's weights in fp32 (hf_state_dict of an fp32 load),
+    for a model held in bf16, so the export is not rounded to bf16; default: the model's own weights."""
     if merged_name(model) is not None:
         raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
     if adapter_name not in adapter_names(model):
         raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
-    state = {k: v.float() for k, v in hf_state_dict(model).items()}
+    state = {k: v.float() for k, v in (base_state if base_state is not None else hf_state_dict(model)).items()}
     for path, layer in lora_layers(model).items():
         if layer.has(adapter_name):
             merged = layer.merged_weight(adapter_name, state[f"{path}.weight"])  # plain or DoRA

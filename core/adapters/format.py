@@ -156,12 +156,6 @@ def _scalar(x):
     return _num()(x) if isinstance(x, (int, float)) else _text(x)
 
 
-def _bool(x):
-    if not isinstance(x, bool):
-        raise _Bad("is not true or false")
-    return x
-
-
 def _pattern(top):
     """{module regex: number}: short keys, bounded values (checked fully when the adapter is used)."""
     def check(x):

@@ -36,9 +36,11 @@ def load_gguf():
     return gguf
 
 
-def export_gguf(model, adapter_name: str, out_path, qtype: str = "f16", title: str | None = None) -> Path:
+def export_gguf(model, adapter_name: str, out_path, qtype: str = "f16", title: str | None = None,
+                base_state: dict | None = None) -> Path:
     """Write base + adapter `adapter_name` (loaded on `model`) as a new GGUF file `out_path`, whole or not at
-    all. qtype: one of GGUF_TYPES. title: general.name (default: the adapter's name)."""
+    all. qtype: one of GGUF_TYPES. title: general.name (default: the adapter's name). base_state: the base's
+    fp32 weights when `model` holds them in bf16 (core.adapters.export.merged_state_dict)."""
     gguf = load_gguf()
     if qtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {str(qtype)[:20]!r}; choose {' or '.join(GGUF_TYPES)}.")
@@ -50,7 +52,7 @@ def export_gguf(model, adapter_name: str, out_path, qtype: str = "f16", title: s
     if cfg.vocab_size != len(tokens):
         raise AdapterError(f"this base has {cfg.vocab_size} token embeddings, not GPT-2's {len(tokens)}; "
                            f"GGUF export needs the GPT-2 vocabulary.")
-    tensors = _tensors(gguf, merged_state_dict(model, adapter_name), cfg.n_layer, qtype)
+    tensors = _tensors(gguf, merged_state_dict(model, adapter_name, base_state), cfg.n_layer, qtype)
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
 
     def write(tmp: Path):

@@ -25,7 +25,9 @@ INITS = ("kaiming", "gaussian") + RESIDUAL_INITS
 # Time one pattern may take to be matched against every module name of the deepest GPT-2 (a module name or a
 # simple regex takes ~1 ms): a regex with nested quantifiers such as '(.*)*(.*)*y' backtracks for hours in re,
 # holding the GIL, so one typed or uploaded pattern would freeze every user of the studio
-MATCH_BUDGET_S = 0.1
+# (0.5 s per key, 2 s for a whole config: a loaded 2-core machine must not refuse a simple pattern by mistake)
+MATCH_BUDGET_S = 0.5
+PATTERNS_BUDGET_S = 2.0
 ALL_MODULES = tuple(f"transformer.h.{i}.{t}" for i in range(48) for t in TARGET_MODULES)
 
 
@@ -53,7 +55,9 @@ def _matches(key: str) -> frozenset:
 
 def _match(key: str, module: str, deadline: float) -> bool:
     try:
-        return regex.match(rf"(.*\.)?({key})$", module, timeout=max(1e-6, deadline - time.monotonic())) is not None
+        # concurrent: the GIL is released while matching, so other users' requests run meanwhile
+        return regex.match(rf"(.*\.)?({key})$", module, timeout=max(1e-6, deadline - time.monotonic()),
+                           concurrent=True) is not None
     except TimeoutError:
         raise ValueError(f"the pattern {key[:80]!r} takes too long to match (a regex that backtracks); write module "
                          f"names such as 'h.0.attn.c_attn', or simple regexes such as 'h\\.[0-3]\\.attn\\.c_attn'.") \
@@ -82,6 +86,7 @@ def module_names(n_layer: int, targets) -> list[str]:
 
 def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -> None:
     """Each pattern: a valid regex naming at least one wrapped module, with a sane value (ValueError)."""
+    started = time.monotonic()
     for field, top, what in (("rank_pattern", max_rank, "rank"), ("alpha_pattern", max_alpha, "alpha")):
         pats = getattr(lcfg, field)
         if not isinstance(pats, dict):
@@ -97,6 +102,9 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
             except re.error as e:
                 raise ValueError(f"{field}: {key!r} is not a valid regular expression ({e}).") from None
             _matches(key)  # ValueError for a regex that takes too long to match, before anything else matches it
+            if time.monotonic() - started > PATTERNS_BUDGET_S:
+                raise ValueError(f"{field}: the patterns take too long to match (over {PATTERNS_BUDGET_S:g} s in all); "
+                                 f"use fewer or simpler patterns, such as 'h.0.attn.c_attn'.")
             ok = (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top) if what == "rank" else \
                 (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= top)
             if not ok:
