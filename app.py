@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-capacity", type=int, default=None, metavar="TOKENS",
                    help="tokens per shared training step (the running jobs' rows x the longest sequence); "
                         "jobs beyond it wait in the queue (default: 4096 on CPU/MPS, from free memory on CUDA)")
+    p.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
+                   help="generation first: while someone generates, training waits up to SECONDS before each "
+                        "micro-step (default 0: no waiting)")
     return p
 
 
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
                                max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity,
-                               precision=args.precision)
+                               precision=args.precision, train_yield=args.train_yield)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

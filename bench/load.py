@@ -72,13 +72,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, port: int, mode: str, threads: int | None = None) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, mode: str, threads: int | None = None,
+                 train_yield: float = 0.0) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(tmp / f"server-{mode}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
                              "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
                              "--host", "127.0.0.1", "--port", str(port), "--generation", mode,
-                             *(["--torch-threads", str(threads)] if threads else [])],
+                             *(["--torch-threads", str(threads)] if threads else []),
+                             *(["--train-yield", str(train_yield)] if train_yield else [])],
                             cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -134,7 +136,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
     try:
         t0 = time.time()
         port = free_port()
-        server = start_server(tmp, port, mode, args.server_threads)
+        server = start_server(tmp, port, mode, args.server_threads, args.train_yield)
         url = f"http://127.0.0.1:{port}/"
         control = Client(url, verbose=False)
         msg = "none (--no-training)"
@@ -242,6 +244,8 @@ def main() -> int:
     ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
     ap.add_argument("--server-threads", type=int, default=None, metavar="N",
                     help="the server's --torch-threads (default: torch's choice, one per core)")
+    ap.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
+                    help="the server's --train-yield (default 0)")
     ap.add_argument("--generation", default="loop,batched",
                     help="the served studio's --generation modes to run, in order (default loop,batched)")
     args = ap.parse_args()

@@ -102,6 +102,7 @@ class Engine:
             raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
         self.max_new_tokens = max_new_tokens
         self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first batched use
+        self._generating = 0  # compare streams running now (both modes): training may yield to them
         self.dtype = dtype
         self.library_dir = Path(library_dir)
         self._library: Library | None = None
@@ -249,8 +250,21 @@ class Engine:
                     self._name_for(a, model)
         pace = every if callable(every) else (lambda: every or 0.0)
         if self.batched_generation:
-            return self._stream_batched(prompt, list(adapters), cfg, user, pace)
-        return self._stream(prompt, list(adapters), cfg, pace)
+            return self._counted(self._stream_batched(prompt, list(adapters), cfg, user, pace))
+        return self._counted(self._stream(prompt, list(adapters), cfg, pace))
+
+    def generating(self) -> bool:
+        """Whether a compare stream is running now (training yields to generation with it)."""
+        return self._generating > 0
+
+    def _counted(self, stream):
+        with self.lock:
+            self._generating += 1
+        try:
+            yield from stream
+        finally:
+            with self.lock:
+                self._generating -= 1
 
     def _stream(self, prompt, adapters, cfg, pace):
         # pinned only while the generator runs: one that is never started holds nothing

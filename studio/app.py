@@ -46,7 +46,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   auth=False, max_train_memory: str | int | None = None, admins=(),
                   generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
-                  train_capacity: int | None = None, precision: str = "auto") -> Studio:
+                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -55,7 +55,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     torch_threads: --torch-threads, torch's CPU threads per operation for the whole process (None: torch's choice).
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
     max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step).
-    precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype)."""
+    precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype).
+    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
@@ -64,6 +65,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{flag} must be a whole number of at least 1 (got {value!r}).")
+    if isinstance(train_yield, bool) or not isinstance(train_yield, (int, float)) or not 0 <= train_yield <= 10:
+        raise ValueError(f"--train-yield must be a number of seconds from 0 to 10 (got {train_yield!r}).")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
     if torch_threads is not None:
@@ -78,7 +81,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
-                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity)
+                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield)
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 

@@ -79,6 +79,7 @@ class Studio:
     max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
     max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
     train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
+    train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -89,7 +90,7 @@ class Studio:
         self.dataset_store = DatasetStore(self.datasets_dir)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
-                             self.max_jobs_per_user, self.train_capacity)
+                             self.max_jobs_per_user, self.train_capacity, self.train_yield)
         self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))

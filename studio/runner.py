@@ -38,10 +38,11 @@ class Runner:
     releases the pin when the job ends."""
 
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
-                 capacity_tokens: int | None = None):
+                 capacity_tokens: int | None = None, yield_s: float = 0.0):
         self.engine = engine
         self.scheduler = TrainScheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
-                                                   capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user)
+                                                   capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user,
+                                                   yield_s=yield_s)
 
     # ---- queries -------------------------------------------------------------------------
 

@@ -221,3 +221,32 @@ def test_a_queued_job_is_told_why_it_waits_only_when_it_must(bases, sample_ds, t
     finally:
         bases.gate.set()
         sched.close()
+
+
+def test_training_gives_way_to_generation_but_never_stops(bases, sample_ds, tmp_path):
+    asked = []
+
+    def generating():  # someone always generates: each wait ends at yield_s, so training still moves
+        asked.append(time.monotonic())
+        return True
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000, yield_to=generating, yield_s=0.05)
+    try:
+        job = sched.submit(spec(sample_ds, tmp_path, "a", A))
+        assert job.wait(120) and job.snapshot()["state"] == "finished"
+    finally:
+        sched.close()
+    assert len(asked) >= A[1].steps  # asked before every micro-step (3 steps x 1 micro-step)
+    losses, _ = alone(sample_ds, tmp_path, "a", A)
+    assert [p["loss"] for p in job.snapshot()["points"]] == pytest.approx(losses, abs=1e-5)  # same run, later
+
+
+def test_without_anyone_generating_training_does_not_wait(bases, sample_ds, tmp_path):
+    asked = []
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000,
+                           yield_to=lambda: asked.append(1) or False, yield_s=3600)  # waits would hang the test
+    try:
+        job = sched.submit(spec(sample_ds, tmp_path, "a", A))
+        assert job.wait(120) and job.snapshot()["state"] == "finished"
+    finally:
+        sched.close()
+    assert asked

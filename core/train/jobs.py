@@ -209,15 +209,18 @@ class TrainScheduler:
     """
 
     @classmethod
-    def for_engine(cls, engine, load_base: Callable[[JobSpec], object] | None = None, **kw) -> "TrainScheduler":
+    def for_engine(cls, engine, load_base: Callable[[JobSpec], object] | None = None, yield_s: float = 0.0,
+                   **kw) -> "TrainScheduler":
         """A scheduler on a core.engine.Engine's one shared base: its pins, its lock, its device.
         load_base: instead of engine.base(spec.base_id, spec.weights, pin=True) (it must pin too)."""
         load = load_base or (lambda spec: engine.base(spec.base_id, spec.weights, pin=True))
-        return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type, **kw)
+        return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type,
+                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, **kw)
 
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
                  lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
-                 max_jobs_per_user: int = 1, max_queue: int = 64):
+                 max_jobs_per_user: int = 1, max_queue: int = 64, yield_to: Callable[[], bool] | None = None,
+                 yield_s: float = 0.0):
         if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
             raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
         self._load_base, self._release_base = load_base, release_base or (lambda model: None)
@@ -233,6 +236,7 @@ class TrainScheduler:
         self._co: CoTrainer | None = None
         self._squeezed = False  # a shared step ran out of memory: nothing more joins until a job ends
         self._closed = False
+        self._yield_to, self.yield_s = yield_to, yield_s
         self._thread = threading.Thread(target=self._loop, name="train-scheduler", daemon=True)
         self._thread.start()
 
@@ -329,7 +333,16 @@ class TrainScheduler:
             if starting is not None:
                 self._start(starting)
                 continue
+            self._give_way()
             self._step()
+
+    def _give_way(self) -> None:
+        """Generation first: while someone generates, wait up to yield_s before the next micro-step."""
+        if self._yield_to is None:
+            return
+        end = time.monotonic() + self.yield_s
+        while self._yield_to() and time.monotonic() < end and not self._closed:
+            time.sleep(0.01)
 
     def waits(self, job: TrainJob) -> str | None:
         """Why a queued job cannot start now (None: it starts as soon as the loop sees it)."""
