@@ -76,7 +76,34 @@ class TensorBoardTracker:
             self._writer = None
 
 
-class WandbTracker:
+class _RunTracker:
+    """A tracker that logs each event's scalars (_metrics) to one run of a tracking library, made at the
+    first event (a job that never starts leaves nothing) and finished at 'done' or 'error'."""
+
+    _run = None
+
+    def __call__(self, ev: dict) -> None:
+        if ev.get("type") in ("done", "error"):
+            self.close()
+            return
+        if self._run is None:
+            self._run = self._start()
+        if metrics := _metrics(ev):
+            self._run.log(metrics, step=ev["step"])  # an eval after a step at the same step joins its row
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._finish(self._run)
+            self._run = None
+
+    def _start(self):
+        raise NotImplementedError
+
+    def _finish(self, run) -> None:
+        run.finish()
+
+
+class WandbTracker(_RunTracker):
     """Logs one job's metrics to an offline Weights & Biases run in `<run_dir>/wandb/`. The run is made at the
     first event (a job that never starts leaves nothing)."""
 
@@ -88,28 +115,16 @@ class WandbTracker:
         os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true",
                           WANDB_DISABLE_CODE="true", WANDB_CONFIG_DIR=str(self.run_dir / WANDB_DIR / "config"))
         self._wandb = _optional("wandb", "wandb", "wandb")
-        self._run = None  # made at the first event
 
-    def __call__(self, ev: dict) -> None:
-        if ev.get("type") in ("done", "error"):
-            self.close()
-            return
-        if self._run is None:
-            (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
-            settings = self._wandb.Settings(mode="offline", silent=True, console="off", reinit="create_new",
-                                            x_disable_stats=True, disable_git=True, save_code=False)
-            self._run = self._wandb.init(mode="offline", dir=str(self.run_dir), project=PROJECT,
-                                         name=self.run_dir.name, settings=settings)
-        if metrics := _metrics(ev):
-            self._run.log(metrics, step=ev["step"])  # an eval after a step at the same step joins its row
-
-    def close(self) -> None:
-        if self._run is not None:
-            self._run.finish()  # writes the run's summary and closes its .wandb file
-            self._run = None
+    def _start(self):
+        (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+        settings = self._wandb.Settings(mode="offline", silent=True, console="off", reinit="create_new",
+                                        x_disable_stats=True, disable_git=True, save_code=False)
+        return self._wandb.init(mode="offline", dir=str(self.run_dir), project=PROJECT, name=self.run_dir.name,
+                                settings=settings)
 
 
-class TrackioTracker:
+class TrackioTracker(_RunTracker):
     """Logs one job's metrics to a local trackio run (SQLite, in TRACKIO_DIR or <library>/.trackio/). The run
     is made at the first event."""
 
@@ -122,24 +137,15 @@ class TrackioTracker:
             os.environ.pop(var, None)
         self._trackio = _optional("trackio", "trackio", "trackio")
         self.store = Path(self._trackio.utils.TRACKIO_DIR)  # where the database really is (fixed at import)
-        self._run = None  # made at the first event
 
-    def __call__(self, ev: dict) -> None:
-        if ev.get("type") in ("done", "error"):
-            self.close()
-            return
-        if self._run is None:
-            with contextlib.redirect_stdout(io.StringIO()):  # its banner would interleave with the CLI's lines
-                self._run = self._trackio.init(project=PROJECT, name=self.run_name, resume="allow",
-                                               auto_log_gpu=False, auto_log_cpu=False, embed=False)
-        if metrics := _metrics(ev):
-            self._run.log(metrics, step=ev["step"])
+    def _start(self):
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner would interleave with the CLI's lines
+            return self._trackio.init(project=PROJECT, name=self.run_name, resume="allow",
+                                      auto_log_gpu=False, auto_log_cpu=False, embed=False)
 
-    def close(self) -> None:
-        if self._run is not None:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self._run.finish()  # writes what is queued to the database
-            self._run = None
+    def _finish(self, run) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run.finish()  # writes what is queued to the database
 
 
 def make_trackers(report_to: str | None, run_dir) -> list[Callable[[dict], None]]:
