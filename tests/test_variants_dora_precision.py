@@ -206,3 +206,10 @@ for check in (lambda: LoraConfig(rank_pattern={{{HOSTILE!r}: 4}}).validate(PRESE
     except subprocess.TimeoutExpired:
         pytest.fail("validating the pattern was still running after 30 s")
     assert out.count("refused:") == 3, out
+
+
+def test_a_pattern_nested_thousands_deep_is_one_clear_line():
+    from studio.tabs.train import TrainForm, make_configs
+    deep = '{"a":' + '{"b":' * 5000 + '1' + '}' * 5001  # json.loads raises RecursionError on it
+    with pytest.raises(ValueError, match=r"rank pattern must be a JSON object such as"):
+        make_configs(TrainForm(dataset="x", rank_pattern=deep))

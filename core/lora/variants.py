@@ -153,7 +153,7 @@ def parse_pattern(text, what: str) -> dict:
         raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: objects nested thousands deep
         value = None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object such as {{\"h.0.attn.c_attn\": 4}} (got {text[:80]!r}).")
