@@ -100,6 +100,27 @@ def test_concurrent_requests_get_exactly_what_each_gets_alone(model, scheduler):
         assert got == alone(model, prompt, adapters, cfg), (adapters, cfg)
 
 
+def test_requests_with_the_same_settings_are_sampled_together_and_each_gets_what_it_gets_alone(
+        model, scheduler, monkeypatch):
+    """One pick for every request with the same sampling settings (a classroom mostly keeps the defaults):
+    each request still draws from its own generator, and each row's token is its solo run's."""
+    from core.generate import scheduler as sched_module
+    s, lock = scheduler(max_rows=16)
+    rng = random.Random(3)
+    specs = [([rng.randrange(50257) for _ in range(rng.randint(1, 30))], rng.sample([None, "a", "b"], rng.randint(1, 3)),
+              SamplingConfig(max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.95, seed=rng.randrange(10**6),
+                             stop_at_eot=False)) for _ in range(6)]
+    sizes = []
+    real = sched_module.pick_tokens
+    monkeypatch.setattr(sched_module, "pick_tokens", lambda logits, cfg, u: sizes.append(len(logits)) or real(logits, cfg, u))
+    with lock:  # all six join before the first step
+        reqs = [s.submit(*spec) for spec in specs]
+    got = [r.result(120) for r in reqs]
+    assert max(sizes) == sum(len(a) for _, a, _ in specs)  # one call held every request's rows
+    for (prompt, adapters, cfg), rows in zip(specs, got):
+        assert rows == alone(model, prompt, adapters, cfg)
+
+
 def test_a_request_joining_mid_decode_gets_what_it_gets_alone(model, scheduler):
     s, lock = scheduler()
     first = started(s.submit(PROMPT, ["a", None], LONG))
@@ -235,6 +256,31 @@ def recorder(monkeypatch, module):
     return calls
 
 
+def request_recorder(monkeypatch):
+    """Record, at each decode step and for each request in it, (cfg, its rows' logits, its uniform draw),
+    as `recorder` does for a solo run. The scheduler picks all requests with the same settings in one
+    call, so the draw is replayed from a copy of the request's generator (the loop's own is untouched)."""
+    from core.generate.scheduler import DecodeScheduler
+    calls = []
+    real = DecodeScheduler._pick
+
+    def pick(self, rows):
+        by_req = {}
+        for r in rows:
+            by_req.setdefault(r.request, []).append(r)
+        for req, rs in by_req.items():
+            u = None
+            if req.cfg.temperature > 0:
+                g = torch.Generator(device=req._gen.device)
+                g.set_state(req._gen.get_state())
+                u = torch.rand((1, 1), generator=g).item()
+            calls.append((req.cfg, torch.stack([r.logits[r.at] for r in rs]), u))
+        return real(self, rows)
+
+    monkeypatch.setattr(DecodeScheduler, "_pick", pick)
+    return calls
+
+
 def test_full_vocabulary_sampling_differs_from_solo_only_at_floating_point_near_ties(model, scheduler, monkeypatch):
     """Sampling over all 50257 tokens of the random tiny model (nearly flat: ~2e-5 of probability
     per token) can flip a token: the batch's logits differ from a solo run's in the last bits (~3e-7
@@ -245,13 +291,13 @@ def test_full_vocabulary_sampling_differs_from_solo_only_at_floating_point_near_
     before it, the same uniform draw (the request's own generator, no shared state), logits within
     float noise of the solo run's, and the pick itself turning on that noise: the solo logits give
     the solo token, the batch's give the batch's token, with the same draw."""
-    from core.generate import sampling, scheduler as sched_module
+    from core.generate import sampling
     s, _ = scheduler(max_rows=8)
     rng = random.Random(7)  # one-row requests: their solo runs take the one-row kernels
     specs = [([rng.randrange(50257) for _ in range(rng.randint(1, 30))], [rng.choice([None, "a", "b"])],
               SamplingConfig(max_new_tokens=30, temperature=1.3, top_k=0, top_p=rng.choice([1.0, 0.9]),
                              seed=rng.randrange(10**6), stop_at_eot=False)) for _ in range(24)]
-    batched_calls = recorder(monkeypatch, sched_module)
+    batched_calls = request_recorder(monkeypatch)
     reqs = [s.submit(*spec) for spec in specs]
     got = [r.result(120) for r in reqs]
     solo_calls = recorder(monkeypatch, sampling)

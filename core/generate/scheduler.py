@@ -158,6 +158,17 @@ class _SlotView:
         return pk[self.slots, :, :self.length], pv[self.slots, :, :self.length]
 
 
+def _gather_logits(rows: list[_Row]) -> torch.Tensor:
+    """The rows' next-token logits as one (n, V) tensor: a view when they sit together in one forward's
+    output (the common case after the first step), else a copy."""
+    logits, first = rows[0].logits, rows[0].at
+    if all(r.logits is logits and r.at == first + j for j, r in enumerate(rows)):
+        return logits[first:first + len(rows)]
+    if all(r.logits is logits for r in rows):
+        return logits[torch.tensor([r.at for r in rows], device=logits.device)]
+    return torch.stack([r.logits[r.at] for r in rows])
+
+
 class DecodeScheduler:
     """One decode loop thread serving every request submitted to it.
 
@@ -361,24 +372,33 @@ class DecodeScheduler:
                 self._forward(rows)
 
     def _pick(self, rows: list[_Row]) -> dict[int, list[int]]:
-        """id(request) -> its live rows' tokens; one uniform draw per request, as sampling.stream."""
+        """id(request) -> its live rows' tokens; one uniform draw per request, as sampling.stream.
+
+        Requests with the same sampling settings are picked in one call: every operation of
+        `pick_tokens` works row by row, so a row's token is the one a call for its request alone
+        gives, while the per-call overhead is paid once per setting, not once per request."""
         by_req: dict[int, list[_Row]] = {}
         for r in rows:
             by_req.setdefault(id(r.request), []).append(r)
+        groups: dict[tuple, list[list[_Row]]] = {}
+        for rs in by_req.values():
+            c = rs[0].request.cfg
+            groups.setdefault((c.temperature > 0, c.temperature, c.top_k, c.top_p), []).append(rs)
         out = {}
-        for key, rs in by_req.items():
-            req = rs[0].request
+        for (sampled, *_), reqs in groups.items():
+            flat = [r for rs in reqs for r in rs]
             u = None
-            if req.cfg.temperature > 0:
-                u = torch.rand((1, 1), generator=req._gen, device=self.model.device)
-            logits, first = rs[0].logits, rs[0].at
-            if all(r.logits is logits and r.at == first + j for j, r in enumerate(rs)):
-                logits = logits[first:first + len(rs)]  # a request's rows sit together: a view
-            else:
-                logits = torch.stack([r.logits[r.at] for r in rs])
-            out[key] = pick_tokens(logits, req.cfg, u).tolist()
-            for r, t in zip(rs, out[key]):
+            if sampled:  # each request's own generator, one draw per step shared by its rows
+                draws = [torch.rand((1, 1), generator=rs[0].request._gen, device=self.model.device)
+                         for rs in reqs]
+                u = torch.cat([d.expand(len(rs), 1) for d, rs in zip(draws, reqs)])
+            picked = pick_tokens(_gather_logits(flat), reqs[0][0].request.cfg, u).tolist()
+            for r, t in zip(flat, picked):
                 r.token = t
+            at = 0
+            for rs in reqs:
+                out[id(rs[0].request)] = picked[at:at + len(rs)]
+                at += len(rs)
         return out
 
     def _publish(self, picked: dict[int, list[int]]) -> None:
