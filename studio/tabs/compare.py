@@ -223,8 +223,10 @@ def create_compare_tab(studio: Studio) -> dict:
     # batched: every running compare is rows of the one decode loop, so more may run at once (each handler
     # thread only waits for its rows); loop: each runs its own decode loop, four at a time
     limit = BATCHED_CONCURRENCY if studio.engine.batched_generation else 4
+    # postprocess=False: the handler yields strings, which a Textbox shows as they are; Gradio would otherwise
+    # hop to a worker thread per column per streamed update to run Textbox.postprocess (str(value))
     event = go.click(run, inputs_kwargs=form, outputs=outputs, concurrency_limit=limit, concurrency_id="generate",
-                     api_name="compare")
+                     api_name="compare", postprocess=False)
     event.then(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                api_visibility="private")
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
