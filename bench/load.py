@@ -3,6 +3,7 @@ N concurrent gradio_client clients each running side-by-side comparisons for a w
 
     python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
                          [--generation loop,batched] [--no-training] [--server-threads N]
+                         [--train-yield SECONDS] [--client light|gradio_client]
 
 What it does, in order:
   1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
@@ -13,7 +14,8 @@ decode scheduler, both by default, one after the other in the same run):
   3. starts a long training run through the API (/start_training), so the machine is busy training;
   4. solo: one client runs each request of a fixed set alone, in turn, `--solo-rounds` times: the
      expected answers (a repeat must give the same text) and the solo latency;
-  5. load: `--clients` clients, each its own gradio_client.Client, send those requests in a loop for
+  5. load: `--clients` clients, each its own connection (`--client`: light by default, as a browser tab;
+     or gradio_client), send those requests in a loop for
      `--seconds`; every answer is compared with the solo answer of the same request (same seed),
      so a mix-up between users shows as a mismatch;
   6. stops the training run and the server;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from common import ROOT, table
@@ -95,13 +99,57 @@ def start_server(tmp: Path, port: int, mode: str, threads: int | None = None,
     raise SystemExit("the server did not start within 120 s")
 
 
+class QueueClient:
+    """One user's connection, doing what a browser tab does for a Compare and no more: join Gradio's
+    queue with one POST, then read the event's server-sent messages until it completes, on one kept-alive
+    HTTP connection. (gradio_client, the other choice, also runs a thread per job that polls every 50 ms
+    and opens a new connection per request: 30 of them in this process took as much CPU as the studio.)"""
+
+    def __init__(self, url: str, api_name: str = "compare"):
+        import httpx
+        self.http = httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=None))
+        deps = self.http.get("/config").raise_for_status().json()["dependencies"]
+        self.fn_index = next(d["id"] for d in deps if d.get("api_name") == api_name)
+        self.session = uuid.uuid4().hex
+
+    def submit(self, data: list, timeout: float) -> tuple[list, int]:
+        """The outputs of one call and how many updates the server streamed for it."""
+        r = self.http.post("/gradio_api/queue/join", json={"data": data, "fn_index": self.fn_index,
+                                                           "session_hash": self.session})
+        r.raise_for_status()
+        event_id, updates = r.json()["event_id"], 0
+        deadline = time.time() + timeout
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session}) as stream:
+            for line in stream.iter_lines():
+                if time.time() > deadline:
+                    raise TimeoutError(f"no answer within {timeout:.0f} s")
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("event_id") not in (None, event_id):
+                    continue
+                if msg["msg"] == "process_generating":  # a streamed update: an event the server encoded
+                    updates += 1
+                elif msg["msg"] == "process_completed":  # holds the final values, whole
+                    if not msg.get("success", True):
+                        raise RuntimeError(str(msg.get("output", {}).get("error")))
+                    return msg["output"]["data"], updates
+                elif msg["msg"] in ("unexpected_error", "server_stopped"):
+                    raise RuntimeError(msg.get("message") or msg["msg"])
+        raise RuntimeError("the server closed the stream before the answer was complete")
+
+
 def ask(client, request, max_tokens: int, timeout: float) -> tuple[list[str], int]:
     """The final texts of one compare, and how many updates the server streamed for it."""
     include_base, adapters, prompt, seed = request
-    job = client.submit("tiny", include_base, adapters, prompt, SAMPLING["temperature"], SAMPLING["top_k"],
-                        SAMPLING["top_p"], max_tokens, seed, api_name="/compare")
-    out = job.result(timeout=timeout)
-    return list(out[:(1 if include_base else 0) + len(adapters)]), len(job.outputs())
+    data = ["tiny", include_base, adapters, prompt, SAMPLING["temperature"], SAMPLING["top_k"],
+            SAMPLING["top_p"], max_tokens, seed]
+    if isinstance(client, QueueClient):
+        out, updates = client.submit(data + [False], timeout)  # + the compare's last input, apply_template
+    else:
+        job = client.submit(*data, api_name="/compare")
+        out, updates = job.result(timeout=timeout), len(job.outputs())
+    return list(out[:(1 if include_base else 0) + len(adapters)]), updates
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,13 +195,14 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
                 raise SystemExit(f"could not start the background training run: {msg}")
         print(f"[{mode}] setup {time.time() - t0:.0f} s; background training: {msg}", flush=True)
 
-        # solo: each request alone, in turn
+        # solo: each request alone, in turn, through the same kind of client as the load
+        solo_client = QueueClient(url) if args.client == "light" else control
         expected, solo, solo_errors = {}, [], 0
         for _ in range(args.solo_rounds):
             for i, req in enumerate(REQUESTS):
                 t = time.perf_counter()
                 try:
-                    out, _ = ask(control, req, args.max_tokens, args.timeout)
+                    out, _ = ask(solo_client, req, args.max_tokens, args.timeout)
                 except Exception as e:  # noqa: BLE001 - counted and shown
                     solo_errors += 1
                     print(f"[{mode}] solo error on request {i}: {type(e).__name__}: {e}", flush=True)
@@ -173,7 +222,8 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
         counts = {"sent": 0, "answered": 0, "errors": 0, "mismatches": 0, "updates": 0}
         problems: list[str] = []
         lock = threading.Lock()
-        clients = [Client(url, verbose=False) for _ in range(args.clients)]
+        clients = [QueueClient(url) if args.client == "light" else Client(url, verbose=False)
+                   for _ in range(args.clients)]
         start = time.time() + 1.0
         stop_at = start + args.seconds
 
@@ -246,6 +296,9 @@ def main() -> int:
                     help="the server's --torch-threads (default: torch's choice, one per core)")
     ap.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
                     help="the server's --train-yield (default 0)")
+    ap.add_argument("--client", choices=("light", "gradio_client"), default="light",
+                    help="how the clients talk to the studio: light (one connection each, as a browser tab) or "
+                         "gradio_client (a thread per request polling every 50 ms: more CPU on this machine)")
     ap.add_argument("--generation", default="loop,batched",
                     help="the served studio's --generation modes to run, in order (default loop,batched)")
     args = ap.parse_args()
@@ -273,6 +326,10 @@ def main() -> int:
                             "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
     if args.server_threads:
         print(f"server torch threads: {args.server_threads} (app.py --torch-threads)")
+    if args.train_yield:
+        print(f"server --train-yield {args.train_yield:g}")
+    print(f"clients: {args.client}" + (" (one connection each, as a browser tab)" if args.client == "light" else
+                                       " (a thread per request, polling every 50 ms)"))
     print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "
           f"tokens per column, temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
           f"top-p {SAMPLING['top_p']}, a fixed seed each")
