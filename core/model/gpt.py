@@ -152,10 +152,12 @@ class GPT(nn.Module):
         last_only: only the last position's logits (generation).
         """
         x = self.hidden(idx, route, cache, start, pos, mask)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            if last_only:  # (B, d) @ (d, V) is one matrix product; the (B, 1, d) slice would be a batched one
+                return (x[:, -1] @ self._head_t()).unsqueeze(1)
+            return x @ self._head_t()
         if last_only:
             x = x[:, -1:]
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
-            return x @ self._head_t()
         return self.lm_head(x)
 
     def hidden(self, idx, route=None, cache=None, start: int = 0, pos=None, mask=None):
