@@ -92,6 +92,41 @@ def autocast_for(model) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime torch runs its CPU ops on, when it is one and is loaded (Linux: read from
+    this process's memory map; elsewhere from torch's own lib folder); None otherwise."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    names = ("libgomp", "libomp", "libiomp5")
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+            if Path(path).name.startswith(names):
+                return path
+    except OSError:
+        pass
+    libs = Path(torch.__file__).parent / "lib"
+    found = sorted(p for p in libs.glob("lib*omp*") if p.name.startswith(names)) if libs.is_dir() else []
+    return str(found[0]) if found else None
+
+
+def one_thread_for_this_thread() -> bool:
+    """Run torch's parallel CPU loops (layer norms, GELU, top-k, ...) on the calling thread alone, leaving every
+    other thread's setting and the BLAS's own threads for matrix products as they are: OpenMP keeps the thread
+    count per thread. For a thread of small ops while other threads keep the cores busy (the decode scheduler
+    while Gradio and training run), a team of threads spends more waiting for a free core than it saves.
+    Returns whether it took effect (False without an OpenMP runtime: nothing changes)."""
+    path = openmp_runtime()
+    if path is None:
+        return False
+    import ctypes
+    try:
+        ctypes.CDLL(path).omp_set_num_threads(1)  # the loaded runtime (dlopen returns the same handle)
+    except (OSError, AttributeError):
+        return False
+    return torch.get_num_threads() == 1
+
+
 def is_oom(e: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or an allocator failure reported as a RuntimeError (CPU, MPS)."""
     msg = str(e).lower()

@@ -121,6 +121,22 @@ def test_requests_with_the_same_settings_are_sampled_together_and_each_gets_what
         assert rows == alone(model, prompt, adapters, cfg)
 
 
+def test_on_the_cpu_the_decode_thread_runs_torch_loops_on_one_thread_and_leaves_other_threads_theirs(
+        model, scheduler, monkeypatch):
+    from core.device import openmp_runtime
+    from core.generate import scheduler as sched_module
+    if openmp_runtime() is None:
+        pytest.skip("this torch does not run its CPU loops on OpenMP")
+    before = torch.get_num_threads()
+    seen = []
+    real = sched_module.pick_tokens
+    monkeypatch.setattr(sched_module, "pick_tokens", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    s, _ = scheduler()
+    s.submit(PROMPT, [None, "a"], SamplingConfig(max_new_tokens=3, temperature=0, stop_at_eot=False)).result(60)
+    assert seen and set(seen) == {1}  # inside the decode loop
+    assert torch.get_num_threads() == before  # this thread (and so the training threads) keep theirs
+
+
 def test_a_request_joining_mid_decode_gets_what_it_gets_alone(model, scheduler):
     s, lock = scheduler()
     first = started(s.submit(PROMPT, ["a", None], LONG))
