@@ -387,12 +387,12 @@ class DecodeScheduler:
         groups: dict[tuple, list[list[_Row]]] = {}
         for rs in by_req.values():
             c = rs[0].request.cfg
-            groups.setdefault((c.temperature > 0, c.temperature, c.top_k, c.top_p), []).append(rs)
+            groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(rs)
         out = {}
-        for (sampled, *_), reqs in groups.items():
+        for (temperature, *_), reqs in groups.items():
             flat = [r for rs in reqs for r in rs]
             u = None
-            if sampled:  # each request's own generator, one draw per step shared by its rows
+            if temperature > 0:  # each request's own generator, one draw per step shared by its rows
                 draws = [torch.rand((1, 1), generator=rs[0].request._gen, device=self.model.device)
                          for rs in reqs]
                 u = torch.cat([d.expand(len(rs), 1) for d, rs in zip(draws, reqs)])
