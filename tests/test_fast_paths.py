@@ -95,3 +95,67 @@ def test_quantized_matmul_gradients_equal_a_dequantized_copy(tiny):
     x2 = x.detach().clone().requires_grad_(True)
     (torch.addmm(q.bias, x2.reshape(-1, q.in_features), q.dequantize()).square().sum()).backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def bf16_loss_and_grads(model, x, y, fused: bool, monkeypatch):
+    """The loss and LoRA gradients of a bf16 base, through the fused head + cross entropy or the plain path."""
+    from core.model import fused_ce
+    monkeypatch.setattr(fused_ce, "applies", lambda h, w: fused)
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(x, y, "a", chunk=0)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora.lora_parameters(model, "a")]
+
+
+def test_fused_head_and_cross_entropy_equals_the_plain_path_on_a_bf16_base(monkeypatch):
+    from core.model import fused_ce
+    model = load_base("tiny", device="cpu", dtype=torch.bfloat16)
+    lora.add_adapter(model, "a", LoraConfig(r=4, targets=("attn.c_attn", "mlp.c_fc")))
+    randomize_b(model, "a")
+    x, y = IDS[:, :-1], IDS[:, 1:].clone()
+    y[0, :10] = -100  # prompt tokens of instruction data: in neither the loss nor the gradient
+    h = model.hidden(x, "a").flatten(0, 1)
+    assert fused_ce.applies(h, model.lm_head.weight)  # what training on a bf16 base on the CPU takes
+    with torch.no_grad():
+        assert not fused_ce.applies(model.hidden(x, "a").flatten(0, 1), model.lm_head.weight)  # evaluation
+    monkeypatch.setattr(fused_ce, "CHUNK_BYTES", 4 * 50257 * 16)  # 16 rows a chunk: 94 tokens in 6, one short
+    plain_loss, plain_grads = bf16_loss_and_grads(model, x, y, False, monkeypatch)
+    fused_loss, fused_grads = bf16_loss_and_grads(model, x, y, True, monkeypatch)
+    assert torch.allclose(fused_loss, plain_loss, rtol=1e-5)
+    for f, p in zip(fused_grads, plain_grads):
+        assert p.abs().max() > 0  # the adapter learns
+        assert torch.allclose(f, p, rtol=0.02, atol=1e-3 * p.abs().max().item())
+    # a micro-batch whose targets are all ignored: loss 0 and no gradient, as on the plain path
+    loss, grads = bf16_loss_and_grads(model, x, torch.full_like(y, -100), True, monkeypatch)
+    assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_fp32_keeps_the_plain_loss_and_attention(tiny):
+    """The bf16 fast paths (fused head + cross entropy, fp32 attention) leave fp32 training as it was."""
+    from core.model import fused_ce
+    from core.model.gpt import _attend_in_fp32
+    h = torch.randn(4, tiny.config.n_embd, requires_grad=True)
+    assert not fused_ce.applies(h, tiny.lm_head.weight)
+    assert not _attend_in_fp32(torch.randn(1, 2, 8, 32))
+    assert _attend_in_fp32(torch.randn(1, 2, 8, 32, dtype=torch.bfloat16))
+    assert not _attend_in_fp32(torch.randn(1, 2, 1024, 32, dtype=torch.bfloat16))  # long: bf16 is faster there
+
+
+def test_bf16_training_attention_in_fp32_stays_within_bf16_of_bf16_attention(monkeypatch):
+    from core.model import gpt
+    model = load_base("tiny", device="cpu", dtype=torch.bfloat16)
+    lora.add_adapter(model, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    randomize_b(model, "a")
+    x, y = IDS[:, :-1], IDS[:, 1:]
+    runs = []
+    for fp32 in (True, False):
+        monkeypatch.setattr(gpt, "_attend_in_fp32", lambda q, fp32=fp32: fp32)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(x, y, "a", chunk=0)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in lora.lora_parameters(model, "a")]))
+    (l32, g32), (l16, g16) = runs
+    assert torch.allclose(l32, l16, rtol=1e-3)
+    for a, b in zip(g32, g16):
+        assert b.abs().max() > 0
+        assert torch.allclose(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())
