@@ -8,6 +8,7 @@ and how many requests' tokens differ from their solo run (0 expected: sampling k
 see tests/test_scheduler.py for full-vocabulary near-ties).
 
     python bench/scheduler.py [--requests 16] [--max-tokens 32] [--max-rows 32] [--threads 2] [--rounds 3]
+                               [--precision fp32|bf16|auto]
 
 A benchmark, not a test: it reports; the exit status is 1 only on a mismatch or an error.
 """
@@ -26,6 +27,7 @@ from common import machine, table  # noqa: E402
 
 import torch  # noqa: E402
 
+from core.device import PRECISIONS, precision_dtype, precision_name  # noqa: E402
 from core.generate.sampling import SamplingConfig, generate  # noqa: E402
 from core.generate.scheduler import DecodeScheduler  # noqa: E402
 from core.lora import layers as lora  # noqa: E402
@@ -33,9 +35,9 @@ from core.model.config import LoraConfig  # noqa: E402
 from core.model.weights import load_base  # noqa: E402
 
 
-def tiny_with_adapters():
+def tiny_with_adapters(dtype: torch.dtype = torch.float32):
     """The tiny preset with two adapters whose B is non-zero (so they change the output)."""
-    model = load_base("tiny", device="cpu")
+    model = load_base("tiny", device="cpu", dtype=dtype)
     g = torch.Generator().manual_seed(0)
     for name, targets in (("a", ("attn.c_attn",)), ("b", ("mlp.c_fc", "mlp.c_proj"))):
         lora.add_adapter(model, name, LoraConfig(r=8, targets=targets))
@@ -99,9 +101,12 @@ def main() -> int:
     ap.add_argument("--max-rows", type=int, default=32, help="slots in the scheduler's KV pool")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of both modes; the median round is shown")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                    help="the base's dtype, as the studio's --precision (auto: bf16 on CPUs that compute it natively)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = tiny_with_adapters()
+    dtype = precision_dtype(args.precision, torch.device("cpu"))
+    model = tiny_with_adapters(dtype)
     specs = requests(args.requests, args.max_tokens)
     new_tokens = sum(len(a) * c.max_new_tokens for _, a, c in specs)
     with torch.inference_mode():
@@ -120,7 +125,7 @@ def main() -> int:
              f"{q(seq_lat, 95):.3f}", "-", "-", "-"],
             ["all at once (DecodeScheduler)", f"{new_tokens / wall:.0f}", f"{q(lat, 50):.3f}", f"{q(lat, 95):.3f}",
              f"{steps}", f"{errors}", f"{mismatches}"]]
-    print(f"{machine()}; tiny on the CPU; {args.requests} requests, {new_tokens} new tokens "
+    print(f"{machine()}; tiny on the CPU in {precision_name(dtype)}; {args.requests} requests, {new_tokens} new tokens "
           f"({sum(len(a) for _, a, _ in specs)} rows), {args.max_rows} slots; median of {args.rounds} rounds")
     print(table(rows, ["mode", "new tok/s", "latency p50 s", "p95 s", "decode steps", "errors", "mismatches"]))
     print(f"speed-up: {seq_wall / wall:.2f}x")

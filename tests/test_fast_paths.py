@@ -133,12 +133,12 @@ def test_fused_head_and_cross_entropy_equals_the_plain_path_on_a_bf16_base(monke
 def test_fp32_keeps_the_plain_loss_and_attention(tiny):
     """The bf16 fast paths (fused head + cross entropy, fp32 attention) leave fp32 training as it was."""
     from core.model import fused_ce
-    from core.model.gpt import _attend_in_fp32
+    from core.model.gpt import _attention_in_fp32
     h = torch.randn(4, tiny.config.n_embd, requires_grad=True)
     assert not fused_ce.applies(h, tiny.lm_head.weight)
-    assert not _attend_in_fp32(torch.randn(1, 2, 8, 32))
-    assert _attend_in_fp32(torch.randn(1, 2, 8, 32, dtype=torch.bfloat16))
-    assert not _attend_in_fp32(torch.randn(1, 2, 1024, 32, dtype=torch.bfloat16))  # long: bf16 is faster there
+    assert not _attention_in_fp32(torch.randn(1, 2, 8, 32))
+    assert _attention_in_fp32(torch.randn(1, 2, 8, 32, dtype=torch.bfloat16))
+    assert not _attention_in_fp32(torch.randn(1, 2, 1024, 32, dtype=torch.bfloat16))  # long: bf16 is faster there
 
 
 def test_bf16_training_attention_in_fp32_stays_within_bf16_of_bf16_attention(monkeypatch):
@@ -149,7 +149,7 @@ def test_bf16_training_attention_in_fp32_stays_within_bf16_of_bf16_attention(mon
     x, y = IDS[:, :-1], IDS[:, 1:]
     runs = []
     for fp32 in (True, False):
-        monkeypatch.setattr(gpt, "_attend_in_fp32", lambda q, fp32=fp32: fp32)
+        monkeypatch.setattr(gpt, "_attention_in_fp32", lambda q, fp32=fp32: fp32)
         model.zero_grad(set_to_none=True)
         loss = model.loss(x, y, "a", chunk=0)
         loss.backward()

@@ -105,6 +105,13 @@ class Segments:
         self.segments = tuple(segments)
 
 
+def _rows_in_fp32(x: torch.Tensor) -> bool:
+    """Per-row adapters on a bf16 base on the CPU: the low-rank products in fp32. In bf16, torch's batched
+    products round differently with the batch size, so a decode step's rows would depend on who else is in
+    the batch; in fp32 that difference is in the last bit, below bf16's rounding."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base):
         super().__init__()
@@ -224,22 +231,32 @@ class LoRALinear(nn.Module):
             if name is None or name == self.merged:
                 return y
             self._check_unmerged(name)
-            return y + self.lora(x, name, y=y)
+            return self._plus(y, x, name)
         self._check_unmerged(route)
         if route is BASE_ONLY:
             return y
         if isinstance(route, str):
-            return y + self.lora(x, route, y=y) if self.has(route) else y
+            return self._plus(y, x, route) if self.has(route) else y
         if isinstance(route, Segments):
             return self._segments(x, y, route)
-        plan = route.plan(self, x.dtype)
+        wide = _rows_in_fp32(x)
+        plan = route.plan(self, torch.float32 if wide else x.dtype)
         out = y
         if plan is not None:  # some row's plain LoRA adapter wraps this projection
             A_rows, B_rows = plan  # (batch, in, r), (batch, r, out)
-            out = torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
+            if wide:
+                out = torch.baddbmm(y.float(), torch.bmm(x.float(), A_rows), B_rows).to(y.dtype)
+            else:
+                out = torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
         for name, rows in route.dora_rows(self):
             out = out.index_add(0, rows, self.lora(x[rows], name, y=y[rows]).to(y.dtype))
         return out
+
+    def _plus(self, y, x, name: str):
+        """y + adapter `name`'s update; summed in fp32 where `_rows_in_fp32` says, as a mixed batch's rows are."""
+        if _rows_in_fp32(x) and not self.is_dora(name):
+            return (y.float() + self.lora(x.float(), name)).to(y.dtype)
+        return y + self.lora(x, name, y=y)
 
     def _segments(self, x, y, route: Segments):
         """Each job's rows plus its own adapter's update (zero where the job has none on this layer)."""

@@ -75,23 +75,29 @@ class Attention(nn.Module):
             k = cache.k[layer, :, :, :start + T]
             v = cache.v[layer, :, :, :start + T]
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif start == 0 and _attend_in_fp32(q):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
+            kw = {"attn_mask": mask}
         elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            kw = {"is_causal": True}
         elif T == 1:  # one new query sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v)
+            kw = {}
         else:  # several new queries after a cached prefix
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, x.device))
+            kw = {"attn_mask": causal_mask(T, start, x.device)}
+        if _attention_in_fp32(q):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **kw)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y, route)
 
 
-def _attend_in_fp32(q: torch.Tensor) -> bool:
-    """CPU training on a bf16 base, up to 512 tokens: torch's bf16 attention (forward + backward) took 24 ms
-    against 11 ms in fp32 per gpt2 layer at 4 x 128 on a CPU with AMX; from ~1024 tokens bf16 is faster."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.shape[-2] <= 512
+def _attention_in_fp32(q: torch.Tensor) -> bool:
+    """Attention on a bf16 base on the CPU, in fp32:
+    - while generating, so a row's result does not depend on the rows beside it (the decode scheduler pads
+      every row to the longest one's length, and bf16 rounds those sums differently);
+    - while training up to 512 tokens, where it is faster: torch's bf16 attention (forward + backward) took
+      24 ms against 11 ms in fp32 per gpt2 layer at 4 x 128 on a CPU with AMX (from ~1024 tokens bf16 wins)."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and (not torch.is_grad_enabled() or q.shape[-2] <= 512))
 
 
 class MLP(nn.Module):
