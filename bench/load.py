@@ -57,6 +57,15 @@ REQUESTS = [  # (include base, adapters, prompt, seed): one column per model, al
 SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
 
 
+def first_difference(got: list[str], want: list[str]) -> str:
+    """Where two answers (a text per column) part: the column and the text up to there, to trace it."""
+    for col, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            at = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            return f"column {col}, from character {at}: {g[max(0, at - 20):at + 20]!r} vs {w[max(0, at - 20):at + 20]!r}"
+    return f"{len(got)} columns against {len(want)}"
+
+
 def prepare_library(tmp: Path) -> None:
     """A dataset and two small trained adapters, before the server starts (its pickers list them)."""
     from core.model.config import LoraConfig, TrainConfig
@@ -251,7 +260,8 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
                     lat.append(dt_s)
                     if out != expected[i]:
                         counts["mismatches"] += 1
-                        problems.append(f"client {k} request {i}: answer differs from the solo answer")
+                        problems.append(f"client {k} request {i}: answer differs from the solo answer "
+                                        f"({first_difference(out, expected[i])})")
 
         threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(args.clients)]
         for th in threads:
