@@ -41,7 +41,9 @@ def timed(fn, device) -> float:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+    from core.device import cpu_has_native_bf16
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"  # what --precision auto follows
+    return f"{cpu} ({bf16}), {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
 def table(rows: list[list], header: list[str]) -> str:
