@@ -49,9 +49,11 @@ def tiny():
 
 @pytest.fixture
 def studio(tmp_path):
-    """A studio on the tiny model in a fresh library and datasets folder; a run still going is stopped."""
+    """A studio on the tiny model in a fresh library and datasets folder; a run still going is stopped.
+    fp32: tests hold its numbers against fp32 models (`tiny`, `source`); on a CPU with native bf16 the
+    default (--precision auto) would give a bf16 base (tests/test_precision.py covers that)."""
     from studio.app import create_studio
-    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny")
+    s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny", precision="fp32")
     yield s
     s.runner.stop_all(60)
 

@@ -296,7 +296,7 @@ def test_cli_eval_scores_an_instruction_split_on_response_tokens_only(tmp_path, 
     ds = instruct.prepare_records(f, QA, tmp_path / "ds", train_ratio=0.5)
     capsys.readouterr()
     assert main(["eval", "--data", str(tmp_path / "ds"), "--lora", "x", "--library", str(tmp_path / "lib"),
-                 "--seq-len", "32", "--json"]) == 0
+                 "--seq-len", "32", "--json", "--precision", "fp32"]) == 0  # as `source`, on any CPU
     out = json.loads(capsys.readouterr().out)
     x = next(m for m in out["models"] if m["model"] == "x")
     alone, n = evaluate(source, "x", ds.val, 32, mask=ds.val_mask)
