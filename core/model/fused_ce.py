@@ -3,9 +3,9 @@
 The plain path writes the (tokens x 50257) logits, casts them to fp32, takes a log-softmax over them,
 keeps them for the backward pass, and then fills, casts and multiplies a gradient of the same size:
 at 4 x 128 tokens that is ~100 MB per buffer, each pass a trip through memory. Here each chunk of
-rows is projected, its loss taken, and its gradient with respect to the hidden states computed at
-once, while the chunk's logits are still in cache: the backward pass only scales the saved
-(tokens x d) gradient. The head gets no gradient, so this serves only a frozen base (LoRA).
+rows (~250 for GPT-2) is projected, its loss taken and its gradient with respect to the hidden states
+computed at once, so no logits are kept for the backward pass, which only scales the saved (tokens x d)
+gradient. The head gets no gradient, so this serves only a frozen base (LoRA).
 
 The arithmetic is the plain path's: logits in the head's dtype, then fp32 for the softmax; the
 gradient of the logits (softmax - one-hot, over the mean's count) cast to the head's dtype before its
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # targets that count in neither the loss nor the gradient (F.cross_entropy's ignore_index)
-CHUNK_BYTES = 48 * 2**20  # one chunk of fp32 logits (250 rows of GPT-2): fewer, cheaper passes than the whole
+CHUNK_BYTES = 48 * 2**20  # one chunk's fp32 logits; at 512 tokens 256 rows ran 288 ms, 83 rows 336, all 317
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -209,7 +209,7 @@ class GPT(nn.Module):
         # tokens), and a micro-batch whose targets are all ignored has loss 0 and no gradient (0 / 1), never
         # 0 / 0 = NaN (with gradient accumulation its step averages a zero into the loss and the gradient)
         n = (t != -100).sum().clamp(min=1)
-        if fused_ce.applies(h, w):
+        if fused_ce.applies(h, w):  # a frozen bf16 head on the CPU: its own row chunks, whatever `chunk` says
             return fused_ce.linear_cross_entropy(h, w, t, n)
         if chunk <= 0 or h.shape[0] <= chunk or not torch.is_grad_enabled():
             return _ce_sum(h, t, w) / n
