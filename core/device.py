@@ -85,6 +85,14 @@ def precision_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def sums_in_fp32_while_generating(x: torch.Tensor) -> bool:
+    """Generating on a bf16 base on the CPU: attention and the adapters' low-rank updates are summed in fp32,
+    then rounded to bf16. In bf16, torch's batched products and padded attention round differently with the
+    batch's size and longest row, so a decode step's rows would depend on who else is in the batch; in fp32
+    that difference is in the last bit, below bf16's rounding (bench/load.py: 477 of 479 answers differed)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+
+
 def autocast_for(model) -> contextlib.AbstractContextManager:
     """bf16 autocast for an fp32 model on a CUDA GPU with bf16; nothing otherwise (bf16 weights, CPU)."""
     if model.dtype == torch.float32 and default_dtype(model.device) == torch.bfloat16:

@@ -37,6 +37,15 @@ def randomize_b(model, name, std=0.05, seed=0):
                 B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
+def with_ab(model):
+    """`model` with adapters 'a' (attention) and 'b' (MLP), B random enough to change greedy text."""
+    add_adapter(model, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
+    add_adapter(model, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
+    randomize_b(model, "a", std=0.3, seed=1)
+    randomize_b(model, "b", std=0.3, seed=2)
+    return model
+
+
 @torch.no_grad()
 def logits(model, route=None, ids=IDS):
     return model(ids.to(model.device), route).float()

@@ -76,14 +76,8 @@ def sample_ds():
 @pytest.fixture
 def tiny_ab(tiny):
     """tiny with adapters 'a' (attention) and 'b' (MLP), B random enough to change greedy text."""
-    from adapter_helpers import randomize_b
-    from core.lora.layers import add_adapter
-    from core.model.config import LoraConfig
-    add_adapter(tiny, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
-    add_adapter(tiny, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
-    randomize_b(tiny, "a", std=0.3, seed=1)
-    randomize_b(tiny, "b", std=0.3, seed=2)
-    return tiny
+    from adapter_helpers import with_ab
+    return with_ab(tiny)
 
 
 @pytest.fixture

@@ -104,15 +104,9 @@ def test_on_a_bf16_base_concurrent_requests_still_get_exactly_what_each_gets_alo
     """--precision bf16 (auto on CPUs with AMX or AVX-512 BF16): bf16's batched products and padded attention
     round differently with the batch, so the adapters' updates and the attention run in fp32 while
     generating on the CPU. Before that, 9 of 16 requests of bench/scheduler.py differed on such a CPU."""
-    from adapter_helpers import randomize_b
-    from core.lora.layers import add_adapter
-    from core.model.config import LoraConfig
+    from adapter_helpers import with_ab
     from core.model.weights import load_base
-    model = load_base("tiny", device="cpu", dtype=torch.bfloat16)
-    add_adapter(model, "a", LoraConfig(r=4, targets=("attn.c_attn",)))
-    add_adapter(model, "b", LoraConfig(r=8, targets=("mlp.c_fc", "mlp.c_proj")))
-    randomize_b(model, "a", std=0.3, seed=1)
-    randomize_b(model, "b", std=0.3, seed=2)
+    model = with_ab(load_base("tiny", device="cpu", dtype=torch.bfloat16))
     s = DecodeScheduler(model, max_rows=16, max_len=128)
     try:
         specs = random_requests(10, seed=3)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.device import sums_in_fp32_while_generating
 from core.lora import dora, variants
 from core.lora.init import init_ab
 from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
@@ -103,13 +104,6 @@ class Segments:
 
     def __init__(self, segments: Sequence[Segment]):
         self.segments = tuple(segments)
-
-
-def _rows_in_fp32(x: torch.Tensor) -> bool:
-    """Per-row adapters on a bf16 base on the CPU: the low-rank products in fp32. In bf16, torch's batched
-    products round differently with the batch size, so a decode step's rows would depend on who else is in
-    the batch; in fp32 that difference is in the last bit, below bf16's rounding."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 
 class LoRALinear(nn.Module):
@@ -239,7 +233,7 @@ class LoRALinear(nn.Module):
             return self._plus(y, x, route) if self.has(route) else y
         if isinstance(route, Segments):
             return self._segments(x, y, route)
-        wide = _rows_in_fp32(x)
+        wide = sums_in_fp32_while_generating(x)
         plan = route.plan(self, torch.float32 if wide else x.dtype)
         out = y
         if plan is not None:  # some row's plain LoRA adapter wraps this projection
@@ -253,8 +247,8 @@ class LoRALinear(nn.Module):
         return out
 
     def _plus(self, y, x, name: str):
-        """y + adapter `name`'s update; summed in fp32 where `_rows_in_fp32` says, as a mixed batch's rows are."""
-        if _rows_in_fp32(x) and not self.is_dora(name):
+        """y + adapter `name`'s update; summed in fp32 where `core.device.sums_in_fp32_while_generating` says, as a mixed batch's rows are."""
+        if sums_in_fp32_while_generating(x) and not self.is_dora(name):
             return (y.float() + self.lora(x.float(), name)).to(y.dtype)
         return y + self.lora(x, name, y=y)
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from core.device import sums_in_fp32_while_generating
 from core.model import fused_ce
 from core.model.config import GPTConfig, target_shapes
 
@@ -91,13 +92,11 @@ class Attention(nn.Module):
 
 
 def _attention_in_fp32(q: torch.Tensor) -> bool:
-    """Attention on a bf16 base on the CPU, in fp32:
-    - while generating, so a row's result does not depend on the rows beside it (the decode scheduler pads
-      every row to the longest one's length, and bf16 rounds those sums differently);
-    - while training up to 512 tokens, where it is faster: torch's bf16 attention (forward + backward) took
-      24 ms against 11 ms in fp32 per gpt2 layer at 4 x 128 on a CPU with AMX (from ~1024 tokens bf16 wins)."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and (not torch.is_grad_enabled() or q.shape[-2] <= 512))
+    """Attention on a bf16 base on the CPU, in fp32: while generating (`sums_in_fp32_while_generating`), and
+    while training up to 512 tokens, where it is faster: torch's bf16 attention (forward + backward) took
+    24 ms against 11 ms in fp32 per gpt2 layer at 4 x 128 on a CPU with AMX (from ~1024 tokens bf16 wins)."""
+    return sums_in_fp32_while_generating(q) or (q.device.type == "cpu" and q.dtype == torch.bfloat16
+                                                and q.shape[-2] <= 512)
 
 
 class MLP(nn.Module):
