@@ -159,3 +159,44 @@ def test_bf16_training_attention_in_fp32_stays_within_bf16_of_bf16_attention(mon
     for a, b in zip(g32, g16):
         assert b.abs().max() > 0
         assert torch.allclose(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())
+
+
+def test_the_cpu_layout_keeps_shapes_results_merges_and_saved_weights(hf_small):
+    """On the CPU the projections' (in, out) weights sit in (out, in) memory order (faster for a few rows);
+    everything that reads them sees the same tensors, and the outputs equal the (in, out) order's."""
+    from core.model.gpt import Conv1D
+    from core.model.weights import build, hf_state_dict, read_local
+    from safetensors.torch import load_file
+    model = load_base(str(hf_small), device="cpu")
+    cfg, state = read_local(hf_small)
+    plain = build(cfg, state).eval()  # the same weights, (in, out) memory order, the file's own tensors
+    # the CPU's copies own their memory: no weight keeps the file's tensors (or their mapped pages) alive
+    ours = build(cfg, state, cpu_dtype=torch.float32)
+    file_ptrs = {v.untyped_storage().data_ptr() for v in state.values()}
+    assert not file_ptrs & {p.untyped_storage().data_ptr() for p in ours.parameters()}
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert convs and all(m.weight.stride(0) == 1 and m.weight.shape == (m.in_features, m.out_features)
+                         for m in convs)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, Conv1D))
+    ids = IDS[:, :16]
+    with torch.no_grad():
+        assert torch.allclose(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
+        # one row and a few rows: the shapes where the order changes the kernel
+        assert torch.allclose(model(ids[:1, :1]), plain(ids[:1, :1]), rtol=1e-5, atol=1e-5)
+    # saved == loaded, bit for bit, in HF's (in, out) layout
+    saved, original = hf_state_dict(model), load_file(str(hf_small / "model.safetensors"))
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    # an adapter changes the output; merged == unmerged; unmerge restores the exact weights
+    lora.add_adapter(model, "a", LoraConfig(r=4))
+    randomize_b(model, "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(ids)
+        lora.set_active(model, "a")
+        adapted = model(ids)
+        assert not torch.allclose(base, adapted, atol=1e-3)
+        lora.merge(model, "a")
+        assert (model(ids) - adapted).abs().max() <= 1e-5
+    assert all(m.base.weight.stride(0) == 1 for m in lora.lora_layers(model).values())  # merging kept the order
+    lora.unmerge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -47,10 +47,12 @@ def load_base(name_or_path: str = "gpt2", device="auto", dtype: torch.dtype | No
             raise WeightsError(
                 f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a hub id such as "
                 f"openai-community/gpt2, or a path to a local weights folder or file.")
-        model = build(cfg, state)
+        model = build(cfg, state, cpu_dtype=dtype if device.type == "cpu" else None)
+        del state  # the file's tensors: on the CPU nothing refers to them (or to its mapped pages) now
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return model.use_cpu_layout() if device.type == "cpu" else model
 
 
 def _looks_like_repo(name: str) -> bool:
@@ -181,8 +183,14 @@ def infer_config(state: dict, source) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_head=HEADS_BY_WIDTH[d], n_embd=d, vocab_size=vocab, block_size=block)
 
 
-def build(cfg: GPTConfig, state: dict) -> GPT:
-    """Check names and shapes (naming the offending key), transpose Conv1D, load without a random init."""
+def build(cfg: GPTConfig, state: dict, cpu_dtype: torch.dtype | None = None) -> GPT:
+    """Check names and shapes (naming the offending key), transpose Conv1D, load without a random init.
+
+    cpu_dtype: copy each tensor into memory of its own in this dtype, the projections in the CPU's
+    (out, in) order (`GPT.use_cpu_layout`), so that no weight keeps the file's memory mapping (and the
+    pages read from it) alive: one copy of the weights in memory, not two. None: the file's tensors as
+    they are (load_base moves them to the GPU and casts them there).
+    """
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -203,11 +211,17 @@ def build(cfg: GPTConfig, state: dict) -> GPT:
             v = v.t()
         if tuple(v.shape) != expected[k]:
             raise WeightsError(f"key {k!r} has shape {tuple(v.shape)}, expected {expected[k]}.")
-        fixed[k] = v.contiguous()  # load_base casts once, to the device dtype
+        fixed[k] = v.contiguous() if cpu_dtype is None else _own_copy(v, cpu_dtype, k.endswith(CONV1D))
     fixed["lm_head.weight"] = fixed["transformer.wte.weight"]
     model.load_state_dict(fixed, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie after assign
     return model
+
+
+def _own_copy(v: torch.Tensor, dtype: torch.dtype, projection: bool) -> torch.Tensor:
+    if projection:  # shape (in, out), memory (out, in)
+        return v.t().to(dtype, copy=True, memory_format=torch.contiguous_format).t()
+    return v.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
