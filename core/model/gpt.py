@@ -37,6 +37,11 @@ class Conv1D(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def in_linear_order(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of the (in, out) weight `w` in memory of its own, in (out, in) order (`GPT.use_cpu_layout`)."""
+    return w.t().to(dtype or w.dtype, copy=True, memory_format=torch.contiguous_format).t()
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
 
@@ -228,7 +233,7 @@ class GPT(nn.Module):
         """
         for m in self.modules():
             if isinstance(m, Conv1D) and m.weight.stride(0) != 1:
-                m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
+                m.weight = nn.Parameter(in_linear_order(m.weight.detach()), requires_grad=m.weight.requires_grad)
         return self
 
     def _head_t(self) -> torch.Tensor:

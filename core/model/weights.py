@@ -15,7 +15,7 @@ import torch
 
 from core.model.config import GPTConfig, HUB_IDS, PRESETS, TARGET_MODULES, target_shapes
 from core.device import default_dtype, pick_device
-from core.model.gpt import GPT, init_random_
+from core.model.gpt import GPT, in_linear_order, init_random_
 
 TINY_SEED = 1337  # fixed: every process builds the same tiny base, so its adapters stay valid
 CONV1D = tuple(f"{t}.weight" for t in TARGET_MODULES)  # HF stores these (in, out), nn.Linear (out, in)
@@ -211,17 +211,16 @@ def build(cfg: GPTConfig, state: dict, cpu_dtype: torch.dtype | None = None) -> 
             v = v.t()
         if tuple(v.shape) != expected[k]:
             raise WeightsError(f"key {k!r} has shape {tuple(v.shape)}, expected {expected[k]}.")
-        fixed[k] = v.contiguous() if cpu_dtype is None else _own_copy(v, cpu_dtype, k.endswith(CONV1D))
+        if cpu_dtype is None:
+            fixed[k] = v.contiguous()
+        elif k.endswith(CONV1D):
+            fixed[k] = in_linear_order(v, cpu_dtype)
+        else:
+            fixed[k] = v.to(cpu_dtype, copy=True, memory_format=torch.contiguous_format)
     fixed["lm_head.weight"] = fixed["transformer.wte.weight"]
     model.load_state_dict(fixed, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie after assign
     return model
-
-
-def _own_copy(v: torch.Tensor, dtype: torch.dtype, projection: bool) -> torch.Tensor:
-    if projection:  # shape (in, out), memory (out, in)
-        return v.t().to(dtype, copy=True, memory_format=torch.contiguous_format).t()
-    return v.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
