@@ -2,7 +2,9 @@
 training in the background runner (busy, stop, resume) -> library operations -> compare."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -486,3 +488,28 @@ def test_the_library_overlays_several_adapters_curves_on_one_chart(studio):
                      ([f"x{i}" for i in range(9)], "at most 8 adapters"), ("slow", "choose the adapters")):
         with pytest.raises((ValueError, AdapterError), match=msg):
             library.overlay(studio, bad)
+
+
+def test_events_do_not_search_the_path_for_a_missing_matplotlib(studio, monkeypatch):
+    """Gradio imports matplotlib around every event (each streamed Compare update). Where it is not
+    installed, each import searched sys.path again, on the server's event loop. Once the UI is built,
+    the import fails at once, as before, but without a search."""
+    if sys.modules.get("matplotlib", 0) is not None and importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here: Gradio's import of it is cached after the first")
+    build_ui(studio)
+    searched = []
+
+    class Recorder:  # the first finder the import system asks about a module not in sys.modules
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "matplotlib":
+                searched.append(name)
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
+    from gradio.utils import MatplotlibBackendMananger
+    for _ in range(3):
+        with MatplotlibBackendMananger():
+            pass
+    assert searched == []
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
