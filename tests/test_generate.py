@@ -5,7 +5,7 @@ import torch
 from core.lora import layers as lora
 from core.model import tokenizer
 from core.model.config import LoraConfig
-from core.generate.sampling import SamplingConfig, generate, generate_text, stream, stream_text
+from core.generate.sampling import SamplingConfig, generate, generate_text, pick_tokens, stream, stream_text
 from adapter_helpers import randomize_b
 
 PROMPT = tokenizer.encode("The quick brown fox")
@@ -61,6 +61,21 @@ def test_top_k_one_is_greedy(tiny):
     greedy = generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
     topk1 = generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=1.3, top_k=1, stop_at_eot=False))
     assert greedy == topk1
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 1.0), (50, 0.9), (0, 0.9), (0, 1.0)])
+def test_sampling_from_bf16_logits_picks_what_their_fp32_copy_gives(top_k, top_p):
+    """A bf16 base's logits are sampled in their own dtype (widened after top-k/top-p selection): the
+    tokens equal those picked from the exact fp32 copy, ties included (bf16 has many)."""
+    g = torch.Generator().manual_seed(0)
+    cfg = SamplingConfig(temperature=0.8, top_k=top_k, top_p=top_p)
+    for scale in (1.0, 8.0):  # 8: rounded to whole numbers, so most of the top logits tie
+        logits = torch.randn(24, 50257, generator=g) * scale
+        logits = (logits.round() if scale > 1 else logits).bfloat16()
+        for _ in range(5):
+            u = torch.rand(24, 1, generator=g)
+            assert torch.equal(pick_tokens(logits, cfg, u), pick_tokens(logits.float(), cfg, u))
+    assert pick_tokens(logits, cfg, u).dtype == torch.int64
 
 
 def test_generation_stops_at_endoftext(tiny):
