@@ -513,3 +513,20 @@ def test_events_do_not_search_the_path_for_a_missing_matplotlib(studio, monkeypa
     assert searched == []
     with pytest.raises(ImportError):
         import matplotlib  # noqa: F401
+
+
+def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
+    """Every open page's Train timer was a queued event each second (17.5 ms of server CPU, whatever the
+    page showed): it is off when a page opens, on when the Train tab is selected, off on any other tab."""
+    demo = build_ui(studio)
+    timer = demo.parts["train"]["timer"]
+    assert timer.active is False
+    switches = {}
+    for fn in demo.fns.values():
+        if [o._id for o in fn.outputs] == [timer._id]:
+            (tab, event), = [(t[0], t[1]) for t in fn.targets]
+            assert event == "select"
+            switches[tab] = fn.fn().active
+    tabs = {t.elem_id: t._id for t in demo.blocks.values() if isinstance(t, gr.Tab)}
+    assert switches == {tabs["tab-train"]: True, **{tabs[f"tab-{n}"]: False for n in
+                                                   ("data", "library", "compare", "evaluate")}}

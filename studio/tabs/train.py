@@ -500,7 +500,7 @@ def create_train_tab(studio: Studio) -> dict:
 
     # the page's id as soon as it loads (the first tick then stores a new one in the browser)
     gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
-    timer = gr.Timer(REFRESH_SECONDS)
+    timer = gr.Timer(REFRESH_SECONDS, active=False)  # on only while this tab is shown: build_ui switches it
     timer.tick(tick, inputs=[seen, follow, browser, me],
                outputs=[job, chart, samples, table, follow, seen, browser, me],
                concurrency_limit=None, show_progress="hidden", api_visibility="private")
