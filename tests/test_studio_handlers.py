@@ -517,10 +517,13 @@ def test_events_do_not_search_the_path_for_a_missing_matplotlib(studio, monkeypa
 
 def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
     """Every open page's Train timer was a queued event each second (17.5 ms of server CPU, whatever the
-    page showed): it is off when a page opens, on when the Train tab is selected, off on any other tab."""
+    page showed): it is off when a page opens, on when the Train tab is selected, off on any other tab;
+    and its poll, a quick read, skips the queue's join and event stream."""
     demo = build_ui(studio)
     timer = demo.parts["train"]["timer"]
     assert timer.active is False
+    polls = [fn for fn in demo.fns.values() if [t[1] for t in fn.targets] == ["tick"]]
+    assert len(polls) == 1 and polls[0].queue is False
     switches = {}
     for fn in demo.fns.values():
         if [o._id for o in fn.outputs] == [timer._id]:

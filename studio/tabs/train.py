@@ -501,9 +501,11 @@ def create_train_tab(studio: Studio) -> dict:
     # the page's id as soon as it loads (the first tick then stores a new one in the browser)
     gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
     timer = gr.Timer(REFRESH_SECONDS, active=False)  # on only while this tab is shown: build_ui switches it
+    # queue=False: a poll is a quick read, and the queue's join and event stream cost more than it (6 pages
+    # polling took 0.155-0.170 cores of the server against 0.202-0.207 queued; 0.057 with none polling)
     timer.tick(tick, inputs=[seen, follow, browser, me],
                outputs=[job, chart, samples, table, follow, seen, browser, me],
-               concurrency_limit=None, show_progress="hidden", api_visibility="private")
+               concurrency_limit=None, show_progress="hidden", api_visibility="private", queue=False)
     # a newly chosen job is drawn at once, not at the next change
     follow.input(lambda: None, outputs=seen, show_progress="hidden", api_visibility="private")
 
