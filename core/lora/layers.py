@@ -247,7 +247,8 @@ class LoRALinear(nn.Module):
         return out
 
     def _plus(self, y, x, name: str):
-        """y + adapter `name`'s update; summed in fp32 where `core.device.sums_in_fp32_while_generating` says, as a mixed batch's rows are."""
+        """y + adapter `name`'s update; summed in fp32 where `sums_in_fp32_while_generating` says, as a mixed
+        batch's rows are."""
         if sums_in_fp32_while_generating(x) and not self.is_dora(name):
             return (y.float() + self.lora(x.float(), name)).to(y.dtype)
         return y + self.lora(x, name, y=y)
