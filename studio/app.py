@@ -22,6 +22,7 @@ from core.train.estimate import parse_size
 
 from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
 from .style import CSS, theme
+from .tabs.arena import create_arena_tab, round_choices
 from .tabs.compare import adapter_choices, create_compare_tab
 from .tabs.data import create_data_tab
 from .tabs.evaluate import create_evaluate_tab, from_compare
@@ -133,13 +134,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 compare = create_compare_tab(studio)
             with gr.Tab("5 · Evaluate", id="evaluate", elem_id="tab-evaluate") as evaluate_tab:
                 evaluate = create_evaluate_tab(studio)
+            with gr.Tab("6 · Arena", id="arena", elem_id="tab-arena") as arena_tab:
+                arena = create_arena_tab(studio)
 
         # the Train tab's timer ticks only while that tab is shown. Each tick is a queued event whose skipped
         # outputs Gradio still rebuilds as components: 17.5 ms of server CPU, so 30 open pages on any tab took
         # 0.55 of this machine's 2 cores while nothing ran. A page coming back is redrawn at its next tick.
         train_tab.select(lambda: gr.Timer(active=True), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
-        for other in (data_tab, library_tab, compare_tab, evaluate_tab):
+        for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab):
             other.select(lambda: gr.Timer(active=False), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
@@ -159,6 +162,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             inputs=[evaluate["model"], evaluate["adapters"], evaluate["diff_adapter"],
                                     evaluate["dataset"]], outputs=[*evaluate["lists"], evaluate["model_status"]],
                             show_progress="hidden", api_visibility="private")
+        arena_tab.select(friendly(lambda r, b, m: (round_choices(studio, r), arena["refresh_board"](r),
+                                                   arena["model_choices"](b, m))),
+                         inputs=[arena["rounds"], arena["base"], arena["models"]],
+                         outputs=[arena["rounds"], arena["board"], arena["models"]], show_progress="hidden",
+                         api_visibility="private")
         # "Use Compare's text": the first adapter column (prompt + continuation) and its adapter
         evaluate["from_compare"].click(from_compare, inputs=[compare["include_base"], compare["adapters"],
                                                              *compare["outputs"]],
@@ -177,7 +185,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.studio = studio  # for tests and the entry point
     demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "evaluate": evaluate,
-                  "tabs": tabs}
+                  "arena": arena, "tabs": tabs}
     return demo
 
 

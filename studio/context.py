@@ -22,6 +22,7 @@ from typing import Callable
 import gradio as gr
 
 from core.adapters.validate import AdapterError
+from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.train.datasets import DatasetStore
@@ -85,12 +86,15 @@ class Studio:
     probe: HubProbe = field(default_factory=HubProbe)
     streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
     exports_dir: Path = field(init=False)
+    arena_dir: Path | None = None  # --arena: the blind arena's rounds (default: 'arena' beside the library)
+    arena: Arena = field(init=False)
 
     def __post_init__(self):
         self.dataset_store = DatasetStore(self.datasets_dir)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield)
+        self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
