@@ -20,7 +20,7 @@ from core.device import pick_device, precision_dtype
 from core.engine import Engine
 from core.train.estimate import parse_size
 
-from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
+from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
 from .tabs.compare import adapter_choices, create_compare_tab
@@ -98,6 +98,18 @@ def header_html(studio: Studio) -> str:
             f"<span class='pill'>library: {html.escape(studio.library.root.name)}/</span></div>")
 
 
+def identity_html(studio: Studio, request: gr.Request | None) -> str:
+    """Who this page acts as: the signed-in user (an admin badge, a sign-out link), or that everyone shares one
+    space without sign-in. A student on a shared lab PC sees whose session is open."""
+    user = user_of(request)
+    if not studio.auth or user is None:
+        return ("<div class='identity' id='identity'><span class='pill'>no sign-in: everyone on this server shares "
+                "one space</span></div>")
+    badge = " <span class='pill admin'>admin</span>" if user in studio.admins else ""
+    return (f"<div class='identity' id='identity'><span class='pill'>signed in as <b>{html.escape(user)}</b></span>"
+            f"{badge} <a href='/logout' class='signout'>sign out</a></div>")
+
+
 def use_in_compare(studio: Studio, name: str | None, model: str, current):
     """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
     name = typed_name(name, "the selected adapter")
@@ -123,6 +135,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     skip_matplotlib_lookups()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
+        identity = gr.HTML(identity_html(studio, None), elem_id="identity-box")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Data", id="data", elem_id="tab-data") as data_tab:
                 data = create_data_tab(studio)
@@ -178,6 +191,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                            *library_refresh(studio)),
                   outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
                            *library["lists"]], show_progress="hidden", api_visibility="private")
+        def who(request: gr.Request):
+            return identity_html(studio, request)
+
+        demo.load(who, outputs=identity, show_progress="hidden", api_visibility="private", queue=False)
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
         library["use"].click(friendly(lambda n, m, cur: use_in_compare(studio, n, m, cur)),
                              inputs=[library["picked"], compare["model"], compare["adapters"]],

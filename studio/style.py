@@ -18,6 +18,9 @@ CSS = """
 .studio-header .tagline { color: var(--body-text-color-subdued); }
 .studio-header .pill { font-size: 0.78rem; padding: 2px 10px; border-radius: 999px;
   background: var(--color-accent-soft); color: var(--color-accent); border: 1px solid var(--border-color-accent); }
+.identity { display: flex; gap: 8px; align-items: center; justify-content: flex-end; font-size: 0.85rem; }
+.identity .pill { padding: 2px 10px; border-radius: 999px; border: 1px solid var(--border-color-primary); }
+.identity .admin { background: #4f46e5; color: #fff; border-color: #4f46e5; }
 .studio-header h1 { display: flex; align-items: center; gap: 10px; }
 .dot { display: inline-block; width: 10px; height: 10px; border-radius: 50%; margin-right: 4px; vertical-align: 0; }
 .dot.available { background: #10b981; } .dot.download { background: #f59e0b; } .dot.missing { background: #ef4444; }
