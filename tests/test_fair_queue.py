@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -185,3 +186,45 @@ def test_the_admin_token_stops_another_clients_job(open_studio):
     job.wait(120)
     assert job.snapshot()["state"] == "stopped"
     owner.close(), admin.close()
+
+
+def test_past_the_queue_size_only_someone_with_nothing_waiting_gets_in():
+    """The rule behind the global bound, on a stand-in for Gradio's queue: 64 users each with one request
+    waiting fill it; a 65th user's first request is accepted, a second request of anyone is refused."""
+    from studio.fair_queue import CEILING, FairQueue
+
+    class Queue:  # what FairQueue reads of Gradio's: the live events, and len() = those waiting
+        def __init__(self):
+            self.event_ids_to_events = {}
+
+        def __len__(self):
+            return len(self.event_ids_to_events)
+
+        def add(self, user):
+            self.event_ids_to_events[len(self)] = SimpleNamespace(username=user, session_hash=None, request=None)
+
+        async def push(self, body, request, username):
+            raise AssertionError("not called here")
+
+    queue = Queue()
+    for i in range(64):
+        queue.add(f"u{i}")
+    fair = FairQueue(queue, per_user=8, users_per_address=4, max_waiting=64)
+    assert fair.refusal([("user", "newcomer")]) is None
+    assert fair.refusal([("user", "u3")]) == ("The server is busy (64 requests waiting) and you already have one "
+                                              "waiting or running; wait for it to finish, then try again.")
+    for i in range(64 * (CEILING - 1)):
+        queue.add(f"v{i}")
+    assert fair.refusal([("user", "newcomer")]) is not None  # the ceiling: a bound on memory
+
+
+def test_the_new_flags_refuse_bad_values(tmp_path, capsys):
+    import app
+    base = ["--model", "tiny", "--library", str(tmp_path / "a"), "--datasets", str(tmp_path / "d")]
+    assert app.main([*base, "--admin-token", "short"]) == 2
+    assert "--admin-token must be at least 16" in capsys.readouterr().err
+    for flag, value in (("--max-job-tokens", "0"), ("--max-job-tokens", "nan"), ("--max-queued-per-user", "0"),
+                        ("--users-per-address", "-1")):
+        assert app.main([*base, flag, value]) == 2
+        assert f"{flag} must be a whole number" in capsys.readouterr().err
+    assert app.users_per_address(None) == 4 and app.job_tokens(1e8) == 100_000_000

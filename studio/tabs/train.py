@@ -495,7 +495,7 @@ def create_train_tab(studio: Studio) -> dict:
                         "library; Resume continues the run named above from where it stopped."
                         + limit_note(studio) + "</span>", elem_id="train-limits")
             # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
-            admin_token = gr.Textbox(label="Admin token", type="password", elem_id="train-admin-token",
+            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
                                      visible=studio.admin_token is not None,
                                      info="Given at start-up (--admin-token): Stop then stops the followed job, "
                                           "whoever started it.")
@@ -556,10 +556,10 @@ def create_train_tab(studio: Studio) -> dict:
                          owner=requester(request, browser_id), address=address_of(request, studio))
         return msg, run, model_status_md(studio, values["model"]), followed(run)
 
-    def do_stop(job_id, browser_id, token, request: gr.Request):
+    def do_stop(job_id, browser_id, admin_token, request: gr.Request):
         try:
             return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id),
-                        admin_token=token if isinstance(token, str) else None)
+                        admin_token=admin_token if isinstance(admin_token, str) else None)
         except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
             return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
