@@ -78,7 +78,9 @@ class FairQueue:
                 return (f"{who} {n} requests waiting or running (the limit is {cap}{scope}); wait for them to "
                         f"finish, then try again.")
         waiting = len(self.queue)
-        if waiting >= CEILING * self.max_waiting or (waiting >= self.max_waiting and any(counts[k] for k in keys)):
+        if waiting >= CEILING * self.max_waiting:
+            return f"The server is overloaded ({waiting} requests waiting); try again in a few minutes."
+        if waiting >= self.max_waiting and any(counts[k] for k in keys):
             return (f"The server is busy ({waiting} requests waiting) and you already have one waiting or running; "
                     f"wait for it to finish, then try again.")
         return None

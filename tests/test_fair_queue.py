@@ -215,7 +215,8 @@ def test_past_the_queue_size_only_someone_with_nothing_waiting_gets_in():
                                               "waiting or running; wait for it to finish, then try again.")
     for i in range(64 * (CEILING - 1)):
         queue.add(f"v{i}")
-    assert fair.refusal([("user", "newcomer")]) is not None  # the ceiling: a bound on memory
+    assert fair.refusal([("user", "newcomer")]) == ("The server is overloaded (256 requests waiting); try again "
+                                                    "in a few minutes.")  # the ceiling: a bound on memory
 
 
 def test_the_new_flags_refuse_bad_values(tmp_path, capsys):
