@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hmac
 import inspect
 import math
 import re
@@ -34,6 +35,7 @@ from core.text_checks import check_text, scrub
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
+from .fair_queue import is_local
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner
 
@@ -81,6 +83,10 @@ class Studio:
     max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
     train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
     train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
+    max_queued_per_user: int = 8  # --max-queued-per-user: requests one user may have waiting or running
+    users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
+    max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
+    admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -93,7 +99,8 @@ class Studio:
         self.dataset_store = DatasetStore(self.datasets_dir)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
-                             self.max_jobs_per_user, self.train_capacity, self.train_yield)
+                             self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
+                             max(1, self.users_per_address))
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
@@ -194,6 +201,12 @@ class Studio:
         if self.auth:
             self.check_owner(name, self.library.details(name).get("user"), user, action)
 
+    def is_admin_token(self, token) -> bool:
+        """Whether `token` is --admin-token (compared in constant time; a token of any other kind is not)."""
+        if not self.admin_token or not isinstance(token, str) or not token:
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.admin_token.encode("utf-8"))
+
 
 def typed_name(value, what: str = "name") -> str:
     """A name typed in a text box: valid Unicode, stripped (the name rules, length included, come after)."""
@@ -241,6 +254,15 @@ def requester(request: gr.Request | None, browser: str | None = None) -> str | N
         return f"browser:{browser}"
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"session:{session}" if session else None
+
+
+def address_of(request: gr.Request | None, studio: Studio) -> str | None:
+    """Without sign-in, the client's network address, which it cannot choose as it does a browser id: a
+    second key for per-user limits (None with sign-in, for this machine itself, or with the limit off)."""
+    host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
+    if studio.auth or studio.users_per_address < 1 or is_local(host):
+        return None
+    return f"address:{host}"
 
 
 def new_browser_id(current) -> str:

@@ -24,7 +24,8 @@ from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import Studio, friendly, new_browser_id, number, requester, sentence, typed_name, user_of, whole
+from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
+                       user_of, whole)
 from ..models import CHOICES
 from ..plots import loss_figure
 
@@ -185,9 +186,10 @@ def owner_of(user: str | None, owner: str | None) -> str | None:
 
 
 def start(studio: Studio, form: TrainForm, user: str | None = None, progress=None,
-          owner: str | None = None) -> tuple[str, str]:
+          owner: str | None = None, address: str | None = None) -> tuple[str, str]:
     """Queue a training job; it starts at once when there is room. Returns (status line, the run's name).
-    Raises ValueError/WeightsError. user: the signed-in user; owner: who may stop it (see owner_of)."""
+    Raises ValueError/WeightsError. user: the signed-in user; owner: who may stop it (see owner_of);
+    address: without sign-in, the client's address (context.address_of), a second key for the job limit."""
     dataset = typed_name(form.dataset, "the dataset name")
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
@@ -199,10 +201,11 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     tcfg.validate(PRESETS[model_name])
     ds = studio.dataset_store.load(dataset)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
-    studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
+    studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
+    studio.runner.check_memory(model_name, ds, lcfg, tcfg)
     _load_now(studio, model_name, progress)
     job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user,
-                              report_to=form.report_to)
+                              report_to=form.report_to, address=address)
     return _queued_line(studio, job, f"Started **{name}** on {model_name}"), name
 
 
@@ -223,14 +226,18 @@ def _queued_line(studio: Studio, job, started: str) -> str:
     return f"Queued **{job.name}**: {why[0].lower() + why[1:].rstrip('.')}. The chart below follows it."
 
 
-def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None = None) -> str:
-    """Stop a job (default: the user's newest live one); only its owner or an admin may."""
-    admin = studio.auth and user is not None and user in studio.admins
+def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None = None,
+         admin_token: str | None = None) -> str:
+    """Stop a job (default: the user's newest live one); only its owner or an admin may: a signed-in --admin,
+    or whoever gives --admin-token (for a studio without sign-in)."""
+    if admin_token and not studio.is_admin_token(admin_token):
+        raise ValueError("the admin token is wrong; nothing was stopped (leave it empty to stop a job of your own).")
+    admin = (studio.auth and user is not None and user in studio.admins) or bool(admin_token)
     return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin)
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
-           job_id=None) -> tuple[str, str]:
+           job_id=None, address: str | None = None) -> tuple[str, str]:
     """Continue run `name` (default: the followed job's run) from its newest checkpoint to `steps` in total."""
     name = typed_name(name, "the run name")
     if not name:
@@ -256,9 +263,16 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
                          f"train it further.")
     _load_now(studio, base, progress)
-    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user)
+    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user, address=address)
     return _queued_line(studio, job, f"Resumed **{name}** from step {ck.step} toward {job.progress['steps']} "
                                      f"steps"), name
+
+
+def limit_note(studio: Studio) -> str:
+    """The Train tab's line on the per-job budget (--max-job-tokens), empty without one."""
+    cap = studio.max_job_tokens
+    return "" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                   f"sequence length).")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -478,7 +492,13 @@ def create_train_tab(studio: Studio) -> dict:
                 stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
                 resume_btn = gr.Button("⟳ Resume", elem_id="train-resume")
             gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named above from where it stopped.</span>")
+                        "library; Resume continues the run named above from where it stopped."
+                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
+            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
+                                     visible=studio.admin_token is not None,
+                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
+                                          "whoever started it.")
             action = gr.Markdown(elem_id="train-action")
         with gr.Column(scale=6, elem_classes="live"):
             follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
@@ -533,25 +553,27 @@ def create_train_tab(studio: Studio) -> dict:
     @friendly
     def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
         msg, run = start(studio, TrainForm(**values), user_of(request), progress,
-                         owner=requester(request, browser_id))
+                         owner=requester(request, browser_id), address=address_of(request, studio))
         return msg, run, model_status_md(studio, values["model"]), followed(run)
 
-    def do_stop(job_id, browser_id, request: gr.Request):
+    def do_stop(job_id, browser_id, admin_token, request: gr.Request):
         try:
-            return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id))
+            return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id),
+                        admin_token=admin_token if isinstance(admin_token, str) else None)
         except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
             return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
     @friendly
     def do_resume(run_name, total_steps, job_id, browser_id, request: gr.Request, progress=gr.Progress()):
         msg, run = resume(studio, run_name, total_steps, user_of(request), progress,
-                          owner=requester(request, browser_id), job_id=job_id or None)
+                          owner=requester(request, browser_id), job_id=job_id or None,
+                          address=address_of(request, studio))
         return msg, run, followed(run)
 
     start_btn.click(do_start, inputs_kwargs={**form, "browser_id": me},
                     outputs=[action, name, model_status, follow], concurrency_id="train-control",
                     api_name="start_training")
-    stop_btn.click(do_stop, inputs=[follow, me], outputs=action, queue=False, api_name="stop_training")
+    stop_btn.click(do_stop, inputs=[follow, me, admin_token], outputs=action, queue=False, api_name="stop_training")
     resume_btn.click(do_resume, inputs=[name, steps, follow, me], outputs=[action, name, follow],
                      concurrency_id="train-control", api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
