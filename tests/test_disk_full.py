@@ -1,0 +1,82 @@
+"""A full disk (ENOSPC, simulated for one job only) during co-batched training: that job fails alone with
+a message that says what is kept, its earlier checkpoints and run folder stay, and the job beside it
+finishes as it would alone. Free space is checked before a save, and a job is refused at start when the
+disk is nearly full."""
+from __future__ import annotations
+
+import errno
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import core.atomic
+from core.adapters.library import RESUMABLE, checkpoint_dirs
+from core.lora.layers import adapter_state_dict
+from core.model.config import LoraConfig
+from core.model.weights import load_base
+from core.train.jobs import JobSpec, TrainScheduler
+from core.train.trainer import Trainer
+from studio_helpers import _prepare, _start
+from train_helpers import quick
+
+# two identical settings: co-batched, the job beside the failing one must stay what it is alone
+JOB = (LoraConfig(r=4, alpha=8, targets=("attn.c_attn",)),
+       quick(steps=6, batch_size=2, seq_len=16, grad_accum=2, eval_interval=2, checkpoint_interval=2, seed=1))
+Usage = namedtuple("Usage", "total used free")
+
+
+def _disk_full_for(monkeypatch, folder: Path, after_checkpoints: int) -> None:
+    """Every file written under `folder` fails with ENOSPC once it holds `after_checkpoints` checkpoints;
+    every other write goes on."""
+    real = core.atomic.write_bytes
+
+    def write_bytes(path, data):
+        if Path(path).is_relative_to(folder) and len(checkpoint_dirs(folder, RESUMABLE)) >= after_checkpoints:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(core.atomic, "write_bytes", write_bytes)
+
+
+def _alone(ds, folder: Path, name: str):
+    model = load_base("tiny", device="cpu")
+    events = list(Trainer(model, ds, *JOB, name, folder / f"alone-{name}").run())
+    return [e["loss"] for e in events if e["type"] == "step"], adapter_state_dict(model, name)
+
+
+def _co_batched(ds, folder: Path):
+    """Jobs 'ok' and 'full' co-batched on one base, both queued before either starts."""
+    model, gate = load_base("tiny", device="cpu"), __import__("threading").Event()
+
+    def load(spec):
+        gate.wait(30)
+        return model
+    sched = TrainScheduler(load, capacity_tokens=10_000)
+    jobs = [sched.submit(JobSpec(n, "tiny", ds, *JOB, folder / n, user=n)) for n in ("ok", "full")]
+    gate.set()
+    for job in jobs:
+        assert job.wait(120)
+    sched.close()
+    return [j.snapshot() for j in jobs]
+
+
+def test_a_full_disk_fails_that_job_alone_and_the_other_trains_as_alone(sample_ds, tmp_path, monkeypatch):
+    want_losses, want_tensors = _alone(sample_ds, tmp_path, "ok")
+    _disk_full_for(monkeypatch, tmp_path / "full", after_checkpoints=1)  # its step-2 checkpoint is saved
+    ok, full = _co_batched(sample_ds, tmp_path)
+
+    assert full["state"] == "failed" and full["progress"]["step"] == 4, full
+    assert full["message"] == ("training stopped at step 4: not enough disk space to save (No space left on "
+                               "device); its checkpoint of step 2 is kept, so free some space, then Resume.")
+    assert [c.name for c in checkpoint_dirs(tmp_path / "full", RESUMABLE)] == ["step_000002"]
+    assert [p["loss"] for p in full["points"]] == pytest.approx(want_losses[:4], abs=1e-5)  # its own steps, right
+
+    assert ok["state"] == "finished", ok["message"]
+    assert [p["loss"] for p in ok["points"]] == pytest.approx(want_losses, abs=1e-5)
+    got = {k.removeprefix("base_model.model."): v
+           for k, v in load_file(str(tmp_path / "ok" / "adapter_model.safetensors")).items()}
+    for k, v in want_tensors.items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
