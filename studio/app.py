@@ -18,6 +18,7 @@ import gradio as gr
 from core.adapters.validate import preset_of
 from core.device import pick_device, precision_dtype
 from core.engine import Engine
+from core.quota import Quota
 from core.train.estimate import parse_size
 
 from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
@@ -48,7 +49,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   auth=False, max_train_memory: str | int | None = None, admins=(),
                   generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
-                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0) -> Studio:
+                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
+                  quota: Quota | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -58,7 +60,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
     max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step).
     precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype).
-    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never)."""
+    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never).
+    quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
@@ -83,7 +86,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
-                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield)
+                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,
+                    quota=quota or Quota.for_studio())
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ import gradio as gr
 from core.adapters.validate import AdapterError
 from core.atomic import disk_full
 from core.model.config import PRESETS
+from core.quota import Quota
 from core.train.datasets import DatasetStore
 from core.device import default_dtype, precision_name
 from core.engine import Engine
@@ -80,6 +81,7 @@ class Studio:
     max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
     train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
     train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
+    quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -87,11 +89,12 @@ class Studio:
     exports_dir: Path = field(init=False)
 
     def __post_init__(self):
-        self.dataset_store = DatasetStore(self.datasets_dir)
+        self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
+        self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield)
-        self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
+        self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
         atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)

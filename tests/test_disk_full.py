@@ -80,3 +80,60 @@ def test_a_full_disk_fails_that_job_alone_and_the_other_trains_as_alone(sample_d
            for k, v in load_file(str(tmp_path / "ok" / "adapter_model.safetensors")).items()}
     for k, v in want_tensors.items():
         torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
+
+
+# ---- the studio: a run folder holding a checkpoint is kept; starting under the floor is refused --------
+
+def test_a_studio_run_that_saved_a_checkpoint_keeps_its_folder_and_says_so(studio, monkeypatch):
+    _prepare(studio)
+    run = studio.library.root / "half"
+    _disk_full_for(monkeypatch, run, after_checkpoints=1)
+    _start(studio, "half", 120)  # the studio checkpoints every 50 steps
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "failed" and snap["progress"]["step"] == 100, snap
+    assert snap["message"].startswith("training stopped at step 100: not enough disk space to save")
+    assert "its checkpoint of step 50 is kept, so free some space, then Resume." in snap["message"]
+    assert [c.name for c in checkpoint_dirs(run, RESUMABLE)] == ["step_000050"]  # the hold let go, the work stays
+    entry = next(e for e in studio.library.list() if e.name == "half")
+    assert entry.status == "interrupted (can resume)" and entry.n_checkpoints == 1
+    monkeypatch.undo()
+    studio.runner.resume("tiny", studio.dataset_store.load("pirates"), "half")
+    assert studio.runner.wait(180)["state"] == "finished"
+
+
+def test_a_studio_run_that_saved_nothing_says_so_and_frees_its_name(studio, monkeypatch):
+    _prepare(studio)
+    _disk_full_for(monkeypatch, studio.library.root / "none", after_checkpoints=0)
+    _start(studio, "none", 3)
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "failed" and snap["progress"]["step"] == 3, snap
+    assert snap["message"] == ("training stopped at step 3: not enough disk space to save (No space left on "
+                               "device); no checkpoint had been saved yet, so free some space and start it again.")
+    assert not (studio.library.root / "none").exists()
+
+
+def _free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(100 << 30, (100 << 30) - free, free))
+
+
+def test_a_checkpoint_is_not_begun_without_room_for_it(studio, monkeypatch):
+    _prepare(studio)
+    real, writes = core.atomic.write_bytes, []
+    monkeypatch.setattr(core.atomic, "write_bytes", lambda path, data: (writes.append(path), real(path, data)))
+    studio.quota = studio.library.quota = type(studio.quota)()  # no floor: the save's own check is what is tested
+    _free(monkeypatch, 10_000)  # less than one checkpoint of the tiny model
+    _start(studio, "tight", 3)
+    snap = studio.runner.wait(180)
+    assert snap["state"] == "failed" and "not enough disk space" in snap["message"], snap
+    assert not [p for p in writes if "tight" in str(p)]  # refused before the first byte, not midway
+
+
+def test_starting_a_run_is_refused_when_the_disk_is_nearly_full(studio, monkeypatch):
+    from studio_helpers import refused
+    _prepare(studio)
+    studio.base("tiny")
+    _free(monkeypatch, 300 << 20)  # under the default floor, 1 GB
+    msg = refused(studio, ValueError, r"^the server's disk is nearly full \(300\.0 MB free, 1\.0 GB is kept free "
+                                      r"for everyone\), so nothing was saved", _start, studio, "late", 3)
+    assert msg.count(". ") == 0  # one sentence
+    assert not (studio.library.root / "late").exists()
