@@ -168,6 +168,7 @@ class Studio:
         if waiting >= self.max_export_bytes:
             raise ValueError(f"the server already holds {human_bytes(waiting)} of downloads being fetched "
                              f"(the limit is {human_bytes(self.max_export_bytes)}); try again in a few minutes.")
+        self.quota.check_floor(self.exports_dir)  # downloads share the disk with everyone's work
         return Path(tempfile.mkdtemp(prefix="x-", dir=self.exports_dir))
 
     def drop_export(self, path) -> None:

@@ -128,7 +128,8 @@ def test_a_checkpoint_is_not_begun_without_room_for_it(studio, monkeypatch):
     _prepare(studio)
     real, writes = core.atomic.write_bytes, []
     monkeypatch.setattr(core.atomic, "write_bytes", lambda path, data: (writes.append(path), real(path, data)))
-    studio.quota = studio.library.quota = type(studio.quota)()  # no floor: the save's own check is what is tested
+    from core.quota import Quota
+    studio.library.quota = Quota()  # no floor at start: the save's own check is what is tested
     _free(monkeypatch, 10_000)  # less than one checkpoint of the tiny model
     _start(studio, "tight", 3)
     snap = studio.runner.wait(180)
@@ -145,6 +146,8 @@ def test_starting_a_run_is_refused_when_the_disk_is_nearly_full(studio, monkeypa
                                       r"for everyone\), so nothing was saved", _start, studio, "late", 3)
     assert msg.count(". ") == 0  # one sentence
     assert not (studio.library.root / "late").exists()
+    from studio.tabs import library
+    refused(studio, ValueError, r"^the server's disk is nearly full", library.export_zip, studio, "anything")
 
 
 # ---- per-user quotas, through the served studio ---------------------------------------------------
