@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
                    help="generation first: while someone generates, training waits up to SECONDS before each "
                         "micro-step (default 0: no waiting)")
+    p.add_argument("--min-free-disk", default="1GB", metavar="SIZE|PCT%",
+                   help="refuse saves, uploads, datasets and new training runs that would leave less free disk than "
+                        "this, e.g. 1GB or 5%% (default 1GB; 0: no floor)")
+    p.add_argument("--max-adapters-per-user", type=int, default=100, metavar="N",
+                   help="with --auth: library entries one user may own (default 100; 0: no limit; admins: none)")
+    p.add_argument("--max-library-per-user", default="5GB", metavar="SIZE",
+                   help="with --auth: disk one user's library entries may take, checkpoints included (default 5GB)")
+    p.add_argument("--max-datasets-per-user", type=int, default=50, metavar="N",
+                   help="with --auth: datasets one user may prepare (default 50; 0: no limit)")
+    p.add_argument("--max-datasets-size-per-user", default="2GB", metavar="SIZE",
+                   help="with --auth: disk one user's datasets may take (default 2GB)")
     return p
 
 
@@ -120,7 +131,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--admin {unknown[0]}: no such user in --auth.")
         if args.weights and args.model == "tiny":
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
+        from core.quota import Quota
         from studio.app import build_ui, create_studio, launch_options
+        quota = Quota.for_studio(args.min_free_disk, args.max_adapters_per_user, args.max_library_per_user,
+                                 args.max_datasets_per_user, args.max_datasets_size_per_user)
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
@@ -129,7 +143,8 @@ def main(argv=None) -> int:
                                precision=args.precision, train_yield=args.train_yield,
                                max_queued_per_user=args.max_queued_per_user,
                                users_per_address=users_per_address(args.users_per_address),
-                               max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None)
+                               max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,
+                               quota=quota)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,21 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
+def check_free(folder, need: int) -> None:
+    """Raise the file system's own error for a full disk (OSError ENOSPC) before a write of about `need`
+    bytes into `folder` when fewer are free: the write would fail midway, after filling the disk that every
+    user shares. An unknown free space lets the write go on (it reports a full disk itself)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:  # a run folder made by the write itself
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(str(folder), os.O_RDONLY)

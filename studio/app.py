@@ -18,6 +18,7 @@ import gradio as gr
 from core.adapters.validate import preset_of
 from core.device import pick_device, precision_dtype
 from core.engine import Engine
+from core.quota import Quota
 from core.train.estimate import parse_size
 
 from . import fair_queue
@@ -54,7 +55,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
                   train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
                   max_queued_per_user: int = 8, users_per_address: int = 4,
-                  max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None) -> Studio:
+                  max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None, quota: Quota | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -68,7 +69,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     max_queued_per_user: --max-queued-per-user, requests one user may have waiting or running (studio.fair_queue);
     users_per_address: --users-per-address, without sign-in how many users one client address counts as (0: off).
     max_job_tokens: --max-job-tokens, a training job's steps x tokens per step at most (None: no limit).
-    admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters)."""
+    admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters).
+    quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
@@ -102,7 +104,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
                     max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,
                     max_queued_per_user=max_queued_per_user, users_per_address=users_per_address,
-                    max_job_tokens=max_job_tokens, admin_token=admin_token)
+                    max_job_tokens=max_job_tokens, admin_token=admin_token,
+                    quota=quota or Quota.for_studio())
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from core.adapters.validate import AdapterError
 from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
+from core.quota import Quota
 from core.train.datasets import DatasetStore
 from core.device import default_dtype, precision_name
 from core.engine import Engine
@@ -87,6 +88,7 @@ class Studio:
     users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
     max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
+    quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -96,13 +98,14 @@ class Studio:
     arena: Arena = field(init=False)
 
     def __post_init__(self):
-        self.dataset_store = DatasetStore(self.datasets_dir)
+        self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
+        self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
                              max(1, self.users_per_address))
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
-        self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
+        self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
         self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
         atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
@@ -176,6 +179,7 @@ class Studio:
         if waiting >= self.max_export_bytes:
             raise ValueError(f"the server already holds {human_bytes(waiting)} of downloads being fetched "
                              f"(the limit is {human_bytes(self.max_export_bytes)}); try again in a few minutes.")
+        self.quota.check_floor(self.exports_dir)  # downloads share the disk with everyone's work
         return Path(tempfile.mkdtemp(prefix="x-", dir=self.exports_dir))
 
     def drop_export(self, path) -> None:

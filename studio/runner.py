@@ -136,7 +136,7 @@ class Runner:
                 raise ValueError(f"the library already has an adapter named '{name}'; choose another "
                                  f"name (or resume that run).")
             # held while this process lives: a crash right after Start leaves a folder the next start-up sweeps
-            hold = library.reserve_run(name)
+            hold = library.reserve_run(name, user)  # refused past the user's quota or the disk's floor
         return self._submit(hold, JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner,
                                           meta=_run_meta(name, user), adapter=TRAIN_PREFIX + name,
                                           max_memory=self.engine.max_train_memory, trackers=trackers),
@@ -157,6 +157,7 @@ class Runner:
             tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": int(steps)})
         self.check_budget(dataset, tcfg, done=ck.step)
         recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
+        self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
                                           resume=ck, meta=_run_meta(name, recorded), adapter=TRAIN_PREFIX + name,

@@ -37,6 +37,7 @@ from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
 from core.model.config import GPTConfig, LoraConfig
+from core.quota import Quota, folder_bytes
 
 try:
     import fcntl
@@ -178,10 +179,11 @@ def _lock_for(root: Path) -> _LibraryLock:
 
 
 class Library:
-    def __init__(self, root="adapters", max_bytes: int = MAX_FILE_BYTES):
+    def __init__(self, root="adapters", max_bytes: int = MAX_FILE_BYTES, quota: Quota | None = None):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.quota = quota or Quota()  # per-user caps and the free-space floor (the studio sets its flags')
         self._lock = _lock_for(self.root)
         self._sweep()
 
@@ -257,7 +259,7 @@ class Library:
         def build(tmp: Path):
             save_adapter(model, adapter_name, tmp, lcfg, base_id, meta)
             read_adapter(tmp, model.config, max_bytes=self.max_bytes)  # never publish a broken adapter
-        return self._create(new_name, build)
+        return self._create(new_name, build, (meta or {}).get("user"))
 
     def import_path(self, path, name: str | None = None, base_cfg: GPTConfig | None = None,
                     config_path=None, user: str | None = None) -> str:
@@ -283,7 +285,7 @@ class Library:
         meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
         _set_user(meta, user)
         return self._create(name, lambda tmp: write_adapter_folder(
-            tmp, files.peft_tensors(), files.lcfg, files.base_id, meta))
+            tmp, files.peft_tensors(), files.lcfg, files.base_id, meta), user)
 
     def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
               base_cfg: GPTConfig | None = None, user: str | None = None) -> str:
@@ -312,7 +314,7 @@ class Library:
         def build(tmp: Path):
             write_adapter_folder(tmp, tensors, lcfg, meta["base_model"], meta)
             read_adapter(tmp, base_cfg, max_bytes=self.max_bytes)  # held to an import's checks
-        return self._create(new_name, build)
+        return self._create(new_name, build, user)
 
     def rename(self, old: str, new: str) -> str:
         check_name(new)
@@ -348,12 +350,13 @@ class Library:
 
     # ---- runs being trained: a folder held by a live process ---------------------------------
 
-    def reserve_run(self, name: str) -> "RunHold":
-        """Create the empty folder of new run `name` and hold it for this process (release() or
-        process exit frees it). An empty run folder nobody holds is swept at the next start-up,
-        so a crash right after Start never blocks the name."""
+    def reserve_run(self, name: str, user: str | None = None) -> "RunHold":
+        """Create the empty folder of new run `name` for `user` and hold it for this process (release()
+        or process exit frees it). An empty run folder nobody holds is swept at the next start-up,
+        so a crash right after Start never blocks the name. Refused past `user`'s quota or the floor."""
         with self._lock:
             dst = self._check_free(name)
+            self.check_quota(user)
             dst.mkdir()
             return _hold(dst, self) or RunHold(dst, None)
 
@@ -396,13 +399,27 @@ class Library:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _create(self, name: str, build: Callable[[Path], object]) -> str:
-        """Build a new entry in a hidden temp folder, then publish it under the lock."""
+    def check_quota(self, user: str | None, adding: int = 0, new: bool = True, written: bool = False) -> None:
+        """Refuse (QuotaError) a write of `user`'s past their quota or the disk's floor (core.quota.Quota.check)."""
+        self.quota.check("adapters", self.root, user, lambda: self._owned(user), adding, new, written)
+
+    def _owned(self, user: str) -> list[int]:
+        """The sizes on disk of the entries `user` owns, their runs' checkpoints included."""
+        return [folder_bytes(d) for d in self._children() if (e := self._entry(d)) is not None and e.user == user]
+
+    def _create(self, name: str, build: Callable[[Path], object], user: str | None = None) -> str:
+        """Build a new entry of `user`'s in a hidden temp folder, then publish it under the lock; past their
+        quota (checked before the build, and with its size after it) nothing is published."""
         check_name(name)
+
+        def checked(tmp: Path):
+            build(tmp)
+            self.check_quota(user, folder_bytes(tmp), written=True)
         with self._lock:
             dst = self._check_free(name)
+            self.check_quota(user)
             with _disk_full_says(f"save {name!r}", self.root):
-                atomic.publish_dir(dst, build)
+                atomic.publish_dir(dst, checked)
         return name
 
     def _copy_entry(self, src: Path, new_name: str, note: dict, user: str | None) -> str:
@@ -414,7 +431,7 @@ class Library:
             meta.update(note)
             _set_user(meta, user)
             atomic.write_text(tmp / META, json.dumps(meta, indent=2))
-        return self._create(new_name, build)
+        return self._create(new_name, build, user)
 
     def _check_not_live(self, folder: Path, name: str, what: str) -> None:
         if _is_live(folder):

@@ -30,7 +30,8 @@ from core.model.config import LoraConfig, TrainConfig
 from core.train.cobatch import CoTrainer
 from core.train.data import Dataset
 from core.train.estimate import estimate_training
-from core.train.trainer import Checkpoint, Trainer
+from core.adapters.library import RESUMABLE, checkpoint_dirs
+from core.train.trainer import Checkpoint, Trainer, failure_message
 
 # Tokens per shared step on CPU and MPS unless set (--train-capacity): 8 jobs of 4 x 128.
 CPU_CAPACITY = 4096
@@ -477,12 +478,13 @@ class TrainScheduler:
     def _fail(self, job: TrainJob, e: BaseException) -> None:
         if job.trainer is not None and job.trainer.outcome is None:
             job.trainer.abort()
+        found = checkpoint_dirs(job.spec.out_dir, RESUMABLE)  # what is on disk, not what was hoped for
+        kept = str(found[-1]) if found else None
+        step = job.trainer.step if job.trainer is not None else job.progress.get("step", 0)
         msg = f"training failed: {e}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {e}"
-        if disk_full(e):
-            msg = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). Checkpoints "
-                   f"saved before are kept; free some space, then Resume.")
-        job._final = {"type": "error", "kind": "internal", "step": job.progress.get("step", 0), "message": msg,
-                      "checkpoint": None}
+        if kept or disk_full(e):
+            msg = failure_message(e, step, kept)
+        job._final = {"type": "error", "kind": "internal", "step": step, "message": msg, "checkpoint": kept}
         if job not in self._running:
             with self._cond:
                 self._running.append(job)

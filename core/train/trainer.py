@@ -19,8 +19,8 @@ Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     checkpoint  step, path
     done        status ('finished' | 'stopped'), step, steps, path (the run folder), checkpoint,
                 train_loss, val_loss, elapsed
-    error       kind ('nan' | 'oom' | 'internal'), step, message, checkpoint (the last good one or None);
-                the run ends after it
+    error       kind ('nan' | 'oom' | 'disk' | 'internal'), step, message, checkpoint (the last good one or
+                None); the run ends after it
 
 Run folder layout:
     <run>/adapter_model.safetensors, adapter_config.json, studio.json   the adapter (finished/stopped)
@@ -46,8 +46,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from core import atomic
+from core.atomic import disk_full
 from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
-from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
+from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
+                                   checkpoint_step)
 from core.model.config import LoraConfig, TrainConfig
 from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
@@ -62,6 +64,8 @@ from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
+# Bytes a save writes beyond the adapter's weights (and optimizer state): its JSON files, per history entry
+SAVE_MARGIN, SAVE_PER_STEP = 1 << 20, 1024
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
 # tokens (20 batches) before the first step, and Stop would wait for them.
 EVAL_TOKENS = 32_768
@@ -134,6 +138,18 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
                     total += model.loss(x, y, route, chunk=0).double() * n
                     count += n
     return float(total) / max(1, count), count
+
+
+def failure_message(e: BaseException, step: int, kept: str | None) -> str:
+    """One sentence for a run that ended at `step` on an error in its own work (`kept`: its newest checkpoint
+    on disk, or None): what went wrong, without a server path, and what is left to resume from."""
+    have = f"its checkpoint of step {checkpoint_step(kept)} is kept" if kept else "no checkpoint had been saved yet"
+    if disk_full(e):
+        fix = "free some space, then Resume" if kept else "free some space and start it again"
+        return f"training stopped at step {step}: not enough disk space to save ({e.strerror}); {have}, so {fix}."
+    what = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+    return f"training failed at step {step} ({what}); {have}."
 
 
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
@@ -324,7 +340,7 @@ class Trainer:
         yield from self.open()
         while self.outcome is None:
             if self.stop.is_set():
-                yield from self.stopped()
+                yield from self._guarded(self.stopped())
                 break
             self.begin_micro()
             try:
@@ -335,7 +351,14 @@ class Trainer:
                     raise
                 yield self.out_of_memory()
                 break
-            yield from self.end_micro(loss)
+            yield from self._guarded(self.end_micro(loss))
+
+    def _guarded(self, events: Iterator[dict]) -> Iterator[dict]:
+        """`events`, then the 'error' event of a failure in them (failed)."""
+        try:
+            yield from events
+        except Exception as e:  # noqa: BLE001 - the run's own failure, reported as its last event
+            yield self.failed(e)
 
     # -- the steps, one micro-batch at a time (core.train.cobatch drives several runs through them) --
 
@@ -449,6 +472,17 @@ class Trainer:
         self._end("failed")
         return {"type": "error", "kind": "oom", "step": self.step, "checkpoint": self._progress.last_good,
                 "message": self._oom_message()}
+
+    def failed(self, e: Exception) -> dict:
+        """The run ends on an error in its own work between micro-batches (an evaluation, a checkpoint or
+        the adapter's save, e.g. on a full disk): the 'error' event, saying whether a checkpoint is kept.
+        Nothing else is saved; the shared model and other runs are not touched."""
+        if is_oom(e) and self._progress is not None:
+            return self.out_of_memory()
+        self.abort()
+        kept = self._latest_checkpoint()
+        return {"type": "error", "kind": "disk" if disk_full(e) else "internal", "step": self.step,
+                "checkpoint": kept, "message": failure_message(e, self.step, kept)}
 
     def abort(self) -> None:
         """The run ends on an unexpected error (raised by whoever steps it): nothing more is saved."""
@@ -622,9 +656,17 @@ class Trainer:
             **self.extra_meta,
         }
 
+    def _check_room(self, with_state: bool) -> None:
+        """Refuse a save the disk has no room for before anything is written (OSError ENOSPC, as the disk
+        would say midway): the weights, with a checkpoint their optimizer state (2 more copies), and the JSON."""
+        weights = sum(p.numel() * p.element_size() for p in self._prepared.params)
+        atomic.check_free(self.out_dir, weights * (3 if with_state else 1) + SAVE_MARGIN
+                          + SAVE_PER_STEP * len(self.history) * (2 if with_state else 1))
+
     def _save_final(self, status: str) -> Path:
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return self.out_dir
+        self._check_room(with_state=False)
         return save_adapter(self.model, self.name, self.out_dir, self.lcfg, self.base_id, self._meta(status))
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
@@ -632,6 +674,7 @@ class Trainer:
         folder = checkpoint_path(self.out_dir, self.step)
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return folder
+        self._check_room(with_state=True)
         root = folder.parent
         root.mkdir(parents=True, exist_ok=True)
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
