@@ -21,7 +21,9 @@ own decode loop (`stream_text`), as before.
 Pinning: a training run loads its base with `base(..., pin=True)` and holds the pin until the
 run ends (`unpin_base`). Meanwhile no other request can replace the base (BaseInUse): a Compare
 on another base, queued while the run's base was loading, would otherwise swap the model under
-the starting run, which would then train a base nobody tracks.
+the starting run, which would then train a base nobody tracks. A request (compare, evaluate, token
+differences, export) holds the base the same way while it runs: one user switching the base would
+otherwise end every other user's request.
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ class Engine:
         self._retired: set[str] = set()  # replaced versions to remove once unused
         self._versions = itertools.count(2)
         self._base_pins = 0  # training runs (starting or running) that need the loaded base to stay
+        self._base_users = 0  # requests running on the loaded base now (compare, evaluate, exports): it stays too
         self.max_train_memory = max_train_memory  # bytes: cap on a training run's estimated peak (None = RAM/GPU)
 
     @property
@@ -147,6 +150,10 @@ class Engine:
                     raise BaseInUse(f"the base model {self.base_id} is in use by a starting or running training "
                                     f"job, so it cannot change to {model_name_or_path} now; choose {self.base_id}, "
                                     f"or wait for the run to end.")
+                if self._base_users:  # replacing it would end their requests (one user's switch, everyone's loss)
+                    raise BaseInUse(f"the base model {self.base_id} is generating or evaluating for other requests, "
+                                    f"so it cannot change to {model_name_or_path} now; choose {self.base_id}, or try "
+                                    f"again in a moment.")
                 model = load_base(weights or model_name_or_path, self.device, self.dtype, progress)
                 self._close_scheduler()  # its requests on the old base end (SchedulerClosed)
                 self._model, self._base_key, self.base_id = model, key, str(model_name_or_path)
@@ -224,10 +231,12 @@ class Engine:
             except BaseException:
                 self._unpin(names, model)
                 raise
+            self._base_users += 1
         try:
             yield model, names
         finally:
             with self.lock:
+                self._base_users -= 1
                 self._unpin(names, model)
 
     # ---- generation ------------------------------------------------------------------------

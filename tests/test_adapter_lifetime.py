@@ -19,7 +19,7 @@ from gradio_client import Client
 
 from adapter_helpers import LX, LY, make_adapter
 from core.adapters.validate import AdapterError
-from core.engine import Engine
+from core.engine import BaseInUse, Engine
 from core.generate.sampling import SamplingConfig, generate
 from core.generate.scheduler import DecodeScheduler
 from core.lora.layers import adapter_names, add_adapter, remove_adapter
@@ -92,6 +92,19 @@ def test_an_adapter_retired_while_a_compare_uses_it_stays_until_the_compare_ends
         assert "x" in adapter_names(model)
     assert _last(stream) == solo
     assert "x" not in adapter_names(model)  # removed once its last user ended
+
+
+def test_no_request_can_switch_the_base_under_another_running_request(eng, hf_small):
+    model = eng.shared_model()
+    solo = _last(eng.compare(PROMPT, [None, "x"], LONG))
+    stream = eng.compare(PROMPT, [None, "x"], LONG)
+    next(stream)  # running on the loaded base
+    with pytest.raises(BaseInUse, match="the base model tiny is generating or evaluating for other requests, so it "
+                                        "cannot change to small now; choose tiny, or try again in a moment."):
+        eng.base("small", weights=hf_small)
+    assert eng.shared_model() is model
+    assert _last(stream) == solo
+    assert eng.base("small", weights=hf_small) is not model  # free again once the request ended
 
 
 def test_loading_a_requests_next_adapter_never_evicts_one_it_already_chose(eng):
