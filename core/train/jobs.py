@@ -195,6 +195,11 @@ class TrainJob:
             }
 
 
+def _remove_if_loaded(model, name: str) -> None:
+    if name in adapter_names(model):
+        remove_adapter(model, name)
+
+
 class TrainScheduler:
     """One training thread for every job submitted to it, co-batched on the loaded base.
 
@@ -203,6 +208,8 @@ class TrainScheduler:
         that loaded it, when the job ends.
     lock: held while a job's adapter is added to or removed from the shared model (the engine's lock:
         generation steps hold it too).
+    retire(model, name): removes a job's adapter when the job ends (the engine's `retire`: once no request
+        uses it); default: removed at once.
     capacity_tokens: tokens one shared micro-step may hold (the sum of the running jobs' batch x
         sequence length); None: CPU_CAPACITY on CPU and MPS, free memory against the estimate on CUDA.
         A job bigger than the capacity still runs, alone.
@@ -216,16 +223,17 @@ class TrainScheduler:
         load_base: instead of engine.base(spec.base_id, spec.weights, pin=True) (it must pin too)."""
         load = load_base or (lambda spec: engine.base(spec.base_id, spec.weights, pin=True))
         return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type,
-                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, **kw)
+                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, retire=engine.retire, **kw)
 
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
                  lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
                  max_jobs_per_user: int = 1, max_queue: int = 64, yield_to: Callable[[], bool] | None = None,
-                 yield_s: float = 0.0):
+                 yield_s: float = 0.0, retire: Callable[[object, str], None] | None = None):
         if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
             raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
         self._load_base, self._release_base = load_base, release_base or (lambda model: None)
         self._model_lock = lock if lock is not None else contextlib.nullcontext()
+        self._retire = retire or _remove_if_loaded
         self.device_type = device_type
         self.capacity_tokens = capacity_tokens if capacity_tokens is not None else (
             None if device_type == "cuda" else CPU_CAPACITY)
@@ -498,9 +506,9 @@ class TrainScheduler:
                 self._co.leave(job.trainer)
             model, name = job.model, job.spec.adapter or job.spec.name
             if model is not None:
-                with self._model_lock:
-                    if job.trainer is not None and name in adapter_names(model):
-                        remove_adapter(model, name)
+                if job.trainer is not None:
+                    with self._model_lock:
+                        self._retire(model, name)
                 self._release_base(model)
             with self._cond:
                 self._running.remove(job)

@@ -111,7 +111,8 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None):
         raise ValueError("adapters must be a list of library names; pick them from the list.")
     if len(adapters or []) > MAX_ADAPTERS:
         raise ValueError(f"choose at most {MAX_ADAPTERS} adapters (got {len(adapters)}).")
-    adapters = [typed_name(a, "an adapter name") for a in adapters or []]
+    # library adapters only (the engine's one rule), refused before any base loads: never a live 'train:<run>'
+    adapters = [studio.engine.check_adapter(typed_name(a, "an adapter name")) for a in adapters or []]
     if len(set(adapters)) != len(adapters):
         raise ValueError("each adapter can be chosen once.")
     if not isinstance(model_name, str) or model_name not in CHOICES:

@@ -68,7 +68,7 @@ def _adapter(studio: Studio, name) -> str:
     name = typed_name(name, "an adapter name")
     if not name:
         raise ValueError("choose an adapter.")
-    studio.library.path(name)  # AdapterError: 'no adapter named ...'
+    studio.engine.check_adapter(name)  # the engine's one rule: a library adapter (AdapterError otherwise)
     return name
 
 
