@@ -396,6 +396,12 @@ class Engine:
         with self._pinned([adapter]) as (model, names):
             return export_gguf(model, names[0], out_path, qtype, title=adapter, base_state=self._fp32_base(model))
 
+    def export_gguf_adapter(self, adapter: str, out_path) -> Path:
+        """The adapter alone as a GGUF adapter file for llama.cpp's --lora (over a GGUF of the same base)."""
+        from core.adapters.gguf_export import export_gguf_adapter
+        with self._pinned([adapter]) as (model, names):
+            return export_gguf_adapter(model, names[0], out_path, title=adapter)
+
     def _fp32_base(self, model: GPT) -> dict[str, torch.Tensor] | None:
         """The loaded base's weights in fp32, read again from their source when the shared base is held in
         bf16 (CUDA, --precision bf16), so an export carries the base as published; None when it is fp32."""
