@@ -65,8 +65,9 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraConfig, base_id: str,
-                         meta: dict | None = None) -> Path:
-    """Write the files of an adapter into `folder` (each atomically; its record, studio.json, last)."""
+                         meta: dict | None = None, history=None) -> Path:
+    """Write the files of an adapter into `folder` (each atomically; its record, studio.json, last).
+    history: its loss history's points (an iterable, read once), if it has one (run_record.write)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(folder / WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
@@ -75,7 +76,7 @@ def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraCon
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("base_model", base_id)
     meta["lora"] = lcfg.to_dict()  # the run's settings (a PiSSA run says so; its adapter_config.json is converted)
-    run_record.write(folder, meta)
+    run_record.write(folder, meta, history)
     return folder
 
 

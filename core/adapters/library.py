@@ -297,7 +297,7 @@ class Library:
             _set_user(meta, user)
             history = run_record.history(src if src.is_dir() else src.parent, meta)  # its checked lines only
             return self._create(name, lambda tmp: write_adapter_folder(
-                tmp, files.peft_tensors(), files.lcfg, files.base_id, {**meta, "history": history}))
+                tmp, files.peft_tensors(), files.lcfg, files.base_id, meta, history))
 
     def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
               base_cfg: GPTConfig | None = None, user: str | None = None) -> str:

@@ -365,7 +365,7 @@ class Thinner:
     def result(self) -> list[dict]:
         have = {i for i, _ in self.kept}
         extra = [it for it in (self.low, self.last) if it is not None and it[0] not in have]
-        extra = list({i: it for i, it in extra}.values())
+        extra = list({it[0]: it for it in extra}.values())  # the last may be the lowest
         return [p for _, p in sorted(self.kept + extra, key=lambda it: it[0])]
 
 
