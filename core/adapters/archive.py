@@ -41,7 +41,9 @@ def extract_adapter_zip(zip_path, dest: Path, max_bytes: int = MAX_FILE_BYTES) -
         if len(infos) > MAX_MEMBERS:
             raise AdapterError(f"{name} has {len(infos)} entries; an adapter zip holds a few files "
                                f"({', '.join(ALLOWED)}).")
-        total, cap = sum(i.file_size for i in infos), max_bytes + 3 * MAX_JSON_BYTES + MAX_HISTORY_BYTES
+        # the history has its own cap (CAPS), and only one folder's files are ever unpacked
+        total = sum(i.file_size for i in infos if PurePosixPath(i.filename).name != HISTORY)
+        cap = max_bytes + 3 * MAX_JSON_BYTES
         if total > cap:
             raise AdapterError(f"{name} would unpack to {total} bytes in all, over the {cap} byte limit for an "
                                f"adapter zip; zip only the adapter folder.")
@@ -158,7 +160,7 @@ def write_adapter_zip(folder: Path, out: Path) -> Path:
 
 def _zip_history(zf: zipfile.ZipFile, folder: Path) -> None:
     meta = run_record.read(folder)[0]
-    if "history_bytes" not in meta:  # none, or an older record's inline one (inside its studio.json)
+    if not meta.get("history_bytes"):  # none, or an older record's inline one (inside its studio.json)
         return
     info = zipfile.ZipInfo(HISTORY, date_time=time.localtime()[:6])
     info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16

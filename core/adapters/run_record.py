@@ -266,7 +266,8 @@ def append(folder, points: Iterable[dict]) -> int:
 
 
 def write_history(folder, points: Iterable[dict]) -> int:
-    """Replace `folder`'s history.jsonl by `points` (a new file, atomically); its size in bytes."""
+    """Replace `folder`'s history.jsonl by `points` (a new file, atomically; none without points); its size
+    in bytes."""
     size = 0
 
     def fill(f):
@@ -274,6 +275,8 @@ def write_history(folder, points: Iterable[dict]) -> int:
         for line in encode(points):
             size += f.write(line)
     atomic.replace_file(Path(folder) / HISTORY, fill)
+    if not size:
+        drop_history(folder)
     return size
 
 
