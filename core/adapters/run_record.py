@@ -331,18 +331,33 @@ def curve(folder, meta: dict | None = None, limit: int = CHART_POINTS) -> tuple[
 
 
 def thin(points: Iterable[dict], key: str, limit: int = CHART_POINTS) -> list[dict]:
-    """The points with a number at `key`: all of them up to `limit`, else between limit/2 and limit of
-    them spread evenly, plus the last one and the lowest one, in their order (what a chart of a long
-    run shows; memory stays O(limit), so a history can be streamed through it)."""
-    t = Thinner(key, limit)
-    for p in points:
-        t.add(p)
-    return t.result()
+    """The points with a number at `key`: all of them up to `limit`, else at most `limit` of them spread
+    evenly, plus the last one and the lowest one, in their order (what a chart of a long run shows). A list
+    is thinned by index (a page redraws its chart every tick); other iterables are streamed (Thinner)."""
+    if not isinstance(points, list):
+        t = Thinner(key, limit)
+        for p in points:
+            t.add(p)
+        return t.result()
+    n = len(points)
+    if n <= limit:
+        return [p for p in points if _number(p.get(key)) is not None]
+    values = [p.get(key) for p in points]
+    try:
+        low = values.index(min(values))  # all numbers (a live run's points): at C speed
+    except TypeError:
+        low = min(range(n), key=lambda i: _number(values[i], math.inf))
+    picked = sorted({*range(0, n, -(-n // limit)), n - 1, low})
+    return [points[i] for i in picked if _number(points[i].get(key)) is not None]
+
+
+def _number(v, otherwise=None):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else otherwise
 
 
 class Thinner:
-    """thin() one point at a time: every stride-th point is kept, and when `limit` are kept every other
-    one is dropped and the stride doubles."""
+    """thin() one point at a time, in memory O(limit): every stride-th point is kept, and when more than
+    `limit` are kept every other one is dropped and the stride doubles (between limit/2 and limit stay)."""
 
     def __init__(self, key: str, limit: int = CHART_POINTS):
         self.key, self.limit = key, max(2, limit)
@@ -352,8 +367,8 @@ class Thinner:
         self.last: tuple[int, dict] | None = None
 
     def add(self, p: dict) -> None:
-        v = p.get(self.key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+        v = _number(p.get(self.key))
+        if v is None:
             return
         item = (self.n, p)
         if self.low is None or v < self.low[1][self.key]:
