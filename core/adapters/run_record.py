@@ -11,6 +11,7 @@ the history moved out hold it inline (`history`, a list); they read as before, a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -259,10 +260,20 @@ def append(folder, points: Iterable[dict]) -> int:
     Path(folder).mkdir(parents=True, exist_ok=True)  # a run's first save makes its folder
     fd = os.open(Path(folder) / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
     with os.fdopen(fd, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        before = os.fstat(f.fileno()).st_size
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:  # a full disk: no half line is left for the next append to run into
+            with _quiet():
+                os.ftruncate(f.fileno(), before)
+            raise
         return os.fstat(f.fileno()).st_size
+
+
+def _quiet():
+    return contextlib.suppress(OSError)
 
 
 def write_history(folder, points: Iterable[dict]) -> int:

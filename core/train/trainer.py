@@ -501,7 +501,7 @@ class Trainer:
         dt = time.perf_counter() - st.t0
         progress.recent.append(dt)
         elapsed = time.perf_counter() - progress.t_run
-        # the run's metrics as studio.json keeps them (core.adapters.metrics downloads them): elapsed is the
+        # the run's metrics as its history keeps them (core.adapters.metrics downloads them): elapsed is the
         # training time since the run began, resumes included; wall_time the Unix time the step ended
         point = {"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
                  "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
