@@ -46,11 +46,17 @@ def fsync_dir(folder: Path) -> None:
 
 def write_bytes(path, data: bytes) -> None:
     """Replace `path` with `data` atomically: readers see the old file or the new one, never half."""
+    replace_file(path, lambda f: f.write(data))
+
+
+def replace_file(path, write: Callable[[object], object]) -> None:
+    """Replace `path` atomically with what `write(f)` writes to a binary file object (streamed, so a long
+    file never has to be held in memory); the new file is a new inode (hard links to the old one keep it)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

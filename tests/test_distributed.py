@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cli_helpers import ROOT, cli
+from core.adapters import run_record
 from core.train.distributed import FAULT_ENV, TIMEOUT_ENV
 from core.train.trainer import find_checkpoint
 
@@ -49,7 +50,7 @@ def adapter(run) -> dict:
 
 
 def losses(run) -> list[float]:
-    return [h["loss"] for h in json.loads((run / "studio.json").read_text())["history"]]
+    return [h["loss"] for h in run_record.history(run)]
 
 
 def max_diff(a: dict, b: dict) -> float:

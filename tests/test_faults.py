@@ -20,6 +20,7 @@ import torch
 import core.adapters.library
 import core.atomic
 from adapter_helpers import listing
+from core.adapters import run_record
 from core.adapters.format import WEIGHTS
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
@@ -51,7 +52,7 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((run_dir / "studio.json").read_text())["history"]
+    return list(run_record.history(run_dir))
 
 
 # ---- SIGKILL mid-run ----------------------------------------------------------------------------

@@ -12,13 +12,14 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from core.adapters import run_record
 from core.adapters.validate import AdapterError
 from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.layers import adapter_names
 from studio.app import build_ui, create_studio
 from studio.context import friendly
 from studio.models import availability
-from studio.plots import figure_from_meta, loss_figure
+from studio.plots import curve_figure, loss_figure
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
 from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for
@@ -436,9 +437,9 @@ def test_plots():
     assert fig.data[2].yaxis == "y2" and "of 10" in fig.layout.xaxis.title.text
     meta = {"history": [{"step": 1, "loss": 3.0, "lr": 1e-4, "val_loss": 2.9}], "start_val_loss": 3.3,
             "training": {"steps": 4}}
-    fig = figure_from_meta(meta)
+    fig = curve_figure(run_record.curve(None, meta), meta)  # an older studio.json, its history inline
     assert list(fig.data[1].x) == [0, 1]
-    assert figure_from_meta({"history": "garbage"}).data[0].x == ()
+    assert curve_figure(run_record.curve(None, {"history": "garbage"}), {}).data[0].x == ()
 
 
 def test_build_ui_and_launch_options(studio):
@@ -474,12 +475,13 @@ def test_the_library_overlays_several_adapters_curves_on_one_chart(studio):
     fig = library.overlay(studio, ["slow", "fast"])
     traces = {t.name: t for t in fig.data}
     assert set(traces) == {"slow · train", "slow · validation", "fast · train", "fast · validation"}
-    for name in ("slow", "fast"):  # each line is the adapter's own history from studio.json
+    for name in ("slow", "fast"):  # each line is the adapter's own history
         meta = json.loads((studio.library.root / name / "studio.json").read_text())
-        steps = [h["step"] for h in meta["history"]]
+        history = list(run_record.history(studio.library.root / name))
+        steps = [h["step"] for h in history]
         assert list(traces[f"{name} · train"].x) == steps
-        assert list(traces[f"{name} · train"].y) == [h["loss"] for h in meta["history"]]
-        vals = [(0, meta["start_val_loss"])] + [(h["step"], h["val_loss"]) for h in meta["history"]
+        assert list(traces[f"{name} · train"].y) == [h["loss"] for h in history]
+        vals = [(0, meta["start_val_loss"])] + [(h["step"], h["val_loss"]) for h in history
                                                  if h.get("val_loss") is not None]
         assert list(zip(traces[f"{name} · validation"].x, traces[f"{name} · validation"].y)) == vals
     assert traces["slow · train"].line.color != traces["fast · train"].line.color

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from cli_helpers import TINY_RUN, one_line_error
+from core.adapters import run_record
 from core.__main__ import main
 from core.model.config import LoraConfig
 from core.train.jobs import JobSpec, TrainScheduler
@@ -32,7 +33,7 @@ def _scalars(run) -> dict[str, list[tuple[int, float]]]:
 
 
 def _history(run) -> list[dict]:
-    return json.loads((run / "studio.json").read_text())["history"]
+    return list(run_record.history(run))
 
 
 def test_the_cli_logs_every_step_and_evaluation_to_tensorboard(prepared, tmp_path, capsys):

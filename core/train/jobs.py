@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from core.adapters import run_record
 from core.atomic import disk_full
 from core.device import available_memory
 from core.lora.layers import adapter_names, remove_adapter
@@ -80,9 +81,9 @@ class TrainJob:
         self.message = ""  # the error, or where the adapter was saved
         self.notes: list[str] = []
         ck = spec.resume
-        history = ck.meta.get("history") if ck is not None and isinstance(ck.meta.get("history"), list) else []
+        history = list(run_record.history(ck.path, ck.meta)) if ck is not None else []
         start_val = ck.meta.get("start_val_loss") if ck is not None else None
-        self.points = [{"step": h["step"], "loss": h["loss"], "lr": h["lr"]}
+        self.points = [{"step": h["step"], "loss": h["loss"], "lr": h.get("lr")}
                        for h in history if isinstance(h, dict) and "loss" in h]
         self.evals = ([{"step": 0, "val_loss": start_val}] if isinstance(start_val, float) else []) + [
             {"step": h["step"], "val_loss": h["val_loss"]} for h in history

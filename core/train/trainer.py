@@ -24,7 +24,9 @@ Events (plain dicts of str/int/float/None/list, safe to hand between threads):
 
 Run folder layout:
     <run>/adapter_model.safetensors, adapter_config.json, studio.json   the adapter (finished/stopped)
-    <run>/checkpoints/step_000050/   the same three files + trainer_state.pt (resume state)
+    <run>/history.jsonl              one line per step, appended at each checkpoint (core.adapters.run_record)
+    <run>/checkpoints/step_000050/   the same files + trainer_state.pt (resume state); its history.jsonl is
+                                     a hard link to the run's, of which its studio.json owns the first bytes
 """
 from __future__ import annotations
 
@@ -46,8 +48,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from core import atomic
+from core.adapters import run_record
 from core.atomic import disk_full
-from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
+from core.adapters.format import PEFT_PREFIX, WEIGHTS, save_adapter
+from core.adapters.run_record import META
 from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
                                    checkpoint_step)
 from core.model.config import LoraConfig, TrainConfig
@@ -64,8 +68,8 @@ from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
-# Bytes a save writes beyond the adapter's weights (and optimizer state): its JSON files, per history entry
-SAVE_MARGIN, SAVE_PER_STEP = 1 << 20, 1024
+# Bytes a save writes beyond the adapter's weights (and optimizer state): its JSON files and history lines
+SAVE_MARGIN = 1 << 20
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
 # tokens (20 batches) before the first step, and Stop would wait for them.
 EVAL_TOKENS = 32_768
@@ -181,9 +185,7 @@ def find_checkpoint(path) -> Checkpoint:
             raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
         path = found[-1]
     try:
-        meta = json.loads((path / META).read_text("utf-8"))
-        if not isinstance(meta, dict):
-            raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
+        meta = run_record.load(path)
         lcfg = LoraConfig.from_dict(meta["lora"])
         tcfg = TrainConfig.from_dict(meta["training"])
         step, name = meta["steps"], meta["name"]
@@ -280,7 +282,9 @@ class Trainer:
         self.dist = dist
         self._rank_share = 1.0  # under torchrun with a loss mask: this rank's weight in the ranks' average (draw)
         self._check_memory(max_memory)
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the steps not yet appended to the run's history file (history.jsonl)
+        self._history_bytes = 0  # that file's length as the newest record (checkpoint) says
+        self._lasts: dict = {}  # the newest value of each history field (train and val loss, elapsed)
         self.step = 0
         self.start_val_loss: float | None = None
         self._prepared: _Prepared | None = None
@@ -367,6 +371,8 @@ class Trainer:
         self.setup()
         yield from self._start_events()
         if self.resume is None:
+            if self.dist is None or self.dist.writes:
+                run_record.drop_history(self.out_dir)  # left by a run that saved nothing in this folder
             self.start_val_loss = yield from self._eval()
         before = self._last("elapsed")  # a resumed run's training time so far
         self._progress = _Progress(last_good=self._latest_checkpoint(),
@@ -529,11 +535,13 @@ class Trainer:
         dt = time.perf_counter() - st.t0
         progress.recent.append(dt)
         elapsed = time.perf_counter() - progress.t_run
-        # the run's metrics as studio.json keeps them (core.adapters.metrics downloads them): elapsed is the
+        # the run's metrics as its history keeps them (core.adapters.metrics downloads them): elapsed is the
         # training time since the run began, resumes included; wall_time the Unix time the step ended
-        self.history.append({"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
-                             "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
-                             "wall_time": time.time()})
+        point = {"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
+                 "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
+                 "wall_time": time.time()}
+        self.history.append(point)
+        self._lasts.update(point)
         yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": st.lr,
                "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt,
                "eta": sum(progress.recent) / len(progress.recent) * (tcfg.steps - self.step),
@@ -628,7 +636,7 @@ class Trainer:
         except Stopped:
             return None
         if self.history and self.history[-1]["step"] == self.step:
-            self.history[-1]["val_loss"] = loss
+            self.history[-1]["val_loss"] = self._lasts["val_loss"] = loss
         yield {"type": "eval", "step": self.step, "val_loss": loss,
                "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
         if t.sample_prompts and not self.stop.is_set():
@@ -639,10 +647,13 @@ class Trainer:
         return loss
 
     def _last(self, key):
-        for h in reversed(self.history):
-            if key in h:
-                return h[key]
-        return self.start_val_loss if key == "val_loss" else None
+        return self._lasts.get(key, self.start_val_loss if key == "val_loss" else None)
+
+    def _save_history(self) -> None:
+        """Append the steps since the last save to the run's history file (only they are written)."""
+        if self.history and (self.dist is None or self.dist.writes):  # rank 0 alone writes
+            self._history_bytes = run_record.append(self.out_dir, self.history)
+        self.history = []
 
     def _meta(self, status: str) -> dict:
         ds = self.dataset
@@ -652,18 +663,19 @@ class Trainer:
                         "train_tokens": int(len(ds.train)), "val_tokens": int(len(ds.val))},
             "training": {**self.tcfg.to_dict(), "seq_len_used": self.seq_len},
             "train_loss": self._last("loss"), "val_loss": self._last("val_loss"),
-            "start_val_loss": self.start_val_loss, "history": list(self.history),
+            "start_val_loss": self.start_val_loss, "history_bytes": self._history_bytes,
             **self.extra_meta,
         }
 
     def _check_room(self, with_state: bool) -> None:
         """Refuse a save the disk has no room for before anything is written (OSError ENOSPC, as the disk
-        would say midway): the weights, with a checkpoint their optimizer state (2 more copies), and the JSON."""
+        would say midway): the weights, with a checkpoint their optimizer state (2 more copies), and the JSON
+        (a few KiB: the history is appended to its own file, see _save_history)."""
         weights = sum(p.numel() * p.element_size() for p in self._prepared.params)
-        atomic.check_free(self.out_dir, weights * (3 if with_state else 1) + SAVE_MARGIN
-                          + SAVE_PER_STEP * len(self.history) * (2 if with_state else 1))
+        atomic.check_free(self.out_dir, weights * (3 if with_state else 1) + SAVE_MARGIN)
 
     def _save_final(self, status: str) -> Path:
+        self._save_history()
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return self.out_dir
         self._check_room(with_state=False)
@@ -672,6 +684,7 @@ class Trainer:
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
         """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
         folder = checkpoint_path(self.out_dir, self.step)
+        self._save_history()
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return folder
         self._check_room(with_state=True)
@@ -681,9 +694,10 @@ class Trainer:
             shutil.rmtree(junk, ignore_errors=True)
         state = {"step": self.step, "optimizer": opt.state_dict(),
                  "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._dropout_state(),
-                 "history": list(self.history), "start_val_loss": self.start_val_loss}
+                 "start_val_loss": self.start_val_loss}
 
         def build(tmp: Path):
+            run_record.share(self.out_dir, tmp, self._history_bytes)
             save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -701,13 +715,13 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt, gen: torch.Generator | None) -> np.random.Generator:
-        """Adapter weights, optimizer, step, RNG and history from the checkpoint (all read and
-        checked before any of them is applied)."""
+        """Adapter weights, optimizer, step and RNG from the checkpoint (all read and checked before any
+        of them is applied); the run's history becomes the checkpoint's."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
             tensors = load_file(str(ck.path / WEIGHTS))
-            step, history, rng = _read_state(state)
+            step, rng = _read_state(state)
         except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
                 KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
@@ -731,8 +745,12 @@ class Trainer:
                 gen.set_state(saved)
             except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
                 pass                           # the global RNG's state): dropout masks differ from here on
-        self.step, self.history = step, history
+        self.step = step
         self.start_val_loss = state.get("start_val_loss")
+        for point in run_record.history(ck.path, ck.meta):
+            self._lasts.update(point)
+        if self.dist is None or self.dist.writes:  # rank 0 alone writes
+            self._history_bytes = run_record.adopt(self.out_dir, ck.path, ck.meta)
         return rng
 
     def _check_memory(self, cap: int | None) -> None:
@@ -757,16 +775,17 @@ class Trainer:
                 f"or the rank, or use a smaller model size.")
 
 
-def _read_state(state) -> tuple[int, list, np.random.Generator]:
-    """A trainer_state.pt's step, history and batch-order RNG; KeyError/TypeError/ValueError if damaged."""
+def _read_state(state) -> tuple[int, np.random.Generator]:
+    """A trainer_state.pt's step and batch-order RNG; KeyError/TypeError/ValueError if damaged. (Files
+    written before the history moved to history.jsonl hold it here too; the checkpoint's record is read.)"""
     if not isinstance(state, dict) or not isinstance(state["optimizer"], dict):
         raise TypeError("a dict with an optimizer state was expected")
-    step, history = state["step"], state["history"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(history, list):
-        raise ValueError(f"step {step!r} or the history is damaged")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step {step!r} is damaged")
     rng = np.random.default_rng()
     rng.bit_generator.state = json.loads(state["np_rng"])
-    return step, list(history), rng
+    return step, rng
 
 
 def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:

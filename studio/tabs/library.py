@@ -22,7 +22,7 @@ from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
 from ..context import Studio, friendly, number, typed_name, user_of
-from ..plots import figure_from_meta, loss_figure, overlay_figure
+from ..plots import curve_figure, loss_figure, overlay_figure
 
 COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
            "created", "size"]
@@ -116,7 +116,7 @@ def details(studio: Studio, name: str | None):
         f"<dt>{html.escape(k)}</dt><dd>{html.escape(_short(v))}</dd>" for k, v in _detail_rows(d)
         if v not in (None, "", "None / None")) + "</dl>")
     ckpts = [c["name"] for c in d.get("checkpoints", [])]
-    fig = figure_from_meta(_dict(d.get("meta")), height=300)
+    fig = curve_figure(studio.library.curve(d["name"]), _dict(d.get("meta")), height=300)
     return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
 
 
@@ -132,7 +132,7 @@ def overlay(studio: Studio, chosen) -> object:
         raise ValueError(f"choose at most {MAX_OVERLAY} adapters for one chart (got {len(names)}).")
     if len(set(names)) != len(names):
         raise ValueError("each adapter can be chosen once.")
-    return overlay_figure([(n, _dict(studio.library.details(n).get("meta"))) for n in names])
+    return overlay_figure([(n, studio.library.curve(n)) for n in names])
 
 
 def _not_training(studio: Studio, name: str) -> None:
@@ -219,10 +219,10 @@ def export_zip(studio: Studio, name) -> str:
 
 
 def export_metrics(studio: Studio, name, fmt: str) -> str:
-    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its studio.json, as CSV or JSON."""
+    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its history, as CSV or JSON."""
     name = _need(name)
     meta = _dict(studio.library.details(name).get("meta"))
-    return str(write_metrics(meta, studio.export_folder(), name, fmt))
+    return str(write_metrics(meta, studio.export_folder(), name, fmt, studio.library.history(name)))
 
 
 def blend_weights(weights_text, n: int) -> list[float]:
