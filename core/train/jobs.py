@@ -507,6 +507,7 @@ class TrainScheduler:
                                           "message": "training ended without a result.", "checkpoint": None})
 
     def _end(self, job: TrainJob, final: dict) -> None:
+        job._touch(position=0, waiting="")  # an ended job (a queued one stopped, too) has no place in the queue
         job.on_event(final)
         if job.spec.on_end is not None:
             job.spec.on_end(job)
