@@ -145,7 +145,8 @@ def test_an_offline_wandb_run_keeps_no_record_of_the_servers_packages_or_host(tm
     tracker({"type": "done", "step": 1})
     files = [f for f in (tmp_path / "run" / WANDB_DIR).rglob("*") if f.is_file()]
     assert [r["train/loss"] for r in _wandb_history(tmp_path / "run") if "train/loss" in r] == [2.5]  # it logged
-    assert not [f.name for f in files if f.name in ("requirements.txt", "wandb-metadata.json", "conda-environment.yaml")]
+    server_facts = ("requirements.txt", "wandb-metadata.json", "conda-environment.yaml")
+    assert not [f.name for f in files if f.name in server_facts]
     run_log = next(f for f in files if f.suffix == ".wandb").read_bytes()
     assert b"torch" not in run_log and sys.executable.encode() not in run_log
 
