@@ -4,7 +4,6 @@ Nothing here goes into gr.State: a Studio is created once per process and closed
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import math
@@ -33,6 +32,7 @@ from core.text_checks import check_text, scrub
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
+from .exports import make_exports_dir
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner
 
@@ -92,9 +92,7 @@ class Studio:
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield)
         self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
-        # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
-        self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
-        atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
+        self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed
 
     @property
     def precision(self) -> str:
