@@ -123,7 +123,8 @@ class Studio:
         if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
             if pin:
                 self.engine.unpin_base(model)
-            raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
+            raise WeightsError(f"--weights {Path(weights).name} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
+                               f"not {name} "
                                f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
         return model
 
@@ -254,6 +255,8 @@ def friendly(fn):
     with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
     def report(e: Exception):
         text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
+        if isinstance(e, OSError) and e.filename:  # the system's own text holds the server's path
+            text = f"{Path(e.filename).name}: {e.strerror}"
         if disk_full(e):
             text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
         gr.Warning(sentence(text), duration=12, title="Cannot do that")

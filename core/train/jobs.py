@@ -477,7 +477,8 @@ class TrainScheduler:
     def _fail(self, job: TrainJob, e: BaseException) -> None:
         if job.trainer is not None and job.trainer.outcome is None:
             job.trainer.abort()
-        msg = f"training failed: {e}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {e}"
+        why = f"{Path(e.filename).name}: {e.strerror}" if isinstance(e, OSError) and e.filename else e  # no server path
+        msg = f"training failed: {why}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {why}"
         if disk_full(e):
             msg = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). Checkpoints "
                    f"saved before are kept; free some space, then Resume.")
