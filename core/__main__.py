@@ -143,8 +143,12 @@ def cmd_finetune(args) -> int:
     args.group = distributed.Group(args.device) if distributed.launched() else None
     if args.group:
         args.device = str(args.group.device)
-        args.group.check_batch(tcfg.batch_size)  # before the base loads
-        args.group.agree(_rank_settings(args, dataset, lcfg, tcfg, resume))
+        try:  # before the base loads; first the settings, so that every rank refuses alike
+            args.group.agree(_rank_settings(args, dataset, lcfg, tcfg, resume))
+            args.group.check_batch(tcfg.batch_size)
+        except ValueError:
+            args.group.close()  # every rank refuses here: leave the group cleanly (an open gloo group aborts)
+            raise
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
     else:

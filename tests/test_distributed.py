@@ -190,6 +190,12 @@ def test_ranks_with_different_seeds_or_lora_settings_get_one_sentence_without_rn
     assert "bit_generator" not in err and "state" not in err
 
 
+def test_a_batch_size_one_rank_alone_cannot_share_is_refused_on_every_rank_as_a_difference(work):
+    outs = start_ranks(work, "batch", [[], ["--batch-size", "3"]])
+    assert [rc for rc, _ in outs] == [2, 2], outs
+    assert all("--batch-size (rank 0: 4, rank 1: 3)" in err for _, err in outs)
+
+
 def test_ranks_on_different_data_are_refused(work):
     other = work / "ds2"
     other.mkdir()

@@ -106,7 +106,6 @@ class Group:
         self._collective(dist.all_gather_object, ranks, settings)
         differ = [k for k in sorted(set().union(*ranks)) if any(r.get(k) != ranks[0].get(k) for r in ranks)]
         if differ:
-            self.close()  # every rank refuses here: leave the group cleanly (an open gloo group aborts at exit)
             raise ValueError(f"the processes were started with different settings: "
                              f"{'; '.join(_differences(k, [r.get(k) for r in ranks]) for k in differ)}; "
                              f"start every process with the same flags, data and base.")
