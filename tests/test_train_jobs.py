@@ -192,6 +192,18 @@ def test_a_stopped_queued_job_has_no_queue_position_and_the_one_behind_it_moves_
         sched.close()
 
 
+def test_a_job_failing_on_a_system_error_names_the_file_not_the_servers_folder(sample_ds, tmp_path):
+    def load(spec):
+        raise PermissionError(13, "Permission denied", "/srv/lora-studio/weights/model.safetensors")
+    sched = TrainScheduler(load)
+    try:
+        job = sched.submit(spec(sample_ds, tmp_path, "denied"))
+        assert job.wait(30)
+        assert job.snapshot()["message"] == "training failed: PermissionError: model.safetensors: Permission denied"
+    finally:
+        sched.close()
+
+
 def test_a_job_that_cannot_start_fails_alone_with_its_message(bases, sample_ds, tmp_path):
     sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
     try:
