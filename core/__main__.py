@@ -143,7 +143,12 @@ def cmd_finetune(args) -> int:
     args.group = distributed.Group(args.device) if distributed.launched() else None
     if args.group:
         args.device = str(args.group.device)
-        args.group.check_batch(tcfg.batch_size)  # before the base loads
+        try:  # before the base loads; first the settings, so that every rank refuses alike
+            args.group.agree(_rank_settings(args, dataset, lcfg, tcfg, resume))
+            args.group.check_batch(tcfg.batch_size)
+        except ValueError:
+            args.group.close()  # every rank refuses here: leave the group cleanly (an open gloo group aborts)
+            raise
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
@@ -152,6 +157,26 @@ def cmd_finetune(args) -> int:
     args.trackers = make_trackers(args.report_to if not args.group or args.group.writes else None,
                                   out_dir)  # a missing package is refused before a model loads
     return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
+
+
+# settings whose flag is not the field's name with dashes (the others: --steps, --lr, --seed, ...)
+FLAG_OF = {"r": "rank", "warmup_steps": "warmup", "sample_prompts": "sample-prompt", "use_dora": "dora",
+           "use_rslora": "rslora"}
+NO_FLAG = ("min_lr_ratio", "grad_clip", "weight_decay", "eval_max_batches", "keep_checkpoints", "sample_tokens",
+           "cuda_graphs")  # settings finetune has no flag for (a resumed checkpoint's may still differ)
+
+
+def _rank_settings(args, dataset, lcfg, tcfg, resume) -> dict:
+    """What every torchrun process must agree on, by flag name: the whole run's settings, the data's
+    digest, the base (as asked for) and the resumed checkpoint. --data's path may differ between nodes."""
+    fields = {**tcfg.to_dict(), **lcfg.to_dict()}
+    named = {k.replace("_", " ") if k in NO_FLAG else "--" + FLAG_OF.get(k, k).replace("_", "-"): v
+             for k, v in fields.items()}
+    return {**named, "the dataset's content": dataset.sha256,
+            "the base (--model/--weights)": args.weights or args.model or (resume.meta.get("base_model") if resume
+                                                                          else None),
+            "--precision": args.precision, "--quantize": args.quantize, "--checkpointing": bool(args.checkpointing),
+            "the resumed checkpoint": resume.step if resume else None}
 
 
 def _hold_run(out_dir: Path, library: str, new: bool):

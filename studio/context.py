@@ -4,7 +4,6 @@ Nothing here goes into gr.State: a Studio is created once per process and closed
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import hmac
 import inspect
@@ -37,6 +36,7 @@ from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
 from .fair_queue import is_local
+from .exports import make_exports_dir
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner
 
@@ -106,9 +106,7 @@ class Studio:
                              max(1, self.users_per_address))
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
-        # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
-        self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
-        atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
+        self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed
 
     @property
     def precision(self) -> str:
@@ -139,7 +137,8 @@ class Studio:
         if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
             if pin:
                 self.engine.unpin_base(model)
-            raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
+            raise WeightsError(f"--weights {Path(weights).name} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
+                               f"not {name} "
                                f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
         return model
 
@@ -286,6 +285,8 @@ def friendly(fn):
     with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
     def report(e: Exception):
         text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
+        if isinstance(e, OSError) and e.filename:  # the system's own text holds the server's path
+            text = f"{Path(e.filename).name}: {e.strerror}"
         if disk_full(e):
             text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
         gr.Warning(sentence(text), duration=12, title="Cannot do that")

@@ -108,7 +108,7 @@ def _enospc(*a, **kw):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-DISK = r"not enough disk space to (save|rename) .* in the library .*No space left on device\. Nothing was changed"
+DISK = r"not enough disk space to (save|rename) .* in the library: No space left on device\. Nothing was changed"
 
 
 def test_a_full_disk_leaves_the_library_unchanged_and_says_so(studio, monkeypatch):

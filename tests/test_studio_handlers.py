@@ -535,3 +535,11 @@ def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
     tabs = {t.elem_id: t._id for t in demo.blocks.values() if isinstance(t, gr.Tab)}
     assert switches == {tabs["tab-train"]: True, **{tabs[f"tab-{n}"]: False for n in
                                                    ("data", "library", "compare", "evaluate")}}
+
+
+def test_a_system_error_in_a_toast_names_the_file_not_the_servers_folder():
+    def handler():
+        raise FileNotFoundError(2, "No such file or directory", "/srv/lora-studio/library/run/studio.json")
+    with pytest.warns(UserWarning) as toasts:
+        friendly(handler)()
+    assert [str(t.message) for t in toasts] == ["studio.json: No such file or directory"]

@@ -137,6 +137,21 @@ def test_the_cli_logs_every_step_and_evaluation_to_an_offline_wandb_run(prepared
     assert [r["eval/loss"] for r in evals][1:] == [h["val_loss"] for h in history if "val_loss" in h]
 
 
+def test_an_offline_wandb_run_keeps_no_record_of_the_servers_packages_or_host(tmp_path, offline):
+    """The run folder is the user's; the server's installed packages, host name and command line are not."""
+    pytest.importorskip("wandb")
+    (tracker,) = make_trackers("wandb", tmp_path / "run")
+    tracker({"type": "start", "step": 0})
+    tracker({"type": "step", "step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 10.0})
+    tracker({"type": "done", "step": 1})
+    files = [f for f in (tmp_path / "run" / WANDB_DIR).rglob("*") if f.is_file()]
+    assert [r["train/loss"] for r in _wandb_history(tmp_path / "run") if "train/loss" in r] == [2.5]  # it logged
+    server_facts = ("requirements.txt", "wandb-metadata.json", "conda-environment.yaml")
+    assert not [f.name for f in files if f.name in server_facts]
+    run_log = next(f for f in files if f.suffix == ".wandb").read_bytes()
+    assert b"torch" not in run_log and sys.executable.encode() not in run_log
+
+
 def test_the_cli_logs_every_step_and_evaluation_to_a_local_trackio_database(prepared, tmp_path, capsys, offline):
     if importlib.util.find_spec("trackio") is None:  # not importorskip: importing it would fix its store now
         pytest.skip("trackio is not installed")

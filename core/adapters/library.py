@@ -202,7 +202,7 @@ class Library:
         if sep:
             p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
         if not p.is_dir():
-            raise AdapterError(f"no adapter named {name!r} in the library ({self.root}).")
+            raise AdapterError(f"no adapter named {name!r} in the library.")
         for f in (*ADAPTER_FILES, HISTORY):
             if (p / f).is_symlink():
                 raise AdapterError(f"{name}/{f} is a symbolic link; links are not allowed in the library.")
@@ -336,7 +336,7 @@ class Library:
             src = self.path(check_name(old))
             self._check_not_live(src, old, "rename it")
             dst = self._check_free(new)
-            with _disk_full_says(f"rename {old!r} to {new!r}", self.root):
+            with _disk_full_says(f"rename {old!r} to {new!r}"):
                 os.rename(src, dst)
             atomic.fsync_dir(self.root)
         return new
@@ -432,7 +432,7 @@ class Library:
         with self._lock:
             dst = self._check_free(name)
             self.check_quota(user)
-            with _disk_full_says(f"save {name!r}", self.root):
+            with _disk_full_says(f"save {name!r}"):
                 atomic.publish_dir(dst, checked)
         return name
 
@@ -467,7 +467,7 @@ class Library:
         if p.is_symlink():
             raise AdapterError(f"{p.name} is a symbolic link; links are not allowed in the library.")
         if not p.resolve().is_relative_to(self.root):
-            raise AdapterError(f"{p} is outside the library ({self.root}).")
+            raise AdapterError(f"{p.name} is outside the library.")
         return p
 
     def _children(self) -> list[Path]:
@@ -607,13 +607,13 @@ def _is_live(folder: Path) -> bool:
 # ---- small helpers -----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _disk_full_says(what: str, root: Path):
+def _disk_full_says(what: str):
     """A full disk inside the block becomes an AdapterError saying so (nothing was changed)."""
     try:
         yield
     except OSError as e:
         if atomic.disk_full(e):
-            raise AdapterError(f"not enough disk space to {what} in the library ({root}): {e.strerror}. Nothing was "
+            raise AdapterError(f"not enough disk space to {what} in the library: {e.strerror}. Nothing was "
                                f"changed; free some space and try again.") from e
         raise
 

@@ -151,9 +151,9 @@ def read_records(data: bytes, name: str) -> list[Record]:
 def read_file(path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
+        raise FileNotFoundError(f"{path.name}: no such file.")
     if path.stat().st_size > MAX_TEXT_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
+        raise ValueError(f"{path.name} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
     return read_records(path.read_bytes(), path.name)
 
 

@@ -490,7 +490,8 @@ class TrainScheduler:
         found = checkpoint_dirs(job.spec.out_dir, RESUMABLE)  # what is on disk, not what was hoped for
         kept = str(found[-1]) if found else None
         step = job.trainer.step if job.trainer is not None else job.progress.get("step", 0)
-        msg = f"training failed: {e}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {e}"
+        why = f"{Path(e.filename).name}: {e.strerror}" if isinstance(e, OSError) and e.filename else e  # no server path
+        msg = f"training failed: {why}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {why}"
         if kept or disk_full(e):
             msg = failure_message(e, step, kept)
         job._final = {"type": "error", "kind": "internal", "step": step, "message": msg, "checkpoint": kept}
@@ -518,6 +519,7 @@ class TrainScheduler:
                                           "message": "training ended without a result.", "checkpoint": None})
 
     def _end(self, job: TrainJob, final: dict) -> None:
+        job._touch(position=0, waiting="")  # an ended job (a queued one stopped, too) has no place in the queue
         job.on_event(final)
         if job.spec.on_end is not None:
             job.spec.on_end(job)

@@ -174,15 +174,20 @@ class Checkpoint:
     meta: dict  # its studio.json
 
 
+def _label(path: Path) -> str:
+    """A checkpoint or run folder as users name it ('run@step_000050', 'run'): never the server's path."""
+    return f"{path.parent.parent.name}@{path.name}" if path.parent.name == CHECKPOINTS else path.name
+
+
 def find_checkpoint(path) -> Checkpoint:
     """A checkpoint folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint folder.")
+        raise FileNotFoundError(f"{path.name}: no such run or checkpoint folder.")
     if not (path / STATE).is_file():
         found = checkpoint_dirs(path, RESUMABLE)
         if not found:
-            raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
+            raise ValueError(f"{path.name} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
         path = found[-1]
     try:
         meta = run_record.load(path)
@@ -194,7 +199,8 @@ def find_checkpoint(path) -> Checkpoint:
         return Checkpoint(path, step, name, lcfg, tcfg, meta)
     # RecursionError: deeply nested JSON; OverflowError: numbers such as 1e400
     except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
-        raise ValueError(f"{path / META} is missing or damaged ({type(e).__name__}: {e}); "
+        why = e.strerror if isinstance(e, OSError) else e  # an OSError's text holds the server's path
+        raise ValueError(f"{_label(path)}/{META} is missing or damaged ({type(e).__name__}: {why}); "
                          f"resume from another checkpoint.") from None
 
 
@@ -259,7 +265,7 @@ class Trainer:
             name = name or self.resume.name
             base_id = base_id or self.resume.meta.get("base_model", "")
             if dataset.sha256 != self.resume.meta.get("dataset", {}).get("sha256"):
-                raise ValueError(f"{dataset.path or 'this dataset'} is not the dataset the run was trained on "
+                raise ValueError(f"{dataset.name or 'this dataset'} is not the dataset the run was trained on "
                                  f"({self.resume.meta.get('dataset', {}).get('name', '?')}); resume with that one.")
             if tcfg.steps <= self.resume.step:
                 raise ValueError(f"the checkpoint is at step {self.resume.step}; ask for more steps than that "
@@ -276,7 +282,7 @@ class Trainer:
         self.extra_meta = dict(meta or {})
         self.stop = stop or threading.Event()
         if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_dirs(self.out_dir, RESUMABLE)):
-            raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
+            raise ValueError(f"{self.out_dir.name} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
         self.dist = dist
@@ -724,17 +730,17 @@ class Trainer:
             step, rng = _read_state(state)
         except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
                 KeyError, TypeError, RecursionError) as e:
-            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
+            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
         current = adapter_state_dict(self.model, self.name)
         loaded = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
         if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
-            raise ValueError(f"checkpoint {ck.path} does not match its LoRA settings "
+            raise ValueError(f"checkpoint {_label(ck.path)} does not match its LoRA settings "
                              f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
         try:
             opt.load_state_dict(state["optimizer"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__} in its optimizer "
+            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__} in its optimizer "
                              f"state); resume from another one.") from None
         with torch.no_grad():
             for k, p in current.items():
