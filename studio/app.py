@@ -20,7 +20,7 @@ from core.device import pick_device, precision_dtype
 from core.engine import Engine
 from core.train.estimate import parse_size
 
-from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name
+from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name
 from .style import CSS, theme
 from .tabs.compare import adapter_choices, create_compare_tab
 from .tabs.data import create_data_tab
@@ -120,7 +120,7 @@ def skip_matplotlib_lookups() -> None:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     skip_matplotlib_lookups()
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+    with StudioBlocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Data", id="data", elem_id="tab-data") as data_tab:

@@ -17,7 +17,7 @@ from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
-from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name
+from ..context import UPLOADS_KEPT_S, Slider, Studio, friendly, number, typed_name
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
 MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
@@ -238,7 +238,7 @@ def create_data_tab(studio: Studio) -> dict:
                                 info="Pasted text is added after any uploaded files; edit it freely.")
         with gr.Column(scale=5):
             stats = gr.HTML(stats_html([], [], 0.9)[0], elem_id="data-stats")
-            ratio = gr.Slider(0.5, 0.98, value=0.9, step=0.01, label="Training share", elem_id="data-split",
+            ratio = Slider(0.5, 0.98, value=0.9, step=0.01, label="Training share", elem_id="data-split",
                               info="Fraction of the tokens used for training; the rest is held out to measure "
                                    "validation loss (how well the model generalises).")
             name = gr.Textbox(label="Dataset name", elem_id="data-name",

@@ -24,7 +24,8 @@ from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import Studio, friendly, new_browser_id, number, requester, sentence, typed_name, user_of, whole
+from ..context import (CheckboxGroup, Number, Slider, Studio, friendly, new_browser_id, number, requester, sentence,
+                       typed_name, user_of, whole)
 from ..models import CHOICES
 from ..plots import loss_figure
 
@@ -404,18 +405,18 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+            targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
                                        elem_id="train-targets",
                                        info="Which projections in every block get a LoRA update: "
                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
             size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
-                    r = gr.Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
                                   info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = gr.Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
                                       info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = gr.Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
+                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
                                         min_width=110,
                                         info="Randomly drops LoRA inputs while training to reduce overfitting.")
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
@@ -432,7 +433,7 @@ def create_train_tab(studio: Studio) -> dict:
                                             "the same with a normal A. pissa / olora: start from the base weights' "
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
-                    loraplus = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
                                          min_width=110, minimum=0.01,
                                          info="B learns this many times faster than A (LoRA+); 16 often "
                                               "converges faster, 1 is plain LoRA.")
@@ -446,24 +447,24 @@ def create_train_tab(studio: Studio) -> dict:
                                                info="Per-layer alphas, as PEFT's alpha_pattern.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
-                    lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
                                    info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = gr.Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
                                       minimum=1,
                                       info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
                                      info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
-                    batch = gr.Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
                                       minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = gr.Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
                                       min_width=110, minimum=1,
                                       info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = gr.Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
+                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
                                         min_width=110, minimum=1,
                                         info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
-                    eval_interval = gr.Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
+                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
                                               min_width=110, minimum=0,
                                               info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,

@@ -1,0 +1,364 @@
+"""What every tab shares: the one Engine (base model + adapters), the training Runner, folders, options.
+
+Nothing here goes into gr.State: a Studio is created once per process and closed over by the tabs.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import math
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gradio as gr
+
+from core.adapters.validate import AdapterError
+from core.atomic import disk_full
+from core.model.config import PRESETS
+from core.train.datasets import DatasetStore
+from core.device import default_dtype, precision_name
+from core.engine import Engine
+from core.generate.scheduler import SchedulerBusy
+from core.train.estimate import human_bytes
+from core.text_checks import check_text, scrub
+from core.train.trainer import TrainingError
+from core.model.weights import WeightsError
+
+from .models import CHOICES, HubProbe, availability, describe
+from .runner import Runner
+
+USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, SchedulerBusy, FileNotFoundError)
+UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are deleted (delete_cache)
+EXPORT_MAX_AGE = 600  # seconds a download stays on the server if it was never handed to Gradio
+MAX_EXPORT_BYTES = 8 * 2**30  # downloads waiting on disk at once (a gpt2-xl merge is ~6.4 GB)
+BROWSER_ID = re.compile(r"[0-9a-f]{32}")  # a browser's random id (new_browser_id)
+LARGEST_WHOLE = 2**53  # the largest whole number a browser's Number field sends exactly
+
+
+class StreamCount:
+    """How many outputs stream to pages right now (thread-safe): the Compare tab spaces each stream's
+    updates by it, so the server's events per second stay bounded however many users generate."""
+
+    def __init__(self):
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __int__(self) -> int:
+        return self._n
+
+    @contextmanager
+    def one(self):
+        """Count one stream for the duration of the `with` block."""
+        with self._lock:
+            self._n += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._n -= 1
+
+
+@dataclass
+class Studio:
+    engine: Engine
+    datasets_dir: Path
+    default_model: str = "gpt2"  # the base picked when a page opens
+    weights: str | None = None  # --weights: local files for `weights_for`
+    weights_for: str | None = None
+    auth: bool = False  # sign-in is on: record user names; only owners (or admins) stop, resume, rename, delete
+    admins: frozenset[str] = frozenset()  # --admin: signed-in users who may act on anyone's runs
+    max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
+    max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
+    train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
+    train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
+    runner: Runner = field(init=False)
+    dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
+    probe: HubProbe = field(default_factory=HubProbe)
+    streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
+    exports_dir: Path = field(init=False)
+
+    def __post_init__(self):
+        self.dataset_store = DatasetStore(self.datasets_dir)
+        self.datasets_dir = self.dataset_store.root
+        self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
+                             self.max_jobs_per_user, self.train_capacity, self.train_yield)
+        self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
+        # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
+        self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
+        atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
+
+    @property
+    def precision(self) -> str:
+        """The frozen base's dtype name ('bf16', 'fp32') on this studio's device (--precision)."""
+        return precision_name(self.engine.dtype or default_dtype(self.engine.device))
+
+    @property
+    def library(self):
+        return self.engine.library
+
+    # ---- base model -----------------------------------------------------------------------
+
+    def availability(self, name: str) -> tuple[str, str]:
+        return availability(name, self.weights, self.weights_for, self.probe)
+
+    def base(self, name: str, progress: Callable[[str], None] | None = None, pin: bool = False):
+        """The shared base `name`, loaded once (the first call per model loads it). pin: for a training
+        run, see Engine.base (the runner releases the pin)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown base model {name!r}; choose one of {', '.join(CHOICES)}.")
+        busy = self.runner.scheduler.running_base()
+        if busy is not None and busy != name:
+            raise ValueError(f"the base model cannot change to {name} while training jobs run on {busy}; "
+                             f"pick {busy}, or wait for them to end.")
+        weights = self.weights if name == self.weights_for else None
+        model = self.engine.base(name, weights, progress, pin=pin)
+        c, p = model.config, PRESETS[name]
+        if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
+            if pin:
+                self.engine.unpin_base(model)
+            raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
+                               f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
+        return model
+
+    def model_status(self, name: str) -> str:
+        """Markdown: whether base `name` is available, and its size."""
+        kind, text = self.availability(name)
+        icon = f"<span class='dot {kind}'></span>"
+        now = " · **loaded**" if self.loaded_base() == name else ""
+        return f"{icon} {text}  \n<span class='muted'>{describe(name)}{now}</span>"
+
+    def loaded_base(self) -> str | None:
+        return self.engine.base_id if self.engine.model is not None else None
+
+    # ---- datasets ---------------------------------------------------------------------------
+
+    def dataset_path(self, name: str) -> Path:
+        return self.dataset_store.path(name)
+
+    def datasets(self) -> list[dict]:
+        """Prepared datasets, newest first: name, meta (token counts, sources), mtime."""
+        return self.dataset_store.list()
+
+    # ---- downloads --------------------------------------------------------------------------
+
+    def export_folder(self) -> Path:
+        """A fresh private folder for one download. Folders older than EXPORT_MAX_AGE are removed, and a new
+        one is refused while the downloads still on disk exceed the cap (the disk is shared by all users)."""
+        now, waiting = time.time(), 0
+        for old in self.exports_dir.iterdir():
+            try:
+                if now - old.stat().st_mtime > EXPORT_MAX_AGE:
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    waiting += sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
+            except OSError:
+                pass
+        if waiting >= self.max_export_bytes:
+            raise ValueError(f"the server already holds {human_bytes(waiting)} of downloads being fetched "
+                             f"(the limit is {human_bytes(self.max_export_bytes)}); try again in a few minutes.")
+        return Path(tempfile.mkdtemp(prefix="x-", dir=self.exports_dir))
+
+    def drop_export(self, path) -> None:
+        """Remove the export folder holding `path` once Gradio has copied the file into its own cache
+        (a download otherwise sits on disk twice)."""
+        if not path:
+            return
+        p = Path(path).resolve()
+        folder = next((q for q in [p, *p.parents] if q.parent == self.exports_dir), None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- sign-in ------------------------------------------------------------------------------
+
+    def check_owner(self, name: str, owner: str | None, user: str | None, action: str) -> None:
+        """With sign-in on, only `owner` (or an admin) may `action` run/adapter `name`; unowned entries
+        (made before sign-in was turned on) stay open to everyone."""
+        if not self.auth or not owner or user == owner or (user is not None and user in self.admins):
+            return
+        raise ValueError(f"'{name}' belongs to {owner}; only they (or an admin) can {action} it.")
+
+    def check_entry_owner(self, name: str, user: str | None, action: str) -> None:
+        if self.auth:
+            self.check_owner(name, self.library.details(name).get("user"), user, action)
+
+
+def typed_name(value, what: str = "name") -> str:
+    """A name typed in a text box: valid Unicode, stripped (the name rules, length included, come after)."""
+    return check_text(value, what).strip()
+
+
+def number(value, what: str) -> float:
+    """A finite number from a Number field or an API client (None, NaN, inf and text are explained)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number (got {value}).")
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} is empty or not a number; enter a number.") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number (got {value}).")
+    return x
+
+
+def whole(value, what: str) -> int:
+    """A whole number within what a browser can send exactly; the exact range is core's to check."""
+    if value is None or (isinstance(value, float) and value != value):
+        raise ValueError(f"{what} is empty; enter a whole number.")
+    x = number(value, what)
+    if x != int(x):
+        raise ValueError(f"{what} must be a whole number (got {value}).")
+    if abs(x) > LARGEST_WHOLE:
+        raise ValueError(f"{what} is far too large (got {value:g}); enter a smaller whole number.")
+    return int(x)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# API clients can send any JSON for an input. Gradio's own conversion of a value of the wrong kind (None or text
+# for a slider, text for a number, None for a checkbox group) raises inside Gradio, before the handler, and the
+# client sees a blank "Error". These inputs hand such a value to the handler unchanged instead, where `number`,
+# `whole` and the form checks explain it in one sentence. A value of the right kind goes through Gradio's own
+# checks (bounds, choices), whose messages are shown. `is_template`: the page draws the base component.
+from gradio.events import Dependency
+
+class Number(gr.Number):
+    """gr.Number; a value that is not a finite number (None aside) reaches the handler as it was sent."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return super().preprocess(payload) if payload is None or _real(payload) else payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Slider(gr.Slider):
+    """gr.Slider; a value that is not a finite number reaches the handler as it was sent."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return super().preprocess(payload) if _real(payload) else payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class CheckboxGroup(gr.CheckboxGroup):
+    """gr.CheckboxGroup; a value that is not a list reaches the handler as it was sent."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return super().preprocess(payload) if isinstance(payload, list) else payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _fits(block, value) -> bool:
+    """Whether `value` passes `block`'s data model (a file's), as Gradio checks it before converting."""
+    model = getattr(block, "data_model", None)
+    try:
+        model is None or value is None or model.model_validate(value, context={"validate_meta": True})
+        return True
+    except Exception:
+        return False
+
+
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose input conversion errors are one sentence naming the input. Gradio shows API clients a
+    blank "Error" when a value fails its component's conversion (text sent for a file, say): the inputs above
+    avoid that for numbers and lists, and this catches every other kind."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as e:  # ComponentProcessingError, pydantic's ValidationError for a file
+            at = re.search(r"at index (\d+)", str(e))
+            block = block_fn.inputs[int(at.group(1))] if at and int(at.group(1)) < len(block_fn.inputs) \
+                else next((b for b, x in zip(block_fn.inputs, inputs) if not _fits(b, x)), None)
+            label = getattr(block, "label", None) or getattr(block, "elem_id", None)
+            what = f"the value sent for '{scrub(str(label))[:60]}'" if label else "a value sent to this action"
+            raise gr.Error(sentence(f"{what} is not of the kind that field takes; send what the page would "
+                                    f"(the API page lists each parameter's type)."), title="Cannot do that") from None
+
+
+def user_of(request: gr.Request | None) -> str | None:
+    """The signed-in user name (None without --auth)."""
+    return getattr(request, "username", None) if request is not None else None
+
+
+def requester(request: gr.Request | None, browser: str | None = None) -> str | None:
+    """Who asks, for per-user limits and who may stop a job: the signed-in user, else the browser (its
+    random id kept in the page's local storage, so a reloaded page is the same user), else the session
+    (None if unknown)."""
+    user = user_of(request)
+    if user is not None:
+        return f"user:{user}"
+    if isinstance(browser, str) and BROWSER_ID.fullmatch(browser):
+        return f"browser:{browser}"
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"session:{session}" if session else None
+
+
+def new_browser_id(current) -> str:
+    """The page's browser id: kept if it is one, else a new random one (stored in the browser)."""
+    return current if isinstance(current, str) and BROWSER_ID.fullmatch(current) else secrets.token_hex(16)
+
+
+def sentence(text: str) -> str:
+    """`text` with a capital first letter when it starts with a plain word; a file or adapter name
+    ('many.zip holds...', 'x-1 is...') is left exactly as the user wrote it."""
+    first = text.split(" ", 1)[0]
+    return text[0].upper() + text[1:] if first.isalpha() and first.islower() else text
+
+
+def friendly(fn):
+    """Show user-facing errors (bad input, missing weights, a busy runner, a full disk) as a warning toast
+    with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
+    def report(e: Exception):
+        text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
+        if disk_full(e):
+            text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
+        gr.Warning(sentence(text), duration=12, title="Cannot do that")
+        return gr.skip()  # one skip() leaves every output unchanged
+
+    def handle(e: Exception):
+        if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and disk_full(e)):
+            return report(e)
+        raise e
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (*USER_ERRORS, OSError) as e:
+                yield handle(e)
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (*USER_ERRORS, OSError) as e:
+            return handle(e)
+    return wrapper
