@@ -23,8 +23,9 @@ from studio_server import served_studio
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-BAD_VALUES = (None, "abc", [], 1e300)
-TYPED = ("Slider", "Number", "Checkboxgroup")  # finding 8's inputs: each bad value must be refused
+BAD_VALUES = (None, "abc", [], 1e300)  # for finding 8's inputs, which must refuse each of them:
+TYPED = ("Slider", "Number", "Checkboxgroup")
+OTHER_BAD = (None, [])  # for every other input (a list is the wrong kind for all but the multi-selects)
 # defaults that are good except where a test puts a bad value: no call below starts a job or writes a dataset
 GOOD = {"/start_training": {"dataset": "never-made"}, "/evaluate": {"dataset": "never-made"}}
 
@@ -91,7 +92,7 @@ def test_every_input_of_every_endpoint_gets_one_sentence(server):
         good = [GOOD.get("/" + dep["api_name"], {}).get(p["parameter_name"], p.get("parameter_default"))
                 for p in params]
         for i, p in enumerate(params):
-            for bad in BAD_VALUES:
+            for bad in BAD_VALUES if p["component"] in TYPED else OTHER_BAD:
                 sent = list(good)
                 sent[i] = bad
                 warnings, done = _call(url, dep, _data(url, dep, sent))
@@ -104,7 +105,7 @@ def test_every_input_of_every_endpoint_gets_one_sentence(server):
                     quiet.append(where)  # a bad number or list was taken as if it were good
                 for text in warnings + ([error] if error else []):
                     assert _one_sentence(text), (where, text)
-    assert checked > 200
+    assert checked > 150
     assert not blank, f"blank 'Error' for: {blank}"
     assert not quiet, f"accepted without a word: {quiet}"
     assert studio.runner.snapshot() is None and sorted(studio.library.names()) == []
