@@ -132,3 +132,59 @@ def test_the_sentence_names_the_input(server, api, name, bad, says):
         assert said.strip() and "never-made" not in said, said
     else:
         assert says.lower() in said.lower(), said
+
+
+# ---- finding 7: records files --------------------------------------------------------------------
+
+def test_a_lone_surrogate_in_a_field_name_or_value_is_refused_with_its_line(studio, tmp_path):
+    for body, line, what in (('{"prompt": "a", "response": "b"}\n{"\\ud800": "x", "response": "y"}\n', 2,
+                              "a field name"),
+                             ('[{"prompt": "a", "response": "b"}, {"prompt": "\\udfff", "response": "y"}]', 2,
+                              "field 'prompt'")):
+        f = tmp_path / ("bad.jsonl" if body.startswith("{") else "bad.json")
+        f.write_text(body, "utf-8")
+        where = f"line {line}" if f.suffix == ".jsonl" else f"record {line}"
+        with pytest.raises(ValueError, match=rf"{f.name}: {where}: {what} holds invalid Unicode \(a lone surrogate"):
+            data_records.inspect_upload(str(f))  # the preview and the pickers never get the field
+        with pytest.raises(ValueError, match="lone surrogate"):
+            data_records.prepare_records(studio, str(f), "prompt", "response", "", data_records.DEFAULT_TEMPLATE,
+                                         0.9, "surrogates")
+        assert not (studio.datasets_dir / "surrogates").exists()  # no meta.json holds the field name
+
+
+def test_a_number_too_long_to_read_is_named_by_file_and_line(tmp_path):
+    digits = "9" * 5000
+    for name, body, where in (("long.jsonl", f'{{"a": "x"}}\n{{"a": {digits}}}\n', "line 2"),
+                              ("long.json", f'[{{"a": "x"}},\n {{"a": {digits}}}]', r"line 2 \(record 2\)")):
+        with pytest.raises(ValueError, match=rf"^{name}: {where} holds a number too long to read \(over 4,300 "
+                                             rf"digits\); give it as a string, in quotes\.$"):
+            read_records(body.encode(), name)
+
+
+@pytest.mark.parametrize("name, records, junk", [
+    ("many.json", "[" + ", ".join(['{"a": "x"}'] * 5) + ", ", "not json at all"),
+    ("many.jsonl", '{"a": "x"}\n' * 5, "not json at all\n"),
+    ("many.csv", "a\n" + "x\n" * 5, "x,y,z\n"),
+])
+def test_reading_stops_at_the_record_cap(monkeypatch, name, records, junk):
+    """Records are read one at a time and the file is refused at the cap: what lies beyond it is never parsed
+    (a whole-file parse of a 32 MB file of {} held over 1 GB before the cap was checked)."""
+    monkeypatch.setattr(imports, "MAX_RECORDS", 5)
+    with pytest.raises(ValueError, match=rf"^{name} has more than 5 (records|rows); use a smaller part of it\.$"):
+        read_records((records + junk).encode(), name)
+    assert len(read_records(records.rstrip(", ").encode() + (b"]" if name.endswith(".json") else b""), name)) == 5
+
+
+def test_the_token_view_parses_an_upload_once(monkeypatch, tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(20)), "utf-8")
+    parsed = []
+    real = data_records.read_records
+    monkeypatch.setattr(data_records, "read_records", lambda *a: parsed.append(a[1]) or real(*a))
+    path, *_ = data_records.inspect_upload(str(f))
+    for picked in (("prompt", "response", ""), ("response", "prompt", ""), ("", "", "prompt")):
+        assert "token-view" in data_records.masked_view(path, *picked, data_records.DEFAULT_TEMPLATE)
+    assert parsed == ["pairs.jsonl"]
+    f.write_text('{"prompt": "new", "response": "file"}\n{"prompt": "b", "response": "c"}\n', "utf-8")
+    data_records.masked_view(path, "prompt", "response", "", data_records.DEFAULT_TEMPLATE)
+    assert parsed == ["pairs.jsonl", "pairs.jsonl"]  # a changed file is read again

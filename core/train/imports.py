@@ -179,12 +179,12 @@ def _csv(text: str, name: str, delimiter: str) -> list[Record]:
         for row in reader:
             if not row or all(not c.strip() for c in row) and len(row) <= 1:
                 continue  # blank lines
+            if len(out) == MAX_RECORDS:
+                raise _over_cap(name, "rows")
             if len(row) != len(header):
                 raise ValueError(f"{name}: row on line {reader.line_num} has {len(row)} columns, the header has "
                                  f"{len(header)} (a ragged file: check the quotes and the "
                                  f"{'tabs' if delimiter == chr(9) else 'commas'} on that line).")
-            if len(out) == MAX_RECORDS:
-                raise _over_cap(name, "rows")
             out.append(Record(reader.line_num, dict(zip(header, row))))
     except csv.Error as e:
         raise ValueError(f"{name}: unreadable CSV on line {reader.line_num} ({e}).") from None
