@@ -276,13 +276,16 @@ class StudioBlocks(gr.Blocks):
         except gr.Error:
             raise
         except Exception as e:  # ComponentProcessingError, pydantic's ValidationError for a file
+            if len(inputs) != len(block_fn.inputs):
+                raise gr.Error(f"This action takes {len(block_fn.inputs)} values, not {len(inputs)}; send one for "
+                               f"each of its parameters.", title="Cannot do that") from None
             at = re.search(r"at index (\d+)", str(e))
             block = block_fn.inputs[int(at.group(1))] if at and int(at.group(1)) < len(block_fn.inputs) \
                 else next((b for b, x in zip(block_fn.inputs, inputs) if not _fits(b, x)), None)
             label = getattr(block, "label", None) or getattr(block, "elem_id", None)
             what = f"the value sent for '{scrub(str(label))[:60]}'" if label else "a value sent to this action"
-            raise gr.Error(sentence(f"{what} is not of the kind that field takes; send what the page would "
-                                    f"(the API page lists each parameter's type)."), title="Cannot do that") from None
+            raise gr.Error(sentence(f"{what} is not of the kind that field takes; send what the page would (the "
+                                    f"API page lists each parameter's type)."), title="Cannot do that") from None
 
 
 def user_of(request: gr.Request | None) -> str | None:

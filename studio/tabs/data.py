@@ -239,8 +239,8 @@ def create_data_tab(studio: Studio) -> dict:
         with gr.Column(scale=5):
             stats = gr.HTML(stats_html([], [], 0.9)[0], elem_id="data-stats")
             ratio = Slider(0.5, 0.98, value=0.9, step=0.01, label="Training share", elem_id="data-split",
-                              info="Fraction of the tokens used for training; the rest is held out to measure "
-                                   "validation loss (how well the model generalises).")
+                           info="Fraction of the tokens used for training; the rest is held out to measure "
+                                "validation loss (how well the model generalises).")
             name = gr.Textbox(label="Dataset name", elem_id="data-name",
                               info="1-64 letters, digits, '_', '.' or '-'; the Train tab lists it by this name.")
             prepare_btn = gr.Button("Prepare dataset", variant="primary", elem_id="data-prepare")

@@ -219,9 +219,9 @@ def create_evaluate_tab(studio: Studio) -> dict:
                               placeholder="Text to score (when 'Pasted text' is chosen)…")
             with gr.Row():
                 seq_len = Slider(16, 1024, value=d.seq_len, step=16, label="Context per window", elem_id="ev-seq",
-                                    info="Tokens each prediction may look back (training's default is 128).")
+                                 info="Tokens each prediction may look back (training's default is 128).")
                 max_tokens = Slider(256, EVAL_TOKENS, value=d.max_tokens, step=256, label="Tokens per model",
-                                       elem_id="ev-max", info="At most; a longer split is sampled evenly.")
+                                    elem_id="ev-max", info="At most; a longer split is sampled evenly.")
             go = gr.Button("Evaluate", variant="primary", elem_id="ev-run")
     summary = gr.Markdown(elem_id="ev-summary")
     with gr.Row(equal_height=False):

@@ -233,6 +233,7 @@ def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
            job_id=None) -> tuple[str, str]:
     """Continue run `name` (default: the followed job's run) from its newest checkpoint to `steps` in total."""
+    steps = whole(steps, "steps") if steps is not None else None  # a bad value is explained before any lookup
     name = typed_name(name, "the run name")
     if not name:
         snap = studio.runner.snapshot(job_id, owner_of(user, owner))
@@ -251,7 +252,6 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
     ds = load_dataset(folder)
-    steps = whole(steps, "steps") if steps is not None else None
     total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
@@ -406,19 +406,19 @@ def create_train_tab(studio: Studio) -> dict:
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
             targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                       elem_id="train-targets",
-                                       info="Which projections in every block get a LoRA update: "
-                                            + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+                                    elem_id="train-targets",
+                                    info="Which projections in every block get a LoRA update: "
+                                         + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
             size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
                     r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
-                                  info="Size of the low-rank update: higher = more capacity and parameters.")
+                               info="Size of the low-rank update: higher = more capacity and parameters.")
                     alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
-                                      info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
                     dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
-                                        min_width=110,
-                                        info="Randomly drops LoRA inputs while training to reduce overfitting.")
+                                     min_width=110,
+                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
                                        info="Also learns each output's magnitude: often better at low rank, close to "
                                             "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
@@ -434,9 +434,9 @@ def create_train_tab(studio: Studio) -> dict:
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
                     loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                         min_width=110, minimum=0.01,
-                                         info="B learns this many times faster than A (LoRA+); 16 often "
-                                              "converges faster, 1 is plain LoRA.")
+                                      min_width=110, minimum=0.01,
+                                      info="B learns this many times faster than A (LoRA+); 16 often "
+                                           "converges faster, 1 is plain LoRA.")
                 with gr.Row():
                     rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
                                               placeholder='{"h.0.attn.c_attn": 4}',
@@ -448,25 +448,25 @@ def create_train_tab(studio: Studio) -> dict:
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
                     lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
-                                   info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
                     steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                      minimum=1,
-                                      info="Optimizer steps to run (to continue a stopped run: its new total).")
+                                   minimum=1,
+                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
                     seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
-                                     info="Fixes the adapter's start and the batch order: same seed = same run.")
+                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
                     batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                      minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
+                                   minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
                     accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                      min_width=110, minimum=1,
-                                      info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                                   min_width=110, minimum=1,
+                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
                     seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                        min_width=110, minimum=1,
-                                        info="Tokens of context per training sequence (at most the model's 1024).")
+                                     min_width=110, minimum=1,
+                                     info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
                     eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                              min_width=110, minimum=0,
-                                              info="Measure validation loss and draw samples every N steps.")
+                                           min_width=110, minimum=0,
+                                           info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
