@@ -90,7 +90,7 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     if f.rslora not in (None, True, False):
         raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
-                      dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
+                      dropout=number(f.dropout if f.dropout is not None else 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
                       use_rslora=bool(f.rslora), init=f.init if f.init is not None else "kaiming",
                       loraplus_lr_ratio=number(f.loraplus_lr_ratio if f.loraplus_lr_ratio is not None else 1,
