@@ -221,40 +221,6 @@ def whole(value, what: str) -> int:
     return int(x)
 
 
-def _real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-# API clients can send any JSON for an input. Gradio's own conversion of a value of the wrong kind (None or text
-# for a slider, text for a number, None for a checkbox group) raises inside Gradio, before the handler, and the
-# client sees a blank "Error". These inputs hand such a value to the handler unchanged instead, where `number`,
-# `whole` and the form checks explain it in one sentence. A value of the right kind goes through Gradio's own
-# checks (bounds, choices), whose messages are shown. `is_template`: the page draws the base component.
-
-class Number(gr.Number):
-    """gr.Number; a value that is not a finite number (None aside) reaches the handler as it was sent."""
-    is_template = True
-
-    def preprocess(self, payload):
-        return super().preprocess(payload) if payload is None or _real(payload) else payload
-
-
-class Slider(gr.Slider):
-    """gr.Slider; a value that is not a finite number reaches the handler as it was sent."""
-    is_template = True
-
-    def preprocess(self, payload):
-        return super().preprocess(payload) if _real(payload) else payload
-
-
-class CheckboxGroup(gr.CheckboxGroup):
-    """gr.CheckboxGroup; a value that is not a list reaches the handler as it was sent."""
-    is_template = True
-
-    def preprocess(self, payload):
-        return super().preprocess(payload) if isinstance(payload, list) else payload
-
-
 def _fits(block, value) -> bool:
     """Whether `value` passes `block`'s data model (a file's), as Gradio checks it before converting."""
     model = getattr(block, "data_model", None)
@@ -267,8 +233,8 @@ def _fits(block, value) -> bool:
 
 class StudioBlocks(gr.Blocks):
     """gr.Blocks whose input conversion errors are one sentence naming the input. Gradio shows API clients a
-    blank "Error" when a value fails its component's conversion (text sent for a file, say): the inputs above
-    avoid that for numbers and lists, and this catches every other kind."""
+    blank "Error" when a value fails its component's conversion (text sent for a file, say): studio.inputs
+    avoids that for numbers and lists, and this catches every other kind."""
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
         try:

@@ -17,7 +17,8 @@ from core.text_checks import check_text
 from core.train.data import read_dataset_meta
 from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 
-from ..context import Number, Slider, Studio, friendly, number, requester, typed_name, whole
+from ..context import Studio, friendly, number, requester, typed_name, whole
+from ..inputs import Number, Slider
 from ..models import CHOICES
 
 MAX_ADAPTERS = 4

@@ -17,7 +17,8 @@ from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
-from ..context import UPLOADS_KEPT_S, Slider, Studio, friendly, number, typed_name
+from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name
+from ..inputs import Slider
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
 MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training

@@ -22,7 +22,8 @@ from core.train.datasets import is_dataset_folder
 from core.train.evaluate import MAX_MODELS, text_ids
 from core.train.trainer import EVAL_TOKENS
 
-from ..context import Slider, Studio, friendly, typed_name, whole
+from ..context import Studio, friendly, typed_name, whole
+from ..inputs import Slider
 from ..models import CHOICES
 from ..plots import eval_figure
 from .compare import compatible_adapters

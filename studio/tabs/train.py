@@ -24,8 +24,8 @@ from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import (CheckboxGroup, Number, Slider, Studio, friendly, new_browser_id, number, requester, sentence,
-                       typed_name, user_of, whole)
+from ..context import Studio, friendly, new_browser_id, number, requester, sentence, typed_name, user_of, whole
+from ..inputs import CheckboxGroup, Number, Slider
 from ..models import CHOICES
 from ..plots import loss_figure
 
