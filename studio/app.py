@@ -22,7 +22,7 @@ from core.quota import Quota
 from core.train.estimate import parse_size
 
 from . import fair_queue
-from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name, user_of
+from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
 from .tabs.compare import adapter_choices, create_compare_tab
@@ -154,7 +154,7 @@ def skip_matplotlib_lookups() -> None:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     skip_matplotlib_lookups()
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+    with StudioBlocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
         identity = gr.HTML(identity_html(studio, None), elem_id="identity-box")
         with gr.Tabs(elem_id="tabs") as tabs:

@@ -241,6 +241,39 @@ def whole(value, what: str) -> int:
     return int(x)
 
 
+def _fits(block, value) -> bool:
+    """Whether `value` passes `block`'s data model (a file's), as Gradio checks it before converting."""
+    model = getattr(block, "data_model", None)
+    try:
+        model is None or value is None or model.model_validate(value, context={"validate_meta": True})
+        return True
+    except Exception:
+        return False
+
+
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose input conversion errors are one sentence naming the input. Gradio shows API clients a
+    blank "Error" when a value fails its component's conversion (text sent for a file, say): studio.inputs
+    avoids that for numbers and lists, and this catches every other kind."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as e:  # ComponentProcessingError, pydantic's ValidationError for a file
+            if len(inputs) != len(block_fn.inputs):
+                raise gr.Error(f"This action takes {len(block_fn.inputs)} values, not {len(inputs)}; send one for "
+                               f"each of its parameters.", title="Cannot do that") from None
+            at = re.search(r"at index (\d+)", str(e))
+            block = block_fn.inputs[int(at.group(1))] if at and int(at.group(1)) < len(block_fn.inputs) \
+                else next((b for b, x in zip(block_fn.inputs, inputs) if not _fits(b, x)), None)
+            label = getattr(block, "label", None) or getattr(block, "elem_id", None)
+            what = f"the value sent for '{scrub(str(label))[:60]}'" if label else "a value sent to this action"
+            raise gr.Error(sentence(f"{what} is not of the kind that field takes; send what the page would (the "
+                                    f"API page lists each parameter's type)."), title="Cannot do that") from None
+
+
 def user_of(request: gr.Request | None) -> str | None:
     """The signed-in user name (None without --auth)."""
     return getattr(request, "username", None) if request is not None else None

@@ -26,6 +26,7 @@ from core.text_checks import check_text, scrub
 
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
                        user_of, whole)
+from ..inputs import CheckboxGroup, Number, Slider
 from ..models import CHOICES
 from ..plots import loss_figure
 
@@ -90,7 +91,7 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     if f.rslora not in (None, True, False):
         raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
-                      dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
+                      dropout=number(f.dropout if f.dropout is not None else 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
                       use_rslora=bool(f.rslora), init=f.init if f.init is not None else "kaiming",
                       loraplus_lr_ratio=number(f.loraplus_lr_ratio if f.loraplus_lr_ratio is not None else 1,
@@ -239,6 +240,7 @@ def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
            job_id=None, address: str | None = None) -> tuple[str, str]:
     """Continue run `name` (default: the followed job's run) from its newest checkpoint to `steps` in total."""
+    steps = whole(steps, "steps") if steps is not None else None  # a bad value is explained before any lookup
     name = typed_name(name, "the run name")
     if not name:
         snap = studio.runner.snapshot(job_id, owner_of(user, owner))
@@ -257,7 +259,6 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
     ds = load_dataset(folder)
-    steps = whole(steps, "steps") if steps is not None else None
     total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
@@ -418,20 +419,20 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                       elem_id="train-targets",
-                                       info="Which projections in every block get a LoRA update: "
-                                            + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+            targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+                                    elem_id="train-targets",
+                                    info="Which projections in every block get a LoRA update: "
+                                         + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
             size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
-                    r = gr.Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
-                                  info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = gr.Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
-                                      info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = gr.Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
-                                        min_width=110,
-                                        info="Randomly drops LoRA inputs while training to reduce overfitting.")
+                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                               info="Size of the low-rank update: higher = more capacity and parameters.")
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
+                                     min_width=110,
+                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
                                        info="Also learns each output's magnitude: often better at low rank, close to "
                                             "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
@@ -446,10 +447,10 @@ def create_train_tab(studio: Studio) -> dict:
                                             "the same with a normal A. pissa / olora: start from the base weights' "
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
-                    loraplus = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                         min_width=110, minimum=0.01,
-                                         info="B learns this many times faster than A (LoRA+); 16 often "
-                                              "converges faster, 1 is plain LoRA.")
+                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                                      min_width=110, minimum=0.01,
+                                      info="B learns this many times faster than A (LoRA+); 16 often "
+                                           "converges faster, 1 is plain LoRA.")
                 with gr.Row():
                     rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
                                               placeholder='{"h.0.attn.c_attn": 4}',
@@ -460,26 +461,26 @@ def create_train_tab(studio: Studio) -> dict:
                                                info="Per-layer alphas, as PEFT's alpha_pattern.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
-                    lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
-                                   info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = gr.Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                      minimum=1,
-                                      info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
-                                     info="Fixes the adapter's start and the batch order: same seed = same run.")
+                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                                   minimum=1,
+                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
+                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
-                    batch = gr.Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                      minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = gr.Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                      min_width=110, minimum=1,
-                                      info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = gr.Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                        min_width=110, minimum=1,
-                                        info="Tokens of context per training sequence (at most the model's 1024).")
+                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                                   minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
+                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                                   min_width=110, minimum=1,
+                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
+                                     min_width=110, minimum=1,
+                                     info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
-                    eval_interval = gr.Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                              min_width=110, minimum=0,
-                                              info="Measure validation loss and draw samples every N steps.")
+                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
+                                           min_width=110, minimum=0,
+                                           info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
