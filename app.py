@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="CPU threads torch uses per operation, for generation and training alike (default: torch's "
                         "choice, one per core); on a small CPU where people generate while a run trains, 1 avoids "
-                        "oversubscribing the cores (README, Reliability)")
+                        "oversubscribing the cores (docs/performance.md)")
     p.add_argument("--max-jobs-per-user", type=int, default=1, metavar="N",
                    help="training jobs one user (signed in, or one browser) may have queued or running (default 1)")
     p.add_argument("--max-queued-per-user", type=int, default=8, metavar="N",
