@@ -31,7 +31,7 @@ from core.device import default_dtype, precision_name
 from core.engine import Engine
 from core.generate.scheduler import SchedulerBusy
 from core.train.estimate import human_bytes
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 

@@ -17,7 +17,9 @@ from typing import Callable
 
 from core.adapters.library import check_name
 from core.device import default_dtype, precision_name
-from core.model.config import PRESETS, LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
+from core.train.config import TrainConfig
 from core.train.data import Dataset
 from core.train.estimate import check_memory, estimate_training
 from core.train.jobs import JobSpec, TrainJob, TrainScheduler

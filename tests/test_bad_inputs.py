@@ -18,7 +18,8 @@ from adapter_helpers import lora_tensors, write_adapter
 from conftest import MEDIUM_SHAPED
 from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.validate import AdapterError
-from core.model.config import PRESETS, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 from core.model.weights import WeightsError
 from studio.app import create_studio
 from studio.tabs import compare, data, library, train

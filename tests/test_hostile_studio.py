@@ -16,8 +16,8 @@ import gradio as gr
 import pytest
 
 from core.adapters.validate import AdapterError
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text, scrub
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text, scrub
 from studio import context
 from studio.app import build_ui
 from studio.context import friendly

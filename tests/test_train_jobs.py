@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.lora.layers import adapter_names, adapter_state_dict
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.jobs import JobSpec, TrainScheduler
 from core.train.trainer import Trainer

@@ -37,7 +37,8 @@ from core.adapters.run_record import HISTORY, META, clean_meta
 from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
-from core.model.config import GPTConfig, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig
 from core.quota import Quota, folder_bytes
 
 try:

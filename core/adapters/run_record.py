@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from core import atomic, safe_json
-from core.model.config import MAX_LOADED_ALPHA, MAX_PROMPT_CHARS, MAX_RANK
+from core.checks import MAX_PROMPT_CHARS
+from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK
 
 META = "studio.json"
 HISTORY = "history.jsonl"

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from core import device as _device
-from core.model.config import GPTConfig, LoraConfig, TrainConfig, target_shapes
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig, target_shapes
+from core.train.config import TrainConfig
 from core.lora.layers import count_lora_params
 from core.lora.variants import RESIDUAL_INITS
 

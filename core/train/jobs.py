@@ -27,7 +27,8 @@ from core.adapters import run_record
 from core.atomic import disk_full
 from core.device import available_memory
 from core.lora.layers import adapter_names, remove_adapter
-from core.model.config import LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.train.cobatch import CoTrainer
 from core.train.data import Dataset
 from core.train.estimate import estimate_training

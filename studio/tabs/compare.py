@@ -12,8 +12,8 @@ import gradio as gr
 
 from core.adapters.validate import AdapterError, preset_of
 from core.generate.sampling import SamplingConfig
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text
 from core.train.data import read_dataset_meta
 from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 

@@ -15,7 +15,7 @@ from core.model import tokenizer
 from core.train.data import TEXT_SUFFIXES, build_dataset, join_documents, list_samples, load_sample, normalize_text
 from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
 from ..inputs import Slider

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core.text_checks import check_text
+from core.checks import check_text
 from core.train.estimate import human_bytes
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example

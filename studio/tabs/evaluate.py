@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text, scrub
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text, scrub
 from core.train.datasets import is_dataset_folder
 from core.train.evaluate import MAX_MODELS, text_ids
 from core.train.trainer import EVAL_TOKENS

@@ -19,7 +19,7 @@ from core.adapters.validate import AdapterError
 from core.adapters.library import check_name
 from core.train.estimate import human_bytes
 
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import Studio, friendly, number, typed_name, user_of
 from ..plots import curve_figure, loss_figure, overlay_figure

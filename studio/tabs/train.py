@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from core.adapters.library import check_name
-from core.model.config import MAX_PROMPT_CHARS, PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.checks import MAX_PROMPT_CHARS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS, TARGET_MODULES
+from core.train.config import TrainConfig
 from core.lora.variants import INITS, parse_pattern
 from core.train.data import load_dataset
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trackers import REPORT_TO
 from core.train.trainer import find_checkpoint
 
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
                        user_of, whole)
