@@ -132,9 +132,12 @@ class Runner:
         if steps is not None and steps != tcfg.steps:
             tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": int(steps)})
         recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
+        meta = _run_meta(name, recorded)
+        if self.engine.library.details(name).get("shared") is True:
+            meta["shared"] = True  # a run its owner shared stays shared as it trains on
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
-                                          resume=ck, meta=_run_meta(name, recorded), adapter=TRAIN_PREFIX + name,
+                                          resume=ck, meta=meta, adapter=TRAIN_PREFIX + name,
                                           max_memory=self.engine.max_train_memory, trackers=trackers))
 
     def stop(self, job_id=None, owner: str | None = None, admin: bool = False) -> str:

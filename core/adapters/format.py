@@ -185,7 +185,7 @@ _POINT = _record({"step": _int(), "loss": _num(), "lr": _num(), "val_loss": _num
 META_FIELDS = {  # every field this app writes to studio.json, and what it may hold
     **{k: _text for k in ("name", "base_model", "status", "user", "imported_from", "duplicated_from",
                           "restored_from")},
-    "created": _date, "imported": _date, "steps": _int(),
+    "created": _date, "imported": _date, "steps": _int(), "shared": _bool,
     **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
     "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
     "lora": _record({"r": _int(1, MAX_RANK), "alpha": _num(0, MAX_LOADED_ALPHA), "dropout": _num(0, 1),

@@ -281,6 +281,7 @@ def _load_mask(folder: Path, split: str, n: int) -> np.ndarray | None:
 
 _META_FIELDS = {  # what build_dataset writes, and the check each value must pass
     **{k: lambda x: safe_json.text(x, 200) for k in ("format", "tokenizer", "name")},
+    "user": lambda x: safe_json.text(x, 200),  # who prepared it, with sign-in (the studio's DatasetStore.create)
     "sha256": lambda x: x if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x) else None,
     **{k: safe_json.integer for k in ("version", "chars", "tokens", "unique_tokens", "train_tokens", "val_tokens")},
     "train_ratio": lambda x: safe_json.number(x, 0, 1),

@@ -59,10 +59,12 @@ class DatasetStore:
             out.append({"name": d.name, "meta": read_dataset_meta(d), "mtime": d.stat().st_mtime})
         return sorted(out, key=lambda x: -x["mtime"])
 
-    def create(self, name, ds: Dataset) -> Path:
+    def create(self, name, ds: Dataset, user: str | None = None) -> Path:
         """Save `ds` as the new dataset `name`: built in a hidden folder, published whole. ValueError when
-        the name is taken, also by another session meanwhile; a failed write leaves nothing behind."""
+        the name is taken, also by another session meanwhile; a failed write leaves nothing behind.
+        user: the signed-in user who prepares it, recorded in meta.json as its owner (None: no owner)."""
         path = self.check_new(name)
+        ds.meta = {k: v for k, v in ds.meta.items() if k != "user"} | ({"user": user} if user else {})
         try:
             publish_dir(path, lambda tmp: save_dataset(ds, tmp, name=name))  # meta.json records the final name
         except FileExistsError:  # another session took the name meanwhile

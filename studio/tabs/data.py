@@ -17,7 +17,7 @@ from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
-from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name
+from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
 MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
@@ -187,15 +187,17 @@ def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, 
     return text, name, dict(state or EMPTY, sample=name)
 
 
-def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str) -> str:
-    """Tokenize, split and save the session's text as dataset `name`; returns a status line."""
+def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str,
+            user: str | None = None) -> str:
+    """Tokenize, split and save the session's text as dataset `name`, owned by the signed-in `user`; returns
+    a status line."""
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)  # before the text is read and tokenized for nothing
     texts, sources, _ = _docs(state, pasted)
     if not texts:
         raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
     ds = build_dataset(texts, sources, number(ratio, "the training share"))
-    studio.dataset_store.create(name, ds)  # published whole: a failed write (a full disk) leaves nothing
+    studio.dataset_store.create(name, ds, user)  # published whole: a failed write (a full disk) leaves nothing
     m = ds.meta
     return (f"✓ Saved dataset **{name}**: {m['tokens']:,} tokens ({m['train_tokens']:,} train / "
             f"{m['val_tokens']:,} validation). It is now selectable on the **Train** tab.")
@@ -205,8 +207,8 @@ def _n(x) -> str:
     return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
 
 
-def saved_datasets_md(studio: Studio) -> str:
-    rows = studio.datasets()
+def saved_datasets_md(studio: Studio, user: str | None = None) -> str:
+    rows = studio.datasets(user)
     if not rows:
         return "_No datasets saved yet._"
     lines = ["| dataset | tokens | train / val | sources |", "|---|---:|---:|---|"]
@@ -266,11 +268,12 @@ def create_data_tab(studio: Studio) -> dict:
     pasted.change(trigger_mode="always_last", **run_analyze)
     ratio.release(**run_analyze)
 
-    def do_prepare(st, text, r, n):
-        return prepare(studio, st, text, r, n), saved_datasets_md(studio)
+    def do_prepare(st, text, r, n, request: gr.Request):
+        user = user_of(request)
+        return prepare(studio, st, text, r, n, user), saved_datasets_md(studio, user)
 
     prepared = prepare_btn.click(friendly(do_prepare), inputs=[state, pasted, ratio, name],
                                  outputs=[status, saved], api_name="prepare_dataset")
     return {"files": files, "sample": sample, "text": pasted, "ratio": ratio, "name": name,
-            "prepare": prepare_btn, "status": status, "stats": stats, "tokens": tokens, "state": state,
+            "prepare": prepare_btn, "status": status, "stats": stats, "saved": saved, "tokens": tokens, "state": state,
             "prepared": prepared, **records}

@@ -16,7 +16,7 @@ from core.train.estimate import human_bytes
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example
 
-from ..context import Studio, friendly, number, typed_name
+from ..context import Studio, friendly, number, typed_name, user_of
 from .data import MAX_SESSION_BYTES, TOKEN_VIEW_LIMIT, saved_datasets_md, token_view_html
 
 PREVIEW_ROWS = 5
@@ -88,15 +88,17 @@ def masked_view(path, prompt, response, text, template) -> str:
     return token_view_html("(examples)", ids=ids[:TOKEN_VIEW_LIMIT], mask=mask[:TOKEN_VIEW_LIMIT])
 
 
-def prepare_records(studio: Studio, path, prompt, response, text, template, ratio, name) -> str:
-    """Save the upload as dataset `name` (every record checked first; nothing is written on an error)."""
+def prepare_records(studio: Studio, path, prompt, response, text, template, ratio, name,
+                    user: str | None = None) -> str:
+    """Save the upload as dataset `name`, owned by the signed-in `user` (every record checked first; nothing is
+    written on an error)."""
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)
     records, source = _records(path)
     fields = _fields(prompt, response, text)
     ds = dataset_from_records(records, source, fields, template if fields.instruction else None,
                               number(ratio, "the training share"))
-    studio.dataset_store.create(name, ds)
+    studio.dataset_store.create(name, ds, user)
     m = ds.meta
     if fields.instruction:
         share = int(np.sum(ds.train_mask)) / max(1, len(ds.train))
@@ -139,8 +141,10 @@ def create_records_section(studio: Studio, ratio, saved) -> dict:
         w.input(**show)
     template.change(trigger_mode="always_last", **show)
 
-    def do_prepare(*values):
-        return prepare_records(studio, *values), saved_datasets_md(studio)
+    def do_prepare(path_, prompt_, response_, text_, template_, ratio_, name_, request: gr.Request):
+        user = user_of(request)
+        return (prepare_records(studio, path_, prompt_, response_, text_, template_, ratio_, name_, user),
+                saved_datasets_md(studio, user))
 
     go.click(friendly(do_prepare), inputs=[*fields, ratio, name], outputs=[status, saved],
              api_name="prepare_records")
