@@ -250,7 +250,7 @@ def create_data_tab(studio: Studio) -> dict:
     gr.Markdown("### Token view")
     tokens = gr.HTML(token_view_html(""), elem_id="data-tokens")
     with gr.Accordion("Saved datasets", open=False):
-        saved = gr.Markdown(saved_datasets_md(studio))
+        saved = gr.Markdown(saved_datasets_md(studio), elem_id="data-saved")
     with gr.Accordion("Records: .jsonl / .json / .csv / .tsv (instruction data: prompt and response)", open=False,
                       elem_id="data-records"):
         from .data_records import create_records_section  # it builds on this module's token view
