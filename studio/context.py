@@ -200,10 +200,9 @@ class Studio:
         return (not self.auth or not owner or shared is True or user == owner
                 or (user is not None and user in self.admins))
 
-    def adapters(self, user: str | None = None, entries=None) -> list[AdapterEntry]:
-        """The library entries (default: all, newest first) that `user` may see."""
-        return [e for e in (self.library.list() if entries is None else entries)
-                if self.can_see(e.user, user, e.shared)]
+    def adapters(self, user: str | None = None) -> list[AdapterEntry]:
+        """The library entries that `user` may see, newest first."""
+        return [e for e in self.library.list() if self.can_see(e.user, user, e.shared)]
 
     def check_adapter(self, name: str, user: str | None) -> None:
         """AdapterError for an adapter (or 'run@checkpoint') `user` may not see, the same one a missing name

@@ -243,8 +243,8 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
+    studio.check_entry_owner(name, user, "resume")  # first: another user's private run is not named as one
     ck = find_checkpoint(studio.runner.run_dir(name))
-    studio.check_entry_owner(name, user, "resume")
     base = ck.meta.get("base_model") or ""
     if not isinstance(base, str) or base not in PRESETS:
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
