@@ -33,6 +33,19 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def users_per_address(value: int | None) -> int:
+    """--users-per-address, default 4; 0 on Hugging Face Spaces (SPACE_ID set), where every client shows the
+    proxy's address."""
+    return value if value is not None else (0 if os.environ.get("SPACE_ID") else 4)
+
+
+def job_tokens(value: float) -> int:
+    """--max-job-tokens as a whole number ('1e8' is accepted on the command line)."""
+    if not 1 <= value <= 2**62 or value != int(value):  # NaN fails the first test
+        raise ValueError(f"--max-job-tokens must be a whole number of at least 1 (got {value:g}).")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python app.py", description="LoRA Studio: fine-tune GPT-2 with LoRA in a web UI.")
     p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; "
@@ -71,12 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "oversubscribing the cores (README, Reliability)")
     p.add_argument("--max-jobs-per-user", type=int, default=1, metavar="N",
                    help="training jobs one user (signed in, or one browser) may have queued or running (default 1)")
+    p.add_argument("--max-queued-per-user", type=int, default=8, metavar="N",
+                   help="requests one user may have waiting or running in the queue (default 8); one user's backlog "
+                        "never refuses another user's first request")
+    p.add_argument("--users-per-address", type=int, default=None, metavar="N",
+                   help="without --auth: one client address counts as N users for the per-user limits (requests, "
+                        "jobs), as a page can pick a new id but not a new address (default 4; 0 turns it off, the "
+                        "default on Hugging Face Spaces, whose proxy gives every client one address)")
+    p.add_argument("--max-job-tokens", type=float, default=1e8, metavar="TOKENS",
+                   help="tokens one training job may train: steps x batch x accumulation x sequence length "
+                        "(default 1e8)")
+    p.add_argument("--admin-token", default=os.environ.get("LORA_STUDIO_ADMIN_TOKEN"), metavar="TOKEN",
+                   help="a secret (16+ characters) that lets whoever enters it on the Train tab stop any job, for "
+                        "the person running the server without --auth (default: $LORA_STUDIO_ADMIN_TOKEN, which "
+                        "keeps it out of the process list)")
     p.add_argument("--train-capacity", type=int, default=None, metavar="TOKENS",
                    help="tokens per shared training step (the running jobs' rows x the longest sequence); "
                         "jobs beyond it wait in the queue (default: 4096 on CPU/MPS, from free memory on CUDA)")
     p.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
                    help="generation first: while someone generates, training waits up to SECONDS before each "
                         "micro-step (default 0: no waiting)")
+    p.add_argument("--min-free-disk", default="1GB", metavar="SIZE|PCT%",
+                   help="refuse saves, uploads, datasets and new training runs that would leave less free disk than "
+                        "this, e.g. 1GB or 5%% (default 1GB; 0: no floor)")
+    p.add_argument("--max-adapters-per-user", type=int, default=100, metavar="N",
+                   help="with --auth: library entries one user may own (default 100; 0: no limit; admins: none)")
+    p.add_argument("--max-library-per-user", default="5GB", metavar="SIZE",
+                   help="with --auth: disk one user's library entries may take, checkpoints included (default 5GB)")
+    p.add_argument("--max-datasets-per-user", type=int, default=50, metavar="N",
+                   help="with --auth: datasets one user may prepare (default 50; 0: no limit)")
+    p.add_argument("--max-datasets-size-per-user", default="2GB", metavar="SIZE",
+                   help="with --auth: disk one user's datasets may take (default 2GB)")
     return p
 
 
@@ -93,13 +131,20 @@ def main(argv=None) -> int:
             raise ValueError(f"--admin {unknown[0]}: no such user in --auth.")
         if args.weights and args.model == "tiny":
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
+        from core.quota import Quota
         from studio.app import build_ui, create_studio, launch_options
+        quota = Quota.for_studio(args.min_free_disk, args.max_adapters_per_user, args.max_library_per_user,
+                                 args.max_datasets_per_user, args.max_datasets_size_per_user)
         studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
                                max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity,
-                               precision=args.precision, train_yield=args.train_yield)
+                               precision=args.precision, train_yield=args.train_yield,
+                               max_queued_per_user=args.max_queued_per_user,
+                               users_per_address=users_per_address(args.users_per_address),
+                               max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,
+                               quota=quota)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

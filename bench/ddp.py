@@ -48,7 +48,8 @@ def finetune(a, work: Path, model: list[str], name: str, nproc: int) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     run = work / "lib" / name
-    history = json.loads((run / "studio.json").read_text())["history"]
+    from core.adapters import run_record
+    history = list(run_record.history(run))
     rates = [h["tokens_per_sec"] for h in history[3:]] or [h["tokens_per_sec"] for h in history]
     return {"tokens_per_sec": statistics.median(rates), "losses": [h["loss"] for h in history],
             "adapter": load_file(str(run / "adapter_model.safetensors"))}

@@ -1,5 +1,5 @@
-"""Runs an exported GGUF file in real llama.cpp (through llama-cpp-python) and compares it with this engine:
-issue 17's "run the exported file once in llama.cpp" check. Not a test: llama-cpp-python compiles
+"""Runs exported GGUF files in real llama.cpp (through llama-cpp-python) and compares them with this engine:
+issue 17's "run the exported file once in llama.cpp" check, and issue 30's for the GGUF adapter (--lora). Not a test: llama-cpp-python compiles
 llama.cpp from source (10 minutes or more on 2 cores), so it is installed by hand, never by CI, and named in
 no requirements file:
 
@@ -15,6 +15,12 @@ What it does, all on CPU:
   `python -m core merge --lora DIR --gguf FILE --type f16|q8_0`;
 - llama.cpp loads each file; its logits for a prompt are compared with this engine's (base + adapter,
   float32, not merged), and the two greedy continuations (argmax both) token by token;
+- the adapter alone, `merge --gguf-adapter FILE`, loaded by llama.cpp over a base GGUF (f16 and q8_0)
+  as `--lora` does (Llama(model_path=base, lora_path=adapter)); the base GGUF is written by the same CLI
+  from an adapter whose B is zero (base + 0 is the base). Two adapters: the one above (adapter.lora.alpha
+  is its alpha), and one with rsLoRA and per-layer ranks and alphas (the written alpha is alpha * sqrt(r),
+  and the layers with another scale carry it in their B); each compared as above, and llama.cpp's own
+  logits with and without the adapter must differ (it was applied);
 - llama.cpp's tokenizer, built from the file's vocabulary and merges, against tiktoken on a few strings.
 """
 from __future__ import annotations
@@ -47,6 +53,9 @@ STRINGS = [  # pre-tokenizer corners: contractions, runs of spaces, newlines, di
     "日本語のテキスト", "emoji 🙂👍🏽 done", "<|endoftext|>", "a<|endoftext|>b",
     "def f(x):\n    return x ** 2  # square\n",
 ]
+# rsLoRA with ranks and alphas that differ per layer: the GGUF adapter's hardest case short of DoRA (refused)
+LV = LoraConfig(r=8, alpha=8.0, targets=LC.targets, use_rslora=True,
+                rank_pattern={"h.1.attn.c_attn": 2, "h.0.mlp.c_fc": 16}, alpha_pattern={"h.2.mlp.c_proj": 3.0})
 TOLERANCE = {"f16": 1e-2, "q8_0": 5e-2}  # max |llama.cpp - ours| as a fraction of max |logit|
 
 
@@ -57,15 +66,20 @@ def make_model(folder: Path, n_layer: int, n_head: int, n_embd: int):
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
         before = model(ids).float()
-        add_adapter(model, "a", LC, seed=1)
-        g = torch.Generator().manual_seed(2)
-        for p in lora_parameters(model, "a"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        add_random(model, "a", LC, seed=1)
         set_active(model, "a")
         after = model(ids).float()
     change = (after - before).abs().max().item()
     assert change > 1e-2, f"the adapter barely changes the logits ({change:.2e}); the check would prove nothing"
     return model, weights, change
+
+
+@torch.no_grad()
+def add_random(model, name: str, lcfg: LoraConfig, seed: int) -> None:
+    add_adapter(model, name, lcfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in lora_parameters(model, name):
+        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @torch.no_grad()
@@ -103,7 +117,7 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def compare(llm, model, qtype: str, n_new: int) -> dict:
+def compare(llm, model, label: str, tol: float, n_new: int) -> dict:
     ids = tokenizer.encode(PROMPT)
     ours, theirs = our_logits(model, ids), llama_logits(llm, ids)
     diff = np.abs(ours - theirs)
@@ -112,16 +126,49 @@ def compare(llm, model, qtype: str, n_new: int) -> dict:
     (g_ours, gap), g_theirs = our_greedy(model, ids, n_new), llama_greedy(llm, ids, n_new)
     first = next((i for i, (a, b) in enumerate(zip(g_ours, g_theirs)) if a != b), None)
     return {
-        "type": qtype, "prompt_tokens": len(ids), "logit_scale": scale,
+        "type": label, "prompt_tokens": len(ids), "logit_scale": scale,
         "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-        "max_rel_diff": float(diff.max()) / scale, "tolerance_rel": TOLERANCE[qtype],
-        "within_tolerance": float(diff.max()) / scale <= TOLERANCE[qtype],
+        "max_rel_diff": float(diff.max()) / scale, "tolerance_rel": tol,
+        "within_tolerance": float(diff.max()) / scale <= tol,
         "argmax_agree": int((ours.argmax(-1) == theirs.argmax(-1)).sum()),
         "smallest_top1_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
         "greedy_tokens": n_new, "greedy_smallest_top1_top2_gap": gap, "greedy_same": g_ours == g_theirs,
         "first_difference": first,
         "greedy_ours": tokenizer.decode(g_ours), "greedy_llama_cpp": tokenizer.decode(g_theirs),
     }
+
+
+def compare_adapters(model, weights, folder: Path, tmp: Path, n_new: int) -> list[dict]:
+    """The GGUF adapters of 'a' (folder) and of a variant adapter, each over the f16 and the q8_0 base GGUF."""
+    import llama_cpp
+    add_adapter(model, "zero", LC, seed=3)  # B starts at zero: merged, it is the base
+    add_random(model, "v", LV, seed=4)
+    folders = {"zero": save_adapter(model, "zero", tmp / "zero", LC, str(weights)), "a": folder,
+               "v": save_adapter(model, "v", tmp / "v", LV, str(weights))}
+    files = {}
+    for name in ("a", "v"):
+        files[name] = tmp / f"{name}-lora.gguf"
+        assert cli(["merge", "--lora", str(folders[name]), "--weights", str(weights),
+                    "--gguf-adapter", str(files[name])]) == 0
+    ids, rows = tokenizer.encode(PROMPT), []
+    for qtype in ("f16", "q8_0"):
+        base = tmp / f"base-{qtype}.gguf"
+        assert cli(["merge", "--lora", str(folders["zero"]), "--weights", str(weights), "--gguf", str(base),
+                    "--type", qtype]) == 0
+        llm = llama_cpp.Llama(model_path=str(base), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+        plain = llama_logits(llm, ids)
+        llm.close()
+        for name, path in files.items():
+            llm = llama_cpp.Llama(model_path=str(base), lora_path=str(path), logits_all=True, n_ctx=256,
+                                  n_threads=2, verbose=False)
+            set_active(model, name)
+            r = compare(llm, model, f"{qtype} base + GGUF adapter {name}", TOLERANCE[qtype], n_new)
+            r.update(file_mb=round(path.stat().st_size / 2**20, 2),
+                     llama_cpp_adapter_change=float(np.abs(llama_logits(llm, ids) - plain).max()))
+            rows.append(r)
+            llm.close()
+    set_active(model, "a")
+    return rows
 
 
 def compare_tokenizers(llm) -> list[dict]:
@@ -157,12 +204,14 @@ def main(argv=None) -> int:
                         "--type", qtype]) == 0
             export_s = time.perf_counter() - t0
             llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
-            r = compare(llm, model, qtype, args.tokens)
+            r = compare(llm, model, qtype, TOLERANCE[qtype], args.tokens)
             r.update(file_mb=round(out.stat().st_size / 2**20, 2), export_s=round(export_s, 2))
             results.append(r)
             if tok_rows is None:
                 tok_rows = compare_tokenizers(llm)
             llm.close()
+        adapter_rows = compare_adapters(model, weights, folder, tmp, args.tokens)
+    results += adapter_rows
     print(f"llama-cpp-python {llama_cpp.__version__}; random GPT-2 {args.layers} layers, {args.heads} heads, "
           f"width {args.width}, vocab 50257; adapter r={LC.r} on {', '.join(LC.targets)} "
           f"(changes the logits by up to {change:.3f})")
@@ -177,11 +226,14 @@ def main(argv=None) -> int:
     print(table([[repr(r["text"])[:40], len(r["ours"]), "yes" if r["same"] else f"NO {r['llama_cpp']}",
                   "yes" if r["detokenize_same"] else "NO"] for r in tok_rows],
                 ["text", "tokens", "llama.cpp tokens same", "detokenize same"]))
-    ok = all(r["within_tolerance"] for r in results) and results[0]["greedy_same"] and all(r["same"] for r in tok_rows)
+    ok = all(r["within_tolerance"] for r in results) and all(r["same"] for r in tok_rows) \
+        and all(r["greedy_same"] for r in results if r["type"].startswith("f16")) \
+        and all(r["llama_cpp_adapter_change"] > 1e-2 for r in adapter_rows)
     if args.json:
         args.json.write_text(json.dumps({"llama_cpp_python": llama_cpp.__version__, "date": time.strftime("%Y-%m-%d"),
                                          "config": vars(args) | {"json": str(args.json)}, "adapter_change": change,
-                                         "logits": results, "tokenizer": tok_rows, "ok": ok}, indent=1))
+                                         "adapter_variants": LV.to_dict(), "logits": results,
+                                         "tokenizer": tok_rows, "ok": ok}, indent=1))
     print("OK: llama.cpp matches" if ok else "MISMATCH: see above")
     return 0 if ok else 1
 

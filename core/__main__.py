@@ -143,7 +143,12 @@ def cmd_finetune(args) -> int:
     args.group = distributed.Group(args.device) if distributed.launched() else None
     if args.group:
         args.device = str(args.group.device)
-        args.group.check_batch(tcfg.batch_size)  # before the base loads
+        try:  # before the base loads; first the settings, so that every rank refuses alike
+            args.group.agree(_rank_settings(args, dataset, lcfg, tcfg, resume))
+            args.group.check_batch(tcfg.batch_size)
+        except ValueError:
+            args.group.close()  # every rank refuses here: leave the group cleanly (an open gloo group aborts)
+            raise
     if resume:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
@@ -152,6 +157,26 @@ def cmd_finetune(args) -> int:
     args.trackers = make_trackers(args.report_to if not args.group or args.group.writes else None,
                                   out_dir)  # a missing package is refused before a model loads
     return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
+
+
+# settings whose flag is not the field's name with dashes (the others: --steps, --lr, --seed, ...)
+FLAG_OF = {"r": "rank", "warmup_steps": "warmup", "sample_prompts": "sample-prompt", "use_dora": "dora",
+           "use_rslora": "rslora"}
+NO_FLAG = ("min_lr_ratio", "grad_clip", "weight_decay", "eval_max_batches", "keep_checkpoints", "sample_tokens",
+           "cuda_graphs")  # settings finetune has no flag for (a resumed checkpoint's may still differ)
+
+
+def _rank_settings(args, dataset, lcfg, tcfg, resume) -> dict:
+    """What every torchrun process must agree on, by flag name: the whole run's settings, the data's
+    digest, the base (as asked for) and the resumed checkpoint. --data's path may differ between nodes."""
+    fields = {**tcfg.to_dict(), **lcfg.to_dict()}
+    named = {k.replace("_", " ") if k in NO_FLAG else "--" + FLAG_OF.get(k, k).replace("_", "-"): v
+             for k, v in fields.items()}
+    return {**named, "the dataset's content": dataset.sha256,
+            "the base (--model/--weights)": args.weights or args.model or (resume.meta.get("base_model") if resume
+                                                                          else None),
+            "--precision": args.precision, "--quantize": args.quantize, "--checkpointing": bool(args.checkpointing),
+            "the resumed checkpoint": resume.step if resume else None}
 
 
 def _hold_run(out_dir: Path, library: str, new: bool):
@@ -480,9 +505,10 @@ def _side_by_side(titles: list[str], texts: list[str], width: int) -> str:
 # ---- merge ----------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
-    if not args.output and not args.gguf:
-        raise ValueError("pass --output DIR (a transformers folder), --gguf FILE (for llama.cpp), or both.")
-    if args.gguf:
+    if not args.output and not args.gguf and not args.gguf_adapter:
+        raise ValueError("pass --output DIR (a transformers folder), --gguf FILE or --gguf-adapter FILE (for "
+                         "llama.cpp), or several.")
+    if args.gguf or args.gguf_adapter:
         from core.adapters.gguf_export import load_gguf
         load_gguf()  # a missing package is refused before a model loads
     engine = _engine(args)
@@ -490,7 +516,11 @@ def cmd_merge(args) -> int:
     _, base_id = load_model(args, _recorded_base(ref.path), engine=engine)
     name = engine.load(ref)
     lcfg = engine.config_of(name)
-    say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
+    if args.gguf_adapter:  # first: what it refuses (DoRA) is refused before anything is written
+        out = engine.export_gguf_adapter(name, args.gguf_adapter)
+        say(f"wrote {out} (GGUF adapter, F32: load it with llama.cpp's --lora over a GGUF of {base_id})")
+    if args.output or args.gguf:
+        say(f"merged {args.lora} (rank {lcfg.r}, {', '.join(lcfg.targets)}) into {base_id}")
     if args.output:
         out = engine.export_merged(name, args.output)
         say(f"wrote {out}/config.json, model.safetensors (load with transformers.GPT2LMHeadModel.from_pretrained)")
@@ -675,13 +705,17 @@ def _add_compare(sub) -> None:
 def _add_merge(sub) -> None:
     s = sub.add_parser("merge", help="fold an adapter into the base and export an HF-format model folder or GGUF",
                        description="Write base + adapter as an HF GPT2LMHeadModel folder "
-                                   "(config.json + model.safetensors) and/or a GGUF file for llama.cpp.")
+                                   "(config.json + model.safetensors) and/or a GGUF file for llama.cpp, "
+                                   "and/or the adapter alone as a GGUF adapter file for llama.cpp's --lora.")
     s.add_argument("--lora", required=True, metavar="PATH", help="an adapter: library name, folder or .safetensors")
     s.add_argument("--output", metavar="DIR", help="the new model folder (must not exist)")
     s.add_argument("--gguf", metavar="FILE", help="also (or only) write a GGUF file for llama.cpp (must not exist; "
                                                   "pip install gguf)")
+    s.add_argument("--gguf-adapter", metavar="FILE",
+                   help="also (or only) write the adapter alone, unmerged, as a GGUF adapter file for llama.cpp's "
+                        "--lora, to load over a GPT-2 GGUF of the same base (must not exist; F32; not for DoRA)")
     s.add_argument("--type", choices=("f16", "q8_0"), default="f16",
-                   help="GGUF weight type: f16 (default) or q8_0 (8-bit, about half the size)")
+                   help="--gguf's weight type: f16 (default) or q8_0 (8-bit, about half the size)")
     add_model_options(s, "default: the base recorded with the adapter")
     s.set_defaults(func=cmd_merge)
 

@@ -16,6 +16,21 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
+def check_free(folder, need: int) -> None:
+    """Raise the file system's own error for a full disk (OSError ENOSPC) before a write of about `need`
+    bytes into `folder` when fewer are free: the write would fail midway, after filling the disk that every
+    user shares. An unknown free space lets the write go on (it reports a full disk itself)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:  # a run folder made by the write itself
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(str(folder), os.O_RDONLY)
@@ -31,11 +46,17 @@ def fsync_dir(folder: Path) -> None:
 
 def write_bytes(path, data: bytes) -> None:
     """Replace `path` with `data` atomically: readers see the old file or the new one, never half."""
+    replace_file(path, lambda f: f.write(data))
+
+
+def replace_file(path, write: Callable[[object], object]) -> None:
+    """Replace `path` atomically with what `write(f)` writes to a binary file object (streamed, so a long
+    file never has to be held in memory); the new file is a new inode (hard links to the old one keep it)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

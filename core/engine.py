@@ -7,8 +7,10 @@ on disk is loaded again under a new internal name; generations already running k
 version until they finish, then it is removed.
 
 Locking: `Engine.lock` guards structure (which base, which adapters are loaded); generation
-runs outside it. The trainer takes `shared_model()` and adds/removes its own adapter while
-holding `lock`, using a name that cannot be a library name (e.g. 'train:<run>').
+runs outside it. The trainer takes `shared_model()` and adds its own adapter while holding `lock`,
+using a name that cannot be a library name (e.g. 'train:<run>'); requests can never name it
+(`check_adapter`), and it leaves through `retire`, as every adapter does: an adapter a running
+request uses is removed only when its last user ends.
 
 Generation: with `batched_generation` on, every Compare streams through ONE DecodeScheduler per
 loaded base (core.generate.scheduler: continuous batching, each request with its own seeded
@@ -19,7 +21,9 @@ own decode loop (`stream_text`), as before.
 Pinning: a training run loads its base with `base(..., pin=True)` and holds the pin until the
 run ends (`unpin_base`). Meanwhile no other request can replace the base (BaseInUse): a Compare
 on another base, queued while the run's base was loading, would otherwise swap the model under
-the starting run, which would then train a base nobody tracks.
+the starting run, which would then train a base nobody tracks. A request (compare, evaluate, token
+differences, export) holds the base the same way while it runs: one user switching the base would
+otherwise end every other user's request.
 """
 from __future__ import annotations
 
@@ -116,6 +120,7 @@ class Engine:
         self._retired: set[str] = set()  # replaced versions to remove once unused
         self._versions = itertools.count(2)
         self._base_pins = 0  # training runs (starting or running) that need the loaded base to stay
+        self._base_users = 0  # requests running on the loaded base now (compare, evaluate, exports): it stays too
         self.max_train_memory = max_train_memory  # bytes: cap on a training run's estimated peak (None = RAM/GPU)
 
     @property
@@ -145,6 +150,10 @@ class Engine:
                     raise BaseInUse(f"the base model {self.base_id} is in use by a starting or running training "
                                     f"job, so it cannot change to {model_name_or_path} now; choose {self.base_id}, "
                                     f"or wait for the run to end.")
+                if self._base_users:  # replacing it would end their requests (one user's switch, everyone's loss)
+                    raise BaseInUse(f"the base model {self.base_id} is generating or evaluating for other requests, "
+                                    f"so it cannot change to {model_name_or_path} now; choose {self.base_id}, or try "
+                                    f"again in a moment.")
                 model = load_base(weights or model_name_or_path, self.device, self.dtype, progress)
                 self._close_scheduler()  # its requests on the old base end (SchedulerClosed)
                 self._model, self._base_key, self.base_id = model, key, str(model_name_or_path)
@@ -213,12 +222,21 @@ class Engine:
     def _pinned(self, adapters):
         with self.lock:
             model = self.shared_model()
-            names = [None if a is None else self._name_for(a, model) for a in adapters]
-            self._refs.update(n for n in names if n)
+            names = []
+            try:
+                for a in adapters:
+                    names.append(None if a is None else self._name_for(a))
+                    if names[-1]:  # pinned at once: loading the next one may evict idle adapters
+                        self._refs[names[-1]] += 1
+            except BaseException:
+                self._unpin(names, model)
+                raise
+            self._base_users += 1
         try:
             yield model, names
         finally:
             with self.lock:
+                self._base_users -= 1
                 self._unpin(names, model)
 
     # ---- generation ------------------------------------------------------------------------
@@ -244,10 +262,10 @@ class Engine:
             raise ValueError(f"{cfg.max_new_tokens} new tokens is more than this server allows per request "
                              f"({self.max_new_tokens}, its --max-new-tokens); ask for fewer.")
         with self.lock:
-            model = self.shared_model()
+            self.shared_model()
             for a in adapters:
                 if a is not None:
-                    self._name_for(a, model)
+                    self._name_for(a)
         pace = every if callable(every) else (lambda: every or 0.0)
         if self.batched_generation:
             return self._counted(self._stream_batched(prompt, list(adapters), cfg, user, pace))
@@ -378,6 +396,12 @@ class Engine:
         with self._pinned([adapter]) as (model, names):
             return export_gguf(model, names[0], out_path, qtype, title=adapter, base_state=self._fp32_base(model))
 
+    def export_gguf_adapter(self, adapter: str, out_path) -> Path:
+        """The adapter alone as a GGUF adapter file for llama.cpp's --lora (over a GGUF of the same base)."""
+        from core.adapters.gguf_export import export_gguf_adapter
+        with self._pinned([adapter]) as (model, names):
+            return export_gguf_adapter(model, names[0], out_path, title=adapter)
+
     def _fp32_base(self, model: GPT) -> dict[str, torch.Tensor] | None:
         """The loaded base's weights in fp32, read again from their source when the shared base is held in
         bf16 (CUDA, --precision bf16), so an export carries the base as published; None when it is fp32."""
@@ -388,33 +412,32 @@ class Engine:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _name_for(self, a: str, model: GPT) -> str:
-        """Library name -> loaded name (loading it if needed); an already-loaded name passes through."""
+    def check_adapter(self, name) -> str:
+        """The one rule for an adapter a request names (compare, evaluate, token differences, exports): a library
+        adapter ('run' or 'run@step_000050'), or a path `load` loaded in this process (the CLI's). Never a name
+        that is only loaded: a training run's live 'train:<run>' (another user's unfinished work, removed when
+        its run ends) or a replaced version 'x~2'. Raises AdapterError; loads nothing."""
+        with self.lock:
+            self._source(name)
+        return name
+
+    def _source(self, a) -> tuple[str, Path, bool]:
+        """(Holding lock.) `check_adapter`'s rule: the slot key, files and in_library of adapter name `a`."""
         if not isinstance(a, str):
             raise AdapterError(f"adapter names are strings (got {type(a).__name__}).")
         slot = self._slots.get(a)
         if slot is not None and not slot.in_library:  # loaded by path: re-checked for changes too
-            return self._ensure(a, slot.path, False)
-        if slot is None and a in adapter_names(model) and not self._library_has(a):
-            return a  # the trainer's live adapter, or an internal (versioned) name
-        return self._from_library(a)
-
-    def _library_has(self, name: str) -> bool:
+            return a, slot.path, False
         try:
-            self.library.path(name)
-            return True
+            return a, self.library.path(a), True
         except AdapterError:
-            return False
-
-    def _from_library(self, name: str) -> str:
-        try:
-            path = self.library.path(name)
-        except AdapterError:
-            slot = self._slots.get(name)
-            if slot is not None and slot.in_library:
-                self._drop(name)  # deleted or renamed in the library meanwhile
+            if slot is not None:
+                self._drop(a)  # deleted or renamed in the library meanwhile
             raise
-        return self._ensure(name, path, True)
+
+    def _name_for(self, a: str) -> str:
+        """Adapter name (see `check_adapter`) -> the name it is loaded under, loading it if needed."""
+        return self._ensure(*self._source(a))
 
     def _ensure(self, key: str, path: Path, in_library: bool) -> str:
         model = self.shared_model()
@@ -429,13 +452,22 @@ class Engine:
         if slot is not None:
             self._retire(slot.loaded)
         self._slots[key] = _Slot(name, path, in_library, lcfg, sig, time.monotonic())
-        self._evict()
+        self._evict(keep=key)
         return name
 
     def _drop(self, key: str) -> None:
         slot = self._slots.pop(key, None)
         if slot is not None:
             self._retire(slot.loaded)
+
+    def retire(self, model: GPT, loaded: str) -> None:
+        """Remove adapter `loaded` from `model` once no request uses it (a training run's live adapter when the
+        run ends): the one way adapters leave the shared base, so a running request never loses its rows'."""
+        with self.lock:
+            if model is self._model:
+                self._retire(loaded)
+            elif loaded in adapter_names(model):  # a base no longer shared: nobody else routes to it
+                remove_adapter(model, loaded)
 
     def _retire(self, loaded: str) -> None:
         if self._refs[loaded] > 0:
@@ -455,8 +487,9 @@ class Engine:
                         self._retired.discard(n)
                         self._retire(n)
 
-    def _evict(self) -> None:
-        idle = sorted((s.used, k) for k, s in self._slots.items() if self._refs[s.loaded] == 0)
+    def _evict(self, keep: str) -> None:
+        # `keep`: the one just loaded, not pinned yet (its request pins each adapter as it gets it)
+        idle = sorted((s.used, k) for k, s in self._slots.items() if k != keep and self._refs[s.loaded] == 0)
         for _, k in idle[:max(0, len(self._slots) - self.max_loaded)]:
             self._drop(k)
 

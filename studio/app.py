@@ -18,9 +18,11 @@ import gradio as gr
 from core.adapters.validate import preset_of
 from core.device import pick_device, precision_dtype
 from core.engine import Engine
+from core.quota import Quota
 from core.train.estimate import parse_size
 
-from .context import UPLOADS_KEPT_S, Studio, friendly, typed_name, user_of
+from . import fair_queue
+from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
 from .tabs.compare import adapter_choices, create_compare_tab
@@ -43,13 +45,17 @@ TRIM_EVERY_S = 30
 
 
 GENERATION_MODES = ("batched", "loop")
+QUEUE_SIZE = 64  # requests waiting in all past which only someone with none waiting gets in (studio.fair_queue)
+MAX_JOB_TOKENS = 100_000_000  # --max-job-tokens' default: minutes on a GPU for gpt2, hours for gpt2-xl
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
                   auth=False, max_train_memory: str | int | None = None, admins=(),
                   generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
-                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0) -> Studio:
+                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
+                  max_queued_per_user: int = 8, users_per_address: int = 4,
+                  max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None, quota: Quota | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -59,15 +65,27 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
     max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step).
     precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype).
-    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never)."""
+    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never).
+    max_queued_per_user: --max-queued-per-user, requests one user may have waiting or running (studio.fair_queue);
+    users_per_address: --users-per-address, without sign-in how many users one client address counts as (0: off).
+    max_job_tokens: --max-job-tokens, a training job's steps x tokens per step at most (None: no limit).
+    admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters).
+    quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
     if generation is not None and generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
     if isinstance(max_rows_per_user, bool) or not isinstance(max_rows_per_user, int) or max_rows_per_user < 1:
         raise ValueError(f"--max-rows-per-user must be a whole number of at least 1 (got {max_rows_per_user!r}).")
-    for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity)):
+    for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity),
+                        ("--max-queued-per-user", max_queued_per_user), ("--max-job-tokens", max_job_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{flag} must be a whole number of at least 1 (got {value!r}).")
+    if isinstance(users_per_address, bool) or not isinstance(users_per_address, int) or users_per_address < 0:
+        raise ValueError(f"--users-per-address must be a whole number of at least 0 (got {users_per_address!r}).")
+    if admin_token is not None and (not isinstance(admin_token, str) or len(admin_token) < 16
+                                    or not admin_token.isascii() or not admin_token.isprintable()):
+        raise ValueError("--admin-token must be at least 16 printable ASCII characters; make one with "
+                         "python -c 'import secrets; print(secrets.token_urlsafe())'.")
     if isinstance(train_yield, bool) or not isinstance(train_yield, (int, float)) or not 0 <= train_yield <= 10:
         raise ValueError(f"--train-yield must be a number of seconds from 0 to 10 (got {train_yield!r}).")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -84,7 +102,10 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
-                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield)
+                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,
+                    max_queued_per_user=max_queued_per_user, users_per_address=users_per_address,
+                    max_job_tokens=max_job_tokens, admin_token=admin_token,
+                    quota=quota or Quota.for_studio())
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
 
@@ -134,7 +155,7 @@ def skip_matplotlib_lookups() -> None:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     skip_matplotlib_lookups()
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+    with StudioBlocks(title="LoRA Studio", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.HTML(header_html(studio))
         identity = gr.HTML(identity_html(studio, None), elem_id="identity-box")
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -226,7 +247,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
         library["use"].click(use,
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.queue(default_concurrency_limit=1)
+    fair_queue.install(demo, studio.max_queued_per_user, studio.users_per_address, QUEUE_SIZE)
     demo.studio = studio  # for tests and the entry point
     demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "evaluate": evaluate,
                   "arena": arena, "tabs": tabs}

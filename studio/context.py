@@ -4,8 +4,8 @@ Nothing here goes into gr.State: a Studio is created once per process and closed
 """
 from __future__ import annotations
 
-import atexit
 import functools
+import hmac
 import inspect
 import math
 import re
@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from core.adapters.validate import AdapterError
 from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
+from core.quota import Quota
 from core.train.data import Dataset, load_dataset, read_dataset_meta
 from core.train.datasets import DatasetStore, is_dataset_folder
 from core.device import default_dtype, precision_name
@@ -36,6 +37,8 @@ from core.text_checks import check_text, scrub
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
+from .fair_queue import is_local
+from .exports import make_exports_dir
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner
 
@@ -83,6 +86,11 @@ class Studio:
     max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
     train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
     train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
+    max_queued_per_user: int = 8  # --max-queued-per-user: requests one user may have waiting or running
+    users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
+    max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
+    admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
+    quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -92,15 +100,15 @@ class Studio:
     arena: Arena = field(init=False)
 
     def __post_init__(self):
-        self.dataset_store = DatasetStore(self.datasets_dir)
+        self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
+        self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
-                             self.max_jobs_per_user, self.train_capacity, self.train_yield)
+                             self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
+                             max(1, self.users_per_address))
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
-        self.engine.library  # opened now: start-up sweeps what a crashed run or writer left behind
-        # downloads are written under the system temp dir, which Gradio serves from without allowed_paths
-        self.exports_dir = Path(tempfile.mkdtemp(prefix="lora-studio-exports-"))
-        atexit.register(shutil.rmtree, self.exports_dir, ignore_errors=True)
+        self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
+        self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed
 
     @property
     def precision(self) -> str:
@@ -131,7 +139,8 @@ class Studio:
         if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
             if pin:
                 self.engine.unpin_base(model)
-            raise WeightsError(f"--weights {weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, not {name} "
+            raise WeightsError(f"--weights {Path(weights).name} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
+                               f"not {name} "
                                f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
         return model
 
@@ -179,6 +188,7 @@ class Studio:
         if waiting >= self.max_export_bytes:
             raise ValueError(f"the server already holds {human_bytes(waiting)} of downloads being fetched "
                              f"(the limit is {human_bytes(self.max_export_bytes)}); try again in a few minutes.")
+        self.quota.check_floor(self.exports_dir)  # downloads share the disk with everyone's work
         return Path(tempfile.mkdtemp(prefix="x-", dir=self.exports_dir))
 
     def drop_export(self, path) -> None:
@@ -224,6 +234,12 @@ class Studio:
             self.check_adapter(name, user)  # another user's private entry: 'no adapter named', not whose it is
             self.check_owner(name, self.library.details(name).get("user"), user, action)
 
+    def is_admin_token(self, token) -> bool:
+        """Whether `token` is --admin-token (compared in constant time; a token of any other kind is not)."""
+        if not self.admin_token or not isinstance(token, str) or not token:
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.admin_token.encode("utf-8"))
+
 
 def typed_name(value, what: str = "name") -> str:
     """A name typed in a text box: valid Unicode, stripped (the name rules, length included, come after)."""
@@ -255,6 +271,39 @@ def whole(value, what: str) -> int:
     return int(x)
 
 
+def _fits(block, value) -> bool:
+    """Whether `value` passes `block`'s data model (a file's), as Gradio checks it before converting."""
+    model = getattr(block, "data_model", None)
+    try:
+        model is None or value is None or model.model_validate(value, context={"validate_meta": True})
+        return True
+    except Exception:
+        return False
+
+
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose input conversion errors are one sentence naming the input. Gradio shows API clients a
+    blank "Error" when a value fails its component's conversion (text sent for a file, say): studio.inputs
+    avoids that for numbers and lists, and this catches every other kind."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as e:  # ComponentProcessingError, pydantic's ValidationError for a file
+            if len(inputs) != len(block_fn.inputs):
+                raise gr.Error(f"This action takes {len(block_fn.inputs)} values, not {len(inputs)}; send one for "
+                               f"each of its parameters.", title="Cannot do that") from None
+            at = re.search(r"at index (\d+)", str(e))
+            block = block_fn.inputs[int(at.group(1))] if at and int(at.group(1)) < len(block_fn.inputs) \
+                else next((b for b, x in zip(block_fn.inputs, inputs) if not _fits(b, x)), None)
+            label = getattr(block, "label", None) or getattr(block, "elem_id", None)
+            what = f"the value sent for '{scrub(str(label))[:60]}'" if label else "a value sent to this action"
+            raise gr.Error(sentence(f"{what} is not of the kind that field takes; send what the page would (the "
+                                    f"API page lists each parameter's type)."), title="Cannot do that") from None
+
+
 def user_of(request: gr.Request | None) -> str | None:
     """The signed-in user name (None without --auth)."""
     return getattr(request, "username", None) if request is not None else None
@@ -271,6 +320,15 @@ def requester(request: gr.Request | None, browser: str | None = None) -> str | N
         return f"browser:{browser}"
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"session:{session}" if session else None
+
+
+def address_of(request: gr.Request | None, studio: Studio) -> str | None:
+    """Without sign-in, the client's network address, which it cannot choose as it does a browser id: a
+    second key for per-user limits (None with sign-in, for this machine itself, or with the limit off)."""
+    host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
+    if studio.auth or studio.users_per_address < 1 or is_local(host):
+        return None
+    return f"address:{host}"
 
 
 def new_browser_id(current) -> str:
@@ -290,6 +348,8 @@ def friendly(fn):
     with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
     def report(e: Exception):
         text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
+        if isinstance(e, OSError) and e.filename:  # the system's own text holds the server's path
+            text = f"{Path(e.filename).name}: {e.strerror}"
         if disk_full(e):
             text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
         gr.Warning(sentence(text), duration=12, title="Cannot do that")

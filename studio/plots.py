@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from core.adapters.run_record import CHART_POINTS, thin
+
 TRAIN_COLOR, VAL_COLOR, LR_COLOR = "#4f46e5", "#f97316", "#94a3b8"
-MAX_POINTS = 2000  # longer runs are thinned evenly (the last point is always kept)
-
-
-def _thin(points: list[dict]) -> list[dict]:
-    if len(points) <= MAX_POINTS:
-        return points
-    stride = len(points) / MAX_POINTS
-    picked = [points[int(i * stride)] for i in range(MAX_POINTS)]
-    return picked if picked[-1] is points[-1] else picked + [points[-1]]
 
 
 def loss_figure(points: list[dict], evals: list[dict], steps: int | None = None, title: str | None = None,
                 height: int = 360) -> go.Figure:
     """points: [{"step", "loss", "lr"}] per optimizer step; evals: [{"step", "val_loss"}].
     The x axis grows with the run (a long plan would squeeze the first points); `steps`, the plan,
-    is named in the axis title."""
-    points = _thin([p for p in points if p.get("loss") is not None])
-    evals = [e for e in evals if e.get("val_loss") is not None]
+    is named in the axis title. Each line is thinned to about CHART_POINTS (its last and lowest points
+    kept): a page redraws it every tick, however long the run."""
+    points, evals = thin(points, "loss", CHART_POINTS), thin(evals, "val_loss", CHART_POINTS)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[p["step"] for p in points], y=[p["loss"] for p in points], name="train loss",
                              mode="lines", line=dict(color=TRAIN_COLOR, width=2),
@@ -50,33 +43,23 @@ def loss_figure(points: list[dict], evals: list[dict], steps: int | None = None,
     return fig
 
 
-def figure_from_meta(meta: dict, height: int = 320) -> go.Figure:
-    """The loss curve of a saved adapter from its studio.json (history + start_val_loss)."""
-    history = meta.get("history") if isinstance(meta.get("history"), list) else []
-    history = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)]
-    points = [{"step": h["step"], "loss": h.get("loss"), "lr": h.get("lr")} for h in history]
-    evals = [{"step": h["step"], "val_loss": h["val_loss"]} for h in history if h.get("val_loss") is not None]
-    if isinstance(meta.get("start_val_loss"), (int, float)):
-        evals.insert(0, {"step": 0, "val_loss": meta["start_val_loss"]})
+def curve_figure(points_evals: tuple[list[dict], list[dict]], meta: dict, height: int = 320) -> go.Figure:
+    """The loss curve of a saved adapter: its (train points, validation points) as Library.curve reads them
+    from its history; `meta`, its studio.json, names the planned steps."""
     steps = (meta.get("training") or {}).get("steps") if isinstance(meta.get("training"), dict) else None
-    return loss_figure(points, evals, steps if isinstance(steps, int) else None, height=height)
+    return loss_figure(*points_evals, steps if isinstance(steps, int) else None, height=height)
 
 
 OVERLAY_COLORS = ["#4f46e5", "#f97316", "#059669", "#dc2626", "#0891b2", "#a21caf", "#ca8a04", "#475569"]
 
 
-def overlay_figure(runs: list[tuple[str, dict]], height: int = 360) -> go.Figure:
-    """Several saved adapters' curves on one chart: runs = [(name, its studio.json)]; per adapter one colour,
-    train loss as a line, validation loss dashed with markers."""
+def overlay_figure(runs: list[tuple[str, tuple[list[dict], list[dict]]]], height: int = 360) -> go.Figure:
+    """Several saved adapters' curves on one chart: runs = [(name, (train points, validation points))] as
+    Library.curve reads them; per adapter one colour, train loss as a line, validation loss dashed with markers."""
     fig = go.Figure()
-    for i, (name, meta) in enumerate(runs):
+    for i, (name, (points, evals)) in enumerate(runs):
         color = OVERLAY_COLORS[i % len(OVERLAY_COLORS)]
-        history = meta.get("history") if isinstance(meta.get("history"), list) else []
-        history = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)]
-        points = _thin([h for h in history if isinstance(h.get("loss"), (int, float))])
-        evals = [h for h in history if isinstance(h.get("val_loss"), (int, float))]
-        if isinstance(meta.get("start_val_loss"), (int, float)):
-            evals.insert(0, {"step": 0, "val_loss": meta["start_val_loss"]})
+        points, evals = thin(points, "loss", CHART_POINTS), thin(evals, "val_loss", CHART_POINTS)
         fig.add_trace(go.Scatter(x=[p["step"] for p in points], y=[p["loss"] for p in points],
                                  name=f"{name} · train", mode="lines", line=dict(color=color, width=2),
                                  hovertemplate=f"{name}<br>step %{{x}}<br>train loss %{{y:.4f}}<extra></extra>"))

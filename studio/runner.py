@@ -9,6 +9,7 @@ reloaded page reattaches to it.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,13 @@ class Runner:
     releases the pin when the job ends."""
 
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
-                 capacity_tokens: int | None = None, yield_s: float = 0.0):
+                 capacity_tokens: int | None = None, yield_s: float = 0.0, max_job_tokens: int | None = None,
+                 users_per_address: int = 1):
         self.engine = engine
+        self.max_job_tokens = max_job_tokens  # a job's steps x tokens per step at most (None: no limit)
+        self.users_per_address = users_per_address  # without sign-in, an address's jobs: this x the per-user limit
+        self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
+        self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
         self.scheduler = TrainScheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
                                                    capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user,
                                                    yield_s=yield_s)
@@ -96,16 +102,32 @@ class Runner:
                             f"or the rank (now {lcfg.r}); gradient accumulation keeps the effective batch at "
                             f"no memory cost")
 
+    def check_budget(self, dataset: Dataset, tcfg: TrainConfig, done: int = 0) -> None:
+        """Before a job is queued: refuse one whose steps (beyond `done`) x tokens per step exceed
+        --max-job-tokens, in one sentence with the most steps these settings allow."""
+        if self.max_job_tokens is None:
+            return
+        per_step = tcfg.batch_size * tcfg.grad_accum * dataset.block_size(tcfg.seq_len)[0]
+        tokens = (tcfg.steps - done) * per_step
+        if tokens > self.max_job_tokens:
+            raise ValueError(f"this job would train {tokens:,} tokens ({tcfg.steps - done:,} steps of {per_step:,}), "
+                             f"more than the {self.max_job_tokens:,} one job may here; lower the steps to at most "
+                             f"{done + self.max_job_tokens // per_step:,}, or the batch, accumulation or sequence "
+                             f"length.")
+
     # ---- control -------------------------------------------------------------------------
 
     def start(self, base_id: str, dataset: Dataset, name: str, lcfg: LoraConfig, tcfg: TrainConfig,
-              owner: str | None = None, user: str | None = None, report_to: str = "none") -> TrainJob:
+              owner: str | None = None, user: str | None = None, report_to: str = "none",
+              address: str | None = None) -> TrainJob:
         """Queue a new adapter `name` for training into the library; it starts when there is room.
         owner: who may stop it and whose limit it counts against (the signed-in user or the browser);
         user: the signed-in user name recorded in studio.json; report_to: a tracker of
-        core.train.trackers.REPORT_TO. Raises ValueError (the name is taken, the per-user limit, a full
-        queue, a tracker whose package is missing)."""
+        core.train.trackers.REPORT_TO; address: without sign-in, the client's address (its jobs may be
+        users_per_address times the per-user limit). Raises ValueError (the name is taken, a per-user or
+        per-address limit, --max-job-tokens, a full queue, a tracker whose package is missing)."""
         check_name(name)
+        self.check_budget(dataset, tcfg)
         out_dir = self.engine.library.root / name
         trackers = make_trackers(report_to, out_dir)
         library = self.engine.library
@@ -114,13 +136,15 @@ class Runner:
                 raise ValueError(f"the library already has an adapter named '{name}'; choose another "
                                  f"name (or resume that run).")
             # held while this process lives: a crash right after Start leaves a folder the next start-up sweeps
-            hold = library.reserve_run(name)
+            hold = library.reserve_run(name, user)  # refused past the user's quota or the disk's floor
         return self._submit(hold, JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner,
                                           meta=_run_meta(name, user), adapter=TRAIN_PREFIX + name,
-                                          max_memory=self.engine.max_train_memory, trackers=trackers))
+                                          max_memory=self.engine.max_train_memory, trackers=trackers),
+                            address)
 
     def resume(self, base_id: str, dataset: Dataset, name: str, steps: int | None = None,
-               owner: str | None = None, user: str | None = None, report_to: str = "none") -> TrainJob:
+               owner: str | None = None, user: str | None = None, report_to: str = "none",
+               address: str | None = None) -> TrainJob:
         """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan).
         The run keeps the signed-in user it was started by; `user` is recorded only when it had none."""
         check_name(name)
@@ -131,14 +155,17 @@ class Runner:
         tcfg = ck.tcfg
         if steps is not None and steps != tcfg.steps:
             tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": int(steps)})
+        self.check_budget(dataset, tcfg, done=ck.step)
         recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
+        self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
         meta = _run_meta(name, recorded)
         if self.engine.library.details(name).get("shared") is True:
             meta["shared"] = True  # a run its owner shared stays shared as it trains on
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
                                           resume=ck, meta=meta, adapter=TRAIN_PREFIX + name,
-                                          max_memory=self.engine.max_train_memory, trackers=trackers))
+                                          max_memory=self.engine.max_train_memory, trackers=trackers),
+                            address)
 
     def stop(self, job_id=None, owner: str | None = None, admin: bool = False) -> str:
         """Stop a job (default: the owner's newest live one). Only its owner, or an admin, may; owner None
@@ -170,10 +197,26 @@ class Runner:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _submit(self, hold, spec: JobSpec) -> TrainJob:
+    def _submit(self, hold, spec: JobSpec, address: str | None = None) -> TrainJob:
         spec.on_end = lambda job: hold.release()  # a run that saved nothing frees its name
         try:
-            return self.scheduler.submit(spec)
+            with self._submitting:
+                if address is not None:
+                    self._check_address(address)
+                job = self.scheduler.submit(spec)
+                if address is not None:
+                    self._addresses[job.id] = address
+                return job
         except BaseException:
             hold.release()
             raise
+
+    def _check_address(self, address: str) -> None:
+        """Without sign-in a browser id is the client's choice: its address's live jobs count as well."""
+        live = {j.id for j in self.scheduler.live()}
+        self._addresses = {i: a for i, a in self._addresses.items() if i in live}
+        n = sum(a == address for a in self._addresses.values())
+        cap = self.scheduler.max_jobs_per_user * self.users_per_address
+        if n >= cap:
+            raise ValueError(f"your address already has {n} training job{'s' if n != 1 else ''} queued or running, "
+                             f"the limit for all pages from one address ({cap}); wait for one to finish, or stop it.")

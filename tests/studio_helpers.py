@@ -6,6 +6,7 @@ Also imported outside pytest (test_faults.py runs `_prepare` and `_start` in a c
 module needs nothing from pytest's fixtures."""
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,10 +94,17 @@ def refused(studio, exc, pattern, fn, *args, **kw) -> str:
                 next(out)
     msg = str(info.value)
     assert "Traceback" not in msg and len(msg) < 400, msg
-    with unchanged(studio), pytest.warns(UserWarning):  # the same error through the UI wrapper: a warning toast
+    with unchanged(studio), pytest.warns(UserWarning) as toasts:  # the same error through the UI wrapper: a toast
         out = friendly(fn)(*args, **kw)
         if hasattr(out, "__next__"):
             next(out)
+    assert_no_server_path(studio, " ".join(str(t.message) for t in toasts))
     return msg
+
+
+def assert_no_server_path(studio, text: str) -> None:
+    """A message a page shows names no folder of the server (library, datasets, temp dir)."""
+    for root in (studio.library.root, studio.datasets_dir, Path(tempfile.gettempdir()).resolve(), Path.home()):
+        assert str(root) not in text, text
 
 

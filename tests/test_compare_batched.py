@@ -14,7 +14,7 @@ import torch
 
 from adapter_helpers import LX, LY
 from core.adapters.validate import AdapterError
-from core.engine import Engine
+from core.engine import BaseInUse, Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy
 from core.lora.layers import add_adapter, remove_adapter
@@ -285,16 +285,18 @@ def test_torch_threads_flag_sets_the_threads_of_the_whole_process(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_a_new_base_replaces_the_scheduler(engines, tmp_path):
-    """A running compare on the old base ends with a clear message; the new base gets its own loop."""
+def test_a_new_base_replaces_the_scheduler_once_no_compare_runs_on_the_old(engines, tmp_path):
+    """Another base is refused while a compare runs on the loaded one (it would end that compare: see
+    test_adapter_lifetime.py); after it, the new base gets its own loop and the old loop stops."""
     eng, _ = engines
     folder = eng.export_merged("x", tmp_path / "merged")  # another base: tiny with x merged in
     old = eng.scheduler()
     running = eng.compare("The quick brown fox", [None, "y"], _cfg(GREEDY, 1, n=500))
     next(running)
+    with pytest.raises(BaseInUse, match="generating or evaluating for other requests"):
+        eng.base(str(folder))
+    assert _last(running)[1] and old._thread.is_alive()
     eng.base(str(folder))
-    with pytest.raises(AdapterError, match="base model was changed"):
-        _last(running)
     assert _wait(lambda: not old._thread.is_alive())
     assert eng.scheduler() is not old and eng.scheduler().model is eng.shared_model()
     assert _last(eng.compare("Ahoy", [None], _cfg(GREEDY, 1, n=4)))[0]

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cli_helpers import ROOT, cli
+from core.adapters import run_record
 from core.train.distributed import FAULT_ENV, TIMEOUT_ENV
 from core.train.trainer import find_checkpoint
 
@@ -49,7 +50,7 @@ def adapter(run) -> dict:
 
 
 def losses(run) -> list[float]:
-    return [h["loss"] for h in json.loads((run / "studio.json").read_text())["history"]]
+    return [h["loss"] for h in run_record.history(run)]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -151,3 +152,57 @@ def test_instruction_data_two_processes_weigh_each_rank_by_its_response_tokens(w
     one, two = work / "lib" / "m1", work / "lib" / "m2"
     assert max_diff(adapter(one), adapter(two)) < TOL
     assert losses(one) == pytest.approx(losses(two), abs=TOL)
+
+
+def start_ranks(work, output: str, flags: list[list[str]]) -> list[tuple[int, str]]:
+    """Ranks 0 and 1 started by hand with their own extra flags (as a careless launch does); each
+    (exit status, stderr)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "core", "finetune", "--data", "ds", "--library", "lib",
+                               "--output", output, *RUN, *extra], cwd=work, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=env(RANK=str(i), LOCAL_RANK=str(i), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", **{TIMEOUT_ENV: "60"}))
+             for i, extra in enumerate(flags)]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs)]
+
+
+def test_ranks_started_with_different_steps_and_lr_are_refused_at_once_naming_both_settings(work):
+    outs = start_ranks(work, "mixed", [[], ["--steps", "9", "--lr", "2e-3"]])
+    assert [rc for rc, _ in outs] == [2, 2], outs
+    for _, err in outs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert errors == ["error: the processes were started with different settings: --lr (rank 0: 0.001, "
+                          "rank 1: 0.002); --steps (rank 0: 8, rank 1: 9); start every process with the same "
+                          "flags, data and base."], err
+    assert not (work / "lib" / "mixed").exists()  # refused before anything was written
+
+
+def test_ranks_with_different_seeds_or_lora_settings_get_one_sentence_without_rng_state(work):
+    outs = start_ranks(work, "seeds", [["--seed", "1"],
+                                       ["--seed", "2", "--rank-pattern", '{"h.0.attn.c_attn": 2}']])
+    assert [rc for rc, _ in outs] == [2, 2], outs
+    err = outs[0][1]
+    assert "--seed (rank 0: 1, rank 1: 2)" in err
+    assert '--rank-pattern (rank 0: {}, rank 1: {"h.0.attn.c_attn": 2})' in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith("start every process with the same flags, data and base.")
+    assert "bit_generator" not in err and "state" not in err
+
+
+def test_a_batch_size_one_rank_alone_cannot_share_is_refused_on_every_rank_as_a_difference(work):
+    outs = start_ranks(work, "batch", [[], ["--batch-size", "3"]])
+    assert [rc for rc, _ in outs] == [2, 2], outs
+    assert all("--batch-size (rank 0: 4, rank 1: 3)" in err for _, err in outs)
+
+
+def test_ranks_on_different_data_are_refused(work):
+    other = work / "ds2"
+    other.mkdir()
+    rng = np.random.default_rng(5)
+    np.save(other / "train_00000.npy", rng.integers(0, 50257, 3000).astype(np.uint16))
+    np.save(other / "val_00000.npy", rng.integers(0, 50257, 400).astype(np.uint16))
+    outs = start_ranks(work, "data", [[], ["--data", "ds2"]])
+    assert [rc for rc, _ in outs] == [2, 2], outs
+    assert "the dataset's content (rank 0: " in outs[1][1] and "start every process with the same" in outs[1][1]

@@ -152,10 +152,11 @@ def test_cli_path_and_trainer_adapter(eng, source, tmp_path):
     assert eng.load("y") == "y"  # a library name works too
     model = eng.shared_model()
     assert torch.equal(logits(model, name), logits(source, "x"))
+    assert _last(eng.compare(PROMPT, [name], GREEDY))[0] == _last(eng.compare(PROMPT, ["x"], GREEDY))[0]
     with eng.lock:  # how the trainer adds its live adapter to the shared model
         add_adapter(model, "train:run1", LY)
-    texts = _last(eng.compare(PROMPT, [name, "train:run1"], GREEDY))
-    assert texts[0] == _last(eng.compare(PROMPT, ["x"], GREEDY))[0]
+    with pytest.raises(AdapterError, match="invalid adapter name 'train:run1'"):  # loaded, yet not a request's
+        eng.compare(PROMPT, [name, "train:run1"], GREEDY)  # (tests/test_adapter_lifetime.py)
 
 
 def test_least_recently_used_adapters_are_evicted(eng, source):

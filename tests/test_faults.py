@@ -20,6 +20,7 @@ import torch
 import core.adapters.library
 import core.atomic
 from adapter_helpers import listing
+from core.adapters import run_record
 from core.adapters.format import WEIGHTS
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
@@ -51,7 +52,7 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((run_dir / "studio.json").read_text())["history"]
+    return list(run_record.history(run_dir))
 
 
 # ---- SIGKILL mid-run ----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _enospc(*a, **kw):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-DISK = r"not enough disk space to (save|rename) .* in the library .*No space left on device\. Nothing was changed"
+DISK = r"not enough disk space to (save|rename) .* in the library: No space left on device\. Nothing was changed"
 
 
 def test_a_full_disk_leaves_the_library_unchanged_and_says_so(studio, monkeypatch):

@@ -1,7 +1,11 @@
 """GGUF export (python -m core merge --gguf, the Library's GGUF button): the file, read back with
 gguf.GGUFReader, holds every tensor llama.cpp's GPT-2 loader asks for, equal to the merged weights within
 the type's rounding, every key llama.cpp requires for GPT-2, and GPT-2's tokenizer. Names and keys come
-from the gguf package's own constants, never typed here."""
+from the gguf package's own constants, never typed here.
+
+The GGUF adapter (merge --gguf-adapter, the Library's GGUF adapter button): the adapter alone, which
+llama.cpp's --lora applies as W x + alpha / r * B (A x) per tensor (src/llama-adapter.cpp, build_lora_mm):
+that sum, computed from the file, is our merged weight."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +18,7 @@ from adapter_helpers import make_adapter
 from cli_helpers import one_line_error
 from core.__main__ import main
 from core.adapters.format import save_adapter
-from core.adapters.gguf_export import export_gguf
+from core.adapters.gguf_export import export_gguf, export_gguf_adapter
 from core.adapters.validate import AdapterError
 from core.lora.layers import merge, unmerge
 from core.model import tokenizer
@@ -178,3 +182,120 @@ def test_the_library_tab_exports_gguf_of_a_library_adapter(studio, merged):
         make_adapter(m, "b", LC)
         m.config = replace(m.config, vocab_size=50304)
         export_gguf(m, "b", studio.library.root.parent / "b.gguf")
+
+
+# ---- the adapter alone, for llama.cpp's --lora --------------------------------------------------------
+
+def read_adapter(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the keys llama.cpp reads from an adapter file, {tensor name: numpy (rows, columns)})."""
+    reader = gguf.GGUFReader(path)
+    K = gguf.Keys
+    keys = {k: _value(reader, k) for k in (K.General.TYPE, K.General.ARCHITECTURE, K.Adapter.TYPE,
+                                           K.Adapter.LORA_ALPHA) if k in reader.fields}
+    for t in reader.tensors:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+    return keys, {t.name: _read(t) for t in reader.tensors}
+
+
+def applied_as_llama_cpp_does(base: dict[str, np.ndarray], keys: dict, pairs: dict[str, np.ndarray]) -> dict:
+    """llama.cpp's --lora on base weights (GGUF names, (out, in)): for each `<W>.lora_a` / `<W>.lora_b`
+    pair, W + alpha / r * (B @ A), r = lora_b's rank (ggml's ne[0], numpy's last dim); its load-time shape
+    checks too (A is (r, in), B is (out, r))."""
+    out = dict(base)
+    alpha = keys[gguf.Keys.Adapter.LORA_ALPHA]
+    for name in {n.rsplit(".", 1)[0] for n in pairs}:
+        a, b = pairs[f"{name}.lora_a"], pairs[f"{name}.lora_b"]
+        w = base[name]
+        assert a.shape == (b.shape[1], w.shape[1]) and b.shape[0] == w.shape[0], name
+        out[name] = w + np.float32(alpha / b.shape[1]) * (b.astype(np.float64) @ a).astype(np.float32)
+    return out
+
+
+def merged_in_gguf_layout(model, name: str) -> tuple[dict, dict]:
+    """(base, base + adapter `name`) as GGUF name -> (out, in) weights, from the engine's in-place merge."""
+    n = model.config.n_layer
+    base = expected_tensors({k: v.float() for k, v in hf_state_dict(model).items()}, n)
+    merge(model, name)
+    merged = expected_tensors({k: v.clone().float() for k, v in hf_state_dict(model).items()}, n)
+    unmerge(model)
+    return base, merged
+
+
+def assert_same_as_merged(model, name: str, path) -> dict:
+    keys, pairs = read_adapter(path)
+    base, merged = merged_in_gguf_layout(model, name)
+    got = applied_as_llama_cpp_does(base, keys, pairs)
+    changed = 0
+    for k, want in merged.items():
+        assert np.allclose(got[k], want, rtol=0, atol=1e-5), k
+        changed += not np.array_equal(base[k], want)
+    assert changed == len(pairs) // 2  # every pair's tensor, and none else, is changed
+    return keys
+
+
+def test_the_adapter_file_is_what_llama_cpp_loads_and_adds_up_to_the_merge(merged, files, tmp_path):
+    model, _ = merged
+    path = export_gguf_adapter(model, "a", tmp_path / "a-lora.gguf")
+    keys = assert_same_as_merged(model, "a", path)
+    assert keys == {gguf.Keys.General.TYPE: "adapter", gguf.Keys.General.ARCHITECTURE: ARCH,
+                    gguf.Keys.Adapter.TYPE: "lora", gguf.Keys.Adapter.LORA_ALPHA: LC.alpha}
+    _, pairs = read_adapter(path)
+    n = model.config.n_layer
+    targets = [gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for i in range(n) for t in CONV1D]
+    assert set(pairs) == {f"{t}.{ab}" for t in targets for ab in ("lora_a", "lora_b")}
+    # the names are those of our merged GGUF's tensors (llama.cpp finds the base tensor by that name)
+    assert set(targets) <= {t.name for t in files["f16"].tensors}
+    w = model.transformer.h[0].attn.c_attn  # the fused q,k,v: B's 3 * n_embd rows are attn_qkv's rows
+    assert pairs["blk.0.attn_qkv.weight.lora_b"].shape == (3 * model.config.n_embd, LC.r)
+    assert np.array_equal(pairs["blk.0.attn_qkv.weight.lora_b"], w.weights("a")[1].detach().numpy())
+    assert np.array_equal(pairs["blk.0.attn_qkv.weight.lora_a"], w.weights("a")[0].detach().numpy())
+    with pytest.raises(AdapterError, match="already exists"):
+        export_gguf_adapter(model, "a", path)
+
+
+def test_rslora_and_per_layer_ranks_and_alphas_come_out_exact(tmp_path):
+    """llama.cpp keeps one alpha and scales each tensor by alpha / its own rank: rsLoRA's alpha / sqrt(r) is
+    written as alpha * sqrt(r); a layer whose rank or alpha pattern gives another scale has it in its B."""
+    model = load_base("tiny", device="cpu")
+    rs = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_proj"), use_rslora=True)
+    make_adapter(model, "rs", rs, seed=5, std=0.2)
+    mixed = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc"), use_rslora=True,
+                       rank_pattern={"h.1.attn.c_attn": 2, "h.0.mlp.c_fc": 8}, alpha_pattern={"h.0.attn.c_proj": 3.0})
+    make_adapter(model, "mixed", mixed, seed=6, std=0.2)
+    keys = assert_same_as_merged(model, "rs", export_gguf_adapter(model, "rs", tmp_path / "rs.gguf"))
+    assert keys[gguf.Keys.Adapter.LORA_ALPHA] == pytest.approx(8.0 * 2)  # alpha * sqrt(4)
+    path = export_gguf_adapter(model, "mixed", tmp_path / "mixed.gguf")
+    keys = assert_same_as_merged(model, "mixed", path)
+    assert keys[gguf.Keys.Adapter.LORA_ALPHA] == pytest.approx(8.0 * 2)  # what most layers need
+    _, pairs = read_adapter(path)
+    assert pairs["blk.1.attn_qkv.weight.lora_a"].shape == (2, model.config.n_embd)
+    assert pairs["blk.0.ffn_up.weight.lora_b"].shape == (4 * model.config.n_embd, 8)
+
+
+def test_dora_is_refused_in_one_sentence_and_nothing_is_written(tmp_path, capsys):
+    model = load_base("tiny", device="cpu")
+    dora = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",), use_dora=True)
+    make_adapter(model, "d", dora, seed=7)
+    with pytest.raises(AdapterError, match="DoRA adapter, which llama.cpp's --lora cannot apply"):
+        export_gguf_adapter(model, "d", tmp_path / "d.gguf")
+    folder = save_adapter(model, "d", tmp_path / "d", dora, "tiny")
+    err = one_line_error(capsys, ["merge", "--lora", folder, "--gguf-adapter", tmp_path / "d-lora.gguf",
+                                  "--gguf", tmp_path / "d.gguf"])
+    assert "DoRA" in err and "export it merged" in err
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_cli_and_the_library_tab_write_the_adapter_file(merged, studio, tmp_path, capsys):
+    from studio.tabs import library
+    model, _ = merged
+    folder = save_adapter(model, "a", tmp_path / "mine", LC, "tiny")
+    out = tmp_path / "mine-lora.gguf"
+    assert main(["merge", "--lora", str(folder), "--gguf-adapter", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "GGUF adapter" in said and "--lora" in said and "merged" not in said  # nothing was merged
+    assert_same_as_merged(model, "a", out)
+    assert "already exists" in one_line_error(capsys, ["merge", "--lora", folder, "--gguf-adapter", out])
+    save_adapter(model, "a", studio.library.root / "pirate", LC, "tiny")
+    msg, path = library.gguf_adapter_export(studio, "pirate")
+    assert "GGUF adapter" in msg and "--lora" in msg and path.endswith("pirate-lora.gguf")
+    assert_same_as_merged(model, "a", path)

@@ -228,6 +228,32 @@ def test_bad_variant_settings_are_refused_and_nothing_changes(tiny, bad, message
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+# keys PEFT reads one way and the regex package another (fuzzy matching, POSIX classes), PEFT's own errors
+# (a global flag inside its wrapper), and plain keys both read alike
+PARITY_KEYS = ["c_attn", "h.0.attn.c_attn", r"h\.[01]\.mlp\.c_(fc|proj)", "attn.*", "c_at{1,2}n", "(?i:C_ATTN)",
+               "h.1.attn.c_attn|mlp.c_fc", r"\d\.attn\.c_proj", "c_attn{e<=30}", "(c_fc){e<=2}", "(?:mlp.c_fc){i<=3}",
+               "[[:alpha:]_.]+", "(?i)c_attn", r"h.[\d]+.attn.c_attn", "h.0.*(?<!proj)"]
+
+
+@pytest.mark.parametrize("key", PARITY_KEYS)
+def test_a_rank_pattern_selects_exactly_the_modules_peft_selects_or_is_refused(key):
+    from peft.utils.other import get_pattern_key
+    from core.lora.variants import module_names, pattern_key
+    modules = module_names(2, TARGET_MODULES)
+    try:
+        peft_picks = [m for m in modules if get_pattern_key([key], m) == key]
+    except Exception:  # noqa: BLE001 - PEFT cannot read the key at all
+        peft_picks = None
+    try:
+        ours = [m for m in modules if pattern_key([key], m) == key]
+    except ValueError:  # refused: only a key PEFT would apply to no module, or could not read
+        assert not peft_picks
+        with pytest.raises(ValueError, match="rank_pattern: "):
+            LoraConfig(r=4, rank_pattern={key: 2}).validate()
+        return
+    assert ours == peft_picks
+
+
 def test_library_shows_mixed_ranks(hf_small, tmp_path):
     model = load_base(str(hf_small), device="cpu")
     lc = _lc(**PATTERNS)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from train_helpers import quick
+from core.adapters import run_record
 from core.adapters.metrics import COLUMNS, write_metrics
 from core.model.config import LoraConfig
 from core.train.trainer import Trainer, run_to_end
@@ -15,7 +16,8 @@ from studio.tabs import library
 
 
 def _meta(run) -> dict:
-    return json.loads((run / "studio.json").read_text())
+    """studio.json with the run's history (history.jsonl beside it) as "history"."""
+    return {**json.loads((run / "studio.json").read_text()), "history": list(run_record.history(run))}
 
 
 @pytest.fixture

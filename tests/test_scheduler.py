@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from core.adapters.validate import AdapterError
 from core.generate.sampling import SamplingConfig, generate
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy, SchedulerClosed, pool_rows
 from core.model import tokenizer
@@ -190,9 +191,9 @@ def test_a_failing_request_fails_alone(model, scheduler):
     good = s.submit(PROMPT, ["a", None], cfg)
     bad = s.submit(PROMPT, ["a", "no-such-adapter"], cfg)
     also_good = s.submit(tokenizer.encode("Second"), ["b"], cfg)
-    with pytest.raises(KeyError, match="no-such-adapter"):
+    with pytest.raises(AdapterError, match="'no-such-adapter' is no longer loaded"):
         bad.result(60)
-    with pytest.raises(KeyError, match="no-such-adapter"):
+    with pytest.raises(AdapterError, match="'no-such-adapter' is no longer loaded"):
         list(bad)  # the caller iterating it gets the error too
     assert good.result(60) == alone(model, PROMPT, ["a", None], cfg)
     assert also_good.result(60) == alone(model, also_good.prompt, ["b"], cfg)

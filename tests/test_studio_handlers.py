@@ -12,13 +12,14 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from core.adapters import run_record
 from core.adapters.validate import AdapterError
 from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.layers import adapter_names
 from studio.app import build_ui, create_studio
 from studio.context import friendly
 from studio.models import availability
-from studio.plots import figure_from_meta, loss_figure
+from studio.plots import curve_figure, loss_figure
 from studio.tabs import compare, data, library, train
 from studio.tabs.compare import CompareForm
 from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for
@@ -436,15 +437,15 @@ def test_plots():
     assert fig.data[2].yaxis == "y2" and "of 10" in fig.layout.xaxis.title.text
     meta = {"history": [{"step": 1, "loss": 3.0, "lr": 1e-4, "val_loss": 2.9}], "start_val_loss": 3.3,
             "training": {"steps": 4}}
-    fig = figure_from_meta(meta)
+    fig = curve_figure(run_record.curve(None, meta), meta)  # an older studio.json, its history inline
     assert list(fig.data[1].x) == [0, 1]
-    assert figure_from_meta({"history": "garbage"}).data[0].x == ()
+    assert curve_figure(run_record.curve(None, {"history": "garbage"}), {}).data[0].x == ()
 
 
 def test_build_ui_and_launch_options(studio):
     from studio.app import launch_options
     demo = build_ui(studio)
-    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "evaluate", "tabs"}
+    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "evaluate", "arena", "tabs"}
     opts = launch_options()
     assert opts["enable_monitoring"] is False and opts["max_file_size"] and "allowed_paths" not in opts
     assert "css" in opts and "theme" in opts
@@ -474,12 +475,13 @@ def test_the_library_overlays_several_adapters_curves_on_one_chart(studio):
     fig = library.overlay(studio, ["slow", "fast"])
     traces = {t.name: t for t in fig.data}
     assert set(traces) == {"slow · train", "slow · validation", "fast · train", "fast · validation"}
-    for name in ("slow", "fast"):  # each line is the adapter's own history from studio.json
+    for name in ("slow", "fast"):  # each line is the adapter's own history
         meta = json.loads((studio.library.root / name / "studio.json").read_text())
-        steps = [h["step"] for h in meta["history"]]
+        history = list(run_record.history(studio.library.root / name))
+        steps = [h["step"] for h in history]
         assert list(traces[f"{name} · train"].x) == steps
-        assert list(traces[f"{name} · train"].y) == [h["loss"] for h in meta["history"]]
-        vals = [(0, meta["start_val_loss"])] + [(h["step"], h["val_loss"]) for h in meta["history"]
+        assert list(traces[f"{name} · train"].y) == [h["loss"] for h in history]
+        vals = [(0, meta["start_val_loss"])] + [(h["step"], h["val_loss"]) for h in history
                                                  if h.get("val_loss") is not None]
         assert list(zip(traces[f"{name} · validation"].x, traces[f"{name} · validation"].y)) == vals
     assert traces["slow · train"].line.color != traces["fast · train"].line.color
@@ -532,4 +534,12 @@ def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
             switches[tab] = fn.fn().active
     tabs = {t.elem_id: t._id for t in demo.blocks.values() if isinstance(t, gr.Tab)}
     assert switches == {tabs["tab-train"]: True, **{tabs[f"tab-{n}"]: False for n in
-                                                   ("data", "library", "compare", "evaluate")}}
+                                                   ("data", "library", "compare", "evaluate", "arena")}}
+
+
+def test_a_system_error_in_a_toast_names_the_file_not_the_servers_folder():
+    def handler():
+        raise FileNotFoundError(2, "No such file or directory", "/srv/lora-studio/library/run/studio.json")
+    with pytest.warns(UserWarning) as toasts:
+        friendly(handler)()
+    assert [str(t.message) for t in toasts] == ["studio.json: No such file or directory"]

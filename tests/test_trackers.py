@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from cli_helpers import TINY_RUN, one_line_error
+from core.adapters import run_record
 from core.__main__ import main
 from core.model.config import LoraConfig
 from core.train.jobs import JobSpec, TrainScheduler
@@ -32,7 +33,7 @@ def _scalars(run) -> dict[str, list[tuple[int, float]]]:
 
 
 def _history(run) -> list[dict]:
-    return json.loads((run / "studio.json").read_text())["history"]
+    return list(run_record.history(run))
 
 
 def test_the_cli_logs_every_step_and_evaluation_to_tensorboard(prepared, tmp_path, capsys):
@@ -134,6 +135,21 @@ def test_the_cli_logs_every_step_and_evaluation_to_an_offline_wandb_run(prepared
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["_step"] for r in evals] == [0, 3, 6]  # before training, then every 3 steps
     assert [r["eval/loss"] for r in evals][1:] == [h["val_loss"] for h in history if "val_loss" in h]
+
+
+def test_an_offline_wandb_run_keeps_no_record_of_the_servers_packages_or_host(tmp_path, offline):
+    """The run folder is the user's; the server's installed packages, host name and command line are not."""
+    pytest.importorskip("wandb")
+    (tracker,) = make_trackers("wandb", tmp_path / "run")
+    tracker({"type": "start", "step": 0})
+    tracker({"type": "step", "step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 10.0})
+    tracker({"type": "done", "step": 1})
+    files = [f for f in (tmp_path / "run" / WANDB_DIR).rglob("*") if f.is_file()]
+    assert [r["train/loss"] for r in _wandb_history(tmp_path / "run") if "train/loss" in r] == [2.5]  # it logged
+    server_facts = ("requirements.txt", "wandb-metadata.json", "conda-environment.yaml")
+    assert not [f.name for f in files if f.name in server_facts]
+    run_log = next(f for f in files if f.suffix == ".wandb").read_bytes()
+    assert b"torch" not in run_log and sys.executable.encode() not in run_log
 
 
 def test_the_cli_logs_every_step_and_evaluation_to_a_local_trackio_database(prepared, tmp_path, capsys, offline):

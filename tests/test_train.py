@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from adapter_helpers import base_tensors
 from train_helpers import quick
+from core.adapters import run_record
 from core.train import data
 from core.model import tokenizer
 from core.model.config import LoraConfig, TrainConfig
@@ -99,7 +100,8 @@ def test_events_are_plain_values_with_the_documented_fields(tiny, sample_ds, tmp
     meta = json.loads((tmp_path / "run" / "studio.json").read_text())
     assert meta["status"] == "finished" and meta["steps"] == 4 and meta["base_model"] == ""
     assert meta["dataset"]["sha256"] == sample_ds.sha256 and meta["training"]["lr"] == 1e-2
-    assert [h["step"] for h in meta["history"]] == [1, 2, 3, 4] and "val_loss" in meta["history"][3]
+    history = list(run_record.history(tmp_path / "run"))
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and "val_loss" in history[3]
     assert meta["val_loss"] == done["val_loss"] and meta["train_loss"] == steps[-1]["loss"]
 
 
@@ -226,7 +228,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, sample_ds, tmp_path, monk
         assert abs(resumed[step] - full_losses[step]) <= 1e-4, step
     assert second[-1]["val_loss"] == pytest.approx(full[-1]["val_loss"], abs=1e-4)
     meta = json.loads((tmp_path / "cut" / "studio.json").read_text())
-    assert meta["status"] == "finished" and [h["step"] for h in meta["history"]] == list(range(1, 9))
+    assert meta["status"] == "finished" and [h["step"] for h in run_record.history(tmp_path / "cut")] == list(range(1, 9))
 
 
 def test_resume_checks_the_dataset_and_the_step_count(tiny, sample_ds, tmp_path):
@@ -253,14 +255,14 @@ def test_checkpoints_hold_only_adapter_tensors(tiny, sample_ds, tmp_path):
     n_lora = sum(p.numel() for p in lora_parameters(tiny, "ck"))
     for ck in (tmp_path / "run" / "checkpoints").iterdir():
         assert sorted(p.name for p in ck.iterdir()) == sorted(
-            ["adapter_model.safetensors", "adapter_config.json", "studio.json", STATE])
+            ["adapter_model.safetensors", "adapter_config.json", "studio.json", "history.jsonl", STATE])
         with safe_open(str(ck / "adapter_model.safetensors"), "pt") as f:
             keys = list(f.keys())
             assert keys and all(LORA_KEY.match(k) for k in keys)
             assert sum(f.get_tensor(k).numel() for k in keys) == n_lora
         assert (ck / "adapter_model.safetensors").stat().st_size < n_lora * 4 + 4096  # fp32, nothing else
         state = torch.load(ck / STATE, weights_only=True)  # no pickled code needed to read it
-        assert set(state) == {"step", "optimizer", "np_rng", "torch_rng", "history", "start_val_loss"}
+        assert set(state) == {"step", "optimizer", "np_rng", "torch_rng", "start_val_loss"}
         moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
         assert sum(t.numel() for t in moments) == 2 * n_lora  # AdamW's two moments of the LoRA weights only
 

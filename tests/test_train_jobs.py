@@ -172,6 +172,38 @@ def test_stopping_a_queued_job_removes_it_and_a_running_one_is_saved(bases, samp
         sched.close()
 
 
+def test_a_stopped_queued_job_has_no_queue_position_and_the_one_behind_it_moves_up(bases, sample_ds, tmp_path):
+    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=40)
+    try:
+        long = (A[0], quick(steps=500, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0,
+                            checkpoint_interval=0, seed=1))
+        running = sched.submit(spec(sample_ds, tmp_path, "running", long))
+        first = sched.submit(spec(sample_ds, tmp_path, "first"))
+        second = sched.submit(spec(sample_ds, tmp_path, "second"))
+        _until(lambda: running.snapshot()["points"])
+        assert (first.snapshot()["position"], second.snapshot()["position"]) == (1, 2)
+        sched.stop(first)
+        assert first.snapshot()["state"] == "stopped"
+        assert first.snapshot()["position"] == 0 and first.snapshot()["waiting"] == ""  # the table shows no place
+        assert second.snapshot()["position"] == 1
+        sched.stop(running)
+        sched.stop(second)
+    finally:
+        sched.close()
+
+
+def test_a_job_failing_on_a_system_error_names_the_file_not_the_servers_folder(sample_ds, tmp_path):
+    def load(spec):
+        raise PermissionError(13, "Permission denied", "/srv/lora-studio/weights/model.safetensors")
+    sched = TrainScheduler(load)
+    try:
+        job = sched.submit(spec(sample_ds, tmp_path, "denied"))
+        assert job.wait(30)
+        assert job.snapshot()["message"] == "training failed: PermissionError: model.safetensors: Permission denied"
+    finally:
+        sched.close()
+
+
 def test_a_job_that_cannot_start_fails_alone_with_its_message(bases, sample_ds, tmp_path):
     sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000)
     try:

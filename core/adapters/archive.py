@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from core.adapters.format import CONFIG, META, WEIGHTS
+from core.adapters import run_record
+from core.adapters.format import CONFIG, WEIGHTS
+from core.adapters.run_record import HISTORY, MAX_HISTORY_BYTES, META
 from core.adapters.validate import MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError
 
 README = "README.md"  # PEFT writes a model card beside the adapter
-ALLOWED = (WEIGHTS, CONFIG, META, README)
+ALLOWED = (WEIGHTS, CONFIG, META, README, HISTORY)
+CAPS = {WEIGHTS: None, HISTORY: MAX_HISTORY_BYTES}  # bytes a member may unpack to (None: the adapter cap)
 MAX_MEMBERS = 64
 # the central directory: one ~46-byte record + name + extras per member (a name is at most 64 KiB);
 # 5.5M entries took zipfile 35 s and 3.2 GB to parse, so its size is checked before it is read
@@ -37,7 +41,9 @@ def extract_adapter_zip(zip_path, dest: Path, max_bytes: int = MAX_FILE_BYTES) -
         if len(infos) > MAX_MEMBERS:
             raise AdapterError(f"{name} has {len(infos)} entries; an adapter zip holds a few files "
                                f"({', '.join(ALLOWED)}).")
-        total, cap = sum(i.file_size for i in infos), max_bytes + 3 * MAX_JSON_BYTES
+        # the history has its own cap (CAPS), and only one folder's files are ever unpacked
+        total = sum(i.file_size for i in infos if PurePosixPath(i.filename).name != HISTORY)
+        cap = max_bytes + 3 * MAX_JSON_BYTES
         if total > cap:
             raise AdapterError(f"{name} would unpack to {total} bytes in all, over the {cap} byte limit for an "
                                f"adapter zip; zip only the adapter folder.")
@@ -51,7 +57,7 @@ def extract_adapter_zip(zip_path, dest: Path, max_bytes: int = MAX_FILE_BYTES) -
                                f"{'/'.join(folders[1])}); zip one adapter folder at a time.")
         members = found[folders[0]]
         for fname, info in members.items():
-            cap = max_bytes if fname == WEIGHTS else MAX_JSON_BYTES
+            cap = CAPS.get(fname, MAX_JSON_BYTES) or max_bytes
             if info.file_size > cap:
                 raise AdapterError(f"{name}: {info.filename} would unpack to {info.file_size} bytes, over the "
                                    f"limit of {cap} bytes.")
@@ -136,14 +142,28 @@ def _extract_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, cap: 
 
 
 def write_adapter_zip(folder: Path, out: Path) -> Path:
-    """Zip the adapter files of `folder` (flat, as PEFT lays them out) into `out`, fsynced."""
+    """Zip the adapter files of `folder` (flat, as PEFT lays them out) into `out`, fsynced. The history is
+    the record's own (a checkpoint's file may run on past its step), line by line."""
     with zipfile.ZipFile(out, "w") as zf:
         for fname in ALLOWED:
             p = folder / fname
-            if p.is_file() and not p.is_symlink():
+            if fname == HISTORY:
+                _zip_history(zf, folder)
+            elif p.is_file() and not p.is_symlink():
                 # float weights barely compress: store them, deflate the text files
                 kind = zipfile.ZIP_STORED if fname == WEIGHTS else zipfile.ZIP_DEFLATED
                 zf.write(p, fname, compress_type=kind)
     with open(out, "rb") as f:
         os.fsync(f.fileno())
     return out
+
+
+def _zip_history(zf: zipfile.ZipFile, folder: Path) -> None:
+    meta = run_record.read(folder)[0]
+    if not meta.get("history_bytes"):  # none, or an older record's inline one (inside its studio.json)
+        return
+    info = zipfile.ZipInfo(HISTORY, date_time=time.localtime()[:6])
+    info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+    with zf.open(info, "w", force_zip64=True) as dst:
+        for line in run_record.encode(run_record.history(folder, meta)):
+            dst.write(line)

@@ -1,5 +1,5 @@
 """The adapter file format: PEFT-compatible folders (adapter_model.safetensors + adapter_config.json)
-plus studio.json for what PEFT does not know (dataset, training settings, loss history).
+plus the run's record for what PEFT does not know (core.adapters.run_record: studio.json, history.jsonl).
 """
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from core import atomic, safe_json
+from core import atomic
+from core.adapters import run_record
+from core.adapters.run_record import META  # noqa: F401 - the file names of an adapter, in one place
 from core.lora.layers import TARGET_PATTERN, adapter_state_dict
 from core.lora.variants import converted
-from core.model.config import MAX_LOADED_ALPHA, MAX_PROMPT_CHARS, MAX_RANK, LoraConfig
+from core.model.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-META = "studio.json"
-MAX_HISTORY = 1_000_000  # loss-history points kept from a studio.json (one per step)
 
 # A matrix's key as core.lora names it (LORA_KEY, lora_key); files add PEFT_PREFIX in front. As found in
 # a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight') tolerated, and no
@@ -65,8 +65,9 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraConfig, base_id: str,
-                         meta: dict | None = None) -> Path:
-    """Write the three files of an adapter into `folder` (each atomically; studio.json last)."""
+                         meta: dict | None = None, history=None) -> Path:
+    """Write the files of an adapter into `folder` (each atomically; its record, studio.json, last).
+    history: its loss history's points (an iterable, read once), if it has one (run_record.write)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(folder / WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
@@ -75,139 +76,10 @@ def write_adapter_folder(folder, tensors: dict[str, torch.Tensor], lcfg: LoraCon
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("base_model", base_id)
     meta["lora"] = lcfg.to_dict()  # the run's settings (a PiSSA run says so; its adapter_config.json is converted)
-    atomic.write_text(folder / META, json.dumps(meta, indent=2))
+    run_record.write(folder, meta, history)
     return folder
 
 
 def save_adapter(model, name: str, folder, lcfg: LoraConfig, base_id: str, meta: dict | None = None) -> Path:
     """Save loaded adapter `name` as a PEFT-compatible folder."""
     return write_adapter_folder(folder, adapter_tensors(model, name), lcfg, base_id, meta)
-
-
-# ---- studio.json as found on disk: every known field checked, the rest dropped ------------------
-
-class _Bad(ValueError):
-    """A known studio.json field with a value of the wrong kind; the message says which."""
-
-
-def _text(x):
-    if x is not None and safe_json.text(x) is None:
-        raise _Bad("is not a short valid UTF-8 string")
-    return x
-
-
-def _prompt(x):
-    if safe_json.text(x, MAX_PROMPT_CHARS) is None:
-        raise _Bad(f"is not a valid UTF-8 prompt of at most {MAX_PROMPT_CHARS} characters")
-    return x
-
-
-def _bool(x):
-    if not isinstance(x, bool):
-        raise _Bad("is not true or false")
-    return x
-
-
-def _date(x):
-    if x is not None and safe_json.date(x) is None:
-        raise _Bad(f"is not a date from {safe_json.FIRST_YEAR} to {safe_json.LAST_YEAR}")
-    return x
-
-
-def _num(lo=-float("inf"), hi=float("inf")):
-    def check(x):
-        if x is not None and safe_json.number(x, lo, hi) is None:
-            raise _Bad(f"is not a finite number from {lo:g} to {hi:g}")
-        return x
-    return check
-
-
-def _int(lo=0, hi=10**9):
-    def check(x):
-        if x is not None and safe_json.integer(x, lo, hi) is None:
-            raise _Bad(f"is not a whole number from {lo} to {hi}")
-        return x
-    return check
-
-
-def _record(fields: dict):
-    """A JSON object whose listed keys are checked (others dropped)."""
-    def check(x):
-        if not isinstance(x, dict):
-            raise _Bad("is not a JSON object")
-        return {k: f(x[k]) for k, f in fields.items() if k in x}
-    return check
-
-
-def _list_of(item, limit: int):
-    def check(x):
-        if not isinstance(x, list) or len(x) > limit:
-            raise _Bad(f"is not a list of at most {limit} items")
-        return [item(v) for v in x]
-    return check
-
-
-def _scalar(x):
-    """A training setting: text, number, bool, None, or a list of texts (sample prompts)."""
-    if isinstance(x, list):
-        return _list_of(_prompt, 64)(x)
-    if x is None or isinstance(x, bool):
-        return x
-    return _num()(x) if isinstance(x, (int, float)) else _text(x)
-
-
-def _pattern(top):
-    """{module regex: number}: short keys, bounded values (checked fully when the adapter is used)."""
-    def check(x):
-        if not isinstance(x, dict) or len(x) > 384:
-            raise _Bad("is not a JSON object of at most 384 module patterns")
-        return {_text(k): _num(0, top)(v) for k, v in x.items()}
-    return check
-
-
-def _training(x):
-    if not isinstance(x, dict) or len(x) > 64:
-        raise _Bad("is not a JSON object of training settings")
-    return {_text(k): _scalar(v) for k, v in x.items()}
-
-
-def _dataset(x):
-    if isinstance(x, str) or x is None:
-        return _text(x)
-    return _record({"name": _text, "sha256": _text, "path": _text, "train_tokens": _int(0, 10**12),
-                    "val_tokens": _int(0, 10**12)})(x)
-
-
-# one history point per optimizer step (core.train.trainer); val_loss at evaluations; the last four since
-# metrics export (older files lack them)
-_POINT = _record({"step": _int(), "loss": _num(), "lr": _num(), "val_loss": _num(), "grad_norm": _num(),
-                  "tokens_per_sec": _num(), "elapsed": _num(), "wall_time": _num()})
-META_FIELDS = {  # every field this app writes to studio.json, and what it may hold
-    **{k: _text for k in ("name", "base_model", "status", "user", "imported_from", "duplicated_from",
-                          "restored_from")},
-    "created": _date, "imported": _date, "steps": _int(), "shared": _bool,
-    **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
-    "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
-    "lora": _record({"r": _int(1, MAX_RANK), "alpha": _num(0, MAX_LOADED_ALPHA), "dropout": _num(0, 1),
-                     "targets": _list_of(_text, 8), "use_dora": _bool, "use_rslora": _bool, "init": _text,
-                     "loraplus_lr_ratio": _num(0, 1000), "rank_pattern": _pattern(MAX_RANK),
-                     "alpha_pattern": _pattern(MAX_LOADED_ALPHA)}),
-    "blend": _list_of(_record({"name": _text, "weight": _num()}), 64),
-}
-
-
-def clean_meta(raw) -> tuple[dict, str | None]:
-    """studio.json's known fields with checked values, and the first problem found (None if none).
-    A field that fails its check is dropped; unknown fields are dropped too."""
-    if not isinstance(raw, dict):
-        return {}, f"{META} is not a JSON object"
-    why = safe_json.problem(raw)  # anywhere, unknown fields too; the checks below have a fixed depth
-    out, problem = {}, (f"{META} {why}" if why else None)
-    for key, check in META_FIELDS.items():
-        if key not in raw:
-            continue
-        try:
-            out[key] = check(raw[key])
-        except _Bad as e:
-            problem = problem or f"{META}: {key!r} {e}"
-    return out, problem

@@ -12,14 +12,21 @@ What llama.cpp's convert_hf_to_gguf.py does for GPT-2, from the same merge as th
 - the tokenizer: model 'gpt2', pre-tokenizer 'gpt-2', the 50,257 byte-level tokens and 50,000 merges
   (core.model.bpe_vocab), <|endoftext|> as a control token and as BOS and EOS; no BOS is added to
   prompts (this engine adds none either).
+
+export_gguf_adapter writes the adapter alone, as llama.cpp's convert_lora_to_gguf.py does, for `--lora`.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
+
+import torch
 
 from core import atomic
 from core.adapters.export import merged_state_dict
 from core.adapters.validate import AdapterError
+from core.lora.layers import adapter_names, lora_layers
 from core.model.bpe_vocab import byte_level_vocab
 from core.model.config import EOT_TOKEN
 
@@ -114,3 +121,65 @@ def _tensors(gguf, state: dict, n_layer: int, qtype: str) -> list[tuple]:
                 kind, q = Q.F16, gguf.quants.quantize(d, Q.F16)
             out.append((n, q, kind))
     return out
+
+
+def export_gguf_adapter(model, adapter_name: str, out_path, title: str | None = None) -> Path:
+    """Write adapter `adapter_name` (loaded on `model`) alone as a GGUF adapter file `out_path` for
+    llama.cpp's --lora, to load over a GGUF of the same base (export_gguf's names); whole or not at all.
+
+    llama.cpp (src/llama-adapter.cpp, llm_graph_context::build_lora_mm) adds scale * B (A x) to W x for
+    each tensor W that has a pair `<W's name>.lora_a` (ggml [in, r], numpy (r, in)) and `.lora_b` (ggml
+    [r, out], numpy (out, r)), scale = adapter.lora.alpha / r, r being that lora_b's own rank. Our A (r, in)
+    and B (out, r) are in that orientation already, Conv1D or not, and c_attn's B is the fused q,k,v rows
+    of attn_qkv. The file holds one alpha: the one most layers need (alpha * sqrt(r) for rsLoRA); a layer
+    whose scale differs (per-layer ranks or alphas) has the ratio folded into its B. F32: exact, and small."""
+    gguf = load_gguf()
+    out = Path(out_path)
+    if out.exists() or out.is_symlink():
+        raise AdapterError(f"{out} already exists; choose a new file name for the GGUF adapter.")
+    alpha, pairs = _adapter_pairs(gguf, model, adapter_name)
+    F32 = gguf.GGMLQuantizationType.F32
+
+    def write(tmp: Path):
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_name(title or adapter_name)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for name, data in pairs:
+            w.add_tensor(name, data, raw_dtype=F32)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return atomic.publish_file(out, write)
+    except FileExistsError:
+        raise AdapterError(f"{out} already exists; choose a new file name for the GGUF adapter.") from None
+
+
+def _adapter_pairs(gguf, model, adapter_name: str) -> tuple[float, list[tuple]]:
+    """(adapter.lora.alpha, [(GGUF name, float32 numpy)]): each wrapped projection's lora_a and lora_b."""
+    if adapter_name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
+    layers = {path: layer for path, layer in lora_layers(model).items() if layer.has(adapter_name)}
+    if any(layer.is_dora(adapter_name) for layer in layers.values()):
+        raise AdapterError(f"{adapter_name!r} is a DoRA adapter, which llama.cpp's --lora cannot apply (it has "
+                           f"no magnitude vector); export it merged into the base as GGUF instead.")
+    # the alpha llama.cpp needs for each layer's own scale (alpha / r, or alpha / sqrt(r) with rsLoRA)
+    need = {path: layer.scaling[adapter_name] * layer.weights(adapter_name)[0].shape[0]
+            for path, layer in layers.items()}
+    alpha = Counter(float(a) for a in need.values()).most_common(1)[0][0]
+    pairs = []
+    for path, layer in layers.items():
+        A, B = (t.detach().to("cpu", torch.float32) for t in layer.weights(adapter_name))
+        if not math.isclose(need[path], alpha, rel_tol=1e-12):
+            B = B * (need[path] / alpha)
+        if not bool(A.isfinite().all() and B.isfinite().all()):
+            raise AdapterError(f"{adapter_name!r} has non-finite weights in {path}; refusing to export.")
+        name = names.get_name(path + ".weight", try_suffixes=(".weight",))  # blk.N.attn_qkv.weight
+        pairs += [(f"{name}.lora_a", A.contiguous().numpy()), (f"{name}.lora_b", B.contiguous().numpy())]
+    return alpha, pairs

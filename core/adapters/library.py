@@ -3,7 +3,8 @@
     <root>/.lock                            fcntl lock that serialises writers (processes and threads)
     <root>/<name>/adapter_model.safetensors  PEFT keys, A: r x in, B: out x r
     <root>/<name>/adapter_config.json        as PEFT writes it
-    <root>/<name>/studio.json                base model, dataset, training settings, losses, created
+    <root>/<name>/studio.json                base model, dataset, training settings, losses, created, user
+    <root>/<name>/history.jsonl              the loss history, one line per step (core.adapters.run_record)
     <root>/<name>/checkpoints/step_000050/   the same three files (+ the trainer's trainer_state.pt);
                                             checkpoint_path() and checkpoint_dirs() hold this rule
     <root>/<name>/.run.lock                  fcntl lock held by the process training run <name>
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -31,12 +31,14 @@ from typing import Callable, Collection, Sequence
 
 from core import atomic, safe_json
 from core.adapters.blend import blend_states
-from core.adapters.format import (CONFIG, META, PEFT_PREFIX, WEIGHTS, clean_meta, name_from_path, save_adapter,
-                                  write_adapter_folder)
+from core.adapters import run_record
+from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, name_from_path, save_adapter, write_adapter_folder
+from core.adapters.run_record import HISTORY, META, clean_meta
 from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
 from core.model.config import GPTConfig, LoraConfig
+from core.quota import Quota, folder_bytes
 
 try:
     import fcntl
@@ -53,6 +55,7 @@ TRAINER_STATE = "trainer_state.pt"  # the trainer's resume state in a checkpoint
 LOADABLE = (WEIGHTS, CONFIG)  # the files without which a folder holds no adapter to load
 RESUMABLE = (TRAINER_STATE,)  # the file without which a checkpoint is no point to resume from
 ADAPTER_FILES = (WEIGHTS, CONFIG, META, README)  # what an adapter consists of (trainer_state.pt is not)
+# ... and its loss history beside them: not counted in its size, never followed when it is a link
 STALE_TMP_S = 3600  # a .tmp- folder (or an empty run folder without a RUN_LOCK) this old belongs to a crashed writer
 RUN_LOCK = ".run.lock"  # flocked by the process that trains the run; free once that process is gone
 UNREADABLE = "unreadable"
@@ -179,10 +182,11 @@ def _lock_for(root: Path) -> _LibraryLock:
 
 
 class Library:
-    def __init__(self, root="adapters", max_bytes: int = MAX_FILE_BYTES):
+    def __init__(self, root="adapters", max_bytes: int = MAX_FILE_BYTES, quota: Quota | None = None):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.quota = quota or Quota()  # per-user caps and the free-space floor (the studio sets its flags')
         self._lock = _lock_for(self.root)
         self._sweep()
 
@@ -200,7 +204,7 @@ class Library:
             p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
         if not p.is_dir():
             raise self.no_such(name)
-        for f in ADAPTER_FILES:
+        for f in (*ADAPTER_FILES, HISTORY):
             if (p / f).is_symlink():
                 raise AdapterError(f"{name}/{f} is a symbolic link; links are not allowed in the library.")
         return p
@@ -214,7 +218,7 @@ class Library:
 
     def no_such(self, name) -> AdapterError:
         """The error for a name that is not in the library (also said of an entry the asker may not see)."""
-        return AdapterError(f"no adapter named {name!r} in the library ({self.root}).")
+        return AdapterError(f"no adapter named {name!r} in the library.")
 
     def list(self, live: Collection[str] = ()) -> list[AdapterEntry]:
         """Every adapter (runs with only checkpoints too), newest first. A run named in `live`, or
@@ -235,7 +239,7 @@ class Library:
         d = e.to_dict()
         src = p if e.has_final else checkpoint_dirs(p)[-1]
         d["path"] = str(p)
-        d["meta"] = {} if e.problem else _read_meta(p / META if (p / META).is_file() else src / META)[0]
+        d["meta"] = {} if e.problem else run_record.read(_record_folder(p, src))[0]
         d["config"] = {} if e.problem else _read_config(src / CONFIG)[1]
         d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
         d["checkpoints"] = [] if "@" in name else self.checkpoints(name)
@@ -245,7 +249,7 @@ class Library:
         """Training checkpoints of run `name`, oldest first; load one as '<name>@<checkpoint>'."""
         out = []
         for c in checkpoint_dirs(self.path(name)):
-            meta, _ = _read_meta(c / META)
+            meta, _ = run_record.read(c)
             out.append({
                 "name": c.name, "spec": f"{name}@{c.name}", "path": str(c), "step": checkpoint_step(c),
                 "train_loss": meta.get("train_loss"), "val_loss": meta.get("val_loss"),
@@ -253,6 +257,17 @@ class Library:
                 "size_bytes": _size(c),
             })
         return out
+
+    def history(self, name: str):
+        """The loss history of adapter `name` (or 'run@step_...'), one checked point per step, streamed
+        (core.adapters.run_record.history)."""
+        folder = self._record(name)
+        return run_record.history(folder, run_record.read(folder)[0])
+
+    def curve(self, name: str, limit: int = run_record.CHART_POINTS) -> tuple[list[dict], list[dict]]:
+        """(train points, validation points) of adapter `name` for a chart, each thinned to about `limit`."""
+        folder = self._record(name)
+        return run_record.curve(folder, run_record.read(folder)[0], limit)
 
     # ---- writing (all under the lock; each new folder appears whole or not at all) ----------
 
@@ -262,7 +277,7 @@ class Library:
         def build(tmp: Path):
             save_adapter(model, adapter_name, tmp, lcfg, base_id, meta)
             read_adapter(tmp, model.config, max_bytes=self.max_bytes)  # never publish a broken adapter
-        return self._create(new_name, build)
+        return self._create(new_name, build, (meta or {}).get("user"))
 
     def import_path(self, path, name: str | None = None, base_cfg: GPTConfig | None = None,
                     config_path=None, user: str | None = None) -> str:
@@ -282,13 +297,14 @@ class Library:
             if src.is_file() and src.suffix.lower() == ".zip":
                 src = extract_adapter_zip(src, Path(unpacked), self.max_bytes)
             files = read_adapter(src, base_cfg, config_path=config_path, max_bytes=self.max_bytes)
-        meta, _ = clean_meta(files.meta)  # a bad field is dropped: the upload itself is valid
-        if (safe_json.timestamp(meta.get("created")) or 0) > time.time() + 86400:
-            del meta["created"]  # a future date would pin the upload to the top of every listing
-        meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
-        _set_user(meta, user)
-        return self._create(name, lambda tmp: write_adapter_folder(
-            tmp, files.peft_tensors(), files.lcfg, files.base_id, meta))
+            meta, _ = clean_meta(files.meta)  # a bad field is dropped: the upload itself is valid
+            if (safe_json.timestamp(meta.get("created")) or 0) > time.time() + 86400:
+                del meta["created"]  # a future date would pin the upload to the top of every listing
+            meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
+            _set_user(meta, user)
+            history = run_record.history(src if src.is_dir() else src.parent, meta)  # its checked lines only
+            return self._create(name, lambda tmp: write_adapter_folder(
+                tmp, files.peft_tensors(), files.lcfg, files.base_id, meta, history), user)
 
     def blend(self, names: Sequence[str], weights: Sequence[float], new_name: str,
               base_cfg: GPTConfig | None = None, user: str | None = None) -> str:
@@ -317,7 +333,7 @@ class Library:
         def build(tmp: Path):
             write_adapter_folder(tmp, tensors, lcfg, meta["base_model"], meta)
             read_adapter(tmp, base_cfg, max_bytes=self.max_bytes)  # held to an import's checks
-        return self._create(new_name, build)
+        return self._create(new_name, build, user)
 
     def rename(self, old: str, new: str) -> str:
         check_name(new)
@@ -325,7 +341,7 @@ class Library:
             src = self.path(check_name(old))
             self._check_not_live(src, old, "rename it")
             dst = self._check_free(new)
-            with _disk_full_says(f"rename {old!r} to {new!r}", self.root):
+            with _disk_full_says(f"rename {old!r} to {new!r}"):
                 os.rename(src, dst)
             atomic.fsync_dir(self.root)
         return new
@@ -359,23 +375,24 @@ class Library:
             self._check_not_live(p, name, "share it")
             if not (p / WEIGHTS).is_file():
                 raise AdapterError(f"{name!r} has no final adapter yet; share it once its run has ended.")
-            meta, problem = _read_meta(p / META)
+            meta, problem = run_record.read(p)
             if problem:
                 raise AdapterError(f"{name!r} has a damaged {META}; it cannot be shared.")
             meta.pop("shared", None)
             if shared:
                 meta["shared"] = True
-            with _disk_full_says(f"share {name!r}", self.root):
-                atomic.write_text(p / META, json.dumps(meta, indent=2))
+            with _disk_full_says(f"share {name!r}"):
+                run_record.write(p, meta)  # studio.json only: the history stays as it is
 
     # ---- runs being trained: a folder held by a live process ---------------------------------
 
-    def reserve_run(self, name: str) -> "RunHold":
-        """Create the empty folder of new run `name` and hold it for this process (release() or
-        process exit frees it). An empty run folder nobody holds is swept at the next start-up,
-        so a crash right after Start never blocks the name."""
+    def reserve_run(self, name: str, user: str | None = None) -> "RunHold":
+        """Create the empty folder of new run `name` for `user` and hold it for this process (release()
+        or process exit frees it). An empty run folder nobody holds is swept at the next start-up,
+        so a crash right after Start never blocks the name. Refused past `user`'s quota or the floor."""
         with self._lock:
             dst = self._check_free(name)
+            self.check_quota(user)
             dst.mkdir()
             return _hold(dst, self) or RunHold(dst, None)
 
@@ -418,13 +435,27 @@ class Library:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _create(self, name: str, build: Callable[[Path], object]) -> str:
-        """Build a new entry in a hidden temp folder, then publish it under the lock."""
+    def check_quota(self, user: str | None, adding: int = 0, new: bool = True, written: bool = False) -> None:
+        """Refuse (QuotaError) a write of `user`'s past their quota or the disk's floor (core.quota.Quota.check)."""
+        self.quota.check("adapters", self.root, user, lambda: self._owned(user), adding, new, written)
+
+    def _owned(self, user: str) -> list[int]:
+        """The sizes on disk of the entries `user` owns, their runs' checkpoints included."""
+        return [folder_bytes(d) for d in self._children() if (e := self._entry(d)) is not None and e.user == user]
+
+    def _create(self, name: str, build: Callable[[Path], object], user: str | None = None) -> str:
+        """Build a new entry of `user`'s in a hidden temp folder, then publish it under the lock; past their
+        quota (checked before the build, and with its size after it) nothing is published."""
         check_name(name)
+
+        def checked(tmp: Path):
+            build(tmp)
+            self.check_quota(user, folder_bytes(tmp), written=True)
         with self._lock:
             dst = self._check_free(name)
-            with _disk_full_says(f"save {name!r}", self.root):
-                atomic.publish_dir(dst, build)
+            self.check_quota(user)
+            with _disk_full_says(f"save {name!r}"):
+                atomic.publish_dir(dst, checked)
         return name
 
     def _copy_entry(self, src: Path, new_name: str, note: dict, user: str | None) -> str:
@@ -432,11 +463,17 @@ class Library:
             for f in (WEIGHTS, CONFIG, README):
                 if (src / f).is_file():
                     _copy(src / f, tmp / f)
-            meta, _ = _read_meta(src / META)  # only checked fields travel to the copy
+            meta, _ = run_record.read(src)  # only checked fields (and history lines) travel to the copy
             meta.update(note)
             _set_user(meta, user)
-            atomic.write_text(tmp / META, json.dumps(meta, indent=2))
-        return self._create(new_name, build)
+            run_record.write(tmp, meta, run_record.history(src, meta))
+        return self._create(new_name, build, user)
+
+    def _record(self, name: str) -> Path:
+        """The folder whose studio.json speaks for entry `name`: its own, else its newest checkpoint's."""
+        p = self.path(name)
+        ckpts = [] if (p / META).is_file() else checkpoint_dirs(p)
+        return _record_folder(p, ckpts[-1] if ckpts else p)
 
     def _check_not_live(self, folder: Path, name: str, what: str) -> None:
         if _is_live(folder):
@@ -452,7 +489,7 @@ class Library:
         if p.is_symlink():
             raise AdapterError(f"{p.name} is a symbolic link; links are not allowed in the library.")
         if not p.resolve().is_relative_to(self.root):
-            raise AdapterError(f"{p} is outside the library ({self.root}).")
+            raise AdapterError(f"{p.name} is outside the library.")
         return p
 
     def _children(self) -> list[Path]:
@@ -471,8 +508,8 @@ class Library:
             if src is None:
                 return None
             has_top = (d / META).is_file()
-            top, top_problem = _read_meta(d / META)
-            meta, meta_problem = (top, top_problem) if has_top else _read_meta(src / META)
+            top, top_problem = run_record.read(d)
+            meta, meta_problem = (top, top_problem) if has_top else run_record.read(src)
             config, _, config_problem = _read_config(src / CONFIG)
             problem = top_problem or meta_problem or config_problem
             r, alpha, listed, base = config.get("r"), config.get("alpha"), config.get("targets"), config.get("base")
@@ -593,13 +630,13 @@ def _is_live(folder: Path) -> bool:
 # ---- small helpers -----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _disk_full_says(what: str, root: Path):
+def _disk_full_says(what: str):
     """A full disk inside the block becomes an AdapterError saying so (nothing was changed)."""
     try:
         yield
     except OSError as e:
         if atomic.disk_full(e):
-            raise AdapterError(f"not enough disk space to {what} in the library ({root}): {e.strerror}. Nothing was "
+            raise AdapterError(f"not enough disk space to {what} in the library: {e.strerror}. Nothing was "
                                f"changed; free some space and try again.") from e
         raise
 
@@ -619,20 +656,9 @@ def _copy(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _read_meta(path: Path) -> tuple[dict, str | None]:
-    """studio.json's checked fields and the reason it is unreadable (None if fine); {} if absent or broken.
-    An unreadable file keeps its owner when that field itself is sound: with sign-in, a damaged entry
-    must not become anyone's to rename, delete or resume."""
-    if not path.is_file():
-        return {}, None
-    try:
-        raw = safe_json.load_file(path, MAX_JSON_BYTES)
-    except ValueError as e:
-        return {}, str(e)
-    meta, problem = clean_meta(raw)
-    if problem:
-        return ({"user": meta["user"]} if meta.get("user") else {}), problem
-    return meta, None
+def _record_folder(entry: Path, src: Path) -> Path:
+    """An entry's own studio.json speaks for it; a run with only checkpoints so far has its newest's (`src`)."""
+    return entry if (entry / META).is_file() else src
 
 
 def _read_config(path: Path) -> tuple[dict, dict, str | None]:

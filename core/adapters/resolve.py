@@ -42,10 +42,10 @@ def resolve(spec: str, library_dir) -> AdapterRef:
         except AdapterError:
             if "@" in spec or not Path(spec).exists():
                 raise
-    return AdapterRef(_adapter_file(Path(spec).expanduser(), spec, library_dir))
+    return AdapterRef(_adapter_file(Path(spec).expanduser(), spec))
 
 
-def _adapter_file(p: Path, spec: str, library_dir) -> Path:
+def _adapter_file(p: Path, spec: str) -> Path:
     """A path given as a reference, checked to be an adapter folder or a .safetensors file."""
     if p.is_dir():
         if not (p / WEIGHTS).is_file():
@@ -62,7 +62,7 @@ def _adapter_file(p: Path, spec: str, library_dir) -> Path:
         if not (p.parent / CONFIG).is_file():
             raise AdapterError(f"{p.name} needs {CONFIG} beside it (rank, alpha and target modules).")
         return p
-    raise AdapterError(f"no adapter named {spec!r} in the library ({Path(library_dir).resolve()}) and no adapter "
+    raise AdapterError(f"no adapter named {spec!r} in the library and no adapter "
                        f"file or folder at that path.")
 
 

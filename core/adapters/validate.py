@@ -17,7 +17,9 @@ import torch
 from safetensors import safe_open
 
 from core import safe_json
-from core.adapters.format import CONFIG, FILE_KEY, META, PEFT_PREFIX, WEIGHTS
+from core.adapters import run_record
+from core.adapters.format import CONFIG, FILE_KEY, PEFT_PREFIX, WEIGHTS
+from core.adapters.run_record import META
 from core.lora import variants
 from core.lora.dora import magnitude_key
 from core.lora.layers import lora_key
@@ -32,7 +34,7 @@ MAX_TENSORS = 1024
 # |value| of a LoRA matrix: trained adapters stay below ~10 (A starts near 1/sqrt(in), B at 0);
 # 3e38 passes the finiteness check yet overflows every product (generation then prints 'GGGG')
 MAX_VALUE = 10_000.0
-MAX_JSON_BYTES = 16 * 2**20  # adapter_config.json, studio.json (loss histories can be long)
+MAX_JSON_BYTES = 16 * 2**20  # adapter_config.json (and parts of an adapter zip)
 DTYPES = ("F32", "F16", "BF16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLE_HINT = ("pickle files can run code when opened, so they are never loaded; re-save the adapter "
@@ -96,7 +98,7 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
     except ValueError as e:
         raise AdapterError(f"{config_file.name}: {e}") from None
     state = read_values(weights, keys)
-    meta = read_json(meta_file, "studio metadata") if meta_file else {}
+    meta = read_record(meta_file.parent) if meta_file else {}
     return AdapterFiles(state, lcfg, adapter_base, meta, peft)
 
 
@@ -201,6 +203,14 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise AdapterError(f"{path.name} ({what}) must be a JSON object.")
     return data
+
+
+def read_record(folder: Path) -> dict:
+    """The adapter's studio.json as found (run_record.load); its history is read apart, line by line."""
+    try:
+        return run_record.load(folder)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{META} (studio metadata) {str(e).removeprefix(META + ' ')}.") from None
 
 
 def parse_config(c: dict, path: Path):

@@ -23,9 +23,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from core.adapters.validate import AdapterError
 from core.device import GUARD, available_memory, one_thread_for_this_thread
 from core.generate.sampling import SamplingConfig, pick_tokens
-from core.lora.layers import make_route
+from core.lora.layers import adapter_names, make_route
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.gpt import GPT, KVCache
@@ -358,7 +359,8 @@ class DecodeScheduler:
             with self._cond:
                 if req in self._joining:
                     self._joining.remove(req)
-                self._finish(req, e)
+            with self._lock:  # the model's adapters do not change while `_fail` looks at them
+                self._fail(req, e)
 
     def _step(self) -> None:
         """Pick each row's next token, publish, drop finished rows, then one forward for the rest."""
@@ -373,7 +375,34 @@ class DecodeScheduler:
                 self._publish(picked)
                 rows = [r for r in self._rows if not r.request.cancelled and not r.request.row_done[r.index]]
             if rows:
-                self._forward(rows)
+                self._forward_each_alone_if_it_fails(rows)
+
+    def _forward_each_alone_if_it_fails(self, rows: list[_Row]) -> None:
+        """One forward for `rows`; if it raises, each request's rows again on their own, so a failure (its
+        adapter gone, its rows raising) ends that request alone. A retry is the same step: a row's position
+        and token only move on after its forward succeeded, and a failed one wrote only at that position."""
+        try:
+            self._forward(rows)
+            return
+        except Exception as e:
+            requests = list(dict.fromkeys(r.request for r in rows))
+            if len(requests) == 1:
+                self._fail(requests[0], e)
+                return
+        for req in requests:
+            try:
+                self._forward([r for r in rows if r.request is req])
+            except Exception as e:
+                self._fail(req, e)
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        """(Holding lock.) End `req` alone with `e`, or with one sentence when its adapter is no longer loaded."""
+        gone = [a for a in req.adapters if a is not None and a not in adapter_names(self.model)]
+        if gone:
+            e = AdapterError(f"the adapter {gone[0]!r} is no longer loaded (it was removed while this request "
+                             f"waited or generated); generate again.")
+        with self._cond:
+            self._finish(req, e)
 
     def _pick(self, rows: list[_Row]) -> dict[int, list[int]]:
         """id(request) -> its live rows' tokens; one uniform draw per request, as sampling.stream.

@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+import re._parser as re_parser  # re's own parse: the syntax PEFT's patterns are written in
 import time
+import warnings
 
 import regex  # tiktoken's own dependency; unlike re, its matching takes a time limit
 
@@ -35,6 +37,7 @@ def pattern_key(patterns, module: str) -> str | None:
     """The first pattern key that matches `module` ('transformer.h.0.attn.c_attn'), as PEFT's
     get_pattern_key matches it: the key is a regex for a dotted suffix of the module's name."""
     for key in patterns or ():
+        peft_syntax(key)
         if module in _ALL:  # a GPT-2 module name: the key's matches are found once, then looked up
             if module in _matches(key):
                 return key
@@ -51,6 +54,44 @@ def _matches(key: str) -> frozenset:
     """The module names `key` matches, found once within MATCH_BUDGET_S (ValueError if it takes longer)."""
     deadline = time.monotonic() + MATCH_BUDGET_S
     return frozenset(m for m in ALL_MODULES if _match(key, m, deadline))
+
+
+# PEFT matches a key with re: re.match(rf"(.*\.)?({key})$", module) (peft.utils.other.get_pattern_key). Here the
+# regex package matches it, because its time limit stops a pattern that backtracks for hours, while re holds the
+# GIL and cannot be stopped. A key must therefore mean the same to both: it must compile in re as PEFT wraps it,
+# and hold no literal brace or bracket in re's parse. That excludes the syntax that re reads as literal characters
+# but regex does not: fuzzy matching ('c_attn{e<=3}' matches every module in regex, none in re) and POSIX classes
+# ('[[:alpha:]]'). Module names never hold a brace or a bracket, so such a key could only ever match by accident.
+BRACKETS = frozenset(map(ord, "{}[]"))
+
+
+@functools.lru_cache(maxsize=4096)
+def peft_syntax(key: str) -> None:
+    """ValueError unless `key` is a regex that re (PEFT) and regex (here) read alike."""
+    wrapped = rf"(.*\.)?({key})$"
+    try:
+        with warnings.catch_warnings():  # re warns of a 'possible nested set' ('[[:alpha:]]'): refused below
+            warnings.simplefilter("ignore", FutureWarning)
+            re.compile(wrapped)
+            tree = re_parser.parse(wrapped)
+    except re.error as e:
+        raise ValueError(f"{key[:80]!r} is not a valid regular expression ({e}).") from None
+    if any(c in BRACKETS for c in _literals(tree)):
+        raise ValueError(f"{key[:80]!r} holds a brace or bracket that is not a repeat count such as {{1,3}} or a set "
+                         f"such as [0-3] (PEFT reads fuzzy matching like {{e<=1}} and classes like [[:alpha:]] as "
+                         f"plain characters, which no module name holds); write module names such as "
+                         f"'h.0.attn.c_attn'.")
+
+
+def _literals(node):
+    """The code points re's parse tree matches literally (sets included)."""
+    if isinstance(node, re_parser.SubPattern):
+        node = node.data
+    if isinstance(node, tuple) and len(node) == 2 and node[0] is re_parser.LITERAL:
+        yield node[1]
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _literals(item)
 
 
 def _match(key: str, module: str, deadline: float) -> bool:
@@ -98,9 +139,9 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
                 raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} "
                                  f"characters.")
             try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"{field}: {key!r} is not a valid regular expression ({e}).") from None
+                peft_syntax(key)
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
             _matches(key)  # ValueError for a regex that takes too long to match, before anything else matches it
             if time.monotonic() - started > PATTERNS_BUDGET_S:
                 raise ValueError(f"{field}: the patterns take too long to match (over {PATTERNS_BUDGET_S:g} s in all); "

@@ -120,11 +120,11 @@ def read_local(path: Path) -> tuple[GPTConfig, dict]:
             try:
                 cfg = GPTConfig.from_hf(json.loads((path / "config.json").read_text()))
             except (ValueError, KeyError) as e:
-                raise WeightsError(f"{path / 'config.json'} is not a GPT-2 config ({e}).") from None
+                raise WeightsError(f"{path.name}/config.json is not a GPT-2 config ({e}).") from None
         found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
         if not found:
             raise WeightsError(
-                f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}.")
+                f"no weights in {path.name}: expected one of {', '.join(WEIGHT_FILES)}.")
         file = found[0]
     else:
         file = path
@@ -145,13 +145,13 @@ def read_state(file: Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as e:
-        raise WeightsError(f"{file} could not be read as weights ({type(e).__name__}: "
+        raise WeightsError(f"{file.parent.name}/{file.name} could not be read as weights ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{file} does not hold a GPT-2 state dict (a mapping of names to tensors).")
+        raise WeightsError(f"{file.name} does not hold a GPT-2 state dict (a mapping of names to tensors).")
     return normalize_keys(state)
 
 

@@ -71,7 +71,8 @@ class CoTrainer:
     """The runs training together on one base now, stepped one shared micro-batch at a time.
 
     A run joins with `join` (its start events and first evaluation) and leaves when it finishes, is
-    stopped, fails (a non-finite loss: the others go on) or is pushed out by an out-of-memory error
+    stopped, fails (a non-finite loss, or an error in its own work after a step such as a checkpoint on a
+    full disk: the others go on, untouched) or is pushed out by an out-of-memory error
     (the newest run: its micro-batch is taken back so it can rejoin later exactly where it was). Each
     run's events go to its own `emit`. A training run alone is this with one run (Trainer.run).
     """
@@ -136,8 +137,14 @@ class CoTrainer:
         return []
 
     def _send(self, run, events) -> None:
+        """Emit `run`'s events as they come. An error in its work between micro-batches (an evaluation, a
+        checkpoint, the adapter's save) ends that run alone, with its message: the runs after it in the
+        step still get their own bookkeeping, so none counts a micro-batch twice."""
         emit = self._emit[id(run)]
-        for ev in events:
-            emit(ev)
+        try:
+            for ev in events:
+                emit(ev)
+        except Exception as e:  # noqa: BLE001 - this run's failure, reported as its last event
+            emit(run.failed(e))
         if run.outcome is not None:
             self.leave(run)

@@ -60,14 +60,14 @@ def decode_text(data: bytes, name: str) -> str:
 def read_text_file(path) -> str:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file.")
+        raise FileNotFoundError(f"{path.name}: no such file.")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give one or more .txt/.md files.")
+        raise ValueError(f"{path.name} is a folder; give one or more .txt/.md files.")
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise ValueError(f"{path.name}: only {' and '.join(TEXT_SUFFIXES)} files can be used as text.")
     if path.stat().st_size > MAX_TEXT_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
-    return decode_text(path.read_bytes(), str(path))
+        raise ValueError(f"{path.name} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
+    return decode_text(path.read_bytes(), path.name)
 
 
 def join_documents(texts: Sequence[str]) -> str:
@@ -229,23 +229,25 @@ def save_dataset(ds: Dataset, folder, name: str | None = None) -> Path:
 def _load_split(folder: Path, split: str) -> np.ndarray:
     shards = sorted(folder.glob(f"{split}_[0-9]*.npy"))  # not the loss masks (train_mask_00000.npy)
     if not shards:
-        raise ValueError(f"{folder} has no {split}_00000.npy; prepare the data first "
-                         f"(python -m core prepare --input FILE --output {folder}).")
+        raise ValueError(f"{folder.name} has no {split}_00000.npy; prepare the data first "
+                         f"(python -m core prepare --input FILE --output DIR).")
     parts = []
     for shard in shards:
         try:
             arr = np.load(shard, allow_pickle=False)
         except Exception as e:
-            raise ValueError(f"{shard} is not a readable .npy token file ({type(e).__name__}).") from None
+            raise ValueError(f"{folder.name}/{shard.name} is not a readable .npy token file "
+                             f"({type(e).__name__}).") from None
         if arr.dtype.kind not in "iu":
-            raise ValueError(f"{shard} holds {arr.dtype} values, not token ids.")
+            raise ValueError(f"{folder.name}/{shard.name} holds {arr.dtype} values, not token ids.")
         arr = arr.reshape(-1)
         if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= VOCAB_SIZE):
-            raise ValueError(f"{shard} has token ids outside GPT-2's vocabulary (0..{VOCAB_SIZE - 1}).")
+            raise ValueError(f"{folder.name}/{shard.name} has token ids outside GPT-2's vocabulary "
+                             f"(0..{VOCAB_SIZE - 1}).")
         parts.append(arr.astype(np.uint16, copy=False))
     ids = np.concatenate(parts)
     if len(ids) < 2:
-        raise ValueError(f"the {split} split in {folder} has {len(ids)} tokens; at least 2 are needed.")
+        raise ValueError(f"the {split} split in {folder.name} has {len(ids)} tokens; at least 2 are needed.")
     return ids
 
 
@@ -253,7 +255,7 @@ def load_dataset(folder) -> Dataset:
     """A dataset folder: this app's or one in the seed's layout (no meta.json)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such dataset folder.")
+        raise FileNotFoundError(f"{folder.name}: no such dataset folder.")
     # only checked fields are kept (they travel into the adapter's studio.json); the tokens are what
     # training needs, so a damaged meta.json costs its counts and sha256 (then a digest of the tokens)
     meta = read_dataset_meta(folder)
@@ -271,17 +273,17 @@ def _load_mask(folder: Path, split: str, n: int) -> np.ndarray | None:
     try:
         mask = np.concatenate([np.load(s, allow_pickle=False).reshape(-1) for s in shards])
     except Exception as e:
-        raise ValueError(f"{folder}: the {split} loss mask is not a readable .npy file ({type(e).__name__}).") from None
+        raise ValueError(f"{folder.name}: the {split} loss mask is not a readable .npy file "
+                         f"({type(e).__name__}).") from None
     if mask.dtype.kind not in "iub" or len(mask) != n or (mask.size and int(mask.max()) > 1) or \
             (mask.size and int(mask.min()) < 0):
-        raise ValueError(f"{folder}: the {split} loss mask does not match its tokens ({len(mask)} values of 0/1 "
+        raise ValueError(f"{folder.name}: the {split} loss mask does not match its tokens ({len(mask)} values of 0/1 "
                          f"expected {n}); prepare the data again.")
     return mask.astype(np.uint8, copy=False)
 
 
 _META_FIELDS = {  # what build_dataset writes, and the check each value must pass
-    **{k: lambda x: safe_json.text(x, 200) for k in ("format", "tokenizer", "name")},
-    "user": lambda x: safe_json.text(x, 200),  # who prepared it, with sign-in (the studio's DatasetStore.create)
+    **{k: lambda x: safe_json.text(x, 200) for k in ("format", "tokenizer", "name", "user")},  # user: its owner
     "sha256": lambda x: x if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x) else None,
     **{k: safe_json.integer for k in ("version", "chars", "tokens", "unique_tokens", "train_tokens", "val_tokens")},
     "train_ratio": lambda x: safe_json.number(x, 0, 1),

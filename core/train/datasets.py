@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.adapters.library import shown_name, valid_name
 from core.atomic import publish_dir
+from core.quota import Quota, folder_bytes
 from core.train.data import Dataset, load_dataset, read_dataset_meta, save_dataset
 
 FIRST_SHARD = "train_00000.npy"  # a folder holding it is a prepared dataset (this app's or the seed's)
@@ -28,9 +29,10 @@ def _taken(name: str) -> str:
 class DatasetStore:
     """Dataset folders under `root`, by name."""
 
-    def __init__(self, root):
+    def __init__(self, root, quota: Quota | None = None):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.quota = quota or Quota()  # per-user caps and the free-space floor (the studio sets its flags')
 
     def path(self, name) -> Path:
         """The folder of dataset `name` (it may not exist yet); ValueError for a name that breaks the rules
@@ -60,10 +62,12 @@ class DatasetStore:
         return sorted(out, key=lambda x: -x["mtime"])
 
     def create(self, name, ds: Dataset, user: str | None = None) -> Path:
-        """Save `ds` as the new dataset `name`: built in a hidden folder, published whole. ValueError when
-        the name is taken, also by another session meanwhile; a failed write leaves nothing behind.
-        user: the signed-in user who prepares it, recorded in meta.json as its owner (None: no owner)."""
+        """Save `ds` as the new dataset `name` of `user` (recorded in meta.json): built in a hidden folder,
+        published whole. ValueError when the name is taken, also by another session meanwhile, or past the
+        user's quota or the disk's floor (nothing is written then); a failed write leaves nothing behind."""
         path = self.check_new(name)
+        size = sum(a.nbytes for a in (ds.train, ds.val, ds.train_mask, ds.val_mask) if a is not None)
+        self.quota.check("datasets", self.root, user, lambda: self._owned(user), size)
         ds.meta = {k: v for k, v in ds.meta.items() if k != "user"} | ({"user": user} if user else {})
         try:
             publish_dir(path, lambda tmp: save_dataset(ds, tmp, name=name))  # meta.json records the final name
@@ -71,6 +75,10 @@ class DatasetStore:
             raise ValueError(_taken(name)) from None
         ds.path = path
         return path
+
+    def _owned(self, user: str) -> list[int]:
+        """The sizes on disk of the datasets `user` prepared."""
+        return [folder_bytes(self.root / d["name"]) for d in self.list() if d["meta"].get("user") == user]
 
     def load(self, name) -> Dataset:
         return load_dataset(self.path(name))

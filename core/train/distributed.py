@@ -22,6 +22,7 @@ the same batch, and a run resumes on any number of ranks that divides its batch 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -98,13 +99,26 @@ class Group:
         self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def agree(self, settings: dict) -> None:
+        """Refuse to go on unless every rank was started with the same `settings` (name -> JSON-able value):
+        ranks that differ would train different runs, or wait on each other until the timeout."""
+        ranks = [None] * self.world
+        self._collective(dist.all_gather_object, ranks, settings)
+        differ = [k for k in sorted(set().union(*ranks)) if any(r.get(k) != ranks[0].get(k) for r in ranks)]
+        if differ:
+            raise ValueError(f"the processes were started with different settings: "
+                             f"{'; '.join(_differences(k, [r.get(k) for r in ranks]) for k in differ)}; "
+                             f"start every process with the same flags, data and base.")
+
     def same(self, what: str, value) -> None:
-        """Refuse to go on unless every rank holds the same `value` (e.g. the resumed step and batch order)."""
+        """Refuse to go on unless every rank holds the same `value` (e.g. the resumed step and batch order);
+        only a digest travels and the message names the ranks, never the value itself."""
         values = [None] * self.world
-        self._collective(dist.all_gather_object, values, value)
-        if any(v != values[0] for v in values):
-            raise ValueError(f"the processes disagree on {what} ({values[0]!r} on rank 0); every node must read "
-                             f"the same run folder.")
+        self._collective(dist.all_gather_object, values, hashlib.sha256(json.dumps(value).encode()).hexdigest())
+        others = [str(i) for i, v in enumerate(values) if v != values[0]]
+        if others:
+            raise ValueError(f"the processes disagree on {what} (rank {', '.join(others)} differs from rank 0); "
+                             f"every node must read the same run folder.")
 
     def barrier(self) -> None:
         self._collective(dist.barrier)
@@ -118,6 +132,15 @@ class Group:
             return fn(*args, **kw)
         except Exception as e:  # noqa: BLE001 - gloo and NCCL raise various types for a lost peer or a timeout
             raise RankLost(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _differences(name: str, values: list) -> str:
+    """'steps (rank 0: 8, rank 1: 9)': one setting's value on rank 0 and on each rank that differs from it."""
+    def show(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+    shown = [f"rank {i}: {show(v)}" for i, v in enumerate(values) if i == 0 or v != values[0]]
+    return f"{name} ({', '.join(shown)})"
 
 
 def _fault(rank: int, step: int) -> None:

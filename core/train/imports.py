@@ -9,11 +9,12 @@ Nothing here writes anything: a refused file leaves no dataset behind.
 from __future__ import annotations
 
 import csv
-import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.text_checks import check_text
 from core.train.data import MAX_TEXT_BYTES, TEXT_SUFFIXES, decode_text
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -23,7 +24,7 @@ MAX_FIELDS = 200  # columns / keys per record
 PREVIEW_CHARS = 200  # a preview cell shows at most this many characters
 
 
-@dataclass
+@dataclass(slots=True)  # a million of them may be held: no per-record __dict__
 class Record:
     line: int  # where the record starts in its file (1-based; for .json, the array element's number)
     fields: dict  # field name -> its value as a string
@@ -57,7 +58,7 @@ def kind_of(name: str) -> str:
 
 def _value(v, name: str, where: str, key: str) -> str:
     if isinstance(v, str):
-        return v
+        return check_text(v, f"{name}: {where}: field '{key}'")
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)
     if v is None:
@@ -71,45 +72,101 @@ def _object(obj, name: str, where: str, line: int) -> Record:
                          f'(e.g. {{"prompt": "...", "response": "..."}}).')
     if len(obj) > MAX_FIELDS:
         raise ValueError(f"{name}: {where} has {len(obj)} fields; at most {MAX_FIELDS} are read.")
-    return Record(line, {str(k): _value(v, name, where, k) for k, v in obj.items()})
+    # a JSON escape (\\ud800) can put a lone surrogate in a field's name or value: no page can show it
+    keys = [check_text(str(k), f"{name}: {where}: a field name") for k in obj]
+    return Record(line, {k: _value(v, name, where, k) for k, v in zip(keys, obj.values())})
+
+
+def _parse_error(e: Exception, name: str, where: str) -> ValueError:
+    """One sentence for what json raised while reading `where` of file `name`."""
+    if isinstance(e, json.JSONDecodeError):
+        return ValueError(f"{name}: bad JSON on {where}: {e.msg} at column {e.colno}; fix it.")
+    if isinstance(e, RecursionError):
+        return ValueError(f"{name}: {where} is nested too deeply to be read.")
+    # Python refuses to convert an integer of more than 4,300 digits (sys.get_int_max_str_digits)
+    return ValueError(f"{name}: {where} holds a number too long to read (over 4,300 digits); give it as a "
+                      f"string, in quotes.")
+
+
+def _lines(text: str, keepends: bool = False):
+    """(line number, line) of `text`, one at a time: a list of every line would cost far more than the text."""
+    start, n = 0, 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        n += 1
+        yield n, text[start:end] if keepends else text[start:end].rstrip("\n")
+        start = end
+
+
+def _over_cap(name: str, what: str = "records") -> ValueError:
+    return ValueError(f"{name} has more than {MAX_RECORDS:,} {what}; use a smaller part of it.")
 
 
 def _jsonl(text: str, name: str) -> list[Record]:
     out = []
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in _lines(text):
         if not line.strip():
             continue  # blank lines (a trailing newline) are not records
+        if len(out) == MAX_RECORDS:
+            raise _over_cap(name)
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name}: bad JSON on line {n} ({e.msg} at column {e.colno}); fix that line.") from None
-        except RecursionError:
-            raise ValueError(f"{name}: line {n} is nested too deeply to be read.") from None
+        except (ValueError, RecursionError) as e:
+            raise _parse_error(e, name, f"line {n}") from None
         out.append(_object(obj, name, f"line {n}", n))
-        if len(out) > MAX_RECORDS:
-            raise ValueError(f"{name} has more than {MAX_RECORDS:,} records; use a smaller part of it.")
     return out
 
 
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
+
+
+def _line_at(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
 def _json(text: str, name: str) -> list[Record]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name}: bad JSON on line {e.lineno} ({e.msg} at column {e.colno}); fix it.") from None
-    except RecursionError:
-        raise ValueError(f"{name} is nested too deeply to be read.") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise ValueError(f"{name}: a .json file must hold an array of objects (or one object).")
-    if len(data) > MAX_RECORDS:
-        raise ValueError(f"{name} has {len(data):,} records, over the limit of {MAX_RECORDS:,}.")
-    # json keeps no line numbers for array elements: a record is named by its number in the array
-    return [_object(obj, name, f"record {i}", i) for i, obj in enumerate(data, 1)]
+    """An array of objects (or one object), decoded one element at a time and refused at the record cap:
+    json.loads of a 32 MB array of {} builds 11 million dicts (over 1 GB) before its length could be checked.
+    The text itself is already in memory (it is bounded by the upload limit), so no chunked reading is needed.
+    Records are named by their number in the array."""
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):  # one object
+        try:
+            data, pos = _DECODER.raw_decode(text, pos)
+        except (ValueError, RecursionError) as e:
+            raise _parse_error(e, name, f"line {_line_at(text, getattr(e, 'pos', pos))}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{name}: a .json file must hold an array of objects (or one object).")
+        out = [_object(data, name, "record 1", 1)]
+    else:
+        out, pos = [], _SPACE.match(text, pos + 1).end()
+        closed = text.startswith("]", pos)
+        while not closed:
+            if len(out) == MAX_RECORDS:
+                raise _over_cap(name)
+            where = f"record {len(out) + 1}"
+            try:
+                obj, pos = _DECODER.raw_decode(text, pos)
+            except (ValueError, RecursionError) as e:
+                raise _parse_error(e, name, f"line {_line_at(text, pos)} ({where})") from None
+            out.append(_object(obj, name, where, len(out) + 1))
+            pos = _SPACE.match(text, pos).end()
+            closed = text.startswith("]", pos)
+            if not closed and not text.startswith(",", pos):
+                raise ValueError(f"{name}: bad JSON on line {_line_at(text, pos)} (expected ',' or ']' after "
+                                 f"{where}); fix it.")
+            pos = _SPACE.match(text, pos + 1).end() if not closed else pos
+        pos += 1
+    if (pos := _SPACE.match(text, pos).end()) < len(text):
+        raise ValueError(f"{name}: bad JSON on line {_line_at(text, pos)} (extra data after the value); a .json "
+                         f"file holds one array of objects (or one object).")
+    return out
 
 
 def _csv(text: str, name: str, delimiter: str) -> list[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader((line for _, line in _lines(text, keepends=True)), delimiter=delimiter)
     try:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
@@ -122,13 +179,13 @@ def _csv(text: str, name: str, delimiter: str) -> list[Record]:
         for row in reader:
             if not row or all(not c.strip() for c in row) and len(row) <= 1:
                 continue  # blank lines
+            if len(out) == MAX_RECORDS:
+                raise _over_cap(name, "rows")
             if len(row) != len(header):
                 raise ValueError(f"{name}: row on line {reader.line_num} has {len(row)} columns, the header has "
                                  f"{len(header)} (a ragged file: check the quotes and the "
                                  f"{'tabs' if delimiter == chr(9) else 'commas'} on that line).")
             out.append(Record(reader.line_num, dict(zip(header, row))))
-            if len(out) > MAX_RECORDS:
-                raise ValueError(f"{name} has more than {MAX_RECORDS:,} rows; use a smaller part of it.")
     except csv.Error as e:
         raise ValueError(f"{name}: unreadable CSV on line {reader.line_num} ({e}).") from None
     return out
@@ -151,9 +208,9 @@ def read_records(data: bytes, name: str) -> list[Record]:
 def read_file(path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
+        raise FileNotFoundError(f"{path.name}: no such file.")
     if path.stat().st_size > MAX_TEXT_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
+        raise ValueError(f"{path.name} is larger than {MAX_TEXT_BYTES // 2**20} MiB; use a smaller part of it.")
     return read_records(path.read_bytes(), path.name)
 
 

@@ -140,12 +140,12 @@ def read_template(path) -> str:
     """A template file (UTF-8 text) -> the checked template (an editor's final newline after {response} dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such template file.")
+        raise FileNotFoundError(f"{path.name}: no such template file.")
     if path.stat().st_size > MAX_TEMPLATE_CHARS * 4:
-        raise ValueError(f"{path} is too large for a template (at most {MAX_TEMPLATE_CHARS} characters).")
+        raise ValueError(f"{path.name} is too large for a template (at most {MAX_TEMPLATE_CHARS} characters).")
     try:
         text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; save the template as UTF-8.") from None
+        raise ValueError(f"{path.name} is not UTF-8 text; save the template as UTF-8.") from None
     # editors end files with a newline; after {response} it would be trained as part of every answer
     return check_template(text[:-1] if text.endswith("\n") and text.rstrip("\n").endswith("{response}") else text)

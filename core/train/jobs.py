@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from core.adapters import run_record
 from core.atomic import disk_full
 from core.device import available_memory
 from core.lora.layers import adapter_names, remove_adapter
@@ -30,7 +31,8 @@ from core.model.config import LoraConfig, TrainConfig
 from core.train.cobatch import CoTrainer
 from core.train.data import Dataset
 from core.train.estimate import estimate_training
-from core.train.trainer import Checkpoint, Trainer
+from core.adapters.library import RESUMABLE, checkpoint_dirs
+from core.train.trainer import Checkpoint, Trainer, failure_message
 
 # Tokens per shared step on CPU and MPS unless set (--train-capacity): 8 jobs of 4 x 128.
 CPU_CAPACITY = 4096
@@ -79,9 +81,9 @@ class TrainJob:
         self.message = ""  # the error, or where the adapter was saved
         self.notes: list[str] = []
         ck = spec.resume
-        history = ck.meta.get("history") if ck is not None and isinstance(ck.meta.get("history"), list) else []
+        history = list(run_record.history(ck.path, ck.meta)) if ck is not None else []
         start_val = ck.meta.get("start_val_loss") if ck is not None else None
-        self.points = [{"step": h["step"], "loss": h["loss"], "lr": h["lr"]}
+        self.points = [{"step": h["step"], "loss": h["loss"], "lr": h.get("lr")}
                        for h in history if isinstance(h, dict) and "loss" in h]
         self.evals = ([{"step": 0, "val_loss": start_val}] if isinstance(start_val, float) else []) + [
             {"step": h["step"], "val_loss": h["val_loss"]} for h in history
@@ -194,6 +196,11 @@ class TrainJob:
             }
 
 
+def _remove_if_loaded(model, name: str) -> None:
+    if name in adapter_names(model):
+        remove_adapter(model, name)
+
+
 class TrainScheduler:
     """One training thread for every job submitted to it, co-batched on the loaded base.
 
@@ -202,6 +209,8 @@ class TrainScheduler:
         that loaded it, when the job ends.
     lock: held while a job's adapter is added to or removed from the shared model (the engine's lock:
         generation steps hold it too).
+    retire(model, name): removes a job's adapter when the job ends (the engine's `retire`: once no request
+        uses it); default: removed at once.
     capacity_tokens: tokens one shared micro-step may hold (the sum of the running jobs' batch x
         sequence length); None: CPU_CAPACITY on CPU and MPS, free memory against the estimate on CUDA.
         A job bigger than the capacity still runs, alone.
@@ -215,16 +224,17 @@ class TrainScheduler:
         load_base: instead of engine.base(spec.base_id, spec.weights, pin=True) (it must pin too)."""
         load = load_base or (lambda spec: engine.base(spec.base_id, spec.weights, pin=True))
         return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type,
-                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, **kw)
+                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, retire=engine.retire, **kw)
 
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
                  lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
                  max_jobs_per_user: int = 1, max_queue: int = 64, yield_to: Callable[[], bool] | None = None,
-                 yield_s: float = 0.0):
+                 yield_s: float = 0.0, retire: Callable[[object, str], None] | None = None):
         if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
             raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
         self._load_base, self._release_base = load_base, release_base or (lambda model: None)
         self._model_lock = lock if lock is not None else contextlib.nullcontext()
+        self._retire = retire or _remove_if_loaded
         self.device_type = device_type
         self.capacity_tokens = capacity_tokens if capacity_tokens is not None else (
             None if device_type == "cuda" else CPU_CAPACITY)
@@ -477,12 +487,14 @@ class TrainScheduler:
     def _fail(self, job: TrainJob, e: BaseException) -> None:
         if job.trainer is not None and job.trainer.outcome is None:
             job.trainer.abort()
-        msg = f"training failed: {e}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {e}"
-        if disk_full(e):
-            msg = (f"training stopped: not enough disk space to save the adapter ({e.strerror}). Checkpoints "
-                   f"saved before are kept; free some space, then Resume.")
-        job._final = {"type": "error", "kind": "internal", "step": job.progress.get("step", 0), "message": msg,
-                      "checkpoint": None}
+        found = checkpoint_dirs(job.spec.out_dir, RESUMABLE)  # what is on disk, not what was hoped for
+        kept = str(found[-1]) if found else None
+        step = job.trainer.step if job.trainer is not None else job.progress.get("step", 0)
+        why = f"{Path(e.filename).name}: {e.strerror}" if isinstance(e, OSError) and e.filename else e  # no server path
+        msg = f"training failed: {why}" if isinstance(e, ValueError) else f"training failed: {type(e).__name__}: {why}"
+        if kept or disk_full(e):
+            msg = failure_message(e, step, kept)
+        job._final = {"type": "error", "kind": "internal", "step": step, "message": msg, "checkpoint": kept}
         if job not in self._running:
             with self._cond:
                 self._running.append(job)
@@ -496,9 +508,9 @@ class TrainScheduler:
                 self._co.leave(job.trainer)
             model, name = job.model, job.spec.adapter or job.spec.name
             if model is not None:
-                with self._model_lock:
-                    if job.trainer is not None and name in adapter_names(model):
-                        remove_adapter(model, name)
+                if job.trainer is not None:
+                    with self._model_lock:
+                        self._retire(model, name)
                 self._release_base(model)
             with self._cond:
                 self._running.remove(job)
@@ -507,6 +519,7 @@ class TrainScheduler:
                                           "message": "training ended without a result.", "checkpoint": None})
 
     def _end(self, job: TrainJob, final: dict) -> None:
+        job._touch(position=0, waiting="")  # an ended job (a queued one stopped, too) has no place in the queue
         job.on_event(final)
         if job.spec.on_end is not None:
             job.spec.on_end(job)

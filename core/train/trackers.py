@@ -119,7 +119,8 @@ class WandbTracker(_RunTracker):
     def _start(self):
         (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         settings = self._wandb.Settings(mode="offline", silent=True, console="off", reinit="create_new",
-                                        x_disable_stats=True, disable_git=True, save_code=False)
+                                        x_disable_stats=True, disable_git=True, save_code=False,
+                                        x_save_requirements=False, x_disable_meta=True, x_disable_machine_info=True)
         return self._wandb.init(mode="offline", dir=str(self.run_dir), project=PROJECT, name=self.run_dir.name,
                                 settings=settings)
 

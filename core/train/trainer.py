@@ -19,12 +19,14 @@ Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     checkpoint  step, path
     done        status ('finished' | 'stopped'), step, steps, path (the run folder), checkpoint,
                 train_loss, val_loss, elapsed
-    error       kind ('nan' | 'oom' | 'internal'), step, message, checkpoint (the last good one or None);
-                the run ends after it
+    error       kind ('nan' | 'oom' | 'disk' | 'internal'), step, message, checkpoint (the last good one or
+                None); the run ends after it
 
 Run folder layout:
     <run>/adapter_model.safetensors, adapter_config.json, studio.json   the adapter (finished/stopped)
-    <run>/checkpoints/step_000050/   the same three files + trainer_state.pt (resume state)
+    <run>/history.jsonl              one line per step, appended at each checkpoint (core.adapters.run_record)
+    <run>/checkpoints/step_000050/   the same files + trainer_state.pt (resume state); its history.jsonl is
+                                     a hard link to the run's, of which its studio.json owns the first bytes
 """
 from __future__ import annotations
 
@@ -46,8 +48,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from core import atomic
-from core.adapters.format import META, PEFT_PREFIX, WEIGHTS, save_adapter
-from core.adapters.library import CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path
+from core.adapters import run_record
+from core.atomic import disk_full
+from core.adapters.format import PEFT_PREFIX, WEIGHTS, save_adapter
+from core.adapters.run_record import META
+from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
+                                   checkpoint_step)
 from core.model.config import LoraConfig, TrainConfig
 from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
@@ -62,6 +68,8 @@ from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
+# Bytes a save writes beyond the adapter's weights (and optimizer state): its JSON files and history lines
+SAVE_MARGIN = 1 << 20
 # Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
 # tokens (20 batches) before the first step, and Stop would wait for them.
 EVAL_TOKENS = 32_768
@@ -136,6 +144,18 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
     return float(total) / max(1, count), count
 
 
+def failure_message(e: BaseException, step: int, kept: str | None) -> str:
+    """One sentence for a run that ended at `step` on an error in its own work (`kept`: its newest checkpoint
+    on disk, or None): what went wrong, without a server path, and what is left to resume from."""
+    have = f"its checkpoint of step {checkpoint_step(kept)} is kept" if kept else "no checkpoint had been saved yet"
+    if disk_full(e):
+        fix = "free some space, then Resume" if kept else "free some space and start it again"
+        return f"training stopped at step {step}: not enough disk space to save ({e.strerror}); {have}, so {fix}."
+    what = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+    return f"training failed at step {step} ({what}); {have}."
+
+
 def ce_chunk(model, batch_size: int, seq_len: int) -> int:
     """Tokens per piece of the chunked loss (core.train.estimate.loss_chunk, which the estimate follows too)."""
     return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
@@ -154,20 +174,23 @@ class Checkpoint:
     meta: dict  # its studio.json
 
 
+def _label(path: Path) -> str:
+    """A checkpoint or run folder as users name it ('run@step_000050', 'run'): never the server's path."""
+    return f"{path.parent.parent.name}@{path.name}" if path.parent.name == CHECKPOINTS else path.name
+
+
 def find_checkpoint(path) -> Checkpoint:
     """A checkpoint folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint folder.")
+        raise FileNotFoundError(f"{path.name}: no such run or checkpoint folder.")
     if not (path / STATE).is_file():
         found = checkpoint_dirs(path, RESUMABLE)
         if not found:
-            raise ValueError(f"{path} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
+            raise ValueError(f"{path.name} holds no checkpoint to resume ({CHECKPOINTS}/step_*/{STATE}).")
         path = found[-1]
     try:
-        meta = json.loads((path / META).read_text("utf-8"))
-        if not isinstance(meta, dict):
-            raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
+        meta = run_record.load(path)
         lcfg = LoraConfig.from_dict(meta["lora"])
         tcfg = TrainConfig.from_dict(meta["training"])
         step, name = meta["steps"], meta["name"]
@@ -176,7 +199,8 @@ def find_checkpoint(path) -> Checkpoint:
         return Checkpoint(path, step, name, lcfg, tcfg, meta)
     # RecursionError: deeply nested JSON; OverflowError: numbers such as 1e400
     except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
-        raise ValueError(f"{path / META} is missing or damaged ({type(e).__name__}: {e}); "
+        why = e.strerror if isinstance(e, OSError) else e  # an OSError's text holds the server's path
+        raise ValueError(f"{_label(path)}/{META} is missing or damaged ({type(e).__name__}: {why}); "
                          f"resume from another checkpoint.") from None
 
 
@@ -241,7 +265,7 @@ class Trainer:
             name = name or self.resume.name
             base_id = base_id or self.resume.meta.get("base_model", "")
             if dataset.sha256 != self.resume.meta.get("dataset", {}).get("sha256"):
-                raise ValueError(f"{dataset.path or 'this dataset'} is not the dataset the run was trained on "
+                raise ValueError(f"{dataset.name or 'this dataset'} is not the dataset the run was trained on "
                                  f"({self.resume.meta.get('dataset', {}).get('name', '?')}); resume with that one.")
             if tcfg.steps <= self.resume.step:
                 raise ValueError(f"the checkpoint is at step {self.resume.step}; ask for more steps than that "
@@ -258,13 +282,15 @@ class Trainer:
         self.extra_meta = dict(meta or {})
         self.stop = stop or threading.Event()
         if self.resume is None and ((self.out_dir / WEIGHTS).exists() or checkpoint_dirs(self.out_dir, RESUMABLE)):
-            raise ValueError(f"{self.out_dir} already holds a training run; choose another name, "
+            raise ValueError(f"{self.out_dir.name} already holds a training run; choose another name, "
                              f"or resume it.")
         self.seq_len, self.block_note = dataset.block_size(tcfg.seq_len)
         self.dist = dist
         self._rank_share = 1.0  # under torchrun with a loss mask: this rank's weight in the ranks' average (draw)
         self._check_memory(max_memory)
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the steps not yet appended to the run's history file (history.jsonl)
+        self._history_bytes = 0  # that file's length as the newest record (checkpoint) says
+        self._lasts: dict = {}  # the newest value of each history field (train and val loss, elapsed)
         self.step = 0
         self.start_val_loss: float | None = None
         self._prepared: _Prepared | None = None
@@ -324,7 +350,7 @@ class Trainer:
         yield from self.open()
         while self.outcome is None:
             if self.stop.is_set():
-                yield from self.stopped()
+                yield from self._guarded(self.stopped())
                 break
             self.begin_micro()
             try:
@@ -335,7 +361,14 @@ class Trainer:
                     raise
                 yield self.out_of_memory()
                 break
-            yield from self.end_micro(loss)
+            yield from self._guarded(self.end_micro(loss))
+
+    def _guarded(self, events: Iterator[dict]) -> Iterator[dict]:
+        """`events`, then the 'error' event of a failure in them (failed)."""
+        try:
+            yield from events
+        except Exception as e:  # noqa: BLE001 - the run's own failure, reported as its last event
+            yield self.failed(e)
 
     # -- the steps, one micro-batch at a time (core.train.cobatch drives several runs through them) --
 
@@ -344,6 +377,8 @@ class Trainer:
         self.setup()
         yield from self._start_events()
         if self.resume is None:
+            if self.dist is None or self.dist.writes:
+                run_record.drop_history(self.out_dir)  # left by a run that saved nothing in this folder
             self.start_val_loss = yield from self._eval()
         before = self._last("elapsed")  # a resumed run's training time so far
         self._progress = _Progress(last_good=self._latest_checkpoint(),
@@ -450,6 +485,17 @@ class Trainer:
         return {"type": "error", "kind": "oom", "step": self.step, "checkpoint": self._progress.last_good,
                 "message": self._oom_message()}
 
+    def failed(self, e: Exception) -> dict:
+        """The run ends on an error in its own work between micro-batches (an evaluation, a checkpoint or
+        the adapter's save, e.g. on a full disk): the 'error' event, saying whether a checkpoint is kept.
+        Nothing else is saved; the shared model and other runs are not touched."""
+        if is_oom(e) and self._progress is not None:
+            return self.out_of_memory()
+        self.abort()
+        kept = self._latest_checkpoint()
+        return {"type": "error", "kind": "disk" if disk_full(e) else "internal", "step": self.step,
+                "checkpoint": kept, "message": failure_message(e, self.step, kept)}
+
     def abort(self) -> None:
         """The run ends on an unexpected error (raised by whoever steps it): nothing more is saved."""
         if self._prepared is not None:
@@ -495,11 +541,13 @@ class Trainer:
         dt = time.perf_counter() - st.t0
         progress.recent.append(dt)
         elapsed = time.perf_counter() - progress.t_run
-        # the run's metrics as studio.json keeps them (core.adapters.metrics downloads them): elapsed is the
+        # the run's metrics as its history keeps them (core.adapters.metrics downloads them): elapsed is the
         # training time since the run began, resumes included; wall_time the Unix time the step ended
-        self.history.append({"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
-                             "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
-                             "wall_time": time.time()})
+        point = {"step": self.step, "loss": loss_val, "lr": st.lr, "grad_norm": norm_val,
+                 "tokens_per_sec": self.tokens_per_step / dt, "elapsed": progress.elapsed_before + elapsed,
+                 "wall_time": time.time()}
+        self.history.append(point)
+        self._lasts.update(point)
         yield {"type": "step", "step": self.step, "steps": tcfg.steps, "loss": loss_val, "lr": st.lr,
                "grad_norm": norm_val, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt,
                "eta": sum(progress.recent) / len(progress.recent) * (tcfg.steps - self.step),
@@ -594,7 +642,7 @@ class Trainer:
         except Stopped:
             return None
         if self.history and self.history[-1]["step"] == self.step:
-            self.history[-1]["val_loss"] = loss
+            self.history[-1]["val_loss"] = self._lasts["val_loss"] = loss
         yield {"type": "eval", "step": self.step, "val_loss": loss,
                "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
         if t.sample_prompts and not self.stop.is_set():
@@ -605,10 +653,13 @@ class Trainer:
         return loss
 
     def _last(self, key):
-        for h in reversed(self.history):
-            if key in h:
-                return h[key]
-        return self.start_val_loss if key == "val_loss" else None
+        return self._lasts.get(key, self.start_val_loss if key == "val_loss" else None)
+
+    def _save_history(self) -> None:
+        """Append the steps since the last save to the run's history file (only they are written)."""
+        if self.history and (self.dist is None or self.dist.writes):  # rank 0 alone writes
+            self._history_bytes = run_record.append(self.out_dir, self.history)
+        self.history = []
 
     def _meta(self, status: str) -> dict:
         ds = self.dataset
@@ -618,29 +669,41 @@ class Trainer:
                         "train_tokens": int(len(ds.train)), "val_tokens": int(len(ds.val))},
             "training": {**self.tcfg.to_dict(), "seq_len_used": self.seq_len},
             "train_loss": self._last("loss"), "val_loss": self._last("val_loss"),
-            "start_val_loss": self.start_val_loss, "history": list(self.history),
+            "start_val_loss": self.start_val_loss, "history_bytes": self._history_bytes,
             **self.extra_meta,
         }
 
+    def _check_room(self, with_state: bool) -> None:
+        """Refuse a save the disk has no room for before anything is written (OSError ENOSPC, as the disk
+        would say midway): the weights, with a checkpoint their optimizer state (2 more copies), and the JSON
+        (a few KiB: the history is appended to its own file, see _save_history)."""
+        weights = sum(p.numel() * p.element_size() for p in self._prepared.params)
+        atomic.check_free(self.out_dir, weights * (3 if with_state else 1) + SAVE_MARGIN)
+
     def _save_final(self, status: str) -> Path:
+        self._save_history()
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return self.out_dir
+        self._check_room(with_state=False)
         return save_adapter(self.model, self.name, self.out_dir, self.lcfg, self.base_id, self._meta(status))
 
     def _save_checkpoint(self, opt, rng, status: str) -> Path:
         """checkpoints/step_NNNNNN, published whole (never half a checkpoint, never a moment without one)."""
         folder = checkpoint_path(self.out_dir, self.step)
+        self._save_history()
         if self.dist is not None and not self.dist.writes:  # rank 0 alone writes
             return folder
+        self._check_room(with_state=True)
         root = folder.parent
         root.mkdir(parents=True, exist_ok=True)
         for junk in root.glob(".tmp-*"):  # left by a crash mid-save; this run is held, so none is live
             shutil.rmtree(junk, ignore_errors=True)
         state = {"step": self.step, "optimizer": opt.state_dict(),
                  "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": self._dropout_state(),
-                 "history": list(self.history), "start_val_loss": self.start_val_loss}
+                 "start_val_loss": self.start_val_loss}
 
         def build(tmp: Path):
+            run_record.share(self.out_dir, tmp, self._history_bytes)
             save_adapter(self.model, self.name, tmp, self.lcfg, self.base_id, self._meta(status))
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -658,26 +721,26 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def _load_resume(self, opt, gen: torch.Generator | None) -> np.random.Generator:
-        """Adapter weights, optimizer, step, RNG and history from the checkpoint (all read and
-        checked before any of them is applied)."""
+        """Adapter weights, optimizer, step and RNG from the checkpoint (all read and checked before any
+        of them is applied); the run's history becomes the checkpoint's."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
             tensors = load_file(str(ck.path / WEIGHTS))
-            step, history, rng = _read_state(state)
+            step, rng = _read_state(state)
         except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
                 KeyError, TypeError, RecursionError) as e:
-            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__}); "
+            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
         current = adapter_state_dict(self.model, self.name)
         loaded = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
         if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
-            raise ValueError(f"checkpoint {ck.path} does not match its LoRA settings "
+            raise ValueError(f"checkpoint {_label(ck.path)} does not match its LoRA settings "
                              f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
         try:
             opt.load_state_dict(state["optimizer"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {ck.path} could not be read ({type(e).__name__} in its optimizer "
+            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__} in its optimizer "
                              f"state); resume from another one.") from None
         with torch.no_grad():
             for k, p in current.items():
@@ -688,8 +751,12 @@ class Trainer:
                 gen.set_state(saved)
             except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
                 pass                           # the global RNG's state): dropout masks differ from here on
-        self.step, self.history = step, history
+        self.step = step
         self.start_val_loss = state.get("start_val_loss")
+        for point in run_record.history(ck.path, ck.meta):
+            self._lasts.update(point)
+        if self.dist is None or self.dist.writes:  # rank 0 alone writes
+            self._history_bytes = run_record.adopt(self.out_dir, ck.path, ck.meta)
         return rng
 
     def _check_memory(self, cap: int | None) -> None:
@@ -714,16 +781,17 @@ class Trainer:
                 f"or the rank, or use a smaller model size.")
 
 
-def _read_state(state) -> tuple[int, list, np.random.Generator]:
-    """A trainer_state.pt's step, history and batch-order RNG; KeyError/TypeError/ValueError if damaged."""
+def _read_state(state) -> tuple[int, np.random.Generator]:
+    """A trainer_state.pt's step and batch-order RNG; KeyError/TypeError/ValueError if damaged. (Files
+    written before the history moved to history.jsonl hold it here too; the checkpoint's record is read.)"""
     if not isinstance(state, dict) or not isinstance(state["optimizer"], dict):
         raise TypeError("a dict with an optimizer state was expected")
-    step, history = state["step"], state["history"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(history, list):
-        raise ValueError(f"step {step!r} or the history is damaged")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step {step!r} is damaged")
     rng = np.random.default_rng()
     rng.bit_generator.state = json.loads(state["np_rng"])
-    return step, list(history), rng
+    return step, rng
 
 
 def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:

@@ -12,6 +12,7 @@ from core.arena import BASE, MAX_MODELS, Round, Sampling
 from core.generate.sampling import SamplingConfig
 
 from ..context import Studio, friendly, number, requester, user_of, whole
+from ..inputs import Number, Slider
 from ..models import CHOICES
 from .compare import compatible_adapters
 
@@ -144,10 +145,10 @@ def create_arena_tab(studio: Studio) -> dict:
                              elem_id="arena-models")
         prompts = gr.Textbox(label="Prompts, one per line", lines=4, elem_id="arena-prompts")
         with gr.Row():
-            max_tokens = gr.Slider(1, studio.engine.max_new_tokens, value=min(60, studio.engine.max_new_tokens),
+            max_tokens = Slider(1, studio.engine.max_new_tokens, value=min(60, studio.engine.max_new_tokens),
                                    step=1, label="Max new tokens", elem_id="arena-max")
-            temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="arena-temp")
-            seed = gr.Number(1234, precision=0, label="Seed", elem_id="arena-seed")
+            temperature = Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="arena-temp")
+            seed = Number(1234, precision=0, label="Seed", elem_id="arena-seed")
         with gr.Row():
             start = gr.Button("Open the round", variant="primary", elem_id="arena-open")
             close = gr.Button("Close the selected round", elem_id="arena-close")

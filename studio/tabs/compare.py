@@ -18,6 +18,7 @@ from core.train.data import read_dataset_meta
 from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 
 from ..context import Studio, friendly, number, requester, typed_name, user_of, whole
+from ..inputs import Number, Slider
 from ..models import CHOICES
 
 MAX_ADAPTERS = 4
@@ -113,7 +114,8 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None, signed_
         raise ValueError("adapters must be a list of library names; pick them from the list.")
     if len(adapters or []) > MAX_ADAPTERS:
         raise ValueError(f"choose at most {MAX_ADAPTERS} adapters (got {len(adapters)}).")
-    adapters = [typed_name(a, "an adapter name") for a in adapters or []]
+    # library adapters only (the engine's one rule), refused before any base loads: never a live 'train:<run>'
+    adapters = [studio.engine.check_adapter(typed_name(a, "an adapter name")) for a in adapters or []]
     if len(set(adapters)) != len(adapters):
         raise ValueError("each adapter can be chosen once.")
     for a in adapters:
@@ -195,17 +197,17 @@ def create_compare_tab(studio: Studio) -> dict:
                                               "template's {prompt}, with an empty {response} for the model to write.")
             gr.Examples([[p] for p in PRESET_PROMPTS], inputs=prompt, label="Preset prompts")
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature", elem_id="cmp-temp",
-                                        min_width=110, info="0 = always the likeliest token; higher = wilder.")
-                top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k", elem_id="cmp-topk", min_width=110,
-                                  info="Only the k likeliest tokens (0 = all).")
-                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
-                                  info="Only tokens holding this much probability (1 = off).")
+                temperature = Slider(0, 2, value=d.temperature, step=0.05, label="Temperature", elem_id="cmp-temp",
+                                     min_width=110, info="0 = always the likeliest token; higher = wilder.")
+                top_k = Slider(0, 200, value=d.top_k, step=1, label="Top-k", elem_id="cmp-topk", min_width=110,
+                               info="Only the k likeliest tokens (0 = all).")
+                top_p = Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="cmp-topp", min_width=110,
+                               info="Only tokens holding this much probability (1 = off).")
                 most = studio.engine.max_new_tokens  # --max-new-tokens (the engine refuses more)
-                max_tokens = gr.Slider(1, most, value=min(d.max_tokens, most), step=1, label="Max new tokens",
-                                       elem_id="cmp-max", min_width=110, info="Tokens each column adds.")
-                seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
-                                 info="Shared by every column: same seed = same text.")
+                max_tokens = Slider(1, most, value=min(d.max_tokens, most), step=1, label="Max new tokens",
+                                    elem_id="cmp-max", min_width=110, info="Tokens each column adds.")
+                seed = Number(d.seed, precision=0, label="Seed", elem_id="cmp-seed", minimum=0, min_width=100,
+                              info="Shared by every column: same seed = same text.")
             with gr.Row():
                 go = gr.Button("Generate side by side", variant="primary", elem_id="cmp-generate")
                 stop = gr.Button("Stop", elem_id="cmp-stop")

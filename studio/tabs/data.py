@@ -18,6 +18,7 @@ from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
+from ..inputs import Slider
 
 TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
 MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
@@ -189,8 +190,8 @@ def sample_text(name: str | None, state: dict | None = None) -> tuple[str, str, 
 
 def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float, name: str,
             user: str | None = None) -> str:
-    """Tokenize, split and save the session's text as dataset `name`, owned by the signed-in `user`; returns
-    a status line."""
+    """Tokenize, split and save the session's text as dataset `name` of `user` (the signed-in one, whose
+    quota it counts against); returns a status line."""
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)  # before the text is read and tokenized for nothing
     texts, sources, _ = _docs(state, pasted)
@@ -240,9 +241,9 @@ def create_data_tab(studio: Studio) -> dict:
                                 info="Pasted text is added after any uploaded files; edit it freely.")
         with gr.Column(scale=5):
             stats = gr.HTML(stats_html([], [], 0.9)[0], elem_id="data-stats")
-            ratio = gr.Slider(0.5, 0.98, value=0.9, step=0.01, label="Training share", elem_id="data-split",
-                              info="Fraction of the tokens used for training; the rest is held out to measure "
-                                   "validation loss (how well the model generalises).")
+            ratio = Slider(0.5, 0.98, value=0.9, step=0.01, label="Training share", elem_id="data-split",
+                           info="Fraction of the tokens used for training; the rest is held out to measure "
+                                "validation loss (how well the model generalises).")
             name = gr.Textbox(label="Dataset name", elem_id="data-name",
                               info="1-64 letters, digits, '_', '.' or '-'; the Train tab lists it by this name.")
             prepare_btn = gr.Button("Prepare dataset", variant="primary", elem_id="data-prepare")

@@ -6,6 +6,8 @@ prompt tokens (no loss) greyed out. With a text field each record is one plain-t
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -29,18 +31,36 @@ GUESSES = {  # common field names, tried in order, to preselect the pickers
 }
 
 
+PARSED_KEPT = 8  # uploads whose records stay parsed, for the token view's picker changes (a few users at once)
+PARSED_KEPT_BYTES = 2 * MAX_SESSION_BYTES  # ... and their files' size in all (parsed, they take several times it)
+_parsed: OrderedDict = OrderedDict()  # (path, mtime, size) -> (records, name), newest last
+_parsed_lock = threading.Lock()
+
+
 def _records(path: str | None):
-    """An upload's records, read again from its path (a session keeps the path, not the content)."""
+    """An upload's records, read from its path (a session keeps the path, not the content). Parsed once per
+    upload: the token view asks again on every picker change, and parsing a large file takes seconds."""
     if not path:
         raise ValueError("upload a .jsonl, .json, .csv or .tsv file first.")
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p.name} is no longer on the server; upload it again.")
-    if p.stat().st_size > MAX_SESSION_BYTES:
-        raise ValueError(f"{p.name} is {human_bytes(p.stat().st_size)}; the limit is "
+    st = p.stat()
+    if st.st_size > MAX_SESSION_BYTES:
+        raise ValueError(f"{p.name} is {human_bytes(st.st_size)}; the limit is "
                          f"{human_bytes(MAX_SESSION_BYTES)} per upload. Use a smaller part of it.")
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    with _parsed_lock:
+        if key in _parsed:
+            _parsed.move_to_end(key)
+            return _parsed[key]
     name = check_text(p.name, "a file name", 255)
-    return read_records(p.read_bytes(), name), name
+    parsed = read_records(p.read_bytes(), name), name
+    with _parsed_lock:
+        _parsed[key] = parsed
+        while len(_parsed) > PARSED_KEPT or sum(k[2] for k in _parsed) > PARSED_KEPT_BYTES:
+            _parsed.popitem(last=False)
+    return parsed
 
 
 def _guess(names: list[str], role: str) -> str:
@@ -141,9 +161,9 @@ def create_records_section(studio: Studio, ratio, saved) -> dict:
         w.input(**show)
     template.change(trigger_mode="always_last", **show)
 
-    def do_prepare(path_, prompt_, response_, text_, template_, ratio_, name_, request: gr.Request):
+    def do_prepare(path, prompt, response, text, template, ratio, name, request: gr.Request):
         user = user_of(request)
-        return (prepare_records(studio, path_, prompt_, response_, text_, template_, ratio_, name_, user),
+        return (prepare_records(studio, path, prompt, response, text, template, ratio, name, user),
                 saved_datasets_md(studio, user))
 
     go.click(friendly(do_prepare), inputs=[*fields, ratio, name], outputs=[status, saved],

@@ -22,6 +22,7 @@ from core.train.evaluate import MAX_MODELS, text_ids
 from core.train.trainer import EVAL_TOKENS
 
 from ..context import Studio, friendly, typed_name, user_of, whole
+from ..inputs import Slider
 from ..models import CHOICES
 from ..plots import eval_figure
 from .compare import compatible_adapters
@@ -68,7 +69,7 @@ def _adapter(studio: Studio, name, user: str | None = None) -> str:
     name = typed_name(name, "an adapter name")
     if not name:
         raise ValueError("choose an adapter.")
-    studio.library.path(name)  # AdapterError: 'no adapter named ...'
+    studio.engine.check_adapter(name)  # the engine's one rule: a library adapter (AdapterError otherwise)
     studio.check_adapter(name, user)  # another user's private one: the same answer
     return name
 
@@ -218,10 +219,10 @@ def create_evaluate_tab(studio: Studio) -> dict:
             text = gr.Textbox(label="Pasted text", lines=4, max_length=MAX_EVAL_TEXT_CHARS, elem_id="ev-text",
                               placeholder="Text to score (when 'Pasted text' is chosen)…")
             with gr.Row():
-                seq_len = gr.Slider(16, 1024, value=d.seq_len, step=16, label="Context per window", elem_id="ev-seq",
-                                    info="Tokens each prediction may look back (training's default is 128).")
-                max_tokens = gr.Slider(256, EVAL_TOKENS, value=d.max_tokens, step=256, label="Tokens per model",
-                                       elem_id="ev-max", info="At most; a longer split is sampled evenly.")
+                seq_len = Slider(16, 1024, value=d.seq_len, step=16, label="Context per window", elem_id="ev-seq",
+                                 info="Tokens each prediction may look back (training's default is 128).")
+                max_tokens = Slider(256, EVAL_TOKENS, value=d.max_tokens, step=256, label="Tokens per model",
+                                    elem_id="ev-max", info="At most; a longer split is sampled evenly.")
             go = gr.Button("Evaluate", variant="primary", elem_id="ev-run")
     summary = gr.Markdown(elem_id="ev-summary")
     with gr.Row(equal_height=False):

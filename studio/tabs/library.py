@@ -22,7 +22,7 @@ from core.train.estimate import human_bytes
 from core.text_checks import check_text, scrub
 
 from ..context import Studio, friendly, number, typed_name, user_of
-from ..plots import figure_from_meta, loss_figure, overlay_figure
+from ..plots import curve_figure, loss_figure, overlay_figure
 
 COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
            "created", "size"]
@@ -120,7 +120,7 @@ def details(studio: Studio, name: str | None, user: str | None = None):
         f"<dt>{html.escape(k)}</dt><dd>{html.escape(_short(v))}</dd>" for k, v in _detail_rows(d)
         if v not in (None, "", "None / None")) + "</dl>")
     ckpts = [c["name"] for c in d.get("checkpoints", [])]
-    fig = figure_from_meta(_dict(d.get("meta")), height=300)
+    fig = curve_figure(studio.library.curve(d["name"]), _dict(d.get("meta")), height=300)
     return md, fig, gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
 
 
@@ -138,7 +138,7 @@ def overlay(studio: Studio, chosen, user: str | None = None) -> object:
         raise ValueError("each adapter can be chosen once.")
     for n in names:
         studio.check_adapter(n, user)
-    return overlay_figure([(n, _dict(studio.library.details(n).get("meta"))) for n in names])
+    return overlay_figure([(n, studio.library.curve(n)) for n in names])
 
 
 def _not_training(studio: Studio, name: str) -> None:
@@ -243,10 +243,10 @@ def export_zip(studio: Studio, name, user: str | None = None) -> str:
 
 
 def export_metrics(studio: Studio, name, fmt: str, user: str | None = None) -> str:
-    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its studio.json, as CSV or JSON."""
+    """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its history, as CSV or JSON."""
     name = _need(name, studio, user)
     meta = _dict(studio.library.details(name).get("meta"))
-    return str(write_metrics(meta, studio.export_folder(), name, fmt))
+    return str(write_metrics(meta, studio.export_folder(), name, fmt, studio.library.history(name)))
 
 
 def blend_weights(weights_text, n: int) -> list[float]:
@@ -319,6 +319,15 @@ def gguf_export(studio: Studio, name, qtype, progress=None, user: str | None = N
             f"llama.cpp, LM Studio or ollama."), str(out)
 
 
+def gguf_adapter_export(studio: Studio, name, progress=None, user: str | None = None) -> tuple[str, str]:
+    """The adapter alone as a GGUF adapter file, for llama.cpp's --lora over a GGUF of its base."""
+    name = _need(name, studio, user)
+    base = _load_base_of(studio, name, progress)
+    out = studio.engine.export_gguf_adapter(name, studio.export_folder() / f"{name}-lora.gguf")
+    return (f"Wrote **{name}** alone as a GGUF adapter ({human_bytes(os.path.getsize(out))}) for llama.cpp's "
+            f"`--lora`, over a GGUF of {base}."), str(out)
+
+
 def create_library_tab(studio: Studio) -> dict:
     gr.Markdown("## 3 · Library\nEvery adapter you trained, blended or uploaded. Adapters are small PEFT-format "
                 "files; they load onto the one shared base model without reloading it.", elem_classes="tab-intro")
@@ -365,9 +374,11 @@ def create_library_tab(studio: Studio) -> dict:
                 gguf_type = gr.Dropdown(list(GGUF_TYPES), value="f16", label="GGUF type", scale=1, min_width=110,
                                         elem_id="lib-gguf-type", info="q8_0: 8-bit, about half the size.")
                 gguf_btn = gr.Button("Merge & export GGUF", scale=2, elem_id="lib-gguf")
+                gguf_lora_btn = gr.Button("GGUF adapter (--lora)", scale=2, elem_id="lib-gguf-adapter")
             gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
                         "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model; "
-                        "GGUF as one file for llama.cpp. Metrics: every step's losses, lr, grad norm, tokens/s "
+                        "GGUF as one file for llama.cpp; GGUF adapter: the adapter alone, for llama.cpp's "
+                        "`--lora` over a GGUF of the base. Metrics: every step's losses, lr, grad norm, tokens/s "
                         "and time.</span>")
             out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
         with gr.Column():
@@ -496,6 +507,12 @@ def create_library_tab(studio: Studio) -> dict:
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
+    @friendly
+    def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
+        msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
     def metrics_of(fmt: str):
         @friendly
         def do_metrics(selected, request: gr.Request):
@@ -506,6 +523,7 @@ def create_library_tab(studio: Studio) -> dict:
 
     zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
     gguf_btn.click(do_gguf, inputs=[picked, gguf_type], outputs=[status, out_file], api_name="export_gguf")
+    gguf_lora_btn.click(do_gguf_adapter, inputs=picked, outputs=[status, out_file], api_name="export_gguf_adapter")
     csv_btn.click(metrics_of("csv"), inputs=picked, outputs=out_file, api_name="export_metrics_csv")
     json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
@@ -525,7 +543,7 @@ def create_library_tab(studio: Studio) -> dict:
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
             "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn,
             "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name,
-            "import": up_btn,
+            "import": up_btn, "gguf_adapter": gguf_lora_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
             "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn, "share": share_box,
             "lists": lists, "overlay_pick": chosen, "overlay": overlay_plot}

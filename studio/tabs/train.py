@@ -24,7 +24,9 @@ from core.train.trainer import find_checkpoint
 
 from core.text_checks import check_text, scrub
 
-from ..context import Studio, friendly, new_browser_id, number, requester, sentence, typed_name, user_of, whole
+from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
+                       user_of, whole)
+from ..inputs import CheckboxGroup, Number, Slider
 from ..models import CHOICES
 from ..plots import loss_figure
 
@@ -89,7 +91,7 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
     if f.rslora not in (None, True, False):
         raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
-                      dropout=number(f.dropout or 0, "dropout"), use_dora=bool(f.dora),
+                      dropout=number(f.dropout if f.dropout is not None else 0, "dropout"), use_dora=bool(f.dora),
                       targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
                       use_rslora=bool(f.rslora), init=f.init if f.init is not None else "kaiming",
                       loraplus_lr_ratio=number(f.loraplus_lr_ratio if f.loraplus_lr_ratio is not None else 1,
@@ -190,9 +192,10 @@ def owner_of(user: str | None, owner: str | None) -> str | None:
 
 
 def start(studio: Studio, form: TrainForm, user: str | None = None, progress=None,
-          owner: str | None = None) -> tuple[str, str]:
+          owner: str | None = None, address: str | None = None) -> tuple[str, str]:
     """Queue a training job; it starts at once when there is room. Returns (status line, the run's name).
-    Raises ValueError/WeightsError. user: the signed-in user; owner: who may stop it (see owner_of)."""
+    Raises ValueError/WeightsError. user: the signed-in user; owner: who may stop it (see owner_of);
+    address: without sign-in, the client's address (context.address_of), a second key for the job limit."""
     dataset = typed_name(form.dataset, "the dataset name")
     if not dataset:
         raise ValueError("choose a dataset (prepare one on the Data tab first).")
@@ -204,10 +207,11 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     tcfg.validate(PRESETS[model_name])
     ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
-    studio.runner.check_memory(model_name, ds, lcfg, tcfg)  # before a base is loaded for nothing
+    studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
+    studio.runner.check_memory(model_name, ds, lcfg, tcfg)
     _load_now(studio, model_name, progress)
     job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user,
-                              report_to=form.report_to)
+                              report_to=form.report_to, address=address)
     return _queued_line(studio, job, f"Started **{name}** on {model_name}"), name
 
 
@@ -228,15 +232,20 @@ def _queued_line(studio: Studio, job, started: str) -> str:
     return f"Queued **{job.name}**: {why[0].lower() + why[1:].rstrip('.')}. The chart below follows it."
 
 
-def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None = None) -> str:
-    """Stop a job (default: the user's newest live one); only its owner or an admin may."""
-    admin = studio.auth and user is not None and user in studio.admins
+def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None = None,
+         admin_token: str | None = None) -> str:
+    """Stop a job (default: the user's newest live one); only its owner or an admin may: a signed-in --admin,
+    or whoever gives --admin-token (for a studio without sign-in)."""
+    if admin_token and not studio.is_admin_token(admin_token):
+        raise ValueError("the admin token is wrong; nothing was stopped (leave it empty to stop a job of your own).")
+    admin = (studio.auth and user is not None and user in studio.admins) or bool(admin_token)
     return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin)
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
-           job_id=None) -> tuple[str, str]:
+           job_id=None, address: str | None = None) -> tuple[str, str]:
     """Continue run `name` (default: the followed job's run) from its newest checkpoint to `steps` in total."""
+    steps = whole(steps, "steps") if steps is not None else None  # a bad value is explained before any lookup
     name = typed_name(name, "the run name")
     if not name:
         snap = studio.runner.snapshot(job_id, owner_of(user, owner))
@@ -258,15 +267,21 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) belongs to another user; "
                          f"prepare the same text as a dataset of yours to resume.")
     ds = load_dataset(folder)
-    steps = whole(steps, "steps") if steps is not None else None
     total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
                          f"train it further.")
     _load_now(studio, base, progress)
-    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user)
+    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user, address=address)
     return _queued_line(studio, job, f"Resumed **{name}** from step {ck.step} toward {job.progress['steps']} "
                                      f"steps"), name
+
+
+def limit_note(studio: Studio) -> str:
+    """The Train tab's line on the per-job budget (--max-job-tokens), empty without one."""
+    cap = studio.max_job_tokens
+    return "" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                   f"sequence length).")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -412,20 +427,20 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = gr.CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                       elem_id="train-targets",
-                                       info="Which projections in every block get a LoRA update: "
-                                            + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+            targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+                                    elem_id="train-targets",
+                                    info="Which projections in every block get a LoRA update: "
+                                         + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
             size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
             with gr.Accordion("LoRA settings", open=True):
                 with gr.Row():
-                    r = gr.Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
-                                  info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = gr.Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
-                                      info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = gr.Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
-                                        min_width=110,
-                                        info="Randomly drops LoRA inputs while training to reduce overfitting.")
+                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                               info="Size of the low-rank update: higher = more capacity and parameters.")
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
+                                     min_width=110,
+                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
                                        info="Also learns each output's magnitude: often better at low rank, close to "
                                             "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
@@ -440,10 +455,10 @@ def create_train_tab(studio: Studio) -> dict:
                                             "the same with a normal A. pissa / olora: start from the base weights' "
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
-                    loraplus = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                         min_width=110, minimum=0.01,
-                                         info="B learns this many times faster than A (LoRA+); 16 often "
-                                              "converges faster, 1 is plain LoRA.")
+                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                                      min_width=110, minimum=0.01,
+                                      info="B learns this many times faster than A (LoRA+); 16 often "
+                                           "converges faster, 1 is plain LoRA.")
                 with gr.Row():
                     rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
                                               placeholder='{"h.0.attn.c_attn": 4}',
@@ -454,26 +469,26 @@ def create_train_tab(studio: Studio) -> dict:
                                                info="Per-layer alphas, as PEFT's alpha_pattern.")
             with gr.Accordion("Training settings", open=True):
                 with gr.Row():
-                    lr = gr.Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
-                                   info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = gr.Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                      minimum=1,
-                                      info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
-                                     info="Fixes the adapter's start and the batch order: same seed = same run.")
+                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                                   minimum=1,
+                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
+                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
-                    batch = gr.Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                      minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = gr.Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                      min_width=110, minimum=1,
-                                      info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = gr.Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                        min_width=110, minimum=1,
-                                        info="Tokens of context per training sequence (at most the model's 1024).")
+                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                                   minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
+                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                                   min_width=110, minimum=1,
+                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
+                                     min_width=110, minimum=1,
+                                     info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
-                    eval_interval = gr.Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                              min_width=110, minimum=0,
-                                              info="Measure validation loss and draw samples every N steps.")
+                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
+                                           min_width=110, minimum=0,
+                                           info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
                                         info="A fixed prompt continued at each evaluation, to see the style emerge.")
@@ -486,7 +501,13 @@ def create_train_tab(studio: Studio) -> dict:
                 stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
                 resume_btn = gr.Button("⟳ Resume", elem_id="train-resume")
             gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named above from where it stopped.</span>")
+                        "library; Resume continues the run named above from where it stopped."
+                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
+            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
+                                     visible=studio.admin_token is not None,
+                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
+                                          "whoever started it.")
             action = gr.Markdown(elem_id="train-action")
         with gr.Column(scale=6, elem_classes="live"):
             follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
@@ -544,25 +565,27 @@ def create_train_tab(studio: Studio) -> dict:
     @friendly
     def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
         msg, run = start(studio, TrainForm(**values), user_of(request), progress,
-                         owner=requester(request, browser_id))
+                         owner=requester(request, browser_id), address=address_of(request, studio))
         return msg, run, model_status_md(studio, values["model"]), followed(run)
 
-    def do_stop(job_id, browser_id, request: gr.Request):
+    def do_stop(job_id, browser_id, admin_token, request: gr.Request):
         try:
-            return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id))
+            return stop(studio, user_of(request), job_id or None, owner=requester(request, browser_id),
+                        admin_token=admin_token if isinstance(admin_token, str) else None)
         except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
             return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
     @friendly
     def do_resume(run_name, total_steps, job_id, browser_id, request: gr.Request, progress=gr.Progress()):
         msg, run = resume(studio, run_name, total_steps, user_of(request), progress,
-                          owner=requester(request, browser_id), job_id=job_id or None)
+                          owner=requester(request, browser_id), job_id=job_id or None,
+                          address=address_of(request, studio))
         return msg, run, followed(run)
 
     start_btn.click(do_start, inputs_kwargs={**form, "browser_id": me},
                     outputs=[action, name, model_status, follow], concurrency_id="train-control",
                     api_name="start_training")
-    stop_btn.click(do_stop, inputs=[follow, me], outputs=action, queue=False, api_name="stop_training")
+    stop_btn.click(do_stop, inputs=[follow, me, admin_token], outputs=action, queue=False, api_name="stop_training")
     resume_btn.click(do_resume, inputs=[name, steps, follow, me], outputs=[action, name, follow],
                      concurrency_id="train-control", api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
