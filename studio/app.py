@@ -26,7 +26,7 @@ from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name,
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
 from .tabs.compare import adapter_choices, create_compare_tab
-from .tabs.data import create_data_tab
+from .tabs.data import create_data_tab, saved_datasets_md
 from .tabs.evaluate import create_evaluate_tab, from_compare
 from .tabs.library import create_library_tab, refresh as library_refresh
 from .tabs.train import create_train_tab, refresh_datasets
@@ -131,15 +131,16 @@ def identity_html(studio: Studio, request: gr.Request | None) -> str:
             f"{badge} <a href='/logout' class='signout'>sign out</a></div>")
 
 
-def use_in_compare(studio: Studio, name: str | None, model: str, current):
+def use_in_compare(studio: Studio, name: str | None, model: str, current, user: str | None = None):
     """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
     name = typed_name(name, "the selected adapter")
     if not name:
         gr.Warning("Select an adapter first.")
         return gr.skip()
+    studio.check_adapter(name, user)
     base = preset_of(studio.library.details(name).get("base_model")) or model
     keep = current if base == model else []
-    return base, adapter_choices(studio, base, keep, add=name), gr.Tabs(selected="compare")
+    return base, adapter_choices(studio, base, keep, add=name, user=user), gr.Tabs(selected="compare")
 
 
 def skip_matplotlib_lookups() -> None:
@@ -180,25 +181,42 @@ def build_ui(studio: Studio) -> gr.Blocks:
             other.select(lambda: gr.Timer(active=False), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
-        data["prepared"].success(lambda n, cur: refresh_datasets(studio, cur, select=(n or "").strip()),
-                                 inputs=[data["name"], train["dataset"]], outputs=train["dataset"],
+        # every list shows what the signed-in user may see (Studio.can_see), read as the page asks
+        def prepared(n, cur, request: gr.Request):
+            return refresh_datasets(studio, cur, select=(n or "").strip(), user=user_of(request))
+
+        def train_shown(cur, m, request: gr.Request):
+            return refresh_datasets(studio, cur, user=user_of(request)), studio.model_status(m)
+
+        def library_shown(n, request: gr.Request):
+            return library_refresh(studio, n, user_of(request))
+
+        def compare_shown(m, cur, request: gr.Request):
+            return adapter_choices(studio, m, cur, user=user_of(request)), studio.model_status(m)
+
+        def evaluate_shown(m, cur, one, ds, request: gr.Request):
+            return (*evaluate["refresh_all"](m, cur, one, ds, user_of(request)), studio.model_status(m))
+
+        @friendly
+        def arena_shown(r, b, m, request: gr.Request):
+            return (round_choices(studio, r), arena["refresh_board"](r),
+                    arena["model_choices"](b, m, user_of(request)))
+
+        data["prepared"].success(prepared, inputs=[data["name"], train["dataset"]], outputs=train["dataset"],
                                  api_visibility="private")
-        train_tab.select(lambda cur, m: (refresh_datasets(studio, cur), studio.model_status(m)),
-                         inputs=[train["dataset"], train["model"]], outputs=[train["dataset"], train["model_status"]],
+        train_tab.select(train_shown, inputs=[train["dataset"], train["model"]],
+                         outputs=[train["dataset"], train["model_status"]],
                          show_progress="hidden", api_visibility="private")
-        library_tab.select(lambda n: library_refresh(studio, n), inputs=library["picked"],
-                           outputs=library["lists"], show_progress="hidden", api_visibility="private")
-        compare_tab.select(lambda m, cur: (adapter_choices(studio, m, cur), studio.model_status(m)),
-                           inputs=[compare["model"], compare["adapters"]],
+        library_tab.select(library_shown, inputs=library["picked"], outputs=library["lists"], show_progress="hidden",
+                           api_visibility="private")
+        compare_tab.select(compare_shown, inputs=[compare["model"], compare["adapters"]],
                            outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden",
                            api_visibility="private")
-        evaluate_tab.select(lambda m, *cur: (*evaluate["refresh_all"](m, *cur), studio.model_status(m)),
+        evaluate_tab.select(evaluate_shown,
                             inputs=[evaluate["model"], evaluate["adapters"], evaluate["diff_adapter"],
                                     evaluate["dataset"]], outputs=[*evaluate["lists"], evaluate["model_status"]],
                             show_progress="hidden", api_visibility="private")
-        arena_tab.select(friendly(lambda r, b, m: (round_choices(studio, r), arena["refresh_board"](r),
-                                                   arena["model_choices"](b, m))),
-                         inputs=[arena["rounds"], arena["base"], arena["models"]],
+        arena_tab.select(arena_shown, inputs=[arena["rounds"], arena["base"], arena["models"]],
                          outputs=[arena["rounds"], arena["board"], arena["models"]], show_progress="hidden",
                          api_visibility="private")
         # "Use Compare's text": the first adapter column (prompt + continuation) and its adapter
@@ -207,17 +225,26 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                        outputs=[evaluate["diff_text"], evaluate["diff_adapter"]],
                                        api_visibility="private")
         # a page opened later sees what exists now (choices built with the UI are a snapshot)
-        demo.load(lambda: (refresh_datasets(studio), studio.model_status(studio.default_model),
-                           adapter_choices(studio, studio.default_model), studio.model_status(studio.default_model),
-                           *library_refresh(studio)),
-                  outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
-                           *library["lists"]], show_progress="hidden", api_visibility="private")
+        def opened(request: gr.Request):
+            user = user_of(request)
+            return (refresh_datasets(studio, user=user), studio.model_status(studio.default_model),
+                    adapter_choices(studio, studio.default_model, user=user),
+                    studio.model_status(studio.default_model), *library_refresh(studio, None, user),
+                    saved_datasets_md(studio, user))
+
+        demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
+                                   compare["model_status"], *library["lists"], data["saved"]],
+                  show_progress="hidden", api_visibility="private")
         def who(request: gr.Request):
             return identity_html(studio, request)
 
         demo.load(who, outputs=identity, show_progress="hidden", api_visibility="private", queue=False)
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
-        library["use"].click(friendly(lambda n, m, cur: use_in_compare(studio, n, m, cur)),
+        @friendly
+        def use(n, m, cur, request: gr.Request):
+            return use_in_compare(studio, n, m, cur, user_of(request))
+
+        library["use"].click(use,
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1)

@@ -160,9 +160,12 @@ class Runner:
         self.check_budget(dataset, tcfg, done=ck.step)
         recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
         self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
+        meta = _run_meta(name, recorded)
+        if self.engine.library.details(name).get("shared") is True:
+            meta["shared"] = True  # a run its owner shared stays shared as it trains on
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
-                                          resume=ck, meta=_run_meta(name, recorded), adapter=TRAIN_PREFIX + name,
+                                          resume=ck, meta=meta, adapter=TRAIN_PREFIX + name,
                                           max_memory=self.engine.max_train_memory, trackers=trackers),
                             address)
 

@@ -130,7 +130,7 @@ SETTING_CASES = {  # name: (overrides of the Train tab's values, message)
     "unknown target module": (dict(targets=["attn.c_attn", "q_proj"]), r"unknown target module 'q_proj'"),
     "unknown model": (dict(model="gpt-17"), r"unknown base model 'gpt-17'; choose one of gpt2"),
     "no dataset": (dict(dataset=None), r"choose a dataset"),
-    "missing dataset": (dict(dataset="never-made"), r"never-made: no such dataset folder"),
+    "missing dataset": (dict(dataset="never-made"), r"no dataset named 'never-made'; prepare it on the Data tab"),
     "dataset name traversal": (dict(dataset="../datasets"), r"invalid dataset name '\.\./datasets'"),
 }
 

@@ -110,7 +110,8 @@ def masked_view(path, prompt, response, text, template) -> str:
 
 def prepare_records(studio: Studio, path, prompt, response, text, template, ratio, name,
                     user: str | None = None) -> str:
-    """Save the upload as dataset `name` (every record checked first; nothing is written on an error)."""
+    """Save the upload as dataset `name`, owned by the signed-in `user` (every record checked first; nothing is
+    written on an error)."""
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)
     records, source = _records(path)
@@ -161,8 +162,9 @@ def create_records_section(studio: Studio, ratio, saved) -> dict:
     template.change(trigger_mode="always_last", **show)
 
     def do_prepare(path, prompt, response, text, template, ratio, name, request: gr.Request):
-        return (prepare_records(studio, path, prompt, response, text, template, ratio, name, user_of(request)),
-                saved_datasets_md(studio))
+        user = user_of(request)
+        return (prepare_records(studio, path, prompt, response, text, template, ratio, name, user),
+                saved_datasets_md(studio, user))
 
     go.click(friendly(do_prepare), inputs=[*fields, ratio, name], outputs=[status, saved],
              api_name="prepare_records")

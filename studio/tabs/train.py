@@ -20,7 +20,7 @@ from core.lora.config import LoraConfig
 from core.model.config import PRESETS, TARGET_MODULES
 from core.train.config import TrainConfig
 from core.lora.variants import INITS, parse_pattern
-from core.train.data import load_dataset
+from core.train.data import load_dataset, read_dataset_meta
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trackers import REPORT_TO
 from core.train.trainer import find_checkpoint
@@ -156,19 +156,24 @@ def model_status_md(studio: Studio, model_name: str) -> str:
     return studio.model_status(model_name)
 
 
-def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
+def dataset_choices(studio: Studio, user: str | None = None, rows: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(label, name) of the datasets `user` may see (or of `rows`, studio.datasets' entries)."""
     out = []
-    for d in studio.datasets():
+    for d in studio.datasets(user) if rows is None else rows:
         t = d["meta"].get("tokens")
         out.append((f"{d['name']} ({t:,} tokens)" if isinstance(t, int) else d["name"], d["name"]))
     return out
 
 
-def refresh_datasets(studio: Studio, current: str | None = None, select: str | None = None):
-    choices = dataset_choices(studio)
-    names = [v for _, v in choices]
-    value = select if select in names else current if current in names else (names[0] if names else None)
-    return gr.update(choices=choices, value=value)
+def refresh_datasets(studio: Studio, current: str | None = None, select: str | None = None,
+                     user: str | None = None):
+    """The dataset picker for `user`: `select`, else `current`, else the newest of the user's own (or unowned)
+    datasets; never another user's unasked (an admin sees everyone's, but none is picked for them)."""
+    rows = studio.datasets(user)
+    names = [d["name"] for d in rows]
+    own = [d["name"] for d in rows if d["meta"].get("user") in (None, user)]
+    value = select if select in names else current if current in names else (own[0] if own else None)
+    return gr.update(choices=dataset_choices(studio, rows=rows), value=value)
 
 
 # ---- actions -----------------------------------------------------------------------------
@@ -203,7 +208,7 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     lcfg, tcfg = make_configs(form)
     lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
     tcfg.validate(PRESETS[model_name])
-    ds = studio.dataset_store.load(dataset)
+    ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)
@@ -250,8 +255,8 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
+    studio.check_entry_owner(name, user, "resume")  # first: another user's private run is not named as one
     ck = find_checkpoint(studio.runner.run_dir(name))
-    studio.check_entry_owner(name, user, "resume")
     base = ck.meta.get("base_model") or ""
     if not isinstance(base, str) or base not in PRESETS:
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
@@ -261,6 +266,9 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
     if folder is None:
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
+    if not studio.can_see(read_dataset_meta(folder).get("user"), user):
+        raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) belongs to another user; "
+                         f"prepare the same text as a dataset of yours to resume.")
     ds = load_dataset(folder)
     total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
@@ -548,7 +556,10 @@ def create_train_tab(studio: Studio) -> dict:
           api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
-    refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset, api_visibility="private")
+    def refresh_mine(cur, request: gr.Request):
+        return refresh_datasets(studio, cur, user=user_of(request))
+
+    refresh.click(refresh_mine, inputs=dataset, outputs=dataset, api_visibility="private")
 
     def followed(run: str):
         job = studio.runner.training(run)
