@@ -208,6 +208,7 @@ class TrainJob:
                 "trainable_params": self.trainable_params, "path": self.path, "submitted": self.submitted,
                 "started": self.started, "ended": self.ended, "resumed_from": self.resumed_from,
                 "position": self.position, "waiting": self.waiting, "stopped_by": self.stopped_by,
+                "stop_reason": self.stop_reason,
             }
 
 
