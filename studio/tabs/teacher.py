@@ -43,7 +43,7 @@ def job_rows(studio: Studio) -> list[list]:
     for job in studio.runner.jobs():
         snap = job.snapshot()
         points, p = snap["points"], snap["progress"]
-        rows.append([job.id, _who(job), job.name, snap["state"], f"{p.get('step', 0)} / {p.get('steps', 0)}",
+        rows.append([job.id, _who(job), job.name, snap["state"], f"{p.get('step', 0):,} / {p.get('steps', 0):,}",
                      round(points[-1]["loss"], 4) if points else None, snap["position"] or ""])
     return rows
 
