@@ -89,3 +89,17 @@ def test_moving_a_queued_job_up_makes_it_start_first(classroom):
     assert bob.wait(120) and carol.wait(1)
     assert carol.snapshot()["started"] <= bob.snapshot()["started"]
     assert [bob.snapshot()["state"], carol.snapshot()["state"]] == ["finished", "finished"]
+
+
+def test_without_sign_in_the_panel_needs_the_admin_token(tmp_path):
+    from studio.app import create_studio
+    from studio.tabs.teacher import teacher_of
+    token = "correct-horse-battery-staple"
+    studio = create_studio(tmp_path / "a", tmp_path / "d", "cpu", "tiny", admin_token=token)
+    assert teacher_of(studio, None, token) == ""  # a stopped job says 'stopped by the teacher'
+    for wrong in ("", token + "x", None, 7):
+        with pytest.raises(ValueError, match="enter the admin token"):
+            teacher_of(studio, None, wrong)
+    studio.admin_token = None
+    with pytest.raises(ValueError, match="needs the server started with --admin-token"):
+        teacher_of(studio, None, token)
