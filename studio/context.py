@@ -89,6 +89,8 @@ class Studio:
     max_queued_per_user: int = 8  # --max-queued-per-user: requests one user may have waiting or running
     users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
     max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
+    max_job_steps: int | None = None  # --max-job-steps: a job's optimizer steps at most
+    max_job_minutes: float | None = None  # --max-job-minutes: a job's training time at most (then stopped, saved)
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
@@ -105,7 +107,7 @@ class Studio:
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
-                             max(1, self.users_per_address))
+                             max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes)
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed

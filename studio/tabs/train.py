@@ -242,7 +242,7 @@ def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None
     if admin_token and not studio.is_admin_token(admin_token):
         raise ValueError("the admin token is wrong; nothing was stopped (leave it empty to stop a job of your own).")
     admin = (studio.auth and user is not None and user in studio.admins) or bool(admin_token)
-    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin)
+    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin, by=user or "")
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
@@ -281,10 +281,13 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
 
 
 def limit_note(studio: Studio) -> str:
-    """The Train tab's line on the per-job budget (--max-job-tokens), empty without one."""
-    cap = studio.max_job_tokens
-    return "" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
-                                   f"sequence length).")
+    """The Train tab's line on the per-job budget (--max-job-tokens, --max-job-steps, --max-job-minutes), empty
+    without one."""
+    cap, steps, minutes = studio.max_job_tokens, studio.max_job_steps, studio.max_job_minutes
+    return ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                    f"sequence length).")) + \
+        ("" if steps is None else f" A job may train at most {steps:,} steps.") + \
+        ("" if minutes is None else f" A job trains at most {minutes:g} minutes, then it is stopped and saved.")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -320,6 +323,8 @@ def job_html(snap: dict | None) -> str:
         "stopped": f"<b>{name}</b> stopped at step {step} and is saved to the library; <b>Resume</b> continues it.",
         "failed": f"<b>{name}</b>: {html.escape(snap['message'])}",
     }[state]
+    if state == "stopped" and snap.get("stop_reason"):  # the teacher, or the server's time limit
+        text += f" <b>{html.escape(snap['stop_reason'][0].upper() + snap['stop_reason'][1:])}.</b>"
     head = f"<span class='badge {state}'>{badge}</span> {text}"
     metrics = [f"step <b>{step:,}</b> / {steps:,} ({pct:.0f}%)"]
     if snap["live"] and state != "queued":
