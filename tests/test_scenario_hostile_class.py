@@ -9,8 +9,8 @@ per-user cap is full and her refusals do not depend on timing.
 """
 from __future__ import annotations
 
+import re
 import threading
-import time
 import uuid
 
 import pytest
@@ -54,16 +54,21 @@ def _honest(url: str, studio, user: tuple[str, str], started: threading.Barrier 
     assert "Started" in call("start_training", ["tiny", dataset, run, *RUN, *PLAIN, None])[0]
     job = studio.runner.training(run)
     assert job.wait(180) and job.snapshot()["state"] == "finished", job.snapshot()
+    files = _files(studio, name)  # from here on nothing may change them
     texts = call("compare", ["tiny", True, [run], "Ahoy", 0.0, 50, 1.0, 24, 3, False])
     table, _, summary = call("evaluate", ["tiny", True, [run], "Dataset split", dataset, "val", "", 16, 256])
-    return {"texts": [t for t in texts if isinstance(t, str)], "table": table["data"], "summary": summary,
+    return {"texts": [t for t in texts if isinstance(t, str)], "files": files,
+            "table": [row[:4] for row in table["data"]], "summary": re.sub(r"[0-9.]+ s\*\*", "", summary),
             "losses": [(p["step"], p["loss"]) for p in studio.library.history(run)],
             "weights": load_file(studio.library.root / run / "adapter_model.safetensors")}
 
 
 def _assert_same(got: dict, alone: dict):
     assert got["texts"] == alone["texts"] and got["texts"][1].startswith("Ahoy")
-    assert got["table"] == alone["table"] and got["summary"] == alone["summary"]
+    assert got["summary"] == alone["summary"]
+    assert [(m, t) for m, _, _, t in got["table"]] == [(m, t) for m, _, _, t in alone["table"]]
+    for figures, solo in zip(got["table"], alone["table"]):  # loss and perplexity, as rounded for the table
+        assert figures[1:3] == pytest.approx(solo[1:3], abs=1e-4, rel=1e-4)
     assert [s for s, _ in got["losses"]] == [s for s, _ in alone["losses"]] == list(range(1, 13))
     assert [x for _, x in got["losses"]] == pytest.approx([x for _, x in alone["losses"]], abs=1e-5)
     assert got["weights"].keys() == alone["weights"].keys()
@@ -71,15 +76,12 @@ def _assert_same(got: dict, alone: dict):
         torch.testing.assert_close(w, alone["weights"][key], atol=1e-5, rtol=0)
 
 
-def _theirs(studio) -> dict:
-    """Every file of ann's and bob's runs and datasets, by path: its bytes; with each run's owner."""
-    files = {}
-    for user in ("ann", "bob"):
-        dataset, run = _names(user)
-        for root in (studio.library.root / run, studio.dataset_path(dataset)):
-            files.update({p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
-        files[run] = studio.library.details(run).get("user")
-    return files
+def _files(studio, user: str) -> dict:
+    """Every file of the user's run and dataset, by path: its bytes; and the run's owner."""
+    dataset, run = _names(user)
+    files = {p: p.read_bytes() for root in (studio.library.root / run, studio.dataset_path(dataset))
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    return {"owner": studio.library.details(run).get("user"), **files}
 
 
 def _attacks() -> list[tuple[str, list]]:
@@ -87,7 +89,7 @@ def _attacks() -> list[tuple[str, list]]:
     out = []
     for user in ("ann", "bob"):
         dataset, run = _names(user)
-        for name in (run, f"train:{run}", f"{run}@step_000012", f"{run}~2", f"../{run}"):
+        for name in (run, f"train:{run}", f"{run}@step_000012", f"../{run}"):
             out += [("compare", ["tiny", False, [name], "Ahoy", 0.0, 50, 1.0, 8, 3, False]),
                     ("evaluate", ["tiny", False, [name], "Pasted text", None, "val", "Ahoy matey " * 20, 16, 256]),
                     ("token_differences", ["tiny", name, "Ahoy matey, the galley"])]
@@ -99,11 +101,11 @@ def _attacks() -> list[tuple[str, list]]:
                 ("duplicate_adapter", [run, dataset]), ("restore_checkpoint", [run, "step_000012", run]),
                 ("resume_training", [run, 40, "", None]), ("blend_adapters", [[run, run], "", run]),
                 ("export_adapter_zip", [run]), ("merge_export", [run]), ("export_gguf_adapter", [run]),
-                ("export_metrics_csv", [run]), ("arena_open", ["tiny", [run], "Ahoy", None, 0.0, 8, 1])]
-    out += [("compare", ["tiny", True, [], "Ahoy", "hot", None, -1, 10 ** 9, "seed", False]),
+                ("export_metrics_csv", [run]), ("arena_open", ["stolen", "tiny", "Ahoy", [run], 8, 0.0, 1])]
+    out += [("compare", ["tiny", True, [], "Ahoy", "hot", None, None, "many", "seed", False]),
             ("evaluate", ["tiny", True, [], "Pasted text", None, "val", "x", None, "many"]),
-            ("start_training", ["tiny", "mallory-data", "mallory-run", [], "big", None, 2.0, "lr", -5, 0, 0, 1e9, 0,
-                                None, None, *PLAIN, None])]
+            ("start_training", ["tiny", "mallory-data", "mallory-run", [], "big", None, None, "lr", "many", None, None,
+                                None, None, None, None, *PLAIN, None])]
     return out
 
 
@@ -115,18 +117,16 @@ class Mallory:
         self.warnings, self.flood_codes, self.error = [], [], None
 
     def flood(self, gate) -> None:
-        """A burst of held evaluations (her cap fills), then one request to every queued endpoint."""
+        """A burst of held evaluations (her cap fills), then one request of bad values to every queued endpoint."""
         cookies = _login(self.url, MALLORY)
-        burst = [_join(self.url, "evaluate", EVALUATE, "mallory-burst", cookies=cookies) for _ in range(FLOOD)]
-        self.burst = burst
+        self.burst = [_join(self.url, "evaluate", EVALUATE, "mallory-burst", cookies=cookies) for _ in range(FLOOD)]
+        gate.opened.set()
+        _answers(self.url, "mallory-burst", sum(r.status_code == 200 for r in self.burst), cookies)
         session = uuid.uuid4().hex
         deps = [d for d in _config(self.url, cookies)["dependencies"] if d.get("queue") and d.get("api_name")]
         joins = [_join(self.url, d["api_name"], [None] * len(d["inputs"]), session, cookies=cookies) for d in deps]
         self.flood_codes = [j.status_code for j in joins]
-        gate.opened.set()
-        _answers(self.url, "mallory-burst", sum(r.status_code == 200 for r in burst), cookies)
-        if any(c == 200 for c in self.flood_codes):
-            _answers(self.url, session, self.flood_codes.count(200), cookies)
+        _answers(self.url, session, self.flood_codes.count(200), cookies)
 
     def name_things(self) -> None:
         rounds = 0
@@ -139,13 +139,9 @@ class Mallory:
 
     def run(self, gate, both_started) -> None:
         try:
-            t = time.monotonic()
             self.flood(gate)
-            print("flood", time.monotonic() - t)
             _until(both_started, "ann's and bob's jobs to start", 180)
-            print("started", time.monotonic() - t)
             self.name_things()
-            print("named", time.monotonic() - t)
         except BaseException as e:  # reported by the test, in its thread
             self.error = e
 
@@ -187,15 +183,10 @@ def test_a_hostile_student_changes_nothing_for_the_other_two(tmp_path, monkeypat
         assert mallory.error is None, mallory.error
         for user in ("ann", "bob"):
             _assert_same(results[user], alone[user])
-        theirs = _theirs(studio)
         for user in ("ann", "bob"):
-            dataset, run = _names(user)
-            assert studio.library.names().count(run) == 1
-            assert results[user]["weights"].keys() == load_file(
-                studio.library.root / run / "adapter_model.safetensors").keys()
-
+            assert results[user]["files"]["owner"] == user
+            assert _files(studio, user) == results[user]["files"]  # mallory changed no byte of theirs
         assert [r.status_code for r in mallory.burst] == [200] * 8 + [429] * (FLOOD - 8)
         assert mallory.burst[-1].json()["detail"].startswith("You already have 8 requests waiting or running")
-        assert 429 in mallory.flood_codes
+        assert mallory.flood_codes.count(200) >= 8  # each answered (flood() waits), ann's and bob's went on
         assert mallory.warnings  # she was told, in sentences, each time a name was not hers
-        print(theirs.keys())
