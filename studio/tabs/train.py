@@ -405,6 +405,12 @@ def create_train_tab(studio: Studio) -> dict:
     d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, elem_classes="settings"):
+            # the action bar comes first: Start, Stop and Resume stay in reach on a laptop screen (1280x720)
+            with gr.Row(elem_classes="action-bar", elem_id="train-actions"):
+                start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start", min_width=100)
+                stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop", min_width=80)
+                resume_btn = gr.Button("⟳ Resume", elem_id="train-resume", min_width=80)
+            action = gr.Markdown(elem_id="train-action")
             model = gr.Dropdown(CHOICES, value=d.model, label="Base model", elem_id="train-model",
                                 info="The pretrained GPT-2 to adapt; bigger models learn better but need more "
                                      "memory and time. 'tiny' is random and offline.")
@@ -419,47 +425,16 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                    elem_id="train-targets",
-                                    info="Which projections in every block get a LoRA update: "
-                                         + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
-            size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
-            with gr.Accordion("LoRA settings", open=True):
-                with gr.Row():
-                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
-                               info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
-                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
-                                     min_width=110,
-                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
-                    dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
-                                       info="Also learns each output's magnitude: often better at low rank, close to "
-                                            "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
-            with gr.Accordion("Advanced LoRA", open=False):
-                with gr.Row():
-                    rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
-                                         info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
-                                              "ranks (32+), which otherwise learn too slowly.")
-                    init = gr.Dropdown(list(INITS), value=d.init, label="Initialisation", elem_id="train-init",
-                                       min_width=110,
-                                       info="kaiming: the standard start, the adapter begins as the base. gaussian: "
-                                            "the same with a normal A. pissa / olora: start from the base weights' "
-                                            "main directions for faster early progress on small budgets; the saved "
-                                            "adapter is a plain LoRA of twice the rank (larger file).")
-                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                      min_width=110, minimum=0.01,
-                                      info="B learns this many times faster than A (LoRA+); 16 often "
-                                           "converges faster, 1 is plain LoRA.")
-                with gr.Row():
-                    rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
-                                              placeholder='{"h.0.attn.c_attn": 4}',
-                                              info="Per-layer ranks, as PEFT's rank_pattern: give layers that matter "
-                                                   "more a higher rank, others less (fewer parameters).")
-                    alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
-                                               elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
-                                               info="Per-layer alphas, as PEFT's alpha_pattern.")
-            with gr.Accordion("Training settings", open=True):
+            estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
+            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
+                        "library; Resume continues the run named below from where it stopped."
+                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
+            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
+                                     visible=studio.admin_token is not None,
+                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
+                                          "whoever started it.")
+            with gr.Accordion("Training settings", open=True, elem_id="train-training-settings"):
                 with gr.Row():
                     lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
                                 info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
@@ -487,20 +462,47 @@ def create_train_tab(studio: Studio) -> dict:
                 report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
                                         info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
                                              "write in the run's folder, trackio in <library>/.trackio.")
-            estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
-            with gr.Row():
-                start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
-                stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
-                resume_btn = gr.Button("⟳ Resume", elem_id="train-resume")
-            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named above from where it stopped."
-                        + limit_note(studio) + "</span>", elem_id="train-limits")
-            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
-            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
-                                     visible=studio.admin_token is not None,
-                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
-                                          "whoever started it.")
-            action = gr.Markdown(elem_id="train-action")
+            # rarely changed: folded away (Gradio still renders them, so the form sends their values)
+            with gr.Accordion("LoRA settings", open=False, elem_id="train-lora-settings"):
+                targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+                                        elem_id="train-targets",
+                                        info="Which projections in every block get a LoRA update: "
+                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+                size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
+                with gr.Row():
+                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                               info="Size of the low-rank update: higher = more capacity and parameters.")
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
+                                     min_width=110,
+                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
+                    dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
+                                       info="Also learns each output's magnitude: often better at low rank, close to "
+                                            "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
+            with gr.Accordion("Advanced LoRA", open=False, elem_id="train-advanced-lora"):
+                with gr.Row():
+                    rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
+                                         info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
+                                              "ranks (32+), which otherwise learn too slowly.")
+                    init = gr.Dropdown(list(INITS), value=d.init, label="Initialisation", elem_id="train-init",
+                                       min_width=110,
+                                       info="kaiming: the standard start, the adapter begins as the base. gaussian: "
+                                            "the same with a normal A. pissa / olora: start from the base weights' "
+                                            "main directions for faster early progress on small budgets; the saved "
+                                            "adapter is a plain LoRA of twice the rank (larger file).")
+                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                                      min_width=110, minimum=0.01,
+                                      info="B learns this many times faster than A (LoRA+); 16 often "
+                                           "converges faster, 1 is plain LoRA.")
+                with gr.Row():
+                    rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
+                                              placeholder='{"h.0.attn.c_attn": 4}',
+                                              info="Per-layer ranks, as PEFT's rank_pattern: give layers that matter "
+                                                   "more a higher rank, others less (fewer parameters).")
+                    alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
+                                               elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
+                                               info="Per-layer alphas, as PEFT's alpha_pattern.")
         with gr.Column(scale=6, elem_classes="live"):
             follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
                                  allow_custom_value=True,  # choices change as jobs come and go
