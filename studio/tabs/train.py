@@ -434,27 +434,28 @@ def create_train_tab(studio: Studio) -> dict:
                                      visible=studio.admin_token is not None,
                                      info="Given at start-up (--admin-token): Stop then stops the followed job, "
                                           "whoever started it.")
+            # no minimum= on the numbers below: make_configs and the configs' checks explain every bound in one sentence
+            # (Gradio's own check answers "Value 0 is less than minimum value 1." and logs a traceback)
             with gr.Accordion("Training settings", open=True, elem_id="train-training-settings"):
                 with gr.Row():
-                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
+                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110,
                                 info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
                     steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                   minimum=1,
                                    info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
+                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110,
                                   info="Fixes the adapter's start and the batch order: same seed = same run.")
                 with gr.Row():
                     batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                   minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
+                                   info="Sequences per micro-batch; lower it if memory runs out.")
                     accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                   min_width=110, minimum=1,
+                                   min_width=110,
                                    info="Micro-batches summed per step: a bigger batch at no memory cost.")
                     seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                     min_width=110, minimum=1,
+                                     min_width=110,
                                      info="Tokens of context per training sequence (at most the model's 1024).")
                 with gr.Row():
                     eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                           min_width=110, minimum=0,
+                                           min_width=110,
                                            info="Measure validation loss and draw samples every N steps.")
                     prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
                                         max_length=MAX_PROMPT_CHARS,
@@ -472,7 +473,7 @@ def create_train_tab(studio: Studio) -> dict:
                 with gr.Row():
                     r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
                                info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110,
                                    info="Scales the update by alpha / rank; 2 × rank is a common choice.")
                     dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
                                      min_width=110,
@@ -492,7 +493,7 @@ def create_train_tab(studio: Studio) -> dict:
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
                     loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                      min_width=110, minimum=0.01,
+                                      min_width=110,
                                       info="B learns this many times faster than A (LoRA+); 16 often "
                                            "converges faster, 1 is plain LoRA.")
                 with gr.Row():
