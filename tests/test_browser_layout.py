@@ -1,5 +1,6 @@
 """The studio fits a laptop screen (1280x720): the Train tab's Start, Stop and Resume are in view
-without scrolling, and the tables' headers are not broken mid-word. Playwright + Debian's chromium."""
+without scrolling, and the tables' headers are not broken mid-word; a first upload of the wrong kind is
+explained in one sentence. Playwright + Debian's chromium."""
 from __future__ import annotations
 
 import pytest
@@ -66,3 +67,11 @@ def test_jobs_table_headers_are_not_broken_mid_word(page):
     _tab(page, "2 · Train")
     page.wait_for_selector("#train-jobs thead th")
     assert page.evaluate(HEADERS_CUT_JS, "#train-jobs") == []
+
+
+def test_a_pdf_upload_gets_one_sentence_not_an_error_box(page, tmp_path):
+    pdf = tmp_path / "notes.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n")
+    page.set_input_files("#data-files input[type=file]", str(pdf))
+    page.wait_for_selector(":text('notes.pdf is not a text file')")
+    assert "Error" not in page.inner_text("#data-files")

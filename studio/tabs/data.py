@@ -88,7 +88,8 @@ def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
         path = Path(f if isinstance(f, str) else getattr(f, "name", f))
         display = check_text(path.name, "a file name", 255)
         if path.suffix.lower() not in TEXT_SUFFIXES:
-            raise ValueError(f"{display}: only .txt and .md files can be used as text.")
+            raise ValueError(f"{display} is not a text file: only .txt and .md files can be used; copy its text "
+                             f"into the Text box instead.")
         size = path.stat().st_size if path.is_file() else 0
         total += size
         if total > MAX_SESSION_BYTES:  # before reading: the cap bounds the memory one session can use
@@ -232,8 +233,10 @@ def create_data_tab(studio: Studio) -> dict:
                 "session until you save it as a named dataset.", elem_classes="tab-intro")
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
-            files = gr.File(label="Text files", file_count="multiple", file_types=list(TEXT_SUFFIXES),
-                            type="filepath", height=120, elem_id="data-files")
+            # no file_types: Gradio would refuse a .pdf in the box itself with a red "Error"; read_uploads
+            # explains it in one sentence instead
+            files = gr.File(label="Text files", file_count="multiple", type="filepath", height=120,
+                            elem_id="data-files")
             gr.Markdown("<span class='help'>Upload one or more UTF-8 `.txt`/`.md` files; each becomes a "
                         "document, separated by GPT-2's end-of-text token.</span>")
             sample = gr.Dropdown(choices=[(f"{s['title']} ({s['name']})", s["name"]) for s in samples],
