@@ -18,6 +18,8 @@ HEADERS_CUT_JS = """(sel) => [...document.querySelectorAll(sel + ' thead th')]
                   const lines = Math.round(t.getBoundingClientRect().height / parseFloat(getComputedStyle(t).lineHeight || 16));
                   return th.scrollWidth > th.clientWidth + 1 || (words === 1 && lines > 1); })
   .map(th => th.innerText.trim())"""
+OVERFLOWS_JS = """(sel) => { const v = document.querySelector(sel + ' .virtual-table-viewport') ||
+  document.querySelector(sel + ' table').parentElement; return v.scrollWidth > v.clientWidth + 1; }"""
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +63,14 @@ def test_library_headers_are_not_broken_mid_word(page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "library-1280x720.png"))
     assert page.evaluate(HEADERS_CUT_JS, "#lib-table") == []
+    assert not page.evaluate(OVERFLOWS_JS, "#lib-table")  # every column in view, no sideways scrolling
 
 
 def test_jobs_table_headers_are_not_broken_mid_word(page):
     _tab(page, "2 · Train")
-    page.wait_for_selector("#train-jobs thead th")
+    page.wait_for_function("() => document.querySelector('#train-jobs').innerText.includes('pirate_recipes')")
     assert page.evaluate(HEADERS_CUT_JS, "#train-jobs") == []
+    assert not page.evaluate(OVERFLOWS_JS, "#train-jobs")
 
 
 def test_a_pdf_upload_gets_one_sentence_not_an_error_box(page, tmp_path):

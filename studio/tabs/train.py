@@ -347,6 +347,7 @@ def samples_html(snap: dict | None) -> str:
 
 
 JOB_COLUMNS = ["job", "user", "adapter", "base", "state", "step", "loss", "queue"]
+JOB_COLUMN_WIDTHS = ["8%", "14%", "24%", "8%", "12%", "12%", "11%", "11%"]  # every column in view at 1280 px
 
 
 def jobs_table(studio: Studio, owner: str | None) -> list[list]:
@@ -515,7 +516,7 @@ def create_train_tab(studio: Studio) -> dict:
             gr.Markdown("### Training jobs on this studio\n<span class='help'>Jobs on the loaded base train "
                         "together in one shared step; the rest wait in the queue, in order.</span>")
             table = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, elem_id="train-jobs",
-                                 wrap=True)
+                                 wrap=True, column_widths=JOB_COLUMN_WIDTHS)
 
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)
