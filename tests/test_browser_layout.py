@@ -15,7 +15,8 @@ HEADERS_CUT_JS = """(sel) => [...document.querySelectorAll(sel + ' thead th')]
   .filter(th => th.offsetParent !== null)
   .filter(th => { const t = th.querySelector('.header-content, span') || th;
                   const words = t.innerText.trim().split(/\\s+/).length;
-                  const lines = Math.round(t.getBoundingClientRect().height / parseFloat(getComputedStyle(t).lineHeight || 16));
+                  const line = parseFloat(getComputedStyle(t).lineHeight) || 16;
+                  const lines = Math.round(t.getBoundingClientRect().height / line);
                   return th.scrollWidth > th.clientWidth + 1 || (words === 1 && lines > 1); })
   .map(th => th.innerText.trim())"""
 OVERFLOWS_JS = """(sel) => { const v = document.querySelector(sel + ' .virtual-table-viewport') ||
