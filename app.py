@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="CPU threads torch uses per operation, for generation and training alike (default: torch's "
                         "choice, one per core); on a small CPU where people generate while a run trains, 1 avoids "
-                        "oversubscribing the cores (README, Reliability)")
+                        "oversubscribing the cores (docs/performance.md)")
     p.add_argument("--max-jobs-per-user", type=int, default=1, metavar="N",
                    help="training jobs one user (signed in, or one browser) may have queued or running (default 1)")
     p.add_argument("--max-queued-per-user", type=int, default=8, metavar="N",
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-job-tokens", type=float, default=1e8, metavar="TOKENS",
                    help="tokens one training job may train: steps x batch x accumulation x sequence length "
                         "(default 1e8)")
+    p.add_argument("--max-job-steps", type=int, default=None, metavar="N",
+                   help="optimizer steps one training job may train (default: no limit; --max-job-tokens still holds)")
+    p.add_argument("--max-job-minutes", type=float, default=None, metavar="MINUTES",
+                   help="minutes one training job may train; then it is stopped and saved (default: no limit)")
     p.add_argument("--admin-token", default=os.environ.get("LORA_STUDIO_ADMIN_TOKEN"), metavar="TOKEN",
                    help="a secret (16+ characters) that lets whoever enters it on the Train tab stop any job, for "
                         "the person running the server without --auth (default: $LORA_STUDIO_ADMIN_TOKEN, which "
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
                                max_queued_per_user=args.max_queued_per_user,
                                users_per_address=users_per_address(args.users_per_address),
                                max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,
-                               quota=quota)
+                               quota=quota, max_job_steps=args.max_job_steps, max_job_minutes=args.max_job_minutes)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,8 @@ import core.train.cobatch as cobatch  # noqa: E402
 from core.engine import Engine  # noqa: E402
 from core.generate.sampling import SamplingConfig  # noqa: E402
 from core.lora.layers import adapter_names  # noqa: E402
-from core.model.config import LoraConfig, TrainConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.train.data import list_samples, load_sample, prepare  # noqa: E402
 from core.train.jobs import JobSpec, TrainScheduler  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.engine import Engine  # noqa: E402
 from core.generate.sampling import SamplingConfig  # noqa: E402
 from core.lora.layers import add_adapter, lora_parameters  # noqa: E402
-from core.model.config import LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
 
 
 def make_library(engine: Engine, base: str, n: int) -> list[str]:

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.lora import layers as lora  # noqa: E402
-from core.model.config import GPTConfig, LoraConfig, PRESETS, TrainConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig, PRESETS
+from core.train.config import TrainConfig
 from core.train.estimate import estimate_training, flops_per_token  # noqa: E402
 from core.generate.sampling import SamplingConfig, generate  # noqa: E402
 from core.model.gpt import GPT  # noqa: E402

@@ -42,7 +42,7 @@ from core.__main__ import main as cli  # noqa: E402
 from core.adapters.format import save_adapter  # noqa: E402
 from core.lora.layers import add_adapter, lora_parameters, set_active  # noqa: E402
 from core.model import tokenizer  # noqa: E402
-from core.model.config import LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
 from core.model.weights import load_base  # noqa: E402
 
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))

@@ -68,7 +68,8 @@ def first_difference(got: list[str], want: list[str]) -> str:
 
 def prepare_library(tmp: Path) -> None:
     """A dataset and two small trained adapters, before the server starts (its pickers list them)."""
-    from core.model.config import LoraConfig, TrainConfig
+    from core.lora.config import LoraConfig
+    from core.train.config import TrainConfig
     from core.train.data import SAMPLES_DIR, prepare
     from core.train.trainer import Trainer, run_to_end
     from core.model.weights import load_base

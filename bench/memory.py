@@ -37,7 +37,9 @@ def _status(key: str) -> int:
 
 def one_case(dora: bool, targets: str, B: int, T: int, steps: int = 4) -> dict:
     import torch
-    from core.model.config import TARGET_MODULES, GPTConfig, LoraConfig, TrainConfig
+    from core.lora.config import LoraConfig
+    from core.model.config import TARGET_MODULES, GPTConfig
+    from core.train.config import TrainConfig
     from core.model.gpt import GPT, init_random_
     from core.train import data
     from core.train.estimate import estimate_training

@@ -26,7 +26,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from core.generate.sampling import SamplingConfig, generate  # noqa: E402
-from core.model.config import GPTConfig, LoraConfig, TrainConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig
+from core.train.config import TrainConfig
 from core.model.gpt import GPT, init_random_  # noqa: E402
 from core.model.tokenizer import encode  # noqa: E402
 from core.train.data import build_dataset, get_batch, list_samples, load_sample  # noqa: E402

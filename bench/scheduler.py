@@ -31,7 +31,7 @@ from core.device import PRECISIONS, precision_dtype, precision_name  # noqa: E40
 from core.generate.sampling import SamplingConfig, generate  # noqa: E402
 from core.generate.scheduler import DecodeScheduler  # noqa: E402
 from core.lora import layers as lora  # noqa: E402
-from core.model.config import LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
 from core.model.weights import load_base  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from core.engine import Engine  # noqa: E402
 from core.lora.layers import add_adapter, lora_parameters  # noqa: E402
-from core.model.config import LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
 from core.model.weights import load_base  # noqa: E402
 
 ADAPTERS = {"x": LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc")),

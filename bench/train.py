@@ -73,7 +73,8 @@ def tokens(n: int = 200_000) -> np.ndarray:
 def steps_ours(ckpt, device, batch, seq, total, dora=False, dtype=None):
     """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events.
     dtype: the frozen base's (None: the device's default, fp32 on CPUs)."""
-    from core.model.config import LoraConfig, TrainConfig
+    from core.lora.config import LoraConfig
+    from core.train.config import TrainConfig
     from core.train.data import Dataset
     from core.train.trainer import Trainer
     from core.model.weights import load_base

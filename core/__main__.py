@@ -192,7 +192,8 @@ def _hold_run(out_dir: Path, library: str, new: bool):
 
 def _finetune_settings(args):
     """(resume checkpoint or None, dataset folder, LoraConfig, TrainConfig) from the arguments."""
-    from core.model.config import LoraConfig, TrainConfig, normalize_targets
+    from core.lora.config import LoraConfig, normalize_targets
+    from core.train.config import TrainConfig
     from core.train.trainer import find_checkpoint
     resume = find_checkpoint(_resume_path(args.resume, args.library)) if args.resume else None
     if resume:
@@ -236,7 +237,7 @@ def _variant_options(args) -> dict:
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
-    from core.model.config import TrainConfig
+    from core.train.config import TrainConfig
     from core.train.trainer import Trainer
     model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
     if args.quantize:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from core import atomic, safe_json
-from core.text_checks import check_text
+from core.checks import check_text
 
 BASE = "(base)"  # the base model's name in a round (no library name starts with a bracket)
 CHOICES = ("a", "b", "tie", "bad")  # A better, B better, a tie, both bad

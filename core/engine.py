@@ -51,7 +51,7 @@ from core.generate.scheduler import DecodeScheduler, SchedulerClosed
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.lora.layers import adapter_names, remove_adapter
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import hf_state_dict, load_base
 from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from core.text_checks import LONE_SURROGATE
+from core.checks import LONE_SURROGATE
 
 MAX_DEPTH = 32  # studio.json nests 3 levels; anything deeper is not ours
 MAX_TEXT = 1000  # characters of one string value (names, paths, dates); prompts are capped elsewhere

@@ -25,8 +25,9 @@ from . import fair_queue
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
+from .tabs.teacher import create_teacher_tab
 from .tabs.compare import adapter_choices, create_compare_tab
-from .tabs.data import create_data_tab
+from .tabs.data import create_data_tab, saved_datasets_md
 from .tabs.evaluate import create_evaluate_tab, from_compare
 from .tabs.library import create_library_tab, refresh as library_refresh
 from .tabs.train import create_train_tab, refresh_datasets
@@ -55,7 +56,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
                   train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
                   max_queued_per_user: int = 8, users_per_address: int = 4,
-                  max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None, quota: Quota | None = None) -> Studio:
+                  max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None, quota: Quota | None = None,
+                  max_job_steps: int | None = None, max_job_minutes: float | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
     generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
@@ -69,6 +71,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     max_queued_per_user: --max-queued-per-user, requests one user may have waiting or running (studio.fair_queue);
     users_per_address: --users-per-address, without sign-in how many users one client address counts as (0: off).
     max_job_tokens: --max-job-tokens, a training job's steps x tokens per step at most (None: no limit).
+    max_job_steps, max_job_minutes: --max-job-steps, --max-job-minutes, a job's steps and training time at most
+    (None: no limit); a job over the steps is refused at Start, one reaching the minutes is stopped and saved.
     admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters).
     quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
@@ -77,9 +81,13 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     if isinstance(max_rows_per_user, bool) or not isinstance(max_rows_per_user, int) or max_rows_per_user < 1:
         raise ValueError(f"--max-rows-per-user must be a whole number of at least 1 (got {max_rows_per_user!r}).")
     for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity),
-                        ("--max-queued-per-user", max_queued_per_user), ("--max-job-tokens", max_job_tokens)):
+                        ("--max-queued-per-user", max_queued_per_user), ("--max-job-tokens", max_job_tokens),
+                        ("--max-job-steps", max_job_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{flag} must be a whole number of at least 1 (got {value!r}).")
+    if max_job_minutes is not None and (isinstance(max_job_minutes, bool) or not isinstance(max_job_minutes, (int, float))
+                                        or not 0 < max_job_minutes < 1e9):
+        raise ValueError(f"--max-job-minutes must be a number of minutes above 0 (got {max_job_minutes!r}).")
     if isinstance(users_per_address, bool) or not isinstance(users_per_address, int) or users_per_address < 0:
         raise ValueError(f"--users-per-address must be a whole number of at least 0 (got {users_per_address!r}).")
     if admin_token is not None and (not isinstance(admin_token, str) or len(admin_token) < 16
@@ -104,7 +112,8 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
                     max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,
                     max_queued_per_user=max_queued_per_user, users_per_address=users_per_address,
-                    max_job_tokens=max_job_tokens, admin_token=admin_token,
+                    max_job_tokens=max_job_tokens, admin_token=admin_token, max_job_steps=max_job_steps,
+                    max_job_minutes=max_job_minutes,
                     quota=quota or Quota.for_studio())
     studio.probe.reachable()  # starts the hub check in the background; pages show its answer later
     return studio
@@ -131,15 +140,16 @@ def identity_html(studio: Studio, request: gr.Request | None) -> str:
             f"{badge} <a href='/logout' class='signout'>sign out</a></div>")
 
 
-def use_in_compare(studio: Studio, name: str | None, model: str, current):
+def use_in_compare(studio: Studio, name: str | None, model: str, current, user: str | None = None):
     """Library -> Compare: switch to the adapter's base if it records a known one, add it, show the tab."""
     name = typed_name(name, "the selected adapter")
     if not name:
         gr.Warning("Select an adapter first.")
         return gr.skip()
+    studio.check_adapter(name, user)
     base = preset_of(studio.library.details(name).get("base_model")) or model
     keep = current if base == model else []
-    return base, adapter_choices(studio, base, keep, add=name), gr.Tabs(selected="compare")
+    return base, adapter_choices(studio, base, keep, add=name, user=user), gr.Tabs(selected="compare")
 
 
 def skip_matplotlib_lookups() -> None:
@@ -170,61 +180,91 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 evaluate = create_evaluate_tab(studio)
             with gr.Tab("6 · Arena", id="arena", elem_id="tab-arena") as arena_tab:
                 arena = create_arena_tab(studio)
+            with gr.Tab("7 · Teacher", id="teacher", elem_id="tab-teacher") as teacher_tab:
+                teacher = create_teacher_tab(studio)
 
         # the Train tab's timer ticks only while that tab is shown. Each tick is a queued event whose skipped
         # outputs Gradio still rebuilds as components: 17.5 ms of server CPU, so 30 open pages on any tab took
         # 0.55 of this machine's 2 cores while nothing ran. A page coming back is redrawn at its next tick.
         train_tab.select(lambda: gr.Timer(active=True), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
-        for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab):
+        for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab, teacher_tab):
             other.select(lambda: gr.Timer(active=False), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
-        data["prepared"].success(lambda n, cur: refresh_datasets(studio, cur, select=(n or "").strip()),
-                                 inputs=[data["name"], train["dataset"]], outputs=train["dataset"],
+        # every list shows what the signed-in user may see (Studio.can_see), read as the page asks
+        def prepared(n, cur, request: gr.Request):
+            return refresh_datasets(studio, cur, select=(n or "").strip(), user=user_of(request))
+
+        def train_shown(cur, m, request: gr.Request):
+            return refresh_datasets(studio, cur, user=user_of(request)), studio.model_status(m)
+
+        def library_shown(n, request: gr.Request):
+            return library_refresh(studio, n, user_of(request))
+
+        def compare_shown(m, cur, request: gr.Request):
+            return adapter_choices(studio, m, cur, user=user_of(request)), studio.model_status(m)
+
+        def evaluate_shown(m, cur, one, ds, request: gr.Request):
+            return (*evaluate["refresh_all"](m, cur, one, ds, user_of(request)), studio.model_status(m))
+
+        @friendly
+        def arena_shown(r, b, m, request: gr.Request):
+            return (round_choices(studio, r), arena["refresh_board"](r),
+                    arena["model_choices"](b, m, user_of(request)))
+
+        data["prepared"].success(prepared, inputs=[data["name"], train["dataset"]], outputs=train["dataset"],
                                  api_visibility="private")
-        train_tab.select(lambda cur, m: (refresh_datasets(studio, cur), studio.model_status(m)),
-                         inputs=[train["dataset"], train["model"]], outputs=[train["dataset"], train["model_status"]],
+        train_tab.select(train_shown, inputs=[train["dataset"], train["model"]],
+                         outputs=[train["dataset"], train["model_status"]],
                          show_progress="hidden", api_visibility="private")
-        library_tab.select(lambda n: library_refresh(studio, n), inputs=library["picked"],
-                           outputs=library["lists"], show_progress="hidden", api_visibility="private")
-        compare_tab.select(lambda m, cur: (adapter_choices(studio, m, cur), studio.model_status(m)),
-                           inputs=[compare["model"], compare["adapters"]],
+        library_tab.select(library_shown, inputs=library["picked"], outputs=library["lists"], show_progress="hidden",
+                           api_visibility="private")
+        compare_tab.select(compare_shown, inputs=[compare["model"], compare["adapters"]],
                            outputs=[compare["adapters"], compare["model_status"]], show_progress="hidden",
                            api_visibility="private")
-        evaluate_tab.select(lambda m, *cur: (*evaluate["refresh_all"](m, *cur), studio.model_status(m)),
+        evaluate_tab.select(evaluate_shown,
                             inputs=[evaluate["model"], evaluate["adapters"], evaluate["diff_adapter"],
                                     evaluate["dataset"]], outputs=[*evaluate["lists"], evaluate["model_status"]],
                             show_progress="hidden", api_visibility="private")
-        arena_tab.select(friendly(lambda r, b, m: (round_choices(studio, r), arena["refresh_board"](r),
-                                                   arena["model_choices"](b, m))),
-                         inputs=[arena["rounds"], arena["base"], arena["models"]],
+        arena_tab.select(arena_shown, inputs=[arena["rounds"], arena["base"], arena["models"]],
                          outputs=[arena["rounds"], arena["board"], arena["models"]], show_progress="hidden",
                          api_visibility="private")
+        teacher_tab.select(teacher["refresh"], inputs=teacher["token"], outputs=teacher["outputs"], show_progress="hidden",
+                           api_visibility="private", queue=False)
         # "Use Compare's text": the first adapter column (prompt + continuation) and its adapter
         evaluate["from_compare"].click(from_compare, inputs=[compare["include_base"], compare["adapters"],
                                                              *compare["outputs"]],
                                        outputs=[evaluate["diff_text"], evaluate["diff_adapter"]],
                                        api_visibility="private")
         # a page opened later sees what exists now (choices built with the UI are a snapshot)
-        demo.load(lambda: (refresh_datasets(studio), studio.model_status(studio.default_model),
-                           adapter_choices(studio, studio.default_model), studio.model_status(studio.default_model),
-                           *library_refresh(studio)),
-                  outputs=[train["dataset"], train["model_status"], compare["adapters"], compare["model_status"],
-                           *library["lists"]], show_progress="hidden", api_visibility="private")
+        def opened(request: gr.Request):
+            user = user_of(request)
+            return (refresh_datasets(studio, user=user), studio.model_status(studio.default_model),
+                    adapter_choices(studio, studio.default_model, user=user),
+                    studio.model_status(studio.default_model), *library_refresh(studio, None, user),
+                    saved_datasets_md(studio, user))
+
+        demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
+                                   compare["model_status"], *library["lists"], data["saved"]],
+                  show_progress="hidden", api_visibility="private")
         def who(request: gr.Request):
             return identity_html(studio, request)
 
         demo.load(who, outputs=identity, show_progress="hidden", api_visibility="private", queue=False)
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
-        library["use"].click(friendly(lambda n, m, cur: use_in_compare(studio, n, m, cur)),
+        @friendly
+        def use(n, m, cur, request: gr.Request):
+            return use_in_compare(studio, n, m, cur, user_of(request))
+
+        library["use"].click(use,
                              inputs=[library["picked"], compare["model"], compare["adapters"]],
                              outputs=[compare["model"], compare["adapters"], tabs], api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     fair_queue.install(demo, studio.max_queued_per_user, studio.users_per_address, QUEUE_SIZE)
     demo.studio = studio  # for tests and the entry point
     demo.parts = {"data": data, "train": train, "library": library, "compare": compare, "evaluate": evaluate,
-                  "arena": arena, "tabs": tabs}
+                  "arena": arena, "teacher": teacher, "tabs": tabs}
     return demo
 
 

@@ -21,17 +21,19 @@ from typing import Callable
 
 import gradio as gr
 
+from core.adapters.library import AdapterEntry
 from core.adapters.validate import AdapterError
 from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.quota import Quota
-from core.train.datasets import DatasetStore
+from core.train.data import Dataset, load_dataset, read_dataset_meta
+from core.train.datasets import DatasetStore, is_dataset_folder
 from core.device import default_dtype, precision_name
 from core.engine import Engine
 from core.generate.scheduler import SchedulerBusy
 from core.train.estimate import human_bytes
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
@@ -87,6 +89,8 @@ class Studio:
     max_queued_per_user: int = 8  # --max-queued-per-user: requests one user may have waiting or running
     users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
     max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
+    max_job_steps: int | None = None  # --max-job-steps: a job's optimizer steps at most
+    max_job_minutes: float | None = None  # --max-job-minutes: a job's training time at most (then stopped, saved)
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
@@ -103,7 +107,7 @@ class Studio:
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
-                             max(1, self.users_per_address))
+                             max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes)
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed
@@ -157,9 +161,17 @@ class Studio:
     def dataset_path(self, name: str) -> Path:
         return self.dataset_store.path(name)
 
-    def datasets(self) -> list[dict]:
-        """Prepared datasets, newest first: name, meta (token counts, sources), mtime."""
-        return self.dataset_store.list()
+    def datasets(self, user: str | None = None) -> list[dict]:
+        """Prepared datasets `user` may see (can_see), newest first: name, meta (token counts, sources), mtime."""
+        return [d for d in self.dataset_store.list() if self.can_see(d["meta"].get("user"), user)]
+
+    def dataset(self, name: str, user: str | None = None) -> Dataset:
+        """Dataset `name`, loaded for `user`. Another user's private dataset is refused exactly as a missing
+        one is: the answer never tells that it exists."""
+        path = self.dataset_store.path(name)
+        if not is_dataset_folder(path) or not self.can_see(read_dataset_meta(path).get("user"), user):
+            raise ValueError(f"no dataset named '{name}'; prepare it on the Data tab or pick one from the list.")
+        return load_dataset(path)
 
     # ---- downloads --------------------------------------------------------------------------
 
@@ -193,6 +205,25 @@ class Studio:
 
     # ---- sign-in ------------------------------------------------------------------------------
 
+    def can_see(self, owner: str | None, user: str | None, shared: bool = False) -> bool:
+        """Who sees what, the one rule for datasets and adapters (lists, pickers and every use by name): with
+        sign-in, an entry with an owner is private to that owner and the admins until it is shared; entries
+        made before sign-in was on (no owner), and everything without sign-in, are everyone's."""
+        return (not self.auth or not owner or shared is True or user == owner
+                or (user is not None and user in self.admins))
+
+    def adapters(self, user: str | None = None) -> list[AdapterEntry]:
+        """The library entries that `user` may see, newest first."""
+        return [e for e in self.library.list() if self.can_see(e.user, user, e.shared)]
+
+    def check_adapter(self, name: str, user: str | None) -> None:
+        """AdapterError for an adapter (or 'run@checkpoint') `user` may not see, the same one a missing name
+        gets; a checkpoint is seen as its run is."""
+        if self.auth:
+            d = self.library.details(name.partition("@")[0] if isinstance(name, str) else name)
+            if not self.can_see(d.get("user"), user, d.get("shared")):
+                raise self.library.no_such(name)
+
     def check_owner(self, name: str, owner: str | None, user: str | None, action: str) -> None:
         """With sign-in on, only `owner` (or an admin) may `action` run/adapter `name`; unowned entries
         (made before sign-in was turned on) stay open to everyone."""
@@ -202,6 +233,7 @@ class Studio:
 
     def check_entry_owner(self, name: str, user: str | None, action: str) -> None:
         if self.auth:
+            self.check_adapter(name, user)  # another user's private entry: 'no adapter named', not whose it is
             self.check_owner(name, self.library.details(name).get("user"), user, action)
 
     def is_admin_token(self, token) -> bool:

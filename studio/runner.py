@@ -17,7 +17,9 @@ from typing import Callable
 
 from core.adapters.library import check_name
 from core.device import default_dtype, precision_name
-from core.model.config import PRESETS, LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
+from core.train.config import TrainConfig
 from core.train.data import Dataset
 from core.train.estimate import check_memory, estimate_training
 from core.train.jobs import JobSpec, TrainJob, TrainScheduler
@@ -40,15 +42,17 @@ class Runner:
 
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
                  capacity_tokens: int | None = None, yield_s: float = 0.0, max_job_tokens: int | None = None,
-                 users_per_address: int = 1):
+                 users_per_address: int = 1, max_job_steps: int | None = None,
+                 max_job_minutes: float | None = None):
         self.engine = engine
         self.max_job_tokens = max_job_tokens  # a job's steps x tokens per step at most (None: no limit)
+        self.max_job_steps = max_job_steps  # a job's optimizer steps at most (None: no limit)
         self.users_per_address = users_per_address  # without sign-in, an address's jobs: this x the per-user limit
         self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
         self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
         self.scheduler = TrainScheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
                                                    capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user,
-                                                   yield_s=yield_s)
+                                                   yield_s=yield_s, max_job_minutes=max_job_minutes)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -103,8 +107,11 @@ class Runner:
                             f"no memory cost")
 
     def check_budget(self, dataset: Dataset, tcfg: TrainConfig, done: int = 0) -> None:
-        """Before a job is queued: refuse one whose steps (beyond `done`) x tokens per step exceed
-        --max-job-tokens, in one sentence with the most steps these settings allow."""
+        """Before a job is queued: refuse one whose steps (beyond `done`) exceed --max-job-steps, or whose
+        steps x tokens per step exceed --max-job-tokens, in one sentence with the most steps allowed."""
+        if self.max_job_steps is not None and tcfg.steps - done > self.max_job_steps:
+            raise ValueError(f"this job would train {tcfg.steps - done:,} steps, more than the {self.max_job_steps:,} "
+                             f"one job may here; lower the steps to at most {done + self.max_job_steps:,}.")
         if self.max_job_tokens is None:
             return
         per_step = tcfg.batch_size * tcfg.grad_accum * dataset.block_size(tcfg.seq_len)[0]
@@ -158,15 +165,19 @@ class Runner:
         self.check_budget(dataset, tcfg, done=ck.step)
         recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
         self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
+        meta = _run_meta(name, recorded)
+        if self.engine.library.details(name).get("shared") is True:
+            meta["shared"] = True  # a run its owner shared stays shared as it trains on
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
-                                          resume=ck, meta=_run_meta(name, recorded), adapter=TRAIN_PREFIX + name,
+                                          resume=ck, meta=meta, adapter=TRAIN_PREFIX + name,
                                           max_memory=self.engine.max_train_memory, trackers=trackers),
                             address)
 
-    def stop(self, job_id=None, owner: str | None = None, admin: bool = False) -> str:
+    def stop(self, job_id=None, owner: str | None = None, admin: bool = False, by: str | None = None) -> str:
         """Stop a job (default: the owner's newest live one). Only its owner, or an admin, may; owner None
-        is the process itself (tests, tools)."""
+        is the process itself (tests, tools). by: the admin's name, recorded (and shown to the job's owner)
+        when an admin stops someone else's job ('' for an unnamed admin: the admin token)."""
         job = self.find(job_id, owner) if job_id not in (None, "") else next(
             (j for j in sorted(self.scheduler.live(), key=lambda j: -j.id) if owner is None or j.user == owner), None)
         if job is None or not job.live:
@@ -175,7 +186,7 @@ class Runner:
         if owner is not None and not admin and job.user != owner:
             who = job.spec.meta.get("user") or "someone else"
             raise ValueError(f"'{job.name}' was started by {who}; only they (or an admin) can stop it.")
-        return self.scheduler.stop(job)
+        return self.scheduler.stop(job, by=by if admin and job.user != owner else None)
 
     def run_dir(self, name: str) -> Path:
         return self.engine.library.root / check_name(name)

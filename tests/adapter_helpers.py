@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.lora.layers import add_adapter, lora_layers, lora_parameters
 
 # two adapters for the engine tests: different ranks and targets

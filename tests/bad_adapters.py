@@ -11,7 +11,8 @@ from safetensors.torch import save as st_save
 
 from adapter_helpers import lora_tensors
 from core.adapters.format import PEFT_PREFIX, peft_config
-from core.model.config import LoraConfig, PRESETS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 
 TINY = PRESETS["tiny"]  # 2 layers, width 64
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))

@@ -15,7 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from core.model.config import GPTConfig  # noqa: E402
+from core.model.config import GPTConfig
 from core.train import data  # noqa: E402
 
 # gpt2-shaped (width 64, 4 heads) and gpt2-medium-shaped (different width and head count) tiny configs

@@ -19,7 +19,8 @@ from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.adapters.export import export_merged, zip_merged
 from core.adapters.resolve import AdapterRef, load_adapter, resolve
-from core.model.config import PRESETS, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 from core.lora.layers import adapter_state_dict, lora_layers, merged_name
 from core.model.weights import load_base
 
@@ -303,7 +304,7 @@ import os, sys
 sys.path.insert(0, {root!r})
 import torch
 from core.model.weights import load_base
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.lora.layers import add_adapter
 import core.adapters.library as al
 model = load_base("tiny", device="cpu")

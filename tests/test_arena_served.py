@@ -6,7 +6,7 @@ import pytest
 from gradio_client import Client
 
 from core.arena import BASE
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from studio_server import served_studio
 from adapter_helpers import make_adapter

@@ -18,7 +18,8 @@ from adapter_helpers import lora_tensors, write_adapter
 from conftest import MEDIUM_SHAPED
 from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.validate import AdapterError
-from core.model.config import PRESETS, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 from core.model.weights import WeightsError
 from studio.app import create_studio
 from studio.tabs import compare, data, library, train
@@ -129,7 +130,7 @@ SETTING_CASES = {  # name: (overrides of the Train tab's values, message)
     "unknown target module": (dict(targets=["attn.c_attn", "q_proj"]), r"unknown target module 'q_proj'"),
     "unknown model": (dict(model="gpt-17"), r"unknown base model 'gpt-17'; choose one of gpt2"),
     "no dataset": (dict(dataset=None), r"choose a dataset"),
-    "missing dataset": (dict(dataset="never-made"), r"never-made: no such dataset folder"),
+    "missing dataset": (dict(dataset="never-made"), r"no dataset named 'never-made'; prepare it on the Data tab"),
     "dataset name traversal": (dict(dataset="../datasets"), r"invalid dataset name '\.\./datasets'"),
 }
 

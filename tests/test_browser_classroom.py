@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.arena import BASE
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from adapter_helpers import make_adapter
 from studio_server import served_studio

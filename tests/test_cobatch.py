@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.lora.layers import adapter_state_dict, lora_parameters
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.cobatch import CoTrainer
 from core.train.trainer import Trainer

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import core.atomic
 from core.adapters.library import RESUMABLE, checkpoint_dirs
 from core.lora.layers import adapter_state_dict
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.jobs import JobSpec, TrainScheduler
 from core.train.trainer import Trainer

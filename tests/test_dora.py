@@ -20,7 +20,8 @@ from core.adapters.resolve import load_adapter  # noqa: E402
 from core.adapters.validate import AdapterError  # noqa: E402
 from core.adapters.library import Library  # noqa: E402
 from core.lora import layers as lora  # noqa: E402
-from core.model.config import TARGET_MODULES, LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.model.config import TARGET_MODULES
 from core.model.weights import load_base  # noqa: E402
 from core.train.trainer import Trainer  # noqa: E402
 from train_helpers import quick  # noqa: E402

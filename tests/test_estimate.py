@@ -1,5 +1,7 @@
 """The pre-start estimate: parameter counts exact, memory and time grow the way training does."""
-from core.model.config import LoraConfig, PRESETS, TARGET_MODULES as TARGET_MODULES_ALL, TrainConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS, TARGET_MODULES as TARGET_MODULES_ALL
+from core.train.config import TrainConfig
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 
 

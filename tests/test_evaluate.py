@@ -15,7 +15,8 @@ from cli_helpers import cli, one_line_error
 from core.adapters.validate import AdapterError
 from core.engine import Engine
 from core.lora.layers import BASE_ONLY, adapter_names
-from core.model.config import EOT_TOKEN, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import EOT_TOKEN
 from core.model import tokenizer
 from core.train.evaluate import MAX_MODELS, evaluate_models, text_ids, token_differences, windows_per_forward
 from core.train.trainer import evaluate as evaluate_one

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core.lora import layers as lora
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.generate.sampling import SamplingConfig, generate
 from core.model.quant import quantize_base, weight_bytes
 from core.model.weights import load_base

@@ -4,7 +4,7 @@ import torch
 
 from core.lora import layers as lora
 from core.model import tokenizer
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.generate.sampling import SamplingConfig, generate, generate_text, pick_tokens, stream, stream_text
 from adapter_helpers import randomize_b
 

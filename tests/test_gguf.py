@@ -22,7 +22,8 @@ from core.adapters.gguf_export import export_gguf, export_gguf_adapter
 from core.adapters.validate import AdapterError
 from core.lora.layers import merge, unmerge
 from core.model import tokenizer
-from core.model.config import EOT_TOKEN, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import EOT_TOKEN
 from core.model.weights import hf_state_dict, load_base
 
 gguf = pytest.importorskip("gguf")

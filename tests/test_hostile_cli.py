@@ -13,7 +13,8 @@ import core.model.weights
 from adapter_helpers import lora_tensors, write_adapter
 from core.__main__ import main
 from core.adapters.format import META
-from core.model.config import LoraConfig, PRESETS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 from cli_helpers import TINY_RUN, one_line_error
 
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))

@@ -22,7 +22,8 @@ from adapter_helpers import listing, lora_tensors, write_adapter
 from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
-from core.model.config import LoraConfig, PRESETS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 
 TINY = PRESETS["tiny"]
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn",))

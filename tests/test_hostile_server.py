@@ -40,7 +40,8 @@ def _poison(studio):
 
 def _seed_adapter(studio):
     """One trained adapter, the library's 'seed', made before the UI is built."""
-    from core.model.config import LoraConfig, TrainConfig
+    from core.lora.config import LoraConfig
+    from core.train.config import TrainConfig
     from core.train.data import load_dataset
     _pirates(studio, "seed-data")
     studio.runner.start("tiny", load_dataset(studio.dataset_path("seed-data")), "seed",

@@ -16,8 +16,8 @@ import gradio as gr
 import pytest
 
 from core.adapters.validate import AdapterError
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text, scrub
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text, scrub
 from studio import context
 from studio.app import build_ui
 from studio.context import friendly
@@ -138,6 +138,13 @@ def signed_in(studio):
 
 def test_only_the_owner_or_an_admin_may_resume_rename_or_delete(signed_in):
     studio = signed_in
+    # ann's run is private: to bob it is not there at all
+    hidden = r"no adapter named 'anns' in the library"
+    refused(studio, ValueError, hidden, train.resume, studio, "anns", 6, user="bob")
+    refused(studio, ValueError, hidden, library.rename, studio, "anns", "bobs", user="bob")
+    refused(studio, ValueError, hidden, library.delete, studio, "anns", user="bob")
+    # shared with the class, bob sees it, and still may not act on it
+    library.share(studio, "anns", True, user="ann")
     who = r"'anns' belongs to ann; only they \(or an admin\) can"
     refused(studio, ValueError, who + " resume it", train.resume, studio, "anns", 6, user="bob")
     refused(studio, ValueError, who + " rename it", library.rename, studio, "anns", "bobs", user="bob")
@@ -163,9 +170,10 @@ def test_a_damaged_entry_stays_its_owners(signed_in):
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "steps": "many"}))
     entry = next(e for e in studio.library.list() if e.name == "anns")
     assert entry.status == "unreadable" and entry.user == "ann"
-    who = r"'anns' belongs to ann; only they \(or an admin\) can"
-    refused(studio, ValueError, who + " rename it", library.rename, studio, "anns", "bobs", user="bob")
-    refused(studio, ValueError, who + " delete it", library.delete, studio, "anns", user="bob")
+    hidden = r"no adapter named 'anns' in the library"  # ann's, so private: not there for bob
+    refused(studio, ValueError, hidden, library.rename, studio, "anns", "bobs", user="bob")
+    refused(studio, ValueError, hidden, library.delete, studio, "anns", user="bob")
+    assert library.rename(studio, "anns", "anns-damaged", user="root")[1] == "anns-damaged"  # an admin sees it
 
 
 def test_an_admin_may_stop_anyones_run(signed_in):
@@ -187,6 +195,7 @@ def test_without_sign_in_everyone_may_act(studio):
 
 def test_what_a_user_creates_records_that_user_and_not_an_uploaded_one(signed_in, tmp_path):
     studio = signed_in
+    library.share(studio, "anns", True, user="ann")  # bob may copy it once it is shared; the copies are his
     ckpt = library.details(studio, "anns")[2]["value"]
     library.duplicate(studio, "anns", "dup", user="bob")
     library.restore_checkpoint(studio, "anns", ckpt, "restored", user="bob")
@@ -200,6 +209,7 @@ def test_what_a_user_creates_records_that_user_and_not_an_uploaded_one(signed_in
     library.import_upload(studio, [str(z)], "upload", user="bob")
     users = {e.name: e.user for e in studio.library.list()}
     assert [users[n] for n in ("dup", "restored", "mix", "upload")] == ["bob"] * 4 and users["anns"] == "ann"
+    assert not any(e.shared for e in studio.library.list() if e.name != "anns")  # a copy starts private
 
 
 # ---- 5. size caps per session ------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import torch
 
 from core.train import data, trainer as train
 from core import device as core_device
-from core.model.config import PRESETS, LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
+from core.train.config import TrainConfig
 from core.engine import BaseInUse, Engine
 from core.train.estimate import MemoryLimitError, estimate_training, parse_size
 from core.generate.sampling import SamplingConfig

@@ -13,7 +13,8 @@ from train_helpers import quick
 from core.__main__ import main
 from core.lora.layers import add_adapter
 from core.model import tokenizer
-from core.model.config import EOT_TOKEN, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import EOT_TOKEN
 from core.train import data, imports, instruct
 from core.train.evaluate import evaluate_models
 from core.train.imports import Fields

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from core.lora import layers as lora
-from core.model.config import LoraConfig, PRESETS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
 from core.model.gpt import GPT
 from adapter_helpers import randomize_b
 

@@ -19,7 +19,8 @@ from core.adapters.library import Library  # noqa: E402
 from core.adapters.resolve import load_adapter  # noqa: E402
 from core.lora.layers import (add_adapter, adapter_names, count_lora_params, lora_layers,  # noqa: E402
                               lora_parameters, make_route, merge, unmerge)
-from core.model.config import TARGET_MODULES, LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.model.config import TARGET_MODULES
 from core.model.weights import load_base  # noqa: E402
 from core.train.trainer import Trainer, run_to_end  # noqa: E402
 from train_helpers import quick  # noqa: E402
@@ -293,7 +294,8 @@ def test_cli_refuses_bad_variant_flags(prepared, tmp_path, capsys, args, expect)
 
 
 def test_estimate_counts_per_module_ranks_and_the_frozen_start():
-    from core.model.config import PRESETS, TrainConfig
+    from core.model.config import PRESETS
+    from core.train.config import TrainConfig
     from core.train.estimate import estimate_training
     cfg, tc = PRESETS["tiny"], TrainConfig(batch_size=2, seq_len=32)
     plain = estimate_training(cfg, LoraConfig(r=8, targets=TARGET_MODULES), tc)

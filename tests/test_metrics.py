@@ -10,7 +10,7 @@ import pytest
 from train_helpers import quick
 from core.adapters import run_record
 from core.adapters.metrics import COLUMNS, write_metrics
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.train.trainer import Trainer, run_to_end
 from studio.tabs import library
 

@@ -14,7 +14,8 @@ from adapter_helpers import logits, make_adapter  # noqa: E402
 from core.adapters.library import Library
 from core.adapters.export import export_merged
 from core.adapters.resolve import load_adapter  # noqa: E402
-from core.model.config import TARGET_MODULES, LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
+from core.model.config import TARGET_MODULES
 from core.lora.layers import merged_name  # noqa: E402
 from core.model.weights import load_base  # noqa: E402
 

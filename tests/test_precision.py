@@ -13,7 +13,7 @@ import torch
 from adapter_helpers import base_tensors
 from core.device import cpu_has_native_bf16, precision_dtype
 from core.lora.layers import add_adapter, lora_layers, lora_parameters
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.trainer import Trainer
 from train_helpers import quick
@@ -113,7 +113,8 @@ def test_the_studio_shows_the_precision_and_estimates_with_it(tmp_path):
     e16, e32 = estimate_md(s16, form), estimate_md(s32, form)
     assert "(bf16 base, fp32 LoRA)" in e16 and "(fp32 base, fp32 LoRA)" in e32
     from core.train.estimate import estimate_training
-    from core.model.config import PRESETS, TrainConfig
+    from core.model.config import PRESETS
+    from core.train.config import TrainConfig
     a = estimate_training(PRESETS["gpt2"], LoraConfig(), TrainConfig(), "cpu", weights="bf16")
     b = estimate_training(PRESETS["gpt2"], LoraConfig(), TrainConfig(), "cpu", weights="fp32")
     assert a.weights_bytes * 2 == b.weights_bytes and a.activation_bytes < b.activation_bytes

@@ -10,7 +10,7 @@ from core.adapters.format import WEIGHTS, save_adapter
 from core.adapters.resolve import AdapterRef, library_entry
 from core.adapters.validate import AdapterError
 from core.engine import Engine
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.model.weights import load_base
 
 LC = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))

@@ -16,7 +16,7 @@ from core.adapters import run_record
 from core.adapters.format import save_adapter
 from core.adapters.library import TRAINER_STATE, Library, checkpoint_dirs, checkpoint_path, checkpoint_step
 from core.adapters.run_record import CHART_POINTS, HISTORY, META
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.train.trainer import Trainer, run_to_end
 from studio.plots import loss_figure
 from studio_server import served_studio

@@ -10,7 +10,8 @@ from core.adapters.format import CONFIG, META, WEIGHTS
 from core.adapters.library import (LOADABLE, RESUMABLE, TRAINER_STATE, Library, checkpoint_dirs, checkpoint_path,
                                    checkpoint_step)
 from core.lora.layers import adapter_names, lora_parameters
-from core.model.config import LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.train.trainer import Trainer, find_checkpoint
 from train_helpers import quick
 

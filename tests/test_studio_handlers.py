@@ -445,7 +445,8 @@ def test_plots():
 def test_build_ui_and_launch_options(studio):
     from studio.app import launch_options
     demo = build_ui(studio)
-    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "evaluate", "arena", "tabs"}
+    assert demo.studio is studio and set(demo.parts) == {"data", "train", "library", "compare", "evaluate", "arena",
+                                                             "teacher", "tabs"}
     opts = launch_options()
     assert opts["enable_monitoring"] is False and opts["max_file_size"] and "allowed_paths" not in opts
     assert "css" in opts and "theme" in opts
@@ -534,7 +535,7 @@ def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
             switches[tab] = fn.fn().active
     tabs = {t.elem_id: t._id for t in demo.blocks.values() if isinstance(t, gr.Tab)}
     assert switches == {tabs["tab-train"]: True, **{tabs[f"tab-{n}"]: False for n in
-                                                   ("data", "library", "compare", "evaluate", "arena")}}
+                                                   ("data", "library", "compare", "evaluate", "arena", "teacher")}}
 
 
 def test_a_system_error_in_a_toast_names_the_file_not_the_servers_folder():

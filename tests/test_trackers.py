@@ -14,7 +14,7 @@ import pytest
 from cli_helpers import TINY_RUN, one_line_error
 from core.adapters import run_record
 from core.__main__ import main
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.train.jobs import JobSpec, TrainScheduler
 from core.train.trackers import PROJECT, TENSORBOARD_DIR, WANDB_DIR, make_trackers
 from core.train.trainer import Trainer

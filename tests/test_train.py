@@ -14,7 +14,8 @@ from train_helpers import quick
 from core.adapters import run_record
 from core.train import data
 from core.model import tokenizer
-from core.model.config import LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.lora.layers import adapter_names, adapter_state_dict, add_adapter, get_active, lora_parameters, set_active
 from core.train.trainer import STATE, Trainer, find_checkpoint, lr_at, run_to_end, TrainingError
 from core.model.weights import load_base

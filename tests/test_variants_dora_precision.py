@@ -17,7 +17,7 @@ from core.adapters.export import export_merged  # noqa: E402
 from core.adapters.library import Library  # noqa: E402
 from core.adapters.resolve import load_adapter  # noqa: E402
 from core.lora import layers as lora  # noqa: E402
-from core.model.config import LoraConfig  # noqa: E402
+from core.lora.config import LoraConfig
 from core.model.weights import load_base  # noqa: E402
 
 TOL = 1e-4
@@ -110,7 +110,8 @@ def test_the_train_tabs_size_line_counts_the_rank_pattern_and_a_principal_start(
     form will train: a rank pattern changes the parameters, PiSSA/OLoRA save a rank-2r file."""
     from studio.app import create_studio
     from studio.tabs import train
-    from core.model.config import PRESETS, TrainConfig
+    from core.model.config import PRESETS
+    from core.train.config import TrainConfig
     from core.train.estimate import estimate_training, human_bytes
     studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny")
     targets = ["attn.c_attn", "mlp.c_fc"]
@@ -191,7 +192,8 @@ def test_a_pattern_that_backtracks_for_hours_is_refused_quickly(tmp_path):
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from core.adapters.validate import read_adapter
-from core.model.config import PRESETS, GPTConfig, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS, GPTConfig
 for check in (lambda: LoraConfig(rank_pattern={{{HOSTILE!r}: 4}}).validate(PRESETS["gpt2"]),
               lambda: LoraConfig(rank_pattern={{{SLOW_TOO!r}: 4}}).validate(PRESETS["gpt2"]),
               lambda: read_adapter({str(tmp_path / "up")!r}, GPTConfig(n_layer=2, n_head=2, n_embd=64))):

@@ -14,7 +14,8 @@ import torch
 
 from core.lora.layers import LORA_KEY, lora_key
 from core.adapters.validate import AdapterError, check_values
-from core.model.config import MAX_RANK, TARGET_MODULES, LoraConfig
+from core.lora.config import MAX_RANK, LoraConfig
+from core.model.config import TARGET_MODULES
 
 MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 

@@ -16,7 +16,7 @@ from core.adapters import run_record
 from core.adapters.run_record import META  # noqa: F401 - the file names of an adapter, in one place
 from core.lora.layers import TARGET_PATTERN, adapter_state_dict
 from core.lora.variants import converted
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"

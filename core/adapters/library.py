@@ -37,7 +37,8 @@ from core.adapters.run_record import HISTORY, META, clean_meta
 from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
-from core.model.config import GPTConfig, LoraConfig
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig
 from core.quota import Quota, folder_bytes
 
 try:
@@ -133,6 +134,7 @@ class AdapterEntry:
     created_ts: float = field(default=0.0, repr=False)
     variant: str = "LoRA"  # "DoRA" when adapter_config.json sets use_dora
     rank_detail: str | None = None  # per-module ranks of a "mixed" adapter: 'default 8; h.0.attn.c_attn: 4'
+    shared: bool = False  # its owner shared it with everyone (with sign-in, others see it only then)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,7 +204,7 @@ class Library:
         if sep:
             p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
         if not p.is_dir():
-            raise AdapterError(f"no adapter named {name!r} in the library.")
+            raise self.no_such(name)
         for f in (*ADAPTER_FILES, HISTORY):
             if (p / f).is_symlink():
                 raise AdapterError(f"{name}/{f} is a symbolic link; links are not allowed in the library.")
@@ -214,6 +216,10 @@ class Library:
         if not (p / WEIGHTS).is_file():
             raise AdapterError(f"{name!r} has no final adapter yet; pick one of its checkpoints ({name}@<step>).")
         return read_adapter(p, cfg, base_id, max_bytes=self.max_bytes)
+
+    def no_such(self, name) -> AdapterError:
+        """The error for a name that is not in the library (also said of an entry the asker may not see)."""
+        return AdapterError(f"no adapter named {name!r} in the library.")
 
     def list(self, live: Collection[str] = ()) -> list[AdapterEntry]:
         """Every adapter (runs with only checkpoints too), newest first. A run named in `live`, or
@@ -362,6 +368,23 @@ class Library:
         return self._copy_entry(self.path(f"{name}@{checkpoint}"), new_name,
                                 {"restored_from": f"{name}@{checkpoint}"}, user)
 
+    def set_shared(self, name: str, shared: bool) -> None:
+        """Record in the adapter's studio.json whether its owner shares it with everyone (who sees what is
+        the studio's rule); its other checked fields are written back as they were."""
+        with self._lock:
+            p = self.path(check_name(name))
+            self._check_not_live(p, name, "share it")
+            if not (p / WEIGHTS).is_file():
+                raise AdapterError(f"{name!r} has no final adapter yet; share it once its run has ended.")
+            meta, problem = run_record.read(p)
+            if problem:
+                raise AdapterError(f"{name!r} has a damaged {META}; it cannot be shared.")
+            meta.pop("shared", None)
+            if shared:
+                meta["shared"] = True
+            with _disk_full_says(f"share {name!r}"):
+                run_record.write(p, meta)  # studio.json only: the history stays as it is
+
     # ---- runs being trained: a folder held by a live process ---------------------------------
 
     def reserve_run(self, name: str, user: str | None = None) -> "RunHold":
@@ -508,7 +531,8 @@ class Library:
                 targets=list(listed or (meta.get("lora") or {}).get("targets") or []), alpha=alpha,
                 steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
                 created=created, size_bytes=_size(src), dataset=_dataset(meta), status=status,
-                user=meta.get("user"), n_checkpoints=len(ckpts), has_final=final, problem=problem,
+                user=meta.get("user"), shared=top.get("shared") is True, n_checkpoints=len(ckpts),
+                has_final=final, problem=problem,
                 created_ts=safe_json.timestamp(created) or d.stat().st_mtime,
                 variant="DoRA" if config.get("dora") else "LoRA")
         except OSError:  # deleted or renamed while we looked
@@ -656,8 +680,10 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
 
 
 def _set_user(meta: dict, user: str | None) -> None:
-    """Record the acting user (the signed-in one); a user name copied or uploaded along is dropped."""
+    """Record the acting user (the signed-in one); a user name or sharing copied or uploaded along is dropped
+    (a new entry starts private to whoever made it)."""
     meta.pop("user", None)
+    meta.pop("shared", None)
     if user:
         meta["user"] = safe_json.shown(str(user))[:200]
 

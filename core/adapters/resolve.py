@@ -10,7 +10,7 @@ from core.adapters.format import CONFIG, WEIGHTS, name_from_path
 from core.adapters.library import NAME_RE, Library
 from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
 from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 
 
 @dataclass(frozen=True)

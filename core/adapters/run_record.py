@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from core import atomic, safe_json
-from core.model.config import MAX_LOADED_ALPHA, MAX_PROMPT_CHARS, MAX_RANK
+from core.checks import MAX_PROMPT_CHARS
+from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK
 
 META = "studio.json"
 HISTORY = "history.jsonl"
@@ -133,7 +134,7 @@ _POINT = _record({"step": _int(), "loss": _num(), "lr": _num(), "val_loss": _num
 META_FIELDS = {  # every field this app writes to studio.json, and what it may hold
     **{k: _text for k in ("name", "base_model", "status", "user", "imported_from", "duplicated_from",
                           "restored_from")},
-    "created": _date, "imported": _date, "steps": _int(),
+    "created": _date, "imported": _date, "steps": _int(), "shared": _bool,
     **{k: _num() for k in ("train_loss", "val_loss", "start_val_loss")},
     "dataset": _dataset, "training": _training, "history": _list_of(_POINT, MAX_HISTORY),
     "history_bytes": _int(0, 1 << 62),

@@ -23,8 +23,8 @@ from core.adapters.run_record import META
 from core.lora import variants
 from core.lora.dora import magnitude_key
 from core.lora.layers import lora_key
-from core.model.config import (HUB_IDS, MAX_LOADED_ALPHA, MAX_RANK, PRESETS, TARGET_MODULES, GPTConfig, LoraConfig,
-                               normalize_targets, target_shapes, width_from_a)
+from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK, LoraConfig, normalize_targets
+from core.model.config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, target_shapes, width_from_a
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
 # a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;

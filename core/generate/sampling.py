@@ -31,7 +31,7 @@ class SamplingConfig:
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (a 64-bit seed or an infinite top-k would
         otherwise fail deep inside torch with an unreadable error)."""
-        from core.model.config import real_number, whole_number
+        from core.checks import real_number, whole_number
         whole_number("max new tokens", self.max_new_tokens, 1, 1024)
         real_number("temperature", self.temperature, 0, 5, "a number from 0 to 5, 0 = greedy")
         whole_number("top-k", self.top_k, 0, 50257)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from core.device import sums_in_fp32_while_generating
 from core.lora import dora, variants
 from core.lora.init import init_ab
-from core.model.config import GPTConfig, LoraConfig, TARGET_MODULES, target_shapes
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig, TARGET_MODULES, target_shapes
 
 # The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
 # PEFT's prefix in front: core.adapters.format)

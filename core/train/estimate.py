@@ -3,7 +3,7 @@
 Memory = frozen weights + LoRA state (fp32 weights, grads, two AdamW moments) + activations
 saved for the backward pass + the logits/loss buffers. Time uses the FLOP count of LoRA training
 with a frozen base (forward + input gradients, no weight gradients) and a sustained throughput
-per device kind, measured on our engine (see bench/ and the README's tables).
+per device kind, measured on our engine (see bench/ and docs/performance.md).
 """
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from core import device as _device
-from core.model.config import GPTConfig, LoraConfig, TrainConfig, target_shapes
+from core.lora.config import LoraConfig
+from core.model.config import GPTConfig, target_shapes
+from core.train.config import TrainConfig
 from core.lora.layers import count_lora_params
 from core.lora.variants import RESIDUAL_INITS
 
-# Sustained training FLOP/s of this engine by device kind (measured: README performance tables).
+# Sustained training FLOP/s of this engine by device kind (measured: docs/performance.md).
 THROUGHPUT = {"cuda": 450e12, "mps": 4e12, "cpu": 0.16e12}
 # The vocabulary softmax is memory-bound: bytes moved per token per vocabulary entry, and the
 # effective bandwidth for it.

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.text_checks import check_text
+from core.checks import check_text
 from core.train.data import MAX_TEXT_BYTES, TEXT_SUFFIXES, decode_text
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")

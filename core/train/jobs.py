@@ -1,9 +1,15 @@
 """The training job scheduler: every user's runs train at once on the loaded base, co-batched.
 
-Jobs wait in a queue, first come first served, and start when the shared step has room (a token
-budget per step: a flag on CPU, the memory estimate against free memory on a GPU) and the loaded
-base is theirs: a job on another base waits until the current base has no jobs, then the base is
-switched. Running jobs share every micro-step (core.train.cobatch.CoTrainer) in one thread; each
+Jobs wait in a queue and start when the shared step has room (a token budget per step: a flag on
+CPU, the memory estimate against free memory on a GPU) and the loaded base is theirs: a job on another
+base waits until the current base has no jobs, then the base is switched. Turns are fair:
+- the queue is offered in order of the owner's running jobs (a user with fewer running goes first),
+  then in queue order (arrival, or where an admin moved it);
+- the first offered job that can start does, not only the first in line: a big job that does not
+  fit yet no longer blocks a small one behind it;
+- but a job may be passed so at most PASS_LIMIT times: after that nothing starts past it, so the
+  running jobs drain until it fits (it is never starved);
+- a job runs at most max_job_minutes (then it is stopped and saved, and says why). Running jobs share every micro-step (core.train.cobatch.CoTrainer) in one thread; each
 keeps its own optimizer, schedule, data order, evaluation cadence, samples and checkpoints. A job
 that ends leaves alone; an out-of-memory error sends the newest job back to the head of the queue,
 exactly where it was, until a running job ends.
@@ -27,7 +33,8 @@ from core.adapters import run_record
 from core.atomic import disk_full
 from core.device import available_memory
 from core.lora.layers import adapter_names, remove_adapter
-from core.model.config import LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.train.cobatch import CoTrainer
 from core.train.data import Dataset
 from core.train.estimate import estimate_training
@@ -40,6 +47,8 @@ CPU_CAPACITY = 4096
 GPU_SHARE = 0.85
 LIVE = ("queued", "starting", "running", "stopping")
 TRAINING = ("starting", "running", "stopping")
+# Jobs that may start past a queued job that cannot, before the step is kept free for it.
+PASS_LIMIT = 4
 
 
 @dataclass
@@ -99,6 +108,9 @@ class TrainJob:
         self.ended: float | None = None
         self.position = 0  # 1 = first in the queue; 0 once it started (set by the scheduler)
         self.waiting = ""  # why a queued job waits (set by the scheduler)
+        self.passed = 0  # jobs that started past it while it could not (set by the scheduler; see PASS_LIMIT)
+        self.stop_reason = ""  # why it was stopped, when not by its owner: the teacher, the server's time limit
+        self.stopped_by: str | None = None  # the admin who stopped it, if one did
         self.rows = 0  # rows (sequences) it adds to each shared step (set by the scheduler)
         self.seq_len = 0  # their length (a shared step pads every row to the longest)
         self.version = 0
@@ -145,7 +157,8 @@ class TrainJob:
                 self.state = ev["status"] if ev["status"] in ("finished", "stopped") else "finished"
                 self.path = ev.get("path")
                 self.progress.update(step=ev["step"], steps=ev["steps"], eta=0.0)
-                self.message = f"saved to the library as '{self.name}'"
+                saved = f"saved to the library as '{self.name}'"
+                self.message = f"{self.stop_reason}; {saved}" if self.stop_reason and self.state == "stopped" else saved
                 self.ended = time.time()
             self.version += 1
         self._track(ev)  # first: whoever sees the last event finds the trackers' files complete
@@ -171,8 +184,11 @@ class TrainJob:
                 setattr(self, k, v)
             self.version += 1
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "", by: str | None = None) -> None:
+        """Ask the job to end; reason: why, when not its owner's choice (shown in its final message)."""
         with self._lock:
+            if reason and not self.stop_flag.is_set():
+                self.stop_reason, self.stopped_by = reason, by
             self.stop_flag.set()
             if self.state in TRAINING:
                 self.state = "stopping"
@@ -192,7 +208,8 @@ class TrainJob:
                 "evals": list(self.evals), "samples": list(self.samples), "progress": dict(self.progress),
                 "trainable_params": self.trainable_params, "path": self.path, "submitted": self.submitted,
                 "started": self.started, "ended": self.ended, "resumed_from": self.resumed_from,
-                "position": self.position, "waiting": self.waiting,
+                "position": self.position, "waiting": self.waiting, "stopped_by": self.stopped_by,
+                "stop_reason": self.stop_reason,
             }
 
 
@@ -215,6 +232,8 @@ class TrainScheduler:
         sequence length); None: CPU_CAPACITY on CPU and MPS, free memory against the estimate on CUDA.
         A job bigger than the capacity still runs, alone.
     max_jobs_per_user: jobs one user may have queued or running; max_queue: jobs waiting at most.
+    max_job_minutes: a job's training time at most (None: no limit); one that reaches it is stopped and saved.
+    The order jobs start in is the module's rule (fair turns, PASS_LIMIT).
     """
 
     @classmethod
@@ -229,9 +248,13 @@ class TrainScheduler:
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
                  lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
                  max_jobs_per_user: int = 1, max_queue: int = 64, yield_to: Callable[[], bool] | None = None,
-                 yield_s: float = 0.0, retire: Callable[[object, str], None] | None = None):
+                 yield_s: float = 0.0, retire: Callable[[object, str], None] | None = None,
+                 max_job_minutes: float | None = None):
         if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
             raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
+        if max_job_minutes is not None and not max_job_minutes > 0:
+            raise ValueError("the minutes one job may train must be more than 0.")
+        self.max_job_minutes = max_job_minutes
         self._load_base, self._release_base = load_base, release_base or (lambda model: None)
         self._model_lock = lock if lock is not None else contextlib.nullcontext()
         self._retire = retire or _remove_if_loaded
@@ -275,20 +298,24 @@ class TrainScheduler:
             self._cond.notify_all()
         return job
 
-    def stop(self, job: TrainJob) -> str:
+    def stop(self, job: TrainJob, by: str | None = None) -> str:
         """Stop a job: a queued one leaves the queue (nothing was trained); a running one ends within one
-        optimizer step and is saved. (Who may stop which job is the caller's rule.)"""
+        optimizer step and is saved. by: the admin (teacher) who stops someone else's job, named in its
+        message ('' for an unnamed one: the admin token). (Who may stop which job is the caller's rule.)"""
+        reason = "" if by is None else f"stopped by the teacher{f' ({by})' if by else ''}"
         with self._cond:
             if job in self._queue:
                 self._queue.remove(job)
                 self._update_positions()
+                if reason:
+                    job._touch(stopped_by=by, stop_reason=reason)
                 self._end(job, {"type": "error", "kind": "cancelled", "step": job.progress.get("step", 0),
-                                "checkpoint": None, "message": "removed from the queue before it started; "
-                                                               "nothing was trained."})
+                                "checkpoint": None, "message": (f"{reason}: " if reason else "") +
+                                "removed from the queue before it started; nothing was trained."})
                 return f"'{job.name}' left the queue; nothing was trained."
         if not job.live:
             return f"'{job.name}' is not running."
-        job.request_stop()
+        job.request_stop(reason, by)
         with self._cond:
             self._cond.notify_all()
         return f"Stopping '{job.name}': it ends within one optimizer step and is saved to the library."
@@ -302,13 +329,33 @@ class TrainScheduler:
         with self._cond:
             return self._live()
 
+    def queued(self) -> list[TrainJob]:
+        """The queued jobs in the order they are offered a start (the module's rule)."""
+        with self._cond:
+            return self._offer_order()
+
+    def move(self, job: TrainJob, delta: int) -> str:
+        """Move a queued job `delta` places in the queue (negative: nearer the front). An admin's tool: the
+        fair share still goes first (a user with fewer running jobs), this orders jobs within it."""
+        with self._cond:
+            if job not in self._queue:
+                raise ValueError(f"'{job.name}' is not waiting in the queue; only queued jobs can move.")
+            queue = list(self._queue)
+            i = queue.index(job)
+            j = min(max(i + int(delta), 0), len(queue) - 1)
+            queue.insert(j, queue.pop(i))
+            self._queue = deque(queue)
+            self._update_positions()
+            self._cond.notify_all()
+        return f"'{job.name}' is now number {job.position} in the queue."
+
     def eta_to_start(self, job: TrainJob) -> float | None:
         """Seconds until a queued job can start, as far as the running jobs' ETAs tell (each job that
         ends frees a place); None when unknown."""
         with self._cond:
             if job not in self._queue:
                 return None
-            pos = list(self._queue).index(job)
+            pos = self._offer_order().index(job)
             etas = sorted(j.progress.get("eta") for j in self._running if j.progress.get("eta") is not None)
         return etas[pos] if pos < len(etas) else None
 
@@ -344,6 +391,7 @@ class TrainScheduler:
                 self._start(starting)
                 continue
             self._give_way()
+            self._enforce_time()
             self._step()
 
     def _give_way(self) -> None:
@@ -354,21 +402,29 @@ class TrainScheduler:
         while self._yield_to() and time.monotonic() < end and not self._closed:
             time.sleep(0.01)
 
+    def _enforce_time(self) -> None:
+        """Stop (and save) every job that has trained max_job_minutes."""
+        if self.max_job_minutes is None:
+            return
+        now = time.time()
+        for job in list(self._running):
+            if job.started is not None and now - job.started >= 60 * self.max_job_minutes and not job.stop_flag.is_set():
+                job.request_stop(f"stopped: it reached the server's limit of {self.max_job_minutes:g} minutes per job")
+
     def waits(self, job: TrainJob) -> str | None:
         """Why a queued job cannot start now (None: it starts as soon as the loop sees it)."""
         with self._cond:
             if job not in self._queue:
                 return None
-            queue = list(self._queue)
-            ahead = queue[:queue.index(job)]
+            order = self._offer_order()
+            ahead = order[:order.index(job)]
             running = list(self._running)
-            for other in ahead + [job]:  # the queue starts in order: those ahead that can start, will
-                reason = self._reason(other, running)
-                if reason is not None:
-                    n = len(ahead)
-                    return reason if other is job else f"{n} job{'s are' if n != 1 else ' is'} ahead of it in the queue"
-                running.append(other)
-            return None
+            for other in ahead:  # those ahead that can start, will; one passed too often holds the rest
+                if self._reason(other, running) is None:
+                    running.append(other)
+                elif other.passed >= PASS_LIMIT:
+                    return f"waiting its turn: '{other.name}' ahead of it is next, and the step is kept free for it"
+            return self._reason(job, running)
 
     def _reason(self, job: TrainJob, running: list[TrainJob] | None = None) -> str | None:
         """(Holding _cond.) Why `job` could not start beside `running` (default: the running jobs), or None."""
@@ -383,16 +439,25 @@ class TrainScheduler:
                         "when one ends.")
         return None
 
+    def _offer_order(self) -> list[TrainJob]:
+        """(Holding _cond.) The queue as it is offered a start: owners with fewer running jobs first, then
+        queue order (a stable sort)."""
+        running: dict = {}
+        for j in self._running:
+            running[j.user] = running.get(j.user, 0) + 1
+        return sorted(self._queue, key=lambda j: running.get(j.user, 0))
+
     def _startable(self) -> TrainJob | None:
-        """(Holding _cond.) The queue's head if it can start now; else None, with its reason set."""
-        if not self._queue:
-            return None
-        job = self._queue[0]
-        reason = self._reason(job)
-        if reason is not None:
+        """(Holding _cond.) The first offered job that can start now, unless one before it was passed
+        PASS_LIMIT times; None when none can (each waiting job gets its reason)."""
+        for job in self._offer_order():
+            reason = self._reason(job)
+            if reason is None:
+                return job
             self._wait_reason(job, reason)
-            return None
-        return job
+            if job.passed >= PASS_LIMIT:
+                return None
+        return None
 
     def _wait_reason(self, job: TrainJob, reason: str) -> None:
         if job.waiting != reason:
@@ -426,7 +491,7 @@ class TrainScheduler:
         return est.activation_bytes + est.lora_bytes  # the runtime overhead is shared, like the base
 
     def _update_positions(self) -> None:
-        for i, job in enumerate(self._queue):
+        for i, job in enumerate(self._offer_order()):
             if job.position != i + 1:
                 job._touch(position=i + 1)
 
@@ -435,10 +500,12 @@ class TrainScheduler:
         now, while the others wait); a job that cannot start ends with its message."""
         spec = job.spec
         with self._cond:
+            for other in itertools.takewhile(lambda o: o is not job, self._offer_order()):
+                other.passed += 1  # it could not start, and this one goes past it
             self._queue.remove(job)
-            self._update_positions()
             job._touch(position=0, waiting="", state="starting", started=job.started or time.time())
             self._running.append(job)
+            self._update_positions()
         try:
             if job.trainer is None:  # a job pushed out by an out-of-memory error keeps its trainer
                 job.model = self._load_base(spec)
@@ -515,6 +582,7 @@ class TrainScheduler:
             with self._cond:
                 self._running.remove(job)
                 self._squeezed = False
+                self._update_positions()
             self._end(job, job._final or {"type": "error", "kind": "internal", "step": job.progress.get("step", 0),
                                           "message": "training ended without a result.", "checkpoint": None})
 

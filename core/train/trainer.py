@@ -54,7 +54,8 @@ from core.adapters.format import PEFT_PREFIX, WEIGHTS, save_adapter
 from core.adapters.run_record import META
 from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
                                    checkpoint_step)
-from core.model.config import LoraConfig, TrainConfig
+from core.lora.config import LoraConfig
+from core.train.config import TrainConfig
 from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk

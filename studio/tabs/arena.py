@@ -57,7 +57,7 @@ def open_round(studio: Studio, title, base_model, prompts, models, max_tokens, t
         raise ValueError(f"choose the base model, one of {', '.join(CHOICES)}.")
     if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models):
         raise ValueError("the models are a list of adapter names; pick them from the list.")
-    allowed = {BASE, *compatible_adapters(studio, base_model)}
+    allowed = {BASE, *compatible_adapters(studio, base_model, teacher)}  # an admin sees every adapter
     unknown = [m for m in models if m not in allowed]
     if unknown:
         raise ValueError(f"'{unknown[0][:64]}' is not a finished adapter for {base_model}; pick from the list.")
@@ -159,11 +159,14 @@ def create_arena_tab(studio: Studio) -> dict:
     refresh.click(lambda r: (round_choices(studio, r), board_rows(studio, r)), inputs=rounds,
                   outputs=[rounds, board], api_visibility="private")
     rounds.change(friendly(lambda r: board_rows(studio, r)), inputs=rounds, outputs=board, api_visibility="private")
-    def model_choices(b, keep=()):
-        names = [BASE, *compatible_adapters(studio, b)] if b in CHOICES else [BASE]
+    def model_choices(b, keep=(), user=None):
+        names = [BASE, *compatible_adapters(studio, b, user)] if b in CHOICES else [BASE]
         return gr.update(choices=names, value=[m for m in keep or () if m in names])
 
-    base.change(lambda b: model_choices(b), inputs=base, outputs=models, api_visibility="private")
+    def base_changed(b, request: gr.Request):
+        return model_choices(b, user=user_of(request))
+
+    base.change(base_changed, inputs=base, outputs=models, api_visibility="private")
     @friendly
     def do_next(r, request: gr.Request):
         return next_pair(studio, r, request)

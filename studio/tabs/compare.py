@@ -12,12 +12,12 @@ import gradio as gr
 
 from core.adapters.validate import AdapterError, preset_of
 from core.generate.sampling import SamplingConfig
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text
 from core.train.data import read_dataset_meta
 from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
 
-from ..context import Studio, friendly, number, requester, typed_name, whole
+from ..context import Studio, friendly, number, requester, typed_name, user_of, whole
 from ..inputs import Number, Slider
 from ..models import CHOICES
 
@@ -39,10 +39,11 @@ QUEUE_NOTE = "waiting in the queue: position {}"  # shown under the prompt while
 BATCHED_CONCURRENCY = 32  # compares served at once with batched generation (under anyio's 40 worker threads)
 
 
-def compatible_adapters(studio: Studio, model_name: str) -> list[str]:
-    """Library adapters that can run on base `model_name` (complete, valid, made for that base)."""
+def compatible_adapters(studio: Studio, model_name: str, user: str | None = None) -> list[str]:
+    """Library adapters that can run on base `model_name` (complete, valid, made for that base) and that the
+    signed-in `user` may see (Studio.can_see)."""
     out = []
-    for e in studio.library.list():
+    for e in studio.adapters(user):
         if not e.has_final or e.problem or (e.status or "").startswith("training"):
             continue
         base = preset_of(e.base_model)
@@ -55,8 +56,9 @@ ADAPTERS_INFO = "Library adapters made for this base; each gets its own column."
 NO_ADAPTERS = "No adapters for this base yet: train one on the Train tab (the base model column works meanwhile)."
 
 
-def adapter_choices(studio: Studio, model_name: str, current=None, add: str | None = None):
-    names = compatible_adapters(studio, model_name)
+def adapter_choices(studio: Studio, model_name: str, current=None, add: str | None = None,
+                    user: str | None = None):
+    names = compatible_adapters(studio, model_name, user)
     value = [n for n in (current or []) if n in names]
     if add and add in names and add not in value:
         value = (value + [add])[-MAX_ADAPTERS:]
@@ -107,10 +109,10 @@ def update_interval(streams: int) -> float:
     return max(STREAM_INTERVAL, streams / UPDATES_PER_S)
 
 
-def compare(studio: Studio, form: CompareForm, progress=None, user=None):
+def compare(studio: Studio, form: CompareForm, progress=None, user=None, signed_in: str | None = None):
     """Yield, for the five output columns and then the model status, gr.update()s: labels/visibility first,
     then the texts as they grow. user: who asks (signed-in user or session), for the rows-per-user cap of
-    batched generation."""
+    batched generation; signed_in: the signed-in user name, for which adapters they may use."""
     model_name, adapters = form.model, form.adapters
     if adapters is not None and not isinstance(adapters, (list, tuple)):
         raise ValueError("adapters must be a list of library names; pick them from the list.")
@@ -120,11 +122,13 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None):
     adapters = [studio.engine.check_adapter(typed_name(a, "an adapter name")) for a in adapters or []]
     if len(set(adapters)) != len(adapters):
         raise ValueError("each adapter can be chosen once.")
+    for a in adapters:
+        studio.check_adapter(a, signed_in)  # another user's private adapter: 'no adapter named ...'
     if not isinstance(model_name, str) or model_name not in CHOICES:
         raise ValueError(f"unknown base model {str(model_name)[:40]!r}; choose one of {', '.join(CHOICES)}.")
     columns = ([None] if form.include_base else []) + adapters
     if not columns:
-        if not compatible_adapters(studio, model_name):  # a first run: say where adapters come from
+        if not compatible_adapters(studio, model_name, signed_in):  # a first run: say where adapters come from
             raise ValueError("there are no adapters for this base yet: train one on the Train tab, or tick "
                              "\"Include the base model\" to see what the base writes alone.")
         raise ValueError("choose the base model and/or at least one adapter to compare.")
@@ -221,10 +225,12 @@ def create_compare_tab(studio: Studio) -> dict:
 
     model.change(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
-    model.change(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
-                 show_progress="hidden", api_visibility="private")
-    refresh.click(lambda m, cur: adapter_choices(studio, m, cur), inputs=[model, adapters], outputs=adapters,
-                  api_visibility="private")
+    def choices(m, cur, request: gr.Request):
+        return adapter_choices(studio, m, cur, user=user_of(request))
+
+    model.change(choices, inputs=[model, adapters], outputs=adapters, show_progress="hidden",
+                 api_visibility="private")
+    refresh.click(choices, inputs=[model, adapters], outputs=adapters, api_visibility="private")
 
     # the form as CompareForm's fields, in its order (the compare API's argument order)
     form = dict(model=model, include_base=include_base, adapters=adapters, prompt=prompt, temperature=temperature,
@@ -232,7 +238,7 @@ def create_compare_tab(studio: Studio) -> dict:
 
     @friendly
     def run(request: gr.Request, progress=gr.Progress(), **values):
-        yield from compare(studio, CompareForm(**values), progress, user=requester(request))
+        yield from compare(studio, CompareForm(**values), progress, user=requester(request), signed_in=user_of(request))
 
     # batched: every running compare is rows of the one decode loop, so more may run at once (each handler
     # thread only waits for its rows); loop: each runs its own decode loop, four at a time

@@ -15,7 +15,7 @@ from core.model import tokenizer
 from core.train.data import TEXT_SUFFIXES, build_dataset, join_documents, list_samples, load_sample, normalize_text
 from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
 from ..inputs import Slider
@@ -212,8 +212,8 @@ def _n(x) -> str:
     return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
 
 
-def saved_datasets_md(studio: Studio) -> str:
-    rows = studio.datasets()
+def saved_datasets_md(studio: Studio, user: str | None = None) -> str:
+    rows = studio.datasets(user)
     if not rows:
         return "_No datasets saved yet._"
     lines = ["| dataset | tokens | train / val | sources |", "|---|---:|---:|---|"]
@@ -257,7 +257,7 @@ def create_data_tab(studio: Studio) -> dict:
     gr.Markdown("### Token view")
     tokens = gr.HTML(token_view_html(""), elem_id="data-tokens")
     with gr.Accordion("Saved datasets", open=False):
-        saved = gr.Markdown(saved_datasets_md(studio))
+        saved = gr.Markdown(saved_datasets_md(studio), elem_id="data-saved")
     with gr.Accordion("Records: .jsonl / .json / .csv / .tsv (instruction data: prompt and response)", open=False,
                       elem_id="data-records"):
         from .data_records import create_records_section  # it builds on this module's token view
@@ -276,10 +276,11 @@ def create_data_tab(studio: Studio) -> dict:
     ratio.release(**run_analyze)
 
     def do_prepare(st, text, r, n, request: gr.Request):
-        return prepare(studio, st, text, r, n, user_of(request)), saved_datasets_md(studio)
+        user = user_of(request)
+        return prepare(studio, st, text, r, n, user), saved_datasets_md(studio, user)
 
     prepared = prepare_btn.click(friendly(do_prepare), inputs=[state, pasted, ratio, name],
                                  outputs=[status, saved], api_name="prepare_dataset")
     return {"files": files, "sample": sample, "text": pasted, "ratio": ratio, "name": name,
-            "prepare": prepare_btn, "status": status, "stats": stats, "tokens": tokens, "state": state,
+            "prepare": prepare_btn, "status": status, "stats": stats, "saved": saved, "tokens": tokens, "state": state,
             "prepared": prepared, **records}

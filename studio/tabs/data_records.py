@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core.text_checks import check_text
+from core.checks import check_text
 from core.train.estimate import human_bytes
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example
@@ -110,7 +110,8 @@ def masked_view(path, prompt, response, text, template) -> str:
 
 def prepare_records(studio: Studio, path, prompt, response, text, template, ratio, name,
                     user: str | None = None) -> str:
-    """Save the upload as dataset `name` (every record checked first; nothing is written on an error)."""
+    """Save the upload as dataset `name`, owned by the signed-in `user` (every record checked first; nothing is
+    written on an error)."""
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)
     records, source = _records(path)
@@ -161,8 +162,9 @@ def create_records_section(studio: Studio, ratio, saved) -> dict:
     template.change(trigger_mode="always_last", **show)
 
     def do_prepare(path, prompt, response, text, template, ratio, name, request: gr.Request):
-        return (prepare_records(studio, path, prompt, response, text, template, ratio, name, user_of(request)),
-                saved_datasets_md(studio))
+        user = user_of(request)
+        return (prepare_records(studio, path, prompt, response, text, template, ratio, name, user),
+                saved_datasets_md(studio, user))
 
     go.click(friendly(do_prepare), inputs=[*fields, ratio, name], outputs=[status, saved],
              api_name="prepare_records")

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.model.config import MAX_PROMPT_CHARS
-from core.text_checks import check_text, scrub
-from core.train.datasets import is_dataset_folder
+from core.checks import MAX_PROMPT_CHARS
+from core.checks import check_text, scrub
 from core.train.evaluate import MAX_MODELS, text_ids
 from core.train.trainer import EVAL_TOKENS
 
-from ..context import Studio, friendly, typed_name, whole
+from ..context import Studio, friendly, typed_name, user_of, whole
 from ..inputs import Slider
 from ..models import CHOICES
 from ..plots import eval_figure
@@ -64,16 +63,18 @@ def _model(name) -> str:
     return name
 
 
-def _adapter(studio: Studio, name) -> str:
-    """A typed adapter name that is in the library (checked before any model is loaded)."""
+def _adapter(studio: Studio, name, user: str | None = None) -> str:
+    """A typed adapter name that is in the library and that `user` may see (checked before any model is
+    loaded)."""
     name = typed_name(name, "an adapter name")
     if not name:
         raise ValueError("choose an adapter.")
     studio.engine.check_adapter(name)  # the engine's one rule: a library adapter (AdapterError otherwise)
+    studio.check_adapter(name, user)  # another user's private one: the same answer
     return name
 
 
-def _ids(studio: Studio, form: EvalForm):
+def _ids(studio: Studio, form: EvalForm, user: str | None = None):
     """The token ids to score, where they came from (for the summary) and their loss mask (instruction data:
     only response tokens are scored; None = every token)."""
     if form.source == SOURCES[1]:
@@ -88,9 +89,7 @@ def _ids(studio: Studio, form: EvalForm):
         raise ValueError("choose a dataset (prepare one on the Data tab), or paste text instead.")
     if form.split not in SPLITS:
         raise ValueError("the split must be val or train.")
-    if not is_dataset_folder(studio.dataset_path(name)):
-        raise ValueError(f"no dataset named {name!r}; prepare it on the Data tab or pick one from the list.")
-    ds = studio.dataset_store.load(name)
+    ds = studio.dataset(name, user)  # 'no dataset named ...', also for another user's private one
     ids = ds.val if form.split == "val" else ds.train
     if len(ids) < 2:
         raise ValueError(f"the {form.split} split of {name} holds {len(ids)} tokens, too few to evaluate; "
@@ -99,16 +98,16 @@ def _ids(studio: Studio, form: EvalForm):
     return ids, f"the {form.split} split of {name}" + (" (response tokens only)" if mask is not None else ""), mask
 
 
-def evaluate(studio: Studio, form: EvalForm, progress=None):
+def evaluate(studio: Studio, form: EvalForm, progress=None, user: str | None = None):
     """(table rows, figure, summary markdown) for the form; ValueError/AdapterError for bad input, raised
-    before anything is loaded."""
+    before anything is loaded. user: the signed-in user (who may use which adapters and datasets)."""
     model_name = _model(form.model)
     adapters = form.adapters
     if adapters is not None and not isinstance(adapters, (list, tuple)):
         raise ValueError("adapters must be a list of library names; pick them from the list.")
     if len(adapters or []) > MAX_ADAPTERS:
         raise ValueError(f"choose at most {MAX_ADAPTERS} adapters (got {len(adapters)}).")
-    adapters = [_adapter(studio, a) for a in adapters or []]
+    adapters = [_adapter(studio, a, user) for a in adapters or []]
     if len(set(adapters)) != len(adapters):
         raise ValueError("each adapter can be chosen once.")
     models = ([None] if form.include_base else []) + adapters
@@ -117,7 +116,7 @@ def evaluate(studio: Studio, form: EvalForm, progress=None):
     seq_len, max_tokens = whole(form.seq_len, "the sequence length"), whole(form.max_tokens, "tokens to evaluate")
     if not 1 <= max_tokens <= EVAL_TOKENS:
         raise ValueError(f"tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
-    ids, where, mask = _ids(studio, form)
+    ids, where, mask = _ids(studio, form, user)
     if progress is not None:
         progress(0.05, desc=f"loading base model {model_name} (first use only)…")
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
@@ -162,10 +161,10 @@ def diff_html(diffs, adapter: str) -> str:
     return scrub(f"<div class='token-caption'>{caption}</div><div class='token-view'>{''.join(spans)}</div>")
 
 
-def differences(studio: Studio, form: DiffForm) -> str:
+def differences(studio: Studio, form: DiffForm, user: str | None = None) -> str:
     """The coloured tokens of the form's text (html); ValueError/AdapterError before anything is loaded."""
     model_name = _model(form.model)
-    adapter = _adapter(studio, form.adapter)
+    adapter = _adapter(studio, form.adapter, user)
     text = check_text(form.text, "the text", MAX_PROMPT_CHARS)
     if not text.strip():
         raise ValueError("write or paste a text to colour (for example a Compare prompt and its continuation).")
@@ -183,8 +182,9 @@ def from_compare(include_base, adapters, *texts):
     return (text or gr.skip()), adapters[0]
 
 
-def adapter_update(studio: Studio, model_name: str, current=None, multiselect: bool = True):
-    names = compatible_adapters(studio, model_name)
+def adapter_update(studio: Studio, model_name: str, current=None, multiselect: bool = True,
+                   user: str | None = None):
+    names = compatible_adapters(studio, model_name, user)
     if multiselect:
         return gr.update(choices=names, value=[n for n in (current or []) if n in names][:MAX_ADAPTERS])
     return gr.update(choices=names, value=current if current in names else None)
@@ -242,29 +242,32 @@ def create_evaluate_tab(studio: Studio) -> dict:
                                    placeholder="A prompt with a continuation, or any text…")
     diff_view = gr.HTML(diff_html([], ""), elem_id="ev-diff-view")
 
-    def refresh_all(m, cur, one, ds):
-        return (adapter_update(studio, m, cur), adapter_update(studio, m, one, multiselect=False),
-                gr.update(choices=dataset_choices(studio), value=ds))
+    def refresh_all(m, cur, one, ds, user=None):
+        return (adapter_update(studio, m, cur, user=user), adapter_update(studio, m, one, multiselect=False, user=user),
+                gr.update(choices=dataset_choices(studio, user), value=ds))
+
+    def refresh_mine(m, cur, one, ds, request: gr.Request):
+        return refresh_all(m, cur, one, ds, user_of(request))
 
     lists = [adapters, diff_adapter, dataset]
     model.change(lambda m: studio.model_status(m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
     for trigger in (model.change, refresh.click):
-        trigger(refresh_all, inputs=[model, adapters, diff_adapter, dataset], outputs=lists,
+        trigger(refresh_mine, inputs=[model, adapters, diff_adapter, dataset], outputs=lists,
                 show_progress="hidden", api_visibility="private")
 
     form = dict(model=model, include_base=include_base, adapters=adapters, source=source, dataset=dataset,
                 split=split, text=text, seq_len=seq_len, max_tokens=max_tokens)
 
     @friendly
-    def run(progress=gr.Progress(), **values):
-        return evaluate(studio, EvalForm(**values), progress)
+    def run(request: gr.Request, progress=gr.Progress(), **values):
+        return evaluate(studio, EvalForm(**values), progress, user_of(request))
 
     go.click(run, inputs_kwargs=form, outputs=[table, plot, summary], concurrency_id="evaluate",
              concurrency_limit=1, api_name="evaluate")
     @friendly
-    def colour(**values):
-        return differences(studio, DiffForm(**values))
+    def colour(request: gr.Request, **values):
+        return differences(studio, DiffForm(**values), user_of(request))
 
     diff_go.click(colour, inputs_kwargs=dict(model=model, adapter=diff_adapter, text=diff_text), outputs=diff_view,
                   concurrency_id="evaluate", api_name="token_differences")

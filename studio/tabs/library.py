@@ -19,7 +19,7 @@ from core.adapters.validate import AdapterError
 from core.adapters.library import check_name
 from core.train.estimate import human_bytes
 
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import Studio, friendly, number, typed_name, user_of
 from ..plots import curve_figure, loss_figure, overlay_figure
@@ -35,25 +35,27 @@ def _f(x, digits=4):
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def table_rows(studio: Studio, entries=None) -> list[list]:
+def table_rows(studio: Studio, entries=None, user: str | None = None) -> list[list]:
+    """The table's rows of `entries` (default: the adapters `user` may see)."""
     rows = []
-    for e in studio.library.list() if entries is None else entries:
+    for e in studio.adapters(user) if entries is None else entries:
         targets = ", ".join(map(str, e.targets)) + (" · DoRA" if e.variant == "DoRA" else "")
         row = [e.name, e.base_model or "?", e.rank or "", targets, e.steps or "",
-               _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status, e.user or "",
+               _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status,
+               (e.user or "") + (" · shared" if e.user and e.shared else ""),
                str(e.created or "")[:16].replace("T", " "), human_bytes(e.size_bytes)]
         # metadata comes from files anyone could have uploaded: one unencodable string must not break the page
         rows.append([scrub(v) if isinstance(v, str) else v for v in row])
     return rows
 
 
-def names(studio: Studio, final_only: bool = False) -> list[str]:
-    return [e.name for e in studio.library.list() if e.has_final or not final_only]
+def names(studio: Studio, final_only: bool = False, user: str | None = None) -> list[str]:
+    return [e.name for e in studio.adapters(user) if e.has_final or not final_only]
 
 
-def refresh(studio: Studio, selected: str | None = None):
-    """(table rows, adapter picker, blend picker) after a change."""
-    entries = studio.library.list()  # reads every adapter's studio.json: once per refresh
+def refresh(studio: Studio, selected: str | None = None, user: str | None = None):
+    """(table rows, adapter picker, blend picker) after a change, of the adapters `user` may see."""
+    entries = studio.adapters(user)  # reads every adapter's studio.json: once per refresh
     all_names = [e.name for e in entries]
     finals = [e.name for e in entries if e.has_final]
     value = selected if selected in all_names else None
@@ -107,12 +109,14 @@ def _detail_rows(d: dict) -> list[tuple[str, object]]:
     return rows
 
 
-def details(studio: Studio, name: str | None):
+def details(studio: Studio, name: str | None, user: str | None = None):
     """(settings markdown, loss curve, checkpoint picker) of adapter `name`."""
     if not name:
         return NOTHING, loss_figure([], [], height=300), \
             gr.update(choices=[], value=None)
-    d = studio.library.details(typed_name(name, "the selected adapter"))
+    name = typed_name(name, "the selected adapter")
+    studio.check_adapter(name, user)
+    d = studio.library.details(name)
     md = scrub("<dl class='kv'>" + "".join(
         f"<dt>{html.escape(k)}</dt><dd>{html.escape(_short(v))}</dd>" for k, v in _detail_rows(d)
         if v not in (None, "", "None / None")) + "</dl>")
@@ -124,7 +128,7 @@ def details(studio: Studio, name: str | None):
 MAX_OVERLAY = 8  # adapters on one chart (beyond that the colours repeat and the lines blur)
 
 
-def overlay(studio: Studio, chosen) -> object:
+def overlay(studio: Studio, chosen, user: str | None = None) -> object:
     """The train and validation curves of up to MAX_OVERLAY library adapters on one chart."""
     if chosen is not None and not isinstance(chosen, (list, tuple)):
         raise ValueError("choose the adapters from the list.")
@@ -133,6 +137,8 @@ def overlay(studio: Studio, chosen) -> object:
         raise ValueError(f"choose at most {MAX_OVERLAY} adapters for one chart (got {len(names)}).")
     if len(set(names)) != len(names):
         raise ValueError("each adapter can be chosen once.")
+    for n in names:
+        studio.check_adapter(n, user)
     return overlay_figure([(n, studio.library.curve(n)) for n in names])
 
 
@@ -141,10 +147,13 @@ def _not_training(studio: Studio, name: str) -> None:
         raise ValueError(f"'{name}' is being trained right now (or queued to be); stop the run first.")
 
 
-def _need(name) -> str:
+def _need(name, studio: Studio | None = None, user: str | None = None) -> str:
+    """The selected adapter's name; with `studio`, one that `user` may see."""
     name = typed_name(name, "the selected adapter")
     if not name:
         raise ValueError("select an adapter first.")
+    if studio is not None:
+        studio.check_adapter(name, user)
     return name
 
 
@@ -166,14 +175,14 @@ def delete(studio: Studio, name, user: str | None = None) -> str:
 
 
 def duplicate(studio: Studio, name, new, user: str | None = None) -> tuple[str, str]:
-    name = _need(name)
+    name = _need(name, studio, user)
     new = check_name(typed_name(new, "the new name"))
     studio.library.duplicate(name, new, user=user)
     return f"Duplicated **{name}** as **{new}**.", new
 
 
 def restore_checkpoint(studio: Studio, name, checkpoint, new, user: str | None = None) -> tuple[str, str]:
-    name = _need(name)
+    name = _need(name, studio, user)
     checkpoint = typed_name(checkpoint, "the checkpoint")
     if not checkpoint:
         raise ValueError("choose a checkpoint of this run.")
@@ -214,14 +223,29 @@ def import_upload(studio: Studio, files, name, user: str | None = None) -> tuple
     return f"Imported **{name}** (validated).", name
 
 
-def export_zip(studio: Studio, name) -> str:
+def share(studio: Studio, name, shared, user: str | None = None) -> tuple[str, str]:
+    """Share adapter `name` with everyone signed in, or make it private again (its owner or an admin)."""
+    if not studio.auth:
+        raise ValueError("sharing needs sign-in (--auth); without it everyone already sees every adapter.")
+    if shared not in (True, False):
+        raise ValueError("shared must be true or false; tick or untick the box.")
     name = _need(name)
+    _not_training(studio, name)
+    studio.check_entry_owner(name, user, "share")
+    studio.library.set_shared(name, shared)
+    if shared:
+        return f"**{name}** is shared with the class: everyone signed in can see and use it.", name
+    return f"**{name}** is private again: only its owner and the admins see it.", name
+
+
+def export_zip(studio: Studio, name, user: str | None = None) -> str:
+    name = _need(name, studio, user)
     return str(studio.library.export_zip(name, studio.export_folder()))
 
 
-def export_metrics(studio: Studio, name, fmt: str) -> str:
+def export_metrics(studio: Studio, name, fmt: str, user: str | None = None) -> str:
     """The run's metrics (step, losses, lr, grad norm, tokens/s, time) from its history, as CSV or JSON."""
-    name = _need(name)
+    name = _need(name, studio, user)
     meta = _dict(studio.library.details(name).get("meta"))
     return str(write_metrics(meta, studio.export_folder(), name, fmt, studio.library.history(name)))
 
@@ -249,6 +273,8 @@ def blend(studio: Studio, picked, weights_text, new, user: str | None = None) ->
     picked = [typed_name(p, "an adapter to blend") for p in picked or []]
     if len(picked) < 2:
         raise ValueError("pick at least two adapters to blend.")
+    for p in picked:
+        studio.check_adapter(p, user)
     weights = blend_weights(weights_text, len(picked))
     new = check_name(typed_name(new, "the blend name"))
     studio.library.blend(picked, weights, new, user=user)
@@ -267,9 +293,9 @@ def _load_base_of(studio: Studio, name: str, progress=None) -> str:
     return base
 
 
-def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
+def merge_export(studio: Studio, name, progress=None, user: str | None = None) -> tuple[str, str]:
     """Base + adapter merged into an HF GPT-2 folder (config.json + model.safetensors), zipped."""
-    name = _need(name)
+    name = _need(name, studio, user)
     base = _load_base_of(studio, name, progress)
     folder = studio.export_folder()
     out = studio.engine.export_merged(name, folder / f"{name}-merged")
@@ -281,9 +307,9 @@ def merge_export(studio: Studio, name, progress=None) -> tuple[str, str]:
             f"{size} zipped."), str(zpath)
 
 
-def gguf_export(studio: Studio, name, qtype, progress=None) -> tuple[str, str]:
+def gguf_export(studio: Studio, name, qtype, progress=None, user: str | None = None) -> tuple[str, str]:
     """Base + adapter merged into one GGUF file (llama.cpp's GPT-2 layout), f16 or q8_0."""
-    name = _need(name)
+    name = _need(name, studio, user)
     if not isinstance(qtype, str) or qtype not in GGUF_TYPES:
         raise ValueError(f"choose the GGUF type: {' or '.join(GGUF_TYPES)}.")
     base = _load_base_of(studio, name, progress)
@@ -294,9 +320,9 @@ def gguf_export(studio: Studio, name, qtype, progress=None) -> tuple[str, str]:
             f"llama.cpp, LM Studio or ollama."), str(out)
 
 
-def gguf_adapter_export(studio: Studio, name, progress=None) -> tuple[str, str]:
+def gguf_adapter_export(studio: Studio, name, progress=None, user: str | None = None) -> tuple[str, str]:
     """The adapter alone as a GGUF adapter file, for llama.cpp's --lora over a GGUF of its base."""
-    name = _need(name)
+    name = _need(name, studio, user)
     base = _load_base_of(studio, name, progress)
     out = studio.engine.export_gguf_adapter(name, studio.export_folder() / f"{name}-lora.gguf")
     return (f"Wrote **{name}** alone as a GGUF adapter ({human_bytes(os.path.getsize(out))}) for llama.cpp's "
@@ -330,6 +356,9 @@ def create_library_tab(studio: Studio) -> dict:
                 dup_btn = gr.Button("Duplicate", elem_id="lib-duplicate")
                 del_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
                 use_btn = gr.Button("Use in Compare →", variant="primary", elem_id="lib-use")
+            # with sign-in an adapter is private to its owner (and the admins) until it is shared
+            share_box = gr.Checkbox(False, label="Share with the class", visible=studio.auth, elem_id="lib-share",
+                                    info="Everyone signed in can then see and use it; admins always can.")
     with gr.Row(visible=False, elem_classes="confirm") as confirm_row:
         confirm_md = gr.Markdown()
         confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="lib-confirm-delete")
@@ -388,35 +417,42 @@ def create_library_tab(studio: Studio) -> dict:
                                  info="Their train loss (lines) and validation loss (dashed) on one chart.")
             overlay_plot = gr.Plot(overlay_figure([]), label="Loss curves", elem_id="lib-overlay")
     lists = [table, picked, blend_pick]
-    show = dict(fn=friendly(lambda selected: details(studio, selected)), inputs=picked, outputs=[info, curve, ckpt])
-    picked.change(**show, api_visibility="private")
+    @friendly
+    def show(selected, request: gr.Request):
+        shown = details(studio, selected, user_of(request))  # checks that this user may see it
+        name = typed_name(selected, "the selected adapter")
+        return (*shown, bool(name) and studio.library.details(name).get("shared") is True)
+
+    picked.change(show, inputs=picked, outputs=[info, curve, ckpt, share_box], api_visibility="private")
 
     def on_select(evt: gr.SelectData):
         row = evt.row_value if evt.row_value else None
         return row[0] if row else gr.skip()
 
     table.select(on_select, outputs=picked, api_visibility="private")
-    refresh_btn.click(lambda selected: refresh(studio, selected), inputs=picked, outputs=lists,
-                      api_visibility="private")
+    def mine(selected, request: gr.Request):
+        return refresh(studio, selected, user_of(request))
 
-    def after(result):
-        """Run an action returning (message, name to select); then refresh the lists."""
+    refresh_btn.click(mine, inputs=picked, outputs=lists, api_visibility="private")
+
+    def after(result, user: str | None):
+        """Run an action returning (message, name to select); then refresh the lists `user` sees."""
         msg, select = result
-        return (msg, *refresh(studio, select))
+        return (msg, *refresh(studio, select, user))
 
     # every handler acts as the signed-in user: owners (or admins) only for rename/delete, the acting user
     # recorded for what it creates
     @friendly
     def do_rename(selected, new_name, request: gr.Request):
-        return after(rename(studio, selected, new_name, user_of(request)))
+        return after(rename(studio, selected, new_name, user_of(request)), user_of(request))
 
     @friendly
     def do_duplicate(selected, new_name, request: gr.Request):
-        return after(duplicate(studio, selected, new_name, user_of(request)))
+        return after(duplicate(studio, selected, new_name, user_of(request)), user_of(request))
 
     @friendly
     def do_restore(selected, checkpoint, new_name, request: gr.Request):
-        return after(restore_checkpoint(studio, selected, checkpoint, new_name, user_of(request)))
+        return after(restore_checkpoint(studio, selected, checkpoint, new_name, user_of(request)), user_of(request))
 
     @friendly
     def ask_delete(selected):
@@ -426,15 +462,20 @@ def create_library_tab(studio: Studio) -> dict:
 
     @friendly
     def do_delete(selected, request: gr.Request):
-        return (gr.update(visible=False), delete(studio, selected, user_of(request)), *refresh(studio, None))
+        return (gr.update(visible=False), delete(studio, selected, user_of(request)),
+                *refresh(studio, None, user_of(request)))
 
     @friendly
     def do_import(files, name, request: gr.Request):
-        return (*after(import_upload(studio, files, name, user_of(request))), None)
+        return (*after(import_upload(studio, files, name, user_of(request)), user_of(request)), None)
 
     @friendly
     def do_blend(picked, weights, name, request: gr.Request):
-        return after(blend(studio, picked, weights, name, user_of(request)))
+        return after(blend(studio, picked, weights, name, user_of(request)), user_of(request))
+
+    @friendly
+    def do_share(selected, shared, request: gr.Request):
+        return after(share(studio, selected, shared, user_of(request)), user_of(request))
 
     rename_btn.click(do_rename, inputs=[picked, new_name], outputs=[status, *lists], api_name="rename_adapter")
     dup_btn.click(do_duplicate, inputs=[picked, new_name], outputs=[status, *lists], api_name="duplicate_adapter")
@@ -446,37 +487,38 @@ def create_library_tab(studio: Studio) -> dict:
     up_btn.click(do_import, inputs=[upload, up_name], outputs=[status, *lists, upload], api_name="import_adapter")
     blend_btn.click(do_blend, inputs=[blend_pick, blend_w, blend_name], outputs=[status, *lists],
                     api_name="blend_adapters")
+    share_box.input(do_share, inputs=[picked, share_box], outputs=[status, *lists], api_name="share_adapter")
 
     # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
     # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
     @friendly
-    def do_zip(selected):
-        path = export_zip(studio, selected)
+    def do_zip(selected, request: gr.Request):
+        path = export_zip(studio, selected, user_of(request))
         yield gr.update(value=path, visible=True)
         studio.drop_export(path)
 
     @friendly
-    def do_merge(selected, progress=gr.Progress()):
-        msg, path = merge_export(studio, selected, progress)
+    def do_merge(selected, request: gr.Request, progress=gr.Progress()):
+        msg, path = merge_export(studio, selected, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
     @friendly
-    def do_gguf(selected, qtype, progress=gr.Progress()):
-        msg, path = gguf_export(studio, selected, qtype, progress)
+    def do_gguf(selected, qtype, request: gr.Request, progress=gr.Progress()):
+        msg, path = gguf_export(studio, selected, qtype, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
     @friendly
-    def do_gguf_adapter(selected, progress=gr.Progress()):
-        msg, path = gguf_adapter_export(studio, selected, progress)
+    def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
+        msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
     def metrics_of(fmt: str):
         @friendly
-        def do_metrics(selected):
-            path = export_metrics(studio, selected, fmt)
+        def do_metrics(selected, request: gr.Request):
+            path = export_metrics(studio, selected, fmt, user_of(request))
             yield gr.update(value=path, visible=True)
             studio.drop_export(path)
         return do_metrics
@@ -488,10 +530,16 @@ def create_library_tab(studio: Studio) -> dict:
     json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
     merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
     # the list is read when it opens (adapters come and go); the chart follows the choice
-    chosen.focus(lambda cur: gr.update(choices=names(studio), value=cur or []), inputs=chosen, outputs=chosen,
-                 show_progress="hidden", api_visibility="private")
-    chosen.change(friendly(lambda cur: overlay(studio, cur)), inputs=chosen, outputs=overlay_plot,
-                  show_progress="hidden", api_name="overlay_curves")
+    def overlay_choices(cur, request: gr.Request):
+        return gr.update(choices=names(studio, user=user_of(request)), value=cur or [])
+
+    @friendly
+    def draw_overlay(cur, request: gr.Request):
+        return overlay(studio, cur, user_of(request))
+
+    chosen.focus(overlay_choices, inputs=chosen, outputs=chosen, show_progress="hidden", api_visibility="private")
+    chosen.change(draw_overlay, inputs=chosen, outputs=overlay_plot, show_progress="hidden",
+                  api_name="overlay_curves")
     return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
             "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
             "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
@@ -499,5 +547,5 @@ def create_library_tab(studio: Studio) -> dict:
             "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name,
             "import": up_btn, "gguf_adapter": gguf_lora_btn,
             "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
-            "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn,
+            "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn, "share": share_box,
             "lists": lists, "overlay_pick": chosen, "overlay": overlay_plot}

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from core.adapters.library import check_name
-from core.model.config import MAX_PROMPT_CHARS, PRESETS, TARGET_MODULES, LoraConfig, TrainConfig
+from core.checks import MAX_PROMPT_CHARS
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS, TARGET_MODULES
+from core.train.config import TrainConfig
 from core.lora.variants import INITS, parse_pattern
-from core.train.data import load_dataset
+from core.train.data import load_dataset, read_dataset_meta
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trackers import REPORT_TO
 from core.train.trainer import find_checkpoint
 
-from core.text_checks import check_text, scrub
+from core.checks import check_text, scrub
 
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
                        user_of, whole)
@@ -153,19 +156,24 @@ def model_status_md(studio: Studio, model_name: str) -> str:
     return studio.model_status(model_name)
 
 
-def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
+def dataset_choices(studio: Studio, user: str | None = None, rows: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(label, name) of the datasets `user` may see (or of `rows`, studio.datasets' entries)."""
     out = []
-    for d in studio.datasets():
+    for d in studio.datasets(user) if rows is None else rows:
         t = d["meta"].get("tokens")
         out.append((f"{d['name']} ({t:,} tokens)" if isinstance(t, int) else d["name"], d["name"]))
     return out
 
 
-def refresh_datasets(studio: Studio, current: str | None = None, select: str | None = None):
-    choices = dataset_choices(studio)
-    names = [v for _, v in choices]
-    value = select if select in names else current if current in names else (names[0] if names else None)
-    return gr.update(choices=choices, value=value)
+def refresh_datasets(studio: Studio, current: str | None = None, select: str | None = None,
+                     user: str | None = None):
+    """The dataset picker for `user`: `select`, else `current`, else the newest of the user's own (or unowned)
+    datasets; never another user's unasked (an admin sees everyone's, but none is picked for them)."""
+    rows = studio.datasets(user)
+    names = [d["name"] for d in rows]
+    own = [d["name"] for d in rows if d["meta"].get("user") in (None, user)]
+    value = select if select in names else current if current in names else (own[0] if own else None)
+    return gr.update(choices=dataset_choices(studio, rows=rows), value=value)
 
 
 # ---- actions -----------------------------------------------------------------------------
@@ -200,7 +208,7 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     lcfg, tcfg = make_configs(form)
     lcfg.validate(PRESETS[model_name])  # bad settings are explained before a base model is loaded
     tcfg.validate(PRESETS[model_name])
-    ds = studio.dataset_store.load(dataset)
+    ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
     studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)
@@ -234,7 +242,7 @@ def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None
     if admin_token and not studio.is_admin_token(admin_token):
         raise ValueError("the admin token is wrong; nothing was stopped (leave it empty to stop a job of your own).")
     admin = (studio.auth and user is not None and user in studio.admins) or bool(admin_token)
-    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin)
+    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin, by=user or "")
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
@@ -247,8 +255,8 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
+    studio.check_entry_owner(name, user, "resume")  # first: another user's private run is not named as one
     ck = find_checkpoint(studio.runner.run_dir(name))
-    studio.check_entry_owner(name, user, "resume")
     base = ck.meta.get("base_model") or ""
     if not isinstance(base, str) or base not in PRESETS:
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
@@ -258,6 +266,9 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
     if folder is None:
         raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) is no longer in the datasets "
                          f"folder; prepare it again with the same text to resume.")
+    if not studio.can_see(read_dataset_meta(folder).get("user"), user):
+        raise ValueError(f"the dataset of run '{name}' ({ds_meta.get('name', '?')}) belongs to another user; "
+                         f"prepare the same text as a dataset of yours to resume.")
     ds = load_dataset(folder)
     total = steps if steps is not None and steps > ck.step else None
     if total is None and ck.tcfg.steps <= ck.step:
@@ -270,10 +281,13 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
 
 
 def limit_note(studio: Studio) -> str:
-    """The Train tab's line on the per-job budget (--max-job-tokens), empty without one."""
-    cap = studio.max_job_tokens
-    return "" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
-                                   f"sequence length).")
+    """The Train tab's line on the per-job budget (--max-job-tokens, --max-job-steps, --max-job-minutes), empty
+    without one."""
+    cap, steps, minutes = studio.max_job_tokens, studio.max_job_steps, studio.max_job_minutes
+    return ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                    f"sequence length).")) + \
+        ("" if steps is None else f" A job may train at most {steps:,} steps.") + \
+        ("" if minutes is None else f" A job trains at most {minutes:g} minutes, then it is stopped and saved.")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -309,6 +323,8 @@ def job_html(snap: dict | None) -> str:
         "stopped": f"<b>{name}</b> stopped at step {step} and is saved to the library; <b>Resume</b> continues it.",
         "failed": f"<b>{name}</b>: {html.escape(snap['message'])}",
     }[state]
+    if state == "stopped" and snap.get("stop_reason"):  # the teacher, or the server's time limit
+        text += f" <b>{html.escape(snap['stop_reason'][0].upper() + snap['stop_reason'][1:])}.</b>"
     head = f"<span class='badge {state}'>{badge}</span> {text}"
     metrics = [f"step <b>{step:,}</b> / {steps:,} ({pct:.0f}%)"]
     if snap["live"] and state != "queued":
@@ -549,7 +565,10 @@ def create_train_tab(studio: Studio) -> dict:
           api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
-    refresh.click(lambda cur: refresh_datasets(studio, cur), inputs=dataset, outputs=dataset, api_visibility="private")
+    def refresh_mine(cur, request: gr.Request):
+        return refresh_datasets(studio, cur, user=user_of(request))
+
+    refresh.click(refresh_mine, inputs=dataset, outputs=dataset, api_visibility="private")
 
     def followed(run: str):
         job = studio.runner.training(run)

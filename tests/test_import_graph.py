@@ -1,0 +1,93 @@
+"""The layers import downwards only: no import circle among core's and studio's modules (a circle means two
+modules that cannot be read, tested or moved apart), and core never imports the UI's packages."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UI_PACKAGES = {"gradio", "plotly", "studio"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(the project modules `path` imports, at any depth of the file; the top-level packages it imports)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found, tops = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            tops.add(t.split(".")[0])
+            if t in modules and t != name:
+                found.add(t)
+    return found, tops
+
+
+def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    files = [p for d in ("core", "studio") for p in (ROOT / d).rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    edges, tops = {}, {}
+    for p in files:
+        edges[module_name(p)], tops[module_name(p)] = imports_of(p, modules)
+    return edges, tops
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_core_has_no_import_circle():
+    edges, _ = graph()
+    core = {m: {d for d in deps if d.startswith("core")} for m, deps in edges.items() if m.startswith("core")}
+    assert cycles(core) == []
+
+
+def test_core_never_imports_the_ui():
+    _, tops = graph()
+    assert {m: sorted(t & UI_PACKAGES) for m, t in tops.items() if m.startswith("core") and t & UI_PACKAGES} == {}
