@@ -81,5 +81,10 @@ CSS = """
 .refresh-btn { align-self: flex-end; margin-bottom: 10px; max-height: 40px; }
 .button-column { justify-content: flex-end; padding-top: 28px; }
 .confirm { border: 1px solid #f87171; border-radius: 10px; padding: 6px 10px; background: rgba(248, 113, 113, .08); }
+/* tables fit 1280 px (their column_widths): a header wraps between words, never mid-word ("ra/nk"); long values
+   (names, targets) wrap anywhere instead of pushing columns out of view */
+#lib-table th, #lib-table th *, #train-jobs th, #train-jobs th * { white-space: normal !important;
+  word-break: keep-all !important; overflow-wrap: normal !important; }
+#lib-table td, #lib-table td *, #train-jobs td, #train-jobs td * { overflow-wrap: anywhere; }
 .outputs .cmp-out textarea { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.88rem; }
 """

@@ -78,8 +78,8 @@ def test_text_over_the_size_limit(studio, tmp_path, monkeypatch):
 
 
 def test_pasted_whitespace_and_empty_sessions(studio):
-    refused(studio, ValueError, r"there is no text yet", data.prepare, studio, dict(data.EMPTY), " \n\t ", 0.9, "x")
-    refused(studio, ValueError, r"there is no text yet", data.prepare, studio, None, None, 0.9, "x")
+    refused(studio, ValueError, r"add some text first", data.prepare, studio, dict(data.EMPTY), " \n\t ", 0.9, "x")
+    refused(studio, ValueError, r"add some text first", data.prepare, studio, None, None, 0.9, "x")
 
 
 @pytest.mark.parametrize("case", list(TEXT_CASES))

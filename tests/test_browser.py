@@ -117,6 +117,7 @@ def test_full_journey(server, browser):
     assert _value(page, "train-dataset").startswith("pirates")
     assert "noise until" in page.inner_text("#train-model-status")
     _fill(page, "train-name", "pirate-lora")
+    page.click("#train-lora-settings button")  # the LoRA settings are folded away
     page.click("#train-targets label:has-text('mlp.c_fc')")
     _fill(page, "train-steps", 800)
     _fill(page, "train-seq", 64)

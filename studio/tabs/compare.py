@@ -52,13 +52,17 @@ def compatible_adapters(studio: Studio, model_name: str, user: str | None = None
     return out
 
 
+ADAPTERS_INFO = "Library adapters made for this base; each gets its own column."
+NO_ADAPTERS = "No adapters for this base yet: train one on the Train tab (the base model column works meanwhile)."
+
+
 def adapter_choices(studio: Studio, model_name: str, current=None, add: str | None = None,
                     user: str | None = None):
     names = compatible_adapters(studio, model_name, user)
     value = [n for n in (current or []) if n in names]
     if add and add in names and add not in value:
         value = (value + [add])[-MAX_ADAPTERS:]
-    return gr.update(choices=names, value=value)
+    return gr.update(choices=names, value=value, info=ADAPTERS_INFO if names else NO_ADAPTERS)
 
 
 @dataclass
@@ -124,6 +128,9 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None, signed_
         raise ValueError(f"unknown base model {str(model_name)[:40]!r}; choose one of {', '.join(CHOICES)}.")
     columns = ([None] if form.include_base else []) + adapters
     if not columns:
+        if not compatible_adapters(studio, model_name, signed_in):  # a first run: say where adapters come from
+            raise ValueError("there are no adapters for this base yet: train one on the Train tab, or tick "
+                             "\"Include the base model\" to see what the base writes alone.")
         raise ValueError("choose the base model and/or at least one adapter to compare.")
     prompt = check_text(form.prompt, "the prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
@@ -183,7 +190,7 @@ def create_compare_tab(studio: Studio) -> dict:
                                        max_choices=MAX_ADAPTERS, label="Adapters (up to 4)", scale=4,
                                        allow_custom_value=True,  # adapters made after launch, checked on use
                                        elem_id="cmp-adapters",
-                                       info="Library adapters made for this base; each gets its own column.")
+                                       info=ADAPTERS_INFO if compatible_adapters(studio, d.model) else NO_ADAPTERS)
                 refresh = gr.Button("↻", scale=0, min_width=44, size="sm", elem_id="cmp-refresh",
                                     elem_classes="refresh-btn")
             include_base = gr.Checkbox(d.include_base, label="Include the base model as a column", elem_id="cmp-base",

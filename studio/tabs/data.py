@@ -24,6 +24,7 @@ TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
 MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
 MAX_PASTED_CHARS = 8 * 2**20  # the text box travels with every event: big texts belong in a file
 PREVIEW_CHARS = 1_000_000  # live statistics read at most this much (~0.3 s); Prepare counts everything
+NO_TEXT = "add some text first: upload .txt/.md files, paste text, or pick a sample."
 EMPTY = {"files": [], "tokens": 0, "sample": None}  # per-session: uploads [(source, path, bytes)] (never their
 # text: gr.State is copied per session), the (estimated) token count, the bundled sample loaded into the box
 
@@ -87,7 +88,8 @@ def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
         path = Path(f if isinstance(f, str) else getattr(f, "name", f))
         display = check_text(path.name, "a file name", 255)
         if path.suffix.lower() not in TEXT_SUFFIXES:
-            raise ValueError(f"{display}: only .txt and .md files can be used as text.")
+            raise ValueError(f"{display} is not a text file: only .txt and .md files can be used; copy its text "
+                             f"into the Text box instead.")
         size = path.stat().st_size if path.is_file() else 0
         total += size
         if total > MAX_SESSION_BYTES:  # before reading: the cap bounds the memory one session can use
@@ -192,11 +194,13 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
             user: str | None = None) -> str:
     """Tokenize, split and save the session's text as dataset `name` of `user` (the signed-in one, whose
     quota it counts against); returns a status line."""
+    if not (state or EMPTY).get("files") and not _pasted(state, pasted)[0]:  # first: a name alone makes nothing
+        raise ValueError(NO_TEXT)
     name = typed_name(name, "the dataset name")
     studio.dataset_store.check_new(name)  # before the text is read and tokenized for nothing
     texts, sources, _ = _docs(state, pasted)
     if not texts:
-        raise ValueError("there is no text yet: upload .txt/.md files, paste text, or pick a sample.")
+        raise ValueError(NO_TEXT)
     ds = build_dataset(texts, sources, number(ratio, "the training share"))
     studio.dataset_store.create(name, ds, user)  # published whole: a failed write (a full disk) leaves nothing
     m = ds.meta
@@ -229,8 +233,10 @@ def create_data_tab(studio: Studio) -> dict:
                 "session until you save it as a named dataset.", elem_classes="tab-intro")
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
-            files = gr.File(label="Text files", file_count="multiple", file_types=list(TEXT_SUFFIXES),
-                            type="filepath", height=120, elem_id="data-files")
+            # no file_types: Gradio would refuse a .pdf in the box itself with a red "Error"; read_uploads
+            # explains it in one sentence instead
+            files = gr.File(label="Text files", file_count="multiple", type="filepath", height=120,
+                            elem_id="data-files")
             gr.Markdown("<span class='help'>Upload one or more UTF-8 `.txt`/`.md` files; each becomes a "
                         "document, separated by GPT-2's end-of-text token.</span>")
             sample = gr.Dropdown(choices=[(f"{s['title']} ({s['name']})", s["name"]) for s in samples],

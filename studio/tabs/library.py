@@ -26,6 +26,7 @@ from ..plots import curve_figure, loss_figure, overlay_figure
 
 COLUMNS = ["name", "base", "rank", "targets", "steps", "train loss", "val loss", "dataset", "status", "user",
            "created", "size"]
+COLUMN_WIDTHS = ["16%", "6%", "5%", "14%", "6%", "8%", "7%", "10%", "7%", "5%", "9%", "7%"]  # fits 1280 px
 UPLOAD_TYPES = [".safetensors", ".zip", ".json"]
 NOTHING = "<div class='muted'>Select an adapter in the table or the picker to see its settings.</div>"
 
@@ -334,6 +335,7 @@ def create_library_tab(studio: Studio) -> dict:
     with gr.Row():
         refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110, elem_id="lib-refresh")
     table = gr.Dataframe(table_rows(studio), headers=COLUMNS, interactive=False, wrap=True, max_height=320,
+                         column_widths=COLUMN_WIDTHS,
                          elem_id="lib-table", label="Adapters (click a row to select it)")
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):

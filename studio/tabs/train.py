@@ -363,6 +363,7 @@ def samples_html(snap: dict | None) -> str:
 
 
 JOB_COLUMNS = ["job", "user", "adapter", "base", "state", "step", "loss", "queue"]
+JOB_COLUMN_WIDTHS = ["8%", "14%", "24%", "8%", "12%", "12%", "11%", "11%"]  # every column in view at 1280 px
 
 
 def jobs_table(studio: Studio, owner: str | None) -> list[list]:
@@ -421,6 +422,12 @@ def create_train_tab(studio: Studio) -> dict:
     d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, elem_classes="settings"):
+            # the action bar comes first: Start, Stop and Resume stay in reach on a laptop screen (1280x720)
+            with gr.Row(elem_classes="action-bar", elem_id="train-actions"):
+                start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start", min_width=100)
+                stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop", min_width=80)
+                resume_btn = gr.Button("⟳ Resume", elem_id="train-resume", min_width=80)
+            action = gr.Markdown(elem_id="train-action")
             model = gr.Dropdown(CHOICES, value=d.model, label="Base model", elem_id="train-model",
                                 info="The pretrained GPT-2 to adapt; bigger models learn better but need more "
                                      "memory and time. 'tiny' is random and offline.")
@@ -435,16 +442,55 @@ def create_train_tab(studio: Studio) -> dict:
                                     elem_classes="refresh-btn")
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
-            targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                    elem_id="train-targets",
-                                    info="Which projections in every block get a LoRA update: "
-                                         + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
-            size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
-            with gr.Accordion("LoRA settings", open=True):
+            estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
+            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
+                        "library; Resume continues the run named below from where it stopped."
+                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
+            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
+                                     visible=studio.admin_token is not None,
+                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
+                                          "whoever started it.")
+            # no minimum= on the numbers below: make_configs and the configs' checks explain every bound in one sentence
+            # (Gradio's own check answers "Value 0 is less than minimum value 1." and logs a traceback)
+            with gr.Accordion("Training settings", open=True, elem_id="train-training-settings"):
+                with gr.Row():
+                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110,
+                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
+                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110,
+                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
+                with gr.Row():
+                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                                   info="Sequences per micro-batch; lower it if memory runs out.")
+                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                                   min_width=110,
+                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
+                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
+                                     min_width=110,
+                                     info="Tokens of context per training sequence (at most the model's 1024).")
+                with gr.Row():
+                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
+                                           min_width=110,
+                                           info="Measure validation loss and draw samples every N steps.")
+                    prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                                        max_length=MAX_PROMPT_CHARS,
+                                        info="A fixed prompt continued at each evaluation, to see the style emerge.")
+                report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
+                                        info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
+                                             "write in the run's folder, trackio in <library>/.trackio.")
+            # rarely changed: folded away (Gradio still renders them, so the form sends their values)
+            with gr.Accordion("LoRA settings", open=False, elem_id="train-lora-settings"):
+                targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+                                        elem_id="train-targets",
+                                        info="Which projections in every block get a LoRA update: "
+                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+                size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
                 with gr.Row():
                     r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
                                info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110, minimum=0.01,
+                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110,
                                    info="Scales the update by alpha / rank; 2 × rank is a common choice.")
                     dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
                                      min_width=110,
@@ -452,7 +498,7 @@ def create_train_tab(studio: Studio) -> dict:
                     dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
                                        info="Also learns each output's magnitude: often better at low rank, close to "
                                             "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
-            with gr.Accordion("Advanced LoRA", open=False):
+            with gr.Accordion("Advanced LoRA", open=False, elem_id="train-advanced-lora"):
                 with gr.Row():
                     rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
                                          info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
@@ -464,7 +510,7 @@ def create_train_tab(studio: Studio) -> dict:
                                             "main directions for faster early progress on small budgets; the saved "
                                             "adapter is a plain LoRA of twice the rank (larger file).")
                     loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                      min_width=110, minimum=0.01,
+                                      min_width=110,
                                       info="B learns this many times faster than A (LoRA+); 16 often "
                                            "converges faster, 1 is plain LoRA.")
                 with gr.Row():
@@ -475,48 +521,6 @@ def create_train_tab(studio: Studio) -> dict:
                     alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
                                                elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
                                                info="Per-layer alphas, as PEFT's alpha_pattern.")
-            with gr.Accordion("Training settings", open=True):
-                with gr.Row():
-                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110, minimum=0,
-                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                   minimum=1,
-                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110, minimum=0,
-                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
-                with gr.Row():
-                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                   minimum=1, info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                   min_width=110, minimum=1,
-                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                     min_width=110, minimum=1,
-                                     info="Tokens of context per training sequence (at most the model's 1024).")
-                with gr.Row():
-                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                           min_width=110, minimum=0,
-                                           info="Measure validation loss and draw samples every N steps.")
-                    prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
-                                        max_length=MAX_PROMPT_CHARS,
-                                        info="A fixed prompt continued at each evaluation, to see the style emerge.")
-                report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
-                                        info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
-                                             "write in the run's folder, trackio in <library>/.trackio.")
-            estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
-            with gr.Row():
-                start_btn = gr.Button("▶ Start training", variant="primary", elem_id="train-start")
-                stop_btn = gr.Button("■ Stop", variant="stop", elem_id="train-stop")
-                resume_btn = gr.Button("⟳ Resume", elem_id="train-resume")
-            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named above from where it stopped."
-                        + limit_note(studio) + "</span>", elem_id="train-limits")
-            # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
-            admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
-                                     visible=studio.admin_token is not None,
-                                     info="Given at start-up (--admin-token): Stop then stops the followed job, "
-                                          "whoever started it.")
-            action = gr.Markdown(elem_id="train-action")
         with gr.Column(scale=6, elem_classes="live"):
             follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
                                  allow_custom_value=True,  # choices change as jobs come and go
@@ -528,7 +532,7 @@ def create_train_tab(studio: Studio) -> dict:
             gr.Markdown("### Training jobs on this studio\n<span class='help'>Jobs on the loaded base train "
                         "together in one shared step; the rest wait in the queue, in order.</span>")
             table = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, elem_id="train-jobs",
-                                 wrap=True)
+                                 wrap=True, column_widths=JOB_COLUMN_WIDTHS)
 
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)

@@ -1,0 +1,40 @@
+"""Issue 29, point 7: the errors a first-time user meets say what to do next, in one sentence.
+
+Prepare with no text asks for text before it looks at the name; Steps = 0 through the served API gets the
+form's own sentence, not Gradio's "Value 0 is less than minimum value 1."; Compare with no adapter yet says
+where adapters come from."""
+from __future__ import annotations
+
+import pytest
+
+from studio.tabs import compare, data
+from studio_helpers import _prepare
+from studio_server import served_studio
+from test_hostile_inputs_r3 import _call, _data, _endpoints
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+
+@pytest.mark.parametrize("name", ["", "my-data", "bad name!"])
+def test_prepare_with_no_text_asks_for_text_whatever_the_name(studio, name):
+    with pytest.raises(ValueError, match=r"^add some text first"):
+        data.prepare(studio, None, "", 0.9, name)
+
+
+def test_compare_with_no_adapter_yet_says_to_train_one(studio):
+    form = compare.CompareForm(model="tiny", adapters=[], include_base=False, prompt="Ahoy")
+    with pytest.raises(ValueError, match="train one on the Train tab"):
+        next(compare.compare(studio, form))
+    assert "train one on the Train tab" in compare.adapter_choices(studio, "tiny")["info"]
+
+
+def test_steps_zero_through_the_api_gets_one_sentence(tmp_path):
+    with served_studio(tmp_path, before_build=_prepare) as (url, studio):
+        dep, params = next((d, p) for d, p in _endpoints(url) if d["api_name"] == "start_training")
+        sent = {p["parameter_name"]: p.get("parameter_default") for p in params}
+        sent.update(model="tiny", dataset="pirates", name="zero", steps=0)
+        warnings, done = _call(url, dep, _data(url, dep, list(sent.values())))
+        assert studio.runner.jobs() == []
+    error = (done.get("output") or {}).get("error")
+    assert error is None and warnings == ["Steps must be a whole number from 1 to 1000000 (got 0)."]
