@@ -27,7 +27,8 @@ from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
 from .tabs.teacher import create_teacher_tab
 from .tabs.compare import adapter_choices, create_compare_tab
-from .tabs.data import create_data_tab, saved_datasets_md
+from .tabs.data import create_data_tab
+from .tabs.data_view import saved_datasets_md
 from .tabs.evaluate import create_evaluate_tab, from_compare
 from .tabs.library import create_library_tab, refresh as library_refresh
 from .tabs.train import create_train_tab, refresh_datasets

@@ -21,7 +21,7 @@ from core.checks import check_text, scrub
 from studio import context
 from studio.app import build_ui
 from studio.context import friendly
-from studio.tabs import compare, data, library, train
+from studio.tabs import compare, data, data_view, library, train
 from studio.tabs.compare import CompareForm
 from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for, refused, unchanged
 
@@ -251,7 +251,7 @@ def test_analysis_reads_a_bounded_preview_of_a_big_text(monkeypatch):
     monkeypatch.setattr(data.tokenizer, "encode", lambda t: seen.append(len(t)) or real(t))
     monkeypatch.setattr(data, "PREVIEW_CHARS", 10_000)
     state, stats, _ = data.analyze(None, "word " * 20_000, 0.9)  # 100,000 characters
-    assert max(seen) <= 10_000 + 40 * data.TOKEN_VIEW_LIMIT
+    assert max(seen) <= 10_000 + 40 * data_view.TOKEN_VIEW_LIMIT
     assert "≈ 100,000" in stats and "≈ 20,0" in stats  # characters exact, tokens estimated within 0.1%
     assert "estimate the rest; Prepare counts every token" in stats and abs(state["tokens"] - 20_001) < 20
 
@@ -383,5 +383,5 @@ def test_saved_datasets_list_survives_odd_metadata(studio):
     (studio.datasets_dir / "pirates" / "meta.json").write_text(json.dumps({"sources": 5, "tokens": "many"}))
     _prepare(studio, name="second")
     (studio.datasets_dir / "second" / "meta.json").write_text('{"sources": ["\\ud800 notes.txt"], "tokens": 7}')
-    md = data.saved_datasets_md(studio)
+    md = data_view.saved_datasets_md(studio)
     assert "| pirates | ? |" in md and "| second | 7 |" in md and _encodes(md)  # the bad source name is dropped

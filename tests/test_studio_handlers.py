@@ -20,7 +20,7 @@ from studio.app import build_ui, create_studio
 from studio.context import friendly
 from studio.models import availability
 from studio.plots import curve_figure, loss_figure
-from studio.tabs import compare, data, library, train
+from studio.tabs import compare, data, data_view, library, train
 from studio.tabs.compare import CompareForm
 from studio_helpers import FAST, _form, _prepare, _start, _train, _wait_for
 
@@ -34,12 +34,12 @@ def test_stats_and_token_view(studio):
     assert "pasted text" in data.analyze(state, text + " edited", 0.8)[1]  # an edited sample is the user's text
     assert state["tokens"] > 500
     assert f"{state['tokens']:,}" in stats and "Unique tokens" in stats and "Most frequent tokens" in stats
-    assert tokens.count("class='tok ") == data.TOKEN_VIEW_LIMIT
+    assert tokens.count("class='tok ") == data_view.TOKEN_VIEW_LIMIT
     assert "data-id='" in tokens and "title='id " in tokens
 
 
 def test_token_view_escapes_html():
-    html = data.token_view_html("<script>alert('x')</script> & <b>")
+    html = data_view.token_view_html("<script>alert('x')</script> & <b>")
     assert "<script" not in html and "<b>" not in html and "&lt;" in html and "&amp;" in html
 
 

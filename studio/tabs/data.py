@@ -15,13 +15,13 @@ from core.model import tokenizer
 from core.train.data import TEXT_SUFFIXES, build_dataset, join_documents, list_samples, load_sample, normalize_text
 from core.train.data import read_text_file, text_stats
 from core.train.estimate import human_bytes
-from core.checks import check_text, scrub
+from core.checks import check_text
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
 from ..inputs import Slider
+from .data_records import create_records_section
+from .data_view import MAX_SESSION_BYTES, saved_datasets_md, token_view_html
 
-TOKEN_VIEW_LIMIT = 400  # tokens shown as coloured spans
-MAX_SESSION_BYTES = 32 * 2**20  # one session's text, uploads + pasted: ~8M tokens, hours of CPU training
 MAX_PASTED_CHARS = 8 * 2**20  # the text box travels with every event: big texts belong in a file
 PREVIEW_CHARS = 1_000_000  # live statistics read at most this much (~0.3 s); Prepare counts everything
 NO_TEXT = "add some text first: upload .txt/.md files, paste text, or pick a sample."
@@ -99,30 +99,6 @@ def read_uploads(files, state: dict | None = None) -> tuple[dict, str]:
         loaded.append((display, str(path), size))
     suggested = loaded[0][0].rsplit(".", 1)[0] if loaded else gr.skip()  # keep a typed name when cleared
     return {"files": loaded, "tokens": 0, "sample": (state or EMPTY).get("sample")}, suggested
-
-
-def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None, mask=None) -> str:
-    """The first `limit` GPT-2 tokens as coloured spans; hovering one shows its id. `ids`: the text's tokens
-    when the caller has them already (the text is then not encoded again). `mask` (instruction data, one 0/1
-    per id): tokens with 0 are prompt tokens, outside the loss, shown greyed out (class tok-masked)."""
-    if not text:
-        return "<div class='token-view empty'>Tokens appear here once there is text.</div>"
-    if ids is None and len(text) < 2_000_000:
-        ids = tokenizer.encode(text)
-    total = len(ids) if ids is not None else None  # a huge text: only its beginning is encoded
-    shown = list(ids[:limit]) if ids is not None else tokenizer.encode(text[: limit * 40])[:limit]
-    spans = []
-    for i, (tid, s) in enumerate(zip(shown, tokenizer.token_strings(shown))):
-        escaped = html.escape(s).replace("\n", "↵\n")
-        masked = mask is not None and not mask[i]
-        tip = html.escape(f"id {tid}: {s!r}" + (" (prompt: no loss)" if masked else ""), quote=True)
-        cls = "tok-masked" if masked else f"tok-c{i % 6}"
-        spans.append(f"<span class='tok {cls}' title='{tip}' data-id='{tid}'>{escaped}</span>")
-    more = f" of {total:,}" if total is not None else ""
-    legend = " Grey tokens are prompt tokens: the model reads them but is not trained on them." if mask is not None \
-        else ""
-    return (f"<div class='token-caption'>First {len(shown):,}{more} tokens; hover a token to see its id.{legend}</div>"
-            f"<div class='token-view'>{''.join(spans)}</div>")
 
 
 def stats_html(texts: list[str], sources: list[str], ratio: float, cut_from: int | None = None,
@@ -208,24 +184,6 @@ def prepare(studio: Studio, state: dict | None, pasted: str | None, ratio: float
             f"{m['val_tokens']:,} validation). It is now selectable on the **Train** tab.")
 
 
-def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
-
-
-def saved_datasets_md(studio: Studio, user: str | None = None) -> str:
-    rows = studio.datasets(user)
-    if not rows:
-        return "_No datasets saved yet._"
-    lines = ["| dataset | tokens | train / val | sources |", "|---|---:|---:|---|"]
-    for r in rows[:20]:
-        m = r["meta"] if isinstance(r.get("meta"), dict) else {}
-        sources = m.get("sources") if isinstance(m.get("sources"), list) else []  # meta.json may hold anything
-        srcs = ", ".join(str(s)[:80] for s in sources[:20])[:80].replace("|", "/")
-        lines.append(f"| {r['name']} | {_n(m.get('tokens'))} | {_n(m.get('train_tokens'))} / "
-                     f"{_n(m.get('val_tokens'))} | {html.escape(srcs)} |")
-    return scrub("\n".join(lines))
-
-
 def create_data_tab(studio: Studio) -> dict:
     samples = list_samples()
     state = gr.State(dict(EMPTY))
@@ -260,7 +218,6 @@ def create_data_tab(studio: Studio) -> dict:
         saved = gr.Markdown(saved_datasets_md(studio), elem_id="data-saved")
     with gr.Accordion("Records: .jsonl / .json / .csv / .tsv (instruction data: prompt and response)", open=False,
                       elem_id="data-records"):
-        from .data_records import create_records_section  # it builds on this module's token view
         records = create_records_section(studio, ratio, saved)
 
     # analysis reads a bounded preview, so it is cheap; four run at once, shared by all sessions, so one

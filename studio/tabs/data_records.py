@@ -19,7 +19,7 @@ from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, r
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example
 
 from ..context import Studio, friendly, number, typed_name, user_of
-from .data import MAX_SESSION_BYTES, TOKEN_VIEW_LIMIT, saved_datasets_md, token_view_html
+from .data_view import MAX_SESSION_BYTES, TOKEN_VIEW_LIMIT, saved_datasets_md, token_view_html
 
 PREVIEW_ROWS = 5
 VIEW_EXAMPLES = 8  # examples rendered in the token view
