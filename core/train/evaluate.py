@@ -56,7 +56,7 @@ class Evaluation:
     windows: int  # windows of seq_len + 1 tokens read (the split, or an even sample of it)
     seq_len: int  # context of each window
     seconds: float  # wall time of the one batched pass (all models together)
-    forwards: int  # forward passes it took (each holding every model's copy of some windows)
+    forwards: int  # window groups scored (every model's copy of some windows; each in chunks of bounded work)
 
     def as_dict(self) -> dict:
         return {"scores": [dict(s.__dict__) for s in self.scores], "tokens": self.tokens, "windows": self.windows,
