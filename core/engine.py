@@ -54,8 +54,8 @@ from core.lora.layers import adapter_names, remove_adapter
 from core.lora.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import hf_state_dict, load_base
-from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,
-                                 token_differences)
+from core.train.evaluate import (EVAL_TOKENS, DecodeFirst, Evaluation, TokenDiff, check_models, check_settings,
+                                 evaluate_models, token_differences)
 
 
 @dataclass
@@ -366,13 +366,15 @@ class Engine:
                  stop: threading.Event | None = None, mask=None) -> Evaluation:
         """Mean loss of each entry of `adapters` (None = the base) on token ids `ids`, all in one batched pass
         on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs;
-        `lock` is held around each forward only, as the decode scheduler holds it around each step.
+        `lock` is held around each chunk of work only, and between chunks the evaluation gives way to the
+        decode scheduler (`DecodeFirst`), so Compares keep streaming beside it.
         `mask`: the split's loss mask (instruction data): only response tokens are scored."""
         max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
         check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
         with self._pinned(adapters) as (model, names):
-            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask)
+            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask,
+                                 turns=self._decode_first())
         for score, asked in zip(ev.scores, adapters):
             score.name = asked  # the caller's name, not the internal (perhaps versioned) one
         return ev
@@ -382,7 +384,11 @@ class Engine:
         if not isinstance(adapter, str) or not adapter:
             raise AdapterError("choose an adapter to compare with the base.")
         with self._pinned([adapter]) as (model, names):
-            return token_differences(model, text, names[0], lock=self.lock)
+            return token_differences(model, text, names[0], lock=self.lock, turns=self._decode_first())
+
+    def _decode_first(self) -> DecodeFirst:
+        """Turns for scoring work beside the loaded base's decode scheduler (whichever exists when it looks)."""
+        return DecodeFirst(lambda: self._scheduler)
 
     def export_merged(self, adapter: str, out_dir) -> Path:
         """An HF-format folder of the base with an adapter merged in (a library name, or a name `load`

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
@@ -194,7 +195,9 @@ class DecodeScheduler:
         self.max_queue, self.max_rows_per_user = max_queue, max_rows_per_user
         self.pool = KVCache(model.config, max_rows, max_len, model.device, model.dtype)
         self._lock = lock if lock is not None else contextlib.nullcontext()
-        self._cond = threading.Condition()
+        mutex = threading.RLock()
+        self._cond = threading.Condition(mutex)
+        self._decoded = threading.Condition(mutex)  # notified as `decode_seconds` grows (not every reader)
         self._queue: deque[Request] = deque()
         self._joining: list[Request] = []  # admitted, slots reserved, prefill not run yet
         self._rows: list[_Row] = []  # the running batch
@@ -203,6 +206,7 @@ class DecodeScheduler:
         self._route_key = None
         self._route = None
         self.step_count = 0
+        self.decode_seconds = 0.0  # time spent in steps and prefills, holding the lock (evaluation gives way by it)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
         self._thread.start()
@@ -266,6 +270,12 @@ class DecodeScheduler:
                 self._queue.remove(req)
                 self._finish(req)
             self._cond.notify_all()
+
+    def wait_decoded(self, seconds: float, timeout: float) -> None:
+        """Wait until `decode_seconds` reaches `seconds`, at most `timeout` seconds; at once when there is no
+        decode work (nothing waiting, joining or running) or the scheduler is closed."""
+        with self._cond:
+            self._decoded.wait_for(lambda: self.decode_seconds >= seconds or self._closed or not self._live(), timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still waiting or running end with SchedulerClosed."""
@@ -335,7 +345,7 @@ class DecodeScheduler:
         """Prefill `req`'s prompt as a solo run would and copy its keys/values into its slots."""
         model, dev = self.model, self.model.device
         try:
-            with self._lock, GUARD.shared(dev.type == "cuda"):
+            with self._decoding():
                 route = make_route(model, req.adapters)  # an unknown adapter fails this request only
                 T = len(req.prompt)
                 cache = KVCache(model.config, req.rows, T, dev, model.dtype)
@@ -362,9 +372,21 @@ class DecodeScheduler:
             with self._lock:  # the model's adapters do not change while `_fail` looks at them
                 self._fail(req, e)
 
+    @contextlib.contextmanager
+    def _decoding(self):
+        """Hold the lock for one step or prefill, adding the time it took to `decode_seconds`."""
+        with self._lock, GUARD.shared(self.model.device.type == "cuda"):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self.decode_seconds += time.perf_counter() - start
+                    self._decoded.notify_all()
+
     def _step(self) -> None:
         """Pick each row's next token, publish, drop finished rows, then one forward for the rest."""
-        with self._lock, GUARD.shared(self.model.device.type == "cuda"):
+        with self._decoding():
             with self._cond:  # a request cancelled meanwhile gets no more tokens (freed at the boundary)
                 rows = [r for r in self._rows if not r.request.cancelled]
             if not rows:

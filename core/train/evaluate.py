@@ -7,7 +7,12 @@ per forward for all of them. `token_differences` scores one text under the base 
 rows of one forward) and returns, per token, how much likelier the adapter makes it.
 
 The vocabulary logits are never held whole for more rows than LOGITS_BUDGET allows: the forward yields
-hidden states, and the loss is computed from them in pieces of rows (core.train.estimate's rule).
+hidden states, and the loss is computed from them in pieces (core.train.estimate's rule).
+
+Beside the decode scheduler, scoring takes turns (`DecodeFirst`): it runs in chunks of bounded work, each
+holding the engine lock once, and gives way to decoding between them, so a Compare is not stalled behind
+a whole 9 x 1024-token forward. The chunks change no figure: each token's loss lands in the same place of
+the same per-window buffer, summed in the same order as one forward would.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +36,9 @@ from core.train.estimate import LOGITS_BUDGET
 from core.train.trainer import EVAL_TOKENS, Stopped
 
 MAX_MODELS = 9  # the base + 8 adapters in one evaluation
+# multiply-adds of one chunk of scoring (one lock hold): on the tiny model, the head of ~120 tokens or the
+# body of one 1,024-token row, about as long as a few decode steps of a Compare
+CHUNK_WORK = 400_000_000
 
 
 @dataclass
@@ -48,7 +56,7 @@ class Evaluation:
     windows: int  # windows of seq_len + 1 tokens read (the split, or an even sample of it)
     seq_len: int  # context of each window
     seconds: float  # wall time of the one batched pass (all models together)
-    forwards: int  # forward passes it took (each holding every model's copy of some windows)
+    forwards: int  # window groups scored (every model's copy of some windows; each in chunks of bounded work)
 
     def as_dict(self) -> dict:
         return {"scores": [dict(s.__dict__) for s in self.scores], "tokens": self.tokens, "windows": self.windows,
@@ -82,18 +90,76 @@ def check_settings(seq_len: int, max_tokens: int, block: int) -> None:
         raise ValueError(f"the tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
 
 
-def _nll(model, h: torch.Tensor, targets: torch.Tensor, budget: int = LOGITS_BUDGET) -> torch.Tensor:
-    """Per-token negative log-likelihood (rows, T), fp32, from hidden states (rows, T, d): the logits of
-    at most `budget` bytes' worth of rows exist at once (at least one row)."""
-    rows, T = targets.shape
-    step = max(1, budget // (T * model.config.vocab_size * 4))
-    w = model.lm_head.weight
-    out = []
-    for i in range(0, rows, step):
-        logits = F.linear(h[i:i + step], w).float()
-        out.append(F.cross_entropy(logits.flatten(0, 1), targets[i:i + step].flatten(), reduction="none")
-                   .view(-1, T))
-    return torch.cat(out)
+class DecodeFirst:
+    """Evaluation's turns beside the decode scheduler: decode first, bounded evaluation chunks.
+
+    The rule: scoring runs in chunks of at most CHUNK_WORK multiply-adds (`chunk_sizes`), each one hold of
+    the lock (`turn`). After a chunk that took c seconds, the next one starts only once the decode scheduler
+    has spent share / (1 - share) * c seconds in its steps (2c at share 2/3), so while requests are decoding
+    they get at least `share` of the time, and a Compare beside an evaluation takes about 1 / share of its
+    time alone plus one chunk. With no decode work the next chunk starts at once; if decoding is stalled
+    elsewhere, the evaluation waits `patience` times that long at most, so it always gets on.
+
+    decode: the scheduler to give way to as of now (or None): `decode_seconds`, `wait_decoded(seconds, timeout)`.
+    clock: seconds (tests pass a fake)."""
+
+    def __init__(self, decode: Callable[[], object] = lambda: None, share: float = 2 / 3,
+                 patience: float = 3.0, clock: Callable[[], float] = time.perf_counter):
+        self.decode, self.ratio, self.patience, self.clock = decode, share / (1 - share), patience, clock
+        self._owed = 0.0  # decode seconds owed since the last chunk
+        self._mark = (None, 0.0)  # (scheduler, its decode_seconds) when the last chunk ended
+
+    @contextlib.contextmanager
+    def turn(self, lock=None):
+        """Wait for decoding to have had its share, then hold `lock` for one chunk and time it."""
+        sched, seen = self._mark
+        if self._owed > 0 and sched is not None and sched is self.decode():
+            sched.wait_decoded(seen + self._owed, self.patience * self._owed)
+        with lock if lock is not None else contextlib.nullcontext():
+            start = self.clock()
+            try:
+                yield
+            finally:
+                self._owed = self.ratio * (self.clock() - start)
+                sched = self.decode()
+                self._mark = (sched, sched.decode_seconds if sched is not None else 0.0)
+
+
+def chunk_sizes(config, T: int, work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> tuple[int, int]:
+    """(rows of T tokens per body forward, token positions per head piece) of one chunk of `work`
+    multiply-adds: the body costs n_layer * (12 d^2 + 2 T d) per token, the head d * vocab (at least one
+    row or position; a head piece's logits also fit `budget` bytes)."""
+    d, V = config.n_embd, config.vocab_size
+    rows = max(1, work // (T * config.n_layer * (12 * d * d + 2 * T * d)))
+    return rows, max(1, min(work // (d * V), budget // (V * 4)))
+
+
+def _score(model, rows: torch.Tensor, names: list, targets: torch.Tensor, lock=None, turns: DecodeFirst | None = None,
+           stop: threading.Event | None = None, work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> torch.Tensor:
+    """Per-token negative log-likelihood (R, T), fp32, of `rows` (R, T + 1 ids; row i under adapter names[i],
+    None = the base) against `targets` (R, T; ignore_index -100 scores 0), in chunks (`chunk_sizes`), each
+    one `turns.turn(lock)`. stop: checked before each chunk (raises core.train.trainer.Stopped)."""
+    turns = turns if turns is not None else DecodeFirst()
+    R, T = targets.shape
+    per, piece = chunk_sizes(model.config, T, work, budget)
+    cuda, w = model.device.type == "cuda", model.lm_head.weight
+    nll = torch.empty(R, T, dtype=torch.float32, device=model.device)
+    for i in range(0, R, per):
+        _check(stop)
+        with turns.turn(lock), GUARD.shared(cuda), autocast_for(model):
+            h = model.hidden(rows[i:i + per, :-1], make_route(model, names[i:i + per])).flatten(0, 1)
+        out, tgt = nll[i:i + per].view(-1), targets[i:i + per].flatten()
+        for j in range(0, len(tgt), piece):
+            _check(stop)
+            with turns.turn(lock), GUARD.shared(cuda), autocast_for(model):
+                logits = F.linear(h[j:j + piece], w).float()
+                out[j:j + piece] = F.cross_entropy(logits, tgt[j:j + piece], reduction="none")
+    return nll
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped
 
 
 def windows_per_forward(models: int, seq_len: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
@@ -104,12 +170,14 @@ def windows_per_forward(models: int, seq_len: int, vocab: int, budget: int = LOG
 @torch.no_grad()
 def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len: int = 128,
                     max_tokens: int = EVAL_TOKENS, lock=None, stop: threading.Event | None = None,
-                    budget: int = LOGITS_BUDGET, mask: np.ndarray | None = None) -> Evaluation:
+                    budget: int = LOGITS_BUDGET, mask: np.ndarray | None = None, turns: DecodeFirst | None = None,
+                    work: int = CHUNK_WORK) -> Evaluation:
     """Mean loss of each model in `names` (loaded adapter names, None = the base) on the windows of `ids`
     that core.train.trainer.evaluate reads at this seq_len (at most max_tokens tokens), in one batched pass.
 
-    lock: held around each forward (the engine's: nobody changes the model's adapters mid-forward).
-    stop: checked between forwards (raises core.train.trainer.Stopped).
+    lock: held around each chunk of work (the engine's: nobody changes the model's adapters mid-forward).
+    turns: when to run each chunk (`DecodeFirst`: giving way to the decode scheduler); work: a chunk's size.
+    stop: checked between chunks (raises core.train.trainer.Stopped).
     mask: a split's loss mask (instruction data): the mean is over response tokens only (masked mean)."""
     names = check_models(names)
     check_settings(seq_len, max_tokens, model.config.block_size)
@@ -122,19 +190,16 @@ def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len
     per = windows_per_forward(M, seq_len, model.config.vocab_size, budget)
     totals = torch.zeros(M, dtype=torch.float64, device=dev)
     count, forwards, start = 0, 0, time.perf_counter()
-    lock = lock if lock is not None else contextlib.nullcontext()
+    turns = turns if turns is not None else DecodeFirst()
     for i in range(0, len(windows), per):
         group, gmask = windows[i:i + per], masks[i:i + per]
         for length in sorted({len(w) for w in group}):  # only the last window may be shorter
-            if stop is not None and stop.is_set():
-                raise Stopped
+            _check(stop)
             win = torch.from_numpy(np.stack([w for w in group if len(w) == length]).astype(np.int64)).to(dev)
             keep = torch.from_numpy(np.stack([m for w, m in zip(group, gmask) if len(w) == length])[:, 1:] > 0)
             rows = win.repeat_interleave(M, dim=0)  # window k's copy for model j is row k * M + j
             targets = masked_targets(rows[:, 1:], keep.repeat_interleave(M, dim=0))
-            with lock, GUARD.shared(dev.type == "cuda"), autocast_for(model):
-                h = model.hidden(rows[:, :-1], make_route(model, names * len(win)))
-                nll = _nll(model, h, targets, budget)  # 0 at ignored targets
+            nll = _score(model, rows, names * len(win), targets, lock, turns, stop, work, budget)  # 0 if ignored
             totals += nll.double().sum(1).view(len(win), M).sum(0)
             count += int(keep.sum())
             forwards += 1
@@ -155,9 +220,10 @@ def text_ids(text: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def token_differences(model, text: str, adapter: str, lock=None) -> list[TokenDiff]:
+def token_differences(model, text: str, adapter: str, lock=None, turns: DecodeFirst | None = None) -> list[TokenDiff]:
     """Each token of `text` with its log-probability under the base and under `adapter` (a loaded name),
-    from one forward of two rows. The text is read after <|endoftext|>, so its first token is scored too."""
+    from two rows scored together (in chunks taking `turns`, as evaluate_models). The text is read after
+    <|endoftext|>, so its first token is scored too."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("there is no text to score; write or paste some text.")
@@ -165,12 +231,8 @@ def token_differences(model, text: str, adapter: str, lock=None) -> list[TokenDi
     if len(ids) + 1 > block:
         raise ValueError(f"the text is {len(ids):,} tokens; the model reads at most {block - 1:,} after the "
                          f"start token. Shorten the text.")
-    dev = model.device
-    row = torch.tensor([EOT_TOKEN] + ids, dtype=torch.long, device=dev)
+    row = torch.tensor([EOT_TOKEN] + ids, dtype=torch.long, device=model.device)
     rows = row.expand(2, -1)
-    lock = lock if lock is not None else contextlib.nullcontext()
-    with lock, GUARD.shared(dev.type == "cuda"), autocast_for(model):
-        h = model.hidden(rows[:, :-1], make_route(model, [None, adapter]))
-        logp = -_nll(model, h, rows[:, 1:])
+    logp = -_score(model, rows, [None, adapter], rows[:, 1:], lock, turns)
     base, tuned = logp[0].tolist(), logp[1].tolist()
     return [TokenDiff(s, b, a, a - b) for s, b, a in zip(tokenizer.token_strings(ids), base, tuned)]
