@@ -12,7 +12,7 @@ from adapter_helpers import LX, LY, make_adapter
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import DecodeScheduler
-from core.model.config import LoraConfig
+from core.lora.config import LoraConfig
 from core.train.evaluate import DecodeFirst, chunk_sizes, evaluate_models, token_differences
 
 TEXT = "Ahoy! Today in the galley we cook <b>fish</b> & chips, no cap.\nArr."
