@@ -14,16 +14,18 @@ from adapter_helpers import make_adapter
 USERS = [("teacher", "pw-teacher"), ("alice", "pw-alice"), ("bob", "pw-bob")]
 
 
+def two_students_adapters(studio):
+    """The teacher is the admin; alice and bob each own one adapter that changes the output."""
+    studio.admins = frozenset({"teacher"})
+    model = load_base("tiny", "cpu")
+    for seed, (name, owner) in enumerate([("alice-pirate", "alice"), ("bob-bard", "bob")]):
+        make_adapter(model, name, LoraConfig(r=4, alpha=8.0), seed=seed, std=0.5)
+        studio.library.save(model, name, name, LoraConfig(r=4, alpha=8.0), "tiny", meta={"user": owner})
+
+
 @pytest.fixture(scope="module")
 def classroom(tmp_path_factory):
-    def prepare(studio):
-        studio.admins = frozenset({"teacher"})
-        model = load_base("tiny", "cpu")
-        for seed, (name, owner) in enumerate([("alice-pirate", "alice"), ("bob-bard", "bob")]):
-            make_adapter(model, name, LoraConfig(r=4, alpha=8.0), seed=seed, std=0.5)
-            studio.library.save(model, name, name, LoraConfig(r=4, alpha=8.0), "tiny", meta={"user": owner})
-
-    with served_studio(tmp_path_factory.mktemp("arena"), auth=USERS, before_build=prepare) as served:
+    with served_studio(tmp_path_factory.mktemp("arena"), auth=USERS, before_build=two_students_adapters) as served:
         yield served
 
 

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.arena import BASE
-from core.lora.config import LoraConfig
-from core.model.weights import load_base
-from adapter_helpers import make_adapter
 from studio_server import served_studio
+from test_arena_served import USERS, two_students_adapters
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -25,21 +23,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
-USERS = [("teacher", "pw-teacher"), ("alice", "pw-alice"), ("bob", "pw-bob")]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 README_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="module")
 def classroom(tmp_path_factory):
-    def prepare(studio):
-        studio.admins = frozenset({"teacher"})
-        model = load_base("tiny", "cpu")
-        for seed, (name, owner) in enumerate([("alice-pirate", "alice"), ("bob-bard", "bob")]):
-            make_adapter(model, name, LoraConfig(r=4, alpha=8.0), seed=seed, std=0.5)
-            studio.library.save(model, name, name, LoraConfig(r=4, alpha=8.0), "tiny", meta={"user": owner})
-
-    with served_studio(tmp_path_factory.mktemp("class"), auth=USERS, before_build=prepare) as served:
+    with served_studio(tmp_path_factory.mktemp("class"), auth=USERS, before_build=two_students_adapters) as served:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             yield served, browser

@@ -85,16 +85,9 @@ def export_gguf(model, adapter_name: str, out_path, qtype: str = "f16", title: s
         w.add_add_bos_token(False)
         for name, data, raw_dtype in tensors:
             w.add_tensor(name, data, raw_dtype=raw_dtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        return w
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return atomic.publish_file(out, write)
-    except FileExistsError:
-        raise AdapterError(f"{out} already exists; choose a new file name for the GGUF model.") from None
+    return _publish(out, write, "GGUF model")
 
 
 def _tensors(gguf, state: dict, n_layer: int, qtype: str) -> list[tuple]:
@@ -148,6 +141,16 @@ def export_gguf_adapter(model, adapter_name: str, out_path, title: str | None = 
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for name, data in pairs:
             w.add_tensor(name, data, raw_dtype=F32)
+        return w
+
+    return _publish(out, write, "GGUF adapter")
+
+
+def _publish(out: Path, fill, what: str) -> Path:
+    """Write the GGUFWriter that `fill(tmp)` returns (its keys and tensors added) as new file `out`, whole or not
+    at all (core.atomic.publish_file: never over an existing file)."""
+    def write(tmp: Path):
+        w = fill(tmp)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -157,7 +160,7 @@ def export_gguf_adapter(model, adapter_name: str, out_path, title: str | None = 
     try:
         return atomic.publish_file(out, write)
     except FileExistsError:
-        raise AdapterError(f"{out} already exists; choose a new file name for the GGUF adapter.") from None
+        raise AdapterError(f"{out.name} already exists; choose a new file name for the {what}.") from None
 
 
 def _adapter_pairs(gguf, model, adapter_name: str) -> tuple[float, list[tuple]]:
