@@ -31,7 +31,7 @@ def test_prepare_finetune_compare_merge_end_to_end(tmp_path):
     assert "val loss" in r.stdout and "finished after 6 steps" in r.stdout
     run = tmp_path / "lib" / "pirate-rot"
     assert {p.name for p in run.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "studio.json",
-                                               "checkpoints"}
+                                               "history.jsonl", "checkpoints"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
     studio = json.loads((run / "studio.json").read_text())
     assert studio["base_model"] == "tiny" and studio["status"] == "finished" and studio["steps"] == 6

@@ -183,6 +183,7 @@ def _seed(studio):
     from core.train.data import load_dataset
     quota = Quota(adapters=Limit(count=2), datasets=Limit(count=2), admins=frozenset({"teach"}))
     studio.quota = studio.library.quota = studio.dataset_store.quota = quota
+    studio.admins = frozenset({"teach"})
     _prepare(studio, "d0")
     studio.runner.start("tiny", load_dataset(studio.dataset_path("d0")), "a0", LoraConfig(r=4, alpha=8),
                         quick(steps=2, batch_size=2, seq_len=32, eval_interval=0), user="ann")
@@ -205,13 +206,14 @@ def test_quotas_refuse_a_users_copies_and_datasets_with_one_sentence_and_change_
             assert toasts == ["You already have 2 datasets here, the most one user may keep; delete some you no "
                               "longer need first."]
         # another user's quota is their own; an admin has none
+        _call(url, USERS[0], "share_adapter", ["a0", True])  # so that bob may copy it
         _call(url, USERS[1], "duplicate_adapter", ["a0", "bobs"])
         _call(url, USERS[1], "prepare_dataset", [None, text, 0.9, "bobs-data"])
         for n in ("t1", "t2", "t3"):
             _call(url, USERS[2], "duplicate_adapter", ["a0", n])
         owners = {e.name: e.user for e in studio.library.list()}
         assert owners == {"a0": "ann", "a1": "ann", "bobs": "bob", "t1": "teach", "t2": "teach", "t3": "teach"}
-        assert {d["name"]: d["meta"].get("user") for d in studio.datasets()} == {
+        assert {d["name"]: d["meta"].get("user") for d in studio.dataset_store.list()} == {
             "d0": None, "d1": "ann", "d2": "ann", "bobs-data": "bob"}
 
 
