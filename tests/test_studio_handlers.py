@@ -81,7 +81,7 @@ def test_prepare_saves_a_named_dataset_selectable_in_train(studio):
     for bad in ("../escape", ".hidden", "a b", "", "x" * 65):
         with pytest.raises(ValueError, match="invalid dataset name"):
             data.prepare(studio, state, "word" + " word" * 399, 0.9, bad)
-    with pytest.raises(ValueError, match="no text"):
+    with pytest.raises(ValueError, match="add some text first"):
         data.prepare(studio, state, "   ", 0.9, "empty")
 
 
@@ -369,7 +369,7 @@ def test_concurrent_comparisons_do_not_cross_talk(studio):
 
 
 def test_compare_input_errors(studio):
-    with pytest.raises(ValueError, match="choose the base model"):
+    with pytest.raises(ValueError, match="no adapters for this base yet: train one on the Train tab"):
         next(compare.compare(studio, CompareForm(model="tiny", include_base=False, prompt="x", max_tokens=5, seed=1)))
     with pytest.raises(ValueError, match="at most 4"):
         next(compare.compare(studio, CompareForm(model="tiny", adapters=list("abcde"), prompt="x", max_tokens=5,
