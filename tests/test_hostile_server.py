@@ -65,7 +65,7 @@ def poisoned(tmp_path):
 def _page_load(url: str) -> list:
     """What a page load sends: the outputs of the Blocks' load event (private, yet callable by number)."""
     config = httpx.get(url + "config", timeout=30).json()
-    index = next(d["id"] for d in config["dependencies"] if d["targets"][0][1] == "load")
+    index = next(d["id"] for d in config["dependencies"] if d["targets"] and d["targets"][0][1] == "load")
     join = httpx.post(url + "gradio_api/queue/join", json={"data": [], "fn_index": index, "session_hash": "page"},
                       timeout=30)
     assert join.status_code == 200, join.text
