@@ -27,6 +27,7 @@ from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.quota import Quota
+from core.sandbox import check_not_gallery
 from core.train.data import Dataset, load_dataset, read_dataset_meta
 from core.train.datasets import DatasetStore, is_dataset_folder
 from core.device import default_dtype, precision_name
@@ -100,6 +101,7 @@ class Studio:
     exports_dir: Path = field(init=False)
     arena_dir: Path | None = None  # --arena: the blind arena's rounds (default: 'arena' beside the library)
     arena: Arena = field(init=False)
+    demo: object | None = None  # --demo: the visitors' sandboxes (studio.demo.DemoMode; auth is then on)
 
     def __post_init__(self):
         self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
@@ -235,6 +237,7 @@ class Studio:
         if self.auth:
             self.check_adapter(name, user)  # another user's private entry: 'no adapter named', not whose it is
             self.check_owner(name, self.library.details(name).get("user"), user, action)
+        check_not_gallery(self.library, name, action)  # the gallery is read-only for everyone
 
     def is_admin_token(self, token) -> bool:
         """Whether `token` is --admin-token (compared in constant time; a token of any other kind is not)."""
