@@ -234,10 +234,10 @@ class Studio:
         raise ValueError(f"'{name}' belongs to {owner}; only they (or an admin) can {action} it.")
 
     def check_entry_owner(self, name: str, user: str | None, action: str) -> None:
+        check_not_gallery(self.library, name, action)  # the gallery is read-only for everyone (and seen by all)
         if self.auth:
             self.check_adapter(name, user)  # another user's private entry: 'no adapter named', not whose it is
             self.check_owner(name, self.library.details(name).get("user"), user, action)
-        check_not_gallery(self.library, name, action)  # the gallery is read-only for everyone
 
     def is_admin_token(self, token) -> bool:
         """Whether `token` is --admin-token (compared in constant time; a token of any other kind is not)."""
