@@ -42,6 +42,7 @@ def users_per_address(value: int | None) -> int:
 # --demo's defaults for the per-user limits (flags given on the command line still win): a visitor's sandbox
 DEMO_DEFAULTS = dict(max_job_steps=200, max_job_tokens=500_000, max_job_minutes=15, max_adapters_per_user=10,
                      max_library_per_user="200MB", max_datasets_per_user=5, max_datasets_size_per_user="50MB")
+SPACE_DISK = Path("/data")  # a Hugging Face Space's persistent storage, where its owner turned it on
 
 
 def demo_mode(demo: bool | None, auth) -> bool:
@@ -51,14 +52,28 @@ def demo_mode(demo: bool | None, auth) -> bool:
     return demo if demo is not None else bool(os.environ.get("SPACE_ID")) and not auth
 
 
-def data_dir(value: str | None) -> Path:
-    """--data-dir, default /data on a Space with persistent storage (there it survives restarts), else '.'."""
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[tuple[str, str]] | None, bool]:
+    """(the flags, --auth's users, whether demo mode is on); in demo mode the per-user limits that the command
+    line leaves out are DEMO_DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    auth = parse_auth(args.auth)
+    if not demo_mode(args.demo, auth):
+        return args, auth, False
+    return build_parser(DEMO_DEFAULTS).parse_args(argv), auth, True
+
+
+def data_dir(value: str | None, space_disk: Path = SPACE_DISK) -> Path:
+    """--data-dir, default the Space's persistent storage where there is one (it survives restarts), else '.'."""
     if value:
         return Path(value).expanduser()
-    space_disk = Path("/data")
     if os.environ.get("SPACE_ID") and space_disk.is_dir() and os.access(space_disk, os.W_OK):
         return space_disk
     return Path(".")
+
+
+def ephemeral_disk(library, space_disk: Path = SPACE_DISK) -> bool:
+    """Whether the library is on a Space's disk that a restart wipes (outside its persistent storage)."""
+    return bool(os.environ.get("SPACE_ID")) and not Path(library).resolve().is_relative_to(space_disk.resolve())
 
 
 def gallery_dir(value: str | None) -> Path | None:
@@ -166,12 +181,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        auth = parse_auth(args.auth)
-        demo_on = demo_mode(args.demo, auth)
-        if demo_on:
-            args = build_parser(DEMO_DEFAULTS).parse_args(argv)
+        args, auth, demo_on = parse_args(argv)
         data, gallery = data_dir(args.data_dir), gallery_dir(args.gallery)
         library, datasets = args.library or data / "adapters", args.datasets or data / "datasets"
         if args.weights and not Path(args.weights).expanduser().exists():
@@ -198,18 +209,17 @@ def main(argv=None) -> int:
                                max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,
                                quota=quota, max_job_steps=args.max_job_steps, max_job_minutes=args.max_job_minutes)
         if demo_on:
-            from studio import demo
-            ephemeral = bool(os.environ.get("SPACE_ID")) and not Path(library).resolve().is_relative_to("/data")
-            demo.install(studio, args.demo_idle_minutes, ephemeral)
+            from studio.demo import install
+            install(studio, args.demo_idle_minutes, ephemeral_disk(library))
         if gallery:
             from studio.demo import open_gallery
             open_gallery(studio, gallery)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ui = build_ui(studio)
-    ui.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-              **launch_options(args.max_file_size, studio.demo))
+    demo = build_ui(studio)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                **launch_options(args.max_file_size, studio.demo))
     return 0
 
 

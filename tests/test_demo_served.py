@@ -16,7 +16,7 @@ from core.model.weights import load_base
 from core.quota import Quota
 from core.adapters.library import Library
 from core.sandbox import GALLERY
-from studio.demo import COOKIE, open_gallery
+from studio.demo import COOKIE, EPHEMERAL, open_gallery
 from studio.tabs import data
 from adapter_helpers import make_adapter
 from studio_server import served_studio
@@ -64,7 +64,7 @@ def space(tmp_path_factory):
     gallery.save(model, "pirate", "pirate", LoraConfig(r=4, alpha=8.0), "tiny")
     now = [1_000_000.0]
     quota = Quota.for_studio("0", datasets=1)  # one dataset per visitor (the demo's default is 5)
-    with served_studio(tmp, demo={"idle_minutes": IDLE_MINUTES, "clock": lambda: now[0]},
+    with served_studio(tmp, demo={"idle_minutes": IDLE_MINUTES, "clock": lambda: now[0], "ephemeral": True},
                        settings={"quota": quota, "max_job_steps": MAX_STEPS},
                        before_build=lambda studio: open_gallery(studio, tmp / "gallery")) as (url, studio):
         text, _, _ = data.sample_text("pirate_recipes")
@@ -73,6 +73,38 @@ def space(tmp_path_factory):
 
 def owner_of(studio, dataset: str) -> str:
     return next(d["meta"]["user"] for d in studio.dataset_store.list() if d["name"] == dataset)
+
+
+def test_demo_mode_is_on_with_demo_and_on_a_space_without_sign_in(monkeypatch):
+    import app
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    args, _, on = app.parse_args([])
+    assert not on and args.max_job_steps is None and args.max_adapters_per_user == 100
+    args, _, on = app.parse_args(["--demo", "--max-job-steps", "50"])  # the demo's limits, unless given
+    assert on and args.max_job_steps == 50 and args.max_adapters_per_user == app.DEMO_DEFAULTS["max_adapters_per_user"]
+    assert app.main(["--demo", "--auth", "ann:pw", "--model", "tiny"]) == 2
+    monkeypatch.setenv("SPACE_ID", "owner/lora-studio")
+    assert app.parse_args([])[2] and not app.parse_args(["--no-demo"])[2]
+    assert not app.parse_args(["--auth", "ann:pw"])[2]
+
+
+def test_the_library_lives_on_a_spaces_persistent_disk_when_there_is_one(monkeypatch, tmp_path):
+    import app
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.data_dir(None, tmp_path) == app.Path(".") and not app.ephemeral_disk("adapters", tmp_path)
+    monkeypatch.setenv("SPACE_ID", "owner/lora-studio")
+    assert app.data_dir(None, tmp_path) == tmp_path and not app.ephemeral_disk(tmp_path / "adapters", tmp_path)
+    assert app.data_dir(None, tmp_path / "none") == app.Path(".") and app.ephemeral_disk("adapters", tmp_path)
+    assert app.data_dir("elsewhere", tmp_path) == app.Path("elsewhere")
+
+
+def test_an_ephemeral_disk_is_said_once_to_each_visitor(space):
+    url, _, _, _ = space
+    for visitor in (Visitor(url), Visitor(url)):
+        warn = next(d for d in visitor.config["dependencies"]
+                    if any(t[1] == "load" for t in d["targets"]) and d["outputs"] == [])
+        assert visitor.call(warn)[1] == [EPHEMERAL]
+        assert visitor.call(warn)[1] == []
 
 
 def test_each_visitor_sees_only_their_own_sandbox_and_the_gallery(space):
