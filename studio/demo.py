@@ -162,7 +162,7 @@ class DemoMode:
             user = user_of(request)
             if user not in self._warned:
                 self._warned.add(user)
-                gr.Warning(EPHEMERAL, duration=None, title="Work may vanish")
+                gr.Warning(EPHEMERAL, duration=None)
 
         blocks.load(warn, show_progress="hidden", api_visibility="private")
 
