@@ -331,8 +331,8 @@ def address_of(request: gr.Request | None, studio: Studio) -> str | None:
     """Without sign-in, the client's network address, which it cannot choose as it does a browser id: a
     second key for per-user limits (None with sign-in, for this machine itself, or with the limit off)."""
     host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
-    if studio.auth or studio.users_per_address < 1 or is_local(host):
-        return None
+    if (studio.auth and studio.demo is None) or studio.users_per_address < 1 or is_local(host):
+        return None  # a demo's visitors are counted by address too: their cookie is the client's choice
     return f"address:{host}"
 
 

@@ -98,6 +98,17 @@ def test_the_library_lives_on_a_spaces_persistent_disk_when_there_is_one(monkeyp
     assert app.data_dir("elsewhere", tmp_path) == app.Path("elsewhere")
 
 
+def test_a_visitor_counts_against_their_address_too_as_their_cookie_is_their_choice():
+    from types import SimpleNamespace as NS
+    from studio.context import address_of
+    from studio.fair_queue import askers
+    assert askers("ann", "s1", "10.0.0.5", True) == [("user", "ann")]  # signed in: the name is the server's
+    assert askers("visitor:ab12", "s1", "10.0.0.5", True) == [("user", "visitor:ab12"), ("address", "10.0.0.5")]
+    request = NS(client=NS(host="10.0.0.5"))
+    assert address_of(request, NS(auth=True, demo=None, users_per_address=4)) is None
+    assert address_of(request, NS(auth=True, demo=object(), users_per_address=4)) == "address:10.0.0.5"
+
+
 def test_an_ephemeral_disk_is_said_once_to_each_visitor(space):
     url, _, _, _ = space
     for visitor in (Visitor(url), Visitor(url)):
