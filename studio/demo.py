@@ -94,7 +94,9 @@ class DemoMode:
         if isinstance(secret, str) and SECRET.fullmatch(secret):
             return visitor_name(secret)
         session = request.query_params.get("session_hash") or request.path_params.get("session_hash")
-        if not session and request.method == "POST" and "json" in request.headers.get("content-type", ""):
+        if not session and request.method not in ("GET", "HEAD"):
+            if request.headers.get("content-type", "").startswith("multipart/"):
+                return PAGE  # an upload: it runs no event
             try:
                 body = await request.json()  # Starlette keeps it for the endpoint
             except ValueError:

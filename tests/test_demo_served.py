@@ -109,6 +109,49 @@ def test_a_visitor_counts_against_their_address_too_as_their_cookie_is_their_cho
     assert address_of(request, NS(auth=True, demo=object(), users_per_address=4)) == "address:10.0.0.5"
 
 
+def test_who_a_request_is_the_cookie_else_its_session_never_a_shared_name(tmp_path):
+    import asyncio
+    import json
+    from starlette.requests import Request
+    from studio.app import create_studio
+    from studio.demo import PAGE, install
+
+    mode = install(create_studio(tmp_path / "a", tmp_path / "d", "cpu", "tiny"))
+
+    def who(method="POST", cookie=None, body=None, query=b"", kind=b"application/json"):
+        headers = [(b"content-type", kind)] + ([(b"cookie", f"{COOKIE}={cookie}".encode())] if cookie else [])
+        raw = json.dumps(body).encode() if body is not None else b""
+
+        async def receive():
+            return {"type": "http.request", "body": raw, "more_body": False}
+        scope = {"type": "http", "method": method, "path": "/", "headers": headers, "query_string": query}
+        return asyncio.run(mode.visitor(Request(scope, receive)))
+
+    secret = "ab" * 16
+    assert who(cookie=secret, body={"data": []}) == who("GET", cookie=secret) != who(cookie="cd" * 16)
+    assert who(body={"session_hash": "s1"}) == who("GET", query=b"session_hash=s1") != who(body={"session_hash": "s2"})
+    assert who(body={"data": []}) != who(body={"data": []}) != PAGE  # an event with neither: a sandbox of its own
+    assert who(body={"data": []}, kind=b"") != PAGE  # whatever it says it sends
+    assert who(cookie="not-hex!", body={"data": []}) != who(cookie="not-hex!", body={"data": []})
+    assert who("GET") == PAGE and who(kind=b"multipart/form-data; boundary=x") == PAGE  # these run no event
+    assert PAGE not in mode.sandboxes
+
+
+def test_work_left_on_disk_by_visitors_before_a_restart_expires_an_idle_time_after_it(tmp_path):
+    from studio.app import create_studio
+    from studio.demo import install
+    text, _, state = data.sample_text("pirate_recipes")
+    studio = create_studio(tmp_path / "a", tmp_path / "d", "cpu", "tiny")
+    data.prepare(studio, state, text, 0.9, "left-behind", "visitor:0123")
+    data.prepare(studio, state, text, 0.9, "signed-in", "ann")  # not a visitor's: never swept
+    now = [5_000.0]
+    mode = install(studio, idle_minutes=10, clock=lambda: now[0])
+    assert mode.sweep() == set()  # the restart does not delete it at once
+    now[0] += 600
+    assert mode.sweep() == {"visitor:0123"} and [d["name"] for d in studio.dataset_store.list()] == ["signed-in"]
+    assert "visitor:0123" not in mode.sandboxes
+
+
 def test_an_ephemeral_disk_is_said_once_to_each_visitor(space):
     url, _, _, _ = space
     for visitor in (Visitor(url), Visitor(url)):
