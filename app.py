@@ -113,8 +113,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="require sign-in: one user:password, or a file of user:password lines")
     demo_limits = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
     p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
-                   help="public demo: each visitor (known by a cookie) gets a private sandbox of datasets, adapters and "
-                        "jobs, deleted --demo-idle-minutes after their last visit, under smaller per-user limits "
+                   help="public demo: each visitor (known by a cookie) gets a private sandbox of datasets, adapters "
+                        "and jobs, deleted --demo-idle-minutes after their last visit, under smaller per-user limits "
                         f"({demo_limits}) (default: on for a Hugging Face Space without --auth)")
     p.add_argument("--demo-idle-minutes", type=float, default=60, metavar="MINUTES",
                    help="--demo: minutes a visitor's sandbox is kept after their last visit (default 60)")

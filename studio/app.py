@@ -131,7 +131,8 @@ def header_html(studio: Studio) -> str:
 
 def identity_html(studio: Studio, request: gr.Request | None) -> str:
     """Who this page acts as: the signed-in user (an admin badge, a sign-out link), or that everyone shares one
-    space without sign-in. A student on a shared lab PC sees whose session is open."""
+    space without sign-in, or (a public demo) that the visitor works in a private sandbox. A student on a shared lab
+    PC sees whose session is open."""
     if studio.demo is not None:
         return studio.demo.chip_html()
     user = user_of(request)

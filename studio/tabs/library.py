@@ -359,8 +359,9 @@ def create_library_tab(studio: Studio) -> dict:
                 del_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
                 use_btn = gr.Button("Use in Compare →", variant="primary", elem_id="lib-use")
             # with sign-in an adapter is private to its owner (and the admins) until it is shared
-            share_box = gr.Checkbox(False, label="Share with the class", visible=studio.auth and studio.demo is None,
-                                    elem_id="lib-share", info="Everyone signed in can then see and use it; admins always can.")
+            share_box = gr.Checkbox(False, label="Share with the class", elem_id="lib-share",
+                                    visible=studio.auth and studio.demo is None,  # a demo's visitors never share
+                                    info="Everyone signed in can then see and use it; admins always can.")
     with gr.Row(visible=False, elem_classes="confirm") as confirm_row:
         confirm_md = gr.Markdown()
         confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="lib-confirm-delete")
