@@ -122,12 +122,11 @@ def import_gallery(library: Library, folder) -> list[str]:
         try:
             if not valid_name(name):
                 raise AdapterError(f"'{name}' is not a valid adapter name (letters, digits, '_', '.', '-').")
-            if (library.root / name).exists():
-                if library.details(name).get("user") != GALLERY:
-                    raise AdapterError(f"the library already has an adapter named '{name}'.")
-            else:
+            if not (library.root / name).exists():
                 library.import_path(item, name, user=GALLERY)
-                library.set_shared(name, True)
+            elif library.details(name).get("user") != GALLERY:
+                raise AdapterError(f"the library already has an adapter named '{name}'.")
+            library.set_shared(name, True)  # at every start: an import cut short before this step is finished
             names.append(name)
         except (ValueError, OSError) as e:
             print(f"gallery: {item.name} skipped: {e}", file=sys.stderr)

@@ -152,6 +152,22 @@ def test_work_left_on_disk_by_visitors_before_a_restart_expires_an_idle_time_aft
     assert "visitor:0123" not in mode.sandboxes
 
 
+def test_the_gallery_is_imported_once_and_never_takes_a_visitors_name(tmp_path, capsys):
+    from core.sandbox import import_gallery
+    model = load_base("tiny", "cpu")
+    make_adapter(model, "a", LoraConfig(r=4, alpha=8.0), std=0.5)
+    for name in ("shanty", "taken"):
+        Library(tmp_path / "gallery").save(model, "a", name, LoraConfig(r=4, alpha=8.0), "tiny")
+    library = Library(tmp_path / "adapters")
+    library.save(model, "a", "taken", LoraConfig(r=4, alpha=8.0), "tiny", meta={"user": "visitor:0123"})
+    assert import_gallery(library, tmp_path / "gallery") == ["shanty"]
+    assert "taken skipped: the library already has an adapter named 'taken'" in capsys.readouterr().err
+    first = library.details("shanty")
+    assert import_gallery(library, tmp_path / "gallery") == ["shanty"]  # a restart keeps it as it is
+    assert library.details("shanty")["created"] == first["created"] and first["shared"] is True
+    assert library.details("taken")["user"] == "visitor:0123"
+
+
 def test_an_ephemeral_disk_is_said_once_to_each_visitor(space):
     url, _, _, _ = space
     for visitor in (Visitor(url), Visitor(url)):
