@@ -39,6 +39,50 @@ def users_per_address(value: int | None) -> int:
     return value if value is not None else (0 if os.environ.get("SPACE_ID") else 4)
 
 
+# --demo's defaults for the per-user limits (flags given on the command line still win): a visitor's sandbox
+DEMO_DEFAULTS = dict(max_job_steps=200, max_job_tokens=500_000, max_job_minutes=15, max_adapters_per_user=10,
+                     max_library_per_user="200MB", max_datasets_per_user=5, max_datasets_size_per_user="50MB")
+SPACE_DISK = Path("/data")  # a Hugging Face Space's persistent storage, where its owner turned it on
+
+
+def demo_mode(demo: bool | None, auth) -> bool:
+    """--demo, or by default on a Hugging Face Space (SPACE_ID set) without --auth."""
+    if demo and auth:
+        raise ValueError("--demo is a public studio without sign-in: drop --auth or --demo.")
+    return demo if demo is not None else bool(os.environ.get("SPACE_ID")) and not auth
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[tuple[str, str]] | None, bool]:
+    """(the flags, --auth's users, whether demo mode is on); in demo mode the per-user limits that the command
+    line leaves out are DEMO_DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    auth = parse_auth(args.auth)
+    if not demo_mode(args.demo, auth):
+        return args, auth, False
+    return build_parser(DEMO_DEFAULTS).parse_args(argv), auth, True
+
+
+def data_dir(value: str | None, space_disk: Path = SPACE_DISK) -> Path:
+    """--data-dir, default the Space's persistent storage where there is one (it survives restarts), else '.'."""
+    if value:
+        return Path(value).expanduser()
+    if os.environ.get("SPACE_ID") and space_disk.is_dir() and os.access(space_disk, os.W_OK):
+        return space_disk
+    return Path(".")
+
+
+def ephemeral_disk(library, space_disk: Path = SPACE_DISK) -> bool:
+    """Whether the library is on a Space's disk that a restart wipes (outside its persistent storage)."""
+    return bool(os.environ.get("SPACE_ID")) and not Path(library).resolve().is_relative_to(space_disk.resolve())
+
+
+def gallery_dir(value: str | None) -> Path | None:
+    """--gallery, default ./gallery when it exists."""
+    if value and not Path(value).expanduser().is_dir():
+        raise ValueError(f"--gallery {value}: no such folder.")
+    return Path(value).expanduser() if value else (Path("gallery") if Path("gallery").is_dir() else None)
+
+
 def job_tokens(value: float) -> int:
     """--max-job-tokens as a whole number ('1e8' is accepted on the command line)."""
     if not 1 <= value <= 2**62 or value != int(value):  # NaN fails the first test
@@ -46,7 +90,7 @@ def job_tokens(value: float) -> int:
     return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python app.py", description="LoRA Studio: fine-tune GPT-2 with LoRA in a web UI.")
     p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; "
                                                  "0.0.0.0 to serve the network; Spaces sets it)")
@@ -56,14 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model selected when a page opens (default gpt2; nothing loads until needed)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local weights for --model (an HF folder or a .safetensors file) instead of the hub")
-    p.add_argument("--library", default="adapters", metavar="DIR", help="adapter library folder (default ./adapters)")
-    p.add_argument("--datasets", default="datasets", metavar="DIR", help="datasets folder (default ./datasets)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the library and datasets live (default: /data on a Hugging Face Space with "
+                        "persistent storage, else the current folder)")
+    p.add_argument("--library", default=None, metavar="DIR", help="adapter library folder (default DATA_DIR/adapters)")
+    p.add_argument("--datasets", default=None, metavar="DIR", help="datasets folder (default DATA_DIR/datasets)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the frozen base's dtype: auto (default) is bf16 where the device computes it natively "
                         "(CUDA, CPUs with AVX-512 BF16/AMX, Apple M2+), else fp32; LoRA weights stay fp32")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD|FILE",
                    help="require sign-in: one user:password, or a file of user:password lines")
+    demo_limits = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="public demo: each visitor (known by a cookie) gets a private sandbox of datasets, adapters "
+                        "and jobs, deleted --demo-idle-minutes after their last visit, under smaller per-user limits "
+                        f"({demo_limits}) (default: on for a Hugging Face Space without --auth)")
+    p.add_argument("--demo-idle-minutes", type=float, default=60, metavar="MINUTES",
+                   help="--demo: minutes a visitor's sandbox is kept after their last visit (default 60)")
+    p.add_argument("--gallery", default=None, metavar="DIR",
+                   help="adapters (PEFT folders or .zip files) that every visitor sees and uses but nobody can "
+                        "rename, delete or overwrite (default: ./gallery when it exists)")
     p.add_argument("--admin", action="append", default=[], metavar="USER",
                    help="with --auth: a user who may stop, resume, rename and delete anyone's runs (repeatable)")
     p.add_argument("--max-file-size", default="300mb", help="largest upload (default 300mb)")
@@ -119,13 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --auth: datasets one user may prepare (default 50; 0: no limit)")
     p.add_argument("--max-datasets-size-per-user", default="2GB", metavar="SIZE",
                    help="with --auth: disk one user's datasets may take (default 2GB)")
+    p.set_defaults(**(defaults or {}))
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        auth = parse_auth(args.auth)
+        args, auth, demo_on = parse_args(argv)
+        data, gallery = data_dir(args.data_dir), gallery_dir(args.gallery)
+        library, datasets = args.library or data / "adapters", args.datasets or data / "datasets"
         if args.weights and not Path(args.weights).expanduser().exists():
             raise ValueError(f"--weights {args.weights}: no such file or folder.")
         if args.admin and not auth:
@@ -139,7 +198,7 @@ def main(argv=None) -> int:
         from studio.app import build_ui, create_studio, launch_options
         quota = Quota.for_studio(args.min_free_disk, args.max_adapters_per_user, args.max_library_per_user,
                                  args.max_datasets_per_user, args.max_datasets_size_per_user)
-        studio = create_studio(args.library, args.datasets, args.device, args.model, args.weights, auth=bool(auth),
+        studio = create_studio(library, datasets, args.device, args.model, args.weights, auth=bool(auth) or demo_on,
                                max_train_memory=args.max_train_memory, admins=args.admin,
                                generation=args.generation, max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
@@ -149,12 +208,18 @@ def main(argv=None) -> int:
                                users_per_address=users_per_address(args.users_per_address),
                                max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,
                                quota=quota, max_job_steps=args.max_job_steps, max_job_minutes=args.max_job_minutes)
+        if demo_on:
+            from studio.demo import install
+            install(studio, args.demo_idle_minutes, ephemeral_disk(library))
+        if gallery:
+            from studio.demo import open_gallery
+            open_gallery(studio, gallery)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo = build_ui(studio)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                **launch_options(args.max_file_size))
+                **launch_options(args.max_file_size, studio.demo))
     return 0
 
 

@@ -131,7 +131,10 @@ def header_html(studio: Studio) -> str:
 
 def identity_html(studio: Studio, request: gr.Request | None) -> str:
     """Who this page acts as: the signed-in user (an admin badge, a sign-out link), or that everyone shares one
-    space without sign-in. A student on a shared lab PC sees whose session is open."""
+    space without sign-in, or (a public demo) that the visitor works in a private sandbox. A student on a shared lab
+    PC sees whose session is open."""
+    if studio.demo is not None:
+        return studio.demo.chip_html()
     user = user_of(request)
     if not studio.auth or user is None:
         return ("<div class='identity' id='identity'><span class='pill'>no sign-in: everyone on this server shares "
@@ -253,6 +256,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return identity_html(studio, request)
 
         demo.load(who, outputs=identity, show_progress="hidden", api_visibility="private", queue=False)
+        if studio.demo is not None:
+            studio.demo.wire(demo)
         # "Use in Compare": add the selected adapter to the comparison and switch tabs
         @friendly
         def use(n, m, cur, request: gr.Request):
@@ -311,7 +316,8 @@ async def cache_trimmer(app):
         task.cancel()
 
 
-def launch_options(max_file_size: str = MAX_FILE_SIZE) -> dict:
-    """What every launch of the studio passes (theme/css go to launch() in Gradio 6)."""
-    return dict(theme=theme(), css=CSS, max_file_size=max_file_size, enable_monitoring=False,
-                footer_links=["gradio", "settings"], show_error=False, app_kwargs={"lifespan": cache_trimmer})
+def launch_options(max_file_size: str = MAX_FILE_SIZE, demo=None) -> dict:
+    """What every launch of the studio passes (theme/css go to launch() in Gradio 6); demo: studio.demo."""
+    options = dict(theme=theme(), css=CSS, max_file_size=max_file_size, enable_monitoring=False,
+                   footer_links=["gradio", "settings"], show_error=False, app_kwargs={"lifespan": cache_trimmer})
+    return options if demo is None else demo.launch_options(options)

@@ -27,6 +27,7 @@ from core.arena import Arena
 from core.atomic import disk_full
 from core.model.config import PRESETS
 from core.quota import Quota
+from core.sandbox import check_not_gallery
 from core.train.data import Dataset, load_dataset, read_dataset_meta
 from core.train.datasets import DatasetStore, is_dataset_folder
 from core.device import default_dtype, precision_name
@@ -100,6 +101,7 @@ class Studio:
     exports_dir: Path = field(init=False)
     arena_dir: Path | None = None  # --arena: the blind arena's rounds (default: 'arena' beside the library)
     arena: Arena = field(init=False)
+    demo: object | None = None  # --demo: the visitors' sandboxes (studio.demo.DemoMode; auth is then on)
 
     def __post_init__(self):
         self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
@@ -232,6 +234,7 @@ class Studio:
         raise ValueError(f"'{name}' belongs to {owner}; only they (or an admin) can {action} it.")
 
     def check_entry_owner(self, name: str, user: str | None, action: str) -> None:
+        check_not_gallery(self.library, name, action)  # the gallery is read-only for everyone (and seen by all)
         if self.auth:
             self.check_adapter(name, user)  # another user's private entry: 'no adapter named', not whose it is
             self.check_owner(name, self.library.details(name).get("user"), user, action)
@@ -328,8 +331,8 @@ def address_of(request: gr.Request | None, studio: Studio) -> str | None:
     """Without sign-in, the client's network address, which it cannot choose as it does a browser id: a
     second key for per-user limits (None with sign-in, for this machine itself, or with the limit off)."""
     host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
-    if studio.auth or studio.users_per_address < 1 or is_local(host):
-        return None
+    if (studio.auth and studio.demo is None) or studio.users_per_address < 1 or is_local(host):
+        return None  # a demo's visitors are counted by address too: their cookie is the client's choice
     return f"address:{host}"
 
 

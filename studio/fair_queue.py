@@ -22,6 +22,8 @@ from collections import Counter
 
 from fastapi import HTTPException
 
+from core.sandbox import is_visitor
+
 TOO_MANY = 429  # the browser shows a refusal's detail for any status but 503 (there: "currently busy")
 CEILING = 4  # times max_waiting: past it every request waits for room, first ones too
 
@@ -37,10 +39,11 @@ def is_local(host: str | None) -> bool:
 
 
 def askers(username: str | None, session: str | None, host: str | None, by_address: bool) -> list[tuple]:
-    """The keys a request counts against: ('user', name), else ('session', hash) and ('address', host)."""
-    if username:
+    """The keys a request counts against: ('user', name), else ('session', hash) and ('address', host). A demo's
+    visitor is a user whose name is a cookie of the client's choosing: their address counts too."""
+    if username and not is_visitor(username):
         return [("user", username)]
-    keys = [("session", session)] if session else []
+    keys = [("user", username)] if username else [("session", session)] if session else []
     if by_address and not is_local(host):
         keys.append(("address", host))
     return keys

@@ -12,21 +12,27 @@ def free_port() -> int:
 
 
 @contextmanager
-def served_studio(tmp, auth=None, max_upload=None, before_build=None):
+def served_studio(tmp, auth=None, max_upload=None, before_build=None, demo=None, settings=None):
     """Yield (url, studio) for a 'tiny' studio on tmp/adapters and tmp/datasets; stops any run after.
 
     before_build(studio) runs before the UI is built (the API's dropdown choices are built with it).
+    demo: keyword arguments of studio.demo.install (a public demo); settings: more of create_studio's keyword
+    arguments.
     """
     from studio.app import build_ui, create_studio, launch_options
-    studio = create_studio(tmp / "adapters", tmp / "datasets", "cpu", "tiny", auth=bool(auth))
+    studio = create_studio(tmp / "adapters", tmp / "datasets", "cpu", "tiny", auth=bool(auth) or demo is not None,
+                           **(settings or {}))
+    if demo is not None:
+        from studio.demo import install
+        install(studio, **demo)
     if before_build:
         before_build(studio)
-    demo = build_ui(studio)
-    options = launch_options(max_upload) if max_upload else launch_options()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                            quiet=True, auth=auth, **options)
+    ui = build_ui(studio)
+    options = launch_options(*([max_upload] if max_upload else []), demo=studio.demo)
+    _, url, _ = ui.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                          quiet=True, auth=auth, **options)
     try:
         yield url, studio
     finally:
         studio.runner.stop_all(60)
-        demo.close()
+        ui.close()

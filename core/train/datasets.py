@@ -6,6 +6,9 @@ The studio's Data and Train tabs go through it; they never look for shard files 
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from core.adapters.library import shown_name, valid_name
@@ -75,6 +78,16 @@ class DatasetStore:
             raise ValueError(_taken(name)) from None
         ds.path = path
         return path
+
+    def delete(self, name) -> None:
+        """Remove dataset `name`: moved into a hidden folder first, so it leaves the listing in one step (as a
+        library entry does); ValueError when there is none."""
+        path = self.path(name)
+        if not is_dataset_folder(path):
+            raise ValueError(f"no dataset named '{name}'.")
+        trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
+        os.rename(path, trash / "x")
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _owned(self, user: str) -> list[int]:
         """The sizes on disk of the datasets `user` prepared."""

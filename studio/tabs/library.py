@@ -227,6 +227,8 @@ def share(studio: Studio, name, shared, user: str | None = None) -> tuple[str, s
     """Share adapter `name` with everyone signed in, or make it private again (its owner or an admin)."""
     if not studio.auth:
         raise ValueError("sharing needs sign-in (--auth); without it everyone already sees every adapter.")
+    if studio.demo is not None:
+        raise ValueError("sharing is off in this public demo: your work stays in your own sandbox.")
     if shared not in (True, False):
         raise ValueError("shared must be true or false; tick or untick the box.")
     name = _need(name)
@@ -357,7 +359,8 @@ def create_library_tab(studio: Studio) -> dict:
                 del_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
                 use_btn = gr.Button("Use in Compare →", variant="primary", elem_id="lib-use")
             # with sign-in an adapter is private to its owner (and the admins) until it is shared
-            share_box = gr.Checkbox(False, label="Share with the class", visible=studio.auth, elem_id="lib-share",
+            share_box = gr.Checkbox(False, label="Share with the class", elem_id="lib-share",
+                                    visible=studio.auth and studio.demo is None,  # a demo's visitors never share
                                     info="Everyone signed in can then see and use it; admins always can.")
     with gr.Row(visible=False, elem_classes="confirm") as confirm_row:
         confirm_md = gr.Markdown()
