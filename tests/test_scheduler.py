@@ -101,6 +101,27 @@ def test_concurrent_requests_get_exactly_what_each_gets_alone(model, scheduler):
         assert got == alone(model, prompt, adapters, cfg), (adapters, cfg)
 
 
+@pytest.mark.parametrize("runner", [{}, dict(graphs=True, capture=lambda step, pool: step)],
+                         ids=["eager", "captured steps padded to their bucket"])
+def test_each_of_sixteen_requests_side_by_side_gets_exactly_what_it_gets_alone(model, runner):
+    """16 requests of mixed prompt lengths, adapters, settings and lengths, all decoding together (one of
+    them beside 15 others); the captured path (its fixed buffers replayed on the CPU) pads each step up to
+    its batch bucket with dummy rows, and rows leave and join as requests end."""
+    lock = threading.Lock()
+    s = DecodeScheduler(model, max_rows=48, max_len=128, lock=lock, **runner)
+    widths, forward = [], s._forward
+    s._forward = lambda rows: widths.append(len({id(r.request) for r in rows})) or forward(rows)
+    try:
+        specs = random_requests(16, seed=11)
+        with lock:  # all join at the first iteration
+            reqs = [s.submit(*spec) for spec in specs]
+        for (prompt, adapters, cfg), req in zip(specs, reqs):
+            assert req.result(120) == alone(model, prompt, adapters, cfg), (adapters, cfg)
+        assert max(widths) == 16  # every request decoded beside the 15 others
+    finally:
+        s.close()
+
+
 def test_on_a_bf16_base_concurrent_requests_still_get_exactly_what_each_gets_alone():
     """--precision bf16 (auto on CPUs with AMX or AVX-512 BF16): bf16's batched products and padded attention
     round differently with the batch, so the adapters' updates and the attention run in fp32 while

@@ -165,9 +165,9 @@ class ModelRunner:
             return
         rows, length = self.bucket(len(tokens)), self._length(max(pos) + 1)
         b = self._buckets.setdefault(rows, _Bucket(self.model, rows))
-        self._load(b, tokens, pos, names)  # the warm-up writes what the real step writes
         try:
             with GUARD.exclusive() if self.model.device.type == "cuda" else contextlib.nullcontext():
+                self._load(b, tokens, pos, names)  # the warm-up writes what the real step writes
                 if self._pool is None and self.model.device.type == "cuda":
                     self._pool = torch.cuda.graph_pool_handle()
                 b.replays[length] = self.capture(lambda: self._step(b.tok, b.pos, b.route, length), self._pool)

@@ -11,6 +11,7 @@ import threading
 from typing import Sequence
 
 from core.generate.sampler import SamplingConfig, pick_tokens  # noqa: F401 - the names callers import from here
+from core.generate.scheduler import DecodeScheduler
 from core.lora.layers import get_active
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
@@ -52,7 +53,6 @@ def _offline(model: GPT, rows: int, max_len: int):
     """A thread-less decode scheduler for `rows` rows of `max_len` tokens: the model's cached one when it is
     free and large enough (its captured CUDA graphs are kept), else a new one (cached if the lock is free).
     Returns it and whether this call holds `_OFFLINE_LOCK` (release it when done)."""
-    from core.generate.scheduler import DecodeScheduler
     owned = _OFFLINE_LOCK.acquire(blocking=False)
     cached = model.__dict__.get("_offline_scheduler") if owned else None
     if cached is not None and cached.max_rows >= rows and cached.max_len >= max_len:
