@@ -98,7 +98,7 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
         self.max_new_tokens = max_new_tokens
-        self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first batched use
+        self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first use
         self._generating = 0  # compare streams running now: training may yield to them
         self.dtype = dtype
         self.library_dir = Path(library_dir)
