@@ -96,8 +96,7 @@ class DecodeView:
 
     def __init__(self, kv: KVSlots, pos: torch.Tensor, length: int, slots: list[int] | None = None):
         self.kv, self.pos, self.length = kv, pos, length
-        rows = len(pos)
-        self.index = torch.arange(rows, device=pos.device)
+        self.at = pos.view(-1, 1, 1, 1)  # row b's position, shaped to scatter its keys/values
         self.slots = None if slots is None else torch.tensor(slots, device=pos.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -106,8 +105,9 @@ class DecodeView:
             self.kv.v[layer, self.slots, :, self.pos] = v[:, :, 0]
             return self.kv.k[layer, self.slots, :, :self.length], self.kv.v[layer, self.slots, :, :self.length]
         pk, pv = self.kv.k[layer, :len(self.pos)], self.kv.v[layer, :len(self.pos)]
-        pk[self.index, :, self.pos] = k[:, :, 0]
-        pv[self.index, :, self.pos] = v[:, :, 0]
+        at = self.at.expand(-1, k.shape[1], 1, k.shape[3])  # a scatter: no host sync, so a graph captures it
+        pk.scatter_(2, at, k)
+        pv.scatter_(2, at, v)
         return pk[:, :, :self.length], pv[:, :, :self.length]
 
 
