@@ -127,11 +127,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-train-memory", default=None, metavar="SIZE",
                    help="refuse training settings whose estimated peak memory exceeds SIZE, e.g. 8GB "
                         "(default: the memory available on the device)")
-    p.add_argument("--generation", default=None, choices=["batched", "loop"],
-                   help="batched: every Compare decodes in one shared loop (continuous batching); loop: one decode "
-                        "loop per request (default: batched on CPU/MPS, loop on CUDA, where it replays a CUDA graph)")
     p.add_argument("--max-rows-per-user", type=int, default=8, metavar="N",
-                   help="batched generation: rows one user may have generating or waiting (a Compare of the base "
+                   help="rows one user may have generating or waiting (a Compare of the base "
                         "and 3 adapters is 4 rows; default 8)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
                    help="new tokens one Compare request may ask for per column (default 512, the slider's end)")
@@ -200,7 +197,7 @@ def main(argv=None) -> int:
                                  args.max_datasets_per_user, args.max_datasets_size_per_user)
         studio = create_studio(library, datasets, args.device, args.model, args.weights, auth=bool(auth) or demo_on,
                                max_train_memory=args.max_train_memory, admins=args.admin,
-                               generation=args.generation, max_rows_per_user=args.max_rows_per_user,
+                               max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
                                max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity,
                                precision=args.precision, train_yield=args.train_yield,

@@ -1,11 +1,15 @@
 """The performance issue's figures, ours against transformers+PEFT, in one run (CUDA; --quick on CPU).
 
-    python bench/gpu_bench.py --out result.json [--quick] [--only train,xl,decode,scheduler,...]
+    python bench/gpu_bench.py --out result.json [--quick] [--only checks,decode,scheduler,eval_compare,...]
                               [--model gpt2|tiny] [--sched-requests 64] [--sched-tokens 128]
 
-`scheduler` is issue 13's classroom case (64 concurrent requests through the DecodeScheduler vs one
-alone). Without a GPU it runs a small CPU smoke check (8 x 16 tokens) and says it measured nothing:
-    python bench/gpu_bench.py --only scheduler --model tiny --out /tmp/s.json
+Issue 28's sections, all through the one decode engine (core.generate: scheduler, KV slots, a runner that
+replays a CUDA graph per batch bucket): `checks` (captured steps equal eager ones), `decode` (batch-1 decode,
+goal >= 1,500 tok/s on an H200), `scheduler` (64 concurrent requests vs one alone: >= 20x its tok/s, p95
+per-token latency <= 2x), `eval_compare` (a compare's latency idle and during another user's evaluation of 9
+models at context 1024 over 32K tokens). Without a GPU, `scheduler` runs a small CPU smoke check (8 x 16
+tokens); the goals it cannot measure are printed as "not measured":
+    python bench/gpu_bench.py --quick --model tiny --only checks,decode,scheduler,eval_compare --out /tmp/s.json
 
 Each section records its figures or its error in the JSON; a failing section never hides the others.
 """
@@ -360,7 +364,10 @@ def sec_decode(a, dev, R):
     generate(ours, prompt, None, ss)
     dev_sync(dev)
     sampled_s = time.perf_counter() - t
+    offline = ours.__dict__.get("_offline_scheduler")  # the engine generate() ran on
     R["decode_b1"] = {"ours_tok_s": new / ours_s, "ours_tok_s_sampling_topk50": new / sampled_s,
+                      "graphs": bool(offline and offline.runner.graphs),
+                      "graph_capture_error": offline.runner.capture_error if offline else None,
                       "peer_tok_s": new / peer_s, "speedup": peer_s / ours_s,
                       "greedy_tokens_agree_first": agree, "new_tokens": new}
     save(a, R)
@@ -501,15 +508,17 @@ def sec_checks(a, dev, R):
     prompts = [[464, 2068, 7586, 21831], [464, 2068, 7586, 21831], [11, 12], [464, 2068, 7586, 21831]]
     names = [None, "a", "b", "a"]
     sc = SamplingConfig(max_new_tokens=48, temperature=0, stop_at_eot=False)
-    plain = generate(ours, prompts, names, sc, static=False)
-    graph = generate(ours, prompts, names, sc)  # static buffers + CUDA graph on GPUs
-    graph_again = generate(ours, prompts, names, sc)
-    alone = [generate(ours, [p], [n], sc, static=False)[0] for p, n in zip(prompts, names)]
+    plain = through_engine(ours, prompts, names, sc, graphs=False)
+    graph, runner = through_engine(ours, prompts, names, sc, graphs=True, runner=True)  # a CUDA graph per bucket
+    graph_again = generate(ours, prompts, names, sc)  # the offline scheduler kept on the model
+    alone = [through_engine(ours, [p], [n], sc, graphs=False)[0] for p, n in zip(prompts, names)]
     out = {"graph_decode_equals_plain": graph == plain and graph_again == plain,
+           "graphs_captured": bool(runner.graphs and runner._buckets), "graph_capture_error": runner.capture_error,
            "mixed_batch_equals_alone": plain == alone,
            "adapters_change_output": plain[0] != plain[1]}
     sc = SamplingConfig(max_new_tokens=48, temperature=0.9, seed=5, stop_at_eot=False)
-    out["graph_sampling_equals_plain"] = generate(ours, prompts, names, sc) == generate(ours, prompts, names, sc, static=False)
+    out["graph_sampling_equals_plain"] = (through_engine(ours, prompts, names, sc, graphs=True)
+                                          == through_engine(ours, prompts, names, sc, graphs=False))
     x, y = batch(2, 64, dev)
     ours.train()
     eager = F.cross_entropy(ours(x, "a").flatten(0, 1).float(), y.flatten())
@@ -522,6 +531,18 @@ def sec_checks(a, dev, R):
     R["checks"] = out
     del ours
     reset_peak(dev)
+
+
+def through_engine(model, prompts, names, sc, graphs: bool, runner: bool = False):
+    """Each prompt + adapter as one request of a thread-less decode scheduler; graphs: captured steps (CUDA)."""
+    from core.generate.scheduler import DecodeScheduler
+    need = max(map(len, prompts)) + sc.max_new_tokens
+    sched = DecodeScheduler(model, max_rows=len(prompts), max_len=need, thread=False,
+                            graphs=graphs and model.device.type == "cuda")
+    reqs = [sched.submit(p, [n], sc) for p, n in zip(prompts, names)]
+    sched.run_until_idle()
+    got = [r.result(0)[0] for r in reqs]
+    return (got, sched.runner) if runner else got
 
 
 def trainer_graphs_check(cfg, dev, steps):
@@ -636,7 +657,8 @@ def sec_scheduler(a, dev, R):
            "dtype": str(model.dtype).replace("torch.", ""), "device": str(dev),
            "solo_tok_s": solo_tok_s, "concurrent_tok_s": all_tok_s, "tok_s_ratio": all_tok_s / solo_tok_s,
            "solo_token_latency_p95_ms": solo_p95 * 1e3, "concurrent_token_latency_p95_ms": all_p95 * 1e3,
-           "token_latency_p95_ratio": all_p95 / solo_p95, "goal_tok_s_ratio": 20, "goal_latency_ratio": 2}
+           "token_latency_p95_ratio": all_p95 / solo_p95, "goal_tok_s_ratio": 20, "goal_latency_ratio": 2,
+           "graphs": sched.runner.graphs, "graph_capture_error": sched.runner.capture_error}
     if on_gpu and n >= 64 and new >= 128:
         out["met"] = {"tok_s_ratio": out["tok_s_ratio"] >= 20, "latency_ratio": out["token_latency_p95_ratio"] <= 2}
     else:
@@ -650,8 +672,76 @@ def sec_scheduler(a, dev, R):
     reset_peak(dev)
 
 
+def sec_eval_compare(a, dev, R):
+    """A 16-token compare's latency idle and while another thread evaluates 9 models (the base + 8 adapters) at
+    context 1024 over 32K tokens on the same Engine (gpt2 shapes, random weights). Goal (issue 28, set on a
+    CPU): at most 3x idle. GPU only: on a CPU bench/eval_interference.py measures it."""
+    if dev.type != "cuda":
+        R["eval_compare"] = {"measured": False, "reason": "no GPU (on a CPU: bench/eval_interference.py)"}
+        return
+    import statistics
+    import tempfile
+    import threading
+    import numpy as np
+    from core.engine import Engine
+    from eval_interference import compare_once, make_library
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-random"
+        peer_model(a.cfg, torch.device("cpu"), torch.float32).save_pretrained(folder)
+        engine = Engine(dev, library_dir=Path(tmp) / "lib")
+        adapters = make_library(engine, str(folder), 8)
+        compare_once(engine, 16)  # warm-up: the scheduler, its graphs, the adapters' first load
+        idle = statistics.median(compare_once(engine, 16) for _ in range(5))
+        ids = np.random.default_rng(0).integers(0, 50256, 32768 + 1)
+        done, eval_s = threading.Event(), []
+
+        def evaluate():
+            t = time.perf_counter()
+            engine.evaluate(ids, [None, *adapters], seq_len=1024, max_tokens=32768)
+            eval_s.append(time.perf_counter() - t)
+            done.set()
+        threading.Thread(target=evaluate, daemon=True).start()
+        busy = []
+        while not done.is_set() and len(busy) < 20:
+            busy.append(compare_once(engine, 16))
+        done.wait(600)
+        engine.close()
+    during = statistics.median(busy) if busy else float("nan")
+    R["eval_compare"] = {"measured": bool(busy), "compare_idle_ms": idle * 1e3, "compare_during_eval_ms": during * 1e3,
+                         "ratio": during / idle, "compares_during_eval": len(busy),
+                         "eval_s": eval_s[0] if eval_s else None, "goal_ratio": 3}
+
+
+def summary(R) -> list[str]:
+    """One line per issue-28 goal: the figure, or "not measured" and why."""
+    lines = []
+    s = R.get("scheduler")
+    if s and s.get("met") is not None:
+        lines.append(f"64 concurrent gpt2 requests: {s['concurrent_tok_s']:.0f} tok/s = {s['tok_s_ratio']:.1f}x one "
+                     f"request's (goal >= 20x); p95 per-token latency {s['concurrent_token_latency_p95_ms']:.1f} ms = "
+                     f"{s['token_latency_p95_ratio']:.2f}x solo (goal <= 2x); CUDA graphs: {s['graphs']}")
+    else:
+        lines.append("64 concurrent gpt2 requests: not measured (" + (s.get("note", "") if s else
+                     R["errors"].get("scheduler", "section not run")[-200:]) + ")")
+    d = R.get("decode_b1")
+    if d and R.get("device") != "cpu":
+        lines.append(f"batch-1 decode through the one engine: {d['ours_tok_s']:.0f} tok/s (goal >= 1,500 on an "
+                     f"H200); CUDA graphs: {d['graphs']}")
+    else:
+        lines.append("batch-1 decode through the one engine: not measured (" + ("no GPU" if d else
+                     R["errors"].get("decode", "section not run")[-200:]) + ")")
+    e = R.get("eval_compare")
+    if e and e.get("measured"):
+        lines.append(f"compare during an evaluation: {e['compare_during_eval_ms']:.0f} ms vs {e['compare_idle_ms']:.0f} "
+                     f"ms idle = {e['ratio']:.1f}x (goal <= 3x)")
+    else:
+        lines.append("compare during an evaluation: not measured (" + (e.get("reason", "no compare ran during it")
+                     if e else R["errors"].get("eval_compare", "section not run")[-200:]) + ")")
+    return lines
+
+
 SECTIONS = {"checks": sec_checks, "train": sec_train, "decode": sec_decode, "xl": sec_xl, "quant": sec_quant_loss,
-            "scheduler": sec_scheduler}
+            "scheduler": sec_scheduler, "eval_compare": sec_eval_compare}
 
 
 def save(a, R):
@@ -662,7 +752,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script runs")
-    ap.add_argument("--only", default="checks,decode,scheduler,xl,quant,train")
+    ap.add_argument("--only", default="checks,decode,scheduler,eval_compare",
+                    help="sections, in order (also: xl, quant, train; default: issue 28's)")
     ap.add_argument("--model", default="gpt2", choices=["gpt2", "tiny"],
                     help="the scheduler section's model: gpt2 shapes, random weights (default), or the tiny preset")
     ap.add_argument("--sched-requests", type=int, default=64, help="scheduler: concurrent requests (default 64)")
@@ -695,6 +786,8 @@ def main():
         print(f"[{name}] {R['section_seconds'][name]} s", flush=True)
         save(a, R)
     print(json.dumps(R, indent=2, default=str))
+    for line in summary(R):
+        print(f"[summary] {line}", flush=True)
 
 
 if __name__ == "__main__":

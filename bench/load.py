@@ -2,14 +2,13 @@
 N concurrent gradio_client clients each running side-by-side comparisons for a while.
 
     python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
-                         [--generation loop,batched] [--no-training] [--server-threads N]
+                         [--no-training] [--server-threads N]
                          [--train-yield SECONDS] [--client light|gradio_client]
 
 What it does, in order:
   1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
-then for each generation mode (`--generation`: the one-decode-loop-per-request path and the batched
-decode scheduler, both by default, one after the other in the same run):
-  2. starts `python app.py --model tiny --generation MODE [--torch-threads N]` on 127.0.0.1 in its own
+then, through the one decode engine (every Compare in one decode scheduler):
+  2. starts `python app.py --model tiny [--torch-threads N]` on 127.0.0.1 in its own
      process (as a user would);
   3. starts a long training run through the API (/start_training), so the machine is busy training;
   4. solo: one client runs each request of a fixed set alone, in turn, `--solo-rounds` times: the
@@ -92,7 +91,7 @@ def start_server(tmp: Path, port: int, mode: str, threads: int | None = None,
     log = open(tmp / f"server-{mode}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
                              "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
-                             "--host", "127.0.0.1", "--port", str(port), "--generation", mode,
+                             "--host", "127.0.0.1", "--port", str(port),
                              *(["--torch-threads", str(threads)] if threads else []),
                              *(["--train-yield", str(train_yield)] if train_yield else [])],
                             cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -323,12 +322,8 @@ def main() -> int:
     ap.add_argument("--client", choices=("light", "gradio_client"), default="light",
                     help="how the clients talk to the studio: light (one connection each, as a browser tab) or "
                          "gradio_client (a thread per request polling every 50 ms: more CPU on this machine)")
-    ap.add_argument("--generation", default="loop,batched",
-                    help="the served studio's --generation modes to run, in order (default loop,batched)")
     args = ap.parse_args()
-    modes = [m.strip() for m in args.generation.split(",") if m.strip()]
-    if not modes or any(m not in ("loop", "batched") for m in modes):
-        raise SystemExit("--generation: a comma-separated list of loop and batched")
+    modes = ["engine"]  # the one decode path (before issue 28: --generation loop or batched)
 
     tmp = Path(tempfile.mkdtemp(prefix="lora-load-"))
     try:
@@ -345,7 +340,7 @@ def main() -> int:
     print(f"LoRA Studio load benchmark, {dt.date.today().isoformat()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs (nproc), {platform.system()} {platform.release()}; "
           f"python {platform.python_version()}, torch {torch.__version__}, gradio {gradio.__version__}")
-    print("server: python app.py --model tiny --generation MODE (one process per mode, one after the other); "
+    print("server: python app.py --model tiny; "
           "background: " + ("nothing (--no-training)" if args.no_training else
                             "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
     if args.server_threads:

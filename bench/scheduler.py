@@ -1,7 +1,8 @@
 """The decode scheduler against one request after another, one run on this machine (CPU, `tiny`).
 
 N requests (1 to 4 rows each: the base and/or two adapters, different prompts, settings and seeds)
-go through `generate` one after another, then all at once through one DecodeScheduler, each from
+go through `generate` one after another (the same decode engine, one request at a time on the caller's
+thread), then all at once through one DecodeScheduler, each from
 its own thread. Reported: new tokens per second over all requests, per-request latency (p50/p95:
 from the moment all requests arrived to the request's last token),
 and how many requests' tokens differ from their solo run (0 expected: sampling keeps the top k;

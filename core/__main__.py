@@ -413,7 +413,7 @@ class ProgressBar:
 def cmd_compare(args) -> int:
     """Base and adapters continue the same prompts in one batch per sample, through the Engine and its
     decode scheduler, as in the studio's Compare tab."""
-    engine = _engine(args, len(args.lora), batched=True)
+    engine = _engine(args, len(args.lora))
     try:
         return _compare(args, engine)
     finally:
@@ -446,13 +446,13 @@ def _compare(args, engine) -> int:
     return 0
 
 
-def _engine(args, adapters: int = 1, batched: bool = False):
+def _engine(args, adapters: int = 1):
     """The Engine for compare and merge: the studio's one path from an adapter reference to a loaded
     adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder.
-    batched: generate through the decode scheduler (compare; the caller closes the engine)."""
+    Compare generates through its decode scheduler (the caller closes the engine)."""
     from core.engine import Engine
     # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (merge generates none)
-    return Engine(args.device, args.library, _dtype(args), max_loaded=max(16, adapters), batched_generation=batched,
+    return Engine(args.device, args.library, _dtype(args), max_loaded=max(16, adapters),
                   max_new_tokens=max(1, getattr(args, "max_tokens", 1)))
 
 

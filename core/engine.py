@@ -12,11 +12,10 @@ using a name that cannot be a library name (e.g. 'train:<run>'); requests can ne
 (`check_adapter`), and it leaves through `retire`, as every adapter does: an adapter a running
 request uses is removed only when its last user ends.
 
-Generation: with `batched_generation` on, every Compare streams through ONE DecodeScheduler per
-loaded base (core.generate.scheduler: continuous batching, each request with its own seeded
-generator); the scheduler holds `lock` around each step, so the trainer adding or removing its
-adapter under `lock` never changes the model in the middle of a step. Off, each Compare runs its
-own decode loop (`stream_text`), as before.
+Generation: every Compare streams through ONE DecodeScheduler per loaded base (core.generate:
+continuous batching over a slotted KV pool, CUDA graphs per batch bucket on GPUs, each request with
+its own seeded generator), on every device; the scheduler holds `lock` around each step, so the
+trainer adding or removing its adapter under `lock` never changes the model in the middle of a step.
 
 Pinning: a training run loads its base with `base(..., pin=True)` and holds the pin until the
 run ends (`unpin_base`). Meanwhile no other request can replace the base (BaseInUse): a Compare
@@ -46,7 +45,7 @@ from core.adapters.library import Library
 from core.adapters.export import export_merged
 from core.adapters.resolve import AdapterRef, load_adapter, resolve
 from core.device import pick_device
-from core.generate.sampling import SamplingConfig, TextSoFar, stream_text
+from core.generate.sampling import SamplingConfig, TextSoFar
 from core.generate.scheduler import DecodeScheduler, SchedulerClosed
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
@@ -88,25 +87,19 @@ class BaseInUse(ValueError):
 
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
-                 max_loaded: int = 16, max_train_memory: int | None = None,
-                 batched_generation: bool | None = None, max_rows_per_user: int = 8,
+                 max_loaded: int = 16, max_train_memory: int | None = None, max_rows_per_user: int = 8,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        """batched_generation: Compare through one DecodeScheduler (True) or one decode loop per request
-        (False); default on for CPU and MPS, off on CUDA. max_rows_per_user: rows one user may have
-        generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows).
-        max_new_tokens: new tokens one compare request may ask for (both modes; more is refused)."""
+        """max_rows_per_user: rows one user may have generating or waiting at once (a Compare with the base
+        and 3 adapters is 4 rows). max_new_tokens: new tokens one compare request may ask for (more is refused)."""
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
-        # Off on CUDA by default: there the per-request decoder replays a CUDA graph (1,355 tok/s at
-        # batch 1 on an H200), while the scheduler decodes eagerly and is not measured on a GPU yet.
-        self.batched_generation = self.device.type != "cuda" if batched_generation is None else bool(batched_generation)
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
         self.max_rows_per_user = max_rows_per_user
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
         self.max_new_tokens = max_new_tokens
-        self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first batched use
-        self._generating = 0  # compare streams running now (both modes): training may yield to them
+        self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first use
+        self._generating = 0  # compare streams running now: training may yield to them
         self.dtype = dtype
         self.library_dir = Path(library_dir)
         self._library: Library | None = None
@@ -250,8 +243,8 @@ class Engine:
         stream down): a slow reader skips to the latest texts, and the final texts come at once.
         Unknown adapters and more new tokens than `max_new_tokens` raise here, eagerly.
 
-        user: who asks (a user name or a session id), for the scheduler's rows-per-user cap. In batched
-        mode a full queue raises SchedulerBusy, and the cap a ValueError, when iteration starts; while the
+        user: who asks (a user name or a session id), for the scheduler's rows-per-user cap. A full queue
+        raises SchedulerBusy, and the cap a ValueError, when iteration starts; while the
         request waits for free rows it yields empty texts with `waiting` = its place in the queue.
         Closing the generator (the caller stopped reading) cancels the request and frees its rows."""
         if not adapters:
@@ -267,9 +260,7 @@ class Engine:
                 if a is not None:
                     self._name_for(a)
         pace = every if callable(every) else (lambda: every or 0.0)
-        if self.batched_generation:
-            return self._counted(self._stream_batched(prompt, list(adapters), cfg, user, pace))
-        return self._counted(self._stream(prompt, list(adapters), cfg, pace))
+        return self._counted(self._stream(prompt, list(adapters), cfg, user, pace))
 
     def generating(self) -> bool:
         """Whether a compare stream is running now (training yields to generation with it)."""
@@ -283,18 +274,6 @@ class Engine:
         finally:
             with self.lock:
                 self._generating -= 1
-
-    def _stream(self, prompt, adapters, cfg, pace):
-        # pinned only while the generator runs: one that is never started holds nothing
-        with self._pinned(adapters) as (model, names):
-            last, held = 0.0, None
-            for texts in stream_text(model, prompt, names, cfg):
-                held = Texts(texts)
-                if time.monotonic() - last >= pace():
-                    yield held
-                    last, held = time.monotonic(), None
-            if held is not None:
-                yield held  # the final texts, always
 
     def scheduler(self) -> DecodeScheduler:
         """The decode scheduler of the loaded base (made on first use; a new base gets a new one)."""
@@ -314,7 +293,7 @@ class Engine:
         """Stop the decode scheduler's loop and wait for its thread to end (running requests end with
         SchedulerClosed). A process should call it before it exits: interpreter shutdown in the middle of
         the loop's torch call aborts the process ("terminate called without an active exception").
-        The engine stays usable: the next batched compare makes a new scheduler."""
+        The engine stays usable: the next compare makes a new scheduler."""
         with self.lock:
             sched, self._scheduler = self._scheduler, None
         if sched is not None:  # joined outside the lock: the loop takes it around each step
@@ -326,7 +305,7 @@ class Engine:
             self._scheduler.close(timeout=0)
             self._scheduler = None
 
-    def _stream_batched(self, prompt, adapters, cfg, user, pace):
+    def _stream(self, prompt, adapters, cfg, user, pace):
         with self._pinned(adapters) as (model, names):  # the adapters stay loaded while the request lives
             with self.lock:
                 sched = self.scheduler()

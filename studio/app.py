@@ -46,14 +46,13 @@ MAX_CACHE_BYTES = 4 * 2**30  # ... and within the hour, the oldest files go once
 TRIM_EVERY_S = 30
 
 
-GENERATION_MODES = ("batched", "loop")
 QUEUE_SIZE = 64  # requests waiting in all past which only someone with none waiting gets in (studio.fair_queue)
 MAX_JOB_TOKENS = 100_000_000  # --max-job-tokens' default: minutes on a GPU for gpt2, hours for gpt2-xl
 
 
 def create_studio(library="adapters", datasets="datasets", device="auto", model="gpt2", weights=None,
                   auth=False, max_train_memory: str | int | None = None, admins=(),
-                  generation: str | None = None, max_rows_per_user: int = 8, max_new_tokens: int = 512,
+                  max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
                   train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
                   max_queued_per_user: int = 8, users_per_address: int = 4,
@@ -61,8 +60,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   max_job_steps: int | None = None, max_job_minutes: float | None = None) -> Studio:
     """max_train_memory: --max-train-memory ('8GB', or bytes): cap on a training run's estimated peak.
     admins: with sign-in, users who may stop, resume, rename and delete anyone's runs.
-    generation: --generation 'batched' (every Compare in one decode scheduler) or 'loop' (one decode loop
-    per request); default batched on CPU/MPS, loop on CUDA. max_rows_per_user: --max-rows-per-user.
+    max_rows_per_user: --max-rows-per-user.
     max_new_tokens: --max-new-tokens, new tokens one Compare request may ask for (the Engine refuses more).
     torch_threads: --torch-threads, torch's CPU threads per operation for the whole process (None: torch's choice).
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
@@ -77,8 +75,6 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters).
     quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
-    if generation is not None and generation not in GENERATION_MODES:
-        raise ValueError(f"--generation must be batched or loop (got {generation!r}).")
     if isinstance(max_rows_per_user, bool) or not isinstance(max_rows_per_user, int) or max_rows_per_user < 1:
         raise ValueError(f"--max-rows-per-user must be a whole number of at least 1 (got {max_rows_per_user!r}).")
     for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity),
@@ -104,10 +100,9 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
             raise ValueError(f"--torch-threads must be a whole number of at least 1 (got {torch_threads!r}).")
         import torch
         torch.set_num_threads(torch_threads)  # threads started later (the decode loop, training runs) get it too
-    batched = None if generation is None else generation == "batched"
     dev = pick_device(device)
     engine = Engine(device=dev, library_dir=library, dtype=precision_dtype(precision, dev),
-                    max_train_memory=cap, batched_generation=batched,
+                    max_train_memory=cap,
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),

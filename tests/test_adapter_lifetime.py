@@ -43,7 +43,7 @@ def _last(it):
 
 @pytest.fixture
 def eng(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib", batched_generation=True)
+    e = Engine("cpu", tmp_path / "lib")
     e.library.save(source, "x", "x", LX, "tiny")
     e.library.save(source, "y", "y", LY, "tiny")
     e.base("tiny")

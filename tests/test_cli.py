@@ -87,10 +87,10 @@ def test_compare_goes_through_the_decode_scheduler_and_stops_it_before_returning
     out = capsys.readouterr().out
     assert len(made) == 1 and made[0].step_count >= 6  # one scheduler decoded both samples
     assert not made[0]._thread.is_alive()  # stopped and joined before the command returned
-    # the same texts as one decode loop per request (the studio's --generation loop), on the base the CLI
-    # loaded: --precision auto (bf16 on CPUs that compute it natively)
+    # the same texts as each sample alone through another engine, on the base the CLI loaded: --precision
+    # auto (bf16 on CPUs that compute it natively)
     from core.device import precision_dtype
-    loop = Kept("cpu", lib, batched_generation=False, dtype=precision_dtype("auto", torch.device("cpu")))
+    loop = Kept("cpu", lib, dtype=precision_dtype("auto", torch.device("cpu")))
     loop.base("tiny")
     width = max(24, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
     for seed in (5, 6):

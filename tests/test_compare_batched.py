@@ -1,8 +1,8 @@
 """Compare through the decode scheduler (issue 13, step 2): the Engine and the Compare tab.
 
-Concurrent compares each get exactly the text they get alone (and the text the one-loop-per-request
-mode gives); a closed stream frees its rows; a full queue and the rows-per-user cap reach the user as
-one message; the loop mode (--generation loop) still works.
+Concurrent compares each get exactly the text they get alone (and the text `generate_text` gives: the
+same engine without a server); a closed stream frees its rows; a full queue and the rows-per-user cap reach
+the user as one message; the scheduler is the one decode path (no --generation loop).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from adapter_helpers import LX, LY
 from core.adapters.validate import AdapterError
 from core.engine import BaseInUse, Engine
-from core.generate.sampling import SamplingConfig
+from core.generate.sampling import SamplingConfig, generate_text
 from core.generate.scheduler import DecodeScheduler, SchedulerBusy
 from core.lora.layers import add_adapter, remove_adapter
 from core.model import tokenizer
@@ -32,20 +32,20 @@ JOBS = [("The quick brown fox", [None, "x", "y"], 1),
         ("no cap", [None], 4)]
 
 
-def _engine(lib, batched: bool) -> Engine:
-    e = Engine("cpu", lib, batched_generation=batched)
+def _engine(lib) -> Engine:
+    e = Engine("cpu", lib)
     e.base("tiny")
     return e
 
 
 @pytest.fixture
 def engines(tmp_path, source):
-    """(batched, loop): two engines over one library holding adapters x and y."""
+    """Two engines over one library holding adapters x and y."""
     lib = tmp_path / "lib"
-    batched = _engine(lib, True)
+    batched = _engine(lib)
     batched.library.save(source, "x", "x", LX, "tiny")
     batched.library.save(source, "y", "y", LY, "tiny")
-    return batched, _engine(lib, False)
+    return batched, _engine(lib)
 
 
 @pytest.fixture
@@ -111,14 +111,17 @@ def _concurrently(fn, jobs, rounds=2):
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled-top-k"])
 def test_concurrent_compares_through_the_engine_equal_each_alone(engines, sampling):
-    batched, loop = engines
-    assert batched.batched_generation and not loop.batched_generation
+    batched, other = engines
 
     def run(eng, prompt, adapters, seed):
         return _last(eng.compare(prompt, adapters, _cfg(sampling, seed), user=f"u{seed}"))
 
+    def offline(prompt, adapters, seed):  # the trainer's samples: the same engine on the caller's thread
+        names = [other.load(a) if a else None for a in adapters]
+        return generate_text(other.model, prompt, names, _cfg(sampling, seed))
+
     alone = {j[2]: run(batched, *j) for j in JOBS}
-    assert alone == {j[2]: run(loop, *j) for j in JOBS}  # the scheduler alone = today's loop
+    assert alone == {j[2]: offline(*j) for j in JOBS}
     widths = _widest_batch(batched.scheduler())
     for (prompt, adapters, seed), texts in _concurrently(lambda *j: run(batched, *j), JOBS):
         assert texts == alone[seed], (prompt, adapters, seed)
@@ -129,7 +132,6 @@ def test_concurrent_compares_through_the_engine_equal_each_alone(engines, sampli
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled-top-k"])
 def test_concurrent_compares_through_the_tab_equal_each_alone(studio_xy, sampling):
     studio = studio_xy
-    assert studio.engine.batched_generation  # the default on CPU
 
     def run(prompt, adapters, seed):
         form = CompareForm(model="tiny", include_base=None in adapters, adapters=[a for a in adapters if a],
@@ -234,34 +236,19 @@ def test_the_trainer_changing_adapters_cannot_race_a_step(engines):
     assert got == want and changes[0] > 0
 
 
-def test_loop_mode_still_works(tmp_path, source):
-    from studio.app import create_studio
-    studio = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", generation="loop")
-    assert not studio.engine.batched_generation
-    studio.engine.library.save(source, "x", "x", LX, "tiny")
-    form = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=12, seed=3, **SAMPLED)
-    loop = _last(compare.compare(studio, form, user="session:e"))
-    assert studio.engine._scheduler is None  # no scheduler made
-    batched = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", generation="batched")
-    assert _last(compare.compare(batched, form, user="session:e")) == loop
-    assert batched.engine._scheduler is not None
-
-
-def test_generation_flags():
+def test_the_scheduler_is_the_one_decode_path_on_every_device():
+    """No --generation flag and no batched_generation switch: the decode scheduler serves every device
+    (CUDA replays a graph per batch bucket inside it)."""
     from app import build_parser
     from studio.app import create_studio
-    args = build_parser().parse_args(["--generation", "loop", "--max-rows-per-user", "3"])
-    assert (args.generation, args.max_rows_per_user) == ("loop", 3)
-    args = build_parser().parse_args([])
-    assert (args.generation, args.max_rows_per_user) == (None, 8)
-    with pytest.raises(ValueError, match="--generation"):
-        create_studio(generation="fast")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--generation", "loop"])
+    args = build_parser().parse_args(["--max-rows-per-user", "3"])
+    assert args.max_rows_per_user == 3 and not hasattr(args, "generation")
     with pytest.raises(ValueError, match="--max-rows-per-user"):
         create_studio(max_rows_per_user=0)
-    # off by default on CUDA (its decoder replays a CUDA graph), on for CPU and MPS
-    assert Engine(torch.device("cuda")).batched_generation is False
-    assert Engine(torch.device("mps")).batched_generation is True
-    assert Engine("cpu", batched_generation=False).batched_generation is False
+    for device in ("cpu", torch.device("cuda"), torch.device("mps")):
+        assert not hasattr(Engine(device), "batched_generation")
 
 
 def test_torch_threads_flag_sets_the_threads_of_the_whole_process(tmp_path):
@@ -433,9 +420,8 @@ def test_new_tokens_per_request_are_capped_by_the_server(tmp_path, source):
     assert build_parser().parse_args(["--max-new-tokens", "64"]).max_new_tokens == 64
     with pytest.raises(ValueError, match="--max-new-tokens"):
         create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", max_new_tokens=0)
-    for generation in ("batched", "loop"):
-        studio = create_studio(tmp_path / generation, tmp_path / "ds", "cpu", "tiny", generation=generation,
-                               max_new_tokens=16)
+    for run in ("first", "second"):
+        studio = create_studio(tmp_path / run, tmp_path / "ds", "cpu", "tiny", max_new_tokens=16)
         studio.engine.library.save(source, "x", "x", LX, "tiny")
         studio.base("tiny")
         too_many = CompareForm(model="tiny", adapters=["x"], prompt="Ahoy", max_tokens=17, seed=1)

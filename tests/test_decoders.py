@@ -1,18 +1,25 @@
-"""Decoders: one start/step interface for the dynamic KV cache and the static (CUDA-graph) buffers."""
+"""The decode engine's parts, each alone: the KV slot manager and the model runner (eager steps, steps padded
+up to their batch bucket, captured steps and their fallback)."""
+import logging
 import random
 
 import pytest
 import torch
 
-from core.generate import decoders as decode, sampling as generate
+from core.generate.kv_slots import KVSlots
+from core.generate.runner import ModelRunner, buckets_for
+from core.generate.sampling import TextSoFar
 from core.lora import layers as lora
 from core.model import tokenizer
-from core.model.config import EOT_TOKEN
-from core.generate.decoders import DynamicDecoder, StaticDecoder, open_decoder
-from core.generate.sampling import TextSoFar
 
-PROMPTS = [[464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586]]  # different lengths: left padding
-NAMES = [None, "a", "b"]
+PROMPTS = [[464, 2068, 7586, 21831, 18045], [11], [464, 2068, 7586], [318, 257], [40, 1101, 257, 1332]]
+NAMES = [None, "a", "b", "a", None]
+
+
+def replay_the_step_again(step, pool):
+    """A stand-in for CUDA graph capture on the CPU: each replay runs the captured step again, reading the
+    runner's fixed buffers (tokens, positions, adapter weights) exactly as a graph replay would."""
+    return step
 
 
 @pytest.fixture
@@ -21,20 +28,22 @@ def model(tiny_ab):
 
 
 @torch.inference_mode()
-def greedy(dec, prompts, n):
-    """n greedy tokens per row through the interface alone: start, step, close."""
-    try:
-        logits = dec.start(prompts)
-        T, rows = max(len(p) for p in prompts), [[] for _ in prompts]
-        for i in range(n):
-            nxt = logits[:, -1].argmax(-1)
-            for row, t in zip(rows, nxt.tolist()):
-                row.append(t)
-            if i < n - 1:
-                logits = dec.step(nxt, T + i)
-        return rows
-    finally:
-        dec.close()
+def greedy(model, prompts, names, n, **runner):
+    """n greedy tokens per row through a runner: each prompt prefilled into its own slot, then n - 1 decode
+    steps of all rows together (rows in slots 0..len-1)."""
+    kv = KVSlots(model, rows=8, max_len=64)
+    run = ModelRunner(model, kv, **runner)
+    logits = torch.cat([run.prefill(p, [a], kv.allocate(1)) for p, a in zip(prompts, names)])
+    pos, rows = [len(p) for p in prompts], [[] for _ in prompts]
+    for i in range(n):
+        tokens = logits.argmax(-1).tolist()
+        for row, t in zip(rows, tokens):
+            row.append(t)
+        if i < n - 1:
+            run.prepare(tokens, pos, list(names))
+            logits = run.decode(tokens, pos, list(names))
+            pos = [q + 1 for q in pos]
+    return rows
 
 
 @torch.inference_mode()
@@ -46,42 +55,58 @@ def recomputed(model, prompt, name, n):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("prompts,names", [(PROMPTS[:1], [None]), (PROMPTS, NAMES)], ids=["one row", "padded mix"])
-def test_dynamic_decoder_equals_recomputing_without_a_cache(model, prompts, names):
+@pytest.mark.parametrize("rows", [1, 5], ids=["one row", "mixed lengths and adapters"])
+def test_eager_decode_steps_equal_recomputing_without_a_cache(model, rows):
     n = 12
-    dec = DynamicDecoder(model, lora.make_route(model, names), len(prompts), max(map(len, prompts)) + n)
-    rows = greedy(dec, prompts, n)
-    assert rows == [recomputed(model, p, a, n) for p, a in zip(prompts, names)]
+    got = greedy(model, PROMPTS[:rows], NAMES[:rows], n)
+    assert got == [recomputed(model, p, a, n) for p, a in zip(PROMPTS[:rows], NAMES[:rows])]
 
 
-@torch.inference_mode()  # as in generate.stream: a reused static decoder refreshes its route in place
-def test_both_kinds_answer_the_same_interface_with_the_same_tokens(model):
-    """The static decoder runs eagerly on the CPU (no graph): same start/step, same tokens."""
-    n, route = 12, lora.make_route(model, NAMES)
-    need = max(map(len, PROMPTS)) + n
-    static = open_decoder(model, route, tuple(NAMES), len(PROMPTS), need, static=True)
-    dynamic = open_decoder(model, route, tuple(NAMES), len(PROMPTS), need, static=False)
-    assert isinstance(static, StaticDecoder) and not static.use_graph
-    assert isinstance(dynamic, DynamicDecoder)
-    assert greedy(static, PROMPTS, n) == greedy(dynamic, PROMPTS, n)
-    # the static decoder went back to its pool and serves the next call of the same shape and mix
-    again = open_decoder(model, route, tuple(NAMES), len(PROMPTS), need, static=True)
-    assert again is static
-    assert greedy(again, PROMPTS, n) == greedy(DynamicDecoder(model, route, len(PROMPTS), need), PROMPTS, n)
+def test_a_batch_padded_up_to_its_bucket_with_dummy_rows_gives_the_unpadded_tokens(model):
+    """5 rows run as a bucket of 8: 3 dummy rows (token 0 at position 0 of a free slot, the base) are masked
+    out of everything the real rows see."""
+    assert buckets_for(8) == [1, 2, 4, 8] and buckets_for(64) == [1, 2, 4, 8, 16, 32, 64] and buckets_for(5)[-1] == 5
+    plain = greedy(model, PROMPTS, NAMES, 12)
+    assert greedy(model, PROMPTS, NAMES, 12, pad=True) == plain
+    assert plain[1] != plain[3] or NAMES[1] == NAMES[3]  # the adapters really change the rows
 
 
-def test_selection_picks_the_dynamic_decoder_on_the_cpu(model):
-    assert model.device.type == "cpu"
-    dec = open_decoder(model, None, None, 2, 40)
-    assert isinstance(dec, DynamicDecoder) and dec.cache.max_len == 40  # sized to the call
-    dec.close()
-    static = open_decoder(model, None, None, 2, 40, static=True)
-    # static buffers are sized in buckets (so calls reuse one graph), capped at the context
-    assert static.max_len == min(model.config.block_size, decode.BUCKET)
-    static.close()
+def test_captured_steps_read_fixed_buffers_and_give_the_eager_tokens(model):
+    """The captured path (a bucket's fixed tokens, positions and per-row adapter weights, attention over the
+    whole length bucket under the mask) gives what eager steps give."""
+    plain = greedy(model, PROMPTS, NAMES, 12)
+    assert greedy(model, PROMPTS, NAMES, 12, graphs=True, capture=replay_the_step_again) == plain
+    assert greedy(model, PROMPTS[:3], NAMES[:3], 12, graphs=True, capture=replay_the_step_again) == plain[:3]
 
 
-# ---- stream_text decodes only the new tokens ---------------------------------------------------
+def test_a_capture_that_fails_is_said_once_and_the_steps_run_eagerly(model, caplog):
+    calls = []
+
+    def broken(step, pool):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing (simulated)")
+
+    plain = greedy(model, PROMPTS, NAMES, 8)
+    with caplog.at_level(logging.WARNING, logger="core.generate.runner"):
+        got = greedy(model, PROMPTS, NAMES, 8, graphs=True, capture=broken)
+    assert got == plain
+    assert len(calls) == 1  # tried once, then eager for good
+    said = [r for r in caplog.records if "run eagerly" in r.getMessage()]
+    assert len(said) == 1 and "simulated" in said[0].getMessage()
+
+
+def test_compacting_moves_rows_down_into_the_holes_with_their_keys_and_values(model):
+    kv = KVSlots(model, rows=6, max_len=16)
+    assert kv.allocate(5) == [0, 1, 2, 3, 4]
+    kv.k[:, 4, :, :3] = 7.0
+    kv.release([1, 2])  # two rows finished
+    moves = kv.compact({0: 9, 3: 9, 4: 3})
+    assert moves == {3: 1, 4: 2}
+    assert (kv.k[:, 2, :, :3] == 7.0).all()
+    assert kv.allocate(3) == [3, 4, 5]  # the rows now sit in 0..2; the rest is free
+
+
+# ---- TextSoFar decodes only the new tokens ------------------------------------------------------
 
 # characters whose UTF-8 bytes GPT-2 splits over several tokens (a 4-byte emoji in 2-3 tokens)
 SPLIT_TEXT = "naïve café 🙂🚀 日本語の文章 👍🏽 中文字符和表情😀 Ελληνικά"
@@ -116,13 +141,3 @@ def test_text_so_far_handles_any_byte_sequence_like_the_full_decode():
             assert row.text == tokenizer.decode(ids[:i + 1])
 
 
-def test_stream_text_yields_each_rows_text_so_far(tiny, monkeypatch):
-    """Rows that end at different steps, with split characters: every yield equals decoding each row whole."""
-    rows = [tokenizer.encode("🙂🚀 日本語"), tokenizer.encode(" 中文字符😀") + [EOT_TOKEN]]
-    n = max(map(len, rows)) + 2
-    script = [[r[i] if i < len(r) else None for r in rows] for i in range(n)]
-    monkeypatch.setattr(generate, "stream", lambda *a, **k: iter(script))
-    got = list(generate.stream_text(tiny, "prompt", [None, None]))
-    want = [[tokenizer.decode([t for t in r[:i + 1] if t != EOT_TOKEN]) for r in rows] for i in range(n)]
-    assert got == want and got[-1] == ["🙂🚀 日本語", " 中文字符😀"]
-    assert any("\ufffd" in t for texts in got for t in texts)

@@ -191,7 +191,7 @@ def test_compare_through_the_engine_with_a_dora_column_equals_each_alone(tmp_pat
         for layer in lora.lora_layers(tiny).values():
             if layer.has("x"):
                 layer.weights("x")[1].normal_(0, 0.5)
-    eng = Engine("cpu", lib, batched_generation=True)
+    eng = Engine("cpu", lib)
     eng.base("tiny")
     eng.library.save(tiny, "d", "d", LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True),
                      "tiny")

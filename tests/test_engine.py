@@ -175,11 +175,10 @@ def test_export_merged_through_the_engine(eng, tmp_path):
     assert (logits(merged) - logits(model, "x")).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_the_engine_knows_while_someone_generates(tmp_path, batched):
+def test_the_engine_knows_while_someone_generates(tmp_path):
     from core.engine import Engine
     from core.generate.sampling import SamplingConfig
-    eng = Engine("cpu", tmp_path / "lib", batched_generation=batched)
+    eng = Engine("cpu", tmp_path / "lib")
     try:
         eng.base("tiny")
         cfg = SamplingConfig(max_new_tokens=8, temperature=0, stop_at_eot=False)

@@ -122,7 +122,7 @@ def test_the_scheduler_counts_its_decode_time_and_is_not_waited_for_when_idle(ti
 
 
 def test_an_evaluation_scores_the_same_while_compares_stream(tmp_path, source, sample_ds):
-    engine = Engine("cpu", tmp_path / "lib", batched_generation=True)
+    engine = Engine("cpu", tmp_path / "lib")
     engine.library.save(source, "x", "x", LX, "tiny")
     engine.library.save(source, "y", "y", LY, "tiny")
     engine.base("tiny")

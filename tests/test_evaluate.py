@@ -107,7 +107,7 @@ def test_bad_texts_are_refused(tiny_ab):
 
 @pytest.fixture
 def engine_xy(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib", batched_generation=False)
+    e = Engine("cpu", tmp_path / "lib")
     e.library.save(source, "x", "x", LX, "tiny")
     e.library.save(source, "y", "y", LY, "tiny")
     e.base("tiny")

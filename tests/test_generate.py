@@ -5,7 +5,7 @@ import torch
 from core.lora import layers as lora
 from core.model import tokenizer
 from core.lora.config import LoraConfig
-from core.generate.sampling import SamplingConfig, generate, generate_text, pick_tokens, stream, stream_text
+from core.generate.sampling import SamplingConfig, generate, generate_text, pick_tokens
 from adapter_helpers import randomize_b
 
 PROMPT = tokenizer.encode("The quick brown fox")
@@ -19,12 +19,10 @@ def test_same_seed_same_text_and_different_seed_different_text(tiny):
     assert other != a
 
 
-def test_streaming_yields_the_same_tokens_as_generate(tiny):
+def test_generate_text_is_the_decoded_tokens_of_generate(tiny):
     cfg = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=3)
-    streamed = [step[0] for step in stream(tiny, [PROMPT], None, cfg)]
-    assert [t for t in streamed if t != 50256] == generate(tiny, [PROMPT], None, cfg)[0]
-    texts = list(stream_text(tiny, "The quick brown fox", [None], cfg))
-    assert len(texts) == len(streamed) and texts[-1] == generate_text(tiny, "The quick brown fox", [None], cfg)
+    tokens = generate(tiny, [PROMPT], None, cfg)[0]
+    assert generate_text(tiny, "The quick brown fox", [None], cfg) == [tokenizer.decode(tokens)]
 
 
 def test_kv_cache_generation_equals_recomputing_everything(tiny):
@@ -87,8 +85,7 @@ def test_generation_stops_at_endoftext(tiny):
         return out
 
     tiny.forward = eot_always_wins
-    out = list(stream(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=0)))
-    assert out == [[50256]]
+    assert generate(tiny, [PROMPT], None, SamplingConfig(max_new_tokens=10, temperature=0)) == [[]]
 
 
 def test_long_prompts_are_cropped_to_fit_the_context(tiny):

@@ -101,6 +101,27 @@ def test_concurrent_requests_get_exactly_what_each_gets_alone(model, scheduler):
         assert got == alone(model, prompt, adapters, cfg), (adapters, cfg)
 
 
+@pytest.mark.parametrize("runner", [{}, dict(graphs=True, capture=lambda step, pool: step)],
+                         ids=["eager", "captured steps padded to their bucket"])
+def test_each_of_sixteen_requests_side_by_side_gets_exactly_what_it_gets_alone(model, runner):
+    """16 requests of mixed prompt lengths, adapters, settings and lengths, all decoding together (one of
+    them beside 15 others); the captured path (its fixed buffers replayed on the CPU) pads each step up to
+    its batch bucket with dummy rows, and rows leave and join as requests end."""
+    lock = threading.Lock()
+    s = DecodeScheduler(model, max_rows=48, max_len=128, lock=lock, **runner)
+    widths, forward = [], s._forward
+    s._forward = lambda rows: widths.append(len({id(r.request) for r in rows})) or forward(rows)
+    try:
+        specs = random_requests(16, seed=11)
+        with lock:  # all join at the first iteration
+            reqs = [s.submit(*spec) for spec in specs]
+        for (prompt, adapters, cfg), req in zip(specs, reqs):
+            assert req.result(120) == alone(model, prompt, adapters, cfg), (adapters, cfg)
+        assert max(widths) == 16  # every request decoded beside the 15 others
+    finally:
+        s.close()
+
+
 def test_on_a_bf16_base_concurrent_requests_still_get_exactly_what_each_gets_alone():
     """--precision bf16 (auto on CPUs with AMX or AVX-512 BF16): bf16's batched products and padded attention
     round differently with the batch, so the adapters' updates and the attention run in fp32 while
@@ -123,7 +144,7 @@ def test_requests_with_the_same_settings_are_sampled_together_and_each_gets_what
         model, scheduler, monkeypatch):
     """One pick for every request with the same sampling settings (a classroom mostly keeps the defaults):
     each request still draws from its own generator, and each row's token is its solo run's."""
-    from core.generate import scheduler as sched_module
+    from core.generate import sampler as sched_module
     s, lock = scheduler(max_rows=16)
     rng = random.Random(3)
     specs = [([rng.randrange(50257) for _ in range(rng.randint(1, 30))], rng.sample([None, "a", "b"], rng.randint(1, 3)),
@@ -143,7 +164,7 @@ def test_requests_with_the_same_settings_are_sampled_together_and_each_gets_what
 def test_on_the_cpu_the_decode_thread_runs_torch_loops_on_one_thread_and_leaves_other_threads_theirs(
         model, scheduler, monkeypatch):
     from core.device import openmp_runtime
-    from core.generate import scheduler as sched_module
+    from core.generate import sampler as sched_module
     if openmp_runtime() is None:
         pytest.skip("this torch does not run its CPU loops on OpenMP")
     before = torch.get_num_threads()
@@ -256,14 +277,16 @@ def test_a_failing_decode_step_fails_the_running_requests_and_the_loop_goes_on(m
     assert s.submit(PROMPT, ["b"], cfg).result(60) == alone(model, PROMPT, ["b"], cfg)
 
 
-def test_the_pool_is_sized_from_free_memory(model):
+def test_the_pool_is_sized_from_free_memory(model, monkeypatch):
     cfg = model.config
     slot = 2 * cfg.n_layer * cfg.n_head * 128 * cfg.head_dim * 4  # fp32 keys and values of 128 tokens
     assert pool_rows(model, 128, memory=40 * slot) == 10  # a quarter of it
     assert pool_rows(model, 128, memory=10**15) == 64 and pool_rows(model, 128, memory=0) == 1
-    measured = DecodeScheduler(model, max_len=128)  # no max_rows: measured
+    from core.generate import kv_slots
+    monkeypatch.setattr(kv_slots, "available_memory", lambda device: 12 * slot)
+    measured = DecodeScheduler(model, max_len=128)  # no max_rows: a quarter of what the device has free
     measured.close()
-    assert 1 <= measured.max_rows <= 64
+    assert measured.max_rows == 3 and measured.kv.rows == 3
 
 
 def test_close_ends_running_requests_and_refuses_new_ones(model, scheduler):
@@ -326,7 +349,7 @@ def test_full_vocabulary_sampling_differs_from_solo_only_at_floating_point_near_
     before it, the same uniform draw (the request's own generator, no shared state), logits within
     float noise of the solo run's, and the pick itself turning on that noise: the solo logits give
     the solo token, the batch's give the batch's token, with the same draw."""
-    from core.generate import sampling
+    from core.generate import sampler
     s, _ = scheduler(max_rows=8)
     rng = random.Random(7)  # one-row requests: their solo runs take the one-row kernels
     specs = [([rng.randrange(50257) for _ in range(rng.randint(1, 30))], [rng.choice([None, "a", "b"])],
@@ -335,7 +358,7 @@ def test_full_vocabulary_sampling_differs_from_solo_only_at_floating_point_near_
     batched_calls = request_recorder(monkeypatch)
     reqs = [s.submit(*spec) for spec in specs]
     got = [r.result(120) for r in reqs]
-    solo_calls = recorder(monkeypatch, sampling)
+    solo_calls = recorder(monkeypatch, sampler)
     for req, (prompt, adapters, cfg), rows in zip(reqs, specs, got):
         solo_calls.clear()
         solo = alone(model, prompt, adapters, cfg)
@@ -348,5 +371,5 @@ def test_full_vocabulary_sampling_differs_from_solo_only_at_floating_point_near_
             assert u == solo_u  # the request's own generator, in step with the solo run's
             assert (logits[i] - solo_logits[i]).abs().max() < 1e-5  # float noise, nothing more
             draw = torch.tensor([[u]])
-            assert int(sampling.pick_tokens(solo_logits[i:i + 1], cfg, draw)) == solo_row[d]
-            assert int(sampling.pick_tokens(logits[i:i + 1], cfg, draw)) == row[d]  # the noise decides
+            assert int(sampler.pick_tokens(solo_logits[i:i + 1], cfg, draw)) == solo_row[d]
+            assert int(sampler.pick_tokens(logits[i:i + 1], cfg, draw)) == row[d]  # the noise decides

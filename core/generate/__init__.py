@@ -1,1 +1,1 @@
-"""Generation: sampling and the decoders (dynamic KV cache, CUDA-graphed static cache)."""
+"""Generation: one decode engine (scheduler, KV slots, model runner, sampler) and its offline entry (sampling)."""

@@ -1,17 +1,22 @@
-"""The decode scheduler: one decode loop for many requests at once (continuous batching).
+"""The decode scheduler: who runs each iteration of the one decode loop (continuous batching).
 
 Each request is one prompt continued by one or more rows (one row per adapter, None = the base):
-a Compare with the base and 3 adapters is 4 rows of one request. Requests wait in a queue, join
-the running batch at a step boundary (their prompt is prefilled then, and its keys/values are
-copied into free slots of a slotted KV pool) and leave when done: their slots are free for the
-next step. Every step runs all rows of all requests in one forward, each row routed to its own
-adapter, written at its own position and attending under its own mask.
+a Compare with the base and 3 adapters is 4 rows of one request. Requests wait in a queue and join
+at an iteration boundary, first come first served while the KV pool has free slots: their prompt is
+prefilled into their slots (`ModelRunner.prefill`), then every iteration runs one decode step for all
+running rows (`ModelRunner.decode`), each row routed to its own adapter, written at its own position
+and attending under its own mask. Rows leave when done and their slots serve the next request.
 
-A request's text depends only on its prompt, adapters and sampling settings, never on who else
-is in the batch: the prefill is the one `sampling.stream` runs for the request alone, and each
-request samples with its own seeded generator, one uniform draw per step shared by its rows,
-exactly as `sampling.stream` does. (Batched matmuls and masked attention may round differently
-from a solo run in the last bit; that can only flip a token at a floating-point near-tie.)
+The parts, as in vLLM's engine: this scheduler (queues, admission, per-user caps, the loop), the KV
+slot manager (`kv_slots`), the model runner (`runner`: the forward, CUDA graphs per batch bucket) and
+the sampler (`sampler`: per-request generators, temperature, top-k/top-p). It is the one decode path:
+the studio's Compare, the CLI's compare and the trainer's samples (`sampling.generate`, which runs a
+scheduler without a thread) all go through it.
+
+A request's text depends only on its prompt, adapters and sampling settings, never on who else is in
+the batch: its prefill runs alone, and it samples with its own seeded generator, one uniform draw per
+step shared by its rows. (Batched matmuls and masked attention may round differently from a solo run in
+the last bit; that can only flip a token at a floating-point near-tie.)
 """
 from __future__ import annotations
 
@@ -25,24 +30,14 @@ from typing import Iterator, Sequence
 import torch
 
 from core.adapters.validate import AdapterError
-from core.device import GUARD, available_memory, one_thread_for_this_thread
-from core.generate.sampling import SamplingConfig, pick_tokens
-from core.lora.layers import adapter_names, make_route
+from core.device import GUARD, one_thread_for_this_thread
+from core.generate.kv_slots import KVSlots, crop_prompt, pool_rows
+from core.generate.runner import ModelRunner
+from core.generate.sampler import SamplingConfig, new_generator, sample
+from core.lora.layers import adapter_names
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
-from core.model.gpt import GPT, KVCache
-
-
-def pool_rows(model: GPT, max_len: int, memory: int | None = None, share: float = 0.25, most: int = 64) -> int:
-    """Slots for a KV pool of `max_len` tokens each: `share` of the memory a new allocation can get
-    on the model's device (the rest stays for activations, logits and training jobs), at most `most`,
-    at least 1; 16 when the free memory is unknown. memory: bytes available (default: measured)."""
-    cfg = model.config
-    slot = 2 * cfg.n_layer * cfg.n_head * max_len * cfg.head_dim * model.dtype.itemsize  # keys + values
-    memory = available_memory(model.device) if memory is None else memory
-    if memory is None:
-        return 16
-    return max(1, min(most, int(memory * share) // slot))
+from core.model.gpt import GPT
 
 
 class SchedulerBusy(RuntimeError):
@@ -141,49 +136,21 @@ class _Row:
     token: int = 0  # the last picked token, fed at the next step
 
 
-class _SlotView:
-    """The pool as a decode step sees it: row b writes at (slots[b], pos[b]) and attends over its
-    slot up to `length` (the longest row; a mask hides the rest of each shorter row)."""
-
-    def __init__(self, pool: KVCache, slots: list[int], pos: torch.Tensor, length: int):
-        self.pool, self.pos, self.length = pool, pos, length
-        self.slots = torch.tensor(slots, device=pos.device)
-        first = slots[0]
-        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (max_rows, n_head, max_len, head_dim)
-        pk[self.slots, :, self.pos] = k[:, :, 0]
-        pv[self.slots, :, self.pos] = v[:, :, 0]
-        if self.span is not None:  # contiguous slots: a view, no copy
-            return pk[self.span, :, :self.length], pv[self.span, :, :self.length]
-        return pk[self.slots, :, :self.length], pv[self.slots, :, :self.length]
-
-
-def _gather_logits(rows: list[_Row]) -> torch.Tensor:
-    """The rows' next-token logits as one (n, V) tensor: a view when they sit together in one forward's
-    output (the common case after the first step), else a copy."""
-    logits, first = rows[0].logits, rows[0].at
-    if all(r.logits is logits and r.at == first + j for j, r in enumerate(rows)):
-        return logits[first:first + len(rows)]
-    if all(r.logits is logits for r in rows):
-        return logits[torch.tensor([r.at for r in rows], device=logits.device)]
-    return torch.stack([r.logits[r.at] for r in rows])
-
-
 class DecodeScheduler:
-    """One decode loop thread serving every request submitted to it.
+    """The decode loop serving every request submitted to it, on a thread of its own (or, with
+    `thread=False`, on the caller's: `run_until_idle`, as `sampling.generate` does).
 
     max_rows: slots in the KV pool (rows decoded together at most; default: `pool_rows`, sized
-    from free memory); max_len: tokens per slot
-    (prompt + new tokens; longer prompts are cropped from the left, as `sampling.stream` does);
-    max_queue: requests waiting at most (beyond it `submit` raises SchedulerBusy);
-    max_rows_per_user: rows one user may have waiting or running; lock: held around each step
-    (prefill or decode), so a caller can share the model with other work.
+    from free memory); max_len: tokens per slot (prompt + new tokens; longer prompts are cropped
+    from the left, `crop_prompt`); max_queue: requests waiting at most (beyond it `submit` raises
+    SchedulerBusy); max_rows_per_user: rows one user may have waiting or running; lock: held around
+    each step (prefill or decode), so a caller can share the model with other work. graphs, capture,
+    pad: the model runner's (`ModelRunner`; default: CUDA graphs on CUDA, eager elsewhere).
     """
 
     def __init__(self, model: GPT, max_rows: int | None = None, max_len: int | None = None, max_queue: int = 64,
-                 max_rows_per_user: int = 8, lock=None):
+                 max_rows_per_user: int = 8, lock=None, thread: bool = True, graphs: bool | None = None,
+                 capture=None, pad: bool = False):
         block = model.config.block_size
         max_len = block if max_len is None else max_len
         if not 2 <= max_len <= block:
@@ -193,23 +160,23 @@ class DecodeScheduler:
             raise ValueError("max_rows and max_rows_per_user must be at least 1, max_queue at least 0.")
         self.model, self.max_rows, self.max_len = model, max_rows, max_len
         self.max_queue, self.max_rows_per_user = max_queue, max_rows_per_user
-        self.pool = KVCache(model.config, max_rows, max_len, model.device, model.dtype)
+        self.kv = KVSlots(model, max_rows, max_len)
+        self.runner = ModelRunner(model, self.kv, graphs=graphs, capture=capture, pad=pad)
         self._lock = lock if lock is not None else contextlib.nullcontext()
         mutex = threading.RLock()
         self._cond = threading.Condition(mutex)
         self._decoded = threading.Condition(mutex)  # notified as `decode_seconds` grows (not every reader)
         self._queue: deque[Request] = deque()
-        self._joining: list[Request] = []  # admitted, slots reserved, prefill not run yet
-        self._rows: list[_Row] = []  # the running batch
-        self._free = list(range(max_rows))
-        self._reserved: dict[int, list[int]] = {}  # id(request) -> its slots until it joins
-        self._route_key = None
-        self._route = None
+        self._joining: list[Request] = []  # admitted, slots counted, prefill not run yet
+        self._rows: list[_Row] = []  # the running batch, ordered by slot
+        self._reserved = 0  # slots counted for the joining requests
         self.step_count = 0
         self.decode_seconds = 0.0  # time spent in steps and prefills, holding the lock (evaluation gives way by it)
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
+            self._thread.start()
 
     # ---- the caller's side ----------------------------------------------------------------
 
@@ -228,8 +195,7 @@ class DecodeScheduler:
             raise ValueError(f"{len(adapters)} rows in one request is more than the {most} rows allowed at once; "
                              f"compare fewer adapters.")
         max_new = min(cfg.max_new_tokens, self.max_len - 1)
-        prompt = list(prompt_ids)[-(self.max_len - max_new):]  # crop from the left so all fits
-        req = Request(self, prompt, adapters, cfg, user, max_new)
+        req = Request(self, crop_prompt(prompt_ids, max_new, self.max_len), adapters, cfg, user, max_new)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the decode scheduler is closed")
@@ -240,7 +206,6 @@ class DecodeScheduler:
             self._queue.append(req)
             self._cond.notify_all()
         return req
-
     def _check_user(self, req: Request) -> None:
         if req.user is None:
             return
@@ -282,7 +247,10 @@ class DecodeScheduler:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._end_all()
 
     # ---- the loop's side ---------------------------------------------------------------------
 
@@ -293,26 +261,26 @@ class DecodeScheduler:
         req.error = req.error or error
         req.done = True
         req._ended.set()
-        self._free += self._reserved.pop(id(req), [])
-        for row in [r for r in self._rows if r.request is req]:
-            self._rows.remove(row)
-            self._free.append(row.slot)
-        self._free.sort()  # lowest slots first keeps the batch contiguous (a view, not a gather)
+        if req in self._joining:
+            self._joining.remove(req)
+            self._reserved -= req.rows
+        mine = [r for r in self._rows if r.request is req]
+        self._rows = [r for r in self._rows if r.request is not req]
+        self.kv.release(r.slot for r in mine)
         self._cond.notify_all()
 
     def _admit(self) -> list[Request]:
-        """At a step boundary (holding _cond): drop cancelled requests, reserve slots for the queue's
-        head while it fits (first come, first served)."""
+        """At an iteration boundary (holding _cond): end cancelled requests, count slots for the queue's head
+        while they are free (first come, first served)."""
         for req in list(dict.fromkeys(r.request for r in self._rows)):
             if req.cancelled:
                 self._finish(req)
         joining = []
-        while self._queue and self._queue[0].rows <= len(self._free):
+        while self._queue and self._queue[0].rows <= self.kv.free - self._reserved:
             req = self._queue.popleft()
-            self._reserved[id(req)] = self._free[:req.rows]
-            del self._free[:req.rows]
+            self._reserved += req.rows
             joining.append(req)
-        self._joining = list(joining)  # _join removes each from this list, not from the one returned
+        self._joining += joining
         return joining
 
     def _loop(self) -> None:
@@ -326,63 +294,78 @@ class DecodeScheduler:
                     self._cond.wait_for(lambda: self._closed or self._queue or self._rows)
                     if self._closed:
                         break
-                    joining = self._admit()
-                for req in joining:
-                    self._join(req)
-                try:
-                    self._step()
-                except Exception as e:  # not one request's fault: every running request gets it
-                    with self._cond:
-                        for req in list(dict.fromkeys(r.request for r in self._rows)):
-                            self._finish(req, e)
+                self._iteration()
+        self._end_all()
+
+    def run_until_idle(self) -> None:
+        """(A scheduler made with thread=False.) Run iterations on this thread until no request is left."""
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if self._closed or not (self._queue or self._rows or self._joining):
+                        return
+                self._iteration()
+
+    def _iteration(self) -> None:
+        """Admit and prefill what fits, then one decode step for every running row."""
+        with self._cond:
+            joining = self._admit()
+        for req in joining:
+            self._join(req)
+        try:
+            self._step()
+        except Exception as e:  # not one request's fault: every running request gets it
+            with self._cond:
+                for req in list(dict.fromkeys(r.request for r in self._rows)):
+                    self._finish(req, e)
+
+    def _end_all(self) -> None:
         with self._cond:
             for req in self._live():
                 self._finish(req, SchedulerClosed("the decode scheduler was closed"))
             self._queue.clear()
-            self._joining = []
 
     def _join(self, req: Request) -> None:
-        """Prefill `req`'s prompt as a solo run would and copy its keys/values into its slots."""
-        model, dev = self.model, self.model.device
+        """Prefill `req`'s prompt into free slots, one row per adapter, as a solo run does."""
         try:
             with self._decoding():
-                route = make_route(model, req.adapters)  # an unknown adapter fails this request only
-                T = len(req.prompt)
-                cache = KVCache(model.config, req.rows, T, dev, model.dtype)
-                idx = torch.tensor([req.prompt] * req.rows, dtype=torch.long, device=dev)
-                logits = model(idx, route, cache, 0, last_only=True)[:, -1]
-                gen = torch.Generator(device=dev)
-                gen.manual_seed(int(req.cfg.seed))
                 with self._cond:
+                    self._reserved -= req.rows
                     self._joining.remove(req)
                     if req.cancelled:
-                        self._finish(req)  # frees its reserved slots
+                        self._finish(req)
                         return
-                    slots = self._reserved[id(req)]
-                    s = torch.tensor(slots, device=dev)
-                    self.pool.k[:, s, :, :T] = cache.k
-                    self.pool.v[:, s, :, :T] = cache.v
-                    req._gen = gen
-                    del self._reserved[id(req)]  # the slots now belong to its rows
+                    slots = self.kv.allocate(req.rows)
+                try:
+                    logits = self.runner.prefill(req.prompt, req.adapters, slots)
+                except BaseException:
+                    with self._cond:
+                        self.kv.release(slots)
+                    raise
+                with self._cond:
+                    req._gen = new_generator(req.cfg, self.model.device)
+                    T = len(req.prompt)
                     self._rows += [_Row(req, i, slot, T, logits, i) for i, slot in enumerate(slots)]
-        except Exception as e:
-            with self._cond:
-                if req in self._joining:
-                    self._joining.remove(req)
+                    self._rows.sort(key=lambda r: r.slot)
+        except Exception as e:  # an unknown adapter, a failing prefill: this request alone
             with self._lock:  # the model's adapters do not change while `_fail` looks at them
                 self._fail(req, e)
 
     @contextlib.contextmanager
-    def _decoding(self):
-        """Hold the lock for one step or prefill, adding the time it took to `decode_seconds`."""
-        with self._lock, GUARD.shared(self.model.device.type == "cuda"):
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self.decode_seconds += time.perf_counter() - start
-                    self._decoded.notify_all()
+    def _decoding(self, before=None):
+        """Hold the lock for one step or prefill, adding the time it took to `decode_seconds`. `before` runs
+        holding the lock but not GUARD (a graph capture takes GUARD alone)."""
+        with self._lock:
+            if before is not None:
+                before()
+            with GUARD.shared(self.model.device.type == "cuda"):
+                start = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    with self._cond:
+                        self.decode_seconds += time.perf_counter() - start
+                        self._decoded.notify_all()
 
     def _step(self) -> None:
         """Pick each row's next token, publish, drop finished rows, then one forward for the rest."""
@@ -395,9 +378,21 @@ class DecodeScheduler:
             with self._cond:
                 self.step_count += 1
                 self._publish(picked)
-                rows = [r for r in self._rows if not r.request.cancelled and not r.request.row_done[r.index]]
-            if rows:
+                for req in {r.request for r in self._rows if r.request.cancelled}:
+                    self._finish(req)
+                rows = self._compact()
+        if rows:
+            inputs = ([r.token for r in rows], [r.length for r in rows], [r.request.adapters[r.index] for r in rows])
+            with self._decoding(before=lambda: self.runner.prepare(*inputs)):
                 self._forward_each_alone_if_it_fails(rows)
+
+    def _compact(self) -> list[_Row]:
+        """(Holding _cond.) Move the running rows into the lowest slots; the batch, ordered by slot."""
+        moves = self.kv.compact({r.slot: r.length for r in self._rows})
+        for r in self._rows:
+            r.slot = moves.get(r.slot, r.slot)
+        self._rows.sort(key=lambda r: r.slot)
+        return list(self._rows)
 
     def _forward_each_alone_if_it_fails(self, rows: list[_Row]) -> None:
         """One forward for `rows`; if it raises, each request's rows again on their own, so a failure (its
@@ -427,34 +422,22 @@ class DecodeScheduler:
             self._finish(req, e)
 
     def _pick(self, rows: list[_Row]) -> dict[int, list[int]]:
-        """id(request) -> its live rows' tokens; one uniform draw per request, as sampling.stream.
-
-        Requests with the same sampling settings are picked in one call: every operation of
-        `pick_tokens` works row by row, so a row's token is the one a call for its request alone
-        gives, while the per-call overhead is paid once per setting, not once per request."""
+        """id(request) -> its live rows' tokens (`sampler.sample`: one draw per request from its generator)."""
+        sources = list({id(r.logits): r.logits for r in rows}.values())
+        logits = sources[0] if len(sources) == 1 else torch.cat(sources)  # a request that just joined
+        offset, at = {}, 0
+        for t in sources:
+            offset[id(t)], at = at, at + len(t)
         by_req: dict[int, list[_Row]] = {}
         for r in rows:
             by_req.setdefault(id(r.request), []).append(r)
-        groups: dict[tuple, list[list[_Row]]] = {}
-        for rs in by_req.values():
-            c = rs[0].request.cfg
-            groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(rs)
-        out = {}
-        for (temperature, *_), reqs in groups.items():
-            flat = [r for rs in reqs for r in rs]
-            u = None
-            if temperature > 0:  # each request's own generator, one draw per step shared by its rows
-                draws = [torch.rand((1, 1), generator=rs[0].request._gen, device=self.model.device)
-                         for rs in reqs]
-                u = torch.cat([d.expand(len(rs), 1) for d, rs in zip(draws, reqs)])
-            picked = pick_tokens(_gather_logits(flat), reqs[0][0].request.cfg, u).tolist()
-            for r, t in zip(flat, picked):
+        batch = [(rs[0].request.cfg, rs[0].request._gen, [offset[id(r.logits)] + r.at for r in rs])
+                 for rs in by_req.values()]
+        picked = sample(logits, batch)
+        for rs, tokens in zip(by_req.values(), picked):
+            for r, t in zip(rs, tokens):
                 r.token = t
-            at = 0
-            for rs in reqs:
-                out[id(rs[0].request)] = picked[at:at + len(rs)]
-                at += len(rs)
-        return out
+        return dict(zip(by_req, picked))
 
     def _publish(self, picked: dict[int, list[int]]) -> None:
         """Append the picked tokens (holding _cond); end rows at <|endoftext|>, requests when done."""
@@ -474,25 +457,17 @@ class DecodeScheduler:
             for r in live:  # a row that ended frees its slot now
                 if req.row_done[r.index]:
                     self._rows.remove(r)
-                    self._free.append(r.slot)
+                    self.kv.release([r.slot])
             if all(req.row_done) or req.steps >= req.max_new:
                 self._finish(req)
-        self._free.sort()
         self._cond.notify_all()
 
     def _forward(self, rows: list[_Row]) -> None:
         """One decode step for `rows`: each writes its last token at its own position."""
-        model, dev = self.model, self.model.device
-        names = [r.request.adapters[r.index] for r in rows]
-        key = (tuple(names), getattr(model, "lora_version", 0))
-        if key != self._route_key:  # the batch changed: gather the rows' adapters again
-            self._route, self._route_key = make_route(model, names), key
-        pos = torch.tensor([r.length for r in rows], device=dev)
-        length = int(pos.max()) + 1
-        view = _SlotView(self.pool, [r.slot for r in rows], pos, length)
-        mask = (torch.arange(length, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
-        tokens = torch.tensor([[r.token] for r in rows], device=dev)
-        logits = model(tokens, self._route, view, 0, pos=pos[:, None], mask=mask)[:, -1]
+        slots = [r.slot for r in rows]
+        logits = self.runner.decode([r.token for r in rows], [r.length for r in rows],
+                                    [r.request.adapters[r.index] for r in rows],
+                                    None if slots == list(range(len(rows))) else slots)
         for i, r in enumerate(rows):
             r.logits, r.at = logits, i
             r.length += 1

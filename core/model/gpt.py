@@ -42,16 +42,6 @@ def in_linear_order(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return w.t().to(dtype or w.dtype, copy=True, memory_format=torch.contiguous_format).t()
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
-
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -60,35 +50,19 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(*shapes["attn.c_attn"])
         self.c_proj = Conv1D(*shapes["attn.c_proj"])
 
-    def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
+    def forward(self, x, route=None, cache=None, layer=0, mask=None):
+        """cache: None, or an object whose `write(layer, k, v)` stores this layer's new keys/values and returns
+        the keys/values to attend over (core.generate.kv_slots); mask: which of them each query sees (None:
+        causal over `x` itself: training, evaluation, a prefill)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x, route).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None and hasattr(cache, "write"):
-            # a cache that places each row itself (the decode scheduler's slotted pool: every row
-            # writes at its own position); it returns the keys/values to attend over, `mask` hides
-            # each row's unfilled positions
+        if cache is not None:
             k, v = cache.write(layer, k, v)
-        elif cache is not None and torch.is_tensor(start):
-            # static decode (CUDA graphs): write at a position held in a tensor, attend over the
-            # whole cache; `mask` says which positions are filled
-            cache.k[layer].index_copy_(2, start, k)
-            cache.v[layer].index_copy_(2, start, v)
-            k, v = cache.k[layer], cache.v[layer]
-        elif cache is not None:
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k = cache.k[layer, :, :, :start + T]
-            v = cache.v[layer, :, :, :start + T]
-        if mask is not None:
-            kw = {"attn_mask": mask}
-        elif start == 0:
-            kw = {"is_causal": True}
-        elif T == 1:  # one new query sees every cached key
-            kw = {}
-        else:  # several new queries after a cached prefix
-            kw = {"attn_mask": causal_mask(T, start, x.device)}
+        kw = {"is_causal": True} if mask is None else {"attn_mask": mask}
         if _attention_in_fp32(q):
+            if mask is not None and mask.is_floating_point():
+                kw = {"attn_mask": mask.float()}
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -124,27 +98,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
-        x = x + self.attn(self.ln_1(x), route, cache, layer, start, mask)
+    def forward(self, x, route=None, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), route, cache, layer, mask)
         return x + self.mlp(self.ln_2(x), route)
 
 
 def _ce_sum(h, targets, weight):
     return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
-
-
-def causal_mask(T: int, start: int, device, key_valid=None):
-    """Boolean (B|1, 1, T, start+T) mask: query i sees keys <= start+i that are valid.
-
-    A query always sees itself, so left-padding rows never produce an all-masked row.
-    """
-    q = torch.arange(start, start + T, device=device)[:, None]
-    k = torch.arange(start + T, device=device)[None, :]
-    m = k <= q
-    if key_valid is not None:
-        m = (m[None] & key_valid[:, None, : start + T]) | (k == q)[None]
-        return m[:, None]
-    return m[None, None]
 
 
 class GPT(nn.Module):
@@ -161,16 +121,15 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.checkpointing = False  # recompute each block in backward: less memory, ~1/3 more time
 
-    def forward(self, idx, route=None, cache=None, start: int = 0, pos=None, mask=None,
-                last_only: bool = False):
+    def forward(self, idx, route=None, cache=None, pos=None, mask=None, last_only: bool = False):
         """Logits for token ids `idx` (B, T).
 
         route: which adapter each row uses (see core.lora.layers.Route); None = the active one.
-        cache/start: write keys and values at positions start..start+T of a KVCache.
-        pos: explicit position ids (B, T) for left-padded batches; mask: attention mask.
+        cache: where keys and values go (see Attention.forward); pos: position ids (B, T) (default 0..T-1);
+        mask: attention mask (default causal).
         last_only: only the last position's logits (generation).
         """
-        x = self.hidden(idx, route, cache, start, pos, mask)
+        x = self.hidden(idx, route, cache, pos, mask)
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             if last_only:  # (B, d) @ (d, V) is one matrix product; the (B, 1, d) slice would be a batched one
                 return (x[:, -1] @ self._head_t()).unsqueeze(1)
@@ -179,20 +138,20 @@ class GPT(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
-    def hidden(self, idx, route=None, cache=None, start: int = 0, pos=None, mask=None):
+    def hidden(self, idx, route=None, cache=None, pos=None, mask=None):
         """The final hidden states (B, T, d), after ln_f, before the vocabulary projection."""
         B, T = idx.shape
         if pos is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-            pos = torch.arange(start, start + T, device=idx.device)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute:
-                x = checkpoint(block, x, route, None, i, start, mask, use_reentrant=False)
+                x = checkpoint(block, x, route, None, i, mask, use_reentrant=False)
             else:
-                x = block(x, route, cache, i, start, mask)
+                x = block(x, route, cache, i, mask)
         return self.transformer.ln_f(x)
 
     def loss(self, idx, targets, route=None, chunk: int = 256):

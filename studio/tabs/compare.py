@@ -240,9 +240,9 @@ def create_compare_tab(studio: Studio) -> dict:
     def run(request: gr.Request, progress=gr.Progress(), **values):
         yield from compare(studio, CompareForm(**values), progress, user=requester(request), signed_in=user_of(request))
 
-    # batched: every running compare is rows of the one decode loop, so more may run at once (each handler
-    # thread only waits for its rows); loop: each runs its own decode loop, four at a time
-    limit = BATCHED_CONCURRENCY if studio.engine.batched_generation else 4
+    # every running compare is rows of the one decode loop, so many may run at once (each handler thread only
+    # waits for its rows)
+    limit = BATCHED_CONCURRENCY
     # postprocess=False: the handler yields strings, which a Textbox shows as they are; Gradio would otherwise
     # hop to a worker thread per column per streamed update to run Textbox.postprocess (str(value))
     event = go.click(run, inputs_kwargs=form, outputs=[*outputs, model_status], concurrency_limit=limit,
