@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from core import atomic
 from core.adapters.validate import AdapterError
-from core.lora.layers import adapter_names, lora_layers, merged_name
+from core.lora.layers import adapter_names, lora_layers
 from core.model.weights import hf_state_dict
 
 
@@ -46,8 +46,6 @@ def merged_state_dict(model, adapter_name: str,
     lm_head: it is tied to transformer.wte). The one merge every export format starts from; the shared
     model is never touched. base_state: the same base's weights in fp32 (hf_state_dict of an fp32 load),
     for a model held in bf16, so the export is not rounded to bf16; default: the model's own weights."""
-    if merged_name(model) is not None:
-        raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
     if adapter_name not in adapter_names(model):
         raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
     state = {k: v.float() for k, v in (base_state if base_state is not None else hf_state_dict(model)).items()}

@@ -14,7 +14,7 @@ import torch
 from core.model.config import EOT_TOKEN
 from core.generate import decoders as decode
 from core.device import GUARD
-from core.lora.layers import get_active, make_route, merged_name
+from core.lora.layers import make_route
 from core.model.gpt import GPT
 from core.model import tokenizer
 
@@ -90,8 +90,8 @@ def stream(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str 
     keep = ctx - max_new  # crop long prompts from the left so prompt + new tokens fit
     prompts = [list(p)[-keep:] for p in prompts]
     T = max(len(p) for p in prompts)
-    if adapters is None and merged_name(model) is None:
-        adapters = [get_active(model)] * B  # explicit, so a captured graph never bakes in a stale choice
+    if adapters is None:
+        adapters = [None] * B  # the base alone, named explicitly: a captured graph is pooled by its adapters
     route_names = tuple(adapters) if adapters is not None else None
     route = make_route(model, list(adapters)) if adapters is not None else None
     dec = decode.open_decoder(model, route, route_names, B, T + max_new, static)

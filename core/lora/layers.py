@@ -1,7 +1,8 @@
-"""LoRA with named adapters on one frozen GPT-2, merge/unmerge, and per-row adapter routing.
+"""LoRA with named adapters on one frozen GPT-2, and per-row adapter routing.
 
-The base projection is wrapped, not subclassed: `LoRALinear.base` is the original layer and
-is never written to except by an explicit, tracked `merge`.
+The base projection is wrapped, not subclassed: `LoRALinear.base` is the original layer and is never
+written to. Every forward names its adapters (a route); a merged model is only ever built as a copy
+(core.adapters.export.merged_state_dict), because the base is shared by every user of the process.
 """
 from __future__ import annotations
 
@@ -119,9 +120,6 @@ class LoRALinear(nn.Module):
         self.dropout: dict[str, float] = {}
         self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
         self.frozen: dict[str, tuple] = {}  # PiSSA/OLoRA: name -> (A0, B0), the start subtracted (core.lora.init)
-        self.active: str | None = None
-        self.merged: str | None = None
-        self._backup: torch.Tensor | None = None  # exact base weight while merged
 
     @property
     def in_features(self):
@@ -170,15 +168,11 @@ class LoRALinear(nn.Module):
         return name in self.keys and self.keys[name] in self.lora_magnitude_vector
 
     def remove(self, name: str):
-        if self.merged == name:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
         key = self.keys.pop(name)
         del self.lora_A[key], self.lora_B[key]
         if key in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[key]
         self.scaling.pop(name), self.dropout.pop(name), self.frozen.pop(name, None)
-        if self.active == name:
-            self.active = None
 
     def weights(self, name: str):
         """(A, B) of the update; for PiSSA/OLoRA the rank-2r pair [A; A0], [B, -B0] (see core.lora.init)."""
@@ -220,15 +214,9 @@ class LoRALinear(nn.Module):
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
 
     def forward(self, x, route=None):
+        """route: None (the base alone), an adapter's name (every row), Segments (training) or Route."""
         y = self.base(x)
         if route is None:
-            name = self.active
-            if name is None or name == self.merged:
-                return y
-            self._check_unmerged(name)
-            return self._plus(y, x, name)
-        self._check_unmerged(route)
-        if route is BASE_ONLY:
             return y
         if isinstance(route, str):
             return self._plus(y, x, route) if self.has(route) else y
@@ -266,26 +254,6 @@ class LoRALinear(nn.Module):
             parts.append(F.pad(d, (0, 0, 0, T - seg.length)) if seg.length < T else d)
         return y + torch.cat(parts).to(y.dtype) if used else y
 
-    def _check_unmerged(self, what):
-        if self.merged is not None:
-            raise RuntimeError(
-                f"adapter {self.merged!r} is merged into the base weights; unmerge it before "
-                f"running other adapters or mixed batches")
-
-    @torch.no_grad()
-    def merge(self, name: str):
-        if self.merged is not None:
-            raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
-        if not hasattr(self.base, "weight"):
-            raise RuntimeError("a quantized base cannot be merged into; load the base unquantized to merge")
-        w = self.base.weight  # (in, out), Conv1D layout
-        new = self.merged_weight(name, w)
-        if not torch.isfinite(new).all():
-            raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
-        self._backup = w.detach().to("cpu", copy=True)
-        w.copy_(new.to(w.dtype))
-        self.merged = name
-
     @torch.no_grad()
     def merged_weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         """`base_weight` (in, out) with adapter `name` folded in, fp32 on base_weight's device."""
@@ -295,14 +263,6 @@ class LoRALinear(nn.Module):
             return dora.merged_weight(base_weight, A.to(dev), B.to(dev),
                                       self.lora_magnitude_vector[self.keys[name]].to(dev), self.scaling[name])
         return base_weight.float() + self.delta(name).to(base_weight.device).t()
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged is None:
-            return
-        self.base.weight.copy_(self._backup.to(self.base.weight.device))
-        self._backup, self.merged = None, None
-
 
 # ---- model-level helpers -------------------------------------------------------------
 
@@ -325,7 +285,7 @@ def _wrap(model, target: str) -> list[LoRALinear]:
 
 
 def _bump(model) -> None:
-    """Adapters were added, removed or merged: cached decode graphs must not be reused."""
+    """Adapters were added or removed: cached decode graphs must not be reused."""
     model.lora_version = getattr(model, "lora_version", 0) + 1
 
 
@@ -374,66 +334,16 @@ def remove_adapter(model, name: str) -> None:
     _bump(model)
 
 
-def set_active(model, name: str | None) -> None:
-    """Make `name` the adapter used when no route is given (None = base). No weight is touched."""
-    if name is not None and name not in adapter_names(model):
-        raise KeyError(f"no adapter named {name!r} is loaded")
-    for layer in lora_layers(model).values():
-        layer.active = name if (name is not None and layer.has(name)) else None
-
-
-def get_active(model) -> str | None:
-    for layer in lora_layers(model).values():
-        if layer.active:
-            return layer.active
-    return None
-
-
 def make_route(model, names: Sequence[str | None]) -> Route | str | None:
-    """Per-row routing for a forward: `names[i]` is row i's adapter or None for the base."""
+    """Per-row routing for a forward: `names[i]` is row i's adapter or None for the base (None: every
+    row's is the base)."""
     loaded = set(adapter_names(model))
     for n in names:
         if n and n not in loaded:
             raise KeyError(f"no adapter named {n!r} is loaded")
     if len(set(names)) == 1:
-        return names[0] or BASE_ONLY
+        return names[0] or None
     return Route(names)
-
-
-class _BaseOnly:
-    """Route marker: every row uses the base alone (whatever adapter is active). Holds no state."""
-
-    def __repr__(self):
-        return "BASE_ONLY"
-
-
-BASE_ONLY = _BaseOnly()
-
-
-def merge(model, name: str) -> None:
-    """Fold adapter `name` into the base weights (tracked; `unmerge` restores them exactly)."""
-    layers = [l for l in lora_layers(model).values() if l.has(name)]
-    if not layers:
-        raise KeyError(f"no adapter named {name!r} is loaded")
-    if any(l.merged for l in lora_layers(model).values()):
-        raise RuntimeError("an adapter is already merged; unmerge it first")
-    for l in layers:
-        l.merge(name)
-    set_active(model, name)
-    _bump(model)
-
-
-def unmerge(model) -> None:
-    for l in lora_layers(model).values():
-        l.unmerge()
-    _bump(model)
-
-
-def merged_name(model) -> str | None:
-    for l in lora_layers(model).values():
-        if l.merged:
-            return l.merged
-    return None
 
 
 def lora_parameters(model, name: str) -> list[nn.Parameter]:

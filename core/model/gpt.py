@@ -165,7 +165,7 @@ class GPT(nn.Module):
                 last_only: bool = False):
         """Logits for token ids `idx` (B, T).
 
-        route: which adapter each row uses (see core.lora.layers.Route); None = the active one.
+        route: which adapter each row uses (see core.lora.layers.Route); None = the base alone.
         cache/start: write keys and values at positions start..start+T of a KVCache.
         pos: explicit position ids (B, T) for left-padded batches; mask: attention mask.
         last_only: only the last position's logits (generation).
