@@ -50,7 +50,7 @@ def test_fresh_dora_adapter_is_the_base_and_a_moved_one_is_not(hf_small):
     make_dora(model, "d", seed=2)
     assert (logits(model, "d") - base).abs().max() > 1e-2
     n = sum(p.numel() for p in lora.lora_parameters(model, "d"))
-    assert n == lora.count_lora_params(model.config, DORA.r, DORA.targets, dora=True)
+    assert n == lora.count_lora_params(model.config, DORA.r, DORA.targets, DORA)
     assert n > lora.count_lora_params(model.config, DORA.r, DORA.targets)
 
 
@@ -62,7 +62,8 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path):
     events = list(Trainer(model, ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small)).run())
     assert events[-1]["type"] == "done", events[-1]
     mags = [l.lora_magnitude_vector[l.keys["t"]] for l in lora.lora_layers(model).values() if l.has("t")]
-    init = [lora.dora.initial_magnitude(l.base.weight, *l.weights("t"), l.scaling["t"])
+    # PEFT's init for the trained A and B: ||W + s B A|| per output feature
+    init = [torch.linalg.norm(l.base.weight.float().t() + l.delta("t").detach(), dim=1)
             for l in lora.lora_layers(model).values() if l.has("t")]
     assert any((m - i).abs().max() > 1e-4 for m, i in zip(mags, init))  # the magnitude itself trained
     assert all(torch.equal(v, before[k]) for k, v in base_tensors(model).items())
@@ -176,7 +177,7 @@ def test_a_dora_run_resumes_from_its_checkpoint(sample_ds, tmp_path):
     events = list(Trainer(model, sample_ds, None, quick(steps=6), "r", tmp_path / "run",
                           resume=tmp_path / "run").run())
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
-    assert all(l.is_dora("r") for l in lora.lora_layers(model).values() if l.has("r"))
+    assert all(l.variant["r"].label == "DoRA" for l in lora.lora_layers(model).values() if l.has("r"))
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["use_dora"] is True
 
 
@@ -242,7 +243,7 @@ def test_cli_refuses_dora_on_a_quantized_base(prepared, tmp_path, capsys):
     from cli_helpers import one_line_error
     argv = ["finetune", "--data", prepared, "--model", "tiny", "--library", tmp_path / "lib", "--dora",
             "--quantize", "int8"]
-    assert "DoRA (--dora) needs the full-precision base" in one_line_error(capsys, argv)
+    assert "DoRA needs the full-precision base weights; load the base unquantized" in one_line_error(capsys, argv)
     assert not (tmp_path / "lib").exists()
 
 

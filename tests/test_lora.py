@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from core.adapters.export import merged_state_dict
-from core.lora import layers as lora
+from core.lora import layers as lora, variants
 from core.lora.config import LoraConfig
-from core.model.config import PRESETS
+from core.model.config import PRESETS, TARGET_MODULES
 from core.model.gpt import GPT
 from core.model.weights import build
 from adapter_helpers import randomize_b
@@ -130,3 +130,50 @@ def test_loading_saved_tensors_draws_no_random_numbers(tiny):
     before = torch.get_rng_state()
     lora.load_adapter_state(tiny, "x", state, alpha=8)
     assert torch.equal(before, torch.get_rng_state())  # a training run's dropout stream is untouched
+
+
+class Halved(variants.Lora):
+    """A made-up variant for the seam: half of plain LoRA's update, not gathered with other adapters' rows."""
+    label = "halved"
+    low_rank = False
+
+    def update(self, layer, name, x, y=None):
+        return 0.5 * super().update(layer, name, x, y)
+
+    def plus(self, layer, name, x, y):
+        return y + layer.lora(x, name, y=y)
+
+    def delta(self, layer, name):
+        return 0.5 * super().delta(layer, name)
+
+
+def test_the_layer_asks_the_adapters_variant_for_its_forward_mixed_rows_and_merged_weight(two_adapters):
+    m = two_adapters
+    full = logits(m, route="a")
+    for layer in lora.lora_layers(m).values():
+        if layer.has("a"):
+            layer.variant["a"] = Halved()
+    half = logits(m, route="a")
+    base = logits(m)
+    assert (half - base).abs().max() > 1e-3 and (half - full).abs().max() > 1e-3
+    mixed = logits(m, [None, "a", "b"])  # "a" rows run apart (not low-rank), "b" rows gathered
+    for row, name in enumerate([None, "a", "b"]):
+        assert (mixed[row] - logits(m, route=name)[0]).abs().max() <= 1e-5, name
+    merged = build(m.config, merged_state_dict(m, "a"))
+    assert (logits(merged) - half).abs().max() <= 1e-5
+
+
+def test_each_gpt2_target_name_is_spelled_in_one_file():
+    """Code names the four projections by core.model.config's constants (docstrings and messages aside)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spelled = {}
+    for path in [p for d in ("core", "studio") for p in (root / d).rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef,
+                ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in TARGET_MODULES and id(node) not in docs:
+                spelled.setdefault(str(path.relative_to(root)), []).append(node.value)
+    assert list(spelled) == ["core/model/config.py"], spelled

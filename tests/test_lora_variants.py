@@ -238,7 +238,7 @@ PARITY_KEYS = ["c_attn", "h.0.attn.c_attn", r"h\.[01]\.mlp\.c_(fc|proj)", "attn.
 @pytest.mark.parametrize("key", PARITY_KEYS)
 def test_a_rank_pattern_selects_exactly_the_modules_peft_selects_or_is_refused(key):
     from peft.utils.other import get_pattern_key
-    from core.lora.variants import module_names, pattern_key
+    from core.lora.patterns import module_names, pattern_key
     modules = module_names(2, TARGET_MODULES)
     try:
         peft_picks = [m for m in modules if get_pattern_key([key], m) == key]
@@ -283,7 +283,7 @@ def test_cli_trains_with_variant_flags(prepared, tmp_path, capsys):
     (["--rank-pattern", '{"h.5.attn.c_attn": 4}'], "rank_pattern: 'h.5.attn.c_attn' names no wrapped module"),
     (["--rank-pattern", "{h.0: 4"], "--rank-pattern must be a JSON object"),
     (["--alpha-pattern", '{"c_attn": -1}'], "the alpha must be a positive number"),
-    (["--init", "pissa", "--quantize", "nf4"], "pissa initialisation needs the base weights"),
+    (["--init", "pissa", "--quantize", "nf4"], "pissa initialisation needs the full-precision base weights"),
 ])
 def test_cli_refuses_bad_variant_flags(prepared, tmp_path, capsys, args, expect):
     from cli_helpers import one_line_error

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.device import sums_in_fp32_while_generating
 from core.model import fused_ce
-from core.model.config import GPTConfig, target_shapes
+from core.model.config import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, GPTConfig, target_shapes
 
 
 class Conv1D(nn.Module):
@@ -57,8 +57,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         shapes = target_shapes(cfg)  # (in, out) of each projection, from the one table
-        self.c_attn = Conv1D(*shapes["attn.c_attn"])
-        self.c_proj = Conv1D(*shapes["attn.c_proj"])
+        self.c_attn = Conv1D(*shapes[ATTN_QKV])
+        self.c_proj = Conv1D(*shapes[ATTN_OUT])
 
     def forward(self, x, route=None, cache=None, layer=0, start=0, mask=None):
         B, T, C = x.shape
@@ -108,8 +108,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         shapes = target_shapes(cfg)
-        self.c_fc = Conv1D(*shapes["mlp.c_fc"])
-        self.c_proj = Conv1D(*shapes["mlp.c_proj"])
+        self.c_fc = Conv1D(*shapes[MLP_UP])
+        self.c_proj = Conv1D(*shapes[MLP_DOWN])
 
     def forward(self, x, route=None):
         h = F.gelu(self.c_fc(x, route), approximate="tanh")
