@@ -275,3 +275,15 @@ def test_dora_with_rslora_lora_plus_and_a_rank_pattern_trains_and_loads_in_peft(
 def test_dora_from_a_principal_start_is_refused_with_what_to_choose(init):
     with pytest.raises(ValueError, match=f"DoRA cannot start from {init} initialisation; choose kaiming or gaussian"):
         LoraConfig(use_dora=True, init=init).validate()
+
+
+def test_a_dora_adapter_on_a_quantized_base_is_refused_and_nothing_of_it_stays_loaded(tiny, tmp_path):
+    from core.model.quant import quantize_base
+    make_dora(tiny, "d", seed=3)
+    save_adapter(tiny, "d", tmp_path / "d", DORA, "tiny")
+    lora.remove_adapter(tiny, "d")
+    quantize_base(tiny, "int8")
+    with pytest.raises(ValueError, match="DoRA needs the full-precision base weights; load the base unquantized"):
+        load_adapter(tiny, tmp_path / "d")
+    assert lora.adapter_names(tiny) == []
+    assert all(not l.lora_A and not l.keys for l in lora.lora_layers(tiny).values())

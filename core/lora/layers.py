@@ -132,12 +132,20 @@ class LoRALinear(nn.Module):
             generator=None, tensors: dict | None = None):
         """A new adapter: started by `variant` (every one starts as exactly the base model), or loaded
         from saved `tensors` ({part: tensor}, core.lora.keys)."""
-        self.keys[name] = _key(name)
-        self.scaling[name], self.dropout[name], self.variant[name] = scaling, dropout, variant
-        if tensors is None:
-            variant.start(self, name, r, generator)
-        else:
-            variant.load(self, name, tensors)
+        self.keys[name], self.scaling[name] = _key(name), scaling
+        try:
+            if tensors is None:
+                variant.start(self, name, r, generator)
+            else:
+                variant.load(self, name, tensors)
+        except BaseException:  # e.g. DoRA on a quantized base: nothing of the adapter stays behind
+            key = self.keys.pop(name)
+            self.scaling.pop(name)
+            for d in (self.lora_A, self.lora_B):
+                if key in d:
+                    del d[key]
+            raise
+        self.dropout[name], self.variant[name] = dropout, variant
 
     def set_pair(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Store A (r, in) and B (out, r) as adapter `name`'s trained parameters (fp32 copies)."""
@@ -354,11 +362,17 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     for target in {t for _, t in slots}:
         _wrap(model, target)
     layers = lora_layers(model)
-    for (i, target), tensors in slots.items():
-        r = tensors[keys.A].shape[0]
-        a = patterns.rank_alpha(lcfg, keys.module(i, target))[1] if lcfg else alpha
-        scale = patterns.scaling(a, r, bool(lcfg and lcfg.use_rslora))
-        layers[keys.module(i, target)].add(name, r, scale, dropout, kinds[(i, target)], tensors=tensors)
+    try:
+        for (i, target), tensors in slots.items():
+            r = tensors[keys.A].shape[0]
+            a = patterns.rank_alpha(lcfg, keys.module(i, target))[1] if lcfg else alpha
+            scale = patterns.scaling(a, r, bool(lcfg and lcfg.use_rslora))
+            layers[keys.module(i, target)].add(name, r, scale, dropout, kinds[(i, target)], tensors=tensors)
+    except BaseException:  # a layer refused it (a DoRA adapter on a quantized base): none keeps a part
+        for layer in layers.values():
+            if layer.has(name):
+                layer.remove(name)
+        raise
     freeze_base(model)
     _bump(model)
 
