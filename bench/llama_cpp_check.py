@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from core.__main__ import main as cli  # noqa: E402
 from core.adapters.format import save_adapter  # noqa: E402
-from core.lora.layers import add_adapter, lora_parameters, set_active  # noqa: E402
+from core.lora.layers import add_adapter, lora_parameters  # noqa: E402
 from core.model import tokenizer  # noqa: E402
 from core.lora.config import LoraConfig
 from core.model.weights import load_base  # noqa: E402
@@ -67,8 +67,7 @@ def make_model(folder: Path, n_layer: int, n_head: int, n_embd: int):
     with torch.no_grad():
         before = model(ids).float()
         add_random(model, "a", LC, seed=1)
-        set_active(model, "a")
-        after = model(ids).float()
+        after = model(ids, "a").float()
     change = (after - before).abs().max().item()
     assert change > 1e-2, f"the adapter barely changes the logits ({change:.2e}); the check would prove nothing"
     return model, weights, change
@@ -83,17 +82,17 @@ def add_random(model, name: str, lcfg: LoraConfig, seed: int) -> None:
 
 
 @torch.no_grad()
-def our_logits(model, ids: list[int]) -> np.ndarray:
-    return model(torch.tensor([ids])).float()[0].numpy()
+def our_logits(model, ids: list[int], adapter: str) -> np.ndarray:
+    return model(torch.tensor([ids]), adapter).float()[0].numpy()
 
 
 @torch.no_grad()
-def our_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
+def our_greedy(model, ids: list[int], n: int, adapter: str) -> tuple[list[int], float]:
     """n argmax tokens, and the smallest gap between the best and second-best logit on the way (how close a
     step came to a tie that rounding could flip)."""
     ids, gap = list(ids), float("inf")
     for _ in range(n):
-        last = model(torch.tensor([ids])).float()[0, -1]
+        last = model(torch.tensor([ids]), adapter).float()[0, -1]
         top = last.topk(2).values
         gap = min(gap, float(top[0] - top[1]))
         ids.append(int(last.argmax()))
@@ -117,13 +116,13 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def compare(llm, model, label: str, tol: float, n_new: int) -> dict:
+def compare(llm, model, label: str, tol: float, n_new: int, adapter: str = "a") -> dict:
     ids = tokenizer.encode(PROMPT)
-    ours, theirs = our_logits(model, ids), llama_logits(llm, ids)
+    ours, theirs = our_logits(model, ids, adapter), llama_logits(llm, ids)
     diff = np.abs(ours - theirs)
     scale = float(np.abs(ours).max())
     top2 = np.sort(ours, axis=-1)[:, -2:]
-    (g_ours, gap), g_theirs = our_greedy(model, ids, n_new), llama_greedy(llm, ids, n_new)
+    (g_ours, gap), g_theirs = our_greedy(model, ids, n_new, adapter), llama_greedy(llm, ids, n_new)
     first = next((i for i, (a, b) in enumerate(zip(g_ours, g_theirs)) if a != b), None)
     return {
         "type": label, "prompt_tokens": len(ids), "logit_scale": scale,
@@ -161,13 +160,11 @@ def compare_adapters(model, weights, folder: Path, tmp: Path, n_new: int) -> lis
         for name, path in files.items():
             llm = llama_cpp.Llama(model_path=str(base), lora_path=str(path), logits_all=True, n_ctx=256,
                                   n_threads=2, verbose=False)
-            set_active(model, name)
-            r = compare(llm, model, f"{qtype} base + GGUF adapter {name}", TOLERANCE[qtype], n_new)
+            r = compare(llm, model, f"{qtype} base + GGUF adapter {name}", TOLERANCE[qtype], n_new, name)
             r.update(file_mb=round(path.stat().st_size / 2**20, 2),
                      llama_cpp_adapter_change=float(np.abs(llama_logits(llm, ids) - plain).max()))
             rows.append(r)
             llm.close()
-    set_active(model, "a")
     return rows
 
 

@@ -134,8 +134,6 @@ def cmd_finetune(args) -> int:
     from core.train.data import load_dataset
     from core.train.estimate import parse_size
     resume, data, lcfg, tcfg = _finetune_settings(args)
-    if args.quantize and lcfg.use_dora:  # DoRA's weight norm reads the full-precision base weights
-        raise ValueError("DoRA (--dora) needs the full-precision base; drop --quantize, or train plain LoRA.")
     if args.max_train_memory is not None:  # a bad size is refused before a model loads
         args.max_train_memory = parse_size(args.max_train_memory)
     dataset = load_dataset(data)
@@ -229,7 +227,7 @@ def _finetune_settings(args):
 
 def _variant_options(args) -> dict:
     """The LoRA-variant flags as LoraConfig fields (patterns are JSON objects; checked by LoraConfig)."""
-    from core.lora.variants import parse_pattern
+    from core.lora.patterns import parse_pattern
     return {"use_rslora": bool(args.rslora), "init": args.init or "kaiming",
             "loraplus_lr_ratio": 1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
             "rank_pattern": parse_pattern(args.rank_pattern, "--rank-pattern"),
@@ -237,6 +235,7 @@ def _variant_options(args) -> dict:
 
 
 def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
+    from core.lora import variants
     from core.train.config import TrainConfig
     from core.train.trainer import Trainer
     model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
@@ -251,7 +250,7 @@ def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> in
     trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume,
                       max_memory=args.max_train_memory, dist=args.group)
     say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
-    say(f"{'DoRA' if lcfg.use_dora else 'LoRA'}: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
+    say(f"{variants.of(lcfg).label}: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
     say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))

@@ -43,7 +43,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 matmuls natively (faster than fp32): x86 with AVX-512 BF16 or AMX
     (Linux /proc/cpuinfo flags), or Apple silicon from M2 on (FEAT_BF16). Without it torch emulates bf16,
-    slower than fp32 (this project's CI machine: 53.8 ms against 13.6 ms for one 512x768 @ 768x3072)."""
+    several times slower than fp32 (numbers: docs/performance.md), so bf16 is only the default where native."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -89,7 +89,7 @@ def sums_in_fp32_while_generating(x: torch.Tensor) -> bool:
     """Generating on a bf16 base on the CPU: attention and the adapters' low-rank updates are summed in fp32,
     then rounded to bf16. In bf16, torch's batched products and padded attention round differently with the
     batch's size and longest row, so a decode step's rows would depend on who else is in the batch; in fp32
-    that difference is in the last bit, below bf16's rounding (bench/load.py: 477 of 479 answers differed)."""
+    that difference is in the last bit, below bf16's rounding (bench/load.py shows how often bf16 sums differ)."""
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 

@@ -173,7 +173,8 @@ DORA_CASES = {
     "magnitude shape": (_magnitude_shape, LC_DORA, r"lora_magnitude_vector' has shape \[191\], expected \[192\]"),
     "magnitude 2-D": (_magnitude_2d, LC_DORA, r"a DoRA magnitude vector is 1-D"),
     "magnitude not finite": (_magnitude_inf, LC_DORA, r"lora_magnitude_vector' contains NaN or infinite values"),
-    "magnitude without use_dora": (good_dora, LC, r"holds DoRA magnitude vectors but .* does not set use_dora"),
+    "magnitude without use_dora": (good_dora, LC, r"holds '.*lora_magnitude_vector', which a LoRA adapter does not "
+                                                  r"have; .* does not set use_dora"),
 }
 
 

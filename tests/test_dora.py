@@ -1,6 +1,6 @@
 """DoRA (use_dora): a magnitude vector per target on top of B A. Adapters trained here load in PEFT with
 the same logits, PEFT's DoRA adapters load here, a merged export matches PEFT's merge_and_unload, mixed
-batches with DoRA rows equal each row alone, unmerge restores the base bit for bit, blends refuse."""
+batches with DoRA rows equal each row alone, the merged copy leaves the base bit for bit, blends refuse."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 from peft_helpers import hf as _hf, hf_logits as _hf_logits, peft_made  # noqa: E402
 from adapter_helpers import base_tensors, logits  # noqa: E402
 from core.adapters.blend import blend_states  # noqa: E402
-from core.adapters.export import export_merged  # noqa: E402
+from core.adapters.export import export_merged, merged_state_dict  # noqa: E402
 from core.adapters.format import CONFIG, WEIGHTS, save_adapter  # noqa: E402
 from core.adapters.resolve import load_adapter  # noqa: E402
 from core.adapters.validate import AdapterError  # noqa: E402
@@ -22,7 +22,7 @@ from core.adapters.library import Library  # noqa: E402
 from core.lora import layers as lora  # noqa: E402
 from core.lora.config import LoraConfig
 from core.model.config import TARGET_MODULES
-from core.model.weights import load_base  # noqa: E402
+from core.model.weights import build, load_base  # noqa: E402
 from core.train.trainer import Trainer  # noqa: E402
 from train_helpers import quick  # noqa: E402
 
@@ -50,7 +50,7 @@ def test_fresh_dora_adapter_is_the_base_and_a_moved_one_is_not(hf_small):
     make_dora(model, "d", seed=2)
     assert (logits(model, "d") - base).abs().max() > 1e-2
     n = sum(p.numel() for p in lora.lora_parameters(model, "d"))
-    assert n == lora.count_lora_params(model.config, DORA.r, DORA.targets, dora=True)
+    assert n == lora.count_lora_params(model.config, DORA.r, DORA.targets, DORA)
     assert n > lora.count_lora_params(model.config, DORA.r, DORA.targets)
 
 
@@ -62,7 +62,8 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path):
     events = list(Trainer(model, ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small)).run())
     assert events[-1]["type"] == "done", events[-1]
     mags = [l.lora_magnitude_vector[l.keys["t"]] for l in lora.lora_layers(model).values() if l.has("t")]
-    init = [lora.dora.initial_magnitude(l.base.weight, *l.weights("t"), l.scaling["t"])
+    # PEFT's init for the trained A and B: ||W + s B A|| per output feature
+    init = [torch.linalg.norm(l.base.weight.float().t() + l.delta("t").detach(), dim=1)
             for l in lora.lora_layers(model).values() if l.has("t")]
     assert any((m - i).abs().max() > 1e-4 for m, i in zip(mags, init))  # the magnitude itself trained
     assert all(torch.equal(v, before[k]) for k, v in base_tensors(model).items())
@@ -127,13 +128,12 @@ def test_mixed_batch_with_dora_rows_equals_each_row_alone(tiny):
     assert (mixed - alone).abs().max() <= 1e-5
 
 
-def test_merge_matches_forward_and_unmerge_restores_bit_exactly(tiny):
+def test_the_merged_copy_matches_the_forward_and_leaves_the_base_bit_exact(tiny):
     make_dora(tiny, "d", seed=4)
     before = base_tensors(tiny)
     want = logits(tiny, "d")
-    lora.merge(tiny, "d")
-    assert (logits(tiny) - want).abs().max() <= 1e-4
-    lora.unmerge(tiny)
+    merged = build(tiny.config, merged_state_dict(tiny, "d"))  # the merged export's weights
+    assert (logits(merged, None) - want).abs().max() <= 1e-4
     after = base_tensors(tiny)
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
@@ -177,7 +177,7 @@ def test_a_dora_run_resumes_from_its_checkpoint(sample_ds, tmp_path):
     events = list(Trainer(model, sample_ds, None, quick(steps=6), "r", tmp_path / "run",
                           resume=tmp_path / "run").run())
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
-    assert all(l.is_dora("r") for l in lora.lora_layers(model).values() if l.has("r"))
+    assert all(l.variant["r"].label == "DoRA" for l in lora.lora_layers(model).values() if l.has("r"))
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["use_dora"] is True
 
 
@@ -243,7 +243,7 @@ def test_cli_refuses_dora_on_a_quantized_base(prepared, tmp_path, capsys):
     from cli_helpers import one_line_error
     argv = ["finetune", "--data", prepared, "--model", "tiny", "--library", tmp_path / "lib", "--dora",
             "--quantize", "int8"]
-    assert "DoRA (--dora) needs the full-precision base" in one_line_error(capsys, argv)
+    assert "DoRA needs the full-precision base weights; load the base unquantized" in one_line_error(capsys, argv)
     assert not (tmp_path / "lib").exists()
 
 
@@ -275,3 +275,15 @@ def test_dora_with_rslora_lora_plus_and_a_rank_pattern_trains_and_loads_in_peft(
 def test_dora_from_a_principal_start_is_refused_with_what_to_choose(init):
     with pytest.raises(ValueError, match=f"DoRA cannot start from {init} initialisation; choose kaiming or gaussian"):
         LoraConfig(use_dora=True, init=init).validate()
+
+
+def test_a_dora_adapter_on_a_quantized_base_is_refused_and_nothing_of_it_stays_loaded(tiny, tmp_path):
+    from core.model.quant import quantize_base
+    make_dora(tiny, "d", seed=3)
+    save_adapter(tiny, "d", tmp_path / "d", DORA, "tiny")
+    lora.remove_adapter(tiny, "d")
+    quantize_base(tiny, "int8")
+    with pytest.raises(ValueError, match="DoRA needs the full-precision base weights; load the base unquantized"):
+        load_adapter(tiny, tmp_path / "d")
+    assert lora.adapter_names(tiny) == []
+    assert all(not l.lora_A and not l.keys for l in lora.lora_layers(tiny).values())

@@ -50,20 +50,18 @@ def test_dora_counts_its_magnitudes_and_their_activations():
 def _saved_bytes(lcfg, B=4, T=64):
     """Bytes autograd keeps for the backward of one forward pass (each storage once, as memory holds it)."""
     import torch
-    from core.lora.layers import add_adapter, lora_layers
+    from core.lora.layers import add_adapter
     from core.model.config import GPTConfig
     from core.model.gpt import GPT, init_random_
     model = init_random_(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128)))
     add_adapter(model, "a", lcfg)
-    for layer in lora_layers(model).values():
-        layer.active = "a"
     seen = {}
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randint(0, 50257, (B, T)))
+        model(torch.randint(0, 50257, (B, T)), "a")
     return sum(seen.values())
 
 

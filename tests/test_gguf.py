@@ -20,7 +20,7 @@ from core.__main__ import main
 from core.adapters.format import save_adapter
 from core.adapters.gguf_export import export_gguf, export_gguf_adapter
 from core.adapters.validate import AdapterError
-from core.lora.layers import merge, unmerge
+from core.lora.layers import lora_layers
 from core.model import tokenizer
 from core.lora.config import LoraConfig
 from core.model.config import EOT_TOKEN
@@ -55,14 +55,12 @@ def expected_tensors(state: dict, n_layer: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def merged():
-    """tiny with adapter 'a' on all four projections (A and B random), and its merged weights taken from the
-    engine's in-place merge (core.lora.layers.merge), a path separate from the export's."""
+    """tiny with adapter 'a' on all four projections (A and B random), and its merged weights summed here
+    (hand_merged), a path separate from the export's."""
     model = load_base("tiny", device="cpu")
     make_adapter(model, "a", LC, seed=3, std=0.2)
     before = hf_state_dict(model)
-    merge(model, "a")
-    state = {k: v.clone().float() for k, v in hf_state_dict(model).items()}
-    unmerge(model)
+    state = hand_merged(model, "a")
     assert (state["transformer.h.0.attn.c_attn.weight"] - before["transformer.h.0.attn.c_attn.weight"]).abs().max() > 1e-2
     return model, state
 
@@ -212,14 +210,21 @@ def applied_as_llama_cpp_does(base: dict[str, np.ndarray], keys: dict, pairs: di
     return out
 
 
+def hand_merged(model, name: str) -> dict[str, torch.Tensor]:
+    """The HF-layout fp32 weights with adapter `name` added: W + s B A per wrapped projection, in float64."""
+    state = {k: v.clone().float() for k, v in hf_state_dict(model).items()}
+    for path, layer in lora_layers(model).items():
+        if layer.has(name):
+            A, B = (t.detach().double() for t in layer.weights(name))
+            state[f"{path}.weight"] = (state[f"{path}.weight"].double() + (B @ A).t() * layer.scaling[name]).float()
+    return state
+
+
 def merged_in_gguf_layout(model, name: str) -> tuple[dict, dict]:
-    """(base, base + adapter `name`) as GGUF name -> (out, in) weights, from the engine's in-place merge."""
+    """(base, base + adapter `name`) as GGUF name -> (out, in) weights, merged by hand_merged."""
     n = model.config.n_layer
     base = expected_tensors({k: v.float() for k, v in hf_state_dict(model).items()}, n)
-    merge(model, name)
-    merged = expected_tensors({k: v.clone().float() for k, v in hf_state_dict(model).items()}, n)
-    unmerge(model)
-    return base, merged
+    return base, expected_tensors(hand_merged(model, name), n)
 
 
 def assert_same_as_merged(model, name: str, path) -> dict:

@@ -115,3 +115,17 @@ def test_offline_mode_with_a_filled_cache_loads_from_the_cache(tmp_path):
             "m = load_base('gpt2', device='cpu')\nprint('LAYERS', m.config.n_layer, m.config.n_embd)\n")
     r = _run_offline(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert "LAYERS 2 64" in r.stdout, r.stdout + r.stderr
+
+
+def test_save_hf_publishes_a_whole_new_folder_and_never_writes_over_one(tmp_path):
+    from core.model.weights import hf_state_dict, save_hf
+    model = load_base("tiny", device="cpu")
+    out = save_hf(model, tmp_path / "base")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    again = hf_state_dict(load_base(str(out), device="cpu"))
+    assert all(torch.equal(v, again[k]) for k, v in hf_state_dict(model).items())
+    written = (out / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError):
+        save_hf(model.to(torch.bfloat16), out, dtype=torch.bfloat16)
+    assert (out / "model.safetensors").read_bytes() == written  # the folder there is left as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # and no half-built folder beside it

@@ -22,8 +22,8 @@ README = "README.md"  # PEFT writes a model card beside the adapter
 ALLOWED = (WEIGHTS, CONFIG, META, README, HISTORY)
 CAPS = {WEIGHTS: None, HISTORY: MAX_HISTORY_BYTES}  # bytes a member may unpack to (None: the adapter cap)
 MAX_MEMBERS = 64
-# the central directory: one ~46-byte record + name + extras per member (a name is at most 64 KiB);
-# 5.5M entries took zipfile 35 s and 3.2 GB to parse, so its size is checked before it is read
+# the central directory: one ~46-byte record + name + extras per member (a name is at most 64 KiB); zipfile
+# parses a crafted one of millions of entries for tens of seconds into gigabytes, so its size is checked first
 MAX_DIRECTORY_BYTES = 1 << 20
 EOCD, EOCD64, LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 

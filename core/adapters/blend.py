@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from core.lora.layers import LORA_KEY, lora_key
 from core.adapters.validate import AdapterError, check_values
+from core.lora import keys, variants
 from core.lora.config import MAX_RANK, LoraConfig
 from core.model.config import TARGET_MODULES
 
@@ -25,9 +25,10 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
     """The blended adapter's fp32 tensors (our keys) and its LoraConfig (r = sum of ranks, alpha = r)."""
     if not parts:
         raise AdapterError("choose at least one adapter to blend.")
-    if any(lcfg.use_dora for _, lcfg in parts):  # each DoRA update is rescaled by its own weight norm
-        raise AdapterError("DoRA adapters cannot be blended: a weighted sum of DoRA updates is not a DoRA or LoRA "
-                           "update; blend plain LoRA adapters only.")
+    odd = next((variants.of(lcfg) for _, lcfg in parts if not variants.of(lcfg).low_rank), None)
+    if odd is not None:  # e.g. DoRA: each update is rescaled by its own weight norm
+        raise AdapterError(f"{odd.label} adapters cannot be blended: a weighted sum of {odd.label} updates is not "
+                           f"one LoRA update; blend plain LoRA adapters only.")
     if len(parts) != len(weights):
         raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
     ws = []
@@ -40,17 +41,17 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
     if rank > MAX_RANK:
         raise AdapterError(f"the blend would have rank {rank} (the sum of the ranks), over the limit of {MAX_RANK}; "
                            f"blend fewer or lower-rank adapters.")
-    slots = {}  # (layer, target) -> (in, out) from whichever adapter has it
+    slots = {}  # (layer, target) -> fan-in from whichever adapter has it
     for state, _ in parts:
-        for k, t in state.items():
-            m = LORA_KEY.match(k)
-            if m is None:
-                raise AdapterError(f"unexpected adapter key {k!r}")
-            if m.group(3) == "A":
-                slots.setdefault((int(m.group(1)), m.group(2)), t.shape[1])
+        try:
+            found = keys.modules(state)
+        except ValueError as e:
+            raise AdapterError(str(e)) from None
+        for slot, names in found.items():
+            slots.setdefault(slot, state[names[keys.A]].shape[1])
     out = {}
     for (i, target), fan_in in sorted(slots.items()):
-        key_a, key_b = lora_key(i, target, "A"), lora_key(i, target, "B")
+        key_a, key_b = keys.key(i, target, keys.A), keys.key(i, target, keys.B)
         fan_out = next(s[key_b].shape[0] for s, _ in parts if key_b in s)
         As, Bs = [], []
         for (state, lcfg), w in zip(parts, ws):

@@ -1,18 +1,15 @@
 """A merged model: base + one adapter's update, written as an HF GPT2LMHeadModel folder."""
 from __future__ import annotations
 
-import json
 import shutil
 import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from core import atomic
 from core.adapters.validate import AdapterError
-from core.lora.layers import adapter_names, lora_layers, merged_name
-from core.model.weights import hf_state_dict
+from core.lora.layers import adapter_names, lora_layers
+from core.model.weights import hf_state_dict, write_hf
 
 
 @torch.no_grad()
@@ -27,16 +24,10 @@ def export_merged(model, adapter_name: str, out_dir, dtype: torch.dtype = torch.
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise AdapterError(f"{out} already exists; choose a new folder for the merged model.")
-    state = {k: v.to(dtype).contiguous() for k, v in merged_state_dict(model, adapter_name, base_state).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def build(tmp: Path):
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic.write_text(tmp / "config.json", json.dumps(model.config.to_hf(), indent=2))
+    state = {k: v.to(dtype) for k, v in merged_state_dict(model, adapter_name, base_state).items()}
     if out.is_dir():
         out.rmdir()  # an empty folder the caller made: the export takes its place
-    atomic.publish_dir(out, build)
-    return out
+    return write_hf(out, state, model.config)
 
 
 @torch.no_grad()
@@ -46,8 +37,6 @@ def merged_state_dict(model, adapter_name: str,
     lm_head: it is tied to transformer.wte). The one merge every export format starts from; the shared
     model is never touched. base_state: the same base's weights in fp32 (hf_state_dict of an fp32 load),
     for a model held in bf16, so the export is not rounded to bf16; default: the model's own weights."""
-    if merged_name(model) is not None:
-        raise AdapterError(f"adapter {merged_name(model)!r} is merged into the model's weights; unmerge it first.")
     if adapter_name not in adapter_names(model):
         raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
     state = {k: v.float() for k, v in (base_state if base_state is not None else hf_state_dict(model)).items()}

@@ -4,7 +4,6 @@ plus the run's record for what PEFT does not know (core.adapters.run_record: stu
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -14,20 +13,13 @@ from safetensors.torch import save as st_save
 from core import atomic
 from core.adapters import run_record
 from core.adapters.run_record import META  # noqa: F401 - the file names of an adapter, in one place
-from core.lora.layers import TARGET_PATTERN, adapter_state_dict
-from core.lora.variants import converted
+from core.lora import keys, variants
+from core.lora.layers import adapter_state_dict
 from core.lora.config import LoraConfig
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = keys.PEFT_PREFIX  # the file's keys: core.lora.keys
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-# A matrix's key as core.lora names it (LORA_KEY, lora_key); files add PEFT_PREFIX in front. As found in
-# a file: the prefix optional, PEFT's adapter-name infix ('lora_A.default.weight') tolerated, and no
-# leading zeros in the layer index (two spellings of one weight would collide). Group 3 is A or B, or None
-# for DoRA's magnitude vector (saved by PEFT without '.weight'; core.lora.dora)
-FILE_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?transformer\.h\.(0|[1-9]\d*)\.({TARGET_PATTERN})"
-                      rf"\.(?:lora_([AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
 
 
 def name_from_path(path) -> str:
@@ -42,8 +34,8 @@ def name_from_path(path) -> str:
 
 def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
     """adapter_config.json as PEFT writes it for GPT-2 (Conv1D layers: fan_in_fan_out). A PiSSA/OLoRA
-    run's settings are written as PEFT writes the converted adapter (core.lora.variants.converted)."""
-    lcfg = converted(lcfg)
+    run's settings are written as PEFT writes the converted adapter (its variant's saved_config)."""
+    lcfg = variants.of(lcfg).saved_config(lcfg)
     num = lambda a: int(a) if float(a).is_integer() else a  # noqa: E731 - PEFT writes whole alphas as ints
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id,
@@ -60,7 +52,7 @@ def peft_config(lcfg: LoraConfig, base_id: str) -> dict:
 
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     """PEFT-keyed fp32 tensors of a loaded adapter (contiguous CPU copies)."""
-    return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
+    return {keys.peft_key(k): v.detach().to("cpu", torch.float32).contiguous()
             for k, v in adapter_state_dict(model, name).items()}
 
 

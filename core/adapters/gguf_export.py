@@ -29,9 +29,9 @@ from core.adapters.validate import AdapterError
 from core.lora.layers import adapter_names, lora_layers
 from core.model.bpe_vocab import byte_level_vocab
 from core.model.config import EOT_TOKEN
+from core.model.weights import CONV1D  # HF Conv1D weights: (in, out)
 
 GGUF_TYPES = ("f16", "q8_0")  # --type: the weights' storage (F16, or 8-bit blocks of 32 with a scale)
-CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # HF Conv1D weights: (in, out)
 
 
 def load_gguf():
@@ -169,9 +169,11 @@ def _adapter_pairs(gguf, model, adapter_name: str) -> tuple[float, list[tuple]]:
         raise AdapterError(f"no adapter named {adapter_name!r} is loaded.")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
     layers = {path: layer for path, layer in lora_layers(model).items() if layer.has(adapter_name)}
-    if any(layer.is_dora(adapter_name) for layer in layers.values()):
-        raise AdapterError(f"{adapter_name!r} is a DoRA adapter, which llama.cpp's --lora cannot apply (it has "
-                           f"no magnitude vector); export it merged into the base as GGUF instead.")
+    odd = next((layer.variant[adapter_name] for layer in layers.values()
+                if not layer.variant[adapter_name].low_rank), None)
+    if odd is not None:  # llama.cpp adds s B A x, nothing else (DoRA's magnitude has no place there)
+        raise AdapterError(f"{adapter_name!r} is a {odd.label} adapter, which llama.cpp's --lora cannot apply; "
+                           f"export it merged into the base as GGUF instead.")
     # the alpha llama.cpp needs for each layer's own scale (alpha / r, or alpha / sqrt(r) with rsLoRA)
     need = {path: layer.scaling[adapter_name] * layer.weights(adapter_name)[0].shape[0]
             for path, layer in layers.items()}

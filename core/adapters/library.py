@@ -32,11 +32,12 @@ from typing import Callable, Collection, Sequence
 from core import atomic, safe_json
 from core.adapters.blend import blend_states
 from core.adapters import run_record
-from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, name_from_path, save_adapter, write_adapter_folder
+from core.adapters.format import CONFIG, WEIGHTS, name_from_path, save_adapter, write_adapter_folder
 from core.adapters.run_record import HISTORY, META, clean_meta
 from core.adapters.validate import (MAX_FILE_BYTES, MAX_JSON_BYTES, PICKLE_HINT, PICKLE_SUFFIXES, AdapterError,
                                     AdapterFiles, parse_config, read_adapter, width_from_a)
 from core.adapters.archive import README, extract_adapter_zip, write_adapter_zip
+from core.lora import keys, variants
 from core.lora.config import LoraConfig
 from core.model.config import GPTConfig
 from core.quota import Quota, folder_bytes
@@ -320,16 +321,16 @@ class Library:
         if base_cfg is None and len({_width(p.state) for p in parts}) > 1:
             raise AdapterError("these adapters were made for models of different widths; they cannot be blended.")
         patterned = next((n for n, p in zip(names, parts) if p.lcfg.rank_pattern or p.lcfg.alpha_pattern), None)
-        # blend_states scales each adapter by one alpha/r, per-module scales would be lost; DoRA is refused there
-        # whatever its ranks, so that refusal (the one that holds) comes first
-        if patterned and not any(p.lcfg.use_dora for p in parts):
+        # blend_states scales each adapter by one alpha/r, per-module scales would be lost; a variant that is not
+        # low-rank (DoRA) is refused there whatever its ranks, so that refusal (the one that holds) comes first
+        if patterned and all(variants.of(p.lcfg).low_rank for p in parts):
             raise AdapterError(f"{patterned!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "
                                f"blending those is not supported yet: blend adapters with one rank and alpha.")
         state, lcfg = blend_states([(p.state, p.lcfg) for p in parts], list(weights))
         meta = {"status": "blend", "base_model": bases[0] if bases else None,
                 "blend": [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]}
         _set_user(meta, user)
-        tensors = {PEFT_PREFIX + k: v for k, v in state.items()}
+        tensors = {keys.peft_key(k): v for k, v in state.items()}
 
         def build(tmp: Path):
             write_adapter_folder(tmp, tensors, lcfg, meta["base_model"], meta)
@@ -534,7 +535,7 @@ class Library:
                 user=meta.get("user"), shared=top.get("shared") is True, n_checkpoints=len(ckpts),
                 has_final=final, problem=problem,
                 created_ts=safe_json.timestamp(created) or d.stat().st_mtime,
-                variant="DoRA" if config.get("dora") else "LoRA")
+                variant=config.get("variant", "LoRA"))
         except OSError:  # deleted or renamed while we looked
             return None
 
@@ -647,8 +648,8 @@ def _complete(folder: Path) -> bool:
 
 
 def _width(state: dict) -> int:
-    k, A = next((k, v) for k, v in state.items() if ".lora_A." in k)
-    return width_from_a(k.split(".", 3)[3].rsplit(".lora_A.", 1)[0], A.shape)
+    (_, target), found = next(iter(keys.modules(state).items()))
+    return width_from_a(target, state[found[keys.A]].shape)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -675,7 +676,7 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
         return {}, {}, safe_json.shown(str(e))[:300]
     pattern = raw.get("rank_pattern") if isinstance(raw.get("rank_pattern"), dict) else {}
     return ({"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
-             "dora": raw.get("use_dora") is True,
+             "variant": variants.of(LoraConfig(use_dora=raw.get("use_dora") is True)).label,
              "rank_pattern": {safe_json.shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
 
 

@@ -18,11 +18,9 @@ from safetensors import safe_open
 
 from core import safe_json
 from core.adapters import run_record
-from core.adapters.format import CONFIG, FILE_KEY, PEFT_PREFIX, WEIGHTS
+from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.run_record import META
-from core.lora import variants
-from core.lora.dora import magnitude_key
-from core.lora.layers import lora_key
+from core.lora import keys, patterns, variants
 from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK, LoraConfig, normalize_targets
 from core.model.config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, target_shapes, width_from_a
 
@@ -55,7 +53,7 @@ class AdapterFiles:
     peft: dict = field(default_factory=dict)  # adapter_config.json as found
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {PEFT_PREFIX + k: v.contiguous() for k, v in self.state.items()}
+        return {keys.peft_key(k): v.contiguous() for k, v in self.state.items()}
 
 
 def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = None,
@@ -78,9 +76,9 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
     if cfg is None and preset_of(adapter_base):  # no base given: hold it to the GPT-2 size it names
         cfg, against = PRESETS[preset_of(adapter_base)], f"its recorded base {adapter_base}"
     probe = LoraConfig(r=r, alpha=alpha, rank_pattern=rank_pattern)
-    expect = (lambda module: variants.rank_alpha(probe, module)[0]) if rank_pattern else None
-    keys, rank, targets = check_header(weights, cfg, against, expect)
-    check_dora(peft.get("use_dora", False), keys, config_file.name, weights.name)
+    expect = (lambda module: patterns.rank_alpha(probe, module)[0]) if rank_pattern else None
+    names, rank, targets = check_header(weights, cfg, against, expect)
+    check_variant(peft.get("use_dora", False), names, config_file.name, weights.name)
     if not rank_pattern and rank != r:
         raise AdapterError(f"{config_file.name} says r={r} but the tensors in {weights.name} have rank {rank}; "
                            f"the config does not belong to these weights.")
@@ -93,11 +91,11 @@ def read_adapter(source, cfg: GPTConfig | None = None, base_id: str | None = Non
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=bool(peft.get("use_dora")))
     try:
         # without a base, the file's own deepest layer bounds the modules a pattern may name
-        depth = cfg.n_layer if cfg is not None else 1 + max(int(k.split(".")[2]) for k in keys.values())
-        variants.check_patterns(lcfg, depth, MAX_RANK, MAX_LOADED_ALPHA)
+        depth = cfg.n_layer if cfg is not None else 1 + max(keys.parse(k).layer for k in names.values())
+        patterns.check_patterns(lcfg, depth, MAX_RANK, MAX_LOADED_ALPHA)
     except ValueError as e:
         raise AdapterError(f"{config_file.name}: {e}") from None
-    state = read_values(weights, keys)
+    state = read_values(weights, names)
     meta = read_record(meta_file.parent) if meta_file else {}
     return AdapterFiles(state, lcfg, adapter_base, meta, peft)
 
@@ -168,12 +166,12 @@ def _parse_header(raw: bytes, name: str) -> dict:
         raise AdapterError(f"{name} is not a safetensors file (its header is {why}).") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{name} is not a safetensors file (its header is not a JSON object).")
-    keys = [k for k in header if k != "__metadata__"]
-    if len(keys) > MAX_TENSORS:
-        raise AdapterError(f"{name} holds {len(keys)} tensors; an adapter of GPT-2 holds at most 576 "
+    names = [k for k in header if k != "__metadata__"]
+    if len(names) > MAX_TENSORS:
+        raise AdapterError(f"{name} holds {len(names)} tensors; an adapter of GPT-2 holds at most 576 "
                            f"(48 layers x 4 projections x A, B and a DoRA magnitude). The file is not a LoRA adapter.")
-    for k in keys:
-        if not FILE_KEY.match(k):
+    for k in names:
+        if keys.parse(k, in_file=True) is None:
             raise AdapterError(f"{name}: unexpected key {safe_json.shown(k)[:120]!r}; an adapter may only hold "
                                f"lora_A/lora_B weights of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
     return header
@@ -270,7 +268,7 @@ def parse_variants(c: dict, path: Path, r: int, alpha: float) -> tuple[bool, dic
         pats.append(dict(p))
     probe = LoraConfig(r=r, alpha=alpha, rank_pattern=pats[0], alpha_pattern=pats[1])
     try:
-        variants.check_patterns(probe, None, MAX_RANK, MAX_LOADED_ALPHA)
+        patterns.check_patterns(probe, None, MAX_RANK, MAX_LOADED_ALPHA)
     except ValueError as e:
         raise AdapterError(f"{path.name}: {e}") from None
     return rs, pats[0], pats[1]
@@ -319,52 +317,53 @@ def check_header(path: Path, cfg: GPTConfig | None, against: str = "the loaded b
         raise AdapterError(f"{path.name} could not be read as safetensors ({str(e)[:200]}).") from None
     if not info:
         raise AdapterError(f"{path.name} holds no tensors; an adapter holds lora_A/lora_B weights.")
-    keys, slots = {}, {}
-    for k in sorted(info):
-        m = FILE_KEY.match(k)
-        if not m:
-            raise AdapterError(f"{path.name}: unexpected key {k!r}; an adapter may only hold lora_A/lora_B weights "
-                               f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
-        i, target, ab = int(m.group(1)), m.group(2), m.group(3) or "M"  # M: DoRA's magnitude vector
+    try:
+        slots = keys.modules(info, in_file=True)  # every key parsed, A/B pairs complete, no key twice
+    except ValueError as e:
+        raise AdapterError(f"{path.name}: {e}") from None
+    names = {}
+    for (i, target), found in slots.items():
         if cfg is not None and i >= cfg.n_layer:
-            raise AdapterError(f"{path.name}: key {k!r} is for layer {i} but {against} has {cfg.n_layer} "
-                               f"layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
-        ours = magnitude_key(i, target) if ab == "M" else lora_key(i, target, ab)
-        if ours in keys.values():
-            raise AdapterError(f"{path.name}: key {k!r} duplicates another key for the same weight.")
-        dtype, shape = info[k]
-        if dtype not in DTYPES:
-            raise AdapterError(f"{path.name}: key {k!r} has dtype {dtype}; adapter weights must be "
-                               f"{', '.join(DTYPES)}.")
-        if ab == "M" and len(shape) != 1:
-            raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}; a DoRA magnitude vector is 1-D "
-                               f"(one value per output feature).")
-        if ab != "M" and len(shape) != 2:
-            raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}; LoRA weights are 2-D matrices.")
-        keys[k] = ours
-        slots.setdefault((i, target), {})[ab] = (k, shape)
+            raise AdapterError(f"{path.name}: key {next(iter(found.values()))!r} is for layer {i} but {against} has "
+                               f"{cfg.n_layer} layers (0..{cfg.n_layer - 1}); the adapter was made for a deeper model.")
+        for part, k in found.items():
+            _check_kind(path.name, k, part, info[k])
+            names[k] = keys.key(i, target, part)
+    rank = _check_shapes(path.name, slots, info, cfg, against, expect)
+    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    return names, rank, targets
+
+
+def _check_kind(file: str, k: str, part: str, dtype_shape) -> None:
+    """One tensor's dtype and number of dimensions."""
+    dtype, shape = dtype_shape
+    if dtype not in DTYPES:
+        raise AdapterError(f"{file}: key {k!r} has dtype {dtype}; adapter weights must be {', '.join(DTYPES)}.")
+    if part == keys.MAGNITUDE and len(shape) != 1:
+        raise AdapterError(f"{file}: key {k!r} has shape {list(shape)}; a DoRA magnitude vector is 1-D "
+                           f"(one value per output feature).")
+    if part != keys.MAGNITUDE and len(shape) != 2:
+        raise AdapterError(f"{file}: key {k!r} has shape {list(shape)}; LoRA weights are 2-D matrices.")
+
+
+def _check_shapes(file: str, slots: dict, info: dict, cfg: GPTConfig | None, against: str, expect):
+    """The rank: one for all modules (or each module's expected one), every shape fitting the model's width."""
     rank, first = None, None
     width = cfg.n_embd if cfg is not None else None
-    for (i, target), ab in sorted(slots.items()):
-        if set(ab) - {"M"} != {"A", "B"}:
-            k, _ = next(iter(ab.values()))
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise AdapterError(f"{path.name}: key {k!r} has no matching {missing}; LoRA weights come in A/B pairs.")
-        (ka, sa), (kb, sb) = ab["A"], ab["B"]
+    for (i, target), found in slots.items():
+        ka, kb = found[keys.A], found[keys.B]
+        sa, sb = info[ka][1], info[kb][1]
         r = sa[0]
         if not 1 <= r <= MAX_RANK:
-            raise AdapterError(f"{path.name}: key {ka!r} has rank {r} (shape {list(sa)}); the rank must be "
-                               f"1..{MAX_RANK}.")
-        if expect is not None:
-            want_r = expect(f"transformer.h.{i}.{target}")
-            if r != want_r:
-                raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but the config's r/rank_pattern give "
-                                   f"{want_r} for transformer.h.{i}.{target}; the config does not belong to "
-                                   f"these weights.")
+            raise AdapterError(f"{file}: key {ka!r} has rank {r} (shape {list(sa)}); the rank must be 1..{MAX_RANK}.")
+        if expect is not None and r != expect(keys.module(i, target)):
+            raise AdapterError(f"{file}: key {ka!r} has rank {r} but the config's r/rank_pattern give "
+                               f"{expect(keys.module(i, target))} for {keys.module(i, target)}; the config does not "
+                               f"belong to these weights.")
         if rank is None:
             rank, first = r, ka
         elif r != rank and expect is None:
-            raise AdapterError(f"{path.name}: key {ka!r} has rank {r} but {first!r} has rank {rank}; an adapter "
+            raise AdapterError(f"{file}: key {ka!r} has rank {r} but {first!r} has rank {rank}; an adapter "
                                f"must use a single rank.")
         if width is None:  # no base given: the first A matrix sets the width the others must match
             width = width_from_a(target, sa)
@@ -372,34 +371,37 @@ def check_header(path: Path, cfg: GPTConfig | None, against: str = "the loaded b
         for k, shape, want, what in ((ka, sa, (r, fan_in), "r x in"), (kb, sb, (fan_out, r), "out x r")):
             if shape != want:
                 base = against if cfg is not None else "the other weights"
-                raise AdapterError(f"{path.name}: key {k!r} has shape {list(shape)}, expected {list(want)} "
+                raise AdapterError(f"{file}: key {k!r} has shape {list(shape)}, expected {list(want)} "
                                    f"({what} for {target} of width {width}, as in {base}).")
-        if "M" in ab and ab["M"][1] != (fan_out,):
-            raise AdapterError(f"{path.name}: key {ab['M'][0]!r} has shape {list(ab['M'][1])}, expected [{fan_out}] "
+        km = found.get(keys.MAGNITUDE)
+        if km is not None and info[km][1] != (fan_out,):
+            raise AdapterError(f"{file}: key {km!r} has shape {list(info[km][1])}, expected [{fan_out}] "
                                f"(one magnitude per output feature of {target} of width {width}).")
-    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
-    return keys, rank, targets
+    return rank
 
 
-def check_dora(use_dora: bool, keys: dict[str, str], config_name: str, weights_name: str) -> None:
-    """A DoRA adapter has a magnitude vector beside every A/B pair; a plain one has none."""
-    ours = set(keys.values())
-    for k in sorted(ours):
-        if k.endswith(".lora_A.weight"):
-            mag = k.removesuffix(".lora_A.weight") + ".lora_magnitude_vector"
-            if use_dora and mag not in ours:
-                raise AdapterError(f"{weights_name}: {PEFT_PREFIX + mag!r} is missing; {config_name} sets use_dora, "
-                                   f"and a DoRA adapter has a magnitude vector for every target.")
-    if not use_dora and any(k.endswith(".lora_magnitude_vector") for k in ours):
-        raise AdapterError(f"{weights_name} holds DoRA magnitude vectors but {config_name} does not set use_dora; "
-                           f"the files do not match.")
+def check_variant(use_dora: bool, names: dict[str, str], config_name: str, weights_name: str) -> None:
+    """Every module holds the tensors of the variant adapter_config.json names (DoRA: a magnitude vector beside
+    every A/B pair; plain LoRA: none)."""
+    variant = variants.of(LoraConfig(use_dora=use_dora))
+    says = f"{config_name} {'sets' if use_dora else 'does not set'} use_dora"
+    for (i, target), found in keys.modules(names.values()).items():
+        missing = [p for p in variant.parts if p not in found]
+        if missing:
+            raise AdapterError(f"{weights_name}: {keys.peft_key(keys.key(i, target, missing[0]))!r} is missing; "
+                               f"{says}, and a {variant.label} adapter has {', '.join(variant.parts)} for every "
+                               f"target.")
+        extra = [p for p in found if p not in variant.parts]
+        if extra:
+            raise AdapterError(f"{weights_name} holds {keys.peft_key(found[extra[0]])!r}, which a {variant.label} "
+                               f"adapter does not have; {says}, so the files do not match.")
 
 
-def read_values(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+def read_values(path: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """The tensors (stored dtype, our keys), each checked to be finite."""
     out = {}
     with safe_open(str(path), framework="pt") as f:
-        for k, ours in keys.items():
+        for k, ours in names.items():
             t = f.get_tensor(k)
             check_values(t, f"{path.name}: key {k!r}")
             out[ours] = t

@@ -93,9 +93,10 @@ class GraphRoute:
 
 
 def graphable(model: GPT, names) -> bool:
-    """Whether these adapters can run in a captured step (DoRA rows run per adapter group, eagerly)."""
+    """Whether these adapters can run in a captured step: only low-rank updates fit its fixed A/B buffers
+    (DoRA rows run per adapter group, eagerly)."""
     used = {n for n in names if n}
-    return not any(layer.is_dora(n) for layer in lora_layers(model).values() for n in used if layer.has(n))
+    return all(layer.variant[n].low_rank for layer in lora_layers(model).values() for n in used if layer.has(n))
 
 
 class _Bucket:

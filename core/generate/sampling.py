@@ -12,7 +12,6 @@ from typing import Sequence
 
 from core.generate.sampler import SamplingConfig, pick_tokens  # noqa: F401 - the names callers import from here
 from core.generate.scheduler import DecodeScheduler
-from core.lora.layers import get_active
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.gpt import GPT
@@ -23,14 +22,14 @@ _OFFLINE_LOCK = threading.Lock()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
              cfg: SamplingConfig | None = None) -> list[list[int]]:
     """New token ids per row (ending at, and excluding, <|endoftext|>). prompts: token ids per row; adapters:
-    the adapter each row uses, None for the base (default: the active adapter for all)."""
+    the adapter each row uses, None for the base (default: the base for all)."""
     cfg = cfg or SamplingConfig()
     cfg.validate()
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    names = list(adapters) if adapters is not None else [get_active(model)] * len(prompts)
+    names = list(adapters) if adapters is not None else [None] * len(prompts)
     groups: dict[tuple, list[int]] = {}  # rows with the same prompt are one request (one prefill)
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(p), []).append(i)

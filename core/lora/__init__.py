@@ -1,1 +1,1 @@
-"""LoRA layers: named adapters on the frozen base, per-row routing, merge and unmerge."""
+"""LoRA layers: named adapters on the frozen base, per-row routing, the variants (plain, DoRA, PiSSA/OLoRA)."""

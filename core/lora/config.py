@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from core.checks import real_number, whole_number
-from core.lora import variants
-from core.model.config import TARGET_MODULES, GPTConfig
+from core.lora import patterns, variants
+from core.model.config import ATTN_QKV, TARGET_MODULES, GPTConfig
 
 MAX_RANK = 256  # LoRA rank, trained or loaded
 MAX_ALPHA = 1024  # LoRA alpha to train with: real runs use 1..2 x rank; alpha / r past ~1024 overflows a step
@@ -18,10 +18,10 @@ class LoraConfig:
     r: int = 8  # rank of the update B @ A
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the LoRA input path while training
-    targets: tuple[str, ...] = ("attn.c_attn",)  # which projections of each block get an adapter
-    use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of B A (core.lora.dora)
+    targets: tuple[str, ...] = (ATTN_QKV,)  # which projections of each block get an adapter
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of B A (core.lora.variants)
     use_rslora: bool = False  # rsLoRA: scale by alpha / sqrt(r) instead of alpha / r
-    init: str = "kaiming"  # start of A and B: kaiming | gaussian | pissa | olora (core.lora.init)
+    init: str = "kaiming"  # start of A and B: kaiming | gaussian | pissa | olora (core.lora.variants)
     loraplus_lr_ratio: float = 1.0  # LoRA+: B's learning rate is this times A's
     rank_pattern: dict = field(default_factory=dict)  # PEFT's per-module ranks: {module regex: rank}
     alpha_pattern: dict = field(default_factory=dict)  # PEFT's per-module alphas: {module regex: alpha}
@@ -53,16 +53,11 @@ class LoraConfig:
     def _validate_variants(self, cfg: GPTConfig | None) -> None:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false (got {self.use_rslora!r}).")
-        if self.init not in variants.INITS:
-            raise ValueError(f"unknown LoRA initialisation {self.init!r}; choose from {', '.join(variants.INITS)}.")
+        variants.of(self)  # settings no variant has (an unknown init, DoRA from PiSSA) are a ValueError
         real_number("LoRA+ learning-rate ratio", self.loraplus_lr_ratio, 0, 1000, "a positive number up to 1000",
                     above=True, hint="; 16 is the LoRA+ paper's choice, 1 turns it off")
         top = MAX_RANK if cfg is None else min(MAX_RANK, cfg.n_embd)
-        variants.check_patterns(self, None if cfg is None else cfg.n_layer, top, MAX_ALPHA)
-        if self.use_dora and self.init in ("pissa", "olora"):
-            # they are saved converted to a rank-2r LoRA (core.lora.init); that conversion is not built for DoRA
-            raise ValueError(f"DoRA cannot start from {self.init} initialisation; choose kaiming or gaussian, "
-                             "or turn DoRA off.")
+        patterns.check_patterns(self, None if cfg is None else cfg.n_layer, top, MAX_ALPHA)
 
     @staticmethod
     def from_dict(d) -> "LoraConfig":
@@ -83,17 +78,14 @@ class LoraConfig:
 
 
 def normalize_targets(targets) -> tuple[str, ...]:
-    """Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order."""
+    """Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order. 'c_proj' is
+    ambiguous in GPT-2: PEFT matches it by suffix, so it names both projections."""
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
-    short = {"c_attn": "attn.c_attn", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj",
-             "attn.c_proj": "attn.c_proj", "attn.c_attn": "attn.c_attn", "mlp.c_fc": "mlp.c_fc"}
     out = []
     for t in targets:
-        if t == "c_proj":  # ambiguous in GPT-2: PEFT matches both projections by suffix
-            out += ["attn.c_proj", "mlp.c_proj"]
-        elif t in short:
-            out.append(short[t])
-        else:
+        full = [m for m in TARGET_MODULES if t in (m, m.split(".", 1)[1])]
+        if not full:
             raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
+        out += full
     return tuple(t for t in TARGET_MODULES if t in out)

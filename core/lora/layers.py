@@ -1,11 +1,11 @@
-"""LoRA with named adapters on one frozen GPT-2, merge/unmerge, and per-row adapter routing.
+"""LoRA with named adapters on one frozen GPT-2, and per-row adapter routing.
 
-The base projection is wrapped, not subclassed: `LoRALinear.base` is the original layer and
-is never written to except by an explicit, tracked `merge`.
+The base projection is wrapped, not subclassed: `LoRALinear.base` is the original layer and is never
+written to. Every forward names its adapters (a route); a merged model is only ever built as a copy
+(core.adapters.export.merged_state_dict), because the base is shared by every user of the process.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
@@ -13,20 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.device import sums_in_fp32_while_generating
-from core.lora import dora, variants
-from core.lora.init import init_ab
+from core.lora import keys, patterns, variants
 from core.lora.config import LoraConfig
-from core.model.config import GPTConfig, TARGET_MODULES, target_shapes
-
-# The key of one LoRA matrix in a state dict, as this engine names it (the adapter file format adds
-# PEFT's prefix in front: core.adapters.format)
-TARGET_PATTERN = "|".join(re.escape(t) for t in TARGET_MODULES)
-LORA_KEY = re.compile(rf"^transformer\.h\.(\d+)\.({TARGET_PATTERN})\.lora_([AB])\.weight$")
-
-
-def lora_key(layer: int, target: str, ab: str) -> str:
-    """'transformer.h.{layer}.{target}.lora_{A|B}.weight' (target: one of TARGET_MODULES)."""
-    return f"transformer.h.{layer}.{target}.lora_{ab}.weight"
+from core.model.config import GPTConfig, target_shapes
 
 
 def _key(name: str) -> str:
@@ -46,7 +35,7 @@ class Route:
         self.names = tuple(names)
         self.groups = [n for n in dict.fromkeys(self.names) if n]
         self._plans: dict[int, tuple[LoRALinear, tuple | None]] = {}  # id(layer) -> (layer, plan)
-        self._dora: dict[int, tuple[LoRALinear, list]] = {}  # id(layer) -> (layer, DoRA row groups)
+        self._own: dict[int, tuple[LoRALinear, list]] = {}  # id(layer) -> (layer, row groups of other variants)
 
     def plan(self, layer: "LoRALinear", dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A_rows (batch, in, r), B_rows (batch, r, out)) for `layer`, or None if no row uses it."""
@@ -63,18 +52,18 @@ class Route:
                 plan[0].copy_(A)
                 plan[1].copy_(B)
 
-    def dora_rows(self, layer: "LoRALinear") -> list[tuple[str, torch.Tensor]]:
-        """(adapter, row indices) for each DoRA adapter of the batch on `layer`: its update depends on
-        its own weight norm, so it is not a gathered low-rank product and runs per group instead."""
+    def own_rows(self, layer: "LoRALinear") -> list[tuple[str, torch.Tensor]]:
+        """(adapter, row indices) for each adapter of the batch on `layer` whose variant is not low-rank
+        (DoRA: its update depends on its own weight norm), so its rows run as a group of their own."""
         key = id(layer)
-        if key not in self._dora:
-            self._dora[key] = (layer, [(n, torch.tensor([i for i, m in enumerate(self.names) if m == n],
-                                                         device=layer.device))
-                                        for n in self.groups if layer.is_dora(n)])
-        return self._dora[key][1]
+        if key not in self._own:
+            self._own[key] = (layer, [(n, torch.tensor([i for i, m in enumerate(self.names) if m == n],
+                                                       device=layer.device))
+                                      for n in self.groups if layer.has(n) and not layer.variant[n].low_rank])
+        return self._own[key][1]
 
     def _gather(self, layer: "LoRALinear", dtype):
-        present = [n for n in self.groups if layer.has(n) and not layer.is_dora(n)]
+        present = [n for n in self.groups if layer.has(n) and layer.variant[n].low_rank]
         if not present:
             return None
         r = max(layer.weights(n)[0].shape[0] for n in present)
@@ -108,20 +97,21 @@ class Segments:
 
 
 class LoRALinear(nn.Module):
+    """A projection with named adapters. It holds their tensors; each adapter's variant
+    (core.lora.variants) decides how they start, what they add and what they save."""
+
     def __init__(self, base):
         super().__init__()
         self.base = base
         self.lora_A = nn.ParameterDict()  # (r, in) per adapter
         self.lora_B = nn.ParameterDict()  # (out, r) per adapter
-        # DoRA's magnitude (out,) per DoRA adapter (core.lora.dora); named so freeze_base keeps it trainable
+        # DoRA's magnitude (out,) per DoRA adapter; named lora_* so freeze_base keeps it trainable
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.keys: dict[str, str] = {}  # adapter name -> ParameterDict key
-        self.frozen: dict[str, tuple] = {}  # PiSSA/OLoRA: name -> (A0, B0), the start subtracted (core.lora.init)
-        self.active: str | None = None
-        self.merged: str | None = None
-        self._backup: torch.Tensor | None = None  # exact base weight while merged
+        self.variant: dict[str, variants.Lora] = {}  # adapter name -> its variant
+        self.frozen: dict[str, tuple] = {}  # PiSSA/OLoRA: name -> (A0, B0), the start subtracted
 
     @property
     def in_features(self):
@@ -138,97 +128,66 @@ class LoRALinear(nn.Module):
     def device(self):
         return self.base.bias.device  # plain and quantized bases both keep a bias
 
-    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, generator=None, init: bool = True,
-            method: str = "kaiming", rslora: bool = False):
-        """A new adapter; init=False leaves A zero for weights about to be copied in (no RNG draw).
-        method: how A and B start (core.lora.init); every one starts as exactly the base model."""
-        scale = variants.scaling(alpha, r, rslora)
-        frozen = None
-        if init:
-            A, B, frozen = init_ab(self.base, r, scale, method, generator)
-        else:
-            A = torch.zeros(r, self.in_features, device=self.device, dtype=torch.float32)
-            B = torch.zeros(self.out_features, r, device=self.device, dtype=torch.float32)
-        self.keys[name] = _key(name)
-        self.lora_A[self.keys[name]] = nn.Parameter(A)
-        self.lora_B[self.keys[name]] = nn.Parameter(B)
-        if frozen is not None:
-            self.frozen[name] = frozen
-        self.scaling[name] = scale
-        self.dropout[name] = dropout
+    def add(self, name: str, r: int, scaling: float, dropout: float, variant: variants.Lora,
+            generator=None, tensors: dict | None = None):
+        """A new adapter: started by `variant` (every one starts as exactly the base model), or loaded
+        from saved `tensors` ({part: tensor}, core.lora.keys)."""
+        self.keys[name], self.scaling[name] = _key(name), scaling
+        try:
+            if tensors is None:
+                variant.start(self, name, r, generator)
+            else:
+                variant.load(self, name, tensors)
+        except BaseException:  # e.g. DoRA on a quantized base: nothing of the adapter stays behind
+            key = self.keys.pop(name)
+            self.scaling.pop(name)
+            for d in (self.lora_A, self.lora_B):
+                if key in d:
+                    del d[key]
+            raise
+        self.dropout[name], self.variant[name] = dropout, variant
 
-    def enable_dora(self, name: str, magnitude: torch.Tensor | None = None):
-        """Make adapter `name` a DoRA adapter: its magnitude is `magnitude` or PEFT's init from A, B, W."""
-        if not hasattr(self.base, "weight"):
-            raise RuntimeError("DoRA needs the base weights to compute its norm; load the base unquantized to use DoRA")
-        A, B = self.weights(name)
-        m = dora.initial_magnitude(self.base.weight, A, B, self.scaling[name]) if magnitude is None else magnitude
-        self.lora_magnitude_vector[self.keys[name]] = nn.Parameter(
-            m.detach().to(self.device, torch.float32).clone())
-
-    def is_dora(self, name: str) -> bool:
-        return name in self.keys and self.keys[name] in self.lora_magnitude_vector
+    def set_pair(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Store A (r, in) and B (out, r) as adapter `name`'s trained parameters (fp32 copies)."""
+        self.lora_A[self.keys[name]] = nn.Parameter(A.to(self.device, torch.float32, copy=True))
+        self.lora_B[self.keys[name]] = nn.Parameter(B.to(self.device, torch.float32, copy=True))
 
     def remove(self, name: str):
-        if self.merged == name:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it first")
+        self.variant.pop(name).remove(self, name)
         key = self.keys.pop(name)
         del self.lora_A[key], self.lora_B[key]
-        if key in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[key]
-        self.scaling.pop(name), self.dropout.pop(name), self.frozen.pop(name, None)
-        if self.active == name:
-            self.active = None
+        self.scaling.pop(name), self.dropout.pop(name)
 
     def weights(self, name: str):
-        """(A, B) of the update; for PiSSA/OLoRA the rank-2r pair [A; A0], [B, -B0] (see core.lora.init)."""
-        key = self.keys[name]  # a plain dict lookup: torch.compile traces it without a graph break
-        A, B = self.lora_A[key], self.lora_B[key]
-        if name in self.frozen:
-            A0, B0 = self.frozen[name]
-            return torch.cat([A, A0.to(A.device)]), torch.cat([B, -B0.to(B.device)], 1)
-        return A, B
+        """(A, B) of the update s B A, as the variant computes with them."""
+        return self.variant[name].weights(self, name)
 
     def trainable(self, name: str):
-        """The adapter's own parameters (A, B): what an optimizer updates."""
+        """The adapter's own A and B parameters (a plain dict lookup: torch.compile traces it)."""
         key = self.keys[name]
         return self.lora_A[key], self.lora_B[key]
 
     def delta(self, name: str) -> torch.Tensor:
-        """The adapter's weight update (out, in) in fp32, PEFT's orientation (the base is (in, out))."""
-        A, B = self.weights(name)
-        return (B.float() @ A.float()) * self.scaling[name]
+        """The adapter's low-rank weight update (out, in) in fp32, PEFT's orientation (the base is (in, out))."""
+        return self.variant[name].delta(self, name)
 
     def lora(self, x, name: str, generator: torch.Generator | None = None, y=None):
-        """The adapter's addition to the base output; `y` (the base output for this x) saves DoRA a
-        matmul when no dropout is drawn."""
-        A, B = self.weights(name)
+        """The adapter's addition to the base output; `y` (the base output for this x) is passed on to the
+        variant only when no dropout is drawn (it is then the base output of the very x it sees)."""
         p = self.dropout[name]
-        x0 = x
         if p and torch.is_grad_enabled():  # never while generating or evaluating
             if generator is not None:
                 # a training run's own RNG (core.train: every run passes one): its masks do not depend on
                 # who else trains in the same step, and no module-wide train() flag is shared between runs
-                x = x * torch.empty_like(x).bernoulli_(1 - p, generator=generator) / (1 - p)
+                x, y = x * torch.empty_like(x).bernoulli_(1 - p, generator=generator) / (1 - p), None
             elif self.training:
-                x = F.dropout(x, p)
-        if self.is_dora(name):  # PEFT: the base part is recomputed from the dropped-out input
-            base_out = y - self.base.bias.to(y.dtype) if (y is not None and x is x0) else None  # x W, no bias
-            return dora.update(x, base_out, self.base.weight, A, B,
-                               self.lora_magnitude_vector[self.keys[name]], self.scaling[name])
-        # fp32 parameters, computed in the activations' dtype (bf16 on CUDA).
-        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
+                x, y = F.dropout(x, p), None
+        return self.variant[name].update(self, name, x, y)
 
     def forward(self, x, route=None):
+        """route: None (the base alone), an adapter's name (every row), Segments (training) or Route."""
         y = self.base(x)
         if route is None:
-            name = self.active
-            if name is None or name == self.merged:
-                return y
-            self._check_unmerged(name)
-            return self._plus(y, x, name)
-        self._check_unmerged(route)
-        if route is BASE_ONLY:
             return y
         if isinstance(route, str):
             return self._plus(y, x, route) if self.has(route) else y
@@ -243,16 +202,13 @@ class LoRALinear(nn.Module):
                 out = torch.baddbmm(y.float(), torch.bmm(x.float(), A_rows), B_rows).to(y.dtype)
             else:
                 out = torch.baddbmm(y, torch.bmm(x, A_rows), B_rows)
-        for name, rows in route.dora_rows(self):
+        for name, rows in route.own_rows(self):
             out = out.index_add(0, rows, self.lora(x[rows], name, y=y[rows]).to(y.dtype))
         return out
 
     def _plus(self, y, x, name: str):
-        """y + adapter `name`'s update; summed in fp32 where `sums_in_fp32_while_generating` says, as a mixed
-        batch's rows are."""
-        if sums_in_fp32_while_generating(x) and not self.is_dora(name):
-            return (y.float() + self.lora(x.float(), name)).to(y.dtype)
-        return y + self.lora(x, name, y=y)
+        """y + adapter `name`'s update on every row, as its variant adds it."""
+        return self.variant[name].plus(self, name, x, y)
 
     def _segments(self, x, y, route: Segments):
         """Each job's rows plus its own adapter's update (zero where the job has none on this layer)."""
@@ -266,42 +222,9 @@ class LoRALinear(nn.Module):
             parts.append(F.pad(d, (0, 0, 0, T - seg.length)) if seg.length < T else d)
         return y + torch.cat(parts).to(y.dtype) if used else y
 
-    def _check_unmerged(self, what):
-        if self.merged is not None:
-            raise RuntimeError(
-                f"adapter {self.merged!r} is merged into the base weights; unmerge it before "
-                f"running other adapters or mixed batches")
-
-    @torch.no_grad()
-    def merge(self, name: str):
-        if self.merged is not None:
-            raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
-        if not hasattr(self.base, "weight"):
-            raise RuntimeError("a quantized base cannot be merged into; load the base unquantized to merge")
-        w = self.base.weight  # (in, out), Conv1D layout
-        new = self.merged_weight(name, w)
-        if not torch.isfinite(new).all():
-            raise ValueError(f"adapter {name!r} has non-finite weights; refusing to merge")
-        self._backup = w.detach().to("cpu", copy=True)
-        w.copy_(new.to(w.dtype))
-        self.merged = name
-
-    @torch.no_grad()
     def merged_weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         """`base_weight` (in, out) with adapter `name` folded in, fp32 on base_weight's device."""
-        if self.is_dora(name):
-            A, B = self.weights(name)
-            dev = base_weight.device
-            return dora.merged_weight(base_weight, A.to(dev), B.to(dev),
-                                      self.lora_magnitude_vector[self.keys[name]].to(dev), self.scaling[name])
-        return base_weight.float() + self.delta(name).to(base_weight.device).t()
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged is None:
-            return
-        self.base.weight.copy_(self._backup.to(self.base.weight.device))
-        self._backup, self.merged = None, None
+        return self.variant[name].merged_weight(self, name, base_weight)
 
 
 # ---- model-level helpers -------------------------------------------------------------
@@ -325,7 +248,7 @@ def _wrap(model, target: str) -> list[LoRALinear]:
 
 
 def _bump(model) -> None:
-    """Adapters were added, removed or merged: cached decode graphs must not be reused."""
+    """Adapters were added or removed: cached decode graphs must not be reused."""
     model.lora_version = getattr(model, "lora_version", 0) + 1
 
 
@@ -345,20 +268,20 @@ def adapter_names(model) -> list[str]:
 
 
 def add_adapter(model, name: str, lcfg: LoraConfig, seed: int | None = None) -> None:
-    """A fresh adapter (B = 0, so it starts as the identity) on the configured targets."""
+    """A fresh adapter (it starts as the identity) on the configured targets, of lcfg's variant."""
     lcfg.validate(model.config)
+    variants.check_fits(model, lcfg)
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded")
     g = None
     if model.device.type != "meta":  # shape-only models (size estimates) need no random init
         g = torch.Generator(device=model.device)
         g.manual_seed(0 if seed is None else seed)
+    variant = variants.of(lcfg)
     for target in lcfg.targets:
         for i, layer in enumerate(_wrap(model, target)):
-            r, alpha = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")
-            layer.add(name, r, alpha, lcfg.dropout, generator=g, method=lcfg.init, rslora=lcfg.use_rslora)
-            if lcfg.use_dora:
-                layer.enable_dora(name)
+            r, alpha = patterns.rank_alpha(lcfg, keys.module(i, target))
+            layer.add(name, r, patterns.scaling(alpha, r, lcfg.use_rslora), lcfg.dropout, variant, generator=g)
     freeze_base(model)
     _bump(model)
 
@@ -374,101 +297,51 @@ def remove_adapter(model, name: str) -> None:
     _bump(model)
 
 
-def set_active(model, name: str | None) -> None:
-    """Make `name` the adapter used when no route is given (None = base). No weight is touched."""
-    if name is not None and name not in adapter_names(model):
-        raise KeyError(f"no adapter named {name!r} is loaded")
-    for layer in lora_layers(model).values():
-        layer.active = name if (name is not None and layer.has(name)) else None
-
-
-def get_active(model) -> str | None:
-    for layer in lora_layers(model).values():
-        if layer.active:
-            return layer.active
-    return None
-
-
 def make_route(model, names: Sequence[str | None]) -> Route | str | None:
-    """Per-row routing for a forward: `names[i]` is row i's adapter or None for the base."""
+    """Per-row routing for a forward: `names[i]` is row i's adapter or None for the base (None: every
+    row's is the base)."""
     loaded = set(adapter_names(model))
     for n in names:
         if n and n not in loaded:
             raise KeyError(f"no adapter named {n!r} is loaded")
     if len(set(names)) == 1:
-        return names[0] or BASE_ONLY
+        return names[0] or None
     return Route(names)
 
 
-class _BaseOnly:
-    """Route marker: every row uses the base alone (whatever adapter is active). Holds no state."""
-
-    def __repr__(self):
-        return "BASE_ONLY"
-
-
-BASE_ONLY = _BaseOnly()
-
-
-def merge(model, name: str) -> None:
-    """Fold adapter `name` into the base weights (tracked; `unmerge` restores them exactly)."""
-    layers = [l for l in lora_layers(model).values() if l.has(name)]
-    if not layers:
-        raise KeyError(f"no adapter named {name!r} is loaded")
-    if any(l.merged for l in lora_layers(model).values()):
-        raise RuntimeError("an adapter is already merged; unmerge it first")
-    for l in layers:
-        l.merge(name)
-    set_active(model, name)
-    _bump(model)
-
-
-def unmerge(model) -> None:
-    for l in lora_layers(model).values():
-        l.unmerge()
-    _bump(model)
-
-
-def merged_name(model) -> str | None:
-    for l in lora_layers(model).values():
-        if l.merged:
-            return l.merged
-    return None
-
-
 def lora_parameters(model, name: str) -> list[nn.Parameter]:
+    """What an optimizer updates for adapter `name`, layer by layer (A, B, then the variant's own)."""
     params = []
     for layer in lora_layers(model).values():
         if layer.has(name):
-            params += list(layer.trainable(name))
-            if layer.is_dora(name):
-                params.append(layer.lora_magnitude_vector[layer.keys[name]])
+            a, b = layer.variant[name].trained(layer, name)
+            params += a + b
     return params
 
 
 def lora_param_groups(model, name: str, lr: float, loraplus_lr_ratio: float = 1.0) -> list[dict]:
     """Optimizer groups: the A matrices at `lr`, the B matrices at ratio x lr (LoRA+; ratio 1 is plain
-    LoRA). 'lr_ratio' stays in each group so a schedule can set lr = schedule x lr_ratio. DoRA's
-    magnitudes join B's group, as PEFT's create_loraplus_optimizer puts every 1-D parameter there."""
-    layers = [l for l in lora_layers(model).values() if l.has(name)]
-    A = [l.trainable(name)[0] for l in layers]
-    B = [l.trainable(name)[1] for l in layers]
-    B += [l.lora_magnitude_vector[l.keys[name]] for l in layers if l.is_dora(name)]
+    LoRA). 'lr_ratio' stays in each group so a schedule can set lr = schedule x lr_ratio. Each variant says
+    which of its parameters go with B (DoRA's magnitudes: PEFT's create_loraplus_optimizer puts every 1-D
+    parameter there)."""
+    A, B = [], []
+    for layer in lora_layers(model).values():
+        if layer.has(name):
+            a, b = layer.variant[name].trained(layer, name)
+            A += a
+            B += b
     return [{"params": A, "lr": lr, "lr_ratio": 1.0},
             {"params": B, "lr": lr * loraplus_lr_ratio, "lr_ratio": float(loraplus_lr_ratio)}]
 
 
 def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
-    """PEFT-style keys without the 'base_model.model.' prefix: '...c_attn.lora_A.weight'."""
+    """Our keys (core.lora.keys: PEFT's without the 'base_model.model.' prefix) -> detached tensors."""
     out = {}
     for path, layer in lora_layers(model).items():
         if layer.has(name):
-            A, B = layer.weights(name)
             i, target = _block_and_target(path)
-            out[lora_key(i, target, "A")] = A.detach()
-            out[lora_key(i, target, "B")] = B.detach()
-            if layer.is_dora(name):
-                out[dora.magnitude_key(i, target)] = layer.lora_magnitude_vector[layer.keys[name]].detach()
+            for part, t in layer.variant[name].state(layer, name).items():
+                out[keys.key(i, target, part)] = t.detach()
     if not out:
         raise KeyError(f"no adapter named {name!r} is loaded")
     return out
@@ -480,48 +353,39 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor], alpha: 
     lcfg, when given, sets each layer's alpha (alpha_pattern) and rsLoRA; the rank is the tensors'."""
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded")
-    targets: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for k, t in state.items():
-        m = LORA_KEY.match(k) or dora.MAGNITUDE_KEY.match(k)
-        if not m:
-            raise ValueError(f"unexpected adapter key {k!r}")
-        part = m.group(3) if m.re is LORA_KEY else "m"
-        targets.setdefault((int(m.group(1)), m.group(2)), {})[part] = t
-    with_m = {slot for slot, ab in targets.items() if "m" in ab}
-    for (i, target), ab in targets.items():
-        if set(ab) - {"m"} != {"A", "B"}:
-            raise ValueError(f"layer {i} {target}: lora_A and lora_B must both be present")
-        if with_m and (i, target) not in with_m:
-            raise ValueError(f"layer {i} {target}: a DoRA adapter needs a lora_magnitude_vector on every target")
-    for target in {t for _, t in targets}:
+    slots = {slot: {part: state[k] for part, k in found.items()} for slot, found in keys.modules(state).items()}
+    kinds = {slot: variants.of_parts(parts) for slot, parts in slots.items()}
+    labels = sorted({v.label for v in kinds.values()})
+    if len(labels) > 1:  # e.g. a magnitude vector on some targets only
+        raise ValueError(f"the adapter's modules are not all of one variant ({' and '.join(labels)}); a DoRA "
+                         f"adapter has a lora_magnitude_vector on every target.")
+    for target in {t for _, t in slots}:
         _wrap(model, target)
     layers = lora_layers(model)
-    for (i, target), ab in targets.items():
-        layer = layers[f"transformer.h.{i}.{target}"]
-        r = ab["A"].shape[0]
-        a = variants.rank_alpha(lcfg, f"transformer.h.{i}.{target}")[1] if lcfg else alpha
-        layer.add(name, r, a, dropout, init=False, rslora=bool(lcfg and lcfg.use_rslora))
-        A, B = layer.weights(name)
-        with torch.no_grad():
-            A.copy_(ab["A"].float())
-            B.copy_(ab["B"].float())
-        if "m" in ab:
-            layer.enable_dora(name, ab["m"].float())
+    try:
+        for (i, target), tensors in slots.items():
+            r = tensors[keys.A].shape[0]
+            a = patterns.rank_alpha(lcfg, keys.module(i, target))[1] if lcfg else alpha
+            scale = patterns.scaling(a, r, bool(lcfg and lcfg.use_rslora))
+            layers[keys.module(i, target)].add(name, r, scale, dropout, kinds[(i, target)], tensors=tensors)
+    except BaseException:  # a layer refused it (a DoRA adapter on a quantized base): none keeps a part
+        for layer in layers.values():
+            if layer.has(name):
+                layer.remove(name)
+        raise
     freeze_base(model)
     _bump(model)
 
 
-def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], lcfg: LoraConfig | None = None,
-                      dora: bool = False) -> int:
+def count_lora_params(cfg: GPTConfig, r: int, targets: Iterable[str], lcfg: LoraConfig | None = None) -> int:
     """Trainable parameters of a rank-r adapter on `targets` in every block (lcfg: with its per-layer
-    ranks and its DoRA flag; DoRA adds a magnitude per output feature)."""
+    ranks and its variant's own parameters, such as DoRA's magnitude per output feature)."""
     shapes = target_shapes(cfg)
-    dora = dora or (lcfg is not None and lcfg.use_dora)
-    magnitudes = cfg.n_layer * sum(shapes[t][1] for t in targets) if dora else 0
+    variant = variants.of(lcfg) if lcfg is not None else variants.Lora()
+    extra = cfg.n_layer * sum(variant.extra_params(shapes[t][1]) for t in targets)
     if lcfg is not None:
-        return variants.param_count(lcfg, shapes, cfg.n_layer) + magnitudes
-    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) + magnitudes
-
+        return patterns.param_count(lcfg, shapes, cfg.n_layer) + extra
+    return cfg.n_layer * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) + extra
 
 
 def _block_and_target(path: str) -> tuple[int, str]:

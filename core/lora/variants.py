@@ -1,201 +1,278 @@
-"""LoRA options beyond a plain rank-r adapter: per-layer ranks and alphas (PEFT's rank_pattern /
-alpha_pattern), rsLoRA scaling, and the file form of PiSSA/OLoRA adapters.
+"""The LoRA variant seam (PEFT's LoraVariant): each kind of adapter is an object that owns how it starts,
+what it adds to a forward, its weight update, its merged weight and the tensors it saves. LoRALinear
+(core.lora.layers) holds the tensors and asks the adapter's variant; nothing outside this module asks
+which variant an adapter is, only what it can do (`low_rank`, `needs_base_weight`, `label`).
 
-Kept apart from layers.py so the layer code stays about computing; this module only decides numbers.
+- Lora: plain LoRA, s B A, A and B starting as PEFT's kaiming (True) or gaussian init, B = 0.
+- Residual: PiSSA and OLoRA start A and B from the base weight's principal directions. PEFT then subtracts
+  s B0 A0 from the base; here the base is never written: the layer keeps the frozen start (A0, B0) and the
+  update is s (B A - B0 A0). Why: the base is shared by every user of the process (co-batched training,
+  hot-swapped adapters, Compare), so a modified residual would change their outputs; the frozen pair is a
+  private copy of just the part that moved. It is also exactly the rank-2r plain LoRA that PEFT writes
+  when it converts such an adapter ([A; A0], [B, -B0]), so files stay portable.
+- Dora: weight-decomposed LoRA, a trained magnitude m per output feature: the adapted weight is
+  m * (W + s B A) / ||W + s B A||, the norm per output row in PEFT's (out, in) orientation and detached
+  (the paper's section 4.3, as PEFT does).
+
+Orientation: GPT-2's Conv1D stores W as (in, out) and computes x @ W + b; B A is (out, in).
 """
 from __future__ import annotations
 
-import functools
 import math
-import re
-import re._parser as re_parser  # re's own parse: the syntax PEFT's patterns are written in
-import time
-import warnings
+from dataclasses import replace
 
-import regex  # tiktoken's own dependency; unlike re, its matching takes a time limit
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from core.model.config import TARGET_MODULES
+from core.device import sums_in_fp32_while_generating
+from core.lora import keys
 
-# Patterns from a file or the command line: bounded so a hostile config cannot make matching slow
-MAX_PATTERNS = 384  # one per wrapped projection of the deepest GPT-2 (48 layers x 4 targets x 2)
-MAX_PATTERN_CHARS = 200
 # Initialisations that move part of the base weight into the adapter (PEFT: the base keeps the residual)
 RESIDUAL_INITS = ("pissa", "olora")
 INITS = ("kaiming", "gaussian") + RESIDUAL_INITS
 
 
-# Time one pattern may take to be matched against every module name of the deepest GPT-2 (a module name or a
-# simple regex takes ~1 ms): a regex with nested quantifiers such as '(.*)*(.*)*y' backtracks for hours in re,
-# holding the GIL, so one typed or uploaded pattern would freeze every user of the studio
-# (0.5 s per key, 2 s for a whole config: a loaded 2-core machine must not refuse a simple pattern by mistake)
-MATCH_BUDGET_S = 0.5
-PATTERNS_BUDGET_S = 2.0
-ALL_MODULES = tuple(f"transformer.h.{i}.{t}" for i in range(48) for t in TARGET_MODULES)
+class Lora:
+    """Plain LoRA: the update s B A; A (r, in) and B (out, r) are trained."""
+    label = "LoRA"
+    # its update is x A^T B^T s: rows of several such adapters share one batched product (Route), a weighted
+    # sum of such updates is itself one LoRA (blends), and llama.cpp's --lora applies it
+    low_rank = True
+    needs_base_weight = False  # its start and its update read only A and B
+    parts = (keys.A, keys.B)  # the tensors it saves per wrapped projection
 
+    def __init__(self, init: str = "kaiming"):
+        self.init = init
 
-def pattern_key(patterns, module: str) -> str | None:
-    """The first pattern key that matches `module` ('transformer.h.0.attn.c_attn'), as PEFT's
-    get_pattern_key matches it: the key is a regex for a dotted suffix of the module's name."""
-    for key in patterns or ():
-        peft_syntax(key)
-        if module in _ALL:  # a GPT-2 module name: the key's matches are found once, then looked up
-            if module in _matches(key):
-                return key
-        elif _match(key, module, time.monotonic() + MATCH_BUDGET_S):  # a deeper custom model
-            return key
-    return None
+    @property
+    def what(self) -> str:
+        """The variant as messages name it."""
+        return f"{self.init} initialisation"
 
+    def start(self, layer, name: str, r: int, generator=None) -> None:
+        """A new adapter on `layer`: A and B as `self.init` draws them (every variant starts as the base)."""
+        A, B = _zeros(layer, r)
+        if self.init == "kaiming":  # PEFT's default: kaiming-uniform A (a=sqrt 5), zero B
+            bound = 1.0 / math.sqrt(layer.in_features)
+            A.uniform_(-bound, bound, generator=generator)
+        elif self.init == "gaussian":  # PEFT: nn.init.normal_(lora_A, std=1 / r)
+            A.normal_(0.0, 1.0 / r, generator=generator)
+        layer.set_pair(name, A, B)
 
-_ALL = frozenset(ALL_MODULES)
+    def load(self, layer, name: str, tensors: dict) -> None:
+        """Adapter `name` from saved tensors {part: tensor} (validated: core.adapters.validate)."""
+        layer.set_pair(name, tensors[keys.A].float(), tensors[keys.B].float())
 
+    def weights(self, layer, name: str):
+        """(A, B) of the update s B A."""
+        return layer.trainable(name)
 
-@functools.lru_cache(maxsize=4096)
-def _matches(key: str) -> frozenset:
-    """The module names `key` matches, found once within MATCH_BUDGET_S (ValueError if it takes longer)."""
-    deadline = time.monotonic() + MATCH_BUDGET_S
-    return frozenset(m for m in ALL_MODULES if _match(key, m, deadline))
+    def update(self, layer, name: str, x, y=None):
+        """What the adapter adds to the base output for rows `x` (after dropout); `y`, the base output for
+        the same x, is not needed here. Computed in the activations' dtype from fp32 parameters."""
+        A, B = self.weights(layer, name)
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * layer.scaling[name]
 
+    def plus(self, layer, name: str, x, y):
+        """y + the update for an adapter that has every row; summed in fp32 where the mixed batch sums its
+        low-rank rows in fp32 (`sums_in_fp32_while_generating`), so a row alone equals it in a mix."""
+        if sums_in_fp32_while_generating(x):
+            return (y.float() + layer.lora(x.float(), name)).to(y.dtype)
+        return y + layer.lora(x, name, y=y)
 
-# PEFT matches a key with re: re.match(rf"(.*\.)?({key})$", module) (peft.utils.other.get_pattern_key). Here the
-# regex package matches it, because its time limit stops a pattern that backtracks for hours, while re holds the
-# GIL and cannot be stopped. A key must therefore mean the same to both: it must compile in re as PEFT wraps it,
-# and hold no literal brace or bracket in re's parse. That excludes the syntax that re reads as literal characters
-# but regex does not: fuzzy matching ('c_attn{e<=3}' matches every module in regex, none in re) and POSIX classes
-# ('[[:alpha:]]'). Module names never hold a brace or a bracket, so such a key could only ever match by accident.
-BRACKETS = frozenset(map(ord, "{}[]"))
+    def delta(self, layer, name: str) -> torch.Tensor:
+        """The weight update (out, in) in fp32, PEFT's orientation (the base is (in, out))."""
+        A, B = self.weights(layer, name)
+        return (B.float() @ A.float()) * layer.scaling[name]
 
+    @torch.no_grad()
+    def merged_weight(self, layer, name: str, base_weight: torch.Tensor) -> torch.Tensor:
+        """`base_weight` (in, out) with the adapter folded in, fp32 on base_weight's device."""
+        return base_weight.float() + self.delta(layer, name).to(base_weight.device).t()
 
-@functools.lru_cache(maxsize=4096)
-def peft_syntax(key: str) -> None:
-    """ValueError unless `key` is a regex that re (PEFT) and regex (here) read alike."""
-    wrapped = rf"(.*\.)?({key})$"
-    try:
-        with warnings.catch_warnings():  # re warns of a 'possible nested set' ('[[:alpha:]]'): refused below
-            warnings.simplefilter("ignore", FutureWarning)
-            re.compile(wrapped)
-            tree = re_parser.parse(wrapped)
-    except re.error as e:
-        raise ValueError(f"{key[:80]!r} is not a valid regular expression ({e}).") from None
-    if any(c in BRACKETS for c in _literals(tree)):
-        raise ValueError(f"{key[:80]!r} holds a brace or bracket that is not a repeat count such as {{1,3}} or a set "
-                         f"such as [0-3] (PEFT reads fuzzy matching like {{e<=1}} and classes like [[:alpha:]] as "
-                         f"plain characters, which no module name holds); write module names such as "
-                         f"'h.0.attn.c_attn'.")
+    def trained(self, layer, name: str) -> tuple[list, list]:
+        """(A-like, B-like) trained parameters: LoRA+ gives the second group its higher learning rate."""
+        A, B = layer.trainable(name)
+        return [A], [B]
 
+    def state(self, layer, name: str) -> dict[str, torch.Tensor]:
+        """{part: tensor} as saved (keys.key names each part)."""
+        A, B = self.weights(layer, name)
+        return {keys.A: A.detach(), keys.B: B.detach()}
 
-def _literals(node):
-    """The code points re's parse tree matches literally (sets included)."""
-    if isinstance(node, re_parser.SubPattern):
-        node = node.data
-    if isinstance(node, tuple) and len(node) == 2 and node[0] is re_parser.LITERAL:
-        yield node[1]
-    elif isinstance(node, (list, tuple)):
-        for item in node:
-            yield from _literals(item)
+    def remove(self, layer, name: str) -> None:
+        """Drop what the variant keeps beside A and B."""
 
-
-def _match(key: str, module: str, deadline: float) -> bool:
-    try:
-        # concurrent: the GIL is released while matching, so other users' requests run meanwhile
-        return regex.match(rf"(.*\.)?({key})$", module, timeout=max(1e-6, deadline - time.monotonic()),
-                           concurrent=True) is not None
-    except TimeoutError:
-        raise ValueError(f"the pattern {key[:80]!r} takes too long to match (a regex that backtracks); write module "
-                         f"names such as 'h.0.attn.c_attn', or simple regexes such as 'h\\.[0-3]\\.attn\\.c_attn'.") \
-            from None
-    except regex.error as e:
-        raise ValueError(f"{key[:80]!r} is not a valid regular expression ({e}).") from None
-
-
-def rank_alpha(lcfg, module: str) -> tuple[int, float]:
-    """(rank, alpha) of one wrapped projection under `lcfg`'s patterns."""
-    rk = pattern_key(lcfg.rank_pattern, module)
-    ak = pattern_key(lcfg.alpha_pattern, module)
-    r = lcfg.rank_pattern[rk] if rk is not None else lcfg.r
-    alpha = lcfg.alpha_pattern[ak] if ak is not None else lcfg.alpha
-    return r, float(alpha)
-
-
-def scaling(alpha: float, r: int, rslora: bool) -> float:
-    """rsLoRA divides by sqrt(r) so the update's size does not shrink as the rank grows."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def module_names(n_layer: int, targets) -> list[str]:
-    return [f"transformer.h.{i}.{t}" for i in range(n_layer) for t in targets]
-
-
-def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -> None:
-    """Each pattern: a valid regex naming at least one wrapped module, with a sane value (ValueError)."""
-    started = time.monotonic()
-    for field, top, what in (("rank_pattern", max_rank, "rank"), ("alpha_pattern", max_alpha, "alpha")):
-        pats = getattr(lcfg, field)
-        if not isinstance(pats, dict):
-            raise ValueError(f"{field} must be a JSON object of module pattern -> {what} (got {type(pats).__name__}).")
-        if len(pats) > MAX_PATTERNS:
-            raise ValueError(f"{field} has {len(pats)} entries; at most {MAX_PATTERNS}.")
-        for key, v in pats.items():
-            if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
-                raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} "
-                                 f"characters.")
-            try:
-                peft_syntax(key)
-            except ValueError as e:
-                raise ValueError(f"{field}: {e}") from None
-            _matches(key)  # ValueError for a regex that takes too long to match, before anything else matches it
-            if time.monotonic() - started > PATTERNS_BUDGET_S:
-                raise ValueError(f"{field}: the patterns take too long to match (over {PATTERNS_BUDGET_S:g} s in all); "
-                                 f"use fewer or simpler patterns, such as 'h.0.attn.c_attn'.")
-            ok = (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top) if what == "rank" else \
-                (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= top)
-            if not ok:
-                kind = "a whole number" if what == "rank" else "a positive number"
-                raise ValueError(f"{field}: {key!r} -> {v!r}; the {what} must be {kind} up to {top:g}.")
-            if n_layer is not None and not any(pattern_key([key], m) for m in module_names(n_layer, lcfg.targets)):
-                raise ValueError(f"{field}: {key!r} names no wrapped module (they are transformer.h.<0..{n_layer - 1}>."
-                                 f"<{'|'.join(lcfg.targets)}>); fix the name, e.g. 'h.0.attn.c_attn'.")
-
-
-def converted(lcfg):
-    """The settings of the file a PiSSA/OLoRA run saves: a plain LoRA of twice the rank relative to the
-    ORIGINAL base (A' = [A; A0], B' = [B, -B0]), as PEFT's save_pretrained(...,
-    path_initial_model_for_weight_conversion=...) writes it. The scale stays alpha/r per layer: doubling r
-    doubles alpha (rsLoRA: x sqrt 2). Other inits: unchanged."""
-    if lcfg.init not in RESIDUAL_INITS:
+    def saved_config(self, lcfg):
+        """The LoraConfig its saved file holds (adapter_config.json)."""
         return lcfg
-    from dataclasses import replace
-    k = math.sqrt(2) if lcfg.use_rslora else 2.0
-    return replace(lcfg, r=2 * lcfg.r, alpha=lcfg.alpha * k, init="kaiming",
-                   rank_pattern={p: 2 * v for p, v in lcfg.rank_pattern.items()},
-                   alpha_pattern={p: v * k for p, v in lcfg.alpha_pattern.items()})
+
+    def extra_params(self, out_features: int) -> int:
+        """Trained numbers beside A and B, per wrapped projection of `out_features`."""
+        return 0
 
 
-def param_count(lcfg, shapes: dict, n_layer: int) -> int:
-    """Trainable parameters with per-layer ranks (shapes: target -> (in, out))."""
-    return sum(rank_alpha(lcfg, m)[0] * sum(shapes[m.split(".", 3)[3]]) for m in module_names(n_layer, lcfg.targets))
+class Residual(Lora):
+    """PiSSA / OLoRA: A and B start from the base weight's SVD / QR; the frozen start is subtracted."""
+    needs_base_weight = True  # the start is computed from the base weight
+
+    def start(self, layer, name: str, r: int, generator=None) -> None:
+        scale = layer.scaling[name]
+        if layer.device.type == "meta":  # shape-only models (size estimates)
+            A, B = _zeros(layer, r)
+        else:
+            A, B = _principal(_base_weight(layer, self.what), r, scale, self.init)
+        layer.set_pair(name, A, B)
+        layer.frozen[name] = (A.clone(), B.clone())
+
+    def weights(self, layer, name: str):
+        """The rank-2r pair [A; A0], [B, -B0]: s (B A - B0 A0)."""
+        A, B = layer.trainable(name)
+        A0, B0 = layer.frozen[name]
+        return torch.cat([A, A0.to(A.device)]), torch.cat([B, -B0.to(B.device)], 1)
+
+    def remove(self, layer, name: str) -> None:
+        layer.frozen.pop(name, None)
+
+    def saved_config(self, lcfg):
+        """A plain LoRA of twice the rank relative to the ORIGINAL base, as PEFT's save_pretrained(...,
+        path_initial_model_for_weight_conversion=...) writes it. The scale stays alpha/r per layer: doubling
+        r doubles alpha (rsLoRA: x sqrt 2)."""
+        k = math.sqrt(2) if lcfg.use_rslora else 2.0
+        return replace(lcfg, r=2 * lcfg.r, alpha=lcfg.alpha * k, init="kaiming",
+                       rank_pattern={p: 2 * v for p, v in lcfg.rank_pattern.items()},
+                       alpha_pattern={p: v * k for p, v in lcfg.alpha_pattern.items()})
 
 
-def mixed_ranks(lcfg, n_layer: int) -> dict[str, int]:
-    """{module: rank} for modules whose rank differs from lcfg.r (the library's 'mixed' detail)."""
-    out = {}
-    for m in module_names(n_layer, lcfg.targets):
-        r = rank_alpha(lcfg, m)[0]
-        if r != lcfg.r:
-            out[m] = r
-    return out
+class Dora(Lora):
+    """DoRA: a trained magnitude m (out,) per wrapped projection on top of s B A."""
+    label = what = "DoRA"
+    low_rank = False  # each update is rescaled by its own weight norm: not a low-rank product
+    needs_base_weight = True  # the norm reads the full-precision base weight
+    parts = (keys.A, keys.B, keys.MAGNITUDE)
+
+    def start(self, layer, name: str, r: int, generator=None) -> None:
+        super().start(layer, name, r, generator)
+        A, B = self.weights(layer, name)
+        # PEFT's init: m = ||W + s B A||, so a fresh DoRA adapter (B = 0) is exactly the base
+        W = _base_weight(layer, self.what).float()
+        self._set_magnitude(layer, name, _weight_norm(W, A.float(), B.float(), layer.scaling[name]).clone())
+
+    def load(self, layer, name: str, tensors: dict) -> None:
+        _base_weight(layer, self.what)
+        super().load(layer, name, tensors)
+        self._set_magnitude(layer, name, tensors[keys.MAGNITUDE].float())
+
+    @staticmethod
+    def _set_magnitude(layer, name: str, m: torch.Tensor) -> None:
+        # named lora_* so freeze_base keeps it trainable
+        layer.lora_magnitude_vector[layer.keys[name]] = nn.Parameter(m.detach().to(layer.device, torch.float32).clone())
+
+    @staticmethod
+    def magnitude(layer, name: str) -> nn.Parameter:
+        return layer.lora_magnitude_vector[layer.keys[name]]
+
+    def update(self, layer, name: str, x, y=None):
+        """(m/n - 1) * (x W) + (m/n) * s * B A x. `y` is the base output for this same x when the caller has
+        it (no dropout drawn), else None and x W is recomputed from the dropped-out x, as PEFT does."""
+        A, B = self.weights(layer, name)
+        W, s = layer.base.weight, layer.scaling[name]
+        n = _weight_norm(W, A.detach(), B.detach(), s)
+        scale = (self.magnitude(layer, name) / n).to(x.dtype)  # (out,)
+        base_out = x @ W.to(x.dtype) if y is None else y - layer.base.bias.to(y.dtype)  # x W, no bias
+        lora = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * s
+        # in one product: autograd keeps one (.., out) tensor for m's gradient, not two
+        return scale * (base_out + lora) - base_out
+
+    def plus(self, layer, name: str, x, y):
+        return y + layer.lora(x, name, y=y)  # as a mixed batch adds its DoRA rows (Route.own_rows)
+
+    @torch.no_grad()
+    def merged_weight(self, layer, name: str, base_weight: torch.Tensor) -> torch.Tensor:
+        """m/n * (W + s B A), per output feature, in fp32 (in, out)."""
+        dev = base_weight.device
+        w = base_weight.float().t() + self.delta(layer, name).to(dev)  # (out, in)
+        n = torch.linalg.norm(w, dim=1)
+        return ((self.magnitude(layer, name).to(dev).float() / n)[:, None] * w).t()
+
+    def trained(self, layer, name: str) -> tuple[list, list]:
+        a, b = super().trained(layer, name)
+        return a, b + [self.magnitude(layer, name)]  # PEFT's create_loraplus_optimizer puts 1-D ones with B
+
+    def state(self, layer, name: str) -> dict[str, torch.Tensor]:
+        return {**super().state(layer, name), keys.MAGNITUDE: self.magnitude(layer, name).detach()}
+
+    def remove(self, layer, name: str) -> None:
+        del layer.lora_magnitude_vector[layer.keys[name]]
+
+    def extra_params(self, out_features: int) -> int:
+        return out_features
 
 
-def parse_pattern(text, what: str) -> dict:
-    """A pattern typed as JSON text ('' or None: none); the values are checked by LoraConfig.validate."""
-    import json
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return {}
-    if not isinstance(text, str) or len(text) > 100_000:
-        raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: objects nested thousands deep
-        value = None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object such as {{\"h.0.attn.c_attn\": 4}} (got {text[:80]!r}).")
-    return value
+def of(lcfg) -> Lora:
+    """The variant a LoraConfig trains (ValueError for settings no variant has)."""
+    if lcfg.init not in INITS:
+        raise ValueError(f"unknown LoRA initialisation {lcfg.init!r}; choose from {', '.join(INITS)}.")
+    if lcfg.use_dora and lcfg.init in RESIDUAL_INITS:
+        # they are saved converted to a rank-2r LoRA; that conversion is not built for DoRA
+        raise ValueError(f"DoRA cannot start from {lcfg.init} initialisation; choose kaiming or gaussian, "
+                         "or turn DoRA off.")
+    if lcfg.use_dora:
+        return Dora(lcfg.init)
+    return Residual(lcfg.init) if lcfg.init in RESIDUAL_INITS else Lora(lcfg.init)
+
+
+def of_parts(parts) -> Lora:
+    """The variant whose saved tensors are `parts` (ValueError if none is)."""
+    for v in (Lora(), Dora()):
+        if set(parts) == set(v.parts):
+            return v
+    raise ValueError(f"no LoRA variant saves {', '.join(sorted(parts))}.")
+
+
+def check_fits(model, lcfg) -> None:
+    """Refuse settings whose variant reads base weights that a quantized base does not have, before anything
+    is written."""
+    variant = of(lcfg)
+    if not variant.needs_base_weight:
+        return
+    for block in model.transformer.h:
+        for target in lcfg.targets:
+            parent, child = target.split(".")
+            _base_weight(getattr(getattr(block, parent), child), variant.what)
+
+
+def _base_weight(layer, what: str) -> torch.Tensor:
+    """The full-precision base weight (in, out), or a ValueError saying to load the base unquantized."""
+    base = getattr(layer, "base", layer)
+    if not hasattr(base, "weight"):
+        raise ValueError(f"{what} needs the full-precision base weights; load the base unquantized "
+                         f"(or train plain LoRA with kaiming or gaussian initialisation on a quantized base).")
+    return base.weight
+
+
+def _zeros(layer, r: int):
+    dev = layer.device
+    return (torch.zeros(r, layer.in_features, device=dev, dtype=torch.float32),
+            torch.zeros(layer.out_features, r, device=dev, dtype=torch.float32))
+
+
+def _principal(W: torch.Tensor, r: int, scale: float, method: str):
+    """PiSSA's / OLoRA's (A, B) from the base weight W (in, out)."""
+    W = W.detach().float().t()  # (out, in): Conv1D stores (in, out)
+    if method == "pissa":  # PEFT pissa_init: SVD of W (out, in), S divided by the scale
+        V, S, Uh = torch.linalg.svd(W, full_matrices=False)
+        Sr = S[:r] / scale
+        A, B = torch.diag(Sr.sqrt()) @ Uh[:r], V[:, :r] @ torch.diag(Sr.sqrt())
+    else:  # PEFT olora_init: QR; B = Q[:, :r], A = R[:r] (here of W as (out, in))
+        Q, R = torch.linalg.qr(W)
+        A, B = R[:r], Q[:, :r]
+    return A.contiguous(), B.contiguous()
+
+
+def _weight_norm(base_weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||W + s B A|| per output feature (out,), detached; base_weight is Conv1D's (in, out)."""
+    with torch.no_grad():  # summed in W's own (in, out) layout, not over a transposed view (faster)
+        w = torch.addmm(base_weight.to(A.dtype), A.t(), B.t(), alpha=scaling)  # (W + s B A)^T
+        return torch.linalg.vector_norm(w, dim=0)

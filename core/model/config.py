@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The four GPT-2 projections LoRA may wrap (HF module names inside each block), with their
-# (in, out) features as multiples of the model width n_embd: c_attn makes q, k and v at once, and
+# The four GPT-2 projections LoRA may wrap (HF module names inside each block): their one spelling in
+# the code base, every other module names them by these constants.
+ATTN_QKV = "attn.c_attn"  # attention's fused query/key/value projection
+ATTN_OUT = "attn.c_proj"  # attention's output projection
+MLP_UP = "mlp.c_fc"  # the MLP's up-projection
+MLP_DOWN = "mlp.c_proj"  # the MLP's down-projection
+# Their (in, out) features as multiples of the model width n_embd: c_attn makes q, k and v at once, and
 # the MLP is 4x wider than the model. Every shape, count and width rule derives from this table.
-TARGET_WIDTHS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+TARGET_WIDTHS = {ATTN_QKV: (1, 3), ATTN_OUT: (1, 1), MLP_UP: (1, 4), MLP_DOWN: (4, 1)}
 TARGET_MODULES = tuple(TARGET_WIDTHS)
 EOT_TOKEN = 50256  # <|endoftext|>
 

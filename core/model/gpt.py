@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.device import sums_in_fp32_while_generating
 from core.model import fused_ce
-from core.model.config import GPTConfig, target_shapes
+from core.model.config import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, GPTConfig, target_shapes
 
 
 class Conv1D(nn.Module):
@@ -47,8 +47,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         shapes = target_shapes(cfg)  # (in, out) of each projection, from the one table
-        self.c_attn = Conv1D(*shapes["attn.c_attn"])
-        self.c_proj = Conv1D(*shapes["attn.c_proj"])
+        self.c_attn = Conv1D(*shapes[ATTN_QKV])
+        self.c_proj = Conv1D(*shapes[ATTN_OUT])
 
     def forward(self, x, route=None, cache=None, layer=0, mask=None):
         """cache: None, or an object whose `write(layer, k, v)` stores this layer's new keys/values and returns
@@ -82,8 +82,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         shapes = target_shapes(cfg)
-        self.c_fc = Conv1D(*shapes["mlp.c_fc"])
-        self.c_proj = Conv1D(*shapes["mlp.c_proj"])
+        self.c_fc = Conv1D(*shapes[MLP_UP])
+        self.c_proj = Conv1D(*shapes[MLP_DOWN])
 
     def forward(self, x, route=None):
         h = F.gelu(self.c_fc(x, route), approximate="tanh")
@@ -124,7 +124,7 @@ class GPT(nn.Module):
     def forward(self, idx, route=None, cache=None, pos=None, mask=None, last_only: bool = False):
         """Logits for token ids `idx` (B, T).
 
-        route: which adapter each row uses (see core.lora.layers.Route); None = the active one.
+        route: which adapter each row uses (see core.lora.layers.Route); None = the base alone.
         cache: where keys and values go (see Attention.forward); pos: position ids (B, T) (default 0..T-1);
         mask: attention mask (default causal).
         last_only: only the last position's logits (generation).

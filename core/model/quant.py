@@ -76,17 +76,13 @@ class _QuantMatmul(torch.autograd.Function):
 
 def quantize_base(model, mode: str) -> None:
     """Replace the four projections of every block (also those wrapped by LoRA) in place."""
-    from core.lora.layers import LoRALinear
-    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
-        raise RuntimeError("unmerge adapters before quantizing the base")
     for block in model.transformer.h:
         for target in TARGET_MODULES:
             parent_name, child = target.split(".")
             parent = getattr(block, parent_name)
             layer = getattr(parent, child)
-            if isinstance(layer, LoRALinear):
-                if isinstance(layer.base, Conv1D):
-                    layer.base = QuantConv1D(layer.base, mode)
+            if isinstance(getattr(layer, "base", None), Conv1D):  # wrapped by core.lora.layers: swap what it wraps
+                layer.base = QuantConv1D(layer.base, mode)
             elif isinstance(layer, Conv1D):
                 setattr(parent, child, QuantConv1D(layer, mode))
     model.lora_version = getattr(model, "lora_version", 0) + 1  # cached decode graphs saw the old layers

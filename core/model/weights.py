@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from core.model.config import GPTConfig, HUB_IDS, PRESETS, TARGET_MODULES, target_shapes
+from core import atomic
+from core.model.config import ATTN_QKV, GPTConfig, HUB_IDS, PRESETS, TARGET_MODULES, target_shapes
 from core.device import default_dtype, pick_device
 from core.model.gpt import GPT, in_linear_order, init_random_
 
@@ -203,8 +204,8 @@ def build(cfg: GPTConfig, state: dict, cpu_dtype: torch.dtype | None = None) -> 
         raise WeightsError(f"checkpoint has {len(unexpected)} unexpected key(s), first {unexpected[0]!r}; "
                            f"is it a GPT-2 of {cfg.n_layer} layers?")
     # One orientation for the whole file: HF Conv1D (in, out) or nn.Linear (out, in).
-    probe = "transformer.h.0.attn.c_attn.weight"
-    linear = cfg.n_layer > 0 and tuple(state[probe].shape) == target_shapes(cfg)["attn.c_attn"][::-1]
+    probe = f"transformer.h.0.{ATTN_QKV}.weight"
+    linear = cfg.n_layer > 0 and tuple(state[probe].shape) == target_shapes(cfg)[ATTN_QKV][::-1]
     fixed = {}
     for k, v in state.items():
         if linear and k.endswith(CONV1D):
@@ -236,11 +237,20 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_hf(model: GPT, folder, dtype: torch.dtype = torch.float32) -> Path:
-    """An HF-format folder (config.json + model.safetensors) that transformers loads."""
+    """`model`'s weights as a new HF-format folder (write_hf)."""
+    return write_hf(folder, {k: v.to(dtype) for k, v in hf_state_dict(model).items()}, model.config)
+
+
+def write_hf(folder, state: dict[str, torch.Tensor], cfg: GPTConfig) -> Path:
+    """`state` (HF GPT2LMHeadModel layout, no lm_head) and cfg's config.json as new folder `folder`, whole or
+    not at all (core.atomic.publish_dir; FileExistsError if it exists): what transformers' from_pretrained
+    loads. The one writer of such folders (a base, a merged export)."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-    return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    return atomic.publish_dir(folder, build)

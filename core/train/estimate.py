@@ -18,7 +18,7 @@ from core.lora.config import LoraConfig
 from core.model.config import GPTConfig, target_shapes
 from core.train.config import TrainConfig
 from core.lora.layers import count_lora_params
-from core.lora.variants import RESIDUAL_INITS
+from core.lora import variants
 
 # Sustained training FLOP/s of this engine by device kind (measured: docs/performance.md).
 THROUGHPUT = {"cuda": 450e12, "mps": 4e12, "cpu": 0.16e12}
@@ -88,19 +88,19 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
     weights_bytes: the real size of a loaded base (instead of its estimate)."""
     weights = weights or ("bf16" if device_type == "cuda" else "fp32")
     act_bytes = 2 if device_type == "cuda" or weights == "bf16" else 4  # bf16 weights: bf16 activations
-    dora = lcfg.use_dora
+    variant = variants.of(lcfg)
     lora_params = count_lora_params(cfg, lcfg.r, lcfg.targets, lcfg)  # per-module ranks, DoRA magnitudes
-    # PiSSA/OLoRA keep their frozen start beside A and B (core.lora.init): computed with, saved with, not trained
-    frozen = lora_params if lcfg.init in RESIDUAL_INITS else 0
+    # PiSSA/OLoRA keep their frozen start beside A and B (core.lora.variants): computed with, saved with, not trained
+    frozen = lora_params if lcfg.init in variants.RESIDUAL_INITS else 0
     total = cfg.n_params()
     w_bytes = int(total * BYTES[weights]) if weights_bytes is None else int(weights_bytes)
     lora_bytes = lora_params * 16 + frozen * 4  # fp32 weight + grad + two AdamW moments; the frozen start
     B, T, d = tcfg.batch_size, tcfg.seq_len, cfg.n_embd
     per_layer = ACT_PER_TOKEN_LAYER * d + 2 * cfg.n_head * T / 64  # + attention softmax stats
     layers_kept = 1 if checkpointing else cfg.n_layer
-    if dora:  # core.lora.dora keeps x W + s B A x of every target for the magnitude's gradient
-        # (tests/test_estimate.py holds this to what autograd saves)
-        per_layer += sum(target_shapes(cfg)[t][1] for t in lcfg.targets)
+    # DoRA keeps x W + s B A x of every target for the magnitude's gradient: one number per trained magnitude
+    # per token (tests/test_estimate.py holds this to what autograd saves)
+    per_layer += sum(variant.extra_params(target_shapes(cfg)[t][1]) for t in lcfg.targets)
     acts = B * T * (per_layer * act_bytes * layers_kept + (2 * d * act_bytes * cfg.n_layer if checkpointing else 0))
     logits = logits_bytes(cfg.vocab_size, B, T, act_bytes)
     act_total = int(max(acts + logits[0], logits[1]))

@@ -60,7 +60,7 @@ from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_tar
 from core.device import GUARD, autocast_for, is_oom
 from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
 from core.generate.sampling import SamplingConfig, generate_text
-from core.lora.init import check_fits as check_init_fits
+from core.lora.variants import check_fits as check_init_fits
 from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_param_groups, lora_parameters, make_route)

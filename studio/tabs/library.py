@@ -39,7 +39,7 @@ def table_rows(studio: Studio, entries=None, user: str | None = None) -> list[li
     """The table's rows of `entries` (default: the adapters `user` may see)."""
     rows = []
     for e in studio.adapters(user) if entries is None else entries:
-        targets = ", ".join(map(str, e.targets)) + (" · DoRA" if e.variant == "DoRA" else "")
+        targets = ", ".join(map(str, e.targets)) + (f" · {e.variant}" if e.variant != "LoRA" else "")
         row = [e.name, e.base_model or "?", e.rank or "", targets, e.steps or "",
                _f(e.train_loss), _f(e.val_loss), e.dataset or "", e.status,
                (e.user or "") + (" · shared" if e.user and e.shared else ""),

@@ -17,9 +17,10 @@ import gradio as gr
 from core.adapters.library import check_name
 from core.checks import MAX_PROMPT_CHARS
 from core.lora.config import LoraConfig
-from core.model.config import PRESETS, TARGET_MODULES
+from core.model.config import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, PRESETS, TARGET_MODULES
 from core.train.config import TrainConfig
-from core.lora.variants import INITS, parse_pattern
+from core.lora.patterns import parse_pattern
+from core.lora.variants import INITS
 from core.train.data import load_dataset, read_dataset_meta
 from core.train.estimate import estimate_training, human_bytes, human_seconds
 from core.train.trackers import REPORT_TO
@@ -36,10 +37,10 @@ from ..plots import loss_figure
 REFRESH_SECONDS = 1.0  # the live chart and the jobs table poll the runner this often
 DEFAULT_PROMPT = "The"
 TARGET_HELP = {
-    "attn.c_attn": "attention query/key/value projection (the classic LoRA target)",
-    "attn.c_proj": "attention output projection",
-    "mlp.c_fc": "MLP up-projection (4x wider: many parameters)",
-    "mlp.c_proj": "MLP down-projection",
+    ATTN_QKV: "attention query/key/value projection (the classic LoRA target)",
+    ATTN_OUT: "attention output projection",
+    MLP_UP: "MLP up-projection (4x wider: many parameters)",
+    MLP_DOWN: "MLP down-projection",
 }
 
 
@@ -67,7 +68,7 @@ class TrainForm:
     report_to: str | None = "none"  # a tracker that logs the run (core.train.trackers.REPORT_TO)
     dora: bool | None = False  # DoRA (use_dora): a trained magnitude per output feature on top of LoRA
     rslora: bool | None = False  # rsLoRA scaling alpha / sqrt(rank)
-    init: str | None = "kaiming"  # how A and B start (core.lora.init)
+    init: str | None = "kaiming"  # how A and B start (core.lora.variants)
     loraplus_lr_ratio: float | None = 1.0  # LoRA+: B's learning rate over A's
     rank_pattern: str | None = ""  # JSON {module regex: rank}, PEFT's rank_pattern
     alpha_pattern: str | None = ""  # JSON {module regex: alpha}, PEFT's alpha_pattern
