@@ -72,7 +72,7 @@ class GraphRoute:
             self._fill_one(got, Route(self.names))
         return got[1], got[2]
 
-    def dora_rows(self, layer) -> list:
+    def own_rows(self, layer) -> list:
         return []
 
     def fill(self, names: Sequence[str | None]) -> None:
