@@ -72,8 +72,8 @@ class Attention(nn.Module):
 
 def _attention_in_fp32(q: torch.Tensor) -> bool:
     """Attention on a bf16 base on the CPU, in fp32: while generating (`sums_in_fp32_while_generating`), and
-    while training up to 512 tokens, where it is faster: torch's bf16 attention (forward + backward) took
-    24 ms against 11 ms in fp32 per gpt2 layer at 4 x 128 on a CPU with AMX (from ~1024 tokens bf16 wins)."""
+    while training up to 512 tokens, where torch's fp32 attention is the faster of the two on CPUs
+    (from ~1024 tokens bf16 wins; docs/performance.md, measurements behind the code)."""
     return sums_in_fp32_while_generating(q) or (q.device.type == "cpu" and q.dtype == torch.bfloat16
                                                 and q.shape[-2] <= 512)
 
@@ -185,10 +185,8 @@ class GPT(nn.Module):
     def use_cpu_layout(self) -> "GPT":
         """Hold each projection's (in, out) weight in (out, in) memory order, as nn.Linear does.
 
-        Measured on a 2-core Xeon with AMX (torch 2.13, gpt2's 48 projections): fp32 products of 2-3
-        rows took 46-49 ms in (in, out) order against 18-19 ms, 4 rows 49 against 30 ms; bf16 1 row 30
-        against 20 ms; one fp32 row 15.0 against 15.7 ms; training shapes (512 rows, forward + input
-        gradient) within noise either way. The decode scheduler runs several rows, so this order wins.
+        CPU products of a few rows are faster in this order and training shapes are not slower
+        (docs/performance.md); the decode scheduler runs several rows, so this order wins.
         """
         for m in self.modules():
             if isinstance(m, Conv1D) and m.weight.stride(0) != 1:
@@ -196,10 +194,9 @@ class GPT(nn.Module):
         return self
 
     def _head_t(self) -> torch.Tensor:
-        """The tied head as (d, vocab) for CPU inference. In fp32 a transposed copy: 2x faster than the
-        (vocab, d) order at batch 1 on an AVX-512 CPU, 1.25x on one with AMX. In bf16 a view of the weight
-        itself, no copy: on the AMX CPU the copy was slower (gpt2, 2 threads: 11.7 against 8.3 ms at 1 row,
-        8.6 against 7.9 at 4; `tiny` at 46 rows, the decode thread's one: 6.3 against 3.3 ms)."""
+        """The tied head as (d, vocab) for CPU inference: in fp32 a transposed copy, the faster order at a
+        few rows; in bf16 a view of the weight itself, since there the copy was the slower one
+        (docs/performance.md)."""
         w = self.lm_head.weight
         if w.dtype != torch.float32:
             return w.detach().t()
