@@ -79,6 +79,8 @@ def test_the_per_user_limit_comes_from_the_flag(tmp_path):
                                              r"the limit is 2 per user"):
             _start(studio, "three", 5000, ANN)
         assert not (studio.library.root / "three").exists()  # the refused job's name is free again
+        with pytest.raises(ValueError, match=r"the limit is 2 per user"):  # Start pressed again: the limit, not
+            _start(studio, "two", 5000, ANN)                                # "'two' already exists"
     finally:
         studio.runner.stop_all(60)
     with pytest.raises(ValueError, match="--max-jobs-per-user must be a whole number of at least 1"):

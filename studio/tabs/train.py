@@ -27,6 +27,7 @@ from core.train.trainer import find_checkpoint
 
 from core.checks import check_text, scrub
 
+from .. import caps as class_caps
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
                        user_of, whole)
 from ..inputs import CheckboxGroup, Number, Slider
@@ -210,6 +211,7 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     tcfg.validate(PRESETS[model_name])
     ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
+    studio.runner.scheduler.check_room(owner_of(user, owner))  # Start twice: the job limit, not the name taken
     studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)
     _load_now(studio, model_name, progress)
@@ -281,13 +283,20 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
 
 
 def limit_note(studio: Studio) -> str:
-    """The Train tab's line on the per-job budget (--max-job-tokens, --max-job-steps, --max-job-minutes), empty
-    without one."""
-    cap, steps, minutes = studio.max_job_tokens, studio.max_job_steps, studio.max_job_minutes
-    return ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
-                                    f"sequence length).")) + \
+    """The Train tab's line on the limits a Start meets: jobs per user, the per-job budget (--max-job-tokens,
+    --max-job-steps, --max-job-minutes), as in force now (the teacher may change them: studio.caps)."""
+    caps = class_caps.current(studio)
+    cap, steps, minutes, jobs = caps.job_tokens, caps.job_steps, studio.max_job_minutes, caps.jobs_per_user
+    return f" Each user may have {jobs:,} training job{'s' if jobs != 1 else ''} queued or running." + \
+        ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                 f"sequence length).")) + \
         ("" if steps is None else f" A job may train at most {steps:,} steps.") + \
         ("" if minutes is None else f" A job trains at most {minutes:g} minutes, then it is stopped and saved.")
+
+
+def limits_md(studio: Studio) -> str:
+    return ("<span class='help'>Stop ends within one optimizer step and saves the adapter to the library; Resume "
+            "continues the run named below from where it stopped." + limit_note(studio) + "</span>")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -443,9 +452,7 @@ def create_train_tab(studio: Studio) -> dict:
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
             estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
-            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named below from where it stopped."
-                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            limits = gr.Markdown(limits_md(studio), elem_id="train-limits")
             # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
             admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
                                      visible=studio.admin_token is not None,
@@ -536,8 +543,12 @@ def create_train_tab(studio: Studio) -> dict:
 
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)
-        views = live_view(studio, drawn, followed or None, requester(request, kept))
-        return (*views, gr.skip() if kept == browser_id else kept, kept)
+        valid = isinstance(drawn, (list, tuple)) and len(drawn) == 4  # live_view's keys, then the limits drawn
+        *views, keys = live_view(studio, list(drawn[:3]) if valid else None, followed or None,
+                                 requester(request, kept))
+        note = limits_md(studio)  # the teacher may change the caps meanwhile
+        return (*views, keys + [note], gr.skip() if kept == browser_id else kept, kept,
+                gr.skip() if valid and note == drawn[3] else note)
 
     # the page's id as soon as it loads (the first tick then stores a new one in the browser)
     gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
@@ -545,7 +556,7 @@ def create_train_tab(studio: Studio) -> dict:
     # queue=False: a poll is a quick read, and the queue's join and event stream cost more than it (6 pages
     # polling took 0.155-0.170 cores of the server against 0.202-0.207 queued; 0.057 with none polling)
     timer.tick(tick, inputs=[seen, follow, browser, me],
-               outputs=[job, chart, samples, table, follow, seen, browser, me],
+               outputs=[job, chart, samples, table, follow, seen, browser, me, limits],
                concurrency_limit=None, show_progress="hidden", api_visibility="private", queue=False)
     # a newly chosen job is drawn at once, not at the next change
     follow.input(lambda: None, outputs=seen, show_progress="hidden", api_visibility="private")
