@@ -21,7 +21,7 @@ from core.engine import Engine
 from core.quota import Quota
 from core.train.estimate import parse_size
 
-from . import fair_queue
+from . import fair_queue, saved_state
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
@@ -246,9 +246,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     studio.model_status(studio.default_model), *library_refresh(studio, None, user),
                     saved_datasets_md(studio, user))
 
-        demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
-                                   compare["model_status"], *library["lists"], data["saved"]],
-                  show_progress="hidden", api_visibility="private")
+        loaded = demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
+                                            compare["model_status"], *library["lists"], data["saved"]],
+                           show_progress="hidden", api_visibility="private")
+        saved_state.wire(studio, loaded, tabs, {"data": data_tab, "train": train_tab, "library": library_tab,
+                                                "compare": compare_tab, "evaluate": evaluate_tab, "arena": arena_tab,
+                                                "teacher": teacher_tab}, train)  # a reload keeps the page
         def who(request: gr.Request):
             return identity_html(studio, request)
 

@@ -36,9 +36,13 @@ def classroom(tmp_path_factory):
             browser.close()
 
 
-def sign_in(browser, url, user, password):
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.goto(url)
+def sign_in(browser, url, user, password, page=None):
+    """A page signed in as `user` (in a new browser context, or on `page` after signing its user out)."""
+    if page is None:
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(url)
+    else:
+        page.goto(url.rstrip("/") + "/logout")
     page.get_by_label(re.compile("username", re.I)).fill(user)
     page.get_by_label(re.compile("password", re.I)).fill(password)
     page.get_by_role("button", name=re.compile("login", re.I)).click()

@@ -618,4 +618,4 @@ def create_train_tab(studio: Studio) -> dict:
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
             "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
-            "table": table, "browser": browser}
+            "table": table, "browser": browser, "me": me, "form": form}
