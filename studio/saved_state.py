@@ -68,6 +68,7 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
     """Save the page's tab (tab_of: id -> gr.Tab), followed job and Train form as they change, and restore them
     after `loaded` (the page-load event that fills the lists). Call inside the Blocks."""
     pages = SavedPages()
+    train["browser"].render()  # at the page's top: a tab's components get their values once the tab is shown
     ready = gr.State(False)  # set once this page restored its values: saves before that are the lists filling
     form = train["form"]  # TrainForm field -> component
     quiet = dict(show_progress="hidden", api_visibility="private", queue=False)
@@ -82,19 +83,24 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
         component.change(saver("form", name), inputs=[ready, train["me"], component], trigger_mode="always_last",
                          **quiet)
     train["follow"].change(saver("follow"), inputs=[ready, train["me"], train["follow"]], **quiet)
-    def tab_saver(tab_id):
-        def save(is_ready, browser, request: gr.Request):
-            if is_ready:
-                pages.save(_key(request, browser), "tab", tab_id)
-        return save
+    # the tab shown, read from the page when a tab is selected: Gradio also selects the first tab as the page
+    # mounts, an event that may come after the restore selected another
+    shown = gr.Textbox(visible=False)
 
-    for tab_id, tab in tab_of.items():
-        tab.select(tab_saver(tab_id), inputs=[ready, train["me"]], **quiet)
+    def save_tab(is_ready, browser, button, request: gr.Request):
+        tab_id = button.removeprefix("tab-").removesuffix("-button") if isinstance(button, str) else None
+        if is_ready and tab_id in tab_of:
+            pages.save(_key(request, browser), "tab", tab_id)
 
-    def restore(browser, request: gr.Request):
-        saved = pages.get(_key(request, new_browser_id(browser) if browser else None))
+    gr.on([tab.select for tab in tab_of.values()], save_tab, inputs=[ready, train["me"], shown],
+          js=f"(r, m, s) => [r, m, document.querySelector('#{tabs.elem_id} [role=tab][aria-selected=true]')?.id]",
+          **quiet)
+
+    def restore(browser, known, request: gr.Request):
+        kept = new_browser_id(browser or known)  # the browser's stored id; on a first visit the page's, stored now
+        saved = pages.get(_key(request, kept))
         values = saved.get("form", {})
-        out = {ready: True}
+        out = {ready: True, train["me"]: kept, **({} if kept == browser else {train["browser"]: kept})}
         for name, component in form.items():
             if name in values and name != "dataset":
                 out[component] = values[name]
@@ -103,10 +109,10 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
         if saved.get("follow"):
             out[train["follow"]] = saved["follow"]
         if saved.get("tab") in tab_of:
-            out[tabs] = gr.Tabs(selected=saved["tab"])
-            out[train["timer"]] = gr.Timer(active=saved["tab"] == "train")  # as selecting the tab does
+            out[tabs] = gr.Tabs(selected=saved["tab"])  # sets off the tab's select event, as a click does
         return out
 
-    loaded.then(restore, inputs=train["browser"],
-                outputs=[ready, *form.values(), train["follow"], tabs, train["timer"]], **quiet)
+    restoring = dict(fn=restore, inputs=[train["browser"], train["me"]],
+                     outputs=[ready, train["me"], train["browser"], *form.values(), train["follow"], tabs], **quiet)
+    loaded.then(**restoring)
     return pages

@@ -426,7 +426,8 @@ def create_train_tab(studio: Studio) -> dict:
                 elem_classes="tab-intro")
     seen = gr.State(None)
     # the browser's random id (who owns a job without sign-in), kept across reloads in its local storage
-    browser = gr.BrowserState("", storage_key="lora-studio-browser")
+    # rendered outside the tabs (saved_state.wire): in a tab not shown yet, the page would not have read its value
+    browser = gr.BrowserState("", storage_key="lora-studio-browser", render=False)
     me = gr.State("")  # the same id on the server side: handlers read it (a State is not an API argument)
     d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
@@ -550,8 +551,10 @@ def create_train_tab(studio: Studio) -> dict:
         return (*views, keys + [note], gr.skip() if kept == browser_id else kept, kept,
                 gr.skip() if valid and note == drawn[3] else note)
 
-    # the page's id as soon as it loads (the first tick then stores a new one in the browser)
-    gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
+    # the page's id as soon as it loads (stored in the browser by the page's restore, saved_state, or the first
+    # tick). Gradio may run this before the browser's stored value has arrived: an id already known is kept then
+    gr.on(None, lambda current, known: new_browser_id(current or known), inputs=[browser, me], outputs=me,
+          show_progress="hidden", api_visibility="private")
     timer = gr.Timer(REFRESH_SECONDS, active=False)  # on only while this tab is shown: build_ui switches it
     # queue=False: a poll is a quick read, and the queue's join and event stream cost more than it (6 pages
     # polling took 0.155-0.170 cores of the server against 0.202-0.207 queued; 0.057 with none polling)
