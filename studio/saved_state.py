@@ -64,6 +64,11 @@ def _key(request, browser) -> str | None:
     return requester(request, browser if isinstance(browser, str) and browser else None)
 
 
+def _tab_id(button) -> str | None:
+    """'train' for the page's tab button 'tab-train-button' (see build_ui's elem_ids)."""
+    return button.removeprefix("tab-").removesuffix("-button") if isinstance(button, str) else None
+
+
 def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> SavedPages:
     """Save the page's tab (tab_of: id -> gr.Tab), followed job and Train form as they change, and restore them
     after `loaded` (the page-load event that fills the lists). Call inside the Blocks."""
@@ -86,17 +91,16 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
     # the tab shown, read from the page when a tab is selected: Gradio also selects the first tab as the page
     # mounts, an event that may come after the restore selected another
     shown = gr.Textbox(visible=False)
+    shown_now = f"document.querySelector('#{tabs.elem_id} [role=tab][aria-selected=true]')?.id"
 
     def save_tab(is_ready, browser, button, request: gr.Request):
-        tab_id = button.removeprefix("tab-").removesuffix("-button") if isinstance(button, str) else None
-        if is_ready and tab_id in tab_of:
-            pages.save(_key(request, browser), "tab", tab_id)
+        if is_ready and _tab_id(button) in tab_of:
+            pages.save(_key(request, browser), "tab", _tab_id(button))
 
     gr.on([tab.select for tab in tab_of.values()], save_tab, inputs=[ready, train["me"], shown],
-          js=f"(r, m, s) => [r, m, document.querySelector('#{tabs.elem_id} [role=tab][aria-selected=true]')?.id]",
-          **quiet)
+          js=f"(r, m, s) => [r, m, {shown_now}]", **quiet)
 
-    def restore(browser, known, request: gr.Request):
+    def restore(browser, known, button, request: gr.Request):
         kept = new_browser_id(browser or known)  # the browser's stored id; on a first visit the page's, stored now
         saved = pages.get(_key(request, kept))
         values = saved.get("form", {})
@@ -108,11 +112,11 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
             out[form["dataset"]] = refresh_datasets(studio, values["dataset"], user=user_of(request))
         if saved.get("follow"):
             out[train["follow"]] = saved["follow"]
-        if saved.get("tab") in tab_of:
+        first = next(iter(tab_of))
+        if saved.get("tab") in tab_of and _tab_id(button) in (None, first):  # not if the user chose one meanwhile
             out[tabs] = gr.Tabs(selected=saved["tab"])  # sets off the tab's select event, as a click does
         return out
 
-    restoring = dict(fn=restore, inputs=[train["browser"], train["me"]],
-                     outputs=[ready, train["me"], train["browser"], *form.values(), train["follow"], tabs], **quiet)
-    loaded.then(**restoring)
+    loaded.then(restore, inputs=[train["browser"], train["me"], shown], js=f"(b, m, s) => [b, m, {shown_now}]",
+                outputs=[ready, train["me"], train["browser"], *form.values(), train["follow"], tabs], **quiet)
     return pages

@@ -588,7 +588,6 @@ def create_train_tab(studio: Studio) -> dict:
         job = studio.runner.training(run)
         return gr.update(value=str(job.id)) if job is not None else gr.skip()
 
-    @friendly
     def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
         msg, run = start(studio, TrainForm(**values), user_of(request), progress,
                          owner=requester(request, browser_id), address=address_of(request, studio))
@@ -601,18 +600,18 @@ def create_train_tab(studio: Studio) -> dict:
         except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
             return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
-    @friendly
     def do_resume(run_name, total_steps, job_id, browser_id, request: gr.Request, progress=gr.Progress()):
         msg, run = resume(studio, run_name, total_steps, user_of(request), progress,
                           owner=requester(request, browser_id), job_id=job_id or None,
                           address=address_of(request, studio))
         return msg, run, followed(run)
 
-    start_btn.click(do_start, inputs_kwargs={**form, "browser_id": me},
+    # the action line under the buttons is where every Start, Stop and Resume reports, refusals too
+    start_btn.click(friendly(do_start, status=action), inputs_kwargs={**form, "browser_id": me},
                     outputs=[action, name, model_status, follow], concurrency_id="train-control",
                     api_name="start_training")
     stop_btn.click(do_stop, inputs=[follow, me, admin_token], outputs=action, queue=False, api_name="stop_training")
-    resume_btn.click(do_resume, inputs=[name, steps, follow, me], outputs=[action, name, follow],
+    resume_btn.click(friendly(do_resume, status=action), inputs=[name, steps, follow, me], outputs=[action, name, follow],
                      concurrency_id="train-control", api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
