@@ -105,3 +105,8 @@ def test_identity_chips_and_a_whole_arena_round_in_three_browsers(classroom):
                                           else [])
     for shot in shots:  # a student's page after their last vote: the reveal and the leaderboard
         bob.screenshot(path=str(shot), full_page=True)
+    board = [ARTIFACTS / "arena-leaderboard.png"] + (
+        [README_SHOTS / "arena-leaderboard.png"] if os.environ.get("UPDATE_README_SCREENSHOTS") else [])
+    teacher.wait_for_function(idle, timeout=30_000)
+    for shot in board:  # the teacher's leaderboard: every adapter's strength, interval and votes
+        teacher.locator("#arena-board").screenshot(path=str(shot))
