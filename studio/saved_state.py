@@ -112,8 +112,8 @@ def wire(studio: Studio, loaded, tabs: gr.Tabs, tab_of: dict, train: dict) -> Sa
             out[form["dataset"]] = refresh_datasets(studio, values["dataset"], user=user_of(request))
         if saved.get("follow"):
             out[train["follow"]] = saved["follow"]
-        first = next(iter(tab_of))
-        if saved.get("tab") in tab_of and _tab_id(button) in (None, first):  # not if the user chose one meanwhile
+        first = next(iter(tab_of))  # the tab a page opens on: no switch to it, nor away from a tab chosen since
+        if saved.get("tab") in tab_of and saved["tab"] != first and _tab_id(button) in (None, first):
             out[tabs] = gr.Tabs(selected=saved["tab"])  # sets off the tab's select event, as a click does
         return out
 
