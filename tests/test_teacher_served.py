@@ -110,9 +110,9 @@ def test_the_teacher_changes_the_caps_while_the_studio_runs_and_nobody_else_can(
     studio, c = classroom
     before = caps.current(studio)
     status, *_ = c["bob"].predict("", 5, 8, 0, 0, api_name="/teacher_caps")
-    assert status == "Only the teacher (an admin) can use the Teacher panel." and caps.current(studio) == before
+    assert status == "⚠ Only the teacher (an admin) can use the Teacher panel." and caps.current(studio) == before
     status, *_ = c["teacher"].predict("", 0, 8, 0, 0, api_name="/teacher_caps")
-    assert status.startswith("Jobs per user must be a whole number from 1") and caps.current(studio) == before
+    assert status.startswith("⚠ Jobs per user must be a whole number from 1") and caps.current(studio) == before
     try:
         status, *_ = c["teacher"].predict("", 2, 3, 0, 0, api_name="/teacher_caps")
         assert status.startswith("Caps changed for the next submissions: 2 training jobs per user")

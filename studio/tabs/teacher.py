@@ -10,7 +10,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import caps as class_caps
-from ..context import Studio, sentence, user_of
+from ..context import Studio, friendly, sentence, user_of
 from ..inputs import Number
 
 JOB_COLUMNS = ["id", "user", "run", "state", "step", "loss", "queue"]
@@ -189,14 +189,12 @@ def create_teacher_tab(studio: Studio) -> dict:
             return sentence(str(e))
 
     def teacher_caps(token_value, jobs_cap, rows_cap, tokens_cap, steps_cap, request: gr.Request):
-        try:
-            line = set_caps(studio, jobs_cap, rows_cap, tokens_cap, steps_cap, request, token_value)
-        except ValueError as e:
-            line = sentence(str(e))
+        line = set_caps(studio, jobs_cap, rows_cap, tokens_cap, steps_cap, request, token_value)
         return panel(line, request, token_value)
 
-    apply_caps.click(teacher_caps, inputs=[token, cap_jobs, cap_rows, cap_tokens, cap_steps], outputs=outputs,
-                     api_name="teacher_caps", queue=False)
+    # a refusal replaces the status line and changes nothing; queued, so that API clients also read it as a warning
+    apply_caps.click(friendly(teacher_caps, status=status), inputs=[token, cap_jobs, cap_rows, cap_tokens, cap_steps],
+                     outputs=outputs, api_name="teacher_caps")
     gr.api(teacher_move, api_name="teacher_move")  # the buttons' one endpoint, with the places as an argument
     return {"token": token, "jobs": jobs, "overview": overview, "picked": picked, "status": status,
             "refresh": teacher_jobs, "outputs": outputs}
