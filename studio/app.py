@@ -21,7 +21,7 @@ from core.engine import Engine
 from core.quota import Quota
 from core.train.estimate import parse_size
 
-from . import fair_queue
+from . import fair_queue, job_notice, saved_state
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
 from .style import CSS, theme
 from .tabs.arena import create_arena_tab, round_choices
@@ -190,6 +190,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
         for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab, teacher_tab):
             other.select(lambda: gr.Timer(active=False), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
+        job_notice.wire(studio, train_tab, (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab, teacher_tab),
+                        train["me"])  # "your job finished", on the other tabs
         # a prepared dataset becomes selectable in Train at once (other pages refresh on tab select)
         # every list shows what the signed-in user may see (Studio.can_see), read as the page asks
         def prepared(n, cur, request: gr.Request):
@@ -244,9 +246,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     studio.model_status(studio.default_model), *library_refresh(studio, None, user),
                     saved_datasets_md(studio, user))
 
-        demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
-                                   compare["model_status"], *library["lists"], data["saved"]],
-                  show_progress="hidden", api_visibility="private")
+        loaded = demo.load(opened, outputs=[train["dataset"], train["model_status"], compare["adapters"],
+                                            compare["model_status"], *library["lists"], data["saved"]],
+                           show_progress="hidden", api_visibility="private")
+        saved_state.wire(studio, loaded, tabs, {"data": data_tab, "train": train_tab, "library": library_tab,
+                                                "compare": compare_tab, "evaluate": evaluate_tab, "arena": arena_tab,
+                                                "teacher": teacher_tab}, train)  # a reload keeps the page
         def who(request: gr.Request):
             return identity_html(studio, request)
 

@@ -5,6 +5,7 @@ Nothing here goes into gr.State: a Studio is created once per process and closed
 from __future__ import annotations
 
 import functools
+import html
 import hmac
 import inspect
 import math
@@ -348,17 +349,20 @@ def sentence(text: str) -> str:
     return text[0].upper() + text[1:] if first.isalpha() and first.islower() else text
 
 
-def friendly(fn):
+def friendly(fn, status=None):
     """Show user-facing errors (bad input, missing weights, a busy runner, a full disk) as a warning toast
-    with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form."""
+    with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form.
+    status: the tab's status line (one of fn's outputs), where the latest action reports: the error replaces
+    it instead of a toast beside a stale line (API clients still read the warning)."""
     def report(e: Exception):
         text = scrub(str(e)) or type(e).__name__  # a message echoing bad input must still reach the page
         if isinstance(e, OSError) and e.filename:  # the system's own text holds the server's path
             text = f"{Path(e.filename).name}: {e.strerror}"
         if disk_full(e):
             text = f"not enough disk space ({e.strerror}); nothing was saved. Free some space and try again."
-        gr.Warning(sentence(text), duration=12, title="Cannot do that")
-        return gr.skip()  # one skip() leaves every output unchanged
+        gr.Warning(sentence(text), duration=12, title="Cannot do that", visible=status is None)
+        # one skip() leaves every output unchanged; a dict changes only the outputs it names
+        return gr.skip() if status is None else {status: f"⚠ {html.escape(sentence(text))}"}
 
     def handle(e: Exception):
         if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and disk_full(e)):

@@ -134,6 +134,7 @@ class Runner:
         users_per_address times the per-user limit). Raises ValueError (the name is taken, a per-user or
         per-address limit, --max-job-tokens, a full queue, a tracker whose package is missing)."""
         check_name(name)
+        self.scheduler.check_room(owner)  # a second Start hears of the limit, not of the name its first one took
         self.check_budget(dataset, tcfg)
         out_dir = self.engine.library.root / name
         trackers = make_trackers(report_to, out_dir)
@@ -158,6 +159,7 @@ class Runner:
         trackers = make_trackers(report_to, self.run_dir(name))
         if self.training(name) is not None:
             raise ValueError(f"'{name}' is already queued or training.")
+        self.scheduler.check_room(owner)
         ck = find_checkpoint(self.run_dir(name))
         tcfg = ck.tcfg
         if steps is not None and steps != tcfg.steps:

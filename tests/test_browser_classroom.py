@@ -36,9 +36,13 @@ def classroom(tmp_path_factory):
             browser.close()
 
 
-def sign_in(browser, url, user, password):
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.goto(url)
+def sign_in(browser, url, user, password, page=None):
+    """A page signed in as `user` (in a new browser context, or on `page` after signing its user out)."""
+    if page is None:
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(url)
+    else:
+        page.goto(url.rstrip("/") + "/logout")
     page.get_by_label(re.compile("username", re.I)).fill(user)
     page.get_by_label(re.compile("password", re.I)).fill(password)
     page.get_by_role("button", name=re.compile("login", re.I)).click()
@@ -101,3 +105,8 @@ def test_identity_chips_and_a_whole_arena_round_in_three_browsers(classroom):
                                           else [])
     for shot in shots:  # a student's page after their last vote: the reveal and the leaderboard
         bob.screenshot(path=str(shot), full_page=True)
+    board = [ARTIFACTS / "arena-leaderboard.png"] + (
+        [README_SHOTS / "arena-leaderboard.png"] if os.environ.get("UPDATE_README_SCREENSHOTS") else [])
+    teacher.wait_for_function(idle, timeout=30_000)
+    for shot in board:  # the teacher's leaderboard: every adapter's strength, interval and votes
+        teacher.locator("#arena-board").screenshot(path=str(shot))

@@ -1,7 +1,7 @@
 """Issue 29, point 7: the errors a first-time user meets say what to do next, in one sentence.
 
 Prepare with no text asks for text before it looks at the name; Steps = 0 through the served API gets the
-form's own sentence, not Gradio's "Value 0 is less than minimum value 1."; Compare with no adapter yet says
+form's own sentence, not Gradio's "Value 0 is less than minimum value 1.", in the tab's status line; Compare with no adapter yet says
 where adapters come from."""
 from __future__ import annotations
 
@@ -38,3 +38,5 @@ def test_steps_zero_through_the_api_gets_one_sentence(tmp_path):
         assert studio.runner.jobs() == []
     error = (done.get("output") or {}).get("error")
     assert error is None and warnings == ["Steps must be a whole number from 1 to 1000000 (got 0)."]
+    # on the page it replaces the Train tab's action line (its one status line), not a toast beside a stale line
+    assert done["output"]["data"][0] == "⚠ Steps must be a whole number from 1 to 1000000 (got 0)."

@@ -79,6 +79,8 @@ def test_the_per_user_limit_comes_from_the_flag(tmp_path):
                                              r"the limit is 2 per user"):
             _start(studio, "three", 5000, ANN)
         assert not (studio.library.root / "three").exists()  # the refused job's name is free again
+        with pytest.raises(ValueError, match=r"the limit is 2 per user"):  # Start pressed again: the limit, not
+            _start(studio, "two", 5000, ANN)                                # "'two' already exists"
     finally:
         studio.runner.stop_all(60)
     with pytest.raises(ValueError, match="--max-jobs-per-user must be a whole number of at least 1"):
@@ -95,3 +97,19 @@ def test_the_studio_passes_train_yield_to_its_training_scheduler_and_checks_it(t
     for bad in (-1, float("nan"), 11, True, "1"):
         with pytest.raises(ValueError, match="--train-yield must be a number of seconds from 0 to 10"):
             create_studio(tmp_path / "lib2", tmp_path / "ds2", "cpu", "tiny", train_yield=bad)
+
+
+def test_a_page_on_another_tab_hears_once_that_its_job_ended(small):
+    from studio import job_notice
+    studio = small
+    _start(studio, "quick", 2, ANN)
+    _start(studio, "long", 5000, BOB)
+    ann, bob = job_notice.live_jobs(studio, ANN), job_notice.live_jobs(studio, BOB)
+    assert len(ann) == len(bob) == 1 and job_notice.live_jobs(studio, None) == []
+    assert job_notice.ended(studio, bob) == ([], bob)  # still training: nothing to say
+    studio.runner.scheduler.stop(studio.runner.training("long"), by="teacher")
+    studio.runner.wait(60)
+    assert job_notice.ended(studio, ann) == (["Your training job 'quick' is saved to the library; the Train tab "
+                                              "shows it."], [])
+    assert job_notice.ended(studio, bob) == (["Your training job 'long' stopped and is saved to the library "
+                                              "(stopped by the teacher (teacher)); the Train tab shows it."], [])

@@ -103,3 +103,30 @@ def test_without_sign_in_the_panel_needs_the_admin_token(tmp_path):
     studio.admin_token = None
     with pytest.raises(ValueError, match="needs the server started with --admin-token"):
         teacher_of(studio, None, token)
+
+
+def test_the_teacher_changes_the_caps_while_the_studio_runs_and_nobody_else_can(classroom):
+    from studio import caps
+    studio, c = classroom
+    before = caps.current(studio)
+    status, *_ = c["bob"].predict("", 5, 8, 0, 0, api_name="/teacher_caps")
+    assert status == "⚠ Only the teacher (an admin) can use the Teacher panel." and caps.current(studio) == before
+    status, *_ = c["teacher"].predict("", 0, 8, 0, 0, api_name="/teacher_caps")
+    assert status.startswith("⚠ Jobs per user must be a whole number from 1") and caps.current(studio) == before
+    try:
+        status, *_ = c["teacher"].predict("", 2, 3, 0, 0, api_name="/teacher_caps")
+        assert status.startswith("Caps changed for the next submissions: 2 training jobs per user")
+        assert caps.current(studio) == caps.Caps(2, 3, None, None) and studio.engine.max_rows_per_user == 3
+        _start(c["alice"], "alice-one")
+        _start(c["alice"], "alice-two")  # a second job of hers is let in now
+        c["teacher"].predict("", 2, 3, 0, 50, api_name="/teacher_caps")
+        c["bob"].predict("tiny", "pirates", "bob-long", *LONG_RUN, api_name="/start_training")
+        assert studio.runner.training("bob-long") is None  # 100,000 steps: over the new 50 a job may train
+        c["teacher"].predict("", api_name="/teacher_stop_all")
+        studio.runner.wait(120)  # alice-one is saved; alice-two left the queue with nothing trained
+        _, _, overview, _ = c["teacher"].predict("", api_name="/teacher_jobs")
+        latest = {row[0]: row for row in _rows(overview)}  # the class overview: each student's latest run
+        assert latest["alice"][1] == "alice-one" and latest["alice"][6] == "stopped"
+    finally:
+        caps.apply(studio, before)
+        studio.runner.stop_all()

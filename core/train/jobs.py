@@ -283,12 +283,7 @@ class TrainScheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the training scheduler is closed")
-            if spec.user is not None:
-                mine = [j for j in self._live() if j.user == spec.user]
-                if len(mine) >= self.max_jobs_per_user:
-                    raise ValueError(f"you already have {len(mine)} training job{'s' if len(mine) != 1 else ''} "
-                                     f"queued or running ({', '.join(repr(j.name) for j in mine)}); the limit is "
-                                     f"{self.max_jobs_per_user} per user. Wait for it to finish, or stop it.")
+            self.check_room(spec.user)
             if len(self._queue) >= self.max_queue:
                 raise ValueError(f"busy, try again later: {len(self._queue)} training jobs are waiting.")
             if any(j.name == spec.name and j.spec.out_dir == spec.out_dir for j in self._live()):
@@ -297,6 +292,15 @@ class TrainScheduler:
             self._update_positions()
             self._cond.notify_all()
         return job
+
+    def check_room(self, user) -> None:
+        """ValueError when `user` (None: the process itself, never limited) already has max_jobs_per_user jobs."""
+        with self._cond:
+            mine = [j for j in self._live() if user is not None and j.user == user]
+        if len(mine) >= self.max_jobs_per_user:
+            raise ValueError(f"you already have {len(mine)} training job{'s' if len(mine) != 1 else ''} "
+                             f"queued or running ({', '.join(repr(j.name) for j in mine)}); the limit is "
+                             f"{self.max_jobs_per_user} per user. Wait for it to finish, or stop it.")
 
     def stop(self, job: TrainJob, by: str | None = None) -> str:
         """Stop a job: a queued one leaves the queue (nothing was trained); a running one ends within one

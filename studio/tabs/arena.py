@@ -3,6 +3,7 @@ shown pairs of anonymous texts, "A" and "B", made by the one engine with the rou
 names show after the vote, and a Bradley-Terry leaderboard ranks the models (core.arena)."""
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import asdict
 
@@ -167,14 +168,16 @@ def create_arena_tab(studio: Studio) -> dict:
         return model_choices(b, user=user_of(request))
 
     base.change(base_changed, inputs=base, outputs=models, api_visibility="private")
-    @friendly
+    reported = functools.partial(friendly, status=status)  # the tab's one status line takes their refusals too
+
+    @reported
     def do_next(r, request: gr.Request):
         return next_pair(studio, r, request)
 
     go.click(do_next, inputs=rounds, outputs=[prompt, text_a, text_b, status], api_name="arena_next",
              concurrency_limit=8, concurrency_id="generate")
 
-    @friendly
+    @reported
     def do_vote(r, v, request: gr.Request):
         return vote(studio, r, v, request), board_rows(studio, r)
 
@@ -190,7 +193,7 @@ def create_arena_tab(studio: Studio) -> dict:
 
     gr.api(arena_vote, api_name="arena_vote")  # the buttons' one endpoint, with the verdict as an argument
 
-    @friendly
+    @reported
     def do_open(t, b, p, m, mt, temp, s, request: gr.Request):
         rnd = open_round(studio, t, b, p, m, mt, temp, s, request)
         return round_choices(studio, rnd.id), board_rows(studio, rnd.id), f"Round **{html.escape(rnd.title)}** is open."
@@ -198,7 +201,7 @@ def create_arena_tab(studio: Studio) -> dict:
     start.click(do_open, inputs=[title, base, prompts, models, max_tokens, temperature, seed],
                 outputs=[rounds, board, status], api_name="arena_open")
 
-    @friendly
+    @reported
     def do_close(r, request: gr.Request):
         check_teacher(studio, request)
         rnd = studio.arena.close_round(r)

@@ -236,7 +236,7 @@ def create_data_tab(studio: Studio) -> dict:
         user = user_of(request)
         return prepare(studio, st, text, r, n, user), saved_datasets_md(studio, user)
 
-    prepared = prepare_btn.click(friendly(do_prepare), inputs=[state, pasted, ratio, name],
+    prepared = prepare_btn.click(friendly(do_prepare, status=status), inputs=[state, pasted, ratio, name],
                                  outputs=[status, saved], api_name="prepare_dataset")
     return {"files": files, "sample": sample, "text": pasted, "ratio": ratio, "name": name,
             "prepare": prepare_btn, "status": status, "stats": stats, "saved": saved, "tokens": tokens, "state": state,

@@ -3,6 +3,7 @@ blend, restore a checkpoint, merge-and-export. All file work goes through core's
 checked, writes atomic, uploads validated before anything is written)."""
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -443,17 +444,19 @@ def create_library_tab(studio: Studio) -> dict:
         msg, select = result
         return (msg, *refresh(studio, select, user))
 
+    reported = functools.partial(friendly, status=status)  # the tab's one status line takes their refusals too
+
     # every handler acts as the signed-in user: owners (or admins) only for rename/delete, the acting user
     # recorded for what it creates
-    @friendly
+    @reported
     def do_rename(selected, new_name, request: gr.Request):
         return after(rename(studio, selected, new_name, user_of(request)), user_of(request))
 
-    @friendly
+    @reported
     def do_duplicate(selected, new_name, request: gr.Request):
         return after(duplicate(studio, selected, new_name, user_of(request)), user_of(request))
 
-    @friendly
+    @reported
     def do_restore(selected, checkpoint, new_name, request: gr.Request):
         return after(restore_checkpoint(studio, selected, checkpoint, new_name, user_of(request)), user_of(request))
 
@@ -463,20 +466,20 @@ def create_library_tab(studio: Studio) -> dict:
         return (gr.update(visible=True),
                 f"Delete **{html.escape(selected)}** and its checkpoints? This cannot be undone.")
 
-    @friendly
+    @reported
     def do_delete(selected, request: gr.Request):
         return (gr.update(visible=False), delete(studio, selected, user_of(request)),
                 *refresh(studio, None, user_of(request)))
 
-    @friendly
+    @reported
     def do_import(files, name, request: gr.Request):
         return (*after(import_upload(studio, files, name, user_of(request)), user_of(request)), None)
 
-    @friendly
+    @reported
     def do_blend(picked, weights, name, request: gr.Request):
         return after(blend(studio, picked, weights, name, user_of(request)), user_of(request))
 
-    @friendly
+    @reported
     def do_share(selected, shared, request: gr.Request):
         return after(share(studio, selected, shared, user_of(request)), user_of(request))
 
@@ -500,19 +503,19 @@ def create_library_tab(studio: Studio) -> dict:
         yield gr.update(value=path, visible=True)
         studio.drop_export(path)
 
-    @friendly
+    @reported
     def do_merge(selected, request: gr.Request, progress=gr.Progress()):
         msg, path = merge_export(studio, selected, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
-    @friendly
+    @reported
     def do_gguf(selected, qtype, request: gr.Request, progress=gr.Progress()):
         msg, path = gguf_export(studio, selected, qtype, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
 
-    @friendly
+    @reported
     def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
         msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
         yield msg, gr.update(value=path, visible=True)

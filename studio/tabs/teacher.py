@@ -1,6 +1,7 @@
 """Teacher tab: the class's training at a glance, for an admin only. Every job (who, state, step, loss, place
-in the queue), and per job Stop, Cancel (a queued one), Move up / down in the queue; Stop all; and each
-user's latest run in the library with its validation loss. A job the teacher stops tells its owner so.
+in the queue), and per job Stop, Cancel (a queued one), Move up / down in the queue; Stop all; the per-user caps,
+changed while the studio runs (studio.caps); and each user's latest run in the library with its validation loss.
+A job the teacher stops tells its owner so.
 
 Who counts as the teacher: with --auth, a signed-in --admin; without it, whoever types --admin-token into the
 panel. Everyone else gets one sentence from every action and an empty panel."""
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..context import Studio, sentence, user_of
+from .. import caps as class_caps
+from ..context import Studio, friendly, sentence, user_of
+from ..inputs import Number
 
 JOB_COLUMNS = ["id", "user", "run", "state", "step", "loss", "queue"]
 CLASS_COLUMNS = ["user", "latest run", "base", "dataset", "steps", "val loss", "status"]
@@ -103,6 +106,14 @@ def stop_all(studio: Studio, request=None, token=None) -> str:
            f"queue." if live else "No job is queued or training."
 
 
+def set_caps(studio: Studio, jobs, rows, job_tokens, job_steps, request=None, token=None) -> str:
+    """Change the per-user caps for the next submissions (the teacher only); returns a sentence."""
+    teacher_of(studio, request, token)
+    caps = class_caps.parse(jobs, rows, job_tokens, job_steps)
+    class_caps.apply(studio, caps)
+    return f"Caps changed for the next submissions: {class_caps.describe(caps)}."
+
+
 def create_teacher_tab(studio: Studio) -> dict:
     gr.Markdown("Every training job of the class, and each student's latest run. Only the teacher (an admin) can "
                 "use this panel; a job stopped here tells its owner who stopped it.", elem_classes="help")
@@ -120,6 +131,17 @@ def create_teacher_tab(studio: Studio) -> dict:
         up = gr.Button("Move up", elem_id="teacher-up")
         down = gr.Button("Move down", elem_id="teacher-down")
     status = gr.Markdown("", elem_id="teacher-status")
+    now = class_caps.current(studio)
+    with gr.Accordion("Per-user caps (apply to the next submissions)", open=False, elem_id="teacher-caps"):
+        with gr.Row():
+            cap_jobs = Number(now.jobs_per_user, precision=0, label="Training jobs per user", elem_id="teacher-cap-jobs")
+            cap_rows = Number(now.rows_per_user, precision=0, label="Generation rows per user",
+                              elem_id="teacher-cap-rows")
+            cap_tokens = Number(now.job_tokens or 0, precision=0, label="Tokens per job (steps × tokens; 0: no limit)",
+                                elem_id="teacher-cap-tokens")
+            cap_steps = Number(now.job_steps or 0, precision=0, label="Steps per job (0: no limit)",
+                               elem_id="teacher-cap-steps")
+            apply_caps = gr.Button("Apply caps", elem_id="teacher-apply-caps", scale=0, min_width=120)
     overview = gr.Dataframe(headers=CLASS_COLUMNS, value=[], interactive=False, label="Class overview: each user's "
                             "latest run", elem_id="teacher-class", wrap=True)
     outputs = [status, jobs, overview, picked]
@@ -166,6 +188,13 @@ def create_teacher_tab(studio: Studio) -> dict:
         except ValueError as e:
             return sentence(str(e))
 
+    def teacher_caps(token_value, jobs_cap, rows_cap, tokens_cap, steps_cap, request: gr.Request):
+        line = set_caps(studio, jobs_cap, rows_cap, tokens_cap, steps_cap, request, token_value)
+        return panel(line, request, token_value)
+
+    # a refusal replaces the status line and changes nothing; queued, so that API clients also read it as a warning
+    apply_caps.click(friendly(teacher_caps, status=status), inputs=[token, cap_jobs, cap_rows, cap_tokens, cap_steps],
+                     outputs=outputs, api_name="teacher_caps")
     gr.api(teacher_move, api_name="teacher_move")  # the buttons' one endpoint, with the places as an argument
     return {"token": token, "jobs": jobs, "overview": overview, "picked": picked, "status": status,
             "refresh": teacher_jobs, "outputs": outputs}

@@ -28,6 +28,7 @@ from core.train.trainer import find_checkpoint
 
 from core.checks import check_text, scrub
 
+from .. import caps as class_caps
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
                        user_of, whole)
 from ..inputs import CheckboxGroup, Number, Slider
@@ -211,6 +212,7 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     tcfg.validate(PRESETS[model_name])
     ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
+    studio.runner.scheduler.check_room(owner_of(user, owner))  # Start twice: the job limit, not the name taken
     studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
     studio.runner.check_memory(model_name, ds, lcfg, tcfg)
     _load_now(studio, model_name, progress)
@@ -282,13 +284,20 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
 
 
 def limit_note(studio: Studio) -> str:
-    """The Train tab's line on the per-job budget (--max-job-tokens, --max-job-steps, --max-job-minutes), empty
-    without one."""
-    cap, steps, minutes = studio.max_job_tokens, studio.max_job_steps, studio.max_job_minutes
-    return ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
-                                    f"sequence length).")) + \
+    """The Train tab's line on the limits a Start meets: jobs per user, the per-job budget (--max-job-tokens,
+    --max-job-steps, --max-job-minutes), as in force now (the teacher may change them: studio.caps)."""
+    caps = class_caps.current(studio)
+    cap, steps, minutes, jobs = caps.job_tokens, caps.job_steps, studio.max_job_minutes, caps.jobs_per_user
+    return f" Each user may have {jobs:,} training job{'s' if jobs != 1 else ''} queued or running." + \
+        ("" if cap is None else (f" A job may train at most {cap:,} tokens (steps × batch × accumulation × "
+                                 f"sequence length).")) + \
         ("" if steps is None else f" A job may train at most {steps:,} steps.") + \
         ("" if minutes is None else f" A job trains at most {minutes:g} minutes, then it is stopped and saved.")
+
+
+def limits_md(studio: Studio) -> str:
+    return ("<span class='help'>Stop ends within one optimizer step and saves the adapter to the library; Resume "
+            "continues the run named below from where it stopped." + limit_note(studio) + "</span>")
 
 
 # ---- the live view -------------------------------------------------------------------------
@@ -418,7 +427,8 @@ def create_train_tab(studio: Studio) -> dict:
                 elem_classes="tab-intro")
     seen = gr.State(None)
     # the browser's random id (who owns a job without sign-in), kept across reloads in its local storage
-    browser = gr.BrowserState("", storage_key="lora-studio-browser")
+    # rendered outside the tabs (saved_state.wire): in a tab not shown yet, the page would not have read its value
+    browser = gr.BrowserState("", storage_key="lora-studio-browser", render=False)
     me = gr.State("")  # the same id on the server side: handlers read it (a State is not an API argument)
     d = TrainForm(model=studio.default_model)  # the page's starting values
     with gr.Row(equal_height=False):
@@ -444,9 +454,7 @@ def create_train_tab(studio: Studio) -> dict:
             name = gr.Textbox(label="Adapter name", elem_id="train-name", placeholder="automatic",
                               info="Library name of the new adapter; empty = dataset-model-date. Resume uses it too.")
             estimate = gr.Markdown(estimate_md(studio, d), elem_id="train-estimate")
-            gr.Markdown("<span class='help'>Stop ends within one optimizer step and saves the adapter to the "
-                        "library; Resume continues the run named below from where it stopped."
-                        + limit_note(studio) + "</span>", elem_id="train-limits")
+            limits = gr.Markdown(limits_md(studio), elem_id="train-limits")
             # --admin-token: the person running a studio without sign-in stops anyone's job (the one followed)
             admin_token = gr.Textbox("", label="Admin token", type="password", elem_id="train-admin-token",
                                      visible=studio.admin_token is not None,
@@ -537,16 +545,22 @@ def create_train_tab(studio: Studio) -> dict:
 
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)
-        views = live_view(studio, drawn, followed or None, requester(request, kept))
-        return (*views, gr.skip() if kept == browser_id else kept, kept)
+        valid = isinstance(drawn, (list, tuple)) and len(drawn) == 4  # live_view's keys, then the limits drawn
+        *views, keys = live_view(studio, list(drawn[:3]) if valid else None, followed or None,
+                                 requester(request, kept))
+        note = limits_md(studio)  # the teacher may change the caps meanwhile
+        return (*views, keys + [note], gr.skip() if kept == browser_id else kept, kept,
+                gr.skip() if valid and note == drawn[3] else note)
 
-    # the page's id as soon as it loads (the first tick then stores a new one in the browser)
-    gr.on(None, new_browser_id, inputs=browser, outputs=me, show_progress="hidden", api_visibility="private")
+    # the page's id as soon as it loads (stored in the browser by the page's restore, saved_state, or the first
+    # tick). Gradio may run this before the browser's stored value has arrived: an id already known is kept then
+    gr.on(None, lambda current, known: new_browser_id(current or known), inputs=[browser, me], outputs=me,
+          show_progress="hidden", api_visibility="private")
     timer = gr.Timer(REFRESH_SECONDS, active=False)  # on only while this tab is shown: build_ui switches it
     # queue=False: a poll is a quick read, and the queue's join and event stream cost more than it (6 pages
     # polling took 0.155-0.170 cores of the server against 0.202-0.207 queued; 0.057 with none polling)
     timer.tick(tick, inputs=[seen, follow, browser, me],
-               outputs=[job, chart, samples, table, follow, seen, browser, me],
+               outputs=[job, chart, samples, table, follow, seen, browser, me, limits],
                concurrency_limit=None, show_progress="hidden", api_visibility="private", queue=False)
     # a newly chosen job is drawn at once, not at the next change
     follow.input(lambda: None, outputs=seen, show_progress="hidden", api_visibility="private")
@@ -575,7 +589,6 @@ def create_train_tab(studio: Studio) -> dict:
         job = studio.runner.training(run)
         return gr.update(value=str(job.id)) if job is not None else gr.skip()
 
-    @friendly
     def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
         msg, run = start(studio, TrainForm(**values), user_of(request), progress,
                          owner=requester(request, browser_id), address=address_of(request, studio))
@@ -588,18 +601,18 @@ def create_train_tab(studio: Studio) -> dict:
         except ValueError as e:  # a refusal, shown where the page reports its actions (Stop is not queued)
             return f"⚠ {html.escape(sentence(scrub(str(e))))}"
 
-    @friendly
     def do_resume(run_name, total_steps, job_id, browser_id, request: gr.Request, progress=gr.Progress()):
         msg, run = resume(studio, run_name, total_steps, user_of(request), progress,
                           owner=requester(request, browser_id), job_id=job_id or None,
                           address=address_of(request, studio))
         return msg, run, followed(run)
 
-    start_btn.click(do_start, inputs_kwargs={**form, "browser_id": me},
+    # the action line under the buttons is where every Start, Stop and Resume reports, refusals too
+    start_btn.click(friendly(do_start, status=action), inputs_kwargs={**form, "browser_id": me},
                     outputs=[action, name, model_status, follow], concurrency_id="train-control",
                     api_name="start_training")
     stop_btn.click(do_stop, inputs=[follow, me, admin_token], outputs=action, queue=False, api_name="stop_training")
-    resume_btn.click(do_resume, inputs=[name, steps, follow, me], outputs=[action, name, follow],
+    resume_btn.click(friendly(do_resume, status=action), inputs=[name, steps, follow, me], outputs=[action, name, follow],
                      concurrency_id="train-control", api_name="resume_training")
     return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
             "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
@@ -608,4 +621,4 @@ def create_train_tab(studio: Studio) -> dict:
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
             "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
-            "table": table, "browser": browser}
+            "table": table, "browser": browser, "me": me, "form": form}
