@@ -40,3 +40,23 @@ def test_steps_zero_through_the_api_gets_one_sentence(tmp_path):
     assert error is None and warnings == ["Steps must be a whole number from 1 to 1000000 (got 0)."]
     # on the page it replaces the Train tab's action line (its one status line), not a toast beside a stale line
     assert done["output"]["data"][0] == "⚠ Steps must be a whole number from 1 to 1000000 (got 0)."
+
+
+def test_compare_and_evaluate_refusals_replace_their_tabs_status_line(tmp_path):
+    """Compare's refusal lands in its model status line and Evaluate's in its summary, through the served API:
+    one place for messages per tab, the warning kept for API clients."""
+    with served_studio(tmp_path) as (url, studio):
+        eps = {d["api_name"]: (d, p) for d, p in _endpoints(url)}
+
+        def call(api, **values):
+            dep, params = eps[api]
+            sent = {p["parameter_name"]: p.get("parameter_default") for p in params}
+            sent.update(values)
+            warnings, done = _call(url, dep, _data(url, dep, list(sent.values())))
+            return warnings, done["output"]["data"]
+
+        warnings, out = call("compare", model="tiny", adapters=[], include_base=False, prompt="Ahoy")
+        assert any("train one on the Train tab" in w for w in warnings)
+        assert out[-1].startswith("⚠ ") and "train one on the Train tab" in out[-1]
+        warnings, out = call("evaluate", model="tiny", adapters=[], include_base=False, source="Pasted text", text="")
+        assert warnings and out[-1] == "⚠ " + warnings[0]

@@ -236,9 +236,9 @@ def create_compare_tab(studio: Studio) -> dict:
     form = dict(model=model, include_base=include_base, adapters=adapters, prompt=prompt, temperature=temperature,
                 top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed, apply_template=apply_template)
 
-    @friendly
     def run(request: gr.Request, progress=gr.Progress(), **values):
         yield from compare(studio, CompareForm(**values), progress, user=requester(request), signed_in=user_of(request))
+    run = friendly(run, status=model_status)  # a refusal replaces the tab's status line
 
     # every running compare is rows of the one decode loop, so many may run at once (each handler thread only
     # waits for its rows)

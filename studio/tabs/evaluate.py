@@ -259,15 +259,15 @@ def create_evaluate_tab(studio: Studio) -> dict:
     form = dict(model=model, include_base=include_base, adapters=adapters, source=source, dataset=dataset,
                 split=split, text=text, seq_len=seq_len, max_tokens=max_tokens)
 
-    @friendly
     def run(request: gr.Request, progress=gr.Progress(), **values):
         return evaluate(studio, EvalForm(**values), progress, user_of(request))
+    run = friendly(run, status=summary)  # a refusal replaces the evaluation's summary line
 
     go.click(run, inputs_kwargs=form, outputs=[table, plot, summary], concurrency_id="evaluate",
              concurrency_limit=1, api_name="evaluate")
-    @friendly
     def colour(request: gr.Request, **values):
         return differences(studio, DiffForm(**values), user_of(request))
+    colour = friendly(colour, status=diff_view)  # a refusal replaces the view it would have drawn
 
     diff_go.click(colour, inputs_kwargs=dict(model=model, adapter=diff_adapter, text=diff_text), outputs=diff_view,
                   concurrency_id="evaluate", api_name="token_differences")
