@@ -40,6 +40,8 @@ class Hooks:
     """What a loop asks of the processes a run spans; these are one process's answers (core.train.distributed's
     Group gives torchrun's)."""
 
+    fatal: tuple = ()  # errors that end the whole loop, never one run (torchrun: a lost rank)
+
     def agree_stop(self, flag: bool) -> bool:
         """Whether the run stops now, given this process's stop flag."""
         return flag
@@ -143,6 +145,8 @@ class TrainLoop:
         try:
             for ev in events:
                 emit(ev)
+        except self.hooks.fatal:
+            raise
         except Exception as e:  # noqa: BLE001 - this run's failure, reported as its last event
             emit(run.failed(e))
         if run.outcome is not None:

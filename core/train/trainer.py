@@ -1,11 +1,12 @@
-"""The LoRA training loop: AdamW on one adapter's weights, warmup + cosine schedule, events, a stop
+"""One LoRA training run: AdamW on one adapter's weights, warmup + cosine schedule, events, a stop
 flag, checkpoints that resume bit-for-bit, and clear failures (NaN loss, out of memory).
 
-`Trainer(...).run()` is a generator of plain-dict events; the CLI iterates it in the foreground and
-the studio in a background thread (`Trainer.start`). The base model is shared, never copied: the
-adapter is added to it, trained through `route=name` (other adapters' generations on the same model
-are unaffected) and left loaded under that name at the end. `setup()` adds it (and builds the
-optimizer); the studio calls it under its engine lock, run() calls it when nobody did.
+A Trainer is one run's state machine; core.train.loop.TrainLoop drives it (alone, co-batched with other
+runs by core.train.jobs, under torchrun, or in chunks) and hands its plain-dict events to the caller.
+The base model is shared, never copied: the adapter is added to it, trained through `route=name` (other
+adapters' generations on the same model are unaffected) and left loaded under that name at the end.
+`setup()` adds it (and builds the optimizer); the studio calls it under its engine lock, open() calls it
+when nobody did.
 
 Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     start       name, step (0, or the resumed step), steps, batch_size, seq_len (after fitting the data),
@@ -56,15 +57,15 @@ from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkp
                                    checkpoint_step)
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
-from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
+from core.train.data import Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
-from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
+from core.model.loss import IGNORE, piece_tokens, rows_that_fit
+from core.train.estimate import check_memory, estimate_training
 from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.init import check_fits as check_init_fits
 from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_param_groups, lora_parameters, make_route)
-from core.train.cobatch import forward_backward
 from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
@@ -94,7 +95,8 @@ class _Loss(torch.nn.Module):
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
+    """A run that cannot go on (its 'error' event, raised by a caller that wants an exception); the message
+    says what to do."""
 
 
 class Stopped(Exception):
@@ -124,7 +126,7 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
         masks = eval_windows(mask, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
         windows = [np.stack([w.astype(np.int64), m.astype(np.int64)]) for w, m in zip(windows, masks)]
     route = make_route(model, [name])
-    rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
+    rows = min(batch_size, rows_that_fit(seq_len, model.config.vocab_size))
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     count = 0
     with autocast_for(model):
@@ -155,11 +157,6 @@ def failure_message(e: BaseException, step: int, kept: str | None) -> str:
     what = e.strerror if isinstance(e, OSError) and e.strerror else (
         str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
     return f"training failed at step {step} ({what}); {have}."
-
-
-def ce_chunk(model, batch_size: int, seq_len: int) -> int:
-    """Tokens per piece of the chunked loss (core.train.estimate.loss_chunk, which the estimate follows too)."""
-    return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
 
 
 # ---- resume points --------------------------------------------------------------------
@@ -249,7 +246,7 @@ class _Prepared:
     loss_fn: Callable  # one micro-batch's loss alone: eager, or replayed CUDA graphs
     graph_note: str | None  # why CUDA graphs were wanted but are not used
     dropout_gen: torch.Generator | None  # this run's own LoRA dropout RNG (None without dropout)
-    chunk: int  # tokens per piece of the chunked loss (0 = whole)
+    chunk: int  # tokens per piece of the loss alone (core.model.loss.piece_tokens)
 
 
 @dataclass
@@ -339,24 +336,10 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.tcfg.batch_size * self.seq_len * self.tcfg.grad_accum
 
-    def start(self, on_event: Callable[[dict], None]) -> threading.Thread:
-        """Run in a background thread, passing every event to `on_event` (an unexpected
-        exception becomes a final 'error' event)."""
-        def work():
-            try:
-                for ev in self.run():
-                    on_event(ev)
-            except Exception as e:  # noqa: BLE001 - reported, not swallowed
-                on_event({"type": "error", "kind": "internal", "step": self.step,
-                          "message": f"training failed: {type(e).__name__}: {e}", "checkpoint": None})
-        t = threading.Thread(target=work, name=f"train-{self.name}", daemon=True)
-        t.start()
-        return t
-
     def setup(self) -> None:
         """Add the adapter to the shared model, build the optimizer, load the resume state and prepare
         the micro-step (CUDA graphs are captured here). This changes the shared model's structure, so
-        the studio calls it under the engine lock; run() calls it when nobody did. Runs once."""
+        the studio calls it under the engine lock; open() calls it when nobody did. Runs once."""
         if self._prepared is not None:
             return
         model, tcfg = self.model, self.tcfg
@@ -375,37 +358,11 @@ class Trainer:
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
             rng = self._load_resume(opt, gen)
-        chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
+        chunk = piece_tokens(self._rows * self.seq_len, model.config.vocab_size)
         loss_fn, graph_note = self._loss_fn(chunk, self._rows, self.seq_len, gen)
         self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note, gen, chunk)
 
-    def run(self) -> Iterator[dict]:
-        """Train alone in the foreground, yielding the events listed in the module docstring as they
-        happen: the steps a co-batched run takes (core.train.cobatch), with this run as the only one."""
-        yield from self.open()
-        while self.outcome is None:
-            if self.stop.is_set():
-                yield from self._guarded(self.stopped())
-                break
-            self.begin_micro()
-            try:
-                loss, = forward_backward(self.model, [self])
-            except Exception as e:
-                if not is_oom(e):
-                    self.abort()
-                    raise
-                yield self.out_of_memory()
-                break
-            yield from self._guarded(self.end_micro(loss))
-
-    def _guarded(self, events: Iterator[dict]) -> Iterator[dict]:
-        """`events`, then the 'error' event of a failure in them (failed)."""
-        try:
-            yield from events
-        except Exception as e:  # noqa: BLE001 - the run's own failure, reported as its last event
-            yield self.failed(e)
-
-    # -- the steps, one micro-batch at a time (core.train.cobatch drives several runs through them) --
+    # -- the steps, one micro-batch at a time (core.train.loop.TrainLoop drives runs through them) --
 
     def open(self) -> Iterator[dict]:
         """Set up (unless done), then the 'start' events and the first validation loss."""
@@ -445,8 +402,8 @@ class Trainer:
         if self.dataset.train_mask is not None:
             # masked targets differ per rank: one process averages over the whole micro-batch's response
             # tokens, so this rank's mean weighs (its tokens x ranks / all tokens) before the ranks' average
-            total = int((y != -100).sum())
-            self._rank_share = int((ly != -100).sum()) * self.dist.world / total if total else 1.0
+            total = int((y != IGNORE).sum())
+            self._rank_share = int((ly != IGNORE).sum()) * self.dist.world / total if total else 1.0
         return lx, ly
 
     def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
@@ -482,10 +439,6 @@ class Trainer:
     @property
     def grad_accum(self) -> int:
         return self.tcfg.grad_accum
-
-    @property
-    def loss_chunk(self) -> int:
-        return self._prepared.chunk
 
     def solo_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A micro-batch's mean loss when this run trains alone (a replayed CUDA graph on GPUs)."""
@@ -864,15 +817,3 @@ def _read_state(state) -> tuple[int, np.random.Generator]:
     rng = np.random.default_rng()
     rng.bit_generator.state = json.loads(state["np_rng"])
     return step, rng
-
-
-def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:
-    """Run in the foreground; the final 'done' event, or a TrainingError for an 'error' event."""
-    last = None
-    for ev in trainer.run():
-        if on_event:
-            on_event(ev)
-        if ev["type"] == "error":
-            raise TrainingError(ev["message"])
-        last = ev
-    return last
