@@ -102,7 +102,7 @@ def students(n: int, steps: int, uniform: bool) -> list[Student]:
 
 class StepLog:
     """Records every shared micro-step (rows, padded length, real tokens) by wrapping
-    core.train.cobatch.forward_backward, which the scheduler's CoTrainer calls; nothing else changes."""
+    core.train.cobatch.forward_backward, which the scheduler's TrainLoop calls; nothing else changes."""
 
     def __init__(self):
         self.steps: list[tuple] = []  # (runs, rows, longest sequence, real tokens, seconds)

@@ -545,6 +545,7 @@ def trainer_graphs_check(cfg, dev, steps):
     """The studio's/CLI's Trainer with CUDA-graphed micro-steps vs eager: same losses, and its speed."""
     import tempfile
     from core.train.data import build_dataset, list_samples, load_sample
+    from core.train.loop import train_chunk
     from core.train.trainer import Trainer
     samples = list_samples()
     ds = build_dataset([load_sample(s["name"]) for s in samples], [s["name"] for s in samples], 0.9)
@@ -554,7 +555,7 @@ def trainer_graphs_check(cfg, dev, steps):
         tc = TrainConfig(steps=steps, batch_size=4, seq_len=128, grad_accum=4, eval_interval=0,
                          checkpoint_interval=0, cuda_graphs=graphs)
         with tempfile.TemporaryDirectory() as d:
-            events = list(Trainer(m, ds, LoraConfig(), tc, "g", Path(d) / "run", base_id="bench").run())
+            events = train_chunk(Trainer(m, ds, LoraConfig(), tc, "g", Path(d) / "run", base_id="bench")).events
         steps_ev = [e for e in events if e["type"] == "step"]
         losses[graphs] = [e["loss"] for e in steps_ev]
         key = "trainer_graphs" if graphs else "trainer_eager"
@@ -582,7 +583,7 @@ def trainer_graphs_check(cfg, dev, steps):
         tc = TrainConfig(steps=steps, batch_size=4, seq_len=128, grad_accum=2, eval_interval=0,
                          checkpoint_interval=0, cuda_graphs=True)
         with tempfile.TemporaryDirectory() as d:
-            events = list(Trainer(m, ds, LoraConfig(), tc, "g2", Path(d) / "run", base_id="bench").run())
+            events = train_chunk(Trainer(m, ds, LoraConfig(), tc, "g2", Path(d) / "run", base_id="bench")).events
     finally:
         stop.set()
         for t in threads:

@@ -70,13 +70,15 @@ def prepare_library(tmp: Path) -> None:
     from core.lora.config import LoraConfig
     from core.train.config import TrainConfig
     from core.train.data import SAMPLES_DIR, prepare
-    from core.train.trainer import Trainer, run_to_end
+    from core.train.loop import train_chunk
+    from core.train.trainer import Trainer
     from core.model.weights import load_base
     model = load_base("tiny", "cpu")
     for name, sample, seed in (("pirate", "pirate_recipes", 1), ("bard", "shakespearean", 2)):
         ds = prepare([SAMPLES_DIR / f"{sample}.txt"], tmp / "datasets" / name)
         tcfg = TrainConfig(steps=30, lr=5e-3, batch_size=4, seq_len=64, grad_accum=1, eval_interval=0, seed=seed)
-        run_to_end(Trainer(model, ds, LoraConfig(r=8, alpha=16), tcfg, name, tmp / "lib" / name, base_id="tiny"))
+        chunk = train_chunk(Trainer(model, ds, LoraConfig(r=8, alpha=16), tcfg, name, tmp / "lib" / name, base_id="tiny"))
+        assert chunk.outcome == "finished", chunk.events[-1]
 
 
 def free_port() -> int:

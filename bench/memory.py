@@ -43,6 +43,7 @@ def one_case(dora: bool, targets: str, B: int, T: int, steps: int = 4) -> dict:
     from core.model.gpt import GPT, init_random_
     from core.train import data
     from core.train.estimate import estimate_training
+    from core.train.loop import train_chunk
     from core.train.trainer import Trainer
     torch.set_num_threads(2)
     ds = data.prepare(text=data.load_sample("brainrot") * 20, text_name="brainrot.txt")
@@ -55,13 +56,14 @@ def one_case(dora: bool, targets: str, B: int, T: int, steps: int = 4) -> dict:
                      checkpoint_interval=10_000, seed=1)
     peaks = []
     with tempfile.TemporaryDirectory() as run:
-        for event in Trainer(model, ds, lc, tc, "m", Path(run) / "run").run():
+        def on_event(event):
             if event["type"] == "step":
                 gc.collect()
                 peaks.append(_status("VmHWM") - before)
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            elif event["type"] == "error":
-                raise RuntimeError(event["message"])
+        last = train_chunk(Trainer(model, ds, lc, tc, "m", Path(run) / "run"), on_event=on_event).events[-1]
+        if last["type"] == "error":
+            raise RuntimeError(last["message"])
     est = estimate_training(cfg, lc, tc, "cpu")
     return {"measured": max(peaks[1:]), "estimate": est.peak_bytes}
 

@@ -32,6 +32,7 @@ from core.train.config import TrainConfig
 from core.model.gpt import GPT, init_random_  # noqa: E402
 from core.model.tokenizer import encode  # noqa: E402
 from core.train.data import build_dataset, get_batch, list_samples, load_sample  # noqa: E402
+from core.train.loop import train_chunk  # noqa: E402
 from core.train.trainer import Trainer  # noqa: E402
 
 PROMPT = "The ship sailed"
@@ -63,7 +64,7 @@ def lora_run(cfg, state, dtype, ds, steps: int, out: Path) -> tuple[float, list[
     tcfg = TrainConfig(steps=steps, lr=1e-3, batch_size=4, seq_len=128, grad_accum=1, eval_interval=steps,
                        checkpoint_interval=0, seed=7)
     t0 = time.perf_counter()
-    events = list(Trainer(model, ds, LoraConfig(r=8, alpha=16, targets=("attn.c_attn",)), tcfg, "p", out).run())
+    events = train_chunk(Trainer(model, ds, LoraConfig(r=8, alpha=16, targets=("attn.c_attn",)), tcfg, "p", out)).events
     seconds = time.perf_counter() - t0
     if events[-1]["type"] != "done":
         raise RuntimeError(events[-1])

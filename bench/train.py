@@ -71,11 +71,12 @@ def tokens(n: int = 200_000) -> np.ndarray:
 # ---- the two sides: generators that run one training step per next() and yield its time ------
 
 def steps_ours(ckpt, device, batch, seq, total, dora=False, dtype=None):
-    """This engine's real loop (core.train.trainer.Trainer); step times come from its 'step' events.
+    """This engine's real loop (core.train.loop.TrainLoop); step times come from its 'step' events.
     dtype: the frozen base's (None: the device's default, fp32 on CPUs)."""
     from core.lora.config import LoraConfig
     from core.train.config import TrainConfig
     from core.train.data import Dataset
+    from core.train.loop import TrainLoop
     from core.train.trainer import Trainer
     from core.model.weights import load_base
 
@@ -88,9 +89,12 @@ def steps_ours(ckpt, device, batch, seq, total, dora=False, dtype=None):
                       LoraConfig(r=RANK, alpha=ALPHA, targets=("attn.c_attn",), use_dora=dora), tcfg, "bench",
                       out / "run")
     try:
-        for ev in trainer.run():
-            if ev["type"] == "step":
-                yield ev["step_time"]
+        loop, times = TrainLoop(model), []
+        loop.join(trainer, lambda ev: ev["type"] == "step" and times.append(ev["step_time"]))
+        while loop.runs:
+            loop.step()
+            while times:
+                yield times.pop(0)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -8,9 +8,9 @@ import torch
 from core.lora.layers import adapter_state_dict, lora_parameters
 from core.lora.config import LoraConfig
 from core.model.weights import load_base
-from core.train.cobatch import CoTrainer
+from core.train.loop import TrainLoop
 from core.train.trainer import Trainer
-from train_helpers import quick
+from train_helpers import quick, train_solo
 
 # different ranks, targets, batch sizes, sequence lengths, learning rates, accumulation, dropout, cadences
 JOBS = {
@@ -56,7 +56,7 @@ def alone(sample_ds, tmp_path_factory):
     out = {}
     for name in JOBS:
         model = load_base("tiny", device="cpu")
-        events = list(_trainer(model, sample_ds, name, folder).run())
+        events = train_solo(_trainer(model, sample_ds, name, folder))
         assert events[-1]["type"] == "done"
         out[name] = (events, adapter_state_dict(model, name))
     return out
@@ -65,7 +65,7 @@ def alone(sample_ds, tmp_path_factory):
 def _together(sample_ds, folder, names, before_step=None, **trainer_kw):
     """Run `names` co-batched on one base; before_step(i, co, trainers) may add, stop or break runs."""
     model = load_base("tiny", device="cpu")
-    co, events, trainers = CoTrainer(model), {n: [] for n in JOBS}, {}
+    co, events, trainers = TrainLoop(model), {n: [] for n in JOBS}, {}
     for n in names:
         trainers[n] = _trainer(model, sample_ds, n, folder, **trainer_kw.get(n, {}))
         co.join(trainers[n], events[n].append)
@@ -147,7 +147,7 @@ def test_out_of_memory_pushes_out_the_newest_job_which_rejoins_exactly_where_it_
             co.join(state["out"], events["c"].append)
 
     model = load_base("tiny", device="cpu")
-    co, events, trainers = CoTrainer(model), {n: [] for n in JOBS}, {}
+    co, events, trainers = TrainLoop(model), {n: [] for n in JOBS}, {}
     for n in JOBS:
         trainers[n] = _trainer(model, sample_ds, n, tmp_path)
         co.join(trainers[n], events[n].append)

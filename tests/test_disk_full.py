@@ -27,7 +27,7 @@ from core.train.jobs import JobSpec, TrainScheduler
 from core.train.trainer import Trainer
 from studio_helpers import _prepare, _start
 from studio_server import served_studio
-from train_helpers import quick
+from train_helpers import quick, train_solo
 
 # two identical settings: co-batched, the job beside the failing one must stay what it is alone
 JOB = (LoraConfig(r=4, alpha=8, targets=("attn.c_attn",)),
@@ -51,7 +51,7 @@ def _disk_full_for(monkeypatch, folder: Path, after_checkpoints: int) -> None:
 
 def _alone(ds, folder: Path, name: str):
     model = load_base("tiny", device="cpu")
-    events = list(Trainer(model, ds, *JOB, name, folder / f"alone-{name}").run())
+    events = train_solo(Trainer(model, ds, *JOB, name, folder / f"alone-{name}"))
     return [e["loss"] for e in events if e["type"] == "step"], adapter_state_dict(model, name)
 
 

@@ -24,7 +24,7 @@ from core.lora.config import LoraConfig
 from core.model.config import TARGET_MODULES
 from core.model.weights import build, load_base  # noqa: E402
 from core.train.trainer import Trainer  # noqa: E402
-from train_helpers import quick  # noqa: E402
+from train_helpers import quick, train_solo  # noqa: E402
 
 TOL = 1e-4
 DORA = LoraConfig(r=4, alpha=8.0, targets=TARGET_MODULES, use_dora=True)
@@ -59,7 +59,7 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path):
     lc = LoraConfig(r=4, alpha=8.0, dropout=0.1, targets=("attn.c_attn", "mlp.c_proj"), use_dora=True)
     ds = sample_ds
     before = {k: v.clone() for k, v in base_tensors(model).items()}
-    events = list(Trainer(model, ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small)).run())
+    events = train_solo(Trainer(model, ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small)))
     assert events[-1]["type"] == "done", events[-1]
     mags = [l.lora_magnitude_vector[l.keys["t"]] for l in lora.lora_layers(model).values() if l.has("t")]
     # PEFT's init for the trained A and B: ||W + s B A|| per output feature
@@ -172,10 +172,10 @@ def test_train_form_dora_box_reaches_the_config_and_the_count():
 def test_a_dora_run_resumes_from_its_checkpoint(sample_ds, tmp_path):
     from core.model.weights import load_base as load
     lc = LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn",), use_dora=True)
-    list(Trainer(load("tiny", device="cpu"), sample_ds, lc, quick(steps=4), "r", tmp_path / "run").run())
+    train_solo(Trainer(load("tiny", device="cpu"), sample_ds, lc, quick(steps=4), "r", tmp_path / "run"))
     model = load("tiny", device="cpu")
-    events = list(Trainer(model, sample_ds, None, quick(steps=6), "r", tmp_path / "run",
-                          resume=tmp_path / "run").run())
+    events = train_solo(Trainer(model, sample_ds, None, quick(steps=6), "r", tmp_path / "run",
+                          resume=tmp_path / "run"))
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
     assert all(l.variant["r"].label == "DoRA" for l in lora.lora_layers(model).values() if l.has("r"))
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["use_dora"] is True
@@ -211,7 +211,7 @@ def test_compare_through_the_engine_with_a_dora_column_equals_each_alone(tmp_pat
 
 def test_dora_runs_co_batched_equal_each_alone(sample_ds, tmp_path):
     from core.model.weights import load_base as load
-    from core.train.cobatch import CoTrainer
+    from core.train.loop import TrainLoop
     jobs = {"d": (LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), dropout=0.1, use_dora=True),
                   quick(steps=3, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0, checkpoint_interval=0,
                         seed=1)),
@@ -221,10 +221,10 @@ def test_dora_runs_co_batched_equal_each_alone(sample_ds, tmp_path):
     alone = {}
     for n, (lc, tc) in jobs.items():
         model = load("tiny", device="cpu")
-        events = list(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n).run())
+        events = train_solo(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n))
         alone[n] = ([e["loss"] for e in events if e["type"] == "step"], lora.adapter_state_dict(model, n))
     model = load("tiny", device="cpu")
-    co, events = CoTrainer(model), {n: [] for n in jobs}
+    co, events = TrainLoop(model), {n: [] for n in jobs}
     for n, (lc, tc) in jobs.items():
         co.join(Trainer(model, sample_ds, lc, tc, n, tmp_path / "co" / n), events[n].append)
     while co.runs:
@@ -252,7 +252,7 @@ def test_dora_with_rslora_lora_plus_and_a_rank_pattern_trains_and_loads_in_peft(
                     loraplus_lr_ratio=16.0, rank_pattern={"h.0.attn.c_attn": 2}, init="gaussian")
     model = load_base(str(hf_small), device="cpu")
     trainer = Trainer(model, sample_ds, lc, quick(steps=4), "t", tmp_path / "run", base_id=str(hf_small))
-    events = list(trainer.run())
+    events = train_solo(trainer)
     assert events[-1]["type"] == "done", events[-1]
     layers = [l for l in lora.lora_layers(model).values() if l.has("t")]
     groups = lora.lora_param_groups(model, "t", 1e-3, 16.0)

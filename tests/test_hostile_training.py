@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 import torch
 
 from core.train import data, trainer as train
@@ -18,9 +19,10 @@ from core.engine import BaseInUse, Engine
 from core.train.estimate import MemoryLimitError, estimate_training, parse_size
 from core.generate.sampling import SamplingConfig
 from core.lora.layers import adapter_names
-from core.train.trainer import Trainer, find_checkpoint, run_to_end
+from core.train.trainer import Trainer, find_checkpoint
 from core.model.weights import load_base
 import train_helpers
+from train_helpers import train_solo, train_to_end
 
 
 def quick(**kw) -> TrainConfig:
@@ -144,20 +146,18 @@ def test_parse_size():
 
 
 def test_the_estimate_counts_the_logits_the_trainer_really_holds():
-    """The estimate follows the trainer's own rule (core.train.trainer.ce_chunk): logits kept whole below
-    LOGITS_BUDGET, else in pieces of 1/8 of the tokens; and evaluation's rows of whole logits."""
+    """The estimate follows the loss's one rule (core.model.loss): logits kept whole below LOGITS_BUDGET,
+    else in pieces of 1/8 of the tokens; and evaluation's rows of whole logits."""
+    from core.model import loss
     V = PRESETS["gpt2"].vocab_size
-    model = torch.nn.Module()
-    model.config = PRESETS["gpt2"]
     # gpt2 16 x 128: 2,048 tokens' logits stay whole (not one 256-token piece)
-    assert train.ce_chunk(model, 16, 128) == 0
+    assert loss.piece_tokens(16 * 128, V) == 16 * 128
     est = estimate_training(PRESETS["gpt2"], LoraConfig(), TrainConfig(batch_size=16, seq_len=128), "cpu")
     assert est.logits_bytes >= 16 * 128 * V * 4 * 2  # fp32 logits + log-softmax
     # tiny 8 x 1024: training runs in 1,024-token pieces, but evaluation holds 5 whole rows of 1,024
-    model.config = PRESETS["tiny"]
-    assert train.ce_chunk(model, 8, 1024) > 0
+    assert loss.piece_tokens(8 * 1024, PRESETS["tiny"].vocab_size) == 1024
     est = estimate_training(PRESETS["tiny"], LoraConfig(), TrainConfig(batch_size=8, seq_len=1024), "cpu")
-    rows = train.LOGITS_BUDGET // (1024 * V * 4)
+    rows = loss.rows_that_fit(1024, V)
     assert rows == 5 and est.logits_bytes >= rows * 1024 * V * 4 * 2
     assert est.activation_bytes >= est.logits_bytes
 
@@ -180,7 +180,7 @@ def test_a_run_whose_estimate_exceeds_the_cap_is_refused_before_any_allocation(t
                              r".*rank \(now 8\).*--checkpointing"):
         t = Trainer(tiny, sample_ds, LoraConfig(), quick(**GIANT), "big", tmp_path / "run",
                     max_memory=parse_size("1GB"))
-        list(t.run())
+        train_solo(t)
     assert touched == [] and adapter_names(tiny) == [] and not (tmp_path / "run").exists()
 
 
@@ -198,7 +198,7 @@ def test_without_a_cap_the_available_memory_is_the_limit(tiny, sample_ds, tmp_pa
 
 
 def test_resume_with_the_same_settings_is_checked_too(tiny, sample_ds, tmp_path, monkeypatch):
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "r", tmp_path / "run"))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "r", tmp_path / "run"))
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     monkeypatch.setattr(core_device, "available_memory", lambda dev: 2**20)
     fresh = load_base("tiny", "cpu")
@@ -261,7 +261,7 @@ def test_stop_during_the_first_evaluation_ends_the_run_at_once(tiny, sample_ds, 
                                                            sample_prompts=("Hi",)), "s", tmp_path / "run")
     spy = _LossSpy(tiny, trainer.stop, stop_after=1)
     monkeypatch.setattr(tiny, "loss", spy)
-    events = list(trainer.run())
+    events = train_solo(trainer)
     kinds = [e["type"] for e in events]
     assert "eval" not in kinds and "sample" not in kinds and "step" not in kinds
     assert events[-1]["type"] == "done" and events[-1]["status"] == "stopped" and events[-1]["step"] == 0
@@ -274,11 +274,11 @@ def test_stop_during_a_later_evaluation_skips_its_samples_and_ends_the_run(tiny,
                       "s", tmp_path / "run")
     spy = _LossSpy(tiny)
     monkeypatch.setattr(tiny, "loss", spy)
-    events = []
-    for ev in trainer.run():
-        events.append(ev)
+
+    def on_event(ev):
         if ev["type"] == "step" and ev["step"] == 2:
             spy.stop, spy.stop_after = trainer.stop, spy.calls + 1
+    events = train_solo(trainer, on_event)
     assert [e["step"] for e in events if e["type"] == "sample"] == [0]
     assert events[-1]["status"] == "stopped" and events[-1]["step"] == 2
 
@@ -395,14 +395,14 @@ def test_the_app_takes_a_training_memory_cap(tmp_path, capsys):
                                    [1, 2, 3]], ids=["missing-keys", "wrong-types", "not-a-dict"])
 def test_a_damaged_trainer_state_is_refused_with_a_message(tiny, sample_ds, tmp_path, state):
     import io
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "r", tmp_path / "run"))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "r", tmp_path / "run"))
     ck = find_checkpoint(tmp_path / "run")
     buf = io.BytesIO()
     torch.save(state, buf)
     (ck.path / train.STATE).write_bytes(buf.getvalue())
     fresh = load_base("tiny", "cpu")
     with pytest.raises(ValueError, match=r"checkpoint .*step_000002 could not be read \(.*\); resume from another one"):
-        list(Trainer(fresh, sample_ds, None, quick(steps=4), "r", tmp_path / "run", resume=tmp_path / "run").run())
+        train_solo(Trainer(fresh, sample_ds, None, quick(steps=4), "r", tmp_path / "run", resume=tmp_path / "run"))
 
 
 def test_the_cli_takes_a_training_memory_cap(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adapter_helpers import randomize_b
-from train_helpers import quick
+from train_helpers import quick, train_solo
 from core.__main__ import main
 from core.lora.layers import add_adapter
 from core.model import tokenizer
@@ -239,7 +239,7 @@ def test_an_instruction_dataset_trains_and_its_response_loss_falls(tiny, tmp_pat
     write_jsonl(f, pairs(60))
     ds = instruct.prepare_records(f, QA, tmp_path / "ds")
     cfg = quick(steps=30, lr=3e-2, grad_accum=1, batch_size=4, seq_len=48, eval_interval=15, checkpoint_interval=30)
-    events = list(Trainer(tiny, data.load_dataset(tmp_path / "ds"), LoraConfig(), cfg, "qa", tmp_path / "run").run())
+    events = train_solo(Trainer(tiny, data.load_dataset(tmp_path / "ds"), LoraConfig(), cfg, "qa", tmp_path / "run"))
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["step"] for e in evals] == [0, 15, 30]
     assert evals[-1]["val_tokens"] <= int(ds.val_mask[1:].sum())  # response tokens only

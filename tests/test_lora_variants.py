@@ -22,8 +22,8 @@ from core.lora.layers import (add_adapter, adapter_names, count_lora_params, lor
 from core.lora.config import LoraConfig
 from core.model.config import TARGET_MODULES
 from core.model.weights import build, load_base  # noqa: E402
-from core.train.trainer import Trainer, run_to_end  # noqa: E402
-from train_helpers import quick  # noqa: E402
+from core.train.trainer import Trainer  # noqa: E402
+from train_helpers import quick, train_to_end  # noqa: E402
 
 TOL = 1e-4
 PATTERNS = dict(rank_pattern={"h.0.attn.c_attn": 4, "mlp.c_fc": 2}, alpha_pattern={"h.1.attn.c_proj": 4})
@@ -50,7 +50,7 @@ def test_trained_here_loads_in_peft(hf_small, sample_ds, tmp_path, variant):
     before = base_tensors(model)
     base = logits(model, None)
     lc = _lc(**VARIANTS[variant])
-    run_to_end(Trainer(model, sample_ds, lc, quick(steps=3), "a", tmp_path / "run", base_id=str(hf_small)))
+    train_to_end(Trainer(model, sample_ds, lc, quick(steps=3), "a", tmp_path / "run", base_id=str(hf_small)))
     got = logits(model, "a")
     assert (got - base).abs().max() > 1e-3  # training changed the output
     after = base_tensors(model)
@@ -177,7 +177,7 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(tiny, sample_ds, tmp_pat
     assert {id(p) for p in As} == {id(l.trainable("a")[0]) for l in lora_layers(tiny).values()}
     assert {id(p) for p in Bs} == {id(l.trainable("a")[1]) for l in lora_layers(tiny).values()}
     a0 = [p.detach().clone() for p in As]
-    run_to_end(tr)
+    train_to_end(tr)
     assert opt.param_groups[1]["lr"] == pytest.approx(16 * opt.param_groups[0]["lr"])
     moved_b = max(float(p.abs().max()) for p in Bs)
     assert moved_b == pytest.approx(16 * 1e-4, rel=1e-3)
@@ -328,7 +328,7 @@ def test_loraplus_steps_equal_a_hand_built_torch_optimizer(sample_ds, tmp_path):
     lc = LoraConfig(r=4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"), loraplus_lr_ratio=16.0)
     tc = quick(steps=2, grad_accum=1, lr=1e-3, eval_interval=0)
     ours = load_base("tiny", device="cpu")
-    run_to_end(Trainer(ours, sample_ds, lc, tc, "a", tmp_path / "run"))
+    train_to_end(Trainer(ours, sample_ds, lc, tc, "a", tmp_path / "run"))
     hand = load_base("tiny", device="cpu")
     add_adapter(hand, "a", lc, seed=tc.seed)
     layers = [l for l in lora_layers(hand).values() if l.has("a")]
@@ -354,18 +354,18 @@ def test_variant_jobs_co_batched_on_one_base_equal_each_alone(sample_ds, tmp_pat
     """PiSSA + LoRA+, patterns + rsLoRA and gaussian jobs trained together on one shared base end where
     each ends alone, and the shared base is bit-identical afterwards (PiSSA never writes it)."""
     from core.lora.layers import adapter_state_dict
-    from core.train.cobatch import CoTrainer
+    from core.train.loop import TrainLoop
     jobs = {"p": (_lc(init="pissa", loraplus_lr_ratio=8.0), quick(steps=3, seed=1, eval_interval=0)),
             "q": (_lc(**PATTERNS, use_rslora=True), quick(steps=2, seed=2, eval_interval=0, grad_accum=1)),
             "g": (_lc(init="gaussian"), quick(steps=3, seed=3, eval_interval=0, seq_len=16))}
     want = {}
     for n, (lc, tc) in jobs.items():
         model = load_base("tiny", device="cpu")
-        run_to_end(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n))
+        train_to_end(Trainer(model, sample_ds, lc, tc, n, tmp_path / "alone" / n))
         want[n] = adapter_state_dict(model, n)
     model = load_base("tiny", device="cpu")
     before = base_tensors(model)
-    co = CoTrainer(model)
+    co = TrainLoop(model)
     for n, (lc, tc) in jobs.items():
         co.join(Trainer(model, sample_ds, lc, tc, n, tmp_path / "together" / n), lambda ev: None)
     widths = []

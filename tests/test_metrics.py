@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from train_helpers import quick
+from train_helpers import quick, train_to_end
 from core.adapters import run_record
 from core.adapters.metrics import COLUMNS, write_metrics
 from core.lora.config import LoraConfig
-from core.train.trainer import Trainer, run_to_end
+from core.train.trainer import Trainer
 from studio.tabs import library
 
 
@@ -24,7 +24,7 @@ def _meta(run) -> dict:
 def trained(studio, sample_ds):
     """A 6-step run saved in the studio's library as 'run' (validation every 3 steps), and its studio.json."""
     run = studio.library.root / "run"
-    run_to_end(Trainer(studio.base("tiny"), sample_ds, LoraConfig(r=2), quick(steps=6, eval_interval=3),
+    train_to_end(Trainer(studio.base("tiny"), sample_ds, LoraConfig(r=2), quick(steps=6, eval_interval=3),
                        "run", run))
     return _meta(run)
 
@@ -41,9 +41,9 @@ def test_every_step_records_loss_lr_grad_norm_speed_and_time(trained):
 
 def test_a_resumed_run_counts_its_time_from_where_it_stopped(tiny, sample_ds, tmp_path):
     run = tmp_path / "run"
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4), "run", run))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4), "run", run))
     before = _meta(run)["history"][-1]["elapsed"]
-    run_to_end(Trainer(tiny, sample_ds, None, quick(steps=6), "", run, resume=run))
+    train_to_end(Trainer(tiny, sample_ds, None, quick(steps=6), "", run, resume=run))
     history = _meta(run)["history"]
     assert [h["step"] for h in history] == list(range(1, 7)) and history[3]["elapsed"] == before
     assert history[4]["elapsed"] > before

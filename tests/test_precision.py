@@ -16,7 +16,7 @@ from core.lora.layers import add_adapter, lora_layers, lora_parameters
 from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.trainer import Trainer
-from train_helpers import quick
+from train_helpers import quick, train_solo
 
 CPU = torch.device("cpu")
 XEON_SPR = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -43,7 +43,7 @@ def test_auto_picks_bf16_only_on_cpus_that_compute_it_natively():
 def _trained(dtype, sample_ds, out):
     model = load_base("tiny", "cpu", dtype)
     before = {k: v.clone() for k, v in base_tensors(model).items()}
-    events = list(Trainer(model, sample_ds, LC, quick(steps=6), "t", out).run())
+    events = train_solo(Trainer(model, sample_ds, LC, quick(steps=6), "t", out))
     assert events[-1]["type"] == "done", events[-1]
     return model, before, events
 

@@ -17,10 +17,10 @@ from core.adapters.format import save_adapter
 from core.adapters.library import TRAINER_STATE, Library, checkpoint_dirs, checkpoint_path, checkpoint_step
 from core.adapters.run_record import CHART_POINTS, HISTORY, META
 from core.lora.config import LoraConfig
-from core.train.trainer import Trainer, run_to_end
+from core.train.trainer import Trainer
 from studio.plots import loss_figure
 from studio_server import served_studio
-from train_helpers import quick
+from train_helpers import quick, train_to_end
 
 USERS = [("ann", "s3cret-ann"), ("bob", "s3cret-bob")]
 EVERY_2 = dict(checkpoint_interval=2, keep_checkpoints=0)  # a checkpoint every 2 steps, all kept
@@ -59,7 +59,7 @@ def test_a_run_longer_than_the_old_16_mib_record_keeps_its_owner_over_the_api(tm
 
 def test_each_checkpoint_writes_only_its_new_steps(tiny, sample_ds, tmp_path):
     run = tmp_path / "run"
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=12, **EVERY_2), "run", run))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=12, **EVERY_2), "run", run))
     cks = checkpoint_dirs(run)
     assert [checkpoint_step(c) for c in cks] == [2, 4, 6, 8, 10, 12]
     records = [(c / META).stat().st_size for c in cks]
@@ -75,9 +75,9 @@ def test_each_checkpoint_writes_only_its_new_steps(tiny, sample_ds, tmp_path):
 
 def test_a_resume_from_an_older_checkpoint_continues_its_history_not_the_later_one(tiny, sample_ds, tmp_path):
     run = tmp_path / "run"
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=8, **EVERY_2), "run", run))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=8, **EVERY_2), "run", run))
     first = list(run_record.history(run))
-    run_to_end(Trainer(tiny, sample_ds, None, quick(steps=6, **EVERY_2), "", run, resume=checkpoint_path(run, 4)))
+    train_to_end(Trainer(tiny, sample_ds, None, quick(steps=6, **EVERY_2), "", run, resume=checkpoint_path(run, 4)))
     again = list(run_record.history(run))
     assert _steps(again) == [1, 2, 3, 4, 5, 6]
     assert again[:4] == first[:4] and again[4]["wall_time"] > first[-1]["wall_time"]  # 5 and 6 trained anew
@@ -101,7 +101,7 @@ def _as_written_before(folder) -> None:
 def test_an_older_record_with_its_history_inline_reads_copies_and_resumes(tiny, sample_ds, tmp_path):
     lib = Library(tmp_path / "lib")
     run = lib.root / "old"
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4, **EVERY_2), "old", run, meta={"user": "ann"}))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4, **EVERY_2), "old", run, meta={"user": "ann"}))
     history = list(run_record.history(run))
     for folder in (*checkpoint_dirs(run), run):
         _as_written_before(folder)
@@ -111,14 +111,14 @@ def test_an_older_record_with_its_history_inline_reads_copies_and_resumes(tiny, 
     lib.duplicate("old", "copy", user="bob")  # a copy is written as records are now
     assert "history" not in json.loads((lib.root / "copy" / META).read_text())
     assert list(lib.history("copy")) == history and lib.details("copy")["user"] == "bob"
-    run_to_end(Trainer(tiny, sample_ds, None, quick(steps=6, **EVERY_2), "", run, resume=run))
+    train_to_end(Trainer(tiny, sample_ds, None, quick(steps=6, **EVERY_2), "", run, resume=run))
     assert _steps(run_record.history(run)) == [1, 2, 3, 4, 5, 6]
     assert list(run_record.history(run))[:4] == history
 
 
 def test_a_checkpoint_exports_and_imports_with_its_own_history(tiny, sample_ds, tmp_path):
     lib = Library(tmp_path / "lib")
-    run_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4, **EVERY_2), "run", lib.root / "run"))
+    train_to_end(Trainer(tiny, sample_ds, LoraConfig(r=2), quick(steps=4, **EVERY_2), "run", lib.root / "run"))
     out = lib.export_zip("run@step_000002", tmp_path / "out")
     with zipfile.ZipFile(out) as zf:
         assert _steps(map(json.loads, zf.read(HISTORY).splitlines())) == [1, 2]

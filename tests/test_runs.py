@@ -13,7 +13,7 @@ from core.lora.layers import adapter_names, lora_parameters
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
 from core.train.trainer import Trainer, find_checkpoint
-from train_helpers import quick
+from train_helpers import quick, train_solo
 
 
 def small(**kw) -> TrainConfig:
@@ -59,7 +59,7 @@ def test_a_linked_checkpoints_folder_lists_nothing(tmp_path):
 
 def test_the_trainer_saves_where_checkpoint_path_says_and_prunes_by_the_same_listing(tiny, sample_ds, tmp_path):
     run = tmp_path / "run"
-    events = list(Trainer(tiny, sample_ds, LoraConfig(), small(steps=8, keep_checkpoints=2), "a", run).run())
+    events = train_solo(Trainer(tiny, sample_ds, LoraConfig(), small(steps=8, keep_checkpoints=2), "a", run))
     paths = [e["path"] for e in events if e["type"] == "checkpoint"]
     assert paths == [str(checkpoint_path(run, s)) for s in (2, 4, 6, 8)]
     kept = [checkpoint_path(run, 6), checkpoint_path(run, 8)]
@@ -74,7 +74,7 @@ def test_extra_metadata_is_written_over_the_trainers_own_in_every_studio_json(ti
     run = tmp_path / "run"
     trainer = Trainer(tiny, sample_ds, LoraConfig(), small(), "train:mine", run,
                       meta={"name": "mine", "user": "alice"})
-    list(trainer.run())
+    train_solo(trainer)
     assert "train:mine" in adapter_names(tiny)  # the adapter is trained under the name it was given
     for folder in (run, *checkpoint_dirs(run)):
         meta = json.loads((folder / META).read_text())
@@ -100,8 +100,8 @@ def test_the_studio_trains_with_the_core_trainer(tmp_path, sample_ds):
 
 def test_setup_adds_the_adapter_once_and_run_continues_from_it(tiny, sample_ds, tmp_path):
     from core.model.weights import load_base
-    expected = [e["loss"] for e in Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), small(), "a",
-                                           tmp_path / "one").run() if e["type"] == "step"]
+    expected = [e["loss"] for e in train_solo(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), small(),
+                                                      "a", tmp_path / "one")) if e["type"] == "step"]
     trainer = Trainer(tiny, sample_ds, LoraConfig(), small(), "a", tmp_path / "two")
     assert "a" not in adapter_names(tiny)
     trainer.setup()
@@ -109,7 +109,7 @@ def test_setup_adds_the_adapter_once_and_run_continues_from_it(tiny, sample_ds, 
     params = lora_parameters(tiny, "a")
     trainer.setup()  # a second call changes nothing
     assert all(p is q for p, q in zip(params, lora_parameters(tiny, "a")))
-    events = list(trainer.run())
+    events = train_solo(trainer)
     assert events[0]["type"] == "start" and events[-1]["status"] == "finished"
     assert [e["loss"] for e in events if e["type"] == "step"] == expected
 

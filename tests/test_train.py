@@ -4,20 +4,22 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from adapter_helpers import base_tensors
-from train_helpers import quick
+from train_helpers import quick, train_solo, train_to_end
 from core.adapters import run_record
 from core.train import data
 from core.model import tokenizer
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
 from core.lora.layers import adapter_names, adapter_state_dict, add_adapter, lora_parameters
-from core.train.trainer import STATE, Trainer, find_checkpoint, lr_at, run_to_end, TrainingError
+from core.adapters.library import checkpoint_dirs
+from core.train.trainer import STATE, Trainer, find_checkpoint, lr_at, TrainingError
 from core.model.weights import load_base
 
 LORA_KEY = re.compile(r"^base_model\.model\.transformer\.h\.\d+\.attn\.c_attn\.lora_[AB]\.weight$")
@@ -26,7 +28,7 @@ LORA_KEY = re.compile(r"^base_model\.model\.transformer\.h\.\d+\.attn\.c_attn\.l
 
 
 def run_all(trainer) -> list[dict]:
-    return list(trainer.run())
+    return train_solo(trainer)
 
 
 def of(events, kind):
@@ -145,14 +147,99 @@ def test_an_existing_run_folder_is_never_overwritten(tiny, sample_ds, tmp_path):
 
 
 def test_large_micro_batches_train_the_loss_in_pieces_with_the_same_result(sample_ds, tmp_path, monkeypatch):
-    from core.train import trainer as train
-    assert train.ce_chunk(load_base("tiny", "cpu"), 4, 128) == 0  # the seed's micro-batch: logits whole (fastest)
-    assert train.ce_chunk(load_base("tiny", "cpu"), 16, 1024) > 0  # 3.3 GB of logits: in pieces
+    from core.model import loss
+    V = load_base("tiny", "cpu").config.vocab_size
+    assert loss.piece_tokens(4 * 128, V) == 4 * 128  # the seed's micro-batch: logits whole (fastest)
+    assert loss.piece_tokens(16 * 1024, V) == 2048  # 3.3 GB of logits: 8 pieces
     whole = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "w", tmp_path / "w"))
-    monkeypatch.setattr(train, "LOGITS_BUDGET", 1024)  # force the chunked path at this tiny size
-    pieces = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "p", tmp_path / "p"))
-    for a, b in zip(of(whole, "step") + of(whole, "eval"), of(pieces, "step") + of(pieces, "eval")):
-        assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), abs=1e-5)
+    # at this tiny size: 16 tokens' logits fit, so a micro-batch of 2 x 32 trains in 4 pieces of 16
+    monkeypatch.setattr(loss, "LOGITS_BUDGET", 16 * V * 4)
+    monkeypatch.setattr(loss, "MIN_PIECE", 16)
+    ce_sum, pieces = loss.ce_sum, []
+
+    def counted(h, t, head):
+        if torch.is_grad_enabled():
+            pieces.append(h.shape[0])
+        return ce_sum(h, t, head)
+    monkeypatch.setattr(loss, "ce_sum", counted)
+    cut = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "p", tmp_path / "p"))
+    assert pieces and set(pieces) == {16}  # every training loss in pieces (recomputed in the backward too)
+    for kind, key in (("step", "loss"), ("eval", "val_loss")):
+        assert len(of(cut, kind)) == len(of(whole, kind))
+        for a, b in zip(of(whole, kind), of(cut, kind)):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+    a, b = _adapter(tmp_path / "w"), _adapter(tmp_path / "p")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the pieces' gradients are the whole one's
+
+
+# ---- chunked running (ZeroGPU: each chunk in a fresh forked worker) ------------------------
+
+CHUNKED = dict(steps=7, eval_interval=2, checkpoint_interval=4, grad_accum=2)
+CHUNKED_LORA = LoraConfig(r=4, dropout=0.1, loraplus_lr_ratio=4.0)  # dropout: its RNG travels too
+
+
+def _chunk(sample_ds, out_dir, state, **limits):
+    """One chunk on a base loaded here (in a worker: nothing of the parent's model or modules comes back)."""
+    from core.train.loop import train_chunk
+    trainer = Trainer(load_base("tiny", "cpu"), sample_ds, CHUNKED_LORA, quick(**CHUNKED), "run", out_dir,
+                      resume=state)
+    return train_chunk(trainer, **limits)
+
+
+def _chunk_in_worker(*args, **limits):
+    torch.set_num_threads(1)  # a forked child cannot use the OpenMP threads its parent started (it hangs)
+    return _chunk(*args, **limits)
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["forked", "same-process"])
+def test_a_run_in_chunks_equals_the_run_at_once(sample_ds, tmp_path, where):
+    import multiprocessing
+    import pickle
+    whole = _chunk(sample_ds, tmp_path / "whole", None)
+    assert whole.outcome == "finished" and whole.state is None
+    chunks, state = [], None
+    for limits in ({"max_steps": 3}, {"max_seconds": 0.0}, {"max_steps": 3}, {}):  # 3, 1, 3 steps
+        if where == "forked":
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                chunk = pool.apply(_chunk_in_worker, (sample_ds, tmp_path / "cut", state), limits)
+        else:
+            chunk = _chunk(sample_ds, tmp_path / "cut", pickle.loads(pickle.dumps(state)), **limits)
+        chunks.append(chunk)
+        state = chunk.state
+        if state is None:
+            break
+    assert [c.outcome for c in chunks] == [None, None, "finished"]
+    assert [[e["step"] for e in of(c.events, "step")] for c in chunks] == [[1, 2, 3], [4], [5, 6, 7]]
+    cut = [e for c in chunks for e in c.events]
+    for kind, key in (("step", "loss"), ("eval", "val_loss")):
+        assert [e["step"] for e in of(cut, kind)] == [e["step"] for e in of(whole.events, kind)]
+        for a, b in zip(of(cut, kind), of(whole.events, kind)):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (kind, a["step"])
+    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "cut")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [h["step"] for h in run_record.history(tmp_path / "cut")] == list(range(1, 8))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step_000004", "step_000007"]
+
+
+def test_a_chunk_state_holds_only_plain_data_and_cpu_tensors(tiny, sample_ds, tmp_path):
+    import pickle
+    from core.train.loop import train_chunk
+    chunk = train_chunk(Trainer(tiny, sample_ds, CHUNKED_LORA, quick(**CHUNKED), "run", tmp_path / "run"),
+                        max_steps=1)
+    state = chunk.state
+    tensors = list(state.weights.values()) + [state.torch_rng] + [
+        t for s in state.optimizer["state"].values() for t in s.values()]
+    assert state.step == 1 and all(t.device.type == "cpu" for t in tensors)
+    kept = pickle.loads(pickle.dumps(state))
+    with torch.no_grad():  # the state is a copy: training on does not change it
+        for p in lora_parameters(tiny, "run"):
+            p.add_(1.0)
+    assert all(torch.equal(kept.weights[k], v) for k, v in state.weights.items())
 
 
 # ---- stop -----------------------------------------------------------------------------
@@ -166,7 +253,9 @@ def test_stop_from_another_thread_ends_within_one_step_and_saves(tiny, sample_ds
         if ev["type"] == "step" and ev["step"] == 3:
             trainer.stop.set()
 
-    trainer.start(on_event).join(timeout=120)
+    worker = threading.Thread(target=train_solo, args=(trainer, on_event))
+    worker.start()
+    worker.join(timeout=120)
     done = events[-1]
     assert done["type"] == "done" and done["status"] == "stopped"
     assert done["step"] in (3, 4)  # the step in flight may finish; no further one starts
@@ -271,14 +360,15 @@ def test_checkpoints_hold_only_adapter_tensors(tiny, sample_ds, tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, sample_ds, tmp_path):
     poison = {"on": False}
     hook = tiny.transformer.ln_f.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
-    events = []
+    weights_after_4 = {}
+
+    def on_event(ev):
+        if ev["type"] == "step" and ev["step"] == 4:
+            weights_after_4.update({k: v.clone() for k, v in adapter_state_dict(tiny, "nan").items()})
+            poison["on"] = True
     try:
-        for ev in Trainer(tiny, sample_ds, LoraConfig(), quick(steps=20, checkpoint_interval=3), "nan",
-                          tmp_path / "run").run():
-            events.append(ev)
-            if ev["type"] == "step" and ev["step"] == 4:
-                weights_after_4 = {k: v.clone() for k, v in adapter_state_dict(tiny, "nan").items()}
-                poison["on"] = True
+        events = train_solo(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=20, checkpoint_interval=3), "nan",
+                                    tmp_path / "run"), on_event)
     finally:
         hook.remove()
     err = events[-1]
@@ -293,7 +383,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, sample_
     # in the foreground (the CLI) the same failure is an exception with that message
     hook = tiny.transformer.ln_f.register_forward_hook(lambda m, i, out: out * float("nan"))
     with pytest.raises(TrainingError, match="NaN at step 1"):
-        run_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "nan2", tmp_path / "run2"))
+        train_to_end(Trainer(tiny, sample_ds, LoraConfig(), quick(steps=2), "nan2", tmp_path / "run2"))
     hook.remove()
 
 
@@ -319,14 +409,18 @@ def test_out_of_memory_becomes_a_message_naming_the_settings_to_lower(tiny, samp
     assert all(p.grad is None for p in lora_parameters(tiny, "oom"))
 
 
-def test_unexpected_errors_are_raised_in_the_foreground_and_reported_from_a_thread(tiny, sample_ds, tmp_path,
-                                                                                    monkeypatch):
+def test_unexpected_errors_are_raised_and_the_runs_of_the_step_end_as_failed(tiny, sample_ds, tmp_path,
+                                                                             monkeypatch):
+    from core.train.loop import TrainLoop
+    trainer = Trainer(tiny, sample_ds, LoraConfig(), quick(), "x", tmp_path / "a")
+    loop, events = TrainLoop(tiny), []
+    loop.join(trainer, events.append)
+
     def broken(*a, **kw):
         raise ZeroDivisionError("bug")
 
     monkeypatch.setattr(tiny, "hidden", broken)
-    with pytest.raises(ZeroDivisionError, match="bug"):
-        run_all(Trainer(tiny, sample_ds, LoraConfig(), quick(), "x", tmp_path / "a"))
-    events = []
-    Trainer(tiny, sample_ds, LoraConfig(), quick(), "y", tmp_path / "b").start(events.append).join(60)
-    assert events[-1]["type"] == "error" and "ZeroDivisionError" in events[-1]["message"]
+    with pytest.raises(ZeroDivisionError, match="bug"):  # the scheduler reports it to every job of the step
+        loop.run()
+    assert trainer.outcome == "failed" and loop.runs == []
+    assert all(p.grad is None for p in lora_parameters(tiny, "x"))

@@ -13,7 +13,7 @@ from core.lora.config import LoraConfig
 from core.model.weights import load_base
 from core.train.jobs import JobSpec, TrainScheduler
 from core.train.trainer import Trainer
-from train_helpers import quick
+from train_helpers import quick, train_solo
 
 A = (LoraConfig(r=4, alpha=8, targets=("attn.c_attn",)), quick(steps=3, batch_size=2, seq_len=16, grad_accum=1,
                                                                 eval_interval=0, checkpoint_interval=0, seed=1))
@@ -68,7 +68,7 @@ def spec(ds, tmp_path, name, job=A, user=None, base="tiny", **kw):
 
 def alone(ds, tmp_path, name, job):
     model = load_base("tiny", device="cpu")
-    events = list(Trainer(model, ds, job[0], job[1], name, tmp_path / f"alone-{name}").run())
+    events = train_solo(Trainer(model, ds, job[0], job[1], name, tmp_path / f"alone-{name}"))
     return [e["loss"] for e in events if e["type"] == "step"], adapter_state_dict(model, name)
 
 

@@ -54,19 +54,18 @@ def test_peft_made_dora_with_variants_loads_merges_routes_and_lists_like_peft(hf
 
 def test_a_dora_loraplus_run_resumed_equals_the_run_uninterrupted(sample_ds, tmp_path):
     from core.train.trainer import Trainer
-    from train_helpers import quick
+    from train_helpers import quick, train_solo
     lc = LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn", "mlp.c_fc"), use_dora=True, loraplus_lr_ratio=16.0,
                     rank_pattern={"h.0.mlp.c_fc": 4}, use_rslora=True, dropout=0.1)
     whole = load_base("tiny", device="cpu")
-    list(Trainer(whole, sample_ds, lc, quick(steps=6), "r", tmp_path / "whole").run())
+    train_solo(Trainer(whole, sample_ds, lc, quick(steps=6), "r", tmp_path / "whole"))
     cut = Trainer(load_base("tiny", device="cpu"), sample_ds, lc, quick(steps=6), "r", tmp_path / "part")
-    for ev in cut.run():  # stopped after step 4: the same schedule as the whole run
-        if ev["type"] == "step" and ev["step"] == 4:
-            cut.stop.set()
+    # stopped after step 4: the same schedule as the whole run
+    train_solo(cut, lambda ev: ev["type"] == "step" and ev["step"] == 4 and cut.stop.set())
     assert cut.step == 4
     part = load_base("tiny", device="cpu")
-    events = list(Trainer(part, sample_ds, None, quick(steps=6), "r", tmp_path / "part",
-                          resume=tmp_path / "part").run())
+    events = train_solo(Trainer(part, sample_ds, None, quick(steps=6), "r", tmp_path / "part",
+                          resume=tmp_path / "part"))
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
     a, b = lora.adapter_state_dict(whole, "r"), lora.adapter_state_dict(part, "r")
     assert a.keys() == b.keys() and any(k.endswith("lora_magnitude_vector") for k in a)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from core.device import sums_in_fp32_while_generating
-from core.model import fused_ce
+from core.model import loss as ce_loss
 from core.model.config import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, GPTConfig, target_shapes
 
 
@@ -103,8 +103,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x), route)
 
 
-def _ce_sum(h, targets, weight):
-    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
 
 
 class GPT(nn.Module):
@@ -154,33 +152,14 @@ class GPT(nn.Module):
                 x = block(x, route, cache, i, mask)
         return self.transformer.ln_f(x)
 
-    def loss(self, idx, targets, route=None, chunk: int = 256):
-        """Mean next-token cross entropy (fp32) of `idx` against `targets`, both (B, T).
-
-        With `chunk` > 0 the vocabulary projection runs over pieces of at least `chunk` tokens (at
-        most 8 pieces) and is recomputed in the backward pass, so the (tokens x 50257) logits never
-        exist whole: at 16 x 1024 that is ~8 GB less at the peak, for one extra head matmul.
-        """
+    def loss(self, idx, targets, route=None, chunk: int | None = None):
+        """Mean next-token cross entropy (fp32) of `idx` against `targets`, both (B, T), the head and loss in
+        pieces of `chunk` tokens (None: core.model.loss's rule; 0: whole)."""
         return self.mean_ce(self.hidden(idx, route), targets, chunk)
 
-    def mean_ce(self, h, targets, chunk: int = 256):
-        """Mean cross entropy of hidden states h (B, T, d) against targets (B, T), chunked as in `loss`."""
-        h, t = h.flatten(0, 1), targets.flatten()
-        w = self.lm_head.weight
-        # targets of -100 (instruction data's prompt tokens) count in neither the sum nor the mean: a window
-        # of prompt tokens only adds nothing to its micro-batch's mean (windows weigh by their response
-        # tokens), and a micro-batch whose targets are all ignored has loss 0 and no gradient (0 / 1), never
-        # 0 / 0 = NaN (with gradient accumulation its step averages a zero into the loss and the gradient)
-        n = (t != -100).sum().clamp(min=1)
-        if fused_ce.applies(h, w):  # a frozen bf16 head on the CPU: its own row chunks, whatever `chunk` says
-            return fused_ce.linear_cross_entropy(h, w, t, n)
-        if chunk <= 0 or h.shape[0] <= chunk or not torch.is_grad_enabled():
-            return _ce_sum(h, t, w) / n
-        chunk = max(chunk, -(-h.shape[0] // 8))
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], chunk):
-            total = total + checkpoint(_ce_sum, h[i:i + chunk], t[i:i + chunk], w, use_reentrant=False)
-        return total / n
+    def mean_ce(self, h, targets, chunk: int | None = None):
+        """Mean cross entropy of hidden states h (B, T, d) against targets (B, T), as `loss` (core.model.loss)."""
+        return ce_loss.mean_ce(h, targets, self.lm_head.weight, chunk)
 
     def use_cpu_layout(self) -> "GPT":
         """Hold each projection's (in, out) weight in (out, in) memory order, as nn.Linear does.

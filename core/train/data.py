@@ -21,6 +21,7 @@ import torch
 from core import atomic, safe_json
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
+from core.model.loss import IGNORE
 
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "samples"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -31,7 +32,6 @@ MAX_META_BYTES = 1 << 20  # meta.json: counts and source names, a few KB
 MAX_SOURCES = 1000  # source file names kept from a meta.json
 DOC_SEPARATOR = "<|endoftext|>"
 MASK_SUFFIX = "_mask_"  # train_mask_00000.npy: instruction data's loss mask beside train_00000.npy
-IGNORE = -100  # a target that counts in no loss (F.cross_entropy's default ignore_index)
 
 
 # ---- reading text ---------------------------------------------------------------------

@@ -31,8 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from core.device import is_oom
-from core.train.cobatch import forward_backward
+from core.train.loop import Hooks, TrainLoop
 
 TIMEOUT_ENV = "LORA_STUDIO_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 600)
 # "RANK:STEP": that rank exits at once (status 1) before the gradient reduce of optimizer step STEP;
@@ -49,8 +48,9 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-class Group:
-    """This process's place in the run: rank, world size, device, and the collectives the trainer needs."""
+class Group(Hooks):
+    """This process's place in the run: rank, world size, device, and the collectives the trainer needs; as
+    a TrainLoop's hooks, the ranks agree on Stop."""
 
     def __init__(self, device_pref: str = "auto"):
         self.rank = int(os.environ["RANK"])  # 0 writes files and prints
@@ -92,6 +92,13 @@ class Group:
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
             offset += g.numel()
         return flat[-1].to(loss_sum.dtype)
+
+    def agree_stop(self, flag: bool) -> bool:
+        return self.any(flag)
+
+    @property
+    def fatal(self) -> tuple:
+        return (RankLost,)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on one of them (Stop: all ranks stop at the same step)."""
@@ -150,27 +157,6 @@ def _fault(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def run(trainer, group: Group):
-    """The trainer's steps on this rank (Trainer.run's loop, with Stop agreed by all ranks), yielding its events."""
-    trainer.setup()
-    group.same("the run's step and batch order", (trainer.step, json.dumps(trainer._prepared.rng.bit_generator.state)))
-    yield from trainer.open()
-    while trainer.outcome is None:
-        if group.any(trainer.stop.is_set()):
-            trainer.stop.set()
-            yield from trainer.stopped()
-            break
-        trainer.begin_micro()
-        try:
-            loss, = forward_backward(trainer.model, [trainer])
-        except Exception as e:  # the other ranks learn of it when their next collective fails
-            if is_oom(e):
-                raise RuntimeError(trainer.out_of_memory()["message"]) from None
-            trainer.abort()
-            raise
-        yield from trainer.end_micro(loss)
-
-
 def train(trainer, group: Group, hold, on_event) -> int:
     """Run `trainer` on this rank to the end; rank 0 holds the run folder (`hold()`, a context manager) and
     passes every event to `on_event`. Exit status 0, or 1 after one line on stderr when a rank was lost."""
@@ -180,11 +166,21 @@ def train(trainer, group: Group, hold, on_event) -> int:
     try:
         group.barrier()  # every rank has checked the run folder before rank 0 claims it
         with hold() if group.writes else contextlib.nullcontext():
-            for ev in run(trainer, group):
+            trainer.setup()
+            group.same("the run's step and batch order",
+                       (trainer.step, json.dumps(trainer._prepared.rng.bit_generator.state)))
+            errors = []
+
+            def emit(ev: dict) -> None:
                 if group.writes:
                     on_event(ev)
                 if ev["type"] == "error":
-                    raise RuntimeError(ev["message"])
+                    errors.append(ev["message"])
+            loop = TrainLoop(trainer.model, group)  # the one loop, Stop agreed by all ranks
+            loop.join(trainer, emit)
+            loop.run()
+            if errors:  # the other ranks learn of it when their next collective fails
+                raise RuntimeError(errors[0])
         group.barrier()  # rank 0's files are complete before any rank reports success
     except RankLost as e:
         ck = trainer._latest_checkpoint()

@@ -16,6 +16,7 @@ import torch
 from core import device as _device
 from core.lora.config import LoraConfig
 from core.model.config import GPTConfig, target_shapes
+from core.model.loss import piece_tokens, rows_that_fit
 from core.train.config import TrainConfig
 from core.lora.layers import count_lora_params
 from core.lora import variants
@@ -39,22 +40,8 @@ RUNTIME_BYTES = {"cpu": 88 * 2**20}
 BYTES = {"fp32": 4, "bf16": 2, "nf4": 0.5 + 0.0625, "int8": 1 + 0.0625}
 # Bytes of fp32 logits one forward may hold whole; larger micro-batches train the loss in pieces and
 # evaluate fewer rows at a time. The trainer (core.train.trainer) follows this same rule.
-LOGITS_BUDGET = 1 << 30
-
-
 class MemoryLimitError(ValueError):
     """Settings whose estimated peak memory exceeds what the machine has (or the configured cap)."""
-
-
-def loss_chunk(tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
-    """Tokens per piece of the chunked loss (core.model.gpt.GPT.loss): 0 (whole, fastest) while a
-    micro-batch's fp32 logits fit the budget, else pieces recomputed in backward (less memory)."""
-    return 0 if tokens * vocab * 4 <= budget else 256
-
-
-def eval_rows(batch_size: int, seq_len: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
-    """Sequences evaluated per forward: the batch, or fewer so their fp32 logits fit the budget."""
-    return max(1, min(batch_size, budget // (seq_len * vocab * 4)))
 
 
 @dataclass
@@ -124,16 +111,14 @@ def estimate_training(cfg: GPTConfig, lcfg: LoraConfig, tcfg: TrainConfig, devic
 def logits_bytes(vocab: int, batch_size: int, seq_len: int, act_bytes: int) -> tuple[int, int]:
     """(training, evaluation) bytes of the loss's logits buffers, by the trainer's own rule.
 
-    Training: the micro-batch's logits whole while they fit LOGITS_BUDGET, else one piece of >= 256
-    tokens (1/8 of them) at a time (GPT.loss); each with its fp32 log-softmax and gradient.
-    Evaluation (no gradients, between steps): eval_rows() whole rows' logits, an fp32 copy of
-    half-precision ones, and the fp32 log-softmax.
+    Training: one piece of the micro-batch's logits at a time (core.model.loss.piece_tokens: all of them
+    while they fit the budget), with its fp32 log-softmax and gradient. Evaluation (no gradients, between
+    steps): the whole rows that fit (core.model.loss.rows_that_fit), an fp32 copy of half-precision
+    ones, and the fp32 log-softmax.
     """
     tokens = batch_size * seq_len
-    chunk = loss_chunk(tokens, vocab)
-    piece = tokens if chunk == 0 or tokens <= chunk else max(chunk, -(-tokens // 8))
-    train = piece * vocab * (act_bytes + 4 + 4)
-    rows = eval_rows(batch_size, seq_len, vocab)
+    train = piece_tokens(tokens, vocab) * vocab * (act_bytes + 4 + 4)
+    rows = min(batch_size, rows_that_fit(seq_len, vocab))
     evaluation = rows * seq_len * vocab * (act_bytes + 4 + (4 if act_bytes != 4 else 0))
     return train, evaluation
 

@@ -7,7 +7,7 @@ per forward for all of them. `token_differences` scores one text under the base 
 rows of one forward) and returns, per token, how much likelier the adapter makes it.
 
 The vocabulary logits are never held whole for more rows than LOGITS_BUDGET allows: the forward yields
-hidden states, and the loss is computed from them in pieces (core.train.estimate's rule).
+hidden states, and the loss is computed from them in pieces (core.model.loss's rule).
 
 Beside the decode scheduler, scoring takes turns (`DecodeFirst`): it runs in chunks of bounded work, each
 holding the engine lock once, and gives way to decoding between them, so a Compare is not stalled behind
@@ -32,7 +32,7 @@ from core.lora.layers import make_route
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.train.data import eval_windows, masked_targets
-from core.train.estimate import LOGITS_BUDGET
+from core.model.loss import LOGITS_BUDGET, rows_that_fit
 from core.train.trainer import EVAL_TOKENS, Stopped
 
 MAX_MODELS = 9  # the base + 8 adapters in one evaluation
@@ -131,13 +131,13 @@ def chunk_sizes(config, T: int, work: int = CHUNK_WORK, budget: int = LOGITS_BUD
     row or position; a head piece's logits also fit `budget` bytes)."""
     d, V = config.n_embd, config.vocab_size
     rows = max(1, work // (T * config.n_layer * (12 * d * d + 2 * T * d)))
-    return rows, max(1, min(work // (d * V), budget // (V * 4)))
+    return rows, max(1, min(work // (d * V), rows_that_fit(1, V, budget)))
 
 
 def _score(model, rows: torch.Tensor, names: list, targets: torch.Tensor, lock=None, turns: DecodeFirst | None = None,
            stop: threading.Event | None = None, work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> torch.Tensor:
     """Per-token negative log-likelihood (R, T), fp32, of `rows` (R, T + 1 ids; row i under adapter names[i],
-    None = the base) against `targets` (R, T; ignore_index -100 scores 0), in chunks (`chunk_sizes`), each
+    None = the base) against `targets` (R, T; IGNORE scores 0), in chunks (`chunk_sizes`), each
     one `turns.turn(lock)`. stop: checked before each chunk (raises core.train.trainer.Stopped)."""
     turns = turns if turns is not None else DecodeFirst()
     R, T = targets.shape
@@ -164,7 +164,7 @@ def _check(stop: threading.Event | None) -> None:
 
 def windows_per_forward(models: int, seq_len: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
     """Windows read per forward: as many as fit the logits budget with every model's copy (at least one)."""
-    return max(1, budget // (seq_len * vocab * 4) // models)
+    return max(1, rows_that_fit(seq_len, vocab, budget) // models)
 
 
 @torch.no_grad()

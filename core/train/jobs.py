@@ -9,7 +9,7 @@ base waits until the current base has no jobs, then the base is switched. Turns 
   fit yet no longer blocks a small one behind it;
 - but a job may be passed so at most PASS_LIMIT times: after that nothing starts past it, so the
   running jobs drain until it fits (it is never starved);
-- a job runs at most max_job_minutes (then it is stopped and saved, and says why). Running jobs share every micro-step (core.train.cobatch.CoTrainer) in one thread; each
+- a job runs at most max_job_minutes (then it is stopped and saved, and says why). Running jobs share every micro-step (core.train.loop.TrainLoop) in one thread; each
 keeps its own optimizer, schedule, data order, evaluation cadence, samples and checkpoints. A job
 that ends leaves alone; an out-of-memory error sends the newest job back to the head of the queue,
 exactly where it was, until a running job ends.
@@ -35,7 +35,7 @@ from core.device import available_memory
 from core.lora.layers import adapter_names, remove_adapter
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
-from core.train.cobatch import CoTrainer
+from core.train.loop import TrainLoop
 from core.train.data import Dataset
 from core.train.estimate import estimate_training
 from core.adapters.library import RESUMABLE, checkpoint_dirs
@@ -266,7 +266,7 @@ class TrainScheduler:
         self._queue: deque[TrainJob] = deque()
         self._running: list[TrainJob] = []
         self._recent: deque[TrainJob] = deque(maxlen=50)  # ended jobs, newest last
-        self._co: CoTrainer | None = None
+        self._co: TrainLoop | None = None
         self._squeezed = False  # a shared step ran out of memory: nothing more joins until a job ends
         self._closed = False
         self._yield_to, self.yield_s = yield_to, yield_s
@@ -519,7 +519,7 @@ class TrainScheduler:
                 with self._model_lock:  # the shared model's structure changes: generation waits
                     job.trainer.setup()
                 if self._co is None or self._co.model is not job.model:
-                    self._co = CoTrainer(job.model)
+                    self._co = TrainLoop(job.model)
                 self._co.join(job.trainer, lambda ev, job=job: self._event(job, ev))
             else:
                 self._co.rejoin(job.trainer, lambda ev, job=job: self._event(job, ev))

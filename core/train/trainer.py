@@ -1,11 +1,12 @@
-"""The LoRA training loop: AdamW on one adapter's weights, warmup + cosine schedule, events, a stop
+"""One LoRA training run: AdamW on one adapter's weights, warmup + cosine schedule, events, a stop
 flag, checkpoints that resume bit-for-bit, and clear failures (NaN loss, out of memory).
 
-`Trainer(...).run()` is a generator of plain-dict events; the CLI iterates it in the foreground and
-the studio in a background thread (`Trainer.start`). The base model is shared, never copied: the
-adapter is added to it, trained through `route=name` (other adapters' generations on the same model
-are unaffected) and left loaded under that name at the end. `setup()` adds it (and builds the
-optimizer); the studio calls it under its engine lock, run() calls it when nobody did.
+A Trainer is one run's state machine; core.train.loop.TrainLoop drives it (alone, co-batched with other
+runs by core.train.jobs, under torchrun, or in chunks) and hands its plain-dict events to the caller.
+The base model is shared, never copied: the adapter is added to it, trained through `route=name` (other
+adapters' generations on the same model are unaffected) and left loaded under that name at the end.
+`setup()` adds it (and builds the optimizer); the studio calls it under its engine lock, open() calls it
+when nobody did.
 
 Events (plain dicts of str/int/float/None/list, safe to hand between threads):
     start       name, step (0, or the resumed step), steps, batch_size, seq_len (after fitting the data),
@@ -56,15 +57,15 @@ from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkp
                                    checkpoint_step)
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
-from core.train.data import IGNORE, Dataset, eval_windows, get_batch, masked_targets
+from core.train.data import Dataset, eval_windows, get_batch, masked_targets
 from core.device import GUARD, autocast_for, is_oom
-from core.train.estimate import LOGITS_BUDGET, check_memory, estimate_training, eval_rows, loss_chunk
+from core.model.loss import IGNORE, piece_tokens, rows_that_fit
+from core.train.estimate import check_memory, estimate_training
 from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.variants import check_fits as check_init_fits
 from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
                               lora_param_groups, lora_parameters, make_route)
-from core.train.cobatch import forward_backward
 from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
@@ -94,7 +95,8 @@ class _Loss(torch.nn.Module):
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, out of memory); the message says what to do."""
+    """A run that cannot go on (its 'error' event, raised by a caller that wants an exception); the message
+    says what to do."""
 
 
 class Stopped(Exception):
@@ -124,7 +126,7 @@ def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size:
         masks = eval_windows(mask, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
         windows = [np.stack([w.astype(np.int64), m.astype(np.int64)]) for w, m in zip(windows, masks)]
     route = make_route(model, [name])
-    rows = eval_rows(batch_size, seq_len, model.config.vocab_size, LOGITS_BUDGET)
+    rows = min(batch_size, rows_that_fit(seq_len, model.config.vocab_size))
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     count = 0
     with autocast_for(model):
@@ -157,11 +159,6 @@ def failure_message(e: BaseException, step: int, kept: str | None) -> str:
     return f"training failed at step {step} ({what}); {have}."
 
 
-def ce_chunk(model, batch_size: int, seq_len: int) -> int:
-    """Tokens per piece of the chunked loss (core.train.estimate.loss_chunk, which the estimate follows too)."""
-    return loss_chunk(batch_size * seq_len, model.config.vocab_size, LOGITS_BUDGET)
-
-
 # ---- resume points --------------------------------------------------------------------
 
 @dataclass
@@ -173,6 +170,39 @@ class Checkpoint:
     lcfg: LoraConfig
     tcfg: TrainConfig
     meta: dict  # its studio.json
+
+
+@dataclass
+class TrainState:
+    """A run between two optimizer steps, all of it, as plain data and CPU tensors (picklable): what
+    core.train.loop.train_chunk returns, and what `Trainer(resume=state)` continues from exactly, in
+    this process or another (a ZeroGPU worker). Nothing of it is on disk."""
+    step: int  # optimizer steps done
+    name: str  # the adapter name of the run
+    lcfg: LoraConfig
+    tcfg: TrainConfig
+    meta: dict  # its studio.json fields now (base model, dataset name and sha256)
+    weights: dict  # the adapter's tensors (adapter_state_dict keys), on the CPU
+    optimizer: dict  # the optimizer's state_dict, its tensors on the CPU
+    np_rng: dict  # the batch order's bit generator state
+    torch_rng: torch.Tensor | None  # the dropout RNG's state (None without dropout)
+    start_val_loss: float | None
+    history: list  # the steps not yet appended to the run's history.jsonl
+    history_bytes: int  # that file's length as the newest record says
+    lasts: dict  # the newest value of each history field
+    saved_step: int | None  # the step of the newest checkpoint on disk (None: none yet)
+    path = None  # not a folder: a resume point in memory
+
+
+def _on_cpu(x):
+    """`x` (a state_dict's nesting of dicts, lists and tensors) with every tensor copied to the CPU."""
+    if torch.is_tensor(x):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_cpu(v) for v in x)
+    return x
 
 
 def _label(path: Path) -> str:
@@ -216,7 +246,7 @@ class _Prepared:
     loss_fn: Callable  # one micro-batch's loss alone: eager, or replayed CUDA graphs
     graph_note: str | None  # why CUDA graphs were wanted but are not used
     dropout_gen: torch.Generator | None  # this run's own LoRA dropout RNG (None without dropout)
-    chunk: int  # tokens per piece of the chunked loss (0 = whole)
+    chunk: int  # tokens per piece of the loss alone (core.model.loss.piece_tokens)
 
 
 @dataclass
@@ -247,7 +277,8 @@ class Trainer:
     dataset: a core.train.data.Dataset. out_dir: the run folder (adapter + checkpoints/).
     stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
     resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
-        `tcfg` (default: the checkpoint's) may extend the number of steps.
+        `tcfg` (default: the checkpoint's) may extend the number of steps. Or a TrainState (a chunk's
+        end, core.train.loop.train_chunk): the run goes on exactly where it was.
     max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
         available on the device caps it too. Settings above it are refused here, before the adapter,
         the optimizer or any batch exists.
@@ -260,7 +291,7 @@ class Trainer:
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
                  resume=None, max_memory: int | None = None, meta: dict | None = None, dist=None):
-        self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
+        self.resume = resume if resume is None or isinstance(resume, (Checkpoint, TrainState)) else find_checkpoint(resume)
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
             name = name or self.resume.name
@@ -274,7 +305,7 @@ class Trainer:
         lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
         lcfg.validate(model.config)
         check_init_fits(model, lcfg)
-        if self.resume is not None and lcfg.init in RESIDUAL_INITS:  # its checkpoint holds the converted file
+        if isinstance(self.resume, Checkpoint) and lcfg.init in RESIDUAL_INITS:  # it holds the converted file
             raise ValueError(f"a {lcfg.init} run cannot be resumed from a checkpoint (it saves a converted "
                              f"rank-{2 * lcfg.r} LoRA, not its A and B); start a new run.")
         tcfg.validate(model.config)
@@ -305,24 +336,10 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.tcfg.batch_size * self.seq_len * self.tcfg.grad_accum
 
-    def start(self, on_event: Callable[[dict], None]) -> threading.Thread:
-        """Run in a background thread, passing every event to `on_event` (an unexpected
-        exception becomes a final 'error' event)."""
-        def work():
-            try:
-                for ev in self.run():
-                    on_event(ev)
-            except Exception as e:  # noqa: BLE001 - reported, not swallowed
-                on_event({"type": "error", "kind": "internal", "step": self.step,
-                          "message": f"training failed: {type(e).__name__}: {e}", "checkpoint": None})
-        t = threading.Thread(target=work, name=f"train-{self.name}", daemon=True)
-        t.start()
-        return t
-
     def setup(self) -> None:
         """Add the adapter to the shared model, build the optimizer, load the resume state and prepare
         the micro-step (CUDA graphs are captured here). This changes the shared model's structure, so
-        the studio calls it under the engine lock; run() calls it when nobody did. Runs once."""
+        the studio calls it under the engine lock; open() calls it when nobody did. Runs once."""
         if self._prepared is not None:
             return
         model, tcfg = self.model, self.tcfg
@@ -341,37 +358,11 @@ class Trainer:
                                 fused=model.device.type == "cuda" or None)
         if self.resume is not None:
             rng = self._load_resume(opt, gen)
-        chunk = ce_chunk(model, tcfg.batch_size, self.seq_len)
+        chunk = piece_tokens(self._rows * self.seq_len, model.config.vocab_size)
         loss_fn, graph_note = self._loss_fn(chunk, self._rows, self.seq_len, gen)
         self._prepared = _Prepared(rng, opt, params, loss_fn, graph_note, gen, chunk)
 
-    def run(self) -> Iterator[dict]:
-        """Train alone in the foreground, yielding the events listed in the module docstring as they
-        happen: the steps a co-batched run takes (core.train.cobatch), with this run as the only one."""
-        yield from self.open()
-        while self.outcome is None:
-            if self.stop.is_set():
-                yield from self._guarded(self.stopped())
-                break
-            self.begin_micro()
-            try:
-                loss, = forward_backward(self.model, [self])
-            except Exception as e:
-                if not is_oom(e):
-                    self.abort()
-                    raise
-                yield self.out_of_memory()
-                break
-            yield from self._guarded(self.end_micro(loss))
-
-    def _guarded(self, events: Iterator[dict]) -> Iterator[dict]:
-        """`events`, then the 'error' event of a failure in them (failed)."""
-        try:
-            yield from events
-        except Exception as e:  # noqa: BLE001 - the run's own failure, reported as its last event
-            yield self.failed(e)
-
-    # -- the steps, one micro-batch at a time (core.train.cobatch drives several runs through them) --
+    # -- the steps, one micro-batch at a time (core.train.loop.TrainLoop drives runs through them) --
 
     def open(self) -> Iterator[dict]:
         """Set up (unless done), then the 'start' events and the first validation loss."""
@@ -383,7 +374,8 @@ class Trainer:
             self.start_val_loss = yield from self._eval()
         before = self._last("elapsed")  # a resumed run's training time so far
         self._progress = _Progress(last_good=self._latest_checkpoint(),
-                                   saved_step=self.resume.step if self.resume else None,
+                                   saved_step=getattr(self.resume, "saved_step", self.resume.step)
+                                   if self.resume else None,
                                    elapsed_before=float(before) if isinstance(before, (int, float))
                                    and math.isfinite(before) else 0.0)
         if self.step >= self.tcfg.steps or self.stop.is_set():
@@ -410,8 +402,8 @@ class Trainer:
         if self.dataset.train_mask is not None:
             # masked targets differ per rank: one process averages over the whole micro-batch's response
             # tokens, so this rank's mean weighs (its tokens x ranks / all tokens) before the ranks' average
-            total = int((y != -100).sum())
-            self._rank_share = int((ly != -100).sum()) * self.dist.world / total if total else 1.0
+            total = int((y != IGNORE).sum())
+            self._rank_share = int((ly != IGNORE).sum()) * self.dist.world / total if total else 1.0
         return lx, ly
 
     def end_micro(self, loss: torch.Tensor) -> Iterator[dict]:
@@ -435,12 +427,18 @@ class Trainer:
         return max(1, self.tcfg.batch_size // (self.dist.world if self.dist else 1))
 
     @property
-    def grad_accum(self) -> int:
-        return self.tcfg.grad_accum
+    def between_steps(self) -> bool:
+        """Whether no optimizer step is in progress (its state can be taken, a chunk can end)."""
+        return self._pending.micro == 0
 
     @property
-    def loss_chunk(self) -> int:
-        return self._prepared.chunk
+    def _writes(self) -> bool:
+        """Whether this process writes the run's files (under torchrun rank 0 alone does)."""
+        return self.dist is None or self.dist.writes
+
+    @property
+    def grad_accum(self) -> int:
+        return self.tcfg.grad_accum
 
     def solo_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A micro-batch's mean loss when this run trains alone (a replayed CUDA graph on GPUs)."""
@@ -517,7 +515,7 @@ class Trainer:
                "tokens_per_step": self.tokens_per_step,
                "trainable_params": int(sum(p.numel() for p in prep.params)), "device": str(model.device),
                "autocast": "bf16" if isinstance(autocast_for(model), torch.autocast) else None,
-               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
+               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume and self.resume.path else None}
         if self.block_note:
             yield {"type": "info", "message": self.block_note}
         if prep.graph_note:
@@ -721,9 +719,52 @@ class Trainer:
         found = checkpoint_dirs(self.out_dir, RESUMABLE)
         return str(found[-1]) if found else None
 
+    def state(self) -> TrainState:
+        """This run as a TrainState (between two optimizer steps: after open(), or at a step's end)."""
+        if self._pending.micro or self._prepared is None:
+            raise RuntimeError("a run's state is taken between two optimizer steps, after it was opened.")
+        prep = self._prepared
+        return TrainState(
+            step=self.step, name=self.name, lcfg=self.lcfg, tcfg=self.tcfg, meta=self._meta("running"),
+            weights=_on_cpu(adapter_state_dict(self.model, self.name)), optimizer=_on_cpu(prep.opt.state_dict()),
+            np_rng=prep.rng.bit_generator.state, torch_rng=_on_cpu(self._dropout_state()),
+            start_val_loss=self.start_val_loss, history=[dict(p) for p in self.history],
+            history_bytes=self._history_bytes, lasts=dict(self._lasts), saved_step=self._progress.saved_step)
+
     def _load_resume(self, opt, gen: torch.Generator | None) -> np.random.Generator:
-        """Adapter weights, optimizer, step and RNG from the checkpoint (all read and checked before any
-        of them is applied); the run's history becomes the checkpoint's."""
+        """Adapter weights, optimizer, step and RNG from the resume point (all read and checked before any
+        of them is applied)."""
+        state = self.resume if isinstance(self.resume, TrainState) else self._read_checkpoint()
+        where = f"checkpoint {_label(self.resume.path)}" if self.resume.path else "the saved training state"
+        current = adapter_state_dict(self.model, self.name)
+        loaded = state.weights
+        if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
+            raise ValueError(f"{where} does not match its LoRA settings "
+                             f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
+        try:
+            opt.load_state_dict(state.optimizer)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where} could not be read ({type(e).__name__} in its optimizer "
+                             f"state); resume from another one.") from None
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(loaded[k])
+        if gen is not None and torch.is_tensor(state.torch_rng):
+            try:
+                gen.set_state(state.torch_rng)
+            except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
+                pass                           # the global RNG's state): dropout masks differ from here on
+        self.step, self.start_val_loss = state.step, state.start_val_loss
+        self._lasts.update(state.lasts)
+        self.history, self._history_bytes = [dict(p) for p in state.history], state.history_bytes
+        if isinstance(self.resume, Checkpoint) and self._writes:  # the run's history becomes the checkpoint's
+            self._history_bytes = run_record.adopt(self.out_dir, self.resume.path, self.resume.meta)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.np_rng
+        return rng
+
+    def _read_checkpoint(self) -> TrainState:
+        """The checkpoint on disk as a TrainState (its history stays in its history.jsonl)."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
@@ -733,32 +774,15 @@ class Trainer:
                 KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
-        current = adapter_state_dict(self.model, self.name)
-        loaded = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
-        if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
-            raise ValueError(f"checkpoint {_label(ck.path)} does not match its LoRA settings "
-                             f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__} in its optimizer "
-                             f"state); resume from another one.") from None
-        with torch.no_grad():
-            for k, p in current.items():
-                p.copy_(loaded[k])
-        saved = state.get("torch_rng")
-        if gen is not None and torch.is_tensor(saved):
-            try:
-                gen.set_state(saved)
-            except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
-                pass                           # the global RNG's state): dropout masks differ from here on
-        self.step = step
-        self.start_val_loss = state.get("start_val_loss")
+        lasts: dict = {}
         for point in run_record.history(ck.path, ck.meta):
-            self._lasts.update(point)
-        if self.dist is None or self.dist.writes:  # rank 0 alone writes
-            self._history_bytes = run_record.adopt(self.out_dir, ck.path, ck.meta)
-        return rng
+            lasts.update(point)
+        return TrainState(step=step, name=ck.name, lcfg=ck.lcfg, tcfg=ck.tcfg, meta=ck.meta,
+                          weights={k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v
+                                   for k, v in tensors.items()},
+                          optimizer=state["optimizer"], np_rng=rng.bit_generator.state,
+                          torch_rng=state.get("torch_rng"), start_val_loss=state.get("start_val_loss"),
+                          history=[], history_bytes=0, lasts=lasts, saved_step=step)
 
     def _check_memory(self, cap: int | None) -> None:
         """Refuse settings whose estimated peak (at the sequence length really used, on this base
@@ -793,15 +817,3 @@ def _read_state(state) -> tuple[int, np.random.Generator]:
     rng = np.random.default_rng()
     rng.bit_generator.state = json.loads(state["np_rng"])
     return step, rng
-
-
-def run_to_end(trainer: Trainer, on_event: Callable[[dict], None] | None = None) -> dict:
-    """Run in the foreground; the final 'done' event, or a TrainingError for an 'error' event."""
-    last = None
-    for ev in trainer.run():
-        if on_event:
-            on_event(ev)
-        if ev["type"] == "error":
-            raise TrainingError(ev["message"])
-        last = ev
-    return last
