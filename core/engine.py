@@ -90,11 +90,14 @@ class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
                  max_loaded: int = 16, max_train_memory: int | None = None,
                  batched_generation: bool | None = None, max_rows_per_user: int = 8,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, gpu_calls=None):
         """batched_generation: Compare through one DecodeScheduler (True) or one decode loop per request
         (False); default on for CPU and MPS, off on CUDA. max_rows_per_user: rows one user may have
         generating or waiting at once (batched mode; a Compare with the base and 3 adapters is 4 rows).
-        max_new_tokens: new tokens one compare request may ask for (both modes; more is refused)."""
+        max_new_tokens: new tokens one compare request may ask for (both modes; more is refused).
+        gpu_calls: on ZeroGPU (core.zerogpu_calls.GpuCalls), where compare, evaluate and token differences go
+        once checked: this engine's base stays on the CPU."""
+        self.gpu_calls = gpu_calls
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         # Off on CUDA by default: there the per-request decoder replays a CUDA graph (1,355 tok/s at
         # batch 1 on an H200), while the scheduler decodes eagerly and is not measured on a GPU yet.
@@ -267,6 +270,8 @@ class Engine:
                 if a is not None:
                     self._name_for(a)
         pace = every if callable(every) else (lambda: every or 0.0)
+        if self.gpu_calls is not None:
+            return self._counted(self.gpu_calls.compare(self, prompt, list(adapters), cfg, pace))
         if self.batched_generation:
             return self._counted(self._stream_batched(prompt, list(adapters), cfg, user, pace))
         return self._counted(self._stream(prompt, list(adapters), cfg, pace))
@@ -372,6 +377,8 @@ class Engine:
         max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
         check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
+        if self.gpu_calls is not None:
+            return self.gpu_calls.evaluate(self, ids, adapters, seq_len, max_tokens, mask)
         with self._pinned(adapters) as (model, names):
             ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask,
                                  turns=self._decode_first())
@@ -383,6 +390,8 @@ class Engine:
         """Each token of `text` scored by the base and by `adapter` (core.train.evaluate.token_differences)."""
         if not isinstance(adapter, str) or not adapter:
             raise AdapterError("choose an adapter to compare with the base.")
+        if self.gpu_calls is not None:
+            return self.gpu_calls.token_differences(self, text, adapter)
         with self._pinned([adapter]) as (model, names):
             return token_differences(model, text, names[0], lock=self.lock, turns=self._decode_first())
 

@@ -1,0 +1,103 @@
+"""ZeroGPU (Hugging Face Spaces' shared GPUs) on the CPU: under LORA_STUDIO_ZEROGPU_SIMULATE each GPU call runs in
+a fresh process forked from the test, arguments and results pickled, nothing it changes coming back, as on a
+ZeroGPU Space. The main process keeps its base on the CPU and never starts CUDA; the answers are those of a
+studio without ZeroGPU. Outside ZeroGPU (and its simulation) the wrapper is the function itself."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adapter_helpers import LX, LY
+from core import zerogpu, zerogpu_calls
+from core.adapters.validate import AdapterError
+from core.engine import Engine
+from core.generate.sampling import SamplingConfig
+
+CFG = SamplingConfig(max_new_tokens=12, temperature=0.9, seed=7)
+PROMPT = "The quick brown fox"
+TOUCHED = []  # module state a GPU call changes: under the simulation it stays in the worker
+
+
+@pytest.fixture
+def simulated(monkeypatch):
+    monkeypatch.delenv(zerogpu.ZERO_GPU_ENV, raising=False)
+    monkeypatch.setenv(zerogpu.SIMULATE_ENV, "1")
+
+
+def _engine(tmp_path, source, gpu_calls=None):
+    e = Engine("cpu", tmp_path / "lib", dtype=torch.float32, gpu_calls=gpu_calls)
+    if not (tmp_path / "lib" / "x").exists():
+        e.library.save(source, "x", "x", LX, "tiny")
+        e.library.save(source, "y", "y", LY, "tiny")
+    e.base("tiny")
+    return e
+
+
+def _last(stream):
+    out = None
+    for out in stream:
+        pass
+    return out
+
+
+def _touch_and_report_pid(item):
+    TOUCHED.append(item)
+    return os.getpid(), len(TOUCHED)
+
+
+def test_outside_zerogpu_the_wrapper_is_the_function_itself(monkeypatch):
+    monkeypatch.delenv(zerogpu.ZERO_GPU_ENV, raising=False)
+    monkeypatch.delenv(zerogpu.SIMULATE_ENV, raising=False)
+    assert zerogpu.gpu(_touch_and_report_pid, lambda item: 5) is _touch_and_report_pid
+    assert not zerogpu.active() and zerogpu_calls.GpuCalls.here() is None
+
+
+@pytest.mark.parametrize("value,on", [("true", True), ("True", True), ("1", True), ("t", True),
+                                      ("false", False), ("0", False), ("yes", False), ("", False)])
+def test_zerogpu_is_detected_as_the_spaces_package_detects_it(monkeypatch, value, on):
+    monkeypatch.setenv(zerogpu.ZERO_GPU_ENV, value)
+    assert zerogpu.on_zerogpu() is on
+
+
+def test_durations_grow_with_the_request_and_are_capped():
+    assert zerogpu.compare_seconds(1, 64) < zerogpu.compare_seconds(4, 64) < zerogpu.compare_seconds(4, 512)
+    assert zerogpu.evaluate_seconds(1, 1000) < zerogpu.evaluate_seconds(5, 100_000)
+    assert zerogpu.chunk_seconds(30) == zerogpu.SETUP_S + 30
+    assert zerogpu.compare_seconds(5, 10**6) == zerogpu.chunk_seconds(10**6) == zerogpu.MAX_CALL_S
+
+
+def test_a_simulated_gpu_call_runs_in_a_fresh_process_and_changes_nothing_here(simulated):
+    call = zerogpu.gpu(_touch_and_report_pid, lambda item: 5)
+    assert call is not _touch_and_report_pid
+    first, second = call("a"), call("b")
+    assert first[0] != os.getpid() and second[0] != first[0]  # a fresh worker each call
+    assert first[1] == second[1] == 1 and TOUCHED == []  # each saw only its own change; none came back
+    with pytest.raises(Exception):  # arguments cross by pickle: a lock cannot
+        import threading
+        call(threading.Lock())
+
+
+def test_compare_evaluate_and_token_differences_answer_as_without_zerogpu(tmp_path, source, simulated):
+    local = _engine(tmp_path, source)
+    remote = _engine(tmp_path, source, zerogpu_calls.GpuCalls("fp32", "cpu"))
+    assert local.gpu_calls is None and remote.gpu_calls is not None
+    columns = [None, "x", "y"]
+    assert _last(remote.compare(PROMPT, columns, CFG)) == _last(local.compare(PROMPT, columns, CFG))
+    ids = np.random.default_rng(0).integers(0, 50000, 300)
+    got, want = remote.evaluate(ids, columns, 32, 256), local.evaluate(ids, columns, 32, 256)
+    assert [s.name for s in got.scores] == columns
+    assert [s.loss for s in got.scores] == pytest.approx([s.loss for s in want.scores], abs=1e-5)
+    assert remote.token_differences(PROMPT, "x") == pytest.approx(local.token_differences(PROMPT, "x"))
+    assert not torch.cuda.is_initialized()  # the main process never starts CUDA
+
+
+def test_an_error_in_the_gpu_call_keeps_its_class_and_message(tmp_path, source, simulated):
+    remote = _engine(tmp_path, source, zerogpu_calls.GpuCalls("fp32", "cpu"))
+    with pytest.raises(ValueError, match="Shorten the text"):
+        remote.token_differences("word " * 3000, "x")
+    (tmp_path / "lib" / "y").rename(tmp_path / "lib" / "gone")  # after the main process checked it
+    with pytest.raises(AdapterError, match="no adapter named 'y'"):
+        _last(remote.compare(PROMPT, ["y"], CFG))
