@@ -101,3 +101,18 @@ def test_an_error_in_the_gpu_call_keeps_its_class_and_message(tmp_path, source, 
     (tmp_path / "lib" / "y").rename(tmp_path / "lib" / "gone")  # after the main process checked it
     with pytest.raises(AdapterError, match="no adapter named 'y'"):
         _last(remote.compare(PROMPT, ["y"], CFG))
+
+
+def test_with_the_spaces_package_outside_zerogpu_its_decorator_changes_nothing(tmp_path, source, monkeypatch):
+    """requirements-dev.txt installs `spaces` (what a Space installs): outside ZeroGPU its decorator returns the
+    function itself, as ours does, and an engine whose calls it wrapped answers as one without."""
+    monkeypatch.delenv(zerogpu.ZERO_GPU_ENV, raising=False)
+    monkeypatch.delenv(zerogpu.SIMULATE_ENV, raising=False)
+    spaces = pytest.importorskip("spaces")
+    assert spaces.GPU(duration=lambda item: 5)(_touch_and_report_pid) is _touch_and_report_pid
+    assert spaces.GPU(_touch_and_report_pid) is _touch_and_report_pid
+    calls = zerogpu_calls.GpuCalls("fp32", "cpu")  # wrapped here by zerogpu.gpu: the functions themselves
+    assert calls._compare is zerogpu_calls._compare and calls._evaluate is zerogpu_calls._evaluate
+    wrapped, plain = _engine(tmp_path, source, calls), _engine(tmp_path, source)
+    columns = [None, "x"]
+    assert _last(wrapped.compare(PROMPT, columns, CFG)) == _last(plain.compare(PROMPT, columns, CFG))
