@@ -116,3 +116,23 @@ def test_with_the_spaces_package_outside_zerogpu_its_decorator_changes_nothing(t
     wrapped, plain = _engine(tmp_path, source, calls), _engine(tmp_path, source)
     columns = [None, "x"]
     assert _last(wrapped.compare(PROMPT, columns, CFG)) == _last(plain.compare(PROMPT, columns, CFG))
+
+
+def test_a_studio_on_zerogpu_keeps_its_base_on_the_cpu_and_its_compare_tab_writes_the_same_text(
+        tmp_path, source, monkeypatch):
+    from studio.app import create_studio
+    from studio.tabs.compare import CompareForm, compare
+
+    def final_texts(studio):
+        studio.engine.library.save(source, "x", "x", LX, "tiny")
+        form = CompareForm(model="tiny", adapters=["x"], prompt=PROMPT, max_tokens=12, seed=7)
+        return _last(compare(studio, form))[:2]
+
+    monkeypatch.delenv(zerogpu.ZERO_GPU_ENV, raising=False)
+    plain = create_studio(tmp_path / "a", tmp_path / "da", "cpu", "tiny", precision="fp32")
+    monkeypatch.setenv(zerogpu.SIMULATE_ENV, "1")
+    zero = create_studio(tmp_path / "b", tmp_path / "db", "auto", "tiny", precision="fp32")
+    assert plain.engine.gpu_calls is None and zero.engine.gpu_calls is not None
+    assert zero.engine.device.type == "cpu"  # --device auto: the GPU is the workers'
+    assert final_texts(zero) == final_texts(plain)
+    assert zero.engine.model.device.type == "cpu" and not torch.cuda.is_initialized()
