@@ -23,8 +23,16 @@ TOUCHED = []  # module state a GPU call changes: under the simulation it stays i
 
 @pytest.fixture
 def simulated(monkeypatch):
+    """The simulation on; yields the names of the functions run in GPU calls so far."""
     monkeypatch.delenv(zerogpu.ZERO_GPU_ENV, raising=False)
     monkeypatch.setenv(zerogpu.SIMULATE_ENV, "1")
+    called, in_child = [], zerogpu._in_child
+
+    def counted(fn, *rest):
+        called.append(fn.__name__)
+        return in_child(fn, *rest)
+    monkeypatch.setattr(zerogpu, "_in_child", counted)
+    yield called
 
 
 def _engine(tmp_path, source, gpu_calls=None):
@@ -91,11 +99,15 @@ def test_compare_evaluate_and_token_differences_answer_as_without_zerogpu(tmp_pa
     assert [s.name for s in got.scores] == columns
     assert [s.loss for s in got.scores] == pytest.approx([s.loss for s in want.scores], abs=1e-5)
     assert remote.token_differences(PROMPT, "x") == pytest.approx(local.token_differences(PROMPT, "x"))
-    assert not torch.cuda.is_initialized()  # the main process never starts CUDA
+    assert simulated == ["_compare", "_evaluate", "_token_differences"]  # each in a GPU call, none here
+    assert remote._scheduler is None and not torch.cuda.is_initialized()  # the main process never starts CUDA  # the main process never starts CUDA
 
 
 def test_an_error_in_the_gpu_call_keeps_its_class_and_message(tmp_path, source, simulated):
+    """ZeroGPU replaces the message of an exception a GPU call raises (but gr.Error's): ours come back as values."""
     remote = _engine(tmp_path, source, zerogpu_calls.GpuCalls("fp32", "cpu"))
+    failed = zerogpu_calls._token_differences(remote.gpu_calls.site(remote), "word " * 3000, "x")
+    assert isinstance(failed, zerogpu_calls.Failed) and failed.cls is ValueError
     with pytest.raises(ValueError, match="Shorten the text"):
         remote.token_differences("word " * 3000, "x")
     (tmp_path / "lib" / "y").rename(tmp_path / "lib" / "gone")  # after the main process checked it
@@ -135,4 +147,5 @@ def test_a_studio_on_zerogpu_keeps_its_base_on_the_cpu_and_its_compare_tab_write
     assert plain.engine.gpu_calls is None and zero.engine.gpu_calls is not None
     assert zero.engine.device.type == "cpu"  # --device auto: the GPU is the workers'
     assert final_texts(zero) == final_texts(plain)
+    assert zero.engine._scheduler is None  # the text came from a GPU call
     assert zero.engine.model.device.type == "cpu" and not torch.cuda.is_initialized()
