@@ -17,6 +17,7 @@ from core.model import tokenizer
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
 from core.lora.layers import adapter_names, adapter_state_dict, add_adapter, get_active, lora_parameters, set_active
+from core.adapters.library import checkpoint_dirs
 from core.train.trainer import STATE, Trainer, find_checkpoint, lr_at, run_to_end, TrainingError
 from core.model.weights import load_base
 
@@ -155,6 +156,72 @@ def test_large_micro_batches_train_the_loss_in_pieces_with_the_same_result(sampl
     pieces = run_all(Trainer(load_base("tiny", "cpu"), sample_ds, LoraConfig(), quick(steps=3), "p", tmp_path / "p"))
     for a, b in zip(of(whole, "step") + of(whole, "eval"), of(pieces, "step") + of(pieces, "eval")):
         assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), abs=1e-5)
+
+
+# ---- chunked running (ZeroGPU: each chunk in a fresh forked worker) ------------------------
+
+CHUNKED = dict(steps=7, eval_interval=2, checkpoint_interval=4, grad_accum=2)
+CHUNKED_LORA = LoraConfig(r=4, dropout=0.1, loraplus_lr_ratio=4.0)  # dropout: its RNG travels too
+
+
+def _chunk(sample_ds, out_dir, state, **limits):
+    """One chunk on a base loaded here (in a worker: nothing of the parent's model or modules comes back)."""
+    from core.train.loop import train_chunk
+    trainer = Trainer(load_base("tiny", "cpu"), sample_ds, CHUNKED_LORA, quick(**CHUNKED), "run", out_dir,
+                      resume=state)
+    return train_chunk(trainer, **limits)
+
+
+def _chunk_in_worker(*args, **limits):
+    torch.set_num_threads(1)  # a forked child cannot use the OpenMP threads its parent started (it hangs)
+    return _chunk(*args, **limits)
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["forked", "same-process"])
+def test_a_run_in_chunks_equals_the_run_at_once(sample_ds, tmp_path, where):
+    import multiprocessing
+    import pickle
+    whole = _chunk(sample_ds, tmp_path / "whole", None)
+    assert whole.outcome == "finished" and whole.state is None
+    chunks, state = [], None
+    for limits in ({"max_steps": 3}, {"max_seconds": 0.0}, {"max_steps": 3}, {}):  # 3, 1, 3 steps
+        if where == "forked":
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                chunk = pool.apply(_chunk_in_worker, (sample_ds, tmp_path / "cut", state), limits)
+        else:
+            chunk = _chunk(sample_ds, tmp_path / "cut", pickle.loads(pickle.dumps(state)), **limits)
+        chunks.append(chunk)
+        state = chunk.state
+        if state is None:
+            break
+    assert [c.outcome for c in chunks] == [None, None, "finished"]
+    assert [[e["step"] for e in of(c.events, "step")] for c in chunks] == [[1, 2, 3], [4], [5, 6, 7]]
+    cut = [e for c in chunks for e in c.events]
+    for kind, key in (("step", "loss"), ("eval", "val_loss")):
+        assert [e["step"] for e in of(cut, kind)] == [e["step"] for e in of(whole.events, kind)]
+        for a, b in zip(of(cut, kind), of(whole.events, kind)):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (kind, a["step"])
+    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "cut")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [h["step"] for h in run_record.history(tmp_path / "cut")] == list(range(1, 8))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step_000004", "step_000007"]
+
+
+def test_a_chunk_state_holds_only_plain_data_and_cpu_tensors(tiny, sample_ds, tmp_path):
+    import pickle
+    from core.train.loop import train_chunk
+    chunk = train_chunk(Trainer(tiny, sample_ds, CHUNKED_LORA, quick(**CHUNKED), "run", tmp_path / "run"),
+                        max_steps=1)
+    state = pickle.loads(pickle.dumps(chunk.state))
+    tensors = list(state.weights.values()) + [state.torch_rng] + [
+        t for s in state.optimizer["state"].values() for t in s.values()]
+    assert state.step == 1 and all(t.device.type == "cpu" for t in tensors)
+    assert all(t.data_ptr() != p.data_ptr() for t, p in zip(state.weights.values(), lora_parameters(tiny, "run")))
 
 
 # ---- stop -----------------------------------------------------------------------------

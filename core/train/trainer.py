@@ -175,6 +175,39 @@ class Checkpoint:
     meta: dict  # its studio.json
 
 
+@dataclass
+class TrainState:
+    """A run between two optimizer steps, all of it, as plain data and CPU tensors (picklable): what
+    core.train.loop.train_chunk returns, and what `Trainer(resume=state)` continues from exactly, in
+    this process or another (a ZeroGPU worker). Nothing of it is on disk."""
+    step: int  # optimizer steps done
+    name: str  # the adapter name of the run
+    lcfg: LoraConfig
+    tcfg: TrainConfig
+    meta: dict  # its studio.json fields now (base model, dataset name and sha256)
+    weights: dict  # the adapter's tensors (adapter_state_dict keys), on the CPU
+    optimizer: dict  # the optimizer's state_dict, its tensors on the CPU
+    np_rng: dict  # the batch order's bit generator state
+    torch_rng: torch.Tensor | None  # the dropout RNG's state (None without dropout)
+    start_val_loss: float | None
+    history: list  # the steps not yet appended to the run's history.jsonl
+    history_bytes: int  # that file's length as the newest record says
+    lasts: dict  # the newest value of each history field
+    saved_step: int | None  # the step of the newest checkpoint on disk (None: none yet)
+    path = None  # not a folder: a resume point in memory
+
+
+def _on_cpu(x):
+    """`x` (a state_dict's nesting of dicts, lists and tensors) with every tensor copied to the CPU."""
+    if torch.is_tensor(x):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_cpu(v) for v in x)
+    return x
+
+
 def _label(path: Path) -> str:
     """A checkpoint or run folder as users name it ('run@step_000050', 'run'): never the server's path."""
     return f"{path.parent.parent.name}@{path.name}" if path.parent.name == CHECKPOINTS else path.name
@@ -247,7 +280,8 @@ class Trainer:
     dataset: a core.train.data.Dataset. out_dir: the run folder (adapter + checkpoints/).
     stop: set it (from any thread) to end the run within one optimizer step; the adapter is saved.
     resume: a Checkpoint or a run/checkpoint folder; its LoRA settings and step are used, and
-        `tcfg` (default: the checkpoint's) may extend the number of steps.
+        `tcfg` (default: the checkpoint's) may extend the number of steps. Or a TrainState (a chunk's
+        end, core.train.loop.train_chunk): the run goes on exactly where it was.
     max_memory: a cap in bytes on the run's estimated peak memory (--max-train-memory); the memory
         available on the device caps it too. Settings above it are refused here, before the adapter,
         the optimizer or any batch exists.
@@ -260,7 +294,7 @@ class Trainer:
     def __init__(self, model, dataset: Dataset, lcfg: LoraConfig | None, tcfg: TrainConfig | None,
                  name: str, out_dir, stop: threading.Event | None = None, *, base_id: str = "",
                  resume=None, max_memory: int | None = None, meta: dict | None = None, dist=None):
-        self.resume = find_checkpoint(resume) if resume is not None and not isinstance(resume, Checkpoint) else resume
+        self.resume = resume if resume is None or isinstance(resume, (Checkpoint, TrainState)) else find_checkpoint(resume)
         if self.resume is not None:
             lcfg, tcfg = self.resume.lcfg, tcfg or self.resume.tcfg
             name = name or self.resume.name
@@ -274,7 +308,7 @@ class Trainer:
         lcfg, tcfg = lcfg or LoraConfig(), tcfg or TrainConfig()
         lcfg.validate(model.config)
         check_init_fits(model, lcfg)
-        if self.resume is not None and lcfg.init in RESIDUAL_INITS:  # its checkpoint holds the converted file
+        if isinstance(self.resume, Checkpoint) and lcfg.init in RESIDUAL_INITS:  # it holds the converted file
             raise ValueError(f"a {lcfg.init} run cannot be resumed from a checkpoint (it saves a converted "
                              f"rank-{2 * lcfg.r} LoRA, not its A and B); start a new run.")
         tcfg.validate(model.config)
@@ -383,7 +417,8 @@ class Trainer:
             self.start_val_loss = yield from self._eval()
         before = self._last("elapsed")  # a resumed run's training time so far
         self._progress = _Progress(last_good=self._latest_checkpoint(),
-                                   saved_step=self.resume.step if self.resume else None,
+                                   saved_step=getattr(self.resume, "saved_step", self.resume.step)
+                                   if self.resume else None,
                                    elapsed_before=float(before) if isinstance(before, (int, float))
                                    and math.isfinite(before) else 0.0)
         if self.step >= self.tcfg.steps or self.stop.is_set():
@@ -433,6 +468,16 @@ class Trainer:
     def _rows(self) -> int:
         """Rows of a micro-batch this process computes: all of them, or its share under torchrun."""
         return max(1, self.tcfg.batch_size // (self.dist.world if self.dist else 1))
+
+    @property
+    def between_steps(self) -> bool:
+        """Whether no optimizer step is in progress (its state can be taken, a chunk can end)."""
+        return self._pending.micro == 0
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes the run's files (under torchrun rank 0 alone does)."""
+        return self.dist is None or self.dist.writes
 
     @property
     def grad_accum(self) -> int:
@@ -517,7 +562,7 @@ class Trainer:
                "tokens_per_step": self.tokens_per_step,
                "trainable_params": int(sum(p.numel() for p in prep.params)), "device": str(model.device),
                "autocast": "bf16" if isinstance(autocast_for(model), torch.autocast) else None,
-               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume else None}
+               "out_dir": str(self.out_dir), "resumed_from": str(self.resume.path) if self.resume and self.resume.path else None}
         if self.block_note:
             yield {"type": "info", "message": self.block_note}
         if prep.graph_note:
@@ -721,9 +766,52 @@ class Trainer:
         found = checkpoint_dirs(self.out_dir, RESUMABLE)
         return str(found[-1]) if found else None
 
+    def state(self) -> TrainState:
+        """This run as a TrainState (between two optimizer steps: after open(), or at a step's end)."""
+        if self._pending.micro or self._prepared is None:
+            raise RuntimeError("a run's state is taken between two optimizer steps, after it was opened.")
+        prep = self._prepared
+        return TrainState(
+            step=self.step, name=self.name, lcfg=self.lcfg, tcfg=self.tcfg, meta=self._meta("running"),
+            weights=_on_cpu(adapter_state_dict(self.model, self.name)), optimizer=_on_cpu(prep.opt.state_dict()),
+            np_rng=prep.rng.bit_generator.state, torch_rng=_on_cpu(self._dropout_state()),
+            start_val_loss=self.start_val_loss, history=[dict(p) for p in self.history],
+            history_bytes=self._history_bytes, lasts=dict(self._lasts), saved_step=self._progress.saved_step)
+
     def _load_resume(self, opt, gen: torch.Generator | None) -> np.random.Generator:
-        """Adapter weights, optimizer, step and RNG from the checkpoint (all read and checked before any
-        of them is applied); the run's history becomes the checkpoint's."""
+        """Adapter weights, optimizer, step and RNG from the resume point (all read and checked before any
+        of them is applied)."""
+        state = self.resume if isinstance(self.resume, TrainState) else self._read_checkpoint()
+        where = f"checkpoint {_label(self.resume.path)}" if self.resume.path else "the saved training state"
+        current = adapter_state_dict(self.model, self.name)
+        loaded = state.weights
+        if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
+            raise ValueError(f"{where} does not match its LoRA settings "
+                             f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
+        try:
+            opt.load_state_dict(state.optimizer)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where} could not be read ({type(e).__name__} in its optimizer "
+                             f"state); resume from another one.") from None
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(loaded[k])
+        if gen is not None and torch.is_tensor(state.torch_rng):
+            try:
+                gen.set_state(state.torch_rng)
+            except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
+                pass                           # the global RNG's state): dropout masks differ from here on
+        self.step, self.start_val_loss = state.step, state.start_val_loss
+        self._lasts.update(state.lasts)
+        self.history, self._history_bytes = [dict(p) for p in state.history], state.history_bytes
+        if isinstance(self.resume, Checkpoint) and self._writes:  # the run's history becomes the checkpoint's
+            self._history_bytes = run_record.adopt(self.out_dir, self.resume.path, self.resume.meta)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.np_rng
+        return rng
+
+    def _read_checkpoint(self) -> TrainState:
+        """The checkpoint on disk as a TrainState (its history stays in its history.jsonl)."""
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
@@ -733,32 +821,15 @@ class Trainer:
                 KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__}); "
                              f"resume from another one.") from None
-        current = adapter_state_dict(self.model, self.name)
-        loaded = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
-        if set(loaded) != set(current) or any(loaded[k].shape != current[k].shape for k in current):
-            raise ValueError(f"checkpoint {_label(ck.path)} does not match its LoRA settings "
-                             f"(rank {self.lcfg.r}, {', '.join(self.lcfg.targets)}) on this base model.")
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {_label(ck.path)} could not be read ({type(e).__name__} in its optimizer "
-                             f"state); resume from another one.") from None
-        with torch.no_grad():
-            for k, p in current.items():
-                p.copy_(loaded[k])
-        saved = state.get("torch_rng")
-        if gen is not None and torch.is_tensor(saved):
-            try:
-                gen.set_state(saved)
-            except (RuntimeError, TypeError):  # saved on another kind of device (or by an older version,
-                pass                           # the global RNG's state): dropout masks differ from here on
-        self.step = step
-        self.start_val_loss = state.get("start_val_loss")
+        lasts: dict = {}
         for point in run_record.history(ck.path, ck.meta):
-            self._lasts.update(point)
-        if self.dist is None or self.dist.writes:  # rank 0 alone writes
-            self._history_bytes = run_record.adopt(self.out_dir, ck.path, ck.meta)
-        return rng
+            lasts.update(point)
+        return TrainState(step=step, name=ck.name, lcfg=ck.lcfg, tcfg=ck.tcfg, meta=ck.meta,
+                          weights={k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v
+                                   for k, v in tensors.items()},
+                          optimizer=state["optimizer"], np_rng=rng.bit_generator.state,
+                          torch_rng=state.get("torch_rng"), start_val_loss=state.get("start_val_loss"),
+                          history=[], history_bytes=0, lasts=lasts, saved_step=step)
 
     def _check_memory(self, cap: int | None) -> None:
         """Refuse settings whose estimated peak (at the sequence length really used, on this base
