@@ -1,4 +1,5 @@
-"""The engine's GPU work as ZeroGPU calls (core.zerogpu): compare, evaluate and token differences.
+"""The engine's GPU work as ZeroGPU calls (core.zerogpu): compare, evaluate, token differences and training
+chunks (core.train.loop.train_chunk: a run's whole state comes back after each, and the next chunk goes on from it).
 
 The main process keeps its base on the CPU and does every check there (adapter names, owners, sizes), so a
 refusal is its own sentence; then it sends a `Site` (what the worker needs to rebuild the engine: the library
@@ -26,6 +27,17 @@ class Site:
     precision: str  # --precision: resolved on the worker's device
     device: str  # --device for the worker ('auto': its GPU)
     max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """What every chunk of one training run needs besides its state (picklable)."""
+    dataset: object  # core.train.data.Dataset
+    lcfg: object  # core.lora.config.LoraConfig
+    tcfg: object  # core.train.config.TrainConfig
+    name: str  # the run's adapter name inside the model
+    out_dir: str  # its run folder (checkpoints, history and the final adapter are written there)
+    meta: dict  # studio.json fields (the run's library name, its user)
 
 
 class Failed:
@@ -84,6 +96,25 @@ def _token_differences(site: Site, text: str, adapter: str):
         return Failed(e)
 
 
+def _train_chunk(site: Site, job: ChunkJob, state, seconds: float):
+    """Train `job` from `state` (None: from the start) for about `seconds`; a core.train.loop.Chunk."""
+    from core.lora.layers import adapter_names, remove_adapter
+    from core.train.loop import train_chunk
+    from core.train.trainer import Trainer
+    try:
+        model = worker_engine(site).shared_model()
+        try:
+            settings = (None, None) if state is not None else (job.lcfg, job.tcfg)  # a state holds its own
+            trainer = Trainer(model, job.dataset, *settings, job.name, job.out_dir, base_id=site.base,
+                              resume=state, meta=job.meta)
+            return train_chunk(trainer, max_seconds=seconds)
+        finally:
+            if job.name in adapter_names(model):  # a worker ZeroGPU reuses starts the next call clean
+                remove_adapter(model, job.name)
+    except Exception as e:  # noqa: BLE001
+        return Failed(e)
+
+
 def _answer(value):
     if isinstance(value, Failed):
         value.reraise()
@@ -102,6 +133,8 @@ class GpuCalls:
                                      zerogpu.evaluate_seconds(len(adapters), max_tokens))
         self._token_differences = zerogpu.gpu(_token_differences, lambda site, text, adapter:
                                               zerogpu.evaluate_seconds(2, len(text)))
+        self._train_chunk = zerogpu.gpu(_train_chunk, lambda site, job, state, seconds:
+                                        zerogpu.chunk_seconds(seconds))
 
     @classmethod
     def here(cls, precision: str = "auto", device: str = "auto") -> "GpuCalls | None":
@@ -132,3 +165,8 @@ class GpuCalls:
     def token_differences(self, engine, text, adapter):
         with engine._pinned([adapter]):
             return _answer(self._token_differences(self.site(engine), text, adapter))
+
+    def train_chunk(self, engine, job: ChunkJob, state, seconds: float):
+        """One chunk of `job` in a GPU call (core.train.loop.Chunk: its events, and its state unless it ended)."""
+        with engine._pinned([]):
+            return _answer(self._train_chunk(self.site(engine), job, state, seconds))

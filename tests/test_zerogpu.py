@@ -149,3 +149,36 @@ def test_a_studio_on_zerogpu_keeps_its_base_on_the_cpu_and_its_compare_tab_write
     assert final_texts(zero) == final_texts(plain)
     assert zero.engine._scheduler is None  # the text came from a GPU call
     assert zero.engine.model.device.type == "cpu" and not torch.cuda.is_initialized()
+
+
+# ---- training in chunks, each one GPU call, driven by the page's ticks ------------------------------------
+
+def test_a_run_in_gpu_call_chunks_driven_by_ticks_equals_the_run_at_once_and_pauses_without_ticks(
+        tmp_path, sample_ds, simulated):
+    from core.lora.config import LoraConfig
+    from core.train.loop import train_chunk
+    from core.train.trainer import Trainer
+    from studio.zerogpu_jobs import ChunkedRuns
+    from train_helpers import quick
+    from safetensors.torch import load_file
+    lcfg, tcfg = LoraConfig(r=4, dropout=0.1), quick(steps=3, eval_interval=2, checkpoint_interval=2)
+    engine = Engine("cpu", tmp_path / "lib", dtype=torch.float32, gpu_calls=zerogpu_calls.GpuCalls("fp32", "cpu"))
+    engine.base("tiny")
+    whole = train_chunk(Trainer(engine.shared_model(), sample_ds, lcfg, tcfg, "whole", tmp_path / "whole"))
+    now = [0.0]
+    runs = ChunkedRuns(engine, chunk_s=0.0, idle_s=30, clock=lambda: now[0])  # 0 s: one step per chunk
+    run = runs.start(zerogpu_calls.ChunkJob(sample_ds, lcfg, tcfg, "cut", str(tmp_path / "cut"), {}))
+    runs.tick(run.id)
+    runs.tick(run.id)
+    now[0] += 31  # the page closed: the next tick finds the run paused and trains nothing
+    assert runs.tick(run.id).status == "paused" and run.chunks == 2
+    runs.resume(run.id)
+    while run.status == "running":
+        runs.tick(run.id)
+    assert run.status == "finished" and run.chunks == 3 and run.state is None
+    assert simulated == ["_train_chunk"] * 3 and not torch.cuda.is_initialized()
+    steps = [(e["step"], e["loss"]) for e in run.events if e["type"] == "step"]
+    assert steps == pytest.approx([(e["step"], e["loss"]) for e in whole.events if e["type"] == "step"], abs=1e-5)
+    a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
