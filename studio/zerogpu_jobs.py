@@ -42,17 +42,18 @@ class ChunkedRuns:
             self._runs[run.id] = run
             return run
 
-    def get(self, run_id: int) -> ChunkedRun:
+    def get(self, run_id: int, owner: str | None = None) -> ChunkedRun:
+        """Run `run_id`, for its owner only (a run started without one is anyone's)."""
         run = self._runs.get(run_id)
-        if run is None:
+        if run is None or run.owner is not None and owner != run.owner:
             raise ValueError(f"there is no training run {run_id!r} here; start one on the Train tab.")
         return run
 
-    def tick(self, run_id: int) -> ChunkedRun:
+    def tick(self, run_id: int, owner: str | None = None) -> ChunkedRun:
         """The page is open: run the next chunk of a running run (in this call, so ZeroGPU charges the
         visitor whose page asks), unless one is in its GPU call already or the page was away too long."""
         with self._lock:
-            run = self.get(run_id)
+            run = self.get(run_id, owner)
             now = self.clock()
             if run.status == "running" and now - run.last_tick > self.idle_s:
                 run.status = "paused"  # nobody watched: it waits for Resume
@@ -75,17 +76,17 @@ class ChunkedRuns:
                 run.status = chunk.outcome or "finished"
             return run
 
-    def resume(self, run_id: int) -> ChunkedRun:
+    def resume(self, run_id: int, owner: str | None = None) -> ChunkedRun:
         """A paused run runs again at the next tick."""
         with self._lock:
-            run = self.get(run_id)
+            run = self.get(run_id, owner)
             if run.status == "paused":
                 run.status, run.last_tick = "running", self.clock()
             return run
 
-    def pause(self, run_id: int) -> ChunkedRun:
+    def pause(self, run_id: int, owner: str | None = None) -> ChunkedRun:
         with self._lock:
-            run = self.get(run_id)
+            run = self.get(run_id, owner)
             if run.status == "running":
                 run.status = "paused"
             return run

@@ -167,14 +167,16 @@ def test_a_run_in_gpu_call_chunks_driven_by_ticks_equals_the_run_at_once_and_pau
     whole = train_chunk(Trainer(engine.shared_model(), sample_ds, lcfg, tcfg, "whole", tmp_path / "whole"))
     now = [0.0]
     runs = ChunkedRuns(engine, chunk_s=0.0, idle_s=30, clock=lambda: now[0])  # 0 s: one step per chunk
-    run = runs.start(zerogpu_calls.ChunkJob(sample_ds, lcfg, tcfg, "cut", str(tmp_path / "cut"), {}))
-    runs.tick(run.id)
-    runs.tick(run.id)
+    run = runs.start(zerogpu_calls.ChunkJob(sample_ds, lcfg, tcfg, "cut", str(tmp_path / "cut"), {}), "ann")
+    runs.tick(run.id, "ann")
+    with pytest.raises(ValueError, match="there is no training run"):
+        runs.tick(run.id, "bob")  # another user's page drives nothing
+    runs.tick(run.id, "ann")
     now[0] += 31  # the page closed: the next tick finds the run paused and trains nothing
-    assert runs.tick(run.id).status == "paused" and run.chunks == 2
-    runs.resume(run.id)
+    assert runs.tick(run.id, "ann").status == "paused" and run.chunks == 2
+    runs.resume(run.id, "ann")
     while run.status == "running":
-        runs.tick(run.id)
+        runs.tick(run.id, "ann")
     assert run.status == "finished" and run.chunks == 3 and run.state is None
     assert simulated == ["_train_chunk"] * 3 and not torch.cuda.is_initialized()
     steps = [(e["step"], e["loss"]) for e in run.events if e["type"] == "step"]
