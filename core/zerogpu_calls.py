@@ -96,17 +96,22 @@ def _token_differences(site: Site, text: str, adapter: str):
         return Failed(e)
 
 
-def _train_chunk(site: Site, job: ChunkJob, state, seconds: float):
-    """Train `job` from `state` (None: from the start) for about `seconds`; a core.train.loop.Chunk."""
+def _train_chunk(site: Site, job: ChunkJob, state, seconds: float, stop: bool = False):
+    """Train `job` from `state` (None: from the start; a TrainState or a checkpoint) for about `seconds`; a
+    core.train.loop.Chunk. stop: end the run now, saved with a resume point (its last chunk)."""
+    import threading
     from core.lora.layers import adapter_names, remove_adapter
     from core.train.loop import train_chunk
     from core.train.trainer import Trainer
     try:
         model = worker_engine(site).shared_model()
         try:
-            settings = (None, None) if state is not None else (job.lcfg, job.tcfg)  # a state holds its own
-            trainer = Trainer(model, job.dataset, *settings, job.name, job.out_dir, base_id=site.base,
-                              resume=state, meta=job.meta)
+            flag = threading.Event()
+            if stop:
+                flag.set()
+            # a state holds its LoRA settings; tcfg: the same, or a resumed checkpoint's new step count
+            trainer = Trainer(model, job.dataset, None if state is not None else job.lcfg, job.tcfg, job.name,
+                              job.out_dir, flag, base_id=site.base, resume=state, meta=job.meta)
             return train_chunk(trainer, max_seconds=seconds)
         finally:
             if job.name in adapter_names(model):  # a worker ZeroGPU reuses starts the next call clean
@@ -133,7 +138,7 @@ class GpuCalls:
                                      zerogpu.evaluate_seconds(len(adapters), max_tokens))
         self._token_differences = zerogpu.gpu(_token_differences, lambda site, text, adapter:
                                               zerogpu.evaluate_seconds(2, len(text)))
-        self._train_chunk = zerogpu.gpu(_train_chunk, lambda site, job, state, seconds:
+        self._train_chunk = zerogpu.gpu(_train_chunk, lambda site, job, state, seconds, stop=False:
                                         zerogpu.chunk_seconds(seconds))
 
     @classmethod
@@ -166,7 +171,8 @@ class GpuCalls:
         with engine._pinned([adapter]):
             return _answer(self._token_differences(self.site(engine), text, adapter))
 
-    def train_chunk(self, engine, job: ChunkJob, state, seconds: float):
-        """One chunk of `job` in a GPU call (core.train.loop.Chunk: its events, and its state unless it ended)."""
+    def train_chunk(self, engine, job: ChunkJob, state, seconds: float, stop: bool = False):
+        """One chunk of `job` in a GPU call (core.train.loop.Chunk: its events, and its state unless it ended);
+        stop: the run's last chunk, which saves it at once."""
         with engine._pinned([]):
-            return _answer(self._train_chunk(self.site(engine), job, state, seconds))
+            return _answer(self._train_chunk(self.site(engine), job, state, seconds, stop))

@@ -26,6 +26,7 @@ class ChunkedRun:
     chunks: int = 0
     last_tick: float = 0.0
     busy: bool = False  # a chunk is in its GPU call
+    stopping: bool = False  # Stop was pressed: the next chunk saves the run and ends it
 
 
 class ChunkedRuns:
@@ -35,10 +36,11 @@ class ChunkedRuns:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def start(self, job, owner: str | None = None) -> ChunkedRun:
-        """A new run; its first chunk goes at the page's next tick."""
+    def start(self, job, owner: str | None = None, state=None) -> ChunkedRun:
+        """A new run; its first chunk goes at the page's next tick. state: where it starts (a checkpoint of a
+        stopped run it continues; None: from the start)."""
         with self._lock:
-            run = ChunkedRun(next(self._ids), owner, job, last_tick=self.clock())
+            run = ChunkedRun(next(self._ids), owner, job, state, last_tick=self.clock())
             self._runs[run.id] = run
             return run
 
@@ -61,20 +63,44 @@ class ChunkedRuns:
             if run.status != "running" or run.busy:
                 return run
             run.busy = True
-        try:
-            chunk = self.engine.gpu_calls.train_chunk(self.engine, run.job, run.state, self.chunk_s)
-        except Exception:
-            with self._lock:
-                run.busy = False
-            raise  # this chunk did not happen: the state is the one before it, the next tick tries again
+        return self._chunks(run)
+
+    def stop(self, run_id: int, owner: str | None = None) -> ChunkedRun:
+        """End a running or paused run: saved now (a GPU call that only saves), or by the chunk in its GPU
+        call when it returns. A run stopped before its first chunk trained nothing and saves nothing."""
         with self._lock:
-            run.busy, run.last_tick = False, self.clock()
-            run.events.extend(chunk.events)
-            run.chunks += 1
-            run.state = chunk.state
-            if chunk.state is None:
-                run.status = chunk.outcome or "finished"
-            return run
+            run = self.get(run_id, owner)
+            if run.status not in ("running", "paused"):
+                return run
+            run.stopping = True
+            if run.busy:
+                return run
+            if run.state is None:
+                run.status = "stopped"
+                return run
+            run.status, run.busy = "running", True
+        return self._chunks(run)
+
+    def _chunks(self, run: ChunkedRun) -> ChunkedRun:
+        """(run.busy is set.) The next chunk in a GPU call; and the saving one when Stop came meanwhile."""
+        while True:
+            stop = run.stopping
+            try:
+                chunk = self.engine.gpu_calls.train_chunk(self.engine, run.job, run.state, self.chunk_s, stop)
+            except Exception:
+                with self._lock:
+                    run.busy = False
+                raise  # this chunk did not happen: the state is the one before it, the next tick tries again
+            with self._lock:
+                run.last_tick = self.clock()
+                run.events.extend(chunk.events)
+                run.chunks += 1
+                run.state = chunk.state
+                if chunk.state is None:
+                    run.status = chunk.outcome or "finished"
+                if run.state is None or stop or not run.stopping:
+                    run.busy = False
+                    return run
 
     def resume(self, run_id: int, owner: str | None = None) -> ChunkedRun:
         """A paused run runs again at the next tick."""

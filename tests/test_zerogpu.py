@@ -184,3 +184,64 @@ def test_a_run_in_gpu_call_chunks_driven_by_ticks_equals_the_run_at_once_and_pau
     a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), load_file(
         str(tmp_path / "cut" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_and_resume_continues(
+        tmp_path, simulated):
+    """Start, Stop and Resume on the Train tab go through the runner as on any studio; each tick of the tab's
+    timer from the owner's page runs the next chunk in a GPU call, folded into the job the card and chart read."""
+    import gradio as gr
+    from safetensors.torch import load_file
+    from core.adapters.library import RESUMABLE, checkpoint_dirs
+    from core.train.loop import train_chunk
+    from core.train.trainer import Trainer
+    from studio.app import build_ui, create_studio
+    from studio.tabs import train
+    from studio_helpers import FAST, _form, _prepare, _start
+    studio = create_studio(tmp_path / "lib", tmp_path / "datasets", "auto", "tiny", precision="fp32")
+    studio.chunked.runs.chunk_s = 0.0  # one optimizer step per chunk
+    now = [0.0]
+    studio.chunked.runs.clock = lambda: now[0]
+    timer_tick = next(fn.fn for fn in build_ui(studio).fns.values() if [t[1] for t in fn.targets] == ["tick"])
+    alice, bob = gr.Request(username="alice"), gr.Request(username="bob")
+
+    def tick(request):
+        return timer_tick(None, "", "", "", request)[0]  # the job card it draws
+
+    _prepare(studio)
+    assert "Started **cut**" in _start(studio, "cut", 3, user="alice")[0]
+    assert studio.runner.snapshot()["state"] == "starting" and simulated == []  # no GPU call before a tick
+    tick(bob)  # another user's page drives nothing
+    assert simulated == []
+    tick(alice)
+    now[0] += 31  # the page closed: its next tick finds the run paused, and trains nothing
+    assert "Paused" in tick(alice) and studio.runner.snapshot()["state"] == "paused"
+    assert "Resumed **cut** at step 1" in train.resume(studio, "", None, user="alice")[0]
+    while studio.runner.snapshot()["state"] != "finished":
+        tick(alice)
+    snap = studio.runner.snapshot()
+    assert simulated == ["_train_chunk"] * 3 and not torch.cuda.is_initialized()
+    assert [p["step"] for p in snap["points"]] == [1, 2, 3] and [e["step"] for e in snap["evals"]] == [0, 3]
+    entry = next(e for e in studio.library.list() if e.name == "cut")
+    assert entry.has_final and entry.steps == 3 and entry.user == "alice" and entry.dataset == "pirates"
+    lcfg, tcfg = train.make_configs(_form(model="tiny", dataset="pirates", steps=3, **FAST))
+    whole = train_chunk(Trainer(studio.engine.shared_model(), studio.dataset("pirates"), lcfg, tcfg, "whole",
+                                tmp_path / "whole"))
+    assert [e["loss"] for e in whole.events if e["type"] == "step"] == pytest.approx(
+        [p["loss"] for p in snap["points"]], abs=1e-5)
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "whole", studio.library.root / "cut"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Stop between two ticks ends the run at once, saved with its resume point; Resume goes on from there
+    _start(studio, "halt", 5, user="alice")
+    tick(alice)
+    tick(alice)
+    assert "Stopped 'halt' at step 2" in train.stop(studio, user="alice")
+    assert studio.runner.snapshot()["state"] == "stopped" and simulated == ["_train_chunk"] * 6
+    entry = next(e for e in studio.library.list() if e.name == "halt")
+    assert entry.has_final and entry.steps == 2 and entry.status == "stopped"
+    assert checkpoint_dirs(studio.library.root / "halt", RESUMABLE)
+    assert "from step 2" in train.resume(studio, "halt", None, user="alice")[0]
+    while studio.runner.snapshot()["state"] != "finished":
+        tick(alice)
+    assert next(e for e in studio.library.list() if e.name == "halt").steps == 5
+    assert not torch.cuda.is_initialized()
