@@ -49,7 +49,7 @@ class ChunkScheduler(TrainScheduler):
         chunk_job = ChunkJob(spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name, str(spec.out_dir),
                              spec.meta)
         job.chunked = self.runs.start(chunk_job, spec.user, state=spec.resume)
-        job.folded = 0
+        job.folded, job.elapsed_base = 0, 0.0
         job.fold_lock = threading.Lock()
         return job
 
@@ -98,6 +98,10 @@ class ChunkScheduler(TrainScheduler):
             events, job.folded = run.events[job.folded:], len(run.events)
             final = None
             for ev in events:
+                if ev["type"] == "start":  # a chunk's worker counts its own seconds: the card counts the run's
+                    job.elapsed_base = job.progress.get("elapsed") or 0.0
+                elif ev["type"] == "step" and isinstance(ev.get("elapsed"), (int, float)):
+                    ev = {**ev, "elapsed": job.elapsed_base + ev["elapsed"]}
                 if ev["type"] in ("done", "error"):
                     final = ev  # reported after the cleanup, as the training thread does
                 else:

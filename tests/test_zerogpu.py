@@ -190,6 +190,8 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
         tmp_path, simulated):
     """Start, Stop and Resume on the Train tab go through the runner as on any studio; each tick of the tab's
     timer from the owner's page runs the next chunk in a GPU call, folded into the job the card and chart read."""
+    import json
+
     import gradio as gr
     from safetensors.torch import load_file
     from core.adapters.library import RESUMABLE, checkpoint_dirs
@@ -222,6 +224,8 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
     snap = studio.runner.snapshot()
     assert simulated == ["_train_chunk"] * 3 and not torch.cuda.is_initialized()
     assert [p["step"] for p in snap["points"]] == [1, 2, 3] and [e["step"] for e in snap["evals"]] == [0, 3]
+    history = [json.loads(line) for line in (studio.library.root / "cut" / "history.jsonl").read_text().splitlines()]
+    assert snap["progress"]["elapsed"] == pytest.approx(history[-1]["elapsed"])  # the run's seconds, not a chunk's
     entry = next(e for e in studio.library.list() if e.name == "cut")
     assert entry.has_final and entry.steps == 3 and entry.user == "alice" and entry.dataset == "pirates"
     lcfg, tcfg = train.make_configs(_form(model="tiny", dataset="pirates", steps=3, **FAST))
