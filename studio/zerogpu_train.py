@@ -53,12 +53,18 @@ class ChunkScheduler(TrainScheduler):
         job.fold_lock = threading.Lock()
         return job
 
+    def running_base(self) -> str | None:
+        with self._cond:
+            return next((j.spec.base_id for j in self._running if j.state != "paused"), None)
+
     def stop(self, job: TrainJob, by: str | None = None) -> str:
         """Stop a job: it is saved now (one GPU call), or at the end of the chunk in its GPU call."""
         if job not in self._live():
             return f"'{job.name}' is not running."
         reason = "" if by is None else f"stopped by the teacher{f' ({by})' if by else ''}"
         job.request_stop(reason, by)
+        if job.model is None and job.chunked.state is not None:
+            job.model = self._load_base(job.spec)  # a paused run's base, for the GPU call that saves it
         self._drive(job, lambda run: self.runs.stop(run.id, run.owner))
         if job.live or job.state == "paused":
             return f"Stopping '{job.name}': it is saved at the end of the chunk it is training."
@@ -66,7 +72,13 @@ class ChunkScheduler(TrainScheduler):
 
     def tick(self, job_id, owner: str | None) -> None:
         """The Train tab's timer: the next chunk of the followed job if it is `owner`'s, else of `owner`'s newest
-        running job (another user's page drives nothing)."""
+        running job (another user's page drives nothing). First, every page's tick pauses the runs that no page
+        drove for a while."""
+        for other in self._live():
+            run = other.chunked
+            if run.status == "running" and not run.busy and self.runs.clock() - run.last_tick > self.runs.idle_s:
+                self.runs.pause(run.id, run.owner)
+                self._fold(other)
         mine = [j for j in self._live() if owner is not None and j.user == owner]
         job = next((j for j in mine if str(j.id) == str(job_id)), None) or max(mine, key=lambda j: j.id, default=None)
         if job is not None:
@@ -78,6 +90,8 @@ class ChunkScheduler(TrainScheduler):
                      and (j.name == name if name else str(j.id) == str(job_id))), None)
 
     def resume(self, job: TrainJob) -> str:
+        if job.model is None:
+            job.model = self._load_base(job.spec)  # refused while jobs on another base run
         self.runs.resume(job.chunked.id, job.user)
         job._touch(state="stopping" if job.chunked.stopping else "running")
         return f"Resumed **{job.name}** at step {job.progress.get('step', 0)}. Keep this page open: it trains it."
@@ -108,12 +122,15 @@ class ChunkScheduler(TrainScheduler):
                     job.on_event(ev)
             if run.status == "paused" and job.state != "paused":
                 job._touch(state="paused")
+                self._release_base(job.model)  # a paused run holds no base: others may switch it meanwhile
+                job.model = None
             if run.status not in ENDED or job not in self._live():
                 return
             with self._cond:
                 self._running.remove(job)
                 self._update_positions()
-            self._release_base(job.model)
+            if job.model is not None:
+                self._release_base(job.model)
             self._end(job, final or {"type": "error", "kind": "cancelled", "step": job.progress.get("step", 0),
                                      "checkpoint": None, "message": "stopped before its first chunk; nothing was "
                                                                     "trained."})

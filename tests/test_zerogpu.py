@@ -216,8 +216,10 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
     tick(bob)  # another user's page drives nothing
     assert simulated == []
     tick(alice)
-    now[0] += 31  # the page closed: its next tick finds the run paused, and trains nothing
-    assert "Paused" in tick(alice) and studio.runner.snapshot()["state"] == "paused"
+    now[0] += 31  # the page closed: any page's next tick finds the run paused, and its base free meanwhile
+    assert "Paused" in tick(bob) and studio.runner.snapshot()["state"] == "paused"
+    assert studio.runner.scheduler.running_base() is None
+    assert "Paused" in tick(alice) and simulated == ["_train_chunk"]  # the owner's page trains nothing till Resume
     assert "Resumed **cut** at step 1" in train.resume(studio, "", None, user="alice")[0]
     while studio.runner.snapshot()["state"] != "finished":
         tick(alice)
