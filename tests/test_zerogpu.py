@@ -250,4 +250,7 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
     while studio.runner.snapshot()["state"] != "finished":
         tick(alice)
     assert next(e for e in studio.library.list() if e.name == "halt").steps == 5
+    from studio.tabs.compare import CompareForm, compare  # the trained adapters, as any studio's, on Compare
+    texts = _last(compare(studio, CompareForm(model="tiny", adapters=["cut", "halt"], prompt=PROMPT, max_tokens=4)))
+    assert all(t.startswith(PROMPT) for t in texts[:3]) and simulated[-1] == "_compare"
     assert not torch.cuda.is_initialized()
