@@ -88,9 +88,12 @@ class BaseInUse(ValueError):
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
                  max_loaded: int = 16, max_train_memory: int | None = None, max_rows_per_user: int = 8,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, gpu_calls=None):
         """max_rows_per_user: rows one user may have generating or waiting at once (a Compare with the base
-        and 3 adapters is 4 rows). max_new_tokens: new tokens one compare request may ask for (more is refused)."""
+        and 3 adapters is 4 rows). max_new_tokens: new tokens one compare request may ask for (more is refused).
+        gpu_calls: on ZeroGPU (core.zerogpu_calls.GpuCalls), where compare, evaluate and token differences go
+        once checked: this engine's base stays on the CPU."""
+        self.gpu_calls = gpu_calls
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
@@ -260,6 +263,8 @@ class Engine:
                 if a is not None:
                     self._name_for(a)
         pace = every if callable(every) else (lambda: every or 0.0)
+        if self.gpu_calls is not None:
+            return self._counted(self.gpu_calls.compare(self, prompt, list(adapters), cfg, pace))
         return self._counted(self._stream(prompt, list(adapters), cfg, user, pace))
 
     def generating(self) -> bool:
@@ -351,6 +356,8 @@ class Engine:
         max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
         check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
+        if self.gpu_calls is not None:
+            return self.gpu_calls.evaluate(self, ids, adapters, seq_len, max_tokens, mask)
         with self._pinned(adapters) as (model, names):
             ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask,
                                  turns=self._decode_first())
@@ -362,6 +369,8 @@ class Engine:
         """Each token of `text` scored by the base and by `adapter` (core.train.evaluate.token_differences)."""
         if not isinstance(adapter, str) or not adapter:
             raise AdapterError("choose an adapter to compare with the base.")
+        if self.gpu_calls is not None:
+            return self.gpu_calls.token_differences(self, text, adapter)
         with self._pinned([adapter]) as (model, names):
             return token_differences(model, text, names[0], lock=self.lock, turns=self._decode_first())
 

@@ -20,6 +20,7 @@ from core.device import pick_device, precision_dtype
 from core.engine import Engine
 from core.quota import Quota
 from core.train.estimate import parse_size
+from core.zerogpu_calls import GpuCalls
 
 from . import fair_queue, job_notice, saved_state
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
@@ -100,10 +101,11 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
             raise ValueError(f"--torch-threads must be a whole number of at least 1 (got {torch_threads!r}).")
         import torch
         torch.set_num_threads(torch_threads)  # threads started later (the decode loop, training runs) get it too
-    dev = pick_device(device)
+    gpu_calls = GpuCalls.here(precision, device)  # ZeroGPU: GPU work in GPU calls, CUDA never in this process
+    dev = pick_device("cpu" if gpu_calls else device)
     engine = Engine(device=dev, library_dir=library, dtype=precision_dtype(precision, dev),
                     max_train_memory=cap,
-                    max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens)
+                    max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens, gpu_calls=gpu_calls)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
                     max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,

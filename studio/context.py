@@ -36,6 +36,7 @@ from core.engine import Engine
 from core.generate.scheduler import SchedulerBusy
 from core.train.estimate import human_bytes
 from core.checks import check_text, scrub
+from core.train.jobs import TrainScheduler
 from core.train.trainer import TrainingError
 from core.model.weights import WeightsError
 
@@ -43,6 +44,7 @@ from .fair_queue import is_local
 from .exports import make_exports_dir
 from .models import CHOICES, HubProbe, availability, describe
 from .runner import Runner
+from .zerogpu_train import ChunkScheduler
 
 USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, SchedulerBusy, FileNotFoundError)
 UPLOADS_KEPT_S = 3600  # Gradio's upload cache: files older than this are deleted (delete_cache)
@@ -96,6 +98,7 @@ class Studio:
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
     runner: Runner = field(init=False)
+    chunked: ChunkScheduler | None = field(init=False)  # on ZeroGPU: the runner's scheduler, jobs run in chunks
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
     streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
@@ -110,7 +113,9 @@ class Studio:
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
                              self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
-                             max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes)
+                             max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes,
+                             ChunkScheduler if self.engine.gpu_calls is not None else TrainScheduler)
+        self.chunked = self.runner.scheduler if self.engine.gpu_calls is not None else None
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed

@@ -43,14 +43,14 @@ class Runner:
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
                  capacity_tokens: int | None = None, yield_s: float = 0.0, max_job_tokens: int | None = None,
                  users_per_address: int = 1, max_job_steps: int | None = None,
-                 max_job_minutes: float | None = None):
+                 max_job_minutes: float | None = None, scheduler: type[TrainScheduler] = TrainScheduler):
         self.engine = engine
         self.max_job_tokens = max_job_tokens  # a job's steps x tokens per step at most (None: no limit)
         self.max_job_steps = max_job_steps  # a job's optimizer steps at most (None: no limit)
         self.users_per_address = users_per_address  # without sign-in, an address's jobs: this x the per-user limit
         self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
         self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
-        self.scheduler = TrainScheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
+        self.scheduler = scheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
                                                    capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user,
                                                    yield_s=yield_s, max_job_minutes=max_job_minutes)
 
@@ -182,7 +182,7 @@ class Runner:
         when an admin stops someone else's job ('' for an unnamed admin: the admin token)."""
         job = self.find(job_id, owner) if job_id not in (None, "") else next(
             (j for j in sorted(self.scheduler.live(), key=lambda j: -j.id) if owner is None or j.user == owner), None)
-        if job is None or not job.live:
+        if job is None or not job.live and job.state != "paused":  # paused: a ZeroGPU run no page drives
             return "No training job of yours is queued or running." if job is None else \
                 f"'{job.name}' is not running."
         if owner is not None and not admin and job.user != owner:

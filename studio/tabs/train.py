@@ -258,6 +258,9 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
+    paused = studio.chunked.paused(name, job_id, owner_of(user, owner)) if studio.chunked is not None else None
+    if paused is not None:  # ZeroGPU: a run no page drove goes on from where it was, in memory
+        return studio.chunked.resume(paused), paused.name
     studio.check_entry_owner(name, user, "resume")  # first: another user's private run is not named as one
     ck = find_checkpoint(studio.runner.run_dir(name))
     base = ck.meta.get("base_model") or ""
@@ -321,7 +324,7 @@ def job_html(snap: dict | None) -> str:
     who = f" · started by <b>{html.escape(snap['user'])}</b>" if snap.get("user") else ""
     state = snap["state"]
     badge = {"queued": "Queued", "starting": "Training", "running": "Training", "stopping": "Stopping",
-             "finished": "Finished", "stopped": "Stopped", "failed": "Failed"}[state]
+             "finished": "Finished", "stopped": "Stopped", "failed": "Failed", "paused": "Paused"}[state]
     wait = f" · starts in about <b>{_clock(snap['start_eta'])}</b>" if snap.get("start_eta") is not None else ""
     text = {
         "queued": f"<b>{name}</b> waits in the queue: position <b>{snap.get('position') or 1}</b>{wait}. "
@@ -332,6 +335,7 @@ def job_html(snap: dict | None) -> str:
         "finished": f"<b>{name}</b> is saved to the library.",
         "stopped": f"<b>{name}</b> stopped at step {step} and is saved to the library; <b>Resume</b> continues it.",
         "failed": f"<b>{name}</b>: {html.escape(snap['message'])}",
+        "paused": f"<b>{name}</b> paused at step {step}: no page drove it; <b>Resume</b> continues it.",
     }[state]
     if state == "stopped" and snap.get("stop_reason"):  # the teacher, or the server's time limit
         text += f" <b>{html.escape(snap['stop_reason'][0].upper() + snap['stop_reason'][1:])}.</b>"
@@ -545,6 +549,8 @@ def create_train_tab(studio: Studio) -> dict:
 
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)
+        if studio.chunked is not None:  # ZeroGPU: the next chunk of this page's run, in this request
+            studio.chunked.tick(followed or None, requester(request, kept))
         valid = isinstance(drawn, (list, tuple)) and len(drawn) == 4  # live_view's keys, then the limits drawn
         *views, keys = live_view(studio, list(drawn[:3]) if valid else None, followed or None,
                                  requester(request, kept))
