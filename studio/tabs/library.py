@@ -332,6 +332,123 @@ def gguf_adapter_export(studio: Studio, name, progress=None, user: str | None = 
             f"`--lora`, over a GGUF of {base}."), str(out)
 
 
+def _export_widgets() -> dict:
+    """The Download and export column: the zip, the merged model, GGUF files and the metrics."""
+    gr.Markdown("### Download and export")
+    with gr.Row():
+        zip_btn = gr.Button("Download adapter (.zip)", elem_id="lib-download")
+        merge_btn = gr.Button("Merge into base & export", elem_id="lib-merge")
+    with gr.Row():
+        csv_btn = gr.Button("Metrics (.csv)", size="sm", elem_id="lib-metrics-csv")
+        json_btn = gr.Button("Metrics (.json)", size="sm", elem_id="lib-metrics-json")
+    with gr.Row():
+        gguf_type = gr.Dropdown(list(GGUF_TYPES), value="f16", label="GGUF type", scale=1, min_width=110,
+                                elem_id="lib-gguf-type", info="q8_0: 8-bit, about half the size.")
+        gguf_btn = gr.Button("Merge & export GGUF", scale=2, elem_id="lib-gguf")
+        gguf_lora_btn = gr.Button("GGUF adapter (--lora)", scale=2, elem_id="lib-gguf-adapter")
+    gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
+                "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model; "
+                "GGUF as one file for llama.cpp; GGUF adapter: the adapter alone, for llama.cpp's "
+                "`--lora` over a GGUF of the base. Metrics: every step's losses, lr, grad norm, tokens/s "
+                "and time.</span>")
+    out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
+    return {"download": zip_btn, "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn,
+            "gguf": gguf_btn, "gguf_type": gguf_type, "gguf_adapter": gguf_lora_btn, "file": out_file}
+
+
+def _wire_exports(studio: Studio, x: dict, picked, status) -> None:
+    """Each export writes a file for the selected adapter and hands it to the page."""
+    reported = functools.partial(friendly, status=status)
+
+    # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
+    # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
+    @friendly
+    def do_zip(selected, request: gr.Request):
+        path = export_zip(studio, selected, user_of(request))
+        yield gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
+    @reported
+    def do_merge(selected, request: gr.Request, progress=gr.Progress()):
+        msg, path = merge_export(studio, selected, progress, user_of(request))
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
+    @reported
+    def do_gguf(selected, qtype, request: gr.Request, progress=gr.Progress()):
+        msg, path = gguf_export(studio, selected, qtype, progress, user_of(request))
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
+    @reported
+    def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
+        msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
+        yield msg, gr.update(value=path, visible=True)
+        studio.drop_export(path)
+
+    def metrics_of(fmt: str):
+        @friendly
+        def do_metrics(selected, request: gr.Request):
+            path = export_metrics(studio, selected, fmt, user_of(request))
+            yield gr.update(value=path, visible=True)
+            studio.drop_export(path)
+        return do_metrics
+
+    x['download'].click(do_zip, inputs=picked, outputs=x['file'], api_name="export_adapter_zip")
+    x['gguf'].click(do_gguf, inputs=[picked, x['gguf_type']], outputs=[status, x['file']], api_name="export_gguf")
+    x['gguf_adapter'].click(do_gguf_adapter, inputs=picked, outputs=[status, x['file']], api_name="export_gguf_adapter")
+    x['metrics_csv'].click(metrics_of("csv"), inputs=picked, outputs=x['file'], api_name="export_metrics_csv")
+    x['metrics_json'].click(metrics_of("json"), inputs=picked, outputs=x['file'], api_name="export_metrics_json")
+    x['merge'].click(do_merge, inputs=picked, outputs=[status, x['file']], api_name="merge_export")
+
+
+def _overlay_section(studio: Studio) -> dict:
+    """Several adapters' loss curves on one chart."""
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Curves side by side")
+            chosen = gr.Dropdown(names(studio), value=[], multiselect=True, max_choices=MAX_OVERLAY,
+                                 label="Adapters to overlay", elem_id="lib-overlay-pick", allow_custom_value=True,
+                                 info="Their train loss (lines) and validation loss (dashed) on one chart.")
+            overlay_plot = gr.Plot(overlay_figure([]), label="Loss curves", elem_id="lib-overlay")
+    # the list is read when it opens (adapters come and go); the chart follows the choice
+    def overlay_choices(cur, request: gr.Request):
+        return gr.update(choices=names(studio, user=user_of(request)), value=cur or [])
+
+    @friendly
+    def draw_overlay(cur, request: gr.Request):
+        return overlay(studio, cur, user_of(request))
+
+    chosen.focus(overlay_choices, inputs=chosen, outputs=chosen, show_progress="hidden", api_visibility="private")
+    chosen.change(draw_overlay, inputs=chosen, outputs=overlay_plot, show_progress="hidden",
+                  api_name="overlay_curves")
+    return {"overlay_pick": chosen, "overlay": overlay_plot}
+
+
+def _blend_and_checkpoint_widgets(studio: Studio) -> dict:
+    """Blend several adapters into one; keep a checkpoint of a run as an adapter of its own."""
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Blend")
+            blend_pick = gr.Dropdown(names(studio, final_only=True), multiselect=True, label="Adapters to blend",
+                                     allow_custom_value=True,
+                                     elem_id="lib-blend-pick",
+                                     info="The new adapter's update is the weighted sum of theirs (exact).")
+            with gr.Row():
+                blend_w = gr.Textbox(label="Weights", placeholder="e.g. 0.5, 0.5", elem_id="lib-blend-w",
+                                     info="One number per adapter, in order; empty = equal weights.")
+                blend_name = gr.Textbox(label="Blend name", elem_id="lib-blend-name",
+                                        info="Library name of the new adapter.")
+            blend_btn = gr.Button("Blend into a new adapter", elem_id="lib-blend")
+        with gr.Column():
+            gr.Markdown("### Checkpoints")
+            ckpt = gr.Dropdown([], label="Checkpoint of the selected run", elem_id="lib-ckpt", allow_custom_value=True,
+                               info="Training saves checkpoints; keep one as an adapter of its own (uses New name).")
+            restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
+    return {"blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
+            "checkpoint": ckpt, "restore": restore_btn}
+
+
 def create_library_tab(studio: Studio) -> dict:
     gr.Markdown("## 3 · Library\nEvery adapter you trained, blended or uploaded. Adapters are small PEFT-format "
                 "files; they load onto the one shared base model without reloading it.", elem_classes="tab-intro")
@@ -369,24 +486,7 @@ def create_library_tab(studio: Studio) -> dict:
         cancel_btn = gr.Button("Cancel", elem_id="lib-cancel-delete")
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### Download and export")
-            with gr.Row():
-                zip_btn = gr.Button("Download adapter (.zip)", elem_id="lib-download")
-                merge_btn = gr.Button("Merge into base & export", elem_id="lib-merge")
-            with gr.Row():
-                csv_btn = gr.Button("Metrics (.csv)", size="sm", elem_id="lib-metrics-csv")
-                json_btn = gr.Button("Metrics (.json)", size="sm", elem_id="lib-metrics-json")
-            with gr.Row():
-                gguf_type = gr.Dropdown(list(GGUF_TYPES), value="f16", label="GGUF type", scale=1, min_width=110,
-                                        elem_id="lib-gguf-type", info="q8_0: 8-bit, about half the size.")
-                gguf_btn = gr.Button("Merge & export GGUF", scale=2, elem_id="lib-gguf")
-                gguf_lora_btn = gr.Button("GGUF adapter (--lora)", scale=2, elem_id="lib-gguf-adapter")
-            gr.Markdown("<span class='help'>The .zip is a PEFT adapter folder (loads with "
-                        "`PeftModel.from_pretrained`). Merge writes base + adapter as one transformers model; "
-                        "GGUF as one file for llama.cpp; GGUF adapter: the adapter alone, for llama.cpp's "
-                        "`--lora` over a GGUF of the base. Metrics: every step's losses, lr, grad norm, tokens/s "
-                        "and time.</span>")
-            out_file = gr.File(label="Your file", interactive=False, visible=False, elem_id="lib-file")
+            x = _export_widgets()
         with gr.Column():
             gr.Markdown("### Upload")
             upload = gr.File(label="Adapter files", file_count="multiple", file_types=UPLOAD_TYPES,
@@ -394,32 +494,10 @@ def create_library_tab(studio: Studio) -> dict:
             up_name = gr.Textbox(label="Name in the library", elem_id="lib-upload-name",
                                  info="Empty = the file's name. Every upload is validated before it is saved.")
             up_btn = gr.Button("Import into the library", elem_id="lib-import")
-    with gr.Row(equal_height=False):
-        with gr.Column():
-            gr.Markdown("### Blend")
-            blend_pick = gr.Dropdown(names(studio, final_only=True), multiselect=True, label="Adapters to blend",
-                                     allow_custom_value=True,
-                                     elem_id="lib-blend-pick",
-                                     info="The new adapter's update is the weighted sum of theirs (exact).")
-            with gr.Row():
-                blend_w = gr.Textbox(label="Weights", placeholder="e.g. 0.5, 0.5", elem_id="lib-blend-w",
-                                     info="One number per adapter, in order; empty = equal weights.")
-                blend_name = gr.Textbox(label="Blend name", elem_id="lib-blend-name",
-                                        info="Library name of the new adapter.")
-            blend_btn = gr.Button("Blend into a new adapter", elem_id="lib-blend")
-        with gr.Column():
-            gr.Markdown("### Checkpoints")
-            ckpt = gr.Dropdown([], label="Checkpoint of the selected run", elem_id="lib-ckpt", allow_custom_value=True,
-                               info="Training saves checkpoints; keep one as an adapter of its own (uses New name).")
-            restore_btn = gr.Button("Save checkpoint as adapter", elem_id="lib-restore")
-
-    with gr.Row(equal_height=False):
-        with gr.Column():
-            gr.Markdown("### Curves side by side")
-            chosen = gr.Dropdown(names(studio), value=[], multiselect=True, max_choices=MAX_OVERLAY,
-                                 label="Adapters to overlay", elem_id="lib-overlay-pick", allow_custom_value=True,
-                                 info="Their train loss (lines) and validation loss (dashed) on one chart.")
-            overlay_plot = gr.Plot(overlay_figure([]), label="Loss curves", elem_id="lib-overlay")
+    w = _blend_and_checkpoint_widgets(studio)
+    blend_pick, blend_w, blend_name, blend_btn = w["blend_pick"], w["blend_weights"], w["blend_name"], w["blend"]
+    ckpt, restore_btn = w["checkpoint"], w["restore"]
+    overlay_parts = _overlay_section(studio)
     lists = [table, picked, blend_pick]
     @friendly
     def show(selected, request: gr.Request):
@@ -495,63 +573,9 @@ def create_library_tab(studio: Studio) -> dict:
                     api_name="blend_adapters")
     share_box.input(do_share, inputs=[picked, share_box], outputs=[status, *lists], api_name="share_adapter")
 
-    # Gradio copies a returned file into its own cache when it sends it: the studio's copy is removed right
-    # after (the code after a generator's yield runs once that yield was sent, for pages and API clients alike)
-    @friendly
-    def do_zip(selected, request: gr.Request):
-        path = export_zip(studio, selected, user_of(request))
-        yield gr.update(value=path, visible=True)
-        studio.drop_export(path)
-
-    @reported
-    def do_merge(selected, request: gr.Request, progress=gr.Progress()):
-        msg, path = merge_export(studio, selected, progress, user_of(request))
-        yield msg, gr.update(value=path, visible=True)
-        studio.drop_export(path)
-
-    @reported
-    def do_gguf(selected, qtype, request: gr.Request, progress=gr.Progress()):
-        msg, path = gguf_export(studio, selected, qtype, progress, user_of(request))
-        yield msg, gr.update(value=path, visible=True)
-        studio.drop_export(path)
-
-    @reported
-    def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
-        msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
-        yield msg, gr.update(value=path, visible=True)
-        studio.drop_export(path)
-
-    def metrics_of(fmt: str):
-        @friendly
-        def do_metrics(selected, request: gr.Request):
-            path = export_metrics(studio, selected, fmt, user_of(request))
-            yield gr.update(value=path, visible=True)
-            studio.drop_export(path)
-        return do_metrics
-
-    zip_btn.click(do_zip, inputs=picked, outputs=out_file, api_name="export_adapter_zip")
-    gguf_btn.click(do_gguf, inputs=[picked, gguf_type], outputs=[status, out_file], api_name="export_gguf")
-    gguf_lora_btn.click(do_gguf_adapter, inputs=picked, outputs=[status, out_file], api_name="export_gguf_adapter")
-    csv_btn.click(metrics_of("csv"), inputs=picked, outputs=out_file, api_name="export_metrics_csv")
-    json_btn.click(metrics_of("json"), inputs=picked, outputs=out_file, api_name="export_metrics_json")
-    merge_btn.click(do_merge, inputs=picked, outputs=[status, out_file], api_name="merge_export")
-    # the list is read when it opens (adapters come and go); the chart follows the choice
-    def overlay_choices(cur, request: gr.Request):
-        return gr.update(choices=names(studio, user=user_of(request)), value=cur or [])
-
-    @friendly
-    def draw_overlay(cur, request: gr.Request):
-        return overlay(studio, cur, user_of(request))
-
-    chosen.focus(overlay_choices, inputs=chosen, outputs=chosen, show_progress="hidden", api_visibility="private")
-    chosen.change(draw_overlay, inputs=chosen, outputs=overlay_plot, show_progress="hidden",
-                  api_name="overlay_curves")
-    return {"table": table, "picked": picked, "details": info, "curve": curve, "status": status,
-            "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
-            "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "download": zip_btn,
-            "merge": merge_btn, "metrics_csv": csv_btn, "metrics_json": json_btn,
-            "gguf": gguf_btn, "gguf_type": gguf_type, "file": out_file, "upload": upload, "upload_name": up_name,
-            "import": up_btn, "gguf_adapter": gguf_lora_btn,
-            "blend_pick": blend_pick, "blend_weights": blend_w, "blend_name": blend_name, "blend": blend_btn,
-            "checkpoint": ckpt, "restore": restore_btn, "use": use_btn, "refresh": refresh_btn, "share": share_box,
-            "lists": lists, "overlay_pick": chosen, "overlay": overlay_plot}
+    _wire_exports(studio, x, picked, status)
+    return {**x, **w, **overlay_parts, "table": table, "picked": picked, "details": info, "curve": curve,
+            "status": status, "new_name": new_name, "rename": rename_btn, "duplicate": dup_btn, "delete": del_btn,
+            "confirm": confirm_btn, "cancel": cancel_btn, "confirm_row": confirm_row, "upload": upload,
+            "upload_name": up_name, "import": up_btn, "use": use_btn, "refresh": refresh_btn, "share": share_box,
+            "lists": lists}

@@ -425,6 +425,102 @@ def live_view(studio: Studio, seen, job_id=None, owner: str | None = None):
 
 # ---- the tab ---------------------------------------------------------------------------------
 
+def _training_settings(d: TrainForm) -> dict:
+    """The Training settings accordion: steps, rates and what the run shows while it learns."""
+    with gr.Accordion("Training settings", open=True, elem_id="train-training-settings"):
+        with gr.Row():
+            lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110,
+                        info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
+            steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
+                           info="Optimizer steps to run (to continue a stopped run: its new total).")
+            seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110,
+                          info="Fixes the adapter's start and the batch order: same seed = same run.")
+        with gr.Row():
+            batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
+                           info="Sequences per micro-batch; lower it if memory runs out.")
+            accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
+                           min_width=110,
+                           info="Micro-batches summed per step: a bigger batch at no memory cost.")
+            seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
+                             min_width=110,
+                             info="Tokens of context per training sequence (at most the model's 1024).")
+        with gr.Row():
+            eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
+                                   min_width=110,
+                                   info="Measure validation loss and draw samples every N steps.")
+            prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
+                                max_length=MAX_PROMPT_CHARS,
+                                info="A fixed prompt continued at each evaluation, to see the style emerge.")
+        report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
+                                info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
+                                     "write in the run's folder, trackio in <library>/.trackio.")
+    return dict(lr=lr, steps=steps, seed=seed, batch=batch, accum=accum, seq_len=seq_len,
+                eval_interval=eval_interval, prompt=prompt, report_to=report_to)
+
+
+def _lora_settings(studio: Studio, d: TrainForm) -> dict:
+    """The LoRA and Advanced LoRA accordions, folded: settings a first run leaves alone."""
+    # rarely changed: folded away (Gradio still renders them, so the form sends their values)
+    with gr.Accordion("LoRA settings", open=False, elem_id="train-lora-settings"):
+        targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
+                                elem_id="train-targets",
+                                info="Which projections in every block get a LoRA update: "
+                                     + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
+        size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
+        with gr.Row():
+            r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
+                       info="Size of the low-rank update: higher = more capacity and parameters.")
+            alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110,
+                           info="Scales the update by alpha / rank; 2 × rank is a common choice.")
+            dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
+                             min_width=110,
+                             info="Randomly drops LoRA inputs while training to reduce overfitting.")
+            dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
+                               info="Also learns each output's magnitude: often better at low rank, close to "
+                                    "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
+    with gr.Accordion("Advanced LoRA", open=False, elem_id="train-advanced-lora"):
+        with gr.Row():
+            rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
+                                 info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
+                                      "ranks (32+), which otherwise learn too slowly.")
+            init = gr.Dropdown(list(INITS), value=d.init, label="Initialisation", elem_id="train-init",
+                               min_width=110,
+                               info="kaiming: the standard start, the adapter begins as the base. gaussian: "
+                                    "the same with a normal A. pissa / olora: start from the base weights' "
+                                    "main directions for faster early progress on small budgets; the saved "
+                                    "adapter is a plain LoRA of twice the rank (larger file).")
+            loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
+                              min_width=110,
+                              info="B learns this many times faster than A (LoRA+); 16 often "
+                                   "converges faster, 1 is plain LoRA.")
+        with gr.Row():
+            rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
+                                      placeholder='{"h.0.attn.c_attn": 4}',
+                                      info="Per-layer ranks, as PEFT's rank_pattern: give layers that matter "
+                                           "more a higher rank, others less (fewer parameters).")
+            alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
+                                       elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
+                                       info="Per-layer alphas, as PEFT's alpha_pattern.")
+    return dict(targets=targets, size=size, rank=r, alpha=alpha, dropout=dropout, dora=dora, rslora=rslora,
+                init=init, loraplus=loraplus, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def _live_column() -> dict:
+    """The followed job's card, chart and samples, and every job of the studio."""
+    follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
+                         allow_custom_value=True,  # choices change as jobs come and go
+                         info="Your jobs first. The chart, samples, Stop and Resume act on this job.")
+    job = gr.HTML(job_html(None), elem_id="train-job")
+    chart = gr.Plot(loss_figure([], []), label="Loss and learning rate", elem_id="train-chart")
+    gr.Markdown("### Samples at each evaluation")
+    samples = gr.HTML(samples_html(None), elem_id="train-samples")
+    gr.Markdown("### Training jobs on this studio\n<span class='help'>Jobs on the loaded base train "
+                "together in one shared step; the rest wait in the queue, in order.</span>")
+    table = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, elem_id="train-jobs",
+                         wrap=True, column_widths=JOB_COLUMN_WIDTHS)
+    return dict(follow=follow, job=job, chart=chart, samples=samples, table=table)
+
+
 def create_train_tab(studio: Studio) -> dict:
     gr.Markdown("## 2 · Train\nPick a base model and a dataset, choose where LoRA adds its small trainable "
                 "matrices, and watch it learn. Only the adapter is trained; the base stays frozen.",
@@ -466,87 +562,10 @@ def create_train_tab(studio: Studio) -> dict:
                                           "whoever started it.")
             # no minimum= on the numbers below: make_configs and the configs' checks explain every bound in one sentence
             # (Gradio's own check answers "Value 0 is less than minimum value 1." and logs a traceback)
-            with gr.Accordion("Training settings", open=True, elem_id="train-training-settings"):
-                with gr.Row():
-                    lr = Number(d.lr, label="Learning rate", elem_id="train-lr", min_width=110,
-                                info="Peak step size of AdamW (warmup, then cosine decay); LoRA likes 1e-4 to 2e-3.")
-                    steps = Number(d.steps, precision=0, label="Steps", elem_id="train-steps", min_width=110,
-                                   info="Optimizer steps to run (to continue a stopped run: its new total).")
-                    seed = Number(d.seed, precision=0, label="Seed", elem_id="train-seed", min_width=110,
-                                  info="Fixes the adapter's start and the batch order: same seed = same run.")
-                with gr.Row():
-                    batch = Number(d.batch, precision=0, label="Batch size", elem_id="train-batch", min_width=110,
-                                   info="Sequences per micro-batch; lower it if memory runs out.")
-                    accum = Number(d.accum, precision=0, label="Gradient accumulation", elem_id="train-accum",
-                                   min_width=110,
-                                   info="Micro-batches summed per step: a bigger batch at no memory cost.")
-                    seq_len = Number(d.seq_len, precision=0, label="Sequence length", elem_id="train-seq",
-                                     min_width=110,
-                                     info="Tokens of context per training sequence (at most the model's 1024).")
-                with gr.Row():
-                    eval_interval = Number(d.eval_interval, precision=0, label="Eval interval", elem_id="train-eval",
-                                           min_width=110,
-                                           info="Measure validation loss and draw samples every N steps.")
-                    prompt = gr.Textbox(d.prompt, label="Sample prompt", elem_id="train-prompt", min_width=110,
-                                        max_length=MAX_PROMPT_CHARS,
-                                        info="A fixed prompt continued at each evaluation, to see the style emerge.")
-                report_to = gr.Dropdown(list(REPORT_TO), value=d.report_to, label="Log to", elem_id="train-report-to",
-                                        info="Also log the run's metrics to a tracker, offline: tensorboard and wandb "
-                                             "write in the run's folder, trackio in <library>/.trackio.")
-            # rarely changed: folded away (Gradio still renders them, so the form sends their values)
-            with gr.Accordion("LoRA settings", open=False, elem_id="train-lora-settings"):
-                targets = CheckboxGroup(list(TARGET_MODULES), value=d.targets, label="Target modules",
-                                        elem_id="train-targets",
-                                        info="Which projections in every block get a LoRA update: "
-                                             + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items()) + ".")
-                size = gr.Markdown(size_md(studio, d.model, d.targets, d.rank), elem_id="train-size")
-                with gr.Row():
-                    r = Slider(1, 64, value=d.rank, step=1, label="Rank", elem_id="train-rank", min_width=110,
-                               info="Size of the low-rank update: higher = more capacity and parameters.")
-                    alpha = Number(d.alpha, label="Alpha", elem_id="train-alpha", min_width=110,
-                                   info="Scales the update by alpha / rank; 2 × rank is a common choice.")
-                    dropout = Slider(0.0, 0.5, value=d.dropout, step=0.05, label="Dropout", elem_id="train-dropout",
-                                     min_width=110,
-                                     info="Randomly drops LoRA inputs while training to reduce overfitting.")
-                    dora = gr.Checkbox(d.dora, label="DoRA", elem_id="train-dora", min_width=110,
-                                       info="Also learns each output's magnitude: often better at low rank, close to "
-                                            "full fine-tuning; steps are slower and use more memory. Cannot be blended.")
-            with gr.Accordion("Advanced LoRA", open=False, elem_id="train-advanced-lora"):
-                with gr.Row():
-                    rslora = gr.Checkbox(d.rslora, label="rsLoRA", elem_id="train-rslora", min_width=110,
-                                         info="Scale by alpha / √rank instead of alpha / rank: choose it for high "
-                                              "ranks (32+), which otherwise learn too slowly.")
-                    init = gr.Dropdown(list(INITS), value=d.init, label="Initialisation", elem_id="train-init",
-                                       min_width=110,
-                                       info="kaiming: the standard start, the adapter begins as the base. gaussian: "
-                                            "the same with a normal A. pissa / olora: start from the base weights' "
-                                            "main directions for faster early progress on small budgets; the saved "
-                                            "adapter is a plain LoRA of twice the rank (larger file).")
-                    loraplus = Number(d.loraplus_lr_ratio, label="LoRA+ ratio", elem_id="train-loraplus",
-                                      min_width=110,
-                                      info="B learns this many times faster than A (LoRA+); 16 often "
-                                           "converges faster, 1 is plain LoRA.")
-                with gr.Row():
-                    rank_pattern = gr.Textbox(d.rank_pattern, label="Rank pattern (JSON)", elem_id="train-rank-pattern",
-                                              placeholder='{"h.0.attn.c_attn": 4}',
-                                              info="Per-layer ranks, as PEFT's rank_pattern: give layers that matter "
-                                                   "more a higher rank, others less (fewer parameters).")
-                    alpha_pattern = gr.Textbox(d.alpha_pattern, label="Alpha pattern (JSON)",
-                                               elem_id="train-alpha-pattern", placeholder='{"mlp.c_fc": 8}',
-                                               info="Per-layer alphas, as PEFT's alpha_pattern.")
+            c = {**_training_settings(d), **_lora_settings(studio, d)}
         with gr.Column(scale=6, elem_classes="live"):
-            follow = gr.Dropdown([], value="", label="Follow job", elem_id="train-follow",
-                                 allow_custom_value=True,  # choices change as jobs come and go
-                                 info="Your jobs first. The chart, samples, Stop and Resume act on this job.")
-            job = gr.HTML(job_html(None), elem_id="train-job")
-            chart = gr.Plot(loss_figure([], []), label="Loss and learning rate", elem_id="train-chart")
-            gr.Markdown("### Samples at each evaluation")
-            samples = gr.HTML(samples_html(None), elem_id="train-samples")
-            gr.Markdown("### Training jobs on this studio\n<span class='help'>Jobs on the loaded base train "
-                        "together in one shared step; the rest wait in the queue, in order.</span>")
-            table = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, elem_id="train-jobs",
-                                 wrap=True, column_widths=JOB_COLUMN_WIDTHS)
-
+            c.update(_live_column())
+    follow, job, chart, samples, table = (c[k] for k in ("follow", "job", "chart", "samples", "table"))
     def tick(drawn, followed, browser_id, known, request: gr.Request):
         kept = new_browser_id(browser_id if browser_id else known)
         if studio.chunked is not None:  # ZeroGPU: the next chunk of this page's run, in this request
@@ -572,17 +591,18 @@ def create_train_tab(studio: Studio) -> dict:
     follow.input(lambda: None, outputs=seen, show_progress="hidden", api_visibility="private")
 
     # the form as TrainForm's fields, in its order (the start_training API's argument order)
-    form = dict(model=model, dataset=dataset, name=name, targets=targets, rank=r, alpha=alpha, dropout=dropout, lr=lr,
-                steps=steps, batch=batch, accum=accum, seq_len=seq_len, eval_interval=eval_interval, seed=seed,
-                prompt=prompt, report_to=report_to, dora=dora, rslora=rslora, init=init, loraplus_lr_ratio=loraplus,
-                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    form = dict(model=model, dataset=dataset, name=name, targets=c["targets"], rank=c["rank"], alpha=c["alpha"],
+                dropout=c["dropout"], lr=c["lr"], steps=c["steps"], batch=c["batch"], accum=c["accum"],
+                seq_len=c["seq_len"], eval_interval=c["eval_interval"], seed=c["seed"], prompt=c["prompt"],
+                report_to=c["report_to"], dora=c["dora"], rslora=c["rslora"], init=c["init"],
+                loraplus_lr_ratio=c["loraplus"], rank_pattern=c["rank_pattern"], alpha_pattern=c["alpha_pattern"])
     settings = {k: form[k] for k in SETTINGS}
-    gr.on([c.change for c in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
+    gr.on([x.change for x in settings.values()], lambda **values: estimate_md(studio, TrainForm(**values)),
           inputs_kwargs=settings, outputs=estimate, show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
-    sized = [model, targets, r, dora, init, rank_pattern]
-    gr.on([c.change for c in sized], lambda *values: size_md(studio, *values),
-          inputs=sized, outputs=size, show_progress="hidden", trigger_mode="always_last",
+    sized = [model, c["targets"], c["rank"], c["dora"], c["init"], c["rank_pattern"]]
+    gr.on([x.change for x in sized], lambda *values: size_md(studio, *values),
+          inputs=sized, outputs=c["size"], show_progress="hidden", trigger_mode="always_last",
           api_visibility="private")
     model.change(lambda m: model_status_md(studio, m), inputs=model, outputs=model_status, show_progress="hidden",
                  api_visibility="private")
@@ -618,13 +638,8 @@ def create_train_tab(studio: Studio) -> dict:
                     outputs=[action, name, model_status, follow], concurrency_id="train-control",
                     api_name="start_training")
     stop_btn.click(do_stop, inputs=[follow, me, admin_token], outputs=action, queue=False, api_name="stop_training")
-    resume_btn.click(friendly(do_resume, status=action), inputs=[name, steps, follow, me], outputs=[action, name, follow],
+    resume_btn.click(friendly(do_resume, status=action), inputs=[name, c["steps"], follow, me], outputs=[action, name, follow],
                      concurrency_id="train-control", api_name="resume_training")
-    return {"model": model, "model_status": model_status, "dataset": dataset, "name": name, "targets": targets,
-            "rank": r, "alpha": alpha, "dropout": dropout, "lr": lr, "steps": steps, "batch": batch,
-            "accum": accum, "seq_len": seq_len, "eval_interval": eval_interval, "seed": seed, "prompt": prompt,
-            "report_to": report_to, "dora": dora, "rslora": rslora, "init": init, "loraplus": loraplus,
-            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "size": size, "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn,
-            "action": action, "job": job, "chart": chart, "samples": samples, "timer": timer, "follow": follow,
-            "table": table, "browser": browser, "me": me, "form": form}
+    return {**c, "model": model, "model_status": model_status, "dataset": dataset, "name": name,
+            "estimate": estimate, "start": start_btn, "stop": stop_btn, "resume": resume_btn, "action": action,
+            "timer": timer, "browser": browser, "me": me, "form": form}
