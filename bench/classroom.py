@@ -50,7 +50,7 @@ from common import machine, random_hf_checkpoint, table  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import core.train.cobatch as cobatch  # noqa: E402
+import core.train.loop as loop  # noqa: E402
 from core.engine import Engine  # noqa: E402
 from core.generate.sampling import SamplingConfig  # noqa: E402
 from core.lora.layers import adapter_names  # noqa: E402
@@ -101,12 +101,12 @@ def students(n: int, steps: int, uniform: bool) -> list[Student]:
 
 
 class StepLog:
-    """Records every shared micro-step (rows, padded length, real tokens) by wrapping
-    core.train.cobatch.forward_backward, which the scheduler's TrainLoop calls; nothing else changes."""
+    """Records every shared micro-step (rows, padded length, real tokens) by wrapping the shared
+    forward_backward where the scheduler's TrainLoop calls it (core.train.loop); nothing else changes."""
 
     def __init__(self):
         self.steps: list[tuple] = []  # (runs, rows, longest sequence, real tokens, seconds)
-        self._inner = cobatch.forward_backward
+        self._inner = loop.forward_backward
 
     def __enter__(self):
         def logged(model, runs):
@@ -116,11 +116,11 @@ class StepLog:
             self.steps.append((len(runs), sum(b for b, _ in shapes), max(t for _, t in shapes),
                                sum(b * t for b, t in shapes), time.perf_counter() - t0))
             return out
-        cobatch.forward_backward = logged
+        loop.forward_backward = logged
         return self
 
     def __exit__(self, *exc):
-        cobatch.forward_backward = self._inner
+        loop.forward_backward = self._inner
 
     def summary(self, since: int = 0) -> dict:
         steps = self.steps[since:]
