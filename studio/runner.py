@@ -15,17 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from core.adapters.library import check_name
-from core.device import default_dtype, precision_name
-from core.lora.config import LoraConfig
-from core.model.config import PRESETS
-from core.train.config import TrainConfig
-from core.train.data import Dataset
-from core.train.estimate import check_memory, estimate_training
-from core.train.jobs import JobSpec, TrainJob, TrainScheduler, training_adapter
-from core.api import train_scheduler
-from core.train.trackers import make_trackers
-from core.train.trainer import find_checkpoint
+from core.api import (PRESETS, Dataset, JobSpec, LoraConfig, TrainConfig, TrainJob, TrainScheduler, check_memory,
+                      check_name, default_dtype, estimate_training, find_checkpoint, make_trackers, precision_name,
+                      train_scheduler, training_adapter)
+
 
 def _run_meta(name: str, user: str | None) -> dict:
     """What the studio records in studio.json of a run's adapter and checkpoints beyond the trainer's
