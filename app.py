@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--admin {unknown[0]}: no such user in --auth.")
         if args.weights and args.model == "tiny":
             raise ValueError("--weights are for a real GPT-2 size (--model gpt2 ... gpt2-xl); 'tiny' is random.")
-        from core.quota import Quota
+        from core.api import Quota
         from studio.app import build_ui, create_studio, launch_options
         quota = Quota.for_studio(args.min_free_disk, args.max_adapters_per_user, args.max_library_per_user,
                                  args.max_datasets_per_user, args.max_datasets_size_per_user)

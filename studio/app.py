@@ -15,12 +15,7 @@ from contextlib import asynccontextmanager
 import anyio
 import gradio as gr
 
-from core.adapters.validate import preset_of
-from core.device import pick_device, precision_dtype
-from core.engine import Engine
-from core.quota import Quota
-from core.train.estimate import parse_size
-from core.zerogpu_calls import GpuCalls
+from core.api import Engine, GpuCalls, Quota, parse_size, pick_device, precision_dtype, preset_of
 
 from . import fair_queue, job_notice, saved_state
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of

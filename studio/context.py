@@ -22,23 +22,9 @@ from typing import Callable
 
 import gradio as gr
 
-from core.adapters.library import AdapterEntry
-from core.adapters.validate import AdapterError
-from core.arena import Arena
-from core.atomic import disk_full
-from core.model.config import PRESETS
-from core.quota import Quota
-from core.sandbox import check_not_gallery
-from core.train.data import Dataset, load_dataset, read_dataset_meta
-from core.train.datasets import DatasetStore, is_dataset_folder
-from core.device import default_dtype, precision_name
-from core.engine import Engine
-from core.generate.scheduler import SchedulerBusy
-from core.train.estimate import human_bytes
-from core.checks import check_text, scrub
-from core.train.jobs import TrainScheduler
-from core.train.trainer import TrainingError
-from core.model.weights import WeightsError
+from core.api import (PRESETS, AdapterEntry, AdapterError, Arena, Dataset, DatasetStore, Engine, Quota, SchedulerBusy,
+                      TrainingError, TrainScheduler, WeightsError, check_not_gallery, check_text, default_dtype,
+                      disk_full, human_bytes, is_dataset_folder, load_dataset, precision_name, read_dataset_meta, scrub)
 
 from .fair_queue import is_local
 from .exports import make_exports_dir

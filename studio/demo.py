@@ -24,7 +24,7 @@ import anyio
 import gradio as gr
 from starlette.middleware import Middleware
 
-from core.sandbox import Sandboxes, clean, import_gallery, owners_on_disk, visitor_name
+from core.api import Sandboxes, clean, import_gallery, owners_on_disk, visitor_name
 
 from .context import Studio, user_of
 

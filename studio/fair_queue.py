@@ -22,7 +22,7 @@ from collections import Counter
 
 from fastapi import HTTPException
 
-from core.sandbox import is_visitor
+from core.api import is_visitor
 
 TOO_MANY = 429  # the browser shows a refusal's detail for any status but 503 (there: "currently busy")
 CEILING = 4  # times max_waiting: past it every request waits for room, first ones too

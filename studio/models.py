@@ -5,8 +5,7 @@ import os
 import threading
 from pathlib import Path
 
-from core.model.config import HUB_IDS, PRESETS
-from core.model.weights import hub_reachable
+from core.api import HUB_IDS, PRESETS, hub_reachable
 
 CHOICES = list(PRESETS)  # gpt2 .. gpt2-xl, then tiny
 # Size of each model.safetensors on the hub (what a first use downloads).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from core.adapters.run_record import CHART_POINTS, thin
+from core.api import CHART_POINTS, thin
 
 TRAIN_COLOR, VAL_COLOR, LR_COLOR = "#4f46e5", "#f97316", "#94a3b8"
 

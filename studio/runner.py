@@ -15,18 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from core.adapters.library import check_name
-from core.device import default_dtype, precision_name
-from core.lora.config import LoraConfig
-from core.model.config import PRESETS
-from core.train.config import TrainConfig
-from core.train.data import Dataset
-from core.train.estimate import check_memory, estimate_training
-from core.train.jobs import JobSpec, TrainJob, TrainScheduler
-from core.train.trackers import make_trackers
-from core.train.trainer import find_checkpoint
-
-TRAIN_PREFIX = "train:"  # adapters being trained are loaded under 'train:<run>', never a library name
+from core.api import (PRESETS, Dataset, JobSpec, LoraConfig, TrainConfig, TrainJob, TrainScheduler, check_memory,
+                      check_name, default_dtype, estimate_training, find_checkpoint, make_trackers, precision_name,
+                      train_scheduler, training_adapter)
 
 
 def _run_meta(name: str, user: str | None) -> dict:
@@ -50,9 +41,9 @@ class Runner:
         self.users_per_address = users_per_address  # without sign-in, an address's jobs: this x the per-user limit
         self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
         self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
-        self.scheduler = scheduler.for_engine(engine, lambda spec: load_base(spec.base_id),
-                                                   capacity_tokens=capacity_tokens, max_jobs_per_user=max_jobs_per_user,
-                                                   yield_s=yield_s, max_job_minutes=max_job_minutes)
+        self.scheduler = train_scheduler(engine, load_base, scheduler, capacity_tokens=capacity_tokens,
+                                         max_jobs_per_user=max_jobs_per_user, yield_s=yield_s,
+                                         max_job_minutes=max_job_minutes)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -146,7 +137,7 @@ class Runner:
             # held while this process lives: a crash right after Start leaves a folder the next start-up sweeps
             hold = library.reserve_run(name, user)  # refused past the user's quota or the disk's floor
         return self._submit(hold, JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner,
-                                          meta=_run_meta(name, user), adapter=TRAIN_PREFIX + name,
+                                          meta=_run_meta(name, user), adapter=training_adapter(name),
                                           max_memory=self.engine.max_train_memory, trackers=trackers),
                             address)
 
@@ -172,7 +163,7 @@ class Runner:
             meta["shared"] = True  # a run its owner shared stays shared as it trains on
         hold = self.engine.library.hold_run(name)  # refused while another process trains this run
         return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
-                                          resume=ck, meta=meta, adapter=TRAIN_PREFIX + name,
+                                          resume=ck, meta=meta, adapter=training_adapter(name),
                                           max_memory=self.engine.max_train_memory, trackers=trackers),
                             address)
 

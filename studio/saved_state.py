@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
-from core.checks import LONE_SURROGATE
+from core.api import LONE_SURROGATE
 
 from .context import Studio, new_browser_id, requester, user_of
 from .tabs.train import refresh_datasets

@@ -12,8 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from core.train.jobs import JobSpec, TrainJob, TrainScheduler
-from core.zerogpu_calls import ChunkJob
+from core.api import ChunkJob, JobSpec, TrainJob, TrainScheduler
 
 from .zerogpu_jobs import ChunkedRuns
 

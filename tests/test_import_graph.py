@@ -3,6 +3,8 @@ modules that cannot be read, tested or moved apart), and core never imports the 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +92,27 @@ def test_core_and_studio_have_no_import_circle():
 def test_core_never_imports_the_ui():
     _, tops = graph()
     assert {m: sorted(t & UI_PACKAGES) for m, t in tops.items() if m.startswith("core") and t & UI_PACKAGES} == {}
+
+
+MAX_CORE_MODULES_IN_STUDIO = 4  # core.api, and at most three more: the studio is a client of one public API
+
+
+def core_modules_the_studio_imports() -> set[str]:
+    files = [p for d in ("core", "studio") for p in (ROOT / d).rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    clients = [p for p in (ROOT / "studio").rglob("*.py")] + [ROOT / "app.py"]
+    return {m for p in clients for m in imports_of(p, modules)[0] if m == "core" or m.startswith("core.")}
+
+
+def test_the_studio_reaches_core_through_its_public_api():
+    used = core_modules_the_studio_imports()
+    assert "core.api" in used
+    assert len(used) <= MAX_CORE_MODULES_IN_STUDIO, sorted(used)
+
+
+def test_the_public_api_loads_no_ui_package():
+    """Not only core/api.py's own lines: nothing it imports, at any depth, loads gradio, plotly or the studio."""
+    code = "import sys, core.api; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (UI_PACKAGES,)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -51,6 +51,14 @@ TRAINING = ("starting", "running", "stopping")
 PASS_LIMIT = 4
 
 
+TRAIN_PREFIX = "train:"  # a run's adapter trains under 'train:<run>': never a library name, so no request can name it
+
+
+def training_adapter(run: str) -> str:
+    """The name run `run`'s adapter is loaded under while it trains (the Engine refuses it in requests)."""
+    return TRAIN_PREFIX + run
+
+
 @dataclass
 class JobSpec:
     """One training job, as a user asks for it."""

@@ -9,8 +9,7 @@ from dataclasses import asdict
 
 import gradio as gr
 
-from core.arena import BASE, MAX_MODELS, Round, Sampling
-from core.generate.sampling import SamplingConfig
+from core.api import ARENA_MAX_MODELS as MAX_MODELS, BASE, Round, Sampling, SamplingConfig
 
 from ..context import Studio, friendly, number, requester, user_of, whole
 from ..inputs import Number, Slider

@@ -10,12 +10,8 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.adapters.validate import AdapterError, preset_of
-from core.generate.sampling import SamplingConfig
-from core.checks import MAX_PROMPT_CHARS
-from core.checks import check_text
-from core.train.data import read_dataset_meta
-from core.train.instruct import DEFAULT_TEMPLATE, render_prompt
+from core.api import (DEFAULT_TEMPLATE, MAX_PROMPT_CHARS, AdapterError, SamplingConfig, check_text, preset_of,
+                      read_dataset_meta, render_prompt)
 
 from ..context import Studio, friendly, number, requester, typed_name, user_of, whole
 from ..inputs import Number, Slider

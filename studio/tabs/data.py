@@ -11,11 +11,8 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core.model import tokenizer
-from core.train.data import TEXT_SUFFIXES, build_dataset, join_documents, list_samples, load_sample, normalize_text
-from core.train.data import read_text_file, text_stats
-from core.train.estimate import human_bytes
-from core.checks import check_text
+from core.api import (TEXT_SUFFIXES, build_dataset, check_text, human_bytes, join_documents, list_samples, load_sample,
+                      normalize_text, read_text_file, text_stats, tokenizer)
 
 from ..context import UPLOADS_KEPT_S, Studio, friendly, number, typed_name, user_of
 from ..inputs import Slider

@@ -13,10 +13,8 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core.checks import check_text
-from core.train.estimate import human_bytes
-from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
-from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example
+from core.api import (DEFAULT_TEMPLATE, RECORD_SUFFIXES, Fields, check_template, check_text, dataset_from_records,
+                      encode_example, human_bytes, pick, preview_records, read_records)
 
 from ..context import Studio, friendly, number, typed_name, user_of
 from .data_view import MAX_SESSION_BYTES, TOKEN_VIEW_LIMIT, saved_datasets_md, token_view_html

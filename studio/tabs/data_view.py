@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import html
 
-from core.checks import scrub
-from core.model import tokenizer
+from core.api import scrub, tokenizer
 
 from ..context import Studio
 

@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.checks import MAX_PROMPT_CHARS
-from core.checks import check_text, scrub
-from core.train.evaluate import MAX_MODELS, text_ids
-from core.train.trainer import EVAL_TOKENS
+from core.api import EVAL_MAX_MODELS as MAX_MODELS, EVAL_TOKENS, MAX_PROMPT_CHARS, check_text, scrub, text_ids
 
 from ..context import Studio, friendly, typed_name, user_of, whole
 from ..inputs import Slider

@@ -12,15 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.adapters.export import zip_merged
-from core.adapters.gguf_export import GGUF_TYPES
-from core.adapters.metrics import write_metrics
-from core.adapters.validate import preset_of
-from core.adapters.validate import AdapterError
-from core.adapters.library import check_name
-from core.train.estimate import human_bytes
-
-from core.checks import check_text, scrub
+from core.api import (GGUF_TYPES, AdapterError, check_name, check_text, human_bytes, preset_of, scrub, write_metrics,
+                      zip_merged)
 
 from ..context import Studio, friendly, number, typed_name, user_of
 from ..plots import curve_figure, loss_figure, overlay_figure

@@ -14,19 +14,9 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.adapters.library import check_name
-from core.checks import MAX_PROMPT_CHARS
-from core.lora.config import LoraConfig
-from core.model.config import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, PRESETS, TARGET_MODULES
-from core.train.config import TrainConfig
-from core.lora.patterns import parse_pattern
-from core.lora.variants import INITS
-from core.train.data import load_dataset, read_dataset_meta
-from core.train.estimate import estimate_training, human_bytes, human_seconds
-from core.train.trackers import REPORT_TO
-from core.train.trainer import find_checkpoint
-
-from core.checks import check_text, scrub
+from core.api import (ATTN_OUT, ATTN_QKV, INITS, MAX_PROMPT_CHARS, MLP_DOWN, MLP_UP, PRESETS, REPORT_TO, TARGET_MODULES,
+                      LoraConfig, TrainConfig, check_name, check_text, estimate_training, find_checkpoint, human_bytes,
+                      human_seconds, load_dataset, parse_pattern, read_dataset_meta, scrub)
 
 from .. import caps as class_caps
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
