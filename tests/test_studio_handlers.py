@@ -525,7 +525,7 @@ def test_the_train_tabs_timer_ticks_only_while_that_tab_is_shown(studio):
     demo = build_ui(studio)
     timer = demo.parts["train"]["timer"]
     assert timer.active is False
-    polls = [fn for fn in demo.fns.values() if [t[1] for t in fn.targets] == ["tick"]]
+    polls = [fn for fn in demo.fns.values() if [(t[0], t[1]) for t in fn.targets] == [(timer._id, "tick")]]
     assert len(polls) == 1 and polls[0].queue is False
     switches = {}
     for fn in demo.fns.values():
