@@ -189,7 +189,7 @@ def test_full_journey(server, browser):
     # a reloaded page reattaches to the running job's chart
     page.reload()
     _tab(page, "2 · Train")
-    page.wait_for_selector("#train-job .badge.running")
+    page.wait_for_selector("#train-job .badge.running", timeout=60_000)  # the page's restore, then its first poll
     assert _wait_points(page, 35) > 35
 
     # stop keeps what was learned
