@@ -361,23 +361,22 @@ def _wire_exports(studio: Studio, x: dict, picked, status) -> None:
         yield gr.update(value=path, visible=True)
         studio.drop_export(path)
 
-    @reported
-    def do_merge(selected, request: gr.Request, progress=gr.Progress()):
-        msg, path = merge_export(studio, selected, progress, user_of(request))
+    def handed(msg: str, path):
+        """The message and the file for the page, then the studio's copy removed (after Gradio copied it)."""
         yield msg, gr.update(value=path, visible=True)
         studio.drop_export(path)
+
+    @reported
+    def do_merge(selected, request: gr.Request, progress=gr.Progress()):
+        yield from handed(*merge_export(studio, selected, progress, user_of(request)))
 
     @reported
     def do_gguf(selected, qtype, request: gr.Request, progress=gr.Progress()):
-        msg, path = gguf_export(studio, selected, qtype, progress, user_of(request))
-        yield msg, gr.update(value=path, visible=True)
-        studio.drop_export(path)
+        yield from handed(*gguf_export(studio, selected, qtype, progress, user_of(request)))
 
     @reported
     def do_gguf_adapter(selected, request: gr.Request, progress=gr.Progress()):
-        msg, path = gguf_adapter_export(studio, selected, progress, user_of(request))
-        yield msg, gr.update(value=path, visible=True)
-        studio.drop_export(path)
+        yield from handed(*gguf_adapter_export(studio, selected, progress, user_of(request)))
 
     def metrics_of(fmt: str):
         @friendly
