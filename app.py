@@ -159,9 +159,6 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--train-capacity", type=int, default=None, metavar="TOKENS",
                    help="tokens per shared training step (the running jobs' rows x the longest sequence); "
                         "jobs beyond it wait in the queue (default: 4096 on CPU/MPS, from free memory on CUDA)")
-    p.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
-                   help="generation first: while someone generates, training waits up to SECONDS before each "
-                        "micro-step (default 0: no waiting)")
     p.add_argument("--min-free-disk", default="1GB", metavar="SIZE|PCT%",
                    help="refuse saves, uploads, datasets and new training runs that would leave less free disk than "
                         "this, e.g. 1GB or 5%% (default 1GB; 0: no floor)")
@@ -200,7 +197,7 @@ def main(argv=None) -> int:
                                max_rows_per_user=args.max_rows_per_user,
                                max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
                                max_jobs_per_user=args.max_jobs_per_user, train_capacity=args.train_capacity,
-                               precision=args.precision, train_yield=args.train_yield,
+                               precision=args.precision,
                                max_queued_per_user=args.max_queued_per_user,
                                users_per_address=users_per_address(args.users_per_address),
                                max_job_tokens=job_tokens(args.max_job_tokens), admin_token=args.admin_token or None,

@@ -312,8 +312,7 @@ def measure(args, tmp: Path) -> dict:
     engine = Engine(device=args.device, library_dir=tmp / "lib")
     base = ("tiny", None) if args.model == "tiny" else ("gpt2", str(random_hf_checkpoint(folder=tmp / "gpt2")))
     engine.base(*base)  # loaded before the comparers start (a training job pins it again)
-    sched = TrainScheduler(lambda s: engine.base(s.base_id, s.weights, pin=True), engine.unpin_base,
-                           lock=engine.lock, device_type=engine.device.type, capacity_tokens=args.capacity)
+    sched = TrainScheduler.for_engine(engine, capacity_tokens=args.capacity)  # micro-steps on the base's work loop
     studs = students(args.students, args.steps, args.uniform)
     log, comparers = StepLog(), Comparers(engine, args.comparers, args.max_tokens)
     try:

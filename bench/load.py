@@ -3,7 +3,7 @@ N concurrent gradio_client clients each running side-by-side comparisons for a w
 
     python bench/load.py [--clients 20] [--seconds 60] [--max-tokens 32] [--solo-rounds 3]
                          [--no-training] [--server-threads N]
-                         [--train-yield SECONDS] [--client light|gradio_client]
+                         [--client light|gradio_client]
 
 What it does, in order:
   1. prepares a dataset and trains two small adapters (core, in this process) in a fresh library;
@@ -87,15 +87,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, port: int, mode: str, threads: int | None = None,
-                 train_yield: float = 0.0) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, mode: str, threads: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(tmp / f"server-{mode}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--device", "cpu",
                              "--library", str(tmp / "lib"), "--datasets", str(tmp / "datasets"),
                              "--host", "127.0.0.1", "--port", str(port),
-                             *(["--torch-threads", str(threads)] if threads else []),
-                             *(["--train-yield", str(train_yield)] if train_yield else [])],
+                             *(["--torch-threads", str(threads)] if threads else [])],
                             cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -208,7 +206,7 @@ def run_mode(tmp: Path, mode: str, args) -> dict:
     try:
         t0 = time.time()
         port = free_port()
-        server = start_server(tmp, port, mode, args.server_threads, args.train_yield)
+        server = start_server(tmp, port, mode, args.server_threads)
         url = f"http://127.0.0.1:{port}/"
         control = Client(url, verbose=False)
         msg = "none (--no-training)"
@@ -319,8 +317,6 @@ def main() -> int:
     ap.add_argument("--no-training", action="store_true", help="no background training run (to compare)")
     ap.add_argument("--server-threads", type=int, default=None, metavar="N",
                     help="the server's --torch-threads (default: torch's choice, one per core)")
-    ap.add_argument("--train-yield", type=float, default=0.0, metavar="SECONDS",
-                    help="the server's --train-yield (default 0)")
     ap.add_argument("--client", choices=("light", "gradio_client"), default="light",
                     help="how the clients talk to the studio: light (one connection each, as a browser tab) or "
                          "gradio_client (a thread per request polling every 50 ms: more CPU on this machine)")
@@ -347,8 +343,6 @@ def main() -> int:
                             "a tiny LoRA training run (batch 4 x 128, rank 8, c_attn + c_fc) the whole time"))
     if args.server_threads:
         print(f"server torch threads: {args.server_threads} (app.py --torch-threads)")
-    if args.train_yield:
-        print(f"server --train-yield {args.train_yield:g}")
     print(f"clients: {args.client}" + (" (one connection each, as a browser tab)" if args.client == "light" else
                                        " (a thread per request, polling every 50 ms)"))
     print(f"requests: {len(REQUESTS)} kinds (base and/or 1-2 adapters, 1-3 columns), {args.max_tokens} new "

@@ -721,7 +721,7 @@ def _add_merge(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    from core.train.trainer import EVAL_TOKENS
+    from core.train.evaluate import EVAL_TOKENS
     s = sub.add_parser("eval", help="loss and perplexity of the base and adapters on a dataset split",
                        description="Score the base model and each adapter on the same windows of a dataset split, "
                                    "all in one batched pass (each window once per model), and print loss, "

@@ -39,13 +39,14 @@ from core.train.data import (TEXT_SUFFIXES, Dataset, build_dataset, join_documen
                              load_sample, normalize_text, read_dataset_meta, read_text_file, text_stats)
 from core.train.datasets import DatasetStore, is_dataset_folder
 from core.train.estimate import check_memory, estimate_training, human_bytes, human_seconds, parse_size
+from core.train.evaluate import EVAL_TOKENS
 from core.train.evaluate import MAX_MODELS as EVAL_MAX_MODELS
 from core.train.evaluate import text_ids
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example, render_prompt
 from core.train.jobs import TRAIN_PREFIX, JobSpec, TrainJob, TrainScheduler, training_adapter
 from core.train.trackers import REPORT_TO, make_trackers
-from core.train.trainer import EVAL_TOKENS, TrainingError, find_checkpoint
+from core.train.trainer import TrainingError, find_checkpoint
 from core.zerogpu_calls import ChunkJob, GpuCalls
 
 

@@ -118,21 +118,21 @@ def openmp_runtime() -> str | None:
     return str(found[0]) if found else None
 
 
-def one_thread_for_this_thread() -> bool:
-    """Run torch's parallel CPU loops (layer norms, GELU, top-k, ...) on the calling thread alone, leaving every
-    other thread's setting and the BLAS's own threads for matrix products as they are: OpenMP keeps the thread
-    count per thread. For a thread of small ops while other threads keep the cores busy (the decode scheduler
-    while Gradio and training run), a team of threads spends more waiting for a free core than it saves.
-    Returns whether it took effect (False without an OpenMP runtime: nothing changes)."""
+def threads_for_this_thread(n: int) -> bool:
+    """Run torch's parallel CPU loops (layer norms, GELU, top-k, ...) on `n` threads for the calling thread
+    alone, leaving every other thread's setting and the BLAS's own threads for matrix products as they are:
+    OpenMP keeps the thread count per thread. For a thread of small ops while other threads keep the cores
+    busy (decode steps while Gradio runs), a team of threads spends more waiting for a free core than it
+    saves. Returns whether it took effect (False without an OpenMP runtime: nothing changes)."""
     path = openmp_runtime()
     if path is None:
         return False
     import ctypes
     try:
-        ctypes.CDLL(path).omp_set_num_threads(1)  # the loaded runtime (dlopen returns the same handle)
+        ctypes.CDLL(path).omp_set_num_threads(n)  # the loaded runtime (dlopen returns the same handle)
     except (OSError, AttributeError):
         return False
-    return torch.get_num_threads() == 1
+    return torch.get_num_threads() == n
 
 
 def is_oom(e: BaseException) -> bool:

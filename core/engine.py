@@ -6,16 +6,18 @@ state under anybody else and the base weights are never written. An adapter whos
 on disk is loaded again under a new internal name; generations already running keep the old
 version until they finish, then it is removed.
 
-Locking: `Engine.lock` guards structure (which base, which adapters are loaded); generation
-runs outside it. The trainer takes `shared_model()` and adds its own adapter while holding `lock`,
-using a name that cannot be a library name (e.g. 'train:<run>'); requests can never name it
-(`check_adapter`), and it leaves through `retire`, as every adapter does: an adapter a running
-request uses is removed only when its last user ends.
+One work loop per base: the loaded base's DecodeScheduler (core.generate) is the one thread that runs
+it. Every Compare streams through it (continuous batching over a slotted KV pool, CUDA graphs per batch
+bucket on GPUs, each request with its own seeded generator), on every device, and everything else that
+touches the model goes in through `on_loop`, taking its turn by core.generate.side_work's policy:
+evaluation and token-difference chunks, the training jobs' micro-steps, and adapters added or removed.
+So no step sees the model change under it, and the loop takes no lock.
 
-Generation: every Compare streams through ONE DecodeScheduler per loaded base (core.generate:
-continuous batching over a slotted KV pool, CUDA graphs per batch bucket on GPUs, each request with
-its own seeded generator), on every device; the scheduler holds `lock` around each step, so the
-trainer adding or removing its adapter under `lock` never changes the model in the middle of a step.
+Locking: `Engine.lock` guards the engine's own records (which base, which adapters are loaded, who
+uses them). The work loop never takes it, so a caller holding it may wait for the loop. The trainer adds
+its own adapter under a name that cannot be a library name (e.g. 'train:<run>'); requests can never name
+it (`check_adapter`), and it leaves through `retire`, as every adapter does: an adapter a running request
+uses is removed only when its last user ends.
 
 Pinning: a training run loads its base with `base(..., pin=True)` and holds the pin until the
 run ends (`unpin_base`). Meanwhile no other request can replace the base (BaseInUse): a Compare
@@ -35,7 +37,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -53,8 +55,8 @@ from core.lora.layers import adapter_names, remove_adapter
 from core.lora.config import LoraConfig
 from core.model.gpt import GPT
 from core.model.weights import hf_state_dict, load_base
-from core.train.evaluate import (EVAL_TOKENS, DecodeFirst, Evaluation, TokenDiff, check_models, check_settings,
-                                 evaluate_models, token_differences)
+from core.train.evaluate import (EVAL_TOKENS, Evaluation, TokenDiff, check_models, check_settings, evaluate_models,
+                                 token_differences)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class _Slot:
     used: float  # last use, for evicting the least recently used
 
 
+T = TypeVar("T")
 QUEUE_POLL_S = 0.1  # how often a request waiting in the scheduler's queue looks at its place, at least
 DEFAULT_MAX_NEW_TOKENS = 512  # new tokens per compare request (the Compare tab's slider goes this far)
 
@@ -102,7 +105,6 @@ class Engine:
             raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
         self.max_new_tokens = max_new_tokens
         self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first use
-        self._generating = 0  # compare streams running now: training may yield to them
         self.dtype = dtype
         self.library_dir = Path(library_dir)
         self._library: Library | None = None
@@ -264,21 +266,8 @@ class Engine:
                     self._name_for(a)
         pace = every if callable(every) else (lambda: every or 0.0)
         if self.gpu_calls is not None:
-            return self._counted(self.gpu_calls.compare(self, prompt, list(adapters), cfg, pace))
-        return self._counted(self._stream(prompt, list(adapters), cfg, user, pace))
-
-    def generating(self) -> bool:
-        """Whether a compare stream is running now (training yields to generation with it)."""
-        return self._generating > 0
-
-    def _counted(self, stream):
-        with self.lock:
-            self._generating += 1
-        try:
-            yield from stream
-        finally:
-            with self.lock:
-                self._generating -= 1
+            return self.gpu_calls.compare(self, prompt, list(adapters), cfg, pace)
+        return self._stream(prompt, list(adapters), cfg, user, pace)
 
     def scheduler(self) -> DecodeScheduler:
         """The decode scheduler of the loaded base (made on first use; a new base gets a new one)."""
@@ -286,13 +275,27 @@ class Engine:
             model = self.shared_model()
             if self._scheduler is None or self._scheduler.model is not model:
                 self._close_scheduler()
-                # lock: the engine's, held by the loop around each prefill and decode step, so nobody
-                # adds or removes an adapter (the trainer does it under this lock) in the middle of a step
-                self._scheduler = DecodeScheduler(model, max_rows_per_user=self.max_rows_per_user, lock=self.lock)
+                self._scheduler = DecodeScheduler(model, max_rows_per_user=self.max_rows_per_user)
                 # an engine dropped (or the process ending) stops its loop thread; at exit it is given time
                 # to finish its step, since a thread killed inside a torch call aborts the process
                 weakref.finalize(self, self._scheduler.close, 5)
             return self._scheduler
+
+    def on_loop(self, model: GPT, fn: Callable[[], T], owner: object = None, urgent: bool = False) -> T:
+        """Run fn() on `model`'s work loop when its turn comes (DecodeScheduler.run: owner, urgent), and return
+        its result: the one way work reaches the shared base's weights. A model that is not the loaded base
+        (one nobody else shares any more) runs fn here."""
+        with self.lock:
+            sched = self.scheduler() if model is self._model else None
+        return fn() if sched is None else sched.run(fn, owner, urgent)
+
+    def change(self, model: GPT, fn: Callable[[], T]) -> T:
+        """Change `model`'s structure (add or remove an adapter) with fn(): on its work loop at the next step
+        boundary, holding `lock` meanwhile, so nobody reads the adapters while they change."""
+        with self.lock:  # without a loop yet, nothing else runs on the model: it changes here (ZeroGPU: always)
+            if self._scheduler is None or self._scheduler.model is not model:
+                return fn()
+            return self._scheduler.run(fn, urgent=True)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the decode scheduler's loop and wait for its thread to end (running requests end with
@@ -347,36 +350,34 @@ class Engine:
     # ---- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, ids, adapters: Sequence[str | None], seq_len: int = 128, max_tokens: int | None = None,
-                 stop: threading.Event | None = None, mask=None) -> Evaluation:
+                 stop: threading.Event | None = None, mask=None, user=None) -> Evaluation:
         """Mean loss of each entry of `adapters` (None = the base) on token ids `ids`, all in one batched pass
-        on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs;
-        `lock` is held around each chunk of work only, and between chunks the evaluation gives way to the
-        decode scheduler (`DecodeFirst`), so Compares keep streaming beside it.
-        `mask`: the split's loss mask (instruction data): only response tokens are scored."""
+        on the shared base (core.train.evaluate.evaluate_models). The adapters stay pinned while it runs; each
+        chunk of it is a unit of the work loop's side work, taking `user`'s turns, so Compares keep streaming
+        beside it. `mask`: the split's loss mask (instruction data): only response tokens are scored."""
         max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
         check_models(adapters)  # before any adapter is loaded
         check_settings(seq_len, max_tokens, self.shared_model().config.block_size)
         if self.gpu_calls is not None:
             return self.gpu_calls.evaluate(self, ids, adapters, seq_len, max_tokens, mask)
+        owner = user if user is not None else object()  # an anonymous evaluation takes turns of its own
         with self._pinned(adapters) as (model, names):
-            ev = evaluate_models(model, names, ids, seq_len, max_tokens, lock=self.lock, stop=stop, mask=mask,
-                                 turns=self._decode_first())
+            ev = evaluate_models(model, names, ids, seq_len, max_tokens, stop=stop, mask=mask,
+                                 run=lambda fn: self.on_loop(model, fn, owner))
         for score, asked in zip(ev.scores, adapters):
             score.name = asked  # the caller's name, not the internal (perhaps versioned) one
         return ev
 
-    def token_differences(self, text: str, adapter: str) -> list[TokenDiff]:
-        """Each token of `text` scored by the base and by `adapter` (core.train.evaluate.token_differences)."""
+    def token_differences(self, text: str, adapter: str, user=None) -> list[TokenDiff]:
+        """Each token of `text` scored by the base and by `adapter` (core.train.evaluate.token_differences), in
+        chunks on the work loop, as `evaluate`."""
         if not isinstance(adapter, str) or not adapter:
             raise AdapterError("choose an adapter to compare with the base.")
         if self.gpu_calls is not None:
             return self.gpu_calls.token_differences(self, text, adapter)
+        owner = user if user is not None else object()
         with self._pinned([adapter]) as (model, names):
-            return token_differences(model, text, names[0], lock=self.lock, turns=self._decode_first())
-
-    def _decode_first(self) -> DecodeFirst:
-        """Turns for scoring work beside the loaded base's decode scheduler (whichever exists when it looks)."""
-        return DecodeFirst(lambda: self._scheduler)
+            return token_differences(model, text, names[0], run=lambda fn: self.on_loop(model, fn, owner))
 
     def export_merged(self, adapter: str, out_dir) -> Path:
         """An HF-format folder of the base with an adapter merged in (a library name, or a name `load`
@@ -442,7 +443,7 @@ class Engine:
             return slot.loaded
         # a changed file is loaded beside the old version, which finishes its running generations
         name = key if key not in adapter_names(model) else f"{key}~{next(self._versions)}"
-        name, lcfg, _ = load_adapter(model, path, name, base_id=self.base_id)
+        name, lcfg, _ = load_adapter(model, path, name, base_id=self.base_id, run=lambda fn: self.change(model, fn))
         if slot is not None:
             self._retire(slot.loaded)
         self._slots[key] = _Slot(name, path, in_library, lcfg, sig, time.monotonic())
@@ -464,10 +465,11 @@ class Engine:
                 remove_adapter(model, loaded)
 
     def _retire(self, loaded: str) -> None:
+        model = self._model
         if self._refs[loaded] > 0:
             self._retired.add(loaded)
-        elif self._model is not None and loaded in adapter_names(self._model):
-            remove_adapter(self._model, loaded)
+        elif model is not None and loaded in adapter_names(model):
+            self.change(model, lambda: remove_adapter(model, loaded))
 
     def _unpin(self, names, model) -> None:
         if model is not self._model:  # the base was replaced meanwhile; its adapters went with it

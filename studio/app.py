@@ -50,7 +50,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                   auth=False, max_train_memory: str | int | None = None, admins=(),
                   max_rows_per_user: int = 8, max_new_tokens: int = 512,
                   torch_threads: int | None = None, max_jobs_per_user: int = 1,
-                  train_capacity: int | None = None, precision: str = "auto", train_yield: float = 0.0,
+                  train_capacity: int | None = None, precision: str = "auto",
                   max_queued_per_user: int = 8, users_per_address: int = 4,
                   max_job_tokens: int | None = MAX_JOB_TOKENS, admin_token: str | None = None, quota: Quota | None = None,
                   max_job_steps: int | None = None, max_job_minutes: float | None = None) -> Studio:
@@ -62,7 +62,6 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     The decode loop and a training run each use that many: on a 2-core machine 2 + 2 oversubscribe the cores.
     max_jobs_per_user: --max-jobs-per-user; train_capacity: --train-capacity (tokens per shared training step).
     precision: --precision auto|fp32|bf16, the frozen base's dtype (core.device.precision_dtype).
-    train_yield: --train-yield, seconds a training micro-step waits at most while someone generates (0: never).
     max_queued_per_user: --max-queued-per-user, requests one user may have waiting or running (studio.fair_queue);
     users_per_address: --users-per-address, without sign-in how many users one client address counts as (0: off).
     max_job_tokens: --max-job-tokens, a training job's steps x tokens per step at most (None: no limit).
@@ -87,8 +86,6 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                                     or not admin_token.isascii() or not admin_token.isprintable()):
         raise ValueError("--admin-token must be at least 16 printable ASCII characters; make one with "
                          "python -c 'import secrets; print(secrets.token_urlsafe())'.")
-    if isinstance(train_yield, bool) or not isinstance(train_yield, (int, float)) or not 0 <= train_yield <= 10:
-        raise ValueError(f"--train-yield must be a number of seconds from 0 to 10 (got {train_yield!r}).")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
     if torch_threads is not None:
@@ -103,7 +100,7 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
                     max_rows_per_user=max_rows_per_user, max_new_tokens=max_new_tokens, gpu_calls=gpu_calls)
     studio = Studio(engine=engine, datasets_dir=datasets, default_model=model, weights=weights,
                     weights_for=model if weights else None, auth=auth, admins=frozenset(admins or ()),
-                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity, train_yield=train_yield,
+                    max_jobs_per_user=max_jobs_per_user, train_capacity=train_capacity,
                     max_queued_per_user=max_queued_per_user, users_per_address=users_per_address,
                     max_job_tokens=max_job_tokens, admin_token=admin_token, max_job_steps=max_job_steps,
                     max_job_minutes=max_job_minutes,

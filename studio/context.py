@@ -75,7 +75,6 @@ class Studio:
     max_export_bytes: int = MAX_EXPORT_BYTES  # refuse a new download while this much waits on disk
     max_jobs_per_user: int = 1  # --max-jobs-per-user: training jobs one user may have queued or running
     train_capacity: int | None = None  # --train-capacity: tokens per shared training step (None: core's default)
-    train_yield: float = 0.0  # --train-yield: seconds training waits per micro-step while someone generates
     max_queued_per_user: int = 8  # --max-queued-per-user: requests one user may have waiting or running
     users_per_address: int = 4  # --users-per-address: without sign-in, one client address counts as this many users
     max_job_tokens: int | None = None  # --max-job-tokens: a job's steps x tokens per step at most
@@ -98,7 +97,7 @@ class Studio:
         self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
         self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
-                             self.max_jobs_per_user, self.train_capacity, self.train_yield, self.max_job_tokens,
+                             self.max_jobs_per_user, self.train_capacity, self.max_job_tokens,
                              max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes,
                              ChunkScheduler if self.engine.gpu_calls is not None else TrainScheduler)
         self.chunked = self.runner.scheduler if self.engine.gpu_calls is not None else None

@@ -32,7 +32,7 @@ class Runner:
     releases the pin when the job ends."""
 
     def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
-                 capacity_tokens: int | None = None, yield_s: float = 0.0, max_job_tokens: int | None = None,
+                 capacity_tokens: int | None = None, max_job_tokens: int | None = None,
                  users_per_address: int = 1, max_job_steps: int | None = None,
                  max_job_minutes: float | None = None, scheduler: type[TrainScheduler] = TrainScheduler):
         self.engine = engine
@@ -42,7 +42,7 @@ class Runner:
         self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
         self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
         self.scheduler = train_scheduler(engine, load_base, scheduler, capacity_tokens=capacity_tokens,
-                                         max_jobs_per_user=max_jobs_per_user, yield_s=yield_s,
+                                         max_jobs_per_user=max_jobs_per_user,
                                          max_job_minutes=max_job_minutes)
 
     # ---- queries -------------------------------------------------------------------------

@@ -24,8 +24,8 @@ class ChunkScheduler(TrainScheduler):
     its submit until it ends); `tick` (the Train tab's timer) runs the next chunk of the page owner's job."""
 
     @classmethod
-    def for_engine(cls, engine, load_base=None, yield_s: float = 0.0, **kw) -> "ChunkScheduler":
-        scheduler = super().for_engine(engine, load_base, 0.0, **kw)
+    def for_engine(cls, engine, load_base=None, **kw) -> "ChunkScheduler":
+        scheduler = super().for_engine(engine, load_base, **kw)
         scheduler.runs = ChunkedRuns(engine)
         return scheduler
 

@@ -120,20 +120,16 @@ def test_loading_a_requests_next_adapter_never_evicts_one_it_already_chose(eng):
 
 # ---- the scheduler: a request whose adapter vanishes fails alone --------------------------------
 
-class _RemovesAtStep:
-    """A decode scheduler's lock that removes adapter `name` from the model as the loop enters step `step` (what
-    a training run's end did, under the engine's lock), so 'while both requests decode' is a fact, not a race."""
+def _removing_at_step(s: DecodeScheduler, model, name: str, step: int):
+    """s's decode step, which first removes adapter `name` from the model at step `step` (what a training run's
+    end does between two steps), so 'while both requests decode' is a fact, not a race."""
+    decode = s._step
 
-    def __init__(self, model, name: str, step: int):
-        self.model, self.name, self.step, self.scheduler = model, name, step, None
-
-    def __enter__(self):
-        if self.scheduler is not None and self.scheduler.step_count == self.step and self.name in adapter_names(
-                self.model):
-            remove_adapter(self.model, self.name)
-
-    def __exit__(self, *exc):
-        return False
+    def step_():
+        if s.step_count == step and name in adapter_names(model):
+            remove_adapter(model, name)
+        decode()
+    return step_
 
 
 def test_a_request_whose_adapter_vanishes_mid_decode_fails_alone_with_one_sentence(tiny_ab):
@@ -141,13 +137,12 @@ def test_a_request_whose_adapter_vanishes_mid_decode_fails_alone_with_one_senten
     prompt = tokenizer.encode(PROMPT)
     other_cfg = SamplingConfig(max_new_tokens=60, temperature=0.9, seed=4, stop_at_eot=False)
     solo = generate(model, [prompt] * 2, [None, "b"], other_cfg)
-    lock = _RemovesAtStep(model, "a", step=5)
-    s = DecodeScheduler(model, max_len=128, lock=lock)
+    s = DecodeScheduler(model, max_len=128)
+    s._step = _removing_at_step(s, model, "a", step=5)
     try:
         with s._cond:  # both are admitted at the same step boundary
             doomed = s.submit(prompt, ["a", None], LONG)
             other = s.submit(prompt, [None, "b"], other_cfg)
-        lock.scheduler = s
         with pytest.raises(AdapterError) as err:
             doomed.result(60)
         msg = str(err.value)
@@ -247,34 +242,33 @@ def test_no_user_can_name_another_users_live_training_adapter(served):
 
 
 class _Gate:
-    """The decode scheduler's lock with a pause: at the first step boundary where `when()` holds, the loop waits
-    there, holding nothing, until the next `hold` or `release`; `paused` is set while it waits."""
+    """Holds the work loop's decode steps: at the first step where `when()` holds, decoding pauses (rows keep
+    their place and text) until the next `hold` or `release`, while side work (a training run's steps, its end)
+    goes on; `paused` is set while it holds."""
 
-    def __init__(self, lock):
-        self.lock, self.when = lock, None
+    def __init__(self, sched):
+        self.when, self.held = None, False
         self.paused, self.go = threading.Event(), threading.Event()
+        decode, take = sched._step, sched._side.take
+        sched._side.take = lambda decoding: take(False)  # a held step decodes nothing: side work owes it nothing
+
+        def gated():
+            if self.when is not None and self.when():
+                self.when, self.held = None, True
+                self.paused.set()
+            if self.held and not self.go.wait(0.01):
+                return
+            self.held = False
+            decode()
+        sched._step = gated
 
     def hold(self, when):
-        """Pause at the next boundary where `when()` holds (a loop paused now goes on to it)."""
-        waiting = self.go
-        self.paused, self.go, self.when = threading.Event(), threading.Event(), when
-        waiting.set()
+        """Pause at the next step where `when()` holds (a paused loop goes on to it)."""
+        self.paused, self.go, self.when, self.held = threading.Event(), threading.Event(), when, False
 
     def release(self):
         self.when = None
         self.go.set()
-
-    def __enter__(self):
-        when = self.when
-        if when is not None and when():
-            self.when = None
-            go = self.go
-            self.paused.set()
-            go.wait(120)
-        return self.lock.__enter__()
-
-    def __exit__(self, *exc):
-        return self.lock.__exit__(*exc)
 
 
 def test_a_training_run_ending_mid_compare_leaves_an_unrelated_compare_unchanged(served):
@@ -287,7 +281,7 @@ def test_a_training_run_ending_mid_compare_leaves_an_unrelated_compare_unchanged
     assert len(tokenizer.encode(solo)) > 100
     job = _train(bob, studio, "bob-run")
     sched = studio.engine.scheduler()
-    gate = sched._lock = _Gate(sched._lock)
+    gate = _Gate(sched)
     try:
         gate.hold(lambda: any(r.request.steps >= 3 for r in sched._rows))
         mid = teacher.submit(*long_compare, api_name="/compare")

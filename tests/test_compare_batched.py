@@ -392,9 +392,9 @@ def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy)
     prompt = "Once upon a time"
     form = CompareForm(model="tiny", adapters=["x"], prompt=prompt, max_tokens=6, temperature=0, seed=3)
     alone = _last(compare.compare(studio, form, user="session:h"))
-    freeze = threading.Lock()  # held by the loop around each step, instead of the engine lock (which the
-    sched._lock = freeze         # handler takes too): holding it stops the loop; whoever was admitted holds its slots
-    with freeze:
+    go = threading.Event()  # the loop stops at its next decode step: whoever was admitted holds its slots
+    sched._step = lambda decode=sched._step: go.wait(120) and decode()
+    try:
         fillers = [sched.submit(ids, [None] * sched.max_rows_per_user, four, user=f"filler{i}")
                    for i in range(-(-sched.max_rows // sched.max_rows_per_user))]
         assert _wait(lambda: all(f.position() == 0 for f in fillers))  # admitted: every slot is taken
@@ -406,9 +406,11 @@ def test_a_compare_waiting_for_free_rows_shows_its_place_in_the_queue(studio_xy)
         assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 2"] * 2
         ahead.cancel()  # the request ahead leaves: this one moves up, and the page is told
         assert _in_thread(lambda: next(gen), 60)[:2] == [f"{prompt}\n\nwaiting in the queue: position 1"] * 2
+    finally:
+        go.set()
+        del sched._step
     # the slots free up: it runs, and its text is what it is alone
     assert _last(gen) == alone
-    sched._lock = studio.engine.lock
     assert all(f.result(60) for f in fillers)
     assert _wait(lambda: _live_rows(sched) == 0)
 

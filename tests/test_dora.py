@@ -227,7 +227,7 @@ def test_dora_runs_co_batched_equal_each_alone(sample_ds, tmp_path):
     co, events = TrainLoop(model), {n: [] for n in jobs}
     for n, (lc, tc) in jobs.items():
         co.join(Trainer(model, sample_ds, lc, tc, n, tmp_path / "co" / n), events[n].append)
-    while co.runs:
+    while co.live:
         co.step()
     for n in jobs:
         losses = [e["loss"] for e in events[n] if e["type"] == "step"]

@@ -175,20 +175,3 @@ def test_export_merged_through_the_engine(eng, tmp_path):
     assert (logits(merged) - logits(model, "x")).abs().max() <= 1e-4
 
 
-def test_the_engine_knows_while_someone_generates(tmp_path):
-    from core.engine import Engine
-    from core.generate.sampling import SamplingConfig
-    eng = Engine("cpu", tmp_path / "lib")
-    try:
-        eng.base("tiny")
-        cfg = SamplingConfig(max_new_tokens=8, temperature=0, stop_at_eot=False)
-        stream = eng.compare("Ahoy", [None], cfg)
-        assert not eng.generating()  # a stream that is never started holds nothing
-        next(stream)
-        assert eng.generating()
-        stream.close()  # the reader left (Stop, a closed page)
-        assert not eng.generating()
-        list(eng.compare("Ahoy", [None], cfg))  # read to the end
-        assert not eng.generating()
-    finally:
-        eng.close()

@@ -19,7 +19,7 @@ from core.lora.config import LoraConfig
 from core.model.config import EOT_TOKEN
 from core.model import tokenizer
 from core.train.evaluate import MAX_MODELS, evaluate_models, text_ids, token_differences, windows_per_forward
-from core.train.trainer import evaluate as evaluate_one
+from train_helpers import loss_alone
 
 TEXT = "Ahoy! Today in the galley we cook <b>fish</b> & chips, no cap.\nArr."
 
@@ -49,7 +49,7 @@ def test_one_batched_pass_equals_each_model_alone(tiny_abc, sample_ds, budget):
     else:
         assert ev.forwards == 2  # 15 whole windows in one forward (60 rows), the short last one in another
     for name, score in zip(names, ev.scores):
-        alone, n = evaluate_one(tiny_abc, name, sample_ds.train, 64)
+        alone, n = loss_alone(tiny_abc, name, sample_ds.train, 64)
         assert score.name == name and score.tokens == n
         assert abs(score.loss - alone) < 1e-5, (name, score.loss, alone)
         assert score.ppl == pytest.approx(np.exp(score.loss))
@@ -59,7 +59,7 @@ def test_the_token_cap_samples_the_same_windows_as_the_trainer(tiny_ab, sample_d
     ev = evaluate_models(tiny_ab, ["a", None], sample_ds.train, seq_len=32, max_tokens=256)
     assert ev.windows == 8 and 7 * 32 < ev.tokens <= 256  # an even sample; it ends with the short last window
     for name, score in zip(["a", None], ev.scores):
-        alone, n = evaluate_one(tiny_ab, name, sample_ds.train, 32, batch_size=8, max_batches=1)
+        alone, n = loss_alone(tiny_ab, name, sample_ds.train, 32, windows=8)
         assert n == score.tokens and abs(score.loss - alone) < 1e-5
 
 
@@ -118,7 +118,7 @@ def test_engine_evaluate_loads_library_adapters_on_the_shared_base(engine_xy, so
     ev = engine_xy.evaluate(sample_ds.train, [None, "x", "y"], seq_len=64)
     assert [s.name for s in ev.scores] == [None, "x", "y"]
     for name, score in zip([None, "x", "y"], ev.scores):  # the adapters' source model, one at a time
-        alone, _ = evaluate_one(source, name, sample_ds.train, 64)
+        alone, _ = loss_alone(source, name, sample_ds.train, 64)
         assert abs(score.loss - alone) < 1e-5
     assert engine_xy._refs == {}  # nothing stays pinned
     diffs = engine_xy.token_differences(TEXT, "x")
@@ -159,7 +159,7 @@ def test_cli_eval_prints_a_table_and_json(tmp_path, cli_lib, source):
     from core.train.data import load_dataset
     train = load_dataset(ds).train
     for name in ("x", "y"):
-        alone, n = evaluate_one(source, name, train, 64)
+        alone, n = loss_alone(source, name, train, 64)
         assert float(table[name][0]) == pytest.approx(alone, abs=1e-4)
         assert table[name][2] == f"{n:,}"
 

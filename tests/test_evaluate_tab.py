@@ -11,7 +11,7 @@ import pytest
 from adapter_helpers import LX, LY
 from core.adapters.validate import AdapterError
 from core.train.evaluate import token_differences
-from core.train.trainer import evaluate as evaluate_one
+from train_helpers import loss_alone
 from studio.tabs import evaluate as ev_tab
 from studio.tabs.evaluate import DiffForm, EvalForm
 from studio_helpers import _prepare, refused
@@ -37,7 +37,7 @@ def test_evaluate_gives_a_table_a_figure_and_a_summary(studio_xy, source):
     assert [row[0] for row in table] == ["base", "x", "y"]
     train = studio_xy.dataset_store.load("pirates").train
     for row, name in zip(table, [None, "x", "y"]):
-        alone, n = evaluate_one(source, name, train, 64, max_batches=64 // 4)  # 4,096 tokens: 64 windows of 64
+        alone, n = loss_alone(source, name, train, 64, windows=64)  # 4,096 tokens: 64 windows of 64
         assert row[1] == pytest.approx(alone, abs=1e-4) and row[2] == pytest.approx(np.exp(alone), rel=1e-3)
         assert row[3] == n
     assert table[0][1] != table[1][1] != table[2][1]  # the adapters change the loss

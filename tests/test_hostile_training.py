@@ -20,6 +20,7 @@ from core.train.estimate import MemoryLimitError, estimate_training, parse_size
 from core.generate.sampling import SamplingConfig
 from core.lora.layers import adapter_names
 from core.train.trainer import Trainer, find_checkpoint
+from core.train.evaluate import EVAL_TOKENS, Stopped, evaluate_models
 from core.model.weights import load_base
 import train_helpers
 from train_helpers import train_solo, train_to_end
@@ -219,48 +220,55 @@ def test_the_cli_refuses_a_run_too_large_for_the_machine(tmp_path, monkeypatch, 
     assert not (tmp_path / "lib" / "big").exists()
 
 
-class _LossSpy:
-    """Stands in for GPT.loss during evaluation: counts the tokens asked for, returns a constant."""
+class _EvalSpy:
+    """Wraps GPT.hidden: counts the forwards and tokens of evaluations (no grad, not a decode step) and may set
+    a stop flag after some of them."""
 
     def __init__(self, model, stop: threading.Event | None = None, stop_after: int = 10**9):
-        self.model, self.calls, self.tokens = model, 0, 0
-        self.stop, self.stop_after, self.real = stop, stop_after, model.loss
+        self.calls, self.tokens, self.real = 0, 0, model.hidden
+        self.stop, self.stop_after = stop, stop_after
 
-    def __call__(self, x, y, route=None, chunk=256):
-        if torch.is_grad_enabled():
-            return self.real(x, y, route, chunk)
-        self.calls += 1
-        self.tokens += y.numel()
-        if self.stop is not None and self.calls >= self.stop_after:
-            self.stop.set()
-        return torch.tensor(1.0)
+    def __call__(self, idx, route=None, *a, **kw):
+        if not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            self.calls += 1
+            self.tokens += idx.numel()
+            if self.stop is not None and self.calls >= self.stop_after:
+                self.stop.set()
+        return self.real(idx, route, *a, **kw)
 
 
-def test_evaluation_has_a_token_budget_independent_of_the_batch(tiny, monkeypatch):
-    spy = _LossSpy(tiny)
-    monkeypatch.setattr(tiny, "loss", spy)
+def test_an_evaluation_reads_at_most_its_token_budget(tiny, monkeypatch):
+    spy = _EvalSpy(tiny)
+    monkeypatch.setattr(tiny, "hidden", spy)
     val = (np.arange(400_000) % 50_000).astype(np.uint16)
-    _, n = train.evaluate(tiny, None, val, seq_len=32, batch_size=4096, max_batches=20)
-    assert n == spy.tokens <= train.EVAL_TOKENS
-    _, small = train.evaluate(tiny, None, val, seq_len=32, batch_size=4, max_batches=20)
-    assert 79 * 32 < small <= 80 * 32  # the usual 20 batches of 4 are not cut (the last window may be short)
+    ev = evaluate_models(tiny, [None], val, seq_len=32)  # 12,500 windows of 32 in the split
+    assert EVAL_TOKENS - 32 < ev.tokens == spy.tokens <= EVAL_TOKENS  # an even sample; the last window may be short
+    with pytest.raises(ValueError, match="from 1 to 32,768"):
+        evaluate_models(tiny, [None], val, seq_len=32, max_tokens=EVAL_TOKENS + 1)
+
+
+def test_a_runs_validation_reads_eval_max_batches_of_its_batch(tiny, sample_ds, tmp_path):
+    trainer = Trainer(tiny, sample_ds, LoraConfig(), quick(steps=1, batch_size=2, seq_len=32, eval_max_batches=1),
+                      "s", tmp_path / "run")
+    evals = [e for e in train_solo(trainer) if e["type"] == "eval"]
+    assert evals and all(32 < e["val_tokens"] <= 2 * 32 for e in evals)  # 2 windows of 32 (the last may be short)
 
 
 def test_stop_is_checked_inside_evaluation(tiny, monkeypatch):
     stop = threading.Event()
-    spy = _LossSpy(tiny, stop, stop_after=2)
-    monkeypatch.setattr(tiny, "loss", spy)
+    spy = _EvalSpy(tiny, stop, stop_after=2)
+    monkeypatch.setattr(tiny, "hidden", spy)
     val = (np.arange(100_000) % 50_000).astype(np.uint16)
-    with pytest.raises(train.Stopped):
-        train.evaluate(tiny, None, val, seq_len=32, batch_size=1, max_batches=100, stop=stop)
-    assert spy.calls == 2  # no group ran after the flag
+    with pytest.raises(Stopped):
+        evaluate_models(tiny, [None], val, seq_len=32, stop=stop, work=1)  # a chunk per window
+    assert spy.calls == 2  # no chunk ran after the flag
 
 
 def test_stop_during_the_first_evaluation_ends_the_run_at_once(tiny, sample_ds, tmp_path, monkeypatch):
     trainer = Trainer(tiny, sample_ds, LoraConfig(), quick(steps=50, eval_max_batches=50, batch_size=1,
                                                            sample_prompts=("Hi",)), "s", tmp_path / "run")
-    spy = _LossSpy(tiny, trainer.stop, stop_after=1)
-    monkeypatch.setattr(tiny, "loss", spy)
+    spy = _EvalSpy(tiny, trainer.stop, stop_after=1)
+    monkeypatch.setattr(tiny, "hidden", spy)
     events = train_solo(trainer)
     kinds = [e["type"] for e in events]
     assert "eval" not in kinds and "sample" not in kinds and "step" not in kinds
@@ -272,8 +280,8 @@ def test_stop_during_a_later_evaluation_skips_its_samples_and_ends_the_run(tiny,
                                                                           monkeypatch):
     trainer = Trainer(tiny, sample_ds, LoraConfig(), quick(steps=50, eval_interval=2, sample_prompts=("Hi",)),
                       "s", tmp_path / "run")
-    spy = _LossSpy(tiny)
-    monkeypatch.setattr(tiny, "loss", spy)
+    spy = _EvalSpy(tiny)
+    monkeypatch.setattr(tiny, "hidden", spy)
 
     def on_event(ev):
         if ev["type"] == "step" and ev["step"] == 2:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adapter_helpers import randomize_b
-from train_helpers import quick, train_solo
+from train_helpers import loss_alone, quick, train_solo
 from core.__main__ import main
 from core.lora.layers import add_adapter
 from core.model import tokenizer
@@ -18,7 +18,7 @@ from core.model.config import EOT_TOKEN
 from core.train import data, imports, instruct
 from core.train.evaluate import evaluate_models
 from core.train.imports import Fields
-from core.train.trainer import Trainer, evaluate
+from core.train.trainer import Trainer
 
 QA = Fields(prompt="q", response="a")
 
@@ -210,10 +210,10 @@ def test_a_window_of_prompt_tokens_only_has_zero_loss_and_no_nan_gradient(adapte
     assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
-def test_validation_counts_response_tokens_only_in_the_trainer_and_in_the_batched_evaluation(adapted):
+def test_validation_counts_response_tokens_only_by_hand_and_in_the_batched_evaluation(adapted):
     ds = instruct.build_instruction_dataset([{"prompt": p["q"], "response": p["a"]} for p in pairs(20)], ["x"],
                                             train_ratio=0.5)
-    loss, n = evaluate(adapted, "qa", ds.val, 32, mask=ds.val_mask)
+    loss, n = loss_alone(adapted, "qa", ds.val, 32, mask=ds.val_mask)
     # by hand: consecutive windows, every response token predicted once
     total, count = 0.0, 0
     for w, m in zip(data.eval_windows(ds.val, 32), data.eval_windows(ds.val_mask, 32)):
@@ -224,12 +224,12 @@ def test_validation_counts_response_tokens_only_in_the_trainer_and_in_the_batche
             count += int(keep.sum())
     assert n == count == int(ds.val_mask[1:].sum())
     assert loss == pytest.approx(total / count, abs=1e-5)
-    plain, _ = evaluate(adapted, "qa", ds.val, 32)
+    plain, _ = loss_alone(adapted, "qa", ds.val, 32)
     assert abs(plain - loss) > 1e-3
     batched = evaluate_models(adapted, [None, "qa"], ds.val, 32, mask=ds.val_mask)
     assert batched.tokens == count
     assert batched.scores[1].loss == pytest.approx(loss, abs=1e-5)
-    assert batched.scores[0].loss == pytest.approx(evaluate(adapted, None, ds.val, 32, mask=ds.val_mask)[0], abs=1e-5)
+    assert batched.scores[0].loss == pytest.approx(loss_alone(adapted, None, ds.val, 32, mask=ds.val_mask)[0], abs=1e-5)
 
 
 # ---- training -------------------------------------------------------------------------
@@ -300,6 +300,6 @@ def test_cli_eval_scores_an_instruction_split_on_response_tokens_only(tmp_path, 
                  "--seq-len", "32", "--json", "--precision", "fp32"]) == 0  # as `source`, on any CPU
     out = json.loads(capsys.readouterr().out)
     x = next(m for m in out["models"] if m["model"] == "x")
-    alone, n = evaluate(source, "x", ds.val, 32, mask=ds.val_mask)
+    alone, n = loss_alone(source, "x", ds.val, 32, mask=ds.val_mask)
     assert x["tokens"] == n == int(ds.val_mask[1:].sum())
     assert x["loss"] == pytest.approx(alone, abs=1e-5)

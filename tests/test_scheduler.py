@@ -1,7 +1,7 @@
 """The decode scheduler: many requests in one decode loop, each getting exactly what it gets alone.
 
-`lock` (held by the loop around each step) lets a test freeze the loop at a step boundary, so
-"while A is mid-decode" is a fact, not a race.
+`Freeze` (a unit of side work that waits: the loop runs nothing else meanwhile) holds the loop at a step
+boundary, so "while A is mid-decode" is a fact, not a race.
 """
 import random
 import threading
@@ -23,15 +23,33 @@ def model(tiny_ab):
     return tiny_ab
 
 
+class Freeze:
+    """`with Freeze(s):` holds scheduler s's loop at an iteration boundary (an urgent unit of side work that
+    waits until the block ends); requests submitted meanwhile all join at the next iteration."""
+
+    def __init__(self, s: DecodeScheduler):
+        self.s = s
+
+    def __enter__(self):
+        entered, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self.s.run, args=(lambda: entered.set() or self.release.wait(),),
+                                       kwargs={"urgent": True}, daemon=True)
+        self.thread.start()
+        assert entered.wait(60)
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join(60)
+
+
 @pytest.fixture
 def scheduler(model):
-    """scheduler(**limits) -> a DecodeScheduler on the model (closed after the test) and its lock."""
+    """scheduler(**limits) -> a DecodeScheduler on the model (closed after the test) and its Freeze."""
     made = []
 
     def make(**kw):
-        lock = threading.Lock()
-        made.append(DecodeScheduler(model, max_len=128, lock=lock, **kw))
-        return made[-1], lock
+        made.append(DecodeScheduler(model, max_len=128, **kw))
+        return made[-1], Freeze(made[-1])
 
     yield make
     for s in made:
@@ -107,8 +125,8 @@ def test_each_of_sixteen_requests_side_by_side_gets_exactly_what_it_gets_alone(m
     """16 requests of mixed prompt lengths, adapters, settings and lengths, all decoding together (one of
     them beside 15 others); the captured path (its fixed buffers replayed on the CPU) pads each step up to
     its batch bucket with dummy rows, and rows leave and join as requests end."""
-    lock = threading.Lock()
-    s = DecodeScheduler(model, max_rows=48, max_len=128, lock=lock, **runner)
+    s = DecodeScheduler(model, max_rows=48, max_len=128, **runner)
+    lock = Freeze(s)
     widths, forward = [], s._forward
     s._forward = lambda rows: widths.append(len({id(r.request) for r in rows})) or forward(rows)
     try:

@@ -87,18 +87,6 @@ def test_the_per_user_limit_comes_from_the_flag(tmp_path):
         create_studio(tmp_path / "lib2", tmp_path / "ds2", "cpu", "tiny", max_jobs_per_user=0)
 
 
-def test_the_studio_passes_train_yield_to_its_training_scheduler_and_checks_it(tmp_path):
-    from studio.app import create_studio
-    s = create_studio(tmp_path / "lib", tmp_path / "ds", "cpu", "tiny", train_yield=0.5)
-    try:
-        assert s.runner.scheduler.yield_s == 0.5 and s.runner.scheduler._yield_to == s.engine.generating
-    finally:
-        s.runner.stop_all(10)
-    for bad in (-1, float("nan"), 11, True, "1"):
-        with pytest.raises(ValueError, match="--train-yield must be a number of seconds from 0 to 10"):
-            create_studio(tmp_path / "lib2", tmp_path / "ds2", "cpu", "tiny", train_yield=bad)
-
-
 def test_a_page_on_another_tab_hears_once_that_its_job_ended(small):
     from studio import job_notice
     studio = small

@@ -416,10 +416,14 @@ def test_unexpected_errors_are_raised_and_the_runs_of_the_step_end_as_failed(tin
     loop, events = TrainLoop(tiny), []
     loop.join(trainer, events.append)
 
-    def broken(*a, **kw):
-        raise ZeroDivisionError("bug")
+    hidden = tiny.hidden
 
-    monkeypatch.setattr(tiny, "hidden", broken)
+    def broken_when_training(*a, **kw):  # the shared micro-step's forward, not the run's first validation
+        if torch.is_grad_enabled():
+            raise ZeroDivisionError("bug")
+        return hidden(*a, **kw)
+
+    monkeypatch.setattr(tiny, "hidden", broken_when_training)
     with pytest.raises(ZeroDivisionError, match="bug"):  # the scheduler reports it to every job of the step
         loop.run()
     assert trainer.outcome == "failed" and loop.runs == []

@@ -256,35 +256,6 @@ def test_a_queued_job_is_told_why_it_waits_only_when_it_must(bases, sample_ds, t
         sched.close()
 
 
-def test_training_gives_way_to_generation_but_never_stops(bases, sample_ds, tmp_path):
-    asked = []
-
-    def generating():  # someone always generates: each wait ends at yield_s, so training still moves
-        asked.append(time.monotonic())
-        return True
-    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000, yield_to=generating, yield_s=0.05)
-    try:
-        job = sched.submit(spec(sample_ds, tmp_path, "a", A))
-        assert job.wait(120) and job.snapshot()["state"] == "finished"
-    finally:
-        sched.close()
-    assert len(asked) >= A[1].steps  # asked before every micro-step (3 steps x 1 micro-step)
-    losses, _ = alone(sample_ds, tmp_path, "a", A)
-    assert [p["loss"] for p in job.snapshot()["points"]] == pytest.approx(losses, abs=1e-5)  # same run, later
-
-
-def test_without_anyone_generating_training_does_not_wait(bases, sample_ds, tmp_path):
-    asked = []
-    sched = TrainScheduler(bases.load, bases.release, capacity_tokens=10_000,
-                           yield_to=lambda: asked.append(1) or False, yield_s=3600)  # waits would hang the test
-    try:
-        job = sched.submit(spec(sample_ds, tmp_path, "a", A))
-        assert job.wait(120) and job.snapshot()["state"] == "finished"
-    finally:
-        sched.close()
-    assert asked
-
-
 ENDLESS = (A[0], quick(steps=10_000, batch_size=2, seq_len=16, grad_accum=1, eval_interval=0, checkpoint_interval=0,
                        seed=1))  # 2 x 16, runs until stopped
 SMALL = (A[0], quick(steps=2, batch_size=1, seq_len=16, grad_accum=1, eval_interval=0, checkpoint_interval=0, seed=3))

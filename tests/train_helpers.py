@@ -25,3 +25,29 @@ def train_to_end(trainer) -> dict:
     if last["type"] == "error":
         raise TrainingError(last["message"])
     return last
+
+
+def loss_alone(model, name, ids, seq_len: int, windows: int | None = None, mask=None) -> tuple[float, int]:
+    """(mean next-token loss, tokens) of one model (an adapter name, None = the base) over the windows an
+    evaluation reads (`windows` at most; default as many as EVAL_TOKENS allows), one window at a time
+    through the model's own training loss: the reference a batched, chunked evaluation must equal."""
+    import numpy as np
+    import torch
+
+    from core.model.loss import IGNORE
+    from core.train.data import eval_windows, masked_targets
+    from core.train.evaluate import EVAL_TOKENS
+    n = windows or max(1, EVAL_TOKENS // seq_len)
+    ws = eval_windows(np.asarray(ids), seq_len, n)
+    ms = eval_windows(np.asarray(mask), seq_len, n) if mask is not None else [None] * len(ws)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w, m in zip(ws, ms):
+            x, y = torch.tensor(w[None, :-1].astype(np.int64)), torch.tensor(w[None, 1:].astype(np.int64))
+            if m is not None:
+                y = masked_targets(y, m[None, 1:] > 0)
+            k = int((y != IGNORE).sum())
+            if k:
+                total += float(model.loss(x, y, name, chunk=0)) * k
+                count += k
+    return total / max(1, count), count

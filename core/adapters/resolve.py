@@ -4,6 +4,7 @@ adapters (core.engine); the CLI and the studio both go through it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path
@@ -66,20 +67,25 @@ def _adapter_file(p: Path, spec: str) -> Path:
                        f"file or folder at that path.")
 
 
-def load_adapter(model, source_path, name: str | None = None,
-                 base_id: str | None = None) -> tuple[str, LoraConfig, dict]:
+def load_adapter(model, source_path, name: str | None = None, base_id: str | None = None,
+                 run: Callable[[Callable[[], None]], None] | None = None) -> tuple[str, LoraConfig, dict]:
     """Validate an adapter folder/file against `model.config`, then load it as adapter `name`
-    (default: the folder's name) for inference (dropout off, weights frozen).
+    (default: the folder's name) for inference (dropout off, weights frozen). run(fn): where the model
+    changes (a shared base's work loop: core.engine.Engine.on_loop); the files are read here.
 
     Returns (name, its LoraConfig as saved, studio.json or {}).
     """
     src = Path(source_path)
     if name is None:
         name = name_from_path(src)
-    if name in adapter_names(model):
-        raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or choose another name.")
     files = read_adapter(src, model.config, base_id)
-    load_adapter_state(model, name, files.state, files.lcfg.alpha, dropout=0.0, lcfg=files.lcfg)
-    for p in lora_parameters(model, name):
-        p.requires_grad_(False)
+
+    def attach() -> None:
+        if name in adapter_names(model):
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or choose another "
+                               f"name.")
+        load_adapter_state(model, name, files.state, files.lcfg.alpha, dropout=0.0, lcfg=files.lcfg)
+        for p in lora_parameters(model, name):
+            p.requires_grad_(False)
+    (run or (lambda fn: fn()))(attach)
     return name, files.lcfg, files.meta

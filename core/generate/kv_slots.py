@@ -37,10 +37,11 @@ class KVSlots:
 
     def __init__(self, model: GPT, rows: int, max_len: int):
         cfg = model.config
-        shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.head_dim)
-        # zeros, not empty: masked positions still enter attention's product with weight 0, and 0 * NaN is NaN
-        self.k = torch.zeros(shape, device=model.device, dtype=model.dtype)
-        self.v = torch.zeros(shape, device=model.device, dtype=model.dtype)
+        self._shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.head_dim)
+        self._device, self._dtype = model.device, model.dtype
+        # made at the first row: a base's work loop that only trains or evaluates holds no pool
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
         self.rows, self.max_len = rows, max_len
         self._free = list(range(rows))
 
@@ -52,6 +53,9 @@ class KVSlots:
         """The n lowest free slots (raises if fewer are free)."""
         if n > len(self._free):
             raise RuntimeError(f"{n} KV slots asked for, {len(self._free)} free")
+        if self.k is None:  # zeros, not empty: masked positions enter attention with weight 0, and 0 * NaN is NaN
+            self.k = torch.zeros(self._shape, device=self._device, dtype=self._dtype)
+            self.v = torch.zeros(self._shape, device=self._device, dtype=self._dtype)
         out, self._free = self._free[:n], self._free[n:]
         return out
 

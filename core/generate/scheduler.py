@@ -25,19 +25,22 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from core.adapters.validate import AdapterError
-from core.device import GUARD, one_thread_for_this_thread
+from core.device import GUARD, threads_for_this_thread
 from core.generate.kv_slots import KVSlots, crop_prompt, pool_rows
 from core.generate.runner import ModelRunner
 from core.generate.sampler import SamplingConfig, new_generator, sample
+from core.generate.side_work import SHARE, SideWork, Unit
 from core.lora.layers import adapter_names
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.gpt import GPT
+
+T = TypeVar("T")
 
 
 class SchedulerBusy(RuntimeError):
@@ -143,14 +146,17 @@ class DecodeScheduler:
     max_rows: slots in the KV pool (rows decoded together at most; default: `pool_rows`, sized
     from free memory); max_len: tokens per slot (prompt + new tokens; longer prompts are cropped
     from the left, `crop_prompt`); max_queue: requests waiting at most (beyond it `submit` raises
-    SchedulerBusy); max_rows_per_user: rows one user may have waiting or running; lock: held around
-    each step (prefill or decode), so a caller can share the model with other work. graphs, capture,
+    SchedulerBusy); max_rows_per_user: rows one user may have waiting or running. graphs, capture,
     pad: the model runner's (`ModelRunner`; default: CUDA graphs on CUDA, eager elsewhere).
+
+    It is the base's one work loop: other work on the model (evaluation chunks, training micro-steps,
+    adapters added or removed) comes in through `run` and takes its turns by core.generate.side_work's
+    policy, on the loop's thread.
     """
 
     def __init__(self, model: GPT, max_rows: int | None = None, max_len: int | None = None, max_queue: int = 64,
-                 max_rows_per_user: int = 8, lock=None, thread: bool = True, graphs: bool | None = None,
-                 capture=None, pad: bool = False):
+                 max_rows_per_user: int = 8, thread: bool = True, graphs: bool | None = None,
+                 capture=None, pad: bool = False, share: float = SHARE):
         block = model.config.block_size
         max_len = block if max_len is None else max_len
         if not 2 <= max_len <= block:
@@ -162,16 +168,14 @@ class DecodeScheduler:
         self.max_queue, self.max_rows_per_user = max_queue, max_rows_per_user
         self.kv = KVSlots(model, max_rows, max_len)
         self.runner = ModelRunner(model, self.kv, graphs=graphs, capture=capture, pad=pad)
-        self._lock = lock if lock is not None else contextlib.nullcontext()
-        mutex = threading.RLock()
-        self._cond = threading.Condition(mutex)
-        self._decoded = threading.Condition(mutex)  # notified as `decode_seconds` grows (not every reader)
+        self._cond = threading.Condition(threading.RLock())
+        self._side = SideWork(share)  # evaluation chunks, training micro-steps, structure changes
         self._queue: deque[Request] = deque()
         self._joining: list[Request] = []  # admitted, slots counted, prefill not run yet
         self._rows: list[_Row] = []  # the running batch, ordered by slot
         self._reserved = 0  # slots counted for the joining requests
         self.step_count = 0
-        self.decode_seconds = 0.0  # time spent in steps and prefills, holding the lock (evaluation gives way by it)
+        self.decode_seconds = 0.0  # time spent in decode steps and prefills
         self._closed = False
         self._thread = None
         if thread:
@@ -236,14 +240,24 @@ class DecodeScheduler:
                 self._finish(req)
             self._cond.notify_all()
 
-    def wait_decoded(self, seconds: float, timeout: float) -> None:
-        """Wait until `decode_seconds` reaches `seconds`, at most `timeout` seconds; at once when there is no
-        decode work (nothing waiting, joining or running) or the scheduler is closed."""
+    def run(self, fn: Callable[[], T], owner: object = None, urgent: bool = False) -> T:
+        """Run fn() on the loop's thread as one unit of side work, when the policy gives it a turn
+        (core.generate.side_work); returns its result or raises its error, here. owner: whose turn it takes
+        (a user name; None: a turn of its own); urgent: before anything else at the next boundary (changes
+        of the model's structure). On the loop's own thread, or a scheduler without a thread, fn runs now.
+        Raises SchedulerClosed if the loop closes first."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        unit = Unit(fn, owner if owner is not None else object(), urgent)
         with self._cond:
-            self._decoded.wait_for(lambda: self.decode_seconds >= seconds or self._closed or not self._live(), timeout)
+            if self._closed:
+                raise SchedulerClosed("the base's work loop is closed")
+            self._side.put(unit)
+            self._cond.notify_all()
+        return unit.wait()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still waiting or running end with SchedulerClosed."""
+        """Stop the loop; requests and side work still waiting or running end with SchedulerClosed."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -284,46 +298,69 @@ class DecodeScheduler:
         return joining
 
     def _loop(self) -> None:
-        if self.model.device.type == "cpu":
-            # this thread's ops are a row per user wide: one thread serves more answers and leaves the
-            # other cores to training (bench/load.py)
-            one_thread_for_this_thread()
-        with torch.inference_mode():
-            while True:
+        # decode steps are a row per user wide: on a CPU one thread serves more answers (bench/load.py);
+        # side work (training, evaluation) is wide and gets the process's threads back for its turn
+        wide = torch.get_num_threads()
+        narrow = self.model.device.type == "cpu" and threads_for_this_thread(1)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._queue or self._rows or len(self._side))
+                if self._closed:
+                    break
+            self._iteration()
+            unit = self._next_unit()
+            if unit is not None:
+                if narrow:
+                    threads_for_this_thread(wide)
+                seconds = unit.run()
+                if narrow:
+                    threads_for_this_thread(1)
                 with self._cond:
-                    self._cond.wait_for(lambda: self._closed or self._queue or self._rows)
-                    if self._closed:
-                        break
-                self._iteration()
+                    self._side.ran(unit, seconds)
         self._end_all()
+
+    def _next_unit(self) -> Unit | None:
+        with self._cond:
+            decoding = bool(self._queue or self._rows or self._joining)
+            if not decoding:
+                self._side.idle()
+            return self._side.take(decoding)
 
     def run_until_idle(self) -> None:
         """(A scheduler made with thread=False.) Run iterations on this thread until no request is left."""
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    if self._closed or not (self._queue or self._rows or self._joining):
-                        return
-                self._iteration()
+        while True:
+            with self._cond:
+                if self._closed or not (self._queue or self._rows or self._joining):
+                    return
+            self._iteration()
 
     def _iteration(self) -> None:
-        """Admit and prefill what fits, then one decode step for every running row."""
+        """Structure changes, then admit and prefill what fits, then one decode step for every running row."""
+        while True:
+            with self._cond:
+                urgent = self._side.take_urgent()
+            if urgent is None:
+                break
+            urgent.run()
         with self._cond:
             joining = self._admit()
-        for req in joining:
-            self._join(req)
-        try:
-            self._step()
-        except Exception as e:  # not one request's fault: every running request gets it
-            with self._cond:
-                for req in list(dict.fromkeys(r.request for r in self._rows)):
-                    self._finish(req, e)
+        with torch.inference_mode():
+            for req in joining:
+                self._join(req)
+            try:
+                self._step()
+            except Exception as e:  # not one request's fault: every running request gets it
+                with self._cond:
+                    for req in list(dict.fromkeys(r.request for r in self._rows)):
+                        self._finish(req, e)
 
     def _end_all(self) -> None:
         with self._cond:
             for req in self._live():
                 self._finish(req, SchedulerClosed("the decode scheduler was closed"))
             self._queue.clear()
+            for unit in self._side.drain():
+                unit.end(SchedulerClosed("the base's work loop was closed"))
 
     def _join(self, req: Request) -> None:
         """Prefill `req`'s prompt into free slots, one row per adapter, as a solo run does."""
@@ -348,24 +385,23 @@ class DecodeScheduler:
                     self._rows += [_Row(req, i, slot, T, logits, i) for i, slot in enumerate(slots)]
                     self._rows.sort(key=lambda r: r.slot)
         except Exception as e:  # an unknown adapter, a failing prefill: this request alone
-            with self._lock:  # the model's adapters do not change while `_fail` looks at them
-                self._fail(req, e)
+            self._fail(req, e)
 
     @contextlib.contextmanager
     def _decoding(self, before=None):
-        """Hold the lock for one step or prefill, adding the time it took to `decode_seconds`. `before` runs
-        holding the lock but not GUARD (a graph capture takes GUARD alone)."""
-        with self._lock:
-            if before is not None:
-                before()
-            with GUARD.shared(self.model.device.type == "cuda"):
-                start = time.perf_counter()
-                try:
-                    yield
-                finally:
-                    with self._cond:
-                        self.decode_seconds += time.perf_counter() - start
-                        self._decoded.notify_all()
+        """One step or prefill, its time added to `decode_seconds` and counted toward decoding's share.
+        `before` runs outside GUARD (a graph capture takes GUARD alone)."""
+        if before is not None:
+            before()
+        with GUARD.shared(self.model.device.type == "cuda"):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                seconds = time.perf_counter() - start
+                with self._cond:
+                    self.decode_seconds += seconds
+                    self._side.decoded(seconds)
 
     def _step(self) -> None:
         """Pick each row's next token, publish, drop finished rows, then one forward for the rest."""
@@ -413,7 +449,8 @@ class DecodeScheduler:
                 self._fail(req, e)
 
     def _fail(self, req: Request, e: Exception) -> None:
-        """(Holding lock.) End `req` alone with `e`, or with one sentence when its adapter is no longer loaded."""
+        """End `req` alone with `e`, or with one sentence when its adapter is no longer loaded (on the loop's
+        thread, where adapters come and go, so the model's adapters are as the failing step saw them)."""
         gone = [a for a in req.adapters if a is not None and a not in adapter_names(self.model)]
         if gone:
             e = AdapterError(f"the adapter {gone[0]!r} is no longer loaded (it was removed while this request "

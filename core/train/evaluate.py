@@ -9,19 +9,19 @@ rows of one forward) and returns, per token, how much likelier the adapter makes
 The vocabulary logits are never held whole for more rows than LOGITS_BUDGET allows: the forward yields
 hidden states, and the loss is computed from them in pieces (core.model.loss's rule).
 
-Beside the decode scheduler, scoring takes turns (`DecodeFirst`): it runs in chunks of bounded work, each
-holding the engine lock once, and gives way to decoding between them, so a Compare is not stalled behind
-a whole 9 x 1024-token forward. The chunks change no figure: each token's loss lands in the same place of
-the same per-window buffer, summed in the same order as one forward would.
+Scoring runs in chunks of bounded work (`chunk_sizes`): `evaluation` and `_score` are generators that yield
+after each chunk, and `drive` runs each chunk where it is told, on a shared base as a unit of its work
+loop's side work, so a Compare is not stalled behind a whole 9 x 1024-token forward and a training job's
+validation can wait its turn between chunks. The chunks change no figure: each token's loss lands in the
+same place of the same per-window buffer, summed in the same order as one forward would.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Generator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,16 @@ from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.train.data import eval_windows, masked_targets
 from core.model.loss import LOGITS_BUDGET, rows_that_fit
-from core.train.trainer import EVAL_TOKENS, Stopped
 
 MAX_MODELS = 9  # the base + 8 adapters in one evaluation
+# Tokens one evaluation reads at most, whatever the batch: a validation at 4096 x 1024 would otherwise read
+# 84M tokens before a run's first step, and Stop would wait for them.
+EVAL_TOKENS = 32_768
+Chunks = Generator[None, None, object]  # a computation that yields after each chunk of work and returns its result
+
+
+class Stopped(Exception):
+    """The stop flag was set during an evaluation: the rest of it is skipped."""
 # multiply-adds of one chunk of scoring (one lock hold): on the tiny model, the head of ~120 tokens or the
 # body of one 1,024-token row, about as long as a few decode steps of a Compare
 CHUNK_WORK = 400_000_000
@@ -90,41 +97,6 @@ def check_settings(seq_len: int, max_tokens: int, block: int) -> None:
         raise ValueError(f"the tokens to evaluate must be from 1 to {EVAL_TOKENS:,} (got {max_tokens:,}).")
 
 
-class DecodeFirst:
-    """Evaluation's turns beside the decode scheduler: decode first, bounded evaluation chunks.
-
-    The rule: scoring runs in chunks of at most CHUNK_WORK multiply-adds (`chunk_sizes`), each one hold of
-    the lock (`turn`). After a chunk that took c seconds, the next one starts only once the decode scheduler
-    has spent share / (1 - share) * c seconds in its steps (2c at share 2/3), so while requests are decoding
-    they get at least `share` of the time, and a Compare beside an evaluation takes about 1 / share of its
-    time alone plus one chunk. With no decode work the next chunk starts at once; if decoding is stalled
-    elsewhere, the evaluation waits `patience` times that long at most, so it always gets on.
-
-    decode: the scheduler to give way to as of now (or None): `decode_seconds`, `wait_decoded(seconds, timeout)`.
-    clock: seconds (tests pass a fake)."""
-
-    def __init__(self, decode: Callable[[], object] = lambda: None, share: float = 2 / 3,
-                 patience: float = 3.0, clock: Callable[[], float] = time.perf_counter):
-        self.decode, self.ratio, self.patience, self.clock = decode, share / (1 - share), patience, clock
-        self._owed = 0.0  # decode seconds owed since the last chunk
-        self._mark = (None, 0.0)  # (scheduler, its decode_seconds) when the last chunk ended
-
-    @contextlib.contextmanager
-    def turn(self, lock=None):
-        """Wait for decoding to have had its share, then hold `lock` for one chunk and time it."""
-        sched, seen = self._mark
-        if self._owed > 0 and sched is not None and sched is self.decode():
-            sched.wait_decoded(seen + self._owed, self.patience * self._owed)
-        with lock if lock is not None else contextlib.nullcontext():
-            start = self.clock()
-            try:
-                yield
-            finally:
-                self._owed = self.ratio * (self.clock() - start)
-                sched = self.decode()
-                self._mark = (sched, sched.decode_seconds if sched is not None else 0.0)
-
-
 def chunk_sizes(config, T: int, work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> tuple[int, int]:
     """(rows of T tokens per body forward, token positions per head piece) of one chunk of `work`
     multiply-adds: the body costs n_layer * (12 d^2 + 2 T d) per token, the head d * vocab (at least one
@@ -134,27 +106,48 @@ def chunk_sizes(config, T: int, work: int = CHUNK_WORK, budget: int = LOGITS_BUD
     return rows, max(1, min(work // (d * V), rows_that_fit(1, V, budget)))
 
 
-def _score(model, rows: torch.Tensor, names: list, targets: torch.Tensor, lock=None, turns: DecodeFirst | None = None,
-           stop: threading.Event | None = None, work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> torch.Tensor:
+@torch.no_grad()
+def _score(model, rows: torch.Tensor, names: list, targets: torch.Tensor, stop: threading.Event | None = None,
+           work: int = CHUNK_WORK, budget: int = LOGITS_BUDGET) -> Chunks:
     """Per-token negative log-likelihood (R, T), fp32, of `rows` (R, T + 1 ids; row i under adapter names[i],
-    None = the base) against `targets` (R, T; IGNORE scores 0), in chunks (`chunk_sizes`), each
-    one `turns.turn(lock)`. stop: checked before each chunk (raises core.train.trainer.Stopped)."""
-    turns = turns if turns is not None else DecodeFirst()
+    None = the base) against `targets` (R, T; IGNORE scores 0), in chunks (`chunk_sizes`): a generator that
+    yields after each chunk and returns the losses. stop: checked before each chunk (raises Stopped)."""
     R, T = targets.shape
     per, piece = chunk_sizes(model.config, T, work, budget)
     cuda, w = model.device.type == "cuda", model.lm_head.weight
     nll = torch.empty(R, T, dtype=torch.float32, device=model.device)
     for i in range(0, R, per):
         _check(stop)
-        with turns.turn(lock), GUARD.shared(cuda), autocast_for(model):
+        with GUARD.shared(cuda), autocast_for(model):
             h = model.hidden(rows[i:i + per, :-1], make_route(model, names[i:i + per])).flatten(0, 1)
+        yield
         out, tgt = nll[i:i + per].view(-1), targets[i:i + per].flatten()
         for j in range(0, len(tgt), piece):
             _check(stop)
-            with turns.turn(lock), GUARD.shared(cuda), autocast_for(model):
+            with GUARD.shared(cuda), autocast_for(model):
                 logits = F.linear(h[j:j + piece], w).float()
                 out[j:j + piece] = F.cross_entropy(logits, tgt[j:j + piece], reduction="none")
+            yield
     return nll
+
+
+def drive(chunks: Chunks, run: Callable[[Callable[[], bool]], bool] | None = None):
+    """Run a generator of chunks (`_score`, `evaluation`) to its end and return its value. run(fn): where each
+    chunk runs (a base's work loop: core.engine.Engine.on_loop, so decoding takes turns between them);
+    default: here."""
+    out = []
+
+    def one() -> bool:
+        try:
+            next(chunks)
+            return False
+        except StopIteration as end:
+            out.append(end.value)
+            return True
+    run = run or (lambda fn: fn())
+    while not run(one):
+        pass
+    return out[0]
 
 
 def _check(stop: threading.Event | None) -> None:
@@ -167,17 +160,22 @@ def windows_per_forward(models: int, seq_len: int, vocab: int, budget: int = LOG
     return max(1, rows_that_fit(seq_len, vocab, budget) // models)
 
 
-@torch.no_grad()
 def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len: int = 128,
-                    max_tokens: int = EVAL_TOKENS, lock=None, stop: threading.Event | None = None,
-                    budget: int = LOGITS_BUDGET, mask: np.ndarray | None = None, turns: DecodeFirst | None = None,
-                    work: int = CHUNK_WORK) -> Evaluation:
+                    max_tokens: int = EVAL_TOKENS, stop: threading.Event | None = None, budget: int = LOGITS_BUDGET,
+                    mask: np.ndarray | None = None, run: Callable | None = None, work: int = CHUNK_WORK) -> Evaluation:
     """Mean loss of each model in `names` (loaded adapter names, None = the base) on the windows of `ids`
-    that core.train.trainer.evaluate reads at this seq_len (at most max_tokens tokens), in one batched pass.
+    (at most max_tokens tokens), in one batched pass: `evaluation`, its chunks run by `run` (`drive`)."""
+    return drive(evaluation(model, names, ids, seq_len, max_tokens, stop, budget, mask, work), run)
 
-    lock: held around each chunk of work (the engine's: nobody changes the model's adapters mid-forward).
-    turns: when to run each chunk (`DecodeFirst`: giving way to the decode scheduler); work: a chunk's size.
-    stop: checked between chunks (raises core.train.trainer.Stopped).
+
+@torch.no_grad()
+def evaluation(model, names: Sequence[str | None], ids: np.ndarray, seq_len: int = 128,
+               max_tokens: int = EVAL_TOKENS, stop: threading.Event | None = None, budget: int = LOGITS_BUDGET,
+               mask: np.ndarray | None = None, work: int = CHUNK_WORK) -> Chunks:
+    """`evaluate_models` as chunks: a generator that yields after each chunk of bounded work and returns the
+    Evaluation. It is also a training run's validation (core.train.trainer), so both read the same figure.
+
+    stop: checked between chunks (raises Stopped). work: a chunk's multiply-adds.
     mask: a split's loss mask (instruction data): the mean is over response tokens only (masked mean)."""
     names = check_models(names)
     check_settings(seq_len, max_tokens, model.config.block_size)
@@ -190,7 +188,6 @@ def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len
     per = windows_per_forward(M, seq_len, model.config.vocab_size, budget)
     totals = torch.zeros(M, dtype=torch.float64, device=dev)
     count, forwards, start = 0, 0, time.perf_counter()
-    turns = turns if turns is not None else DecodeFirst()
     for i in range(0, len(windows), per):
         group, gmask = windows[i:i + per], masks[i:i + per]
         for length in sorted({len(w) for w in group}):  # only the last window may be shorter
@@ -199,7 +196,7 @@ def evaluate_models(model, names: Sequence[str | None], ids: np.ndarray, seq_len
             keep = torch.from_numpy(np.stack([m for w, m in zip(group, gmask) if len(w) == length])[:, 1:] > 0)
             rows = win.repeat_interleave(M, dim=0)  # window k's copy for model j is row k * M + j
             targets = masked_targets(rows[:, 1:], keep.repeat_interleave(M, dim=0))
-            nll = _score(model, rows, names * len(win), targets, lock, turns, stop, work, budget)  # 0 if ignored
+            nll = yield from _score(model, rows, names * len(win), targets, stop, work, budget)  # 0 if ignored
             totals += nll.double().sum(1).view(len(win), M).sum(0)
             count += int(keep.sum())
             forwards += 1
@@ -219,10 +216,9 @@ def text_ids(text: str) -> np.ndarray:
     return np.asarray([EOT_TOKEN] + ids, dtype=np.int64)
 
 
-@torch.no_grad()
-def token_differences(model, text: str, adapter: str, lock=None, turns: DecodeFirst | None = None) -> list[TokenDiff]:
+def token_differences(model, text: str, adapter: str, run: Callable | None = None) -> list[TokenDiff]:
     """Each token of `text` with its log-probability under the base and under `adapter` (a loaded name),
-    from two rows scored together (in chunks taking `turns`, as evaluate_models). The text is read after
+    from two rows scored together (in chunks run by `run`, as evaluate_models). The text is read after
     <|endoftext|>, so its first token is scored too."""
     ids = tokenizer.encode(text)
     if not ids:
@@ -233,6 +229,6 @@ def token_differences(model, text: str, adapter: str, lock=None, turns: DecodeFi
                          f"start token. Shorten the text.")
     row = torch.tensor([EOT_TOKEN] + ids, dtype=torch.long, device=model.device)
     rows = row.expand(2, -1)
-    logp = -_score(model, rows, [None, adapter], rows[:, 1:], lock, turns)
+    logp = -drive(_score(model, rows, [None, adapter], rows[:, 1:]), run)
     base, tuned = logp[0].tolist(), logp[1].tolist()
     return [TokenDiff(s, b, a, a - b) for s, b, a in zip(tokenizer.token_strings(ids), base, tuned)]

@@ -9,8 +9,11 @@ base waits until the current base has no jobs, then the base is switched. Turns 
   fit yet no longer blocks a small one behind it;
 - but a job may be passed so at most PASS_LIMIT times: after that nothing starts past it, so the
   running jobs drain until it fits (it is never starved);
-- a job runs at most max_job_minutes (then it is stopped and saved, and says why). Running jobs share every micro-step (core.train.loop.TrainLoop) in one thread; each
-keeps its own optimizer, schedule, data order, evaluation cadence, samples and checkpoints. A job
+- a job runs at most max_job_minutes (then it is stopped and saved, and says why).
+Running jobs share every micro-step (core.train.loop.TrainLoop). The scheduler's thread manages the
+jobs; on an engine each shared micro-step runs on the base's work loop, one unit of side work taking
+the training jobs' turns (core.generate.side_work), and the events it produces are told to the jobs
+back on the scheduler's thread. Each job keeps its own optimizer, schedule, data order, evaluation cadence, samples and checkpoints. A job
 that ends leaves alone; an out-of-memory error sends the newest job back to the head of the queue,
 exactly where it was, until a running job ends.
 
@@ -20,7 +23,6 @@ redraws only on change, and a reloaded page reattaches to it.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -51,6 +53,7 @@ TRAINING = ("starting", "running", "stopping")
 PASS_LIMIT = 4
 
 
+TRAINING = "the training jobs"  # whose turns the shared micro-steps take on the work loop (never a user name)
 TRAIN_PREFIX = "train:"  # a run's adapter trains under 'train:<run>': never a library name, so no request can name it
 
 
@@ -232,8 +235,9 @@ class TrainScheduler:
     load_base(spec) -> model: the base a job trains on, loaded (and pinned) for it; called when the
         job starts, only while no job of another base is running. release_base(model): once per job
         that loaded it, when the job ends.
-    lock: held while a job's adapter is added to or removed from the shared model (the engine's lock:
-        generation steps hold it too).
+    work(model, fn): runs fn (a shared micro-step, a job's opening) where work on `model` runs (the engine's
+        `on_loop`: the base's work loop, taking the training jobs' turns); default: here, on the scheduler's
+        thread. change(model, fn): the same for adding a job's adapter (the engine's `change`).
     retire(model, name): removes a job's adapter when the job ends (the engine's `retire`: once no request
         uses it); default: removed at once.
     capacity_tokens: tokens one shared micro-step may hold (the sum of the running jobs' batch x
@@ -245,26 +249,26 @@ class TrainScheduler:
     """
 
     @classmethod
-    def for_engine(cls, engine, load_base: Callable[[JobSpec], object] | None = None, yield_s: float = 0.0,
-                   **kw) -> "TrainScheduler":
-        """A scheduler on a core.engine.Engine's one shared base: its pins, its lock, its device.
+    def for_engine(cls, engine, load_base: Callable[[JobSpec], object] | None = None, **kw) -> "TrainScheduler":
+        """A scheduler on a core.engine.Engine's one shared base: its pins, its work loop, its device.
         load_base: instead of engine.base(spec.base_id, spec.weights, pin=True) (it must pin too)."""
         load = load_base or (lambda spec: engine.base(spec.base_id, spec.weights, pin=True))
-        return cls(load, engine.unpin_base, lock=engine.lock, device_type=engine.device.type,
-                   yield_to=engine.generating if yield_s > 0 else None, yield_s=yield_s, retire=engine.retire, **kw)
+        return cls(load, engine.unpin_base, device_type=engine.device.type, retire=engine.retire,
+                   work=lambda model, fn: engine.on_loop(model, fn, TRAINING), change=engine.change, **kw)
 
     def __init__(self, load_base: Callable[[JobSpec], object], release_base: Callable[[object], None] | None = None,
-                 lock=None, device_type: str = "cpu", capacity_tokens: int | None = None,
-                 max_jobs_per_user: int = 1, max_queue: int = 64, yield_to: Callable[[], bool] | None = None,
-                 yield_s: float = 0.0, retire: Callable[[object, str], None] | None = None,
-                 max_job_minutes: float | None = None):
+                 device_type: str = "cpu", capacity_tokens: int | None = None, max_jobs_per_user: int = 1,
+                 max_queue: int = 64, retire: Callable[[object, str], None] | None = None,
+                 max_job_minutes: float | None = None, work: Callable | None = None, change: Callable | None = None):
         if max_jobs_per_user < 1 or max_queue < 0 or (capacity_tokens is not None and capacity_tokens < 1):
             raise ValueError("max jobs per user and the capacity must be at least 1, the queue at least 0.")
         if max_job_minutes is not None and not max_job_minutes > 0:
             raise ValueError("the minutes one job may train must be more than 0.")
         self.max_job_minutes = max_job_minutes
         self._load_base, self._release_base = load_base, release_base or (lambda model: None)
-        self._model_lock = lock if lock is not None else contextlib.nullcontext()
+        self._work = work or (lambda model, fn: fn())
+        self._change = change or (lambda model, fn: fn())
+        self._outbox: list[tuple[TrainJob, dict]] = []  # events the work loop produced, told on this thread
         self._retire = retire or _remove_if_loaded
         self.device_type = device_type
         self.capacity_tokens = capacity_tokens if capacity_tokens is not None else (
@@ -277,7 +281,6 @@ class TrainScheduler:
         self._co: TrainLoop | None = None
         self._squeezed = False  # a shared step ran out of memory: nothing more joins until a job ends
         self._closed = False
-        self._yield_to, self.yield_s = yield_to, yield_s
         self._thread = threading.Thread(target=self._loop, name="train-scheduler", daemon=True)
         self._thread.start()
 
@@ -402,17 +405,8 @@ class TrainScheduler:
             if starting is not None:
                 self._start(starting)
                 continue
-            self._give_way()
             self._enforce_time()
             self._step()
-
-    def _give_way(self) -> None:
-        """Generation first: while someone generates, wait up to yield_s before the next micro-step."""
-        if self._yield_to is None:
-            return
-        end = time.monotonic() + self.yield_s
-        while self._yield_to() and time.monotonic() < end and not self._closed:
-            time.sleep(0.01)
 
     def _enforce_time(self) -> None:
         """Stop (and save) every job that has trained max_job_minutes."""
@@ -508,8 +502,8 @@ class TrainScheduler:
                 job._touch(position=i + 1)
 
     def _start(self, job: TrainJob) -> None:
-        """Load its base, build its trainer and add it to the shared step (its first evaluation runs
-        now, while the others wait); a job that cannot start ends with its message."""
+        """Load its base, build its trainer and add it to the shared step (it opens, with its first
+        validation, in chunks between the others' micro-steps); a job that cannot start ends with its message."""
         spec = job.spec
         with self._cond:
             for other in itertools.takewhile(lambda o: o is not job, self._offer_order()):
@@ -524,11 +518,10 @@ class TrainScheduler:
                 job.trainer = spec.trainer or Trainer(
                     job.model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter or spec.name, spec.out_dir,
                     job.stop_flag, base_id=spec.base_id, resume=spec.resume, max_memory=spec.max_memory, meta=spec.meta)
-                with self._model_lock:  # the shared model's structure changes: generation waits
-                    job.trainer.setup()
+                self._change(job.model, job.trainer.setup)  # its adapter joins the shared model
                 if self._co is None or self._co.model is not job.model:
                     self._co = TrainLoop(job.model)
-                self._co.join(job.trainer, lambda ev, job=job: self._event(job, ev))
+                self._co.join(job.trainer, lambda ev, job=job: self._event(job, ev))  # it opens in the next steps
             else:
                 self._co.rejoin(job.trainer, lambda ev, job=job: self._event(job, ev))
                 job._touch(state="stopping" if job.stop_flag.is_set() else "running")
@@ -538,12 +531,14 @@ class TrainScheduler:
 
     def _step(self) -> None:
         try:
-            pushed = self._co.step()
+            pushed = self._work(self._co.model, self._co.step)
         except Exception as e:  # noqa: BLE001 - not one job's fault: every job in the step gets it
+            self._tell()
             for job in [j for j in self._running if j.trainer is not None and j.trainer.outcome is not None]:
                 self._fail(job, e)
             self._collect()
             return
+        self._tell()
         for trainer in pushed:
             job = next(j for j in self._running if j.trainer is trainer)
             with self._cond:
@@ -558,10 +553,17 @@ class TrainScheduler:
         self._collect()
 
     def _event(self, job: TrainJob, ev: dict) -> None:
-        if ev["type"] in ("done", "error"):  # reported after the cleanup: the job stays live until then
-            job._final = ev
-        else:
-            job.on_event(ev)
+        """(On the work loop.) Kept for `_tell`: listeners and trackers never run on the loop's thread."""
+        self._outbox.append((job, ev))
+
+    def _tell(self) -> None:
+        """Pass the events of the last piece of work to their jobs; a final one waits for the job's cleanup."""
+        events, self._outbox = self._outbox, []
+        for job, ev in events:
+            if ev["type"] in ("done", "error"):  # reported after the cleanup: the job stays live until then
+                job._final = ev
+            else:
+                job.on_event(ev)
 
     def _fail(self, job: TrainJob, e: BaseException) -> None:
         if job.trainer is not None and job.trainer.outcome is None:
@@ -588,8 +590,7 @@ class TrainScheduler:
             model, name = job.model, job.spec.adapter or job.spec.name
             if model is not None:
                 if job.trainer is not None:
-                    with self._model_lock:
-                        self._retire(model, name)
+                    self._retire(model, name)
                 self._release_base(model)
             with self._cond:
                 self._running.remove(job)

@@ -9,6 +9,11 @@ frozen base, one shared micro-batch at a time.
   each rank draws its shard of the global micro-batch, the gradients are all-reduced before the
   optimizer step, and the ranks agree on Stop.
 
+A run's own work between micro-batches (opening with its first validation, a validation on its cadence)
+comes as chunks (its event generators yield None after each chunk, core.train.evaluate): the run sits
+out the shared micro-steps while it does it, one chunk per `step`, so one job's validation does not
+stall the others' training, and on a shared base each `step` stays one bounded unit of the work loop.
+
 Failures are handled here, once, the same way for every driver:
 - Stop (a run's flag, from any thread): checked before every micro-batch; a partial optimizer step is
   dropped and its batches rewound, the adapter and a resume point are saved ('done', stopped).
@@ -61,38 +66,49 @@ class TrainLoop:
     def __init__(self, model, hooks: Hooks = SOLO):
         self.model = model
         self.hooks = hooks
-        self.runs: list = []  # trainers (core.train.trainer.Trainer), oldest first
+        self.runs: list = []  # trainers (core.train.trainer.Trainer) in the shared micro-steps, oldest first
+        self.busy: dict[int, tuple] = {}  # id -> (run, its events still to come): doing its own work in chunks
         self._emit: dict[int, Callable[[dict], None]] = {}
+        self._joined: dict[int, int] = {}  # id -> when it joined: the shared step keeps runs oldest first
+        self._count = 0
 
     def join(self, run, emit: Callable[[dict], None]) -> None:
-        """Open `run` (set up, start events, first validation) and add it from the next step on. An error
-        while it opens is raised (whoever starts it reports it)."""
+        """Set `run` up now (an error is raised: whoever starts it reports it), then open it (start events,
+        first validation, in chunks: see the module) and add it to the shared micro-steps once that is done;
+        an error while it opens ends it with an 'error' event."""
+        run.setup()
         self._emit[id(run)] = emit
-        for ev in run.open():
-            emit(ev)
-        if run.outcome is None:
-            self.runs.append(run)
-        else:
-            self.leave(run)
+        self._count += 1
+        self._joined[id(run)] = self._count
+        self.busy[id(run)] = (run, run.open())
 
     def rejoin(self, run, emit: Callable[[dict], None]) -> None:
         """Add back a run that an out-of-memory error pushed out (it goes on exactly where it was)."""
         self._emit[id(run)] = emit
+        self._count += 1
+        self._joined[id(run)] = self._count
         self.runs.append(run)
 
     def leave(self, run) -> None:
         if run in self.runs:
             self.runs.remove(run)
+        self.busy.pop(id(run), None)
         self._emit.pop(id(run), None)
+        self._joined.pop(id(run), None)
+
+    @property
+    def live(self) -> bool:
+        """Whether any run is stepping or busy with its own work."""
+        return bool(self.runs or self.busy)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until every run has ended, or until `until()` is true at a moment when every run is between
         two optimizer steps. A run pushed out by an out-of-memory error joins again when another ends."""
         waiting, room = [], 0  # pushed-out runs with their emit; how many runs fit the step
-        while self.runs or waiting:
+        while self.live or waiting:
             if waiting and len(self.runs) < room:
                 self.rejoin(*waiting.pop(0))
-            if until is not None and all(r.between_steps for r in self.runs) and until():
+            if until is not None and not self.busy and all(r.between_steps for r in self.runs) and until():
                 return
             crowd = len(self.runs)
             emits = dict(self._emit)
@@ -102,14 +118,16 @@ class TrainLoop:
                 waiting += [(r, emits[id(r)]) for r in pushed]
 
     def step(self) -> list:
-        """One shared micro-step. Returns the runs pushed out by an out-of-memory error (their state
-        is as before the step; join them again later). An unexpected error is raised, after the runs
-        of the step have left (their state is unknown)."""
+        """One chunk of each busy run's own work, then one shared micro-step of the others. Returns the runs
+        pushed out by an out-of-memory error (their state is as before the step; join them again later). An
+        unexpected error is raised, after the runs of the step have left (their state is unknown)."""
         for run in list(self.runs):
             if self.hooks.agree_stop(run.stop.is_set()):
                 run.stop.set()
                 self._send(run, run.stopped())
-        runs = list(self.runs)
+        runs = list(self.runs)  # a busy run that finishes its work below steps from the next step on
+        for run, events in list(self.busy.values()):
+            self._send(run, events)
         if not runs:
             return []
         marks = [run.mark() for run in runs] if len(runs) > 1 else None
@@ -138,17 +156,26 @@ class TrainLoop:
         return []
 
     def _send(self, run, events) -> None:
-        """Emit `run`'s events as they come. An error in its work between micro-batches (an evaluation, a
-        checkpoint, the adapter's save) ends that run alone, with its message: the runs after it in the
-        step still get their own bookkeeping, so none counts a micro-batch twice."""
+        """Emit `run`'s events as they come, up to the end of the next chunk of its own work (a None): then it
+        is busy until a later `step` goes on from there. An error in its work between micro-batches (an
+        evaluation, a checkpoint, the adapter's save) ends that run alone, with its message: the runs after
+        it in the step still get their own bookkeeping, so none counts a micro-batch twice."""
         emit = self._emit[id(run)]
         try:
             for ev in events:
+                if ev is None:  # a chunk of its own work is done: the rest waits for the next step
+                    if run in self.runs:
+                        self.runs.remove(run)
+                    self.busy[id(run)] = (run, events)
+                    return
                 emit(ev)
         except self.hooks.fatal:
             raise
         except Exception as e:  # noqa: BLE001 - this run's failure, reported as its last event
             emit(run.failed(e))
+        if self.busy.pop(id(run), None) is not None and run.outcome is None:
+            self.runs.append(run)  # its own work is done: back in the shared micro-steps, in join order
+            self.runs.sort(key=lambda r: self._joined[id(r)])
         if run.outcome is not None:
             self.leave(run)
 
@@ -179,11 +206,12 @@ def train_chunk(trainer, max_steps: int | None = None, max_seconds: float | None
     loop = TrainLoop(trainer.model)
     loop.join(trainer, emit)
     t0 = last = time.perf_counter()
-    first, slowest = trainer.step, 0.0
+    first, slowest = None, 0.0  # the step it starts from, known once it has opened (a resumed run's)
 
     def enough() -> bool:
-        nonlocal last, slowest
+        nonlocal last, slowest, first
         now = time.perf_counter()
+        first = trainer.step if first is None else first
         if trainer.step > first:
             slowest = max(slowest, now - last)
         last = now

@@ -57,24 +57,22 @@ from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkp
                                    checkpoint_step)
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
-from core.train.data import Dataset, eval_windows, get_batch, masked_targets
+from core.train.data import Dataset, get_batch
+from core.train.evaluate import EVAL_TOKENS, Stopped, evaluation
 from core.device import GUARD, autocast_for, is_oom
-from core.model.loss import IGNORE, piece_tokens, rows_that_fit
+from core.model.loss import IGNORE, piece_tokens
 from core.train.estimate import check_memory, estimate_training
 from core.generate.sampling import SamplingConfig, generate_text
 from core.lora.variants import check_fits as check_init_fits
 from core.lora.variants import RESIDUAL_INITS
 from core.lora.layers import (Segment, Segments, add_adapter, adapter_names, adapter_state_dict,
-                              lora_param_groups, lora_parameters, make_route)
+                              lora_param_groups, lora_parameters)
 from core.train.distributed import local_rows
 from core.model.quant import weight_bytes
 
 STATE = TRAINER_STATE
 # Bytes a save writes beyond the adapter's weights (and optimizer state): its JSON files and history lines
 SAVE_MARGIN = 1 << 20
-# Tokens one evaluation reads at most, whatever the batch: 4096 x 1024 would otherwise evaluate 84M
-# tokens (20 batches) before the first step, and Stop would wait for them.
-EVAL_TOKENS = 32_768
 
 
 class _Loss(torch.nn.Module):
@@ -99,10 +97,6 @@ class TrainingError(RuntimeError):
     says what to do."""
 
 
-class Stopped(Exception):
-    """The stop flag was set during an evaluation: the rest of it is skipped."""
-
-
 def lr_at(step: int, tcfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     warm = tcfg.warmup()
@@ -111,40 +105,6 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     progress = (step - warm) / max(1, tcfg.steps - warm)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * cosine)
-
-
-@torch.no_grad()
-def evaluate(model, name: str | None, ids: np.ndarray, seq_len: int, batch_size: int = 4,
-             max_batches: int | None = None, stop: threading.Event | None = None,
-             mask: np.ndarray | None = None) -> tuple[float, int]:
-    """Mean next-token loss of adapter `name` (None = base) over the split (or an even sample of it,
-    at most max_batches x batch_size windows and EVAL_TOKENS tokens). Raises Stopped when `stop` is
-    set between two forwards. With a loss `mask` (instruction data) only response tokens count."""
-    cap = max(1, EVAL_TOKENS // seq_len)
-    windows = eval_windows(ids, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
-    if mask is not None:  # the same windows of the mask (eval_windows depends on the length only)
-        masks = eval_windows(mask, seq_len, cap if max_batches is None else min(cap, max_batches * batch_size))
-        windows = [np.stack([w.astype(np.int64), m.astype(np.int64)]) for w, m in zip(windows, masks)]
-    route = make_route(model, [name])
-    rows = min(batch_size, rows_that_fit(seq_len, model.config.vocab_size))
-    total = torch.zeros((), dtype=torch.float64, device=model.device)
-    count = 0
-    with autocast_for(model):
-        for i in range(0, len(windows), rows):
-            if stop is not None and stop.is_set():
-                raise Stopped
-            group = windows[i:i + rows]
-            for length in sorted({w.shape[-1] for w in group}):  # only the last window may be shorter
-                win = torch.from_numpy(np.stack([w for w in group if w.shape[-1] == length]).astype(np.int64))
-                win = win.to(model.device)
-                x, y = (win[:, 0, :-1], masked_targets(win[:, 0, 1:], win[:, 1, 1:].cpu())) if mask is not None \
-                    else (win[:, :-1], win[:, 1:])
-                # plain text: every target counts (no device sync); prompt-only windows add nothing (not 0 / 0)
-                n = y.numel() if mask is None else int((y != IGNORE).sum())
-                if n:
-                    total += model.loss(x, y, route, chunk=0).double() * n
-                    count += n
-    return float(total) / max(1, count), count
 
 
 def failure_message(e: BaseException, step: int, kept: str | None) -> str:
@@ -635,11 +595,14 @@ class Trainer:
         """Validation loss (+ samples) at the current step; yields events and returns the loss
         (None when Stop came during it: no event, no samples)."""
         t = self.tcfg
-        try:
-            loss, n = evaluate(self.model, self.name, self.dataset.val, self.seq_len, t.batch_size,
-                               t.eval_max_batches, stop=self.stop, mask=self.dataset.val_mask)
+        windows = max(1, EVAL_TOKENS // self.seq_len)  # at most eval_max_batches x batch_size windows
+        windows = windows if t.eval_max_batches is None else min(windows, t.eval_max_batches * t.batch_size)
+        try:  # its chunks yield None: the training loop may run other work between them
+            ev = yield from evaluation(self.model, [self.name], self.dataset.val, self.seq_len, windows * self.seq_len,
+                                       stop=self.stop, mask=self.dataset.val_mask)
         except Stopped:
             return None
+        loss, n = ev.scores[0].loss, ev.tokens
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1]["val_loss"] = self._lasts["val_loss"] = loss
         yield {"type": "eval", "step": self.step, "val_loss": loss,

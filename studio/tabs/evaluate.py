@@ -119,7 +119,7 @@ def evaluate(studio: Studio, form: EvalForm, progress=None, user: str | None = N
     studio.base(model_name, (lambda m: progress(None, desc=m)) if progress is not None else None)
     if progress is not None:
         progress(0.3, desc=f"scoring {len(models)} model(s) in one batched pass…")
-    ev = studio.engine.evaluate(ids, models, seq_len, max_tokens, mask=mask)
+    ev = studio.engine.evaluate(ids, models, seq_len, max_tokens, mask=mask, user=user)
     rows = [{"model": "base" if m is None else m, "base": m is None, "loss": s.loss, "ppl": s.ppl,
              "tokens": s.tokens, "seconds": ev.seconds} for m, s in zip(models, ev.scores)]
     table = [[r["model"], round(r["loss"], 4), round(r["ppl"], 2), r["tokens"], round(r["seconds"], 2)] for r in rows]
@@ -166,7 +166,7 @@ def differences(studio: Studio, form: DiffForm, user: str | None = None) -> str:
     if not text.strip():
         raise ValueError("write or paste a text to colour (for example a Compare prompt and its continuation).")
     studio.base(model_name)
-    return diff_html(studio.engine.token_differences(text, adapter), adapter)
+    return diff_html(studio.engine.token_differences(text, adapter, user=user), adapter)
 
 
 def from_compare(include_base, adapters, *texts):
