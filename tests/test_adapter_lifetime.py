@@ -14,7 +14,6 @@ import uuid
 
 import httpx
 import pytest
-import torch
 from gradio_client import Client
 
 from adapter_helpers import LX, LY, make_adapter
