@@ -83,12 +83,9 @@ def test_extra_metadata_is_written_over_the_trainers_own_in_every_studio_json(ti
 
 
 def test_the_studio_trains_with_the_core_trainer(tmp_path, sample_ds):
-    import studio.runner as runner_module
-    assert not hasattr(runner_module, "StudioTrainer")
-    from core.engine import Engine
-    from studio.runner import Runner
+    from core.api import Runs, Engine
     eng = Engine("cpu", tmp_path / "lib")
-    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    runner = Runs(eng, lambda base_id: eng.base(base_id, pin=True))
     job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(), user="bob")
     runner.wait(120)
     assert job.state == "finished"
@@ -116,7 +113,7 @@ def test_setup_adds_the_adapter_once_and_run_continues_from_it(tiny, sample_ds, 
 
 def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monkeypatch):
     from core.engine import Engine
-    from studio.runner import Runner
+    from core.api import Runs
     eng = Engine("cpu", tmp_path / "lib")
     seen = []
     real_setup = Trainer.setup
@@ -134,7 +131,7 @@ def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monke
         seen.append(other[0])
         real_setup(self)
     monkeypatch.setattr(Trainer, "setup", spying_setup)
-    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    runner = Runs(eng)  # the default base: engine.base(base_id, pin=True)
     job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(steps=2))
     runner.wait(120)
     assert seen[0] is False and job.state == "finished"  # the first call does the work (run() calls it again)
