@@ -235,11 +235,12 @@ def _finetune(args, engine, dataset, lcfg, tcfg, name: str, out_dir: Path, resum
         say(f"frozen base quantized to {args.quantize} (LoRA stays in full precision)")
     model.checkpointing = bool(args.checkpointing)
     if args.group:  # torchrun: not a job of the in-process scheduler, but this process's rank of the run
-        from core.train.runs import hold_run_folder
+        from core.train.runs import hold_run_folder, run_meta
         from core.train.trackers import make_trackers
         from core.train.trainer import Trainer
         trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, base_id=base_id, resume=resume,
-                          max_memory=engine.max_train_memory, dist=args.group)
+                          max_memory=engine.max_train_memory, meta=run_meta(engine, name, resume=resume),
+                          dist=args.group)
         _describe(trainer, resume)
         args.trackers = make_trackers(args.report_to if args.group.writes else None, out_dir)
         return _train_distributed(args, trainer, lambda: hold_run_folder(engine, out_dir, new=resume is None))

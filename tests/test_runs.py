@@ -135,3 +135,21 @@ def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monke
     job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(steps=2))
     runner.wait(120)
     assert seen[0] is False and job.state == "finished"  # the first call does the work (run() calls it again)
+
+
+def test_the_cli_resumes_a_studio_run_as_a_job_of_the_same_runs_keeping_its_user_and_sharing(prepared, tmp_path):
+    """finetune is a client of core's Runs, as the studio is: a run a signed-in user started and shared keeps
+    both when the CLI continues it."""
+    from core.__main__ import main
+    from core.api import Engine, Runs, load_dataset
+    lib = tmp_path / "lib"
+    eng = Engine("cpu", lib)
+    runs = Runs(eng)
+    runs.start("tiny", load_dataset(prepared), "alices", LoraConfig(r=4, alpha=8), small(steps=2), owner="alice",
+               user="alice")
+    assert runs.wait(120)["state"] == "finished"
+    runs.close()
+    eng.library.set_shared("alices", True)
+    assert main(["finetune", "--resume", "alices", "--library", str(lib), "--steps", "4"]) == 0
+    meta = json.loads((lib / "alices" / META).read_text())
+    assert meta["steps"] == 4 and meta["user"] == "alice" and meta["shared"] is True

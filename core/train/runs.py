@@ -7,7 +7,7 @@ checkpoint, steps may only grow, the recorded user and a shared run kept), who m
 owner or an admin), the per-user and per-address limits, and the per-user view a page polls
 (`snapshot`). The studio's Train tab and the CLI's `finetune` (a solo job on a fresh engine) both
 go through it; only a torchrun rank, which is no job of this scheduler, shares the pieces it needs
-(`resumed_config`, `hold_run_folder`).
+(`resumed_config`, `run_meta`, `hold_run_folder`).
 """
 from __future__ import annotations
 
@@ -63,10 +63,18 @@ def hold_run_folder(engine, out_dir: Path, new: bool, user: str | None = None) -
         return library.reserve_run(name, user)
 
 
-def _run_meta(name: str, user: str | None) -> dict:
+def run_meta(engine, name: str, user: str | None = None, resume: Checkpoint | None = None) -> dict:
     """What a run records in studio.json of its adapter and checkpoints beyond the trainer's own: the run's
-    library name (not its internal 'train:' name) and the signed-in user."""
-    return {"name": name, **({"user": user} if user else {})}
+    library name (not its internal 'train:' name) and the signed-in user. Resumed from checkpoint `resume`:
+    the user it was started by (`user` only when it had none), and `shared` kept for a library run its
+    owner shared, as it trains on."""
+    recorded = resume.meta.get("user") if resume is not None else None
+    user = recorded if isinstance(recorded, str) and recorded else user
+    meta = {"name": name, **({"user": user} if user else {})}
+    if resume is not None and in_library(engine, resume.path.parent.parent) and \
+            engine.library.details(name).get("shared") is True:
+        meta["shared"] = True
+    return meta
 
 
 class Runs:
@@ -185,7 +193,7 @@ class Runs:
         self.scheduler.check_room(owner)  # a second Start hears of the limit, not of the name its first one took
         self.check_budget(dataset, tcfg)
         out_dir = self.run_dir(name) if out_dir is None else Path(out_dir)
-        spec = JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner, meta=_run_meta(name, user),
+        spec = JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner, meta=run_meta(self.engine, name, user),
                        weights=weights, adapter=training_adapter(name), max_memory=self.engine.max_train_memory,
                        trackers=make_trackers(report_to, out_dir), listener=listener)
         self._build(spec)
@@ -209,13 +217,10 @@ class Runs:
         ck = checkpoint or find_checkpoint(out_dir)
         tcfg = resumed_config(ck, steps, **runtime)
         self.check_budget(dataset, tcfg, done=ck.step)
-        recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
-        meta = _run_meta(name, recorded)
         if in_library(self.engine, out_dir):
             self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
-            if self.engine.library.details(name).get("shared") is True:
-                meta["shared"] = True  # a run its owner shared stays shared as it trains on
-        spec = JobSpec(name, base_id, dataset, None, tcfg, out_dir, user=owner, resume=ck, meta=meta, weights=weights,
+        spec = JobSpec(name, base_id, dataset, None, tcfg, out_dir, user=owner, resume=ck,
+                       meta=run_meta(self.engine, name, user, ck), weights=weights,
                        adapter=training_adapter(name), max_memory=self.engine.max_train_memory, trackers=trackers,
                        listener=listener)
         self._build(spec)
