@@ -248,9 +248,10 @@ def _finetune(args, engine, dataset, lcfg, tcfg, name: str, out_dir: Path, resum
 
 
 def _describe(trainer, resume) -> None:
+    """What the run will do, as its trainer was built: data, LoRA, steps and batch, and where it is saved."""
     from core.lora import variants
-    lcfg, tcfg = trainer.lcfg, trainer.tcfg
-    say(f"data: {trainer.dataset.path} ({len(trainer.dataset.train):,} train / {len(trainer.dataset.val):,} val tokens)")
+    lcfg, tcfg, ds = trainer.lcfg, trainer.tcfg, trainer.dataset
+    say(f"data: {ds.path} ({len(ds.train):,} train / {len(ds.val):,} val tokens)")
     say(f"{variants.of(lcfg).label}: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
