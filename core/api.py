@@ -42,7 +42,7 @@ from core.train.evaluate import MAX_MODELS as EVAL_MAX_MODELS
 from core.train.evaluate import text_ids
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example, render_prompt
-from core.train.jobs import TRAIN_PREFIX, JobSpec, TrainJob, TrainScheduler, training_adapter
+from core.train.jobs import JobSpec, TrainJob, TrainScheduler
 from core.train.runs import Runs
 from core.train.trackers import REPORT_TO, make_trackers
 from core.train.trainer import EVAL_TOKENS, TrainingError, find_checkpoint
