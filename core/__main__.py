@@ -40,21 +40,18 @@ def add_model_options(p, default_note: str):
                    help="the adapter library folder (default: ./adapters)")
 
 
-def load_model(args, recorded: str | None = None, fallback: str = "gpt2", engine=None):
-    """The base from --weights/--model (checked against each other), else the adapter's recorded base
-    when that is a known GPT-2 preset. With an `engine` (compare, merge) the base is the engine's."""
+def load_model(args, recorded: str | None = None, fallback: str = "gpt2", *, engine):
+    """`engine`'s base from --weights/--model (checked against each other), else the adapter's (or the
+    resumed run's) recorded base when that is a known GPT-2 preset."""
     from core.model.config import PRESETS
-    from core.model.weights import WeightsError, load_base
+    from core.model.weights import WeightsError
     if args.weights and not Path(args.weights).expanduser().exists():
         raise WeightsError(f"--weights {args.weights}: no such file or folder.")
     source = args.weights or args.model or _known_base(recorded) or fallback
     base_id = str(Path(args.weights).expanduser().resolve()) if args.weights else source
     say(f"loading base model {source} ...")
     progress = lambda m: say("  " + m)  # noqa: E731
-    if engine is not None:
-        model = engine.base(base_id, weights=args.weights, progress=progress)
-    else:
-        model = load_base(source, args.device, _dtype(args), progress=progress)
+    model = engine.base(base_id, weights=args.weights, progress=progress)
     if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
         c = model.config
         raise WeightsError(f"--weights {args.weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
@@ -130,6 +127,8 @@ RESUME_FIXED = ("rank", "alpha", "targets", "dropout", "dora", "lr", "batch_size
 
 
 def cmd_finetune(args) -> int:
+    """A solo job on a fresh Engine, through the studio's job system (core.train.runs.Runs); under torchrun,
+    this process's rank of a data-parallel run on the same engine's base."""
     from core.adapters.library import check_name
     from core.train.data import load_dataset
     from core.train.estimate import parse_size
@@ -151,10 +150,11 @@ def cmd_finetune(args) -> int:
         name, out_dir = resume.name, resume.path.parent.parent
     else:
         name, out_dir = _run_folder(args.output, dataset.name, args.library, check_name)
-    from core.train.trackers import make_trackers
-    args.trackers = make_trackers(args.report_to if not args.group or args.group.writes else None,
-                                  out_dir)  # a missing package is refused before a model loads
-    return _finetune(args, dataset, lcfg, tcfg, name, out_dir, resume)
+    engine = _engine(args)
+    try:
+        return _finetune(args, engine, dataset, lcfg, tcfg, name, out_dir, resume)
+    finally:
+        engine.close()
 
 
 # settings whose flag is not the field's name with dashes (the others: --steps, --lr, --seed, ...)
@@ -177,21 +177,11 @@ def _rank_settings(args, dataset, lcfg, tcfg, resume) -> dict:
             "the resumed checkpoint": resume.step if resume else None}
 
 
-def _hold_run(out_dir: Path, library: str, new: bool):
-    """Hold the run folder while this process trains it, when it is in the library: a folder left by
-    a crash is then swept at the next start-up instead of blocking its name."""
-    from core.adapters.library import Library, RunHold
-    lib_root = Path(library).expanduser().resolve()
-    if out_dir.expanduser().resolve().parent != lib_root:
-        return RunHold(out_dir, None)  # outside the library nobody sweeps: nothing to hold
-    lib = Library(lib_root)
-    return lib.reserve_run(out_dir.name) if new else lib.hold_run(out_dir.name)
-
-
 def _finetune_settings(args):
     """(resume checkpoint or None, dataset folder, LoraConfig, TrainConfig) from the arguments."""
     from core.lora.config import LoraConfig, normalize_targets
     from core.train.config import TrainConfig
+    from core.train.runs import resumed_config
     from core.train.trainer import find_checkpoint
     resume = find_checkpoint(_resume_path(args.resume, args.library)) if args.resume else None
     if resume:
@@ -202,10 +192,7 @@ def _finetune_settings(args):
         data = args.data or resume.meta.get("dataset", {}).get("path")
         if not data:
             raise ValueError("pass --data: the checkpoint does not record where its dataset is.")
-        tcfg = resume.tcfg
-        if args.steps is not None:
-            tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": args.steps})
-        lcfg = resume.lcfg
+        tcfg, lcfg = resumed_config(resume, args.steps, **_runtime(args)), resume.lcfg
     else:
         if not args.data:
             raise ValueError("pass --data DIR (a folder made by `python -m core prepare`).")
@@ -215,7 +202,8 @@ def _finetune_settings(args):
                            warmup_steps=args.warmup, batch_size=_pick(args.batch_size, d.batch_size),
                            seq_len=_pick(args.seq_len, d.seq_len), grad_accum=_pick(args.grad_accum, d.grad_accum),
                            eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-                           sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed))
+                           sample_prompts=tuple(args.sample_prompt or ()), seed=_pick(args.seed, d.seed),
+                           **_runtime(args))
         lcfg = LoraConfig(r=_pick(args.rank, 8), alpha=float(_pick(args.alpha, 16.0)),
                           dropout=_pick(args.dropout, 0.0), use_dora=bool(args.dora),
                           targets=normalize_targets(args.targets) if args.targets else LoraConfig().targets,
@@ -234,47 +222,61 @@ def _variant_options(args) -> dict:
             "alpha_pattern": parse_pattern(args.alpha_pattern, "--alpha-pattern")}
 
 
-def _finetune(args, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
-    from core.lora import variants
-    from core.train.config import TrainConfig
-    from core.train.trainer import Trainer
-    model, base_id = load_model(args, resume.meta.get("base_model") if resume else None)
-    if args.quantize:
+def _runtime(args) -> dict:
+    """The flags that change how a step runs, not what it computes (a resumed run may change them)."""
+    return {"cuda_graphs": False} if args.no_cuda_graphs else {}
+
+
+def _finetune(args, engine, dataset, lcfg, tcfg, name: str, out_dir: Path, resume) -> int:
+    model, base_id = load_model(args, resume.meta.get("base_model") if resume else None, engine=engine)
+    if args.quantize:  # the fresh engine's base, before any job trains on it
         from core.model.quant import quantize_base
         quantize_base(model, args.quantize)
         say(f"frozen base quantized to {args.quantize} (LoRA stays in full precision)")
     model.checkpointing = bool(args.checkpointing)
-    if args.no_cuda_graphs:
-        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "cuda_graphs": False})
-    stop = threading.Event()
-    trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, stop, base_id=base_id, resume=resume,
-                      max_memory=args.max_train_memory, dist=args.group)
-    say(f"data: {dataset.path} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens)")
+    if args.group:  # torchrun: not a job of the in-process scheduler, but this process's rank of the run
+        from core.train.runs import hold_run_folder, run_meta
+        from core.train.trackers import make_trackers
+        from core.train.trainer import Trainer
+        trainer = Trainer(model, dataset, lcfg, tcfg, name, out_dir, base_id=base_id, resume=resume,
+                          max_memory=engine.max_train_memory, meta=run_meta(engine, name, resume=resume),
+                          dist=args.group)
+        _describe(trainer, resume)
+        args.trackers = make_trackers(args.report_to if args.group.writes else None, out_dir)
+        return _train_distributed(args, trainer, lambda: hold_run_folder(engine, out_dir, new=resume is None))
+    return _train(args, engine, dataset, lcfg, tcfg, name, out_dir, resume, base_id)
+
+
+def _describe(trainer, resume) -> None:
+    """What the run will do, as its trainer was built: data, LoRA, steps and batch, and where it is saved."""
+    from core.lora import variants
+    lcfg, tcfg, ds = trainer.lcfg, trainer.tcfg, trainer.dataset
+    say(f"data: {ds.path} ({len(ds.train):,} train / {len(ds.val):,} val tokens)")
     say(f"{variants.of(lcfg).label}: rank {lcfg.r}, alpha {lcfg.alpha:g}, targets {', '.join(lcfg.targets)}")
     say(f"training: {tcfg.steps} steps, lr {tcfg.lr:g}, batch {tcfg.batch_size} x seq {trainer.seq_len} x "
         f"{tcfg.grad_accum} accumulation = {tcfg.batch_size * tcfg.grad_accum} sequences per step, seed {tcfg.seed}")
-    say(f"run folder: {out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
-    if args.group:  # torchrun: not the in-process job scheduler, but this process's rank of the run
-        return _train_distributed(args, trainer, stop, lambda: _hold_run(out_dir, args.library, new=resume is None))
-    with _hold_run(out_dir, args.library, new=resume is None):  # after the checks: bad flags create nothing
-        return _train(args, trainer, stop)
+    say(f"run folder: {trainer.out_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
 
 
-def _train(args, trainer, stop: threading.Event) -> int:
-    """Run the trainer as the one job of a training scheduler (the studio's path, with no one else to
-    co-batch with), printing its events; Ctrl-C stops after the current step and saves."""
+def _train(args, engine, dataset, lcfg, tcfg, name: str, out_dir: Path, resume, base_id: str) -> int:
+    """The run as the one job of the engine's Runs (the studio's path, with no one else to co-batch with),
+    built now so bad settings are refused before its folder is made; its events printed as they come.
+    Ctrl-C stops after the current step and saves; twice, quits at once."""
     import queue
-    from core.train.jobs import JobSpec, TrainScheduler
+    from core.train.runs import Runs
     from core.train.trainer import TrainingError
     events: queue.Queue = queue.Queue()
-    scheduler = TrainScheduler(lambda spec: trainer.model, device_type=trainer.model.device.type)
-    _on_sigint(stop)
-    bar = ProgressBar(sys.stderr)
+    runs = Runs(engine, solo=True)
     try:
-        scheduler.submit(JobSpec(trainer.name, trainer.base_id, trainer.dataset, trainer.lcfg, trainer.tcfg,
-                                 trainer.out_dir, trainer=trainer, listener=events.put,
-                                 trackers=getattr(args, "trackers", [])))
+        kw = {"report_to": args.report_to, "weights": args.weights, "listener": events.put}
+        job = (runs.resume(base_id, dataset, name, args.steps, checkpoint=resume, **_runtime(args), **kw) if resume
+               else runs.start(base_id, dataset, name, lcfg, tcfg, out_dir=out_dir, **kw))
+        _describe(job.spec.trainer, resume)
+        stop, bar = threading.Event(), ProgressBar(sys.stderr)
+        _on_sigint(stop)
         while True:
+            if stop.is_set() and not job.stop_flag.is_set():
+                runs.stop(job.id)
             try:
                 ev = events.get(timeout=0.2)
             except queue.Empty:
@@ -284,17 +286,16 @@ def _train(args, trainer, stop: threading.Event) -> int:
                 raise TrainingError(ev["message"])
             _print_event(ev, bar, args.log_interval)
             if ev["type"] == "done":
-                break
+                return 0
     except KeyboardInterrupt:  # Ctrl-C twice: quit now, without saving (the step in progress is not waited for)
         print("quit without saving.", file=sys.stderr, flush=True)
         os._exit(130)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        scheduler.close()
-    return 0
+        runs.close()
 
 
-def _train_distributed(args, trainer, stop: threading.Event, hold) -> int:
+def _train_distributed(args, trainer, hold) -> int:
     """torchrun: this process's rank of a data-parallel run (core.train.distributed). Rank 0 holds the run
     folder, prints the events and logs them to the trackers; Ctrl-C stops every rank after the same step."""
     from core.train.distributed import train
@@ -305,7 +306,7 @@ def _train_distributed(args, trainer, stop: threading.Event, hold) -> int:
             tracker(ev)
         if ev["type"] != "error":  # an error ends the run with its one line (main)
             _print_event(ev, bar, args.log_interval)
-    _on_sigint(stop)
+    _on_sigint(trainer.stop)
     return train(trainer, args.group, hold, on_event)
 
 
@@ -446,13 +447,16 @@ def _compare(args, engine) -> int:
 
 
 def _engine(args, adapters: int = 1):
-    """The Engine for compare and merge: the studio's one path from an adapter reference to a loaded
-    adapter. It keeps every adapter of the command loaded (none evicted) and creates no library folder.
-    Compare generates through its decode scheduler (the caller closes the engine)."""
+    """The fresh Engine of one command: finetune's solo job trains on its base (--max-train-memory caps it);
+    for compare, merge and eval it is the studio's one path from an adapter reference to a loaded adapter,
+    keeping every adapter of the command loaded (none evicted). It creates no library folder until one is
+    used. Compare generates through its decode scheduler (the caller closes the engine)."""
     from core.engine import Engine
-    # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (merge generates none)
+    # max_new_tokens: a server's cap on requests; here the user's own --max-tokens is the cap (finetune and
+    # merge generate none)
     return Engine(args.device, args.library, _dtype(args), max_loaded=max(16, adapters),
-                  max_new_tokens=max(1, getattr(args, "max_tokens", 1)))
+                  max_new_tokens=max(1, getattr(args, "max_tokens", 1)),
+                  max_train_memory=getattr(args, "max_train_memory", None))
 
 
 def _recorded_base(src: Path) -> str | None:

@@ -1,15 +1,14 @@
 """LoRA Studio's public API: what a client of the engine (the studio, a tool) imports from core, in one place.
 
 A client imports this module, not core's parts: the parts can then move and split without touching the
-clients, and the rules the engine depends on (the name a run's adapter trains under, how a scheduler is
-built on an engine's one shared base) live here or below, never in a client.
+clients, and the rules the engine depends on live here or below, never in a client: training jobs go
+through `Runs` (core.train.runs), which owns their rules (names reserved in the library, memory checks,
+budgets, resume, who may stop, per-user and per-address limits) for the studio and the CLI alike.
 Sections: the engine and its device; models; the adapter library and exports; datasets and their
 imports; training settings, estimates and jobs; generation, evaluation and the arena; checks, quotas,
 sandboxes and ZeroGPU calls.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 from core.adapters.export import zip_merged
 from core.adapters.gguf_export import GGUF_TYPES
@@ -44,18 +43,11 @@ from core.train.evaluate import MAX_MODELS as EVAL_MAX_MODELS
 from core.train.evaluate import text_ids
 from core.train.imports import RECORD_SUFFIXES, Fields, pick, preview_records, read_records
 from core.train.instruct import DEFAULT_TEMPLATE, check_template, dataset_from_records, encode_example, render_prompt
-from core.train.jobs import TRAIN_PREFIX, JobSpec, TrainJob, TrainScheduler, training_adapter
+from core.train.jobs import JobSpec, TrainJob, TrainScheduler
+from core.train.runs import Runs
 from core.train.trackers import REPORT_TO, make_trackers
 from core.train.trainer import TrainingError, find_checkpoint
 from core.zerogpu_calls import ChunkJob, GpuCalls
 
 
-def train_scheduler(engine: Engine, load_base: Callable[[str], object], scheduler: type[TrainScheduler] = TrainScheduler,
-                    **kw) -> TrainScheduler:
-    """The scheduler of every training job on `engine`'s one shared base. load_base(base_id): the base a
-    starting job trains on, loaded and pinned (the scheduler unpins it when the job ends); scheduler: the
-    class (a subclass that runs jobs in chunks, for one); kw: TrainScheduler's limits."""
-    return scheduler.for_engine(engine, lambda spec: load_base(spec.base_id), **kw)
-
-
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations", "Callable")]
+__all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]

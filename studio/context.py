@@ -1,4 +1,4 @@
-"""What every tab shares: the one Engine (base model + adapters), the training Runner, folders, options.
+"""What every tab shares: the one Engine (base model + adapters), its training Runs, folders, options.
 
 Nothing here goes into gr.State: a Studio is created once per process and closed over by the tabs.
 """
@@ -22,14 +22,14 @@ from typing import Callable
 
 import gradio as gr
 
-from core.api import (PRESETS, AdapterEntry, AdapterError, Arena, Dataset, DatasetStore, Engine, Quota, SchedulerBusy,
-                      TrainingError, TrainScheduler, WeightsError, check_not_gallery, check_text, default_dtype,
-                      disk_full, human_bytes, is_dataset_folder, load_dataset, precision_name, read_dataset_meta, scrub)
+from core.api import (PRESETS, AdapterEntry, AdapterError, Arena, Dataset, DatasetStore, Engine, Quota, Runs,
+                      SchedulerBusy, TrainingError, TrainScheduler, WeightsError, check_not_gallery, check_text,
+                      default_dtype, disk_full, human_bytes, is_dataset_folder, load_dataset, precision_name,
+                      read_dataset_meta, scrub)
 
 from .fair_queue import is_local
 from .exports import make_exports_dir
 from .models import CHOICES, HubProbe, availability, describe
-from .runner import Runner
 from .zerogpu_train import ChunkScheduler
 
 USER_ERRORS = (ValueError, WeightsError, AdapterError, TrainingError, SchedulerBusy, FileNotFoundError)
@@ -82,7 +82,7 @@ class Studio:
     max_job_minutes: float | None = None  # --max-job-minutes: a job's training time at most (then stopped, saved)
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
-    runner: Runner = field(init=False)
+    runner: Runs = field(init=False)  # every training job: core's Runs on the engine (its rules, its scheduler)
     chunked: ChunkScheduler | None = field(init=False)  # on ZeroGPU: the runner's scheduler, jobs run in chunks
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
@@ -96,10 +96,10 @@ class Studio:
         self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
         self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
-        self.runner = Runner(self.engine, lambda base_id: self.base(base_id, pin=True),
-                             self.max_jobs_per_user, self.train_capacity, self.max_job_tokens,
-                             max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes,
-                             ChunkScheduler if self.engine.gpu_calls is not None else TrainScheduler)
+        self.runner = Runs(self.engine, lambda base_id: self.base(base_id, pin=True),
+                           self.max_jobs_per_user, self.train_capacity, self.max_job_tokens,
+                           max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes,
+                           ChunkScheduler if self.engine.gpu_calls is not None else TrainScheduler)
         self.chunked = self.runner.scheduler if self.engine.gpu_calls is not None else None
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left

@@ -1,7 +1,7 @@
-"""The Train tab on ZeroGPU (and its simulation): the Runner's jobs train in chunks, each one GPU call, driven by
+"""The Train tab on ZeroGPU (and its simulation): the jobs of core's Runs train in chunks, each one GPU call, driven by
 the owner's open page (studio.zerogpu_jobs.ChunkedRuns) instead of the scheduler's training thread.
 
-`ChunkScheduler` is the Runner's scheduler there: Start, Resume and Stop go through the Runner as on any studio
+`ChunkScheduler` is the Runs' scheduler there: Start, Resume and Stop go through core's Runs as on any studio
 (the same checks, run names reserved in the library, per-user and per-address limits, ownership), and each
 submitted job becomes a chunked run instead of joining a shared step. A job is a core TrainJob all the same: each
 chunk's events are folded into it (TrainJob.on_event), so the job card, the chart and the jobs table read it as

@@ -174,6 +174,15 @@ def test_stop_and_resume_from_the_cli(prepared, tmp_path, capsys):
     assert json.loads((lib / "r" / "studio.json").read_text())["steps"] == 8
 
 
+def test_output_path_trains_and_resumes_outside_the_library_without_making_one(prepared, tmp_path, capsys):
+    run = tmp_path / "elsewhere" / "run"
+    lib = tmp_path / "lib"
+    assert main(["finetune", "--data", str(prepared), *TINY_RUN, "--library", str(lib), "--output", str(run)]) == 0
+    assert main(["finetune", "--resume", str(run), "--library", str(lib), "--steps", "8"]) == 0
+    assert "finished after 8 steps" in capsys.readouterr().out
+    assert json.loads((run / "studio.json").read_text())["steps"] == 8 and not lib.exists()
+
+
 def test_weights_path_is_the_recorded_base_and_must_match_model(prepared, hf_small, tmp_path, capsys):
     lib = tmp_path / "lib"
     assert "not gpt2" in one_line_error(capsys, ["finetune", "--data", prepared, "--model", "gpt2", "--weights",

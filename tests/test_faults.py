@@ -55,6 +55,27 @@ def _history(run_dir) -> list[dict]:
     return list(run_record.history(run_dir))
 
 
+# ---- Ctrl-C and SIGKILL mid-run -----------------------------------------------------------------
+
+def test_ctrl_c_stops_the_cli_run_after_the_current_step_and_saves_it(tmp_path):
+    ds, lib = tmp_path / "ds", tmp_path / "lib"
+    prepare([SAMPLES_DIR / "pirate_recipes.txt"], ds)
+    proc = _finetune("--data", ds, *KILL_RUN, "--steps", "100000", "--library", lib, "--output", "c", cwd=tmp_path)
+    guard = threading.Timer(300, proc.kill)  # never hang the suite
+    guard.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("step ") and "| loss" in line:  # it trains: Ctrl-C
+                proc.send_signal(signal.SIGINT)
+                break
+        out = _finish(proc)
+    finally:
+        guard.cancel()
+    assert "stopping after the current step and saving" in out and "continue with: python -m core finetune" in out
+    meta = json.loads((lib / "c" / "studio.json").read_text())
+    assert meta["status"] == "stopped" and 1 <= meta["steps"] < 100000
+
+
 # ---- SIGKILL mid-run ----------------------------------------------------------------------------
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):

@@ -28,8 +28,7 @@ def loads(monkeypatch):
     def refuse(source, *a, **k):
         asked.append(source)
         raise core.model.weights.WeightsError(f"(test) not loading {source}")
-    monkeypatch.setattr(core.model.weights, "load_base", refuse)  # finetune's base
-    monkeypatch.setattr(core.engine, "load_base", refuse)  # compare and merge load theirs through the Engine
+    monkeypatch.setattr(core.engine, "load_base", refuse)  # every command loads its base through an Engine
     return asked
 
 

@@ -331,9 +331,9 @@ def test_a_starting_training_run_pins_the_base_against_other_loads(tmp_path, hf_
 
 
 def test_the_runner_holds_the_pin_until_the_job_ends_and_releases_it_on_refusal(tmp_path, sample_ds, hf_small):
-    from studio.runner import Runner
+    from core.api import Runs
     eng = Engine("cpu", tmp_path / "lib", max_train_memory=parse_size("256MB"))
-    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    runner = Runs(eng, lambda base_id: eng.base(base_id, pin=True))
     job = runner.start("tiny", sample_ds, "big", LoraConfig(), quick(**GIANT))
     assert job.wait(60) and job.state == "failed"
     assert "more than the 256.0 MB allowed by --max-train-memory" in job.message

@@ -83,12 +83,9 @@ def test_extra_metadata_is_written_over_the_trainers_own_in_every_studio_json(ti
 
 
 def test_the_studio_trains_with_the_core_trainer(tmp_path, sample_ds):
-    import studio.runner as runner_module
-    assert not hasattr(runner_module, "StudioTrainer")
-    from core.engine import Engine
-    from studio.runner import Runner
+    from core.api import Runs, Engine
     eng = Engine("cpu", tmp_path / "lib")
-    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    runner = Runs(eng, lambda base_id: eng.base(base_id, pin=True))
     job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(), user="bob")
     runner.wait(120)
     assert job.state == "finished"
@@ -116,7 +113,7 @@ def test_setup_adds_the_adapter_once_and_run_continues_from_it(tiny, sample_ds, 
 
 def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monkeypatch):
     from core.engine import Engine
-    from studio.runner import Runner
+    from core.api import Runs
     eng = Engine("cpu", tmp_path / "lib")
     seen = []
     real_setup = Trainer.setup
@@ -134,7 +131,25 @@ def test_the_runner_calls_setup_under_the_engine_lock(tmp_path, sample_ds, monke
         seen.append(other[0])
         real_setup(self)
     monkeypatch.setattr(Trainer, "setup", spying_setup)
-    runner = Runner(eng, lambda base_id: eng.base(base_id, pin=True))
+    runner = Runs(eng)  # the default base: engine.base(base_id, pin=True)
     job = runner.start("tiny", sample_ds, "run1", LoraConfig(), small(steps=2))
     runner.wait(120)
     assert seen[0] is False and job.state == "finished"  # the first call does the work (run() calls it again)
+
+
+def test_the_cli_resumes_a_studio_run_as_a_job_of_the_same_runs_keeping_its_user_and_sharing(prepared, tmp_path):
+    """finetune is a client of core's Runs, as the studio is: a run a signed-in user started and shared keeps
+    both when the CLI continues it."""
+    from core.__main__ import main
+    from core.api import Engine, Runs, load_dataset
+    lib = tmp_path / "lib"
+    eng = Engine("cpu", lib)
+    runs = Runs(eng)
+    runs.start("tiny", load_dataset(prepared), "alices", LoraConfig(r=4, alpha=8), small(steps=2), owner="alice",
+               user="alice")
+    assert runs.wait(120)["state"] == "finished"
+    runs.close()
+    eng.library.set_shared("alices", True)
+    assert main(["finetune", "--resume", "alices", "--library", str(lib), "--steps", "4"]) == 0
+    meta = json.loads((lib / "alices" / META).read_text())
+    assert meta["steps"] == 4 and meta["user"] == "alice" and meta["shared"] is True

@@ -1,6 +1,6 @@
 """Train tab: base model, dataset, LoRA and training settings, an estimate, your jobs and everyone's.
 
-Jobs belong to the Runner (core's TrainScheduler underneath: every job on the loaded base trains in
+Jobs belong to core's Runs (its TrainScheduler underneath: every job on the loaded base trains in
 one shared step). This page queues, stops and resumes jobs and polls the followed job's snapshot
 with a gr.Timer, so a reloaded page reattaches to its chart; the session remembers only which job it
 follows and which versions it drew last. Who owns a job: the signed-in user, else the browser (a

@@ -1,11 +1,13 @@
-"""The studio's side of training: every user's jobs, co-batched by core's TrainScheduler.
+"""Training runs on an Engine: the one owner of the rules a job obeys before and while it trains.
 
 The scheduler (core.train.jobs) runs the jobs: one shared step for all jobs on the loaded base, a
-queue, jobs on another base waiting. The runner adds what the studio knows: run names reserved in
-the library, the memory check before anything loads, who owns a job (the signed-in user, else the
-browser), and the per-user view a page polls (`snapshot`, `table`). A job's report is folded in
-core (TrainJob.snapshot) with a version, so a page redraws only when something changed and a
-reloaded page reattaches to it.
+queue, jobs on another base waiting. `Runs` adds the rules: run names reserved (and runs held) in
+the library, the memory check and the job budgets before anything loads, the resume rules (the newest
+checkpoint, steps may only grow, the recorded user and a shared run kept), who may stop a job (its
+owner or an admin), the per-user and per-address limits, and the per-user view a page polls
+(`snapshot`). The studio's Train tab and the CLI's `finetune` (a solo job on a fresh engine) both
+go through it; only a torchrun rank, which is no job of this scheduler, shares the pieces it needs
+(`resumed_config`, `run_meta`, `hold_run_folder`).
 """
 from __future__ import annotations
 
@@ -15,35 +17,94 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from core.api import (PRESETS, Dataset, JobSpec, LoraConfig, TrainConfig, TrainJob, TrainScheduler, check_memory,
-                      check_name, default_dtype, estimate_training, find_checkpoint, make_trackers, precision_name,
-                      train_scheduler, training_adapter)
+from core.adapters.library import RunHold, check_name
+from core.device import default_dtype, precision_name
+from core.lora.config import LoraConfig
+from core.model.config import PRESETS
+from core.train.config import TrainConfig
+from core.train.data import Dataset
+from core.train.estimate import check_memory, estimate_training
+from core.train.jobs import JobSpec, TrainJob, TrainScheduler, training_adapter
+from core.train.trackers import make_trackers
+from core.train.trainer import Checkpoint, Trainer, find_checkpoint
 
 
-def _run_meta(name: str, user: str | None) -> dict:
-    """What the studio records in studio.json of a run's adapter and checkpoints beyond the trainer's
-    own: the run's library name (not its internal 'train:' name) and the signed-in user."""
-    return {"name": name, **({"user": user} if user else {})}
+def resumed_config(ck: Checkpoint, steps: int | None = None, **runtime) -> TrainConfig:
+    """The settings a resumed run trains on: its checkpoint's, to `steps` in total when given (the trainer
+    refuses no more than the checkpoint's step: steps may only grow). runtime: settings that change how a
+    step runs, not what it computes (cuda_graphs)."""
+    tcfg = ck.tcfg
+    changes = {**({"steps": int(steps)} if steps is not None and steps != tcfg.steps else {}), **runtime}
+    return TrainConfig.from_dict({**tcfg.to_dict(), **changes}) if changes else tcfg
 
 
-class Runner:
-    """Every training job of this process. engine: the shared core.engine.Engine; load_base(base_id):
-    the base a starting job trains on, loaded and pinned (Studio.base(..., pin=True)); the scheduler
-    releases the pin when the job ends."""
+def in_library(engine, out_dir: Path) -> bool:
+    """Whether run folder `out_dir` is a run of `engine`'s library (without opening the library: a CLI run
+    saved elsewhere creates no library folder). The folder itself is not followed: a link is a library entry."""
+    out_dir = Path(out_dir).expanduser()
+    return out_dir.parent.resolve() == Path(engine.library_dir).expanduser().resolve()
 
-    def __init__(self, engine, load_base: Callable[[str], object], max_jobs_per_user: int = 1,
+
+def hold_run_folder(engine, out_dir: Path, new: bool, user: str | None = None) -> RunHold:
+    """Hold run folder `out_dir` while this process trains it. In the library a new run's name is reserved
+    (its empty folder made: refused if taken, past `user`'s quota or the disk's floor), an existing run is
+    held (refused while another process trains it); held while this process lives, so a crash leaves a
+    folder the next start-up sweeps. Outside the library (the CLI's --output PATH) nobody sweeps: nothing
+    is held."""
+    if not in_library(engine, out_dir):
+        return RunHold(Path(out_dir), None)
+    library, name = engine.library, Path(out_dir).name
+    if not new:
+        return library.hold_run(name)
+    with library.lock():
+        if (library.root / name).exists() or (library.root / name).is_symlink():
+            raise ValueError(f"the library already has an adapter named '{name}'; choose another "
+                             f"name (or resume that run).")
+        return library.reserve_run(name, user)
+
+
+def run_meta(engine, name: str, user: str | None = None, resume: Checkpoint | None = None) -> dict:
+    """What a run records in studio.json of its adapter and checkpoints beyond the trainer's own: the run's
+    library name (not its internal 'train:' name) and the signed-in user. Resumed from checkpoint `resume`:
+    the user it was started by (`user` only when it had none), and `shared` kept for a library run its
+    owner shared, as it trains on."""
+    recorded = resume.meta.get("user") if resume is not None else None
+    user = recorded if isinstance(recorded, str) and recorded else user
+    meta = {"name": name, **({"user": user} if user else {})}
+    if resume is not None and in_library(engine, resume.path.parent.parent) and \
+            engine.library.details(name).get("shared") is True:
+        meta["shared"] = True
+    return meta
+
+
+class Runs:
+    """Every training job of this process, on `engine`'s one shared base.
+
+    load_base(base_id): the base a starting job trains on, loaded and pinned (the scheduler releases the
+        pin when the job ends); default engine.base(base_id, the job's weights, pin=True).
+    solo: build each job's trainer when it is submitted, on the engine's base (loaded then), so that
+        settings the base refuses are refused before the run folder is made: the CLI's one job on a fresh
+        engine. A studio's jobs wait for room and build theirs when they start.
+    The limits: max_jobs_per_user (queued or running), users_per_address (without sign-in, an address's
+    jobs: this x the per-user limit), max_job_tokens and max_job_steps (None: no limit), and the
+    scheduler's capacity_tokens and max_job_minutes; scheduler: its class (ZeroGPU's runs chunks).
+    """
+
+    def __init__(self, engine, load_base: Callable[[str], object] | None = None, max_jobs_per_user: int = 1,
                  capacity_tokens: int | None = None, max_job_tokens: int | None = None,
                  users_per_address: int = 1, max_job_steps: int | None = None,
-                 max_job_minutes: float | None = None, scheduler: type[TrainScheduler] = TrainScheduler):
+                 max_job_minutes: float | None = None, scheduler: type[TrainScheduler] = TrainScheduler,
+                 solo: bool = False):
         self.engine = engine
         self.max_job_tokens = max_job_tokens  # a job's steps x tokens per step at most (None: no limit)
         self.max_job_steps = max_job_steps  # a job's optimizer steps at most (None: no limit)
         self.users_per_address = users_per_address  # without sign-in, an address's jobs: this x the per-user limit
+        self.solo = solo
         self._submitting = threading.Lock()  # the per-address check and the submit it allows, as one
         self._addresses: dict[int, str] = {}  # live job id -> the client address that asked (without sign-in)
-        self.scheduler = train_scheduler(engine, load_base, scheduler, capacity_tokens=capacity_tokens,
-                                         max_jobs_per_user=max_jobs_per_user,
-                                         max_job_minutes=max_job_minutes)
+        load = None if load_base is None else (lambda spec: load_base(spec.base_id))
+        self.scheduler = scheduler.for_engine(engine, load, capacity_tokens=capacity_tokens,
+                                              max_jobs_per_user=max_jobs_per_user, max_job_minutes=max_job_minutes)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -117,55 +178,52 @@ class Runner:
 
     def start(self, base_id: str, dataset: Dataset, name: str, lcfg: LoraConfig, tcfg: TrainConfig,
               owner: str | None = None, user: str | None = None, report_to: str = "none",
-              address: str | None = None) -> TrainJob:
+              address: str | None = None, *, out_dir: Path | None = None, weights: str | None = None,
+              listener: Callable[[dict], None] | None = None) -> TrainJob:
         """Queue a new adapter `name` for training into the library; it starts when there is room.
         owner: who may stop it and whose limit it counts against (the signed-in user or the browser);
         user: the signed-in user name recorded in studio.json; report_to: a tracker of
         core.train.trackers.REPORT_TO; address: without sign-in, the client's address (its jobs may be
-        users_per_address times the per-user limit). Raises ValueError (the name is taken, a per-user or
-        per-address limit, --max-job-tokens, a full queue, a tracker whose package is missing)."""
+        users_per_address times the per-user limit). out_dir: the run folder, when not <library>/name (the
+        CLI's --output PATH); weights: local weights of base_id; listener: gets every event of the job.
+        Raises ValueError (the name is taken, a per-user or per-address limit, --max-job-tokens, a full
+        queue, a tracker whose package is missing)."""
         check_name(name)
         self.scheduler.check_room(owner)  # a second Start hears of the limit, not of the name its first one took
         self.check_budget(dataset, tcfg)
-        out_dir = self.engine.library.root / name
-        trackers = make_trackers(report_to, out_dir)
-        library = self.engine.library
-        with library.lock():  # reserve the name now: the first checkpoint comes later
-            if out_dir.exists() or out_dir.is_symlink():
-                raise ValueError(f"the library already has an adapter named '{name}'; choose another "
-                                 f"name (or resume that run).")
-            # held while this process lives: a crash right after Start leaves a folder the next start-up sweeps
-            hold = library.reserve_run(name, user)  # refused past the user's quota or the disk's floor
-        return self._submit(hold, JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner,
-                                          meta=_run_meta(name, user), adapter=training_adapter(name),
-                                          max_memory=self.engine.max_train_memory, trackers=trackers),
-                            address)
+        out_dir = self.run_dir(name) if out_dir is None else Path(out_dir)
+        spec = JobSpec(name, base_id, dataset, lcfg, tcfg, out_dir, user=owner, meta=run_meta(self.engine, name, user),
+                       weights=weights, adapter=training_adapter(name), max_memory=self.engine.max_train_memory,
+                       trackers=make_trackers(report_to, out_dir), listener=listener)
+        self._build(spec)
+        # reserved now (the first checkpoint comes later), held while this process lives
+        return self._submit(hold_run_folder(self.engine, out_dir, new=True, user=user), spec, address)
 
     def resume(self, base_id: str, dataset: Dataset, name: str, steps: int | None = None,
                owner: str | None = None, user: str | None = None, report_to: str = "none",
-               address: str | None = None) -> TrainJob:
+               address: str | None = None, *, checkpoint: Checkpoint | None = None, weights: str | None = None,
+               listener: Callable[[dict], None] | None = None, **runtime) -> TrainJob:
         """Continue stopped run `name` from its newest checkpoint (to `steps` in total, default its plan).
-        The run keeps the signed-in user it was started by; `user` is recorded only when it had none."""
+        The run keeps the signed-in user it was started by; `user` is recorded only when it had none.
+        checkpoint: continue this one instead (the CLI's --resume PATH or NAME@step, which may be outside
+        the library); runtime: see resumed_config; the others as for start."""
         check_name(name)
-        trackers = make_trackers(report_to, self.run_dir(name))
+        out_dir = self.run_dir(name) if checkpoint is None else checkpoint.path.parent.parent
+        trackers = make_trackers(report_to, out_dir)
         if self.training(name) is not None:
             raise ValueError(f"'{name}' is already queued or training.")
         self.scheduler.check_room(owner)
-        ck = find_checkpoint(self.run_dir(name))
-        tcfg = ck.tcfg
-        if steps is not None and steps != tcfg.steps:
-            tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "steps": int(steps)})
+        ck = checkpoint or find_checkpoint(out_dir)
+        tcfg = resumed_config(ck, steps, **runtime)
         self.check_budget(dataset, tcfg, done=ck.step)
-        recorded = ck.meta.get("user") if isinstance(ck.meta.get("user"), str) and ck.meta.get("user") else user
-        self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
-        meta = _run_meta(name, recorded)
-        if self.engine.library.details(name).get("shared") is True:
-            meta["shared"] = True  # a run its owner shared stays shared as it trains on
-        hold = self.engine.library.hold_run(name)  # refused while another process trains this run
-        return self._submit(hold, JobSpec(name, base_id, dataset, None, tcfg, self.run_dir(name), user=owner,
-                                          resume=ck, meta=meta, adapter=training_adapter(name),
-                                          max_memory=self.engine.max_train_memory, trackers=trackers),
-                            address)
+        if in_library(self.engine, out_dir):
+            self.engine.library.check_quota(user, new=False)  # more checkpoints: the size cap and the floor
+        spec = JobSpec(name, base_id, dataset, None, tcfg, out_dir, user=owner, resume=ck,
+                       meta=run_meta(self.engine, name, user, ck), weights=weights,
+                       adapter=training_adapter(name), max_memory=self.engine.max_train_memory, trackers=trackers,
+                       listener=listener)
+        self._build(spec)
+        return self._submit(hold_run_folder(self.engine, out_dir, new=False), spec, address)
 
     def stop(self, job_id=None, owner: str | None = None, admin: bool = False, by: str | None = None) -> str:
         """Stop a job (default: the owner's newest live one). Only its owner, or an admin, may; owner None
@@ -196,7 +254,19 @@ class Runner:
             self.scheduler.stop(job)
         self.wait(timeout)
 
+    def close(self, timeout: float = 30.0) -> None:
+        """End the scheduler's thread (the jobs are stopped first: see stop_all)."""
+        self.scheduler.close(timeout)
+
     # ---- internals -----------------------------------------------------------------------
+
+    def _build(self, spec: JobSpec) -> None:
+        """solo: the job's trainer now, on the engine's base (its checks refuse bad settings before any hold)."""
+        if self.solo:
+            model = self.engine.base(spec.base_id, spec.weights)
+            spec.trainer = Trainer(model, spec.dataset, spec.lcfg, spec.tcfg, spec.adapter, spec.out_dir,
+                                   base_id=spec.base_id, resume=spec.resume, max_memory=spec.max_memory,
+                                   meta=spec.meta)
 
     def _submit(self, hold, spec: JobSpec, address: str | None = None) -> TrainJob:
         spec.on_end = lambda job: hold.release()  # a run that saved nothing frees its name
