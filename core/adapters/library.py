@@ -415,25 +415,10 @@ class Library:
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         out = dest_dir / f"{name.replace('@', '-')}.zip"
-        if out.exists() or out.is_symlink():
-            raise AdapterError(f"{out} already exists; delete it or export somewhere else.")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=dest_dir)
-        os.close(fd)
         try:
-            write_adapter_zip(src, Path(tmp))
-            try:
-                os.link(tmp, out)  # unlike os.replace, fails instead of overwriting a file that appeared
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links: checked above, under a small race
-                os.replace(tmp, out)
+            return atomic.publish_file(out, lambda tmp: write_adapter_zip(src, tmp))
         except FileExistsError:
             raise AdapterError(f"{out} already exists; delete it or export somewhere else.") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        atomic.fsync_dir(dest_dir)
-        return out
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -464,7 +449,7 @@ class Library:
         def build(tmp: Path):
             for f in (WEIGHTS, CONFIG, README):
                 if (src / f).is_file():
-                    _copy(src / f, tmp / f)
+                    shutil.copyfile(src / f, tmp / f)  # publish_dir fsyncs it
             meta, _ = run_record.read(src)  # only checked fields (and history lines) travel to the copy
             meta.update(note)
             _set_user(meta, user)
@@ -650,12 +635,6 @@ def _complete(folder: Path) -> bool:
 def _width(state: dict) -> int:
     (_, target), found = next(iter(keys.modules(state).items()))
     return width_from_a(target, state[found[keys.A]].shape)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _record_folder(entry: Path, src: Path) -> Path:
