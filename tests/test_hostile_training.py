@@ -58,8 +58,8 @@ def test_lora_settings_outside_sane_ranges_are_refused(field, value, msg):
     ("keep_checkpoints", 10**12, "checkpoints to keep must be a whole number from 0 to 1000"),
     ("seed", 2**64, r"seed must be a whole number from 0 to 9223372036854775807 \(got 18446744073709551616\)"),
     ("seed", -1, "seed must be a whole number"), ("batch_size", True, "batch size must be a whole number"),
-    ("sample_prompts", ("\ud800 hi",), "sample prompt 1 holds invalid text \\(a lone surrogate at character 1\\)"),
-    ("sample_prompts", ("x" * 5000,), "sample prompt 1 is 5000 characters long; the limit is 4000"),
+    ("sample_prompts", ("\ud800 hi",), "sample prompt 1 holds invalid Unicode \\(a lone surrogate, U\\+D800\\) at character 1"),
+    ("sample_prompts", ("x" * 5000,), "sample prompt 1 is 5,000 characters long; the limit is 4,000"),
     ("sample_prompts", ("a",) * 9, "at most 8 sample prompts"),
     ("cuda_graphs", "yes", "cuda graphs must be true or false"),
 ])

@@ -7,11 +7,11 @@ does not target contributes zero rows/columns, so one rank holds over the union 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from core.checks import is_real
 from core.adapters.validate import AdapterError, check_values
 from core.lora import keys, variants
 from core.lora.config import MAX_RANK, LoraConfig
@@ -33,7 +33,7 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
         raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
     ws = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+        if not is_real(w, -MAX_WEIGHT, MAX_WEIGHT):
             raise AdapterError(f"blend weights must be finite numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
                                f"(got {w!r}); 1 keeps an adapter's full effect.")
         ws.append(float(w))

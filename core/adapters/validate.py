@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from core import safe_json
+from core.checks import is_real, is_whole
 from core.adapters import run_record
 from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.run_record import META
@@ -185,7 +186,7 @@ def _header_end(header: dict, name: str) -> int:
             continue
         offsets = v.get("data_offsets") if isinstance(v, dict) else None
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**63 for o in offsets)
+                or not all(is_whole(o, 0, 2**63 - 1) for o in offsets)
                 or offsets[0] > offsets[1]):
             raise AdapterError(f"{name}: key {k!r} has no valid data_offsets in the header (two whole numbers, "
                                f"start <= end).")
@@ -217,14 +218,14 @@ def parse_config(c: dict, path: Path):
     if c.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{where}: peft_type is {c.get('peft_type')!r}; only LoRA adapters are supported.")
     r = c.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+    if not is_whole(r, 1, MAX_RANK):
         raise AdapterError(f"{where}: r must be a whole number from 1 to {MAX_RANK} (got {r!r}).")
     alpha = c.get("lora_alpha", 8)
     if safe_json.number(alpha, 0, MAX_LOADED_ALPHA) is None or alpha <= 0:
         raise AdapterError(f"{where}: lora_alpha must be a positive number up to {MAX_LOADED_ALPHA:g} (got {alpha!r}); "
                            f"adapters use about 1-2 x the rank.")
     dropout = c.get("lora_dropout") or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not is_real(dropout, 0, 1) or dropout == 1:
         raise AdapterError(f"{where}: lora_dropout must be in [0, 1) (got {dropout!r}).")
     if not isinstance(c.get("use_dora", False), bool):
         raise AdapterError(f"{where}: use_dora must be true or false (got {c.get('use_dora')!r}).")

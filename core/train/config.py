@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from core.checks import check_prompts, real_number, whole_number
+from core.checks import check_prompts, real_number, true_or_false, whole_number
 from core.model.config import GPTConfig
 
 
@@ -53,8 +53,7 @@ class TrainConfig:
         whole_number("sample tokens", self.sample_tokens, 1, 1024)
         check_prompts(self.sample_prompts)
         whole_number("seed", self.seed, 0, 2**63 - 1)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda graphs must be true or false (got {self.cuda_graphs!r}).")
+        true_or_false("cuda graphs", self.cuda_graphs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
