@@ -20,7 +20,7 @@ from core.adapters.validate import AdapterError, preset_of
 from core.arena import BASE, Arena, Round, Sampling
 from core.arena import MAX_MODELS as ARENA_MAX_MODELS
 from core.atomic import disk_full
-from core.checks import LONE_SURROGATE, MAX_PROMPT_CHARS, check_text, scrub
+from core.checks import MAX_PROMPT_CHARS, check_text, is_real, is_text, is_whole, scrub
 from core.device import default_dtype, pick_device, precision_dtype, precision_name
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
