@@ -173,7 +173,7 @@ def parse_pattern(text, what: str) -> dict:
     import json
     if text is None or (isinstance(text, str) and not text.strip()):
         return {}
-    if not isinstance(text, str) or len(text) > 100_000:
+    if not is_text(text, 100_000):
         raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
     try:
         value = json.loads(text)
