@@ -25,7 +25,7 @@ from core.device import default_dtype, pick_device, precision_dtype, precision_n
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import SchedulerBusy
-from core.lora.config import LoraConfig
+from core.lora.config import LoraConfig, normalize_targets
 from core.lora.patterns import parse_pattern
 from core.lora.variants import INITS
 from core.model import tokenizer

@@ -15,7 +15,6 @@ from core.checks import is_real
 from core.adapters.validate import AdapterError, check_values
 from core.lora import keys, variants
 from core.lora.config import MAX_RANK, LoraConfig
-from core.model.config import TARGET_MODULES
 
 MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 
@@ -66,5 +65,5 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
         out[key_b] = torch.cat(Bs, 1).contiguous()
     for t in out.values():  # the result is held to an imported adapter's bounds
         check_values(t, "the blend", "use smaller weights or blend other adapters")
-    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    targets = keys.targets(slots)
     return out, LoraConfig(r=rank, alpha=float(rank), dropout=0.0, targets=targets)

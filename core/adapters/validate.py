@@ -247,10 +247,8 @@ def parse_config(c: dict, path: Path):
     if isinstance(tm, list):  # a str is a regex in PEFT: the keys decide then
         try:
             listed = normalize_targets([str(t) for t in tm])
-        except ValueError:
-            bad = next(t for t in tm if not _known_target(str(t)))
-            raise AdapterError(f"{where}: target module {bad!r} is not one of GPT-2's "
-                               f"{', '.join(TARGET_MODULES)} (short names c_attn, c_proj, c_fc).") from None
+        except ValueError as e:
+            raise AdapterError(f"{where}: {e}") from None
     return r, float(alpha), float(dropout), listed, (base or None)
 
 
@@ -273,14 +271,6 @@ def parse_variants(c: dict, path: Path, r: int, alpha: float) -> tuple[bool, dic
     except ValueError as e:
         raise AdapterError(f"{path.name}: {e}") from None
     return rs, pats[0], pats[1]
-
-
-def _known_target(t: str) -> bool:
-    try:
-        normalize_targets([t])
-        return True
-    except ValueError:
-        return False
 
 
 def preset_of(base_id: str | None) -> str | None:
@@ -331,7 +321,7 @@ def check_header(path: Path, cfg: GPTConfig | None, against: str = "the loaded b
             _check_kind(path.name, k, part, info[k])
             names[k] = keys.key(i, target, part)
     rank = _check_shapes(path.name, slots, info, cfg, against, expect)
-    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    targets = keys.targets(slots)
     return names, rank, targets
 
 

@@ -76,7 +76,8 @@ class LoraConfig:
 
 
 def normalize_targets(targets) -> tuple[str, ...]:
-    """Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order. 'c_proj' is
+    """The one parser of target modules (a flag, a form, a PEFT file): a list of names, or one comma-separated
+    text. Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order. 'c_proj' is
     ambiguous in GPT-2: PEFT matches it by suffix, so it names both projections."""
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
@@ -84,6 +85,7 @@ def normalize_targets(targets) -> tuple[str, ...]:
     for t in targets:
         full = [m for m in TARGET_MODULES if t in (m, m.split(".", 1)[1])]
         if not full:
-            raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
+            raise ValueError(f"unknown target module {str(t)[:40]!r}; choose from {', '.join(TARGET_MODULES)} "
+                             f"(or the short names c_attn, c_proj, c_fc).")
         out += full
     return tuple(t for t in TARGET_MODULES if t in out)

@@ -54,6 +54,12 @@ def parse(k: str, in_file: bool = False) -> Key | None:
     return Key(int(m.group("layer")), m.group("target"), part)
 
 
+def targets(slots: Iterable[tuple[int, str]]) -> tuple[str, ...]:
+    """The targets that (layer, target) `slots` (the keys of `modules`) hold, in TARGET_MODULES order."""
+    found = {t for _, t in slots}
+    return tuple(t for t in TARGET_MODULES if t in found)
+
+
 def modules(names: Iterable[str], in_file: bool = False) -> dict[tuple[int, str], dict[str, str]]:
     """{(layer, target): {part: key as given}} of `names`, sorted. ValueError (naming the key) for a key that
     is no adapter key, two keys of one tensor, or a lora_A without its lora_B (or the reverse)."""
