@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import lora_tensors
-from core.adapters.format import PEFT_PREFIX, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import peft_config
 from core.lora.config import LoraConfig
 from core.model.config import PRESETS
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import CONFIG, META, WEIGHTS, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.lora.config import LoraConfig

@@ -60,6 +60,15 @@ def targets(slots: Iterable[tuple[int, str]]) -> tuple[str, ...]:
     return tuple(t for t in TARGET_MODULES if t in found)
 
 
+def ours(k: str) -> str:
+    """Our key of `k` as a file spells it ('base_model.model.' and PEFT's infixes dropped); ValueError for a
+    key that is no adapter key."""
+    p = parse(k, in_file=True)
+    if p is None:
+        raise ValueError(f"unexpected key {str(k)[:120]!r}; not a LoRA adapter key.")
+    return key(*p)
+
+
 def modules(names: Iterable[str], in_file: bool = False) -> dict[tuple[int, str], dict[str, str]]:
     """{(layer, target): {part: key as given}} of `names`, sorted. ValueError (naming the key) for a key that
     is no adapter key, two keys of one tensor, or a lora_A without its lora_B (or the reverse)."""

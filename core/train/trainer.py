@@ -51,10 +51,11 @@ from safetensors.torch import load_file
 from core import atomic
 from core.adapters import run_record
 from core.atomic import disk_full
-from core.adapters.format import PEFT_PREFIX, WEIGHTS, save_adapter
+from core.adapters.format import WEIGHTS, save_adapter
 from core.adapters.run_record import META
 from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
                                    checkpoint_step)
+from core.lora import keys
 from core.lora.config import LoraConfig
 from core.train.config import TrainConfig
 from core.train.data import Dataset, eval_windows, get_batch, masked_targets
@@ -768,7 +769,7 @@ class Trainer:
         ck = self.resume
         try:
             state = torch.load(ck.path / STATE, map_location="cpu", weights_only=True)
-            tensors = load_file(str(ck.path / WEIGHTS))
+            tensors = {keys.ours(k): v for k, v in load_file(str(ck.path / WEIGHTS)).items()}
             step, rng = _read_state(state)
         except (OSError, RuntimeError, SafetensorError, ValueError, pickle.UnpicklingError,
                 KeyError, TypeError, RecursionError) as e:
@@ -778,8 +779,7 @@ class Trainer:
         for point in run_record.history(ck.path, ck.meta):
             lasts.update(point)
         return TrainState(step=step, name=ck.name, lcfg=ck.lcfg, tcfg=ck.tcfg, meta=ck.meta,
-                          weights={k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v
-                                   for k, v in tensors.items()},
+                          weights=tensors,
                           optimizer=state["optimizer"], np_rng=rng.bit_generator.state,
                           torch_rng=state.get("torch_rng"), start_val_loss=state.get("start_val_loss"),
                           history=[], history_bytes=0, lasts=lasts, saved_step=step)
