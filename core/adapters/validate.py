@@ -23,7 +23,7 @@ from core.adapters.format import CONFIG, WEIGHTS
 from core.adapters.run_record import META
 from core.lora import keys, patterns, variants
 from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK, LoraConfig, normalize_targets
-from core.model.config import HUB_IDS, PRESETS, TARGET_MODULES, GPTConfig, target_shapes, width_from_a
+from core.model.config import HUB_IDS, PRESETS, GPTConfig, target_shapes, width_from_a
 
 MAX_FILE_BYTES = 256 * 2**20  # adapter_model.safetensors
 # a real adapter's header: <= 384 tensors (48 layers x 4 projections x A/B) of ~150 bytes each;
@@ -173,8 +173,7 @@ def _parse_header(raw: bytes, name: str) -> dict:
                            f"(48 layers x 4 projections x A, B and a DoRA magnitude). The file is not a LoRA adapter.")
     for k in names:
         if keys.parse(k, in_file=True) is None:
-            raise AdapterError(f"{name}: unexpected key {safe_json.shown(k)[:120]!r}; an adapter may only hold "
-                               f"lora_A/lora_B weights of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
+            raise AdapterError(f"{name}: {keys.unexpected(k)}")
     return header
 
 
