@@ -637,6 +637,13 @@ def _width(state: dict) -> int:
     return width_from_a(target, state[found[keys.A]].shape)
 
 
+def recorded_base(folder) -> str | None:
+    """The base adapter folder `folder` says it was made for: its record's (studio.json), else its
+    adapter_config.json's; both checked, None when neither says."""
+    folder = Path(folder)
+    return run_record.read(folder)[0].get("base_model") or _read_config(folder / CONFIG)[0].get("base")
+
+
 def _record_folder(entry: Path, src: Path) -> Path:
     """An entry's own studio.json speaks for it; a run with only checkpoints so far has its newest's (`src`)."""
     return entry if (entry / META).is_file() else src
