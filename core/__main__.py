@@ -463,14 +463,9 @@ def _recorded_base(src: Path) -> str | None:
 
 
 def _display_name(src: Path) -> str:
-    """The adapter's name (the one rule, core.adapters.format.name_from_path), or run@step_NNNNNN for a
-    training checkpoint."""
-    from core.adapters.format import name_from_path
-    name = name_from_path(src)
-    folder = src if src.is_dir() else src.parent
-    if name == folder.name and folder.parent.name == "checkpoints":
-        return f"{folder.parent.parent.name}@{name}"
-    return name or "adapter"
+    """The adapter's name, or run@step_NNNNNN for a training checkpoint (core.adapters.resolve.display_name)."""
+    from core.adapters.resolve import display_name
+    return display_name(src) or "adapter"
 
 
 def _unique(name: str, taken: list[str]) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path
-from core.adapters.library import NAME_RE, Library
+from core.adapters.library import CHECKPOINTS, NAME_RE, Library
 from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
 from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
 from core.lora.config import LoraConfig
@@ -43,6 +43,17 @@ def resolve(spec: str, library_dir) -> AdapterRef:
             if "@" in spec or not Path(spec).exists():
                 raise
     return AdapterRef(_adapter_file(Path(spec).expanduser(), spec))
+
+
+def display_name(path) -> str:
+    """The name a user knows adapter `path` by, the reverse of `resolve`: 'run@step_000050' for a training
+    checkpoint's folder (or a file in it), else the adapter name the path implies (format.name_from_path)."""
+    p = Path(path)
+    name = name_from_path(p)
+    folder = p if p.is_dir() else p.parent
+    if name == folder.name and folder.parent.name == CHECKPOINTS:
+        return f"{folder.parent.parent.name}@{name}"
+    return name
 
 
 def _adapter_file(p: Path, spec: str) -> Path:
