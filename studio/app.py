@@ -150,9 +150,9 @@ def use_in_compare(studio: Studio, name: str | None, model: str, current, user: 
 def skip_matplotlib_lookups() -> None:
     """Gradio imports matplotlib twice per event (every streamed update), to switch its plot backend. The
     studio does not need matplotlib; where it is not installed, each of those imports searched sys.path
-    again on the server's event loop: 146 us per event alone, and under `bench/load.py` (30 clients) 61 of
-    591 samples of that thread, its stat calls waiting for the GIL behind decoding and training. A None
-    in sys.modules makes the import fail at once, as it would anyway."""
+    again on the server's event loop, its stat calls waiting for the GIL behind decoding and training (a
+    visible share of that thread under load). A None in sys.modules makes the import fail at once, as it
+    would anyway."""
     if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
         sys.modules["matplotlib"] = None
 
@@ -179,8 +179,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 teacher = create_teacher_tab(studio)
 
         # the Train tab's timer ticks only while that tab is shown. Each tick is a queued event whose skipped
-        # outputs Gradio still rebuilds as components: 17.5 ms of server CPU, so 30 open pages on any tab took
-        # 0.55 of this machine's 2 cores while nothing ran. A page coming back is redrawn at its next tick.
+        # outputs Gradio still rebuilds as components, so many open pages on any tab kept a small server's
+        # cores busy while nothing ran. A page coming back is redrawn at its next tick.
         train_tab.select(lambda: gr.Timer(active=True), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
         for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab, teacher_tab):

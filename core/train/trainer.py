@@ -591,7 +591,7 @@ class Trainer:
         """The micro-step's loss function, and a note for the user if CUDA graphs were wanted but failed.
 
         On a GPU the forward and backward are captured once as CUDA graphs and replayed: at small
-        batches a step is otherwise bound by kernel launches (measured 7x at 4 x 128 on an H200).
+        batches a step is otherwise bound by kernel launches, which a replay skips.
         Dropout, autocast (an fp32 base) and activation checkpointing keep the eager path.
         """
         model, name = self.model, self.name
