@@ -38,6 +38,7 @@ def quick(**kw) -> TrainConfig:
     ("dropout", float("nan"), r"dropout must be in \[0, 1\) \(got nan\)"), ("dropout", "0.1", "dropout must be"),
     ("r", True, "rank must be a whole number"), ("r", 8.0, "rank must be a whole number"),
     ("targets", "attn.c_attn", "targets must be a list"),
+    ("rank_pattern", {"h.0.attn.\ud800": 4}, "each key must be a module name or regex"),  # no page could show it
 ])
 def test_lora_settings_outside_sane_ranges_are_refused(field, value, msg):
     with pytest.raises(ValueError, match=msg):
