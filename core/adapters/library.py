@@ -499,7 +499,7 @@ class Library:
             meta, meta_problem = (top, top_problem) if has_top else run_record.read(src)
             config, _, config_problem = _read_config(src / CONFIG)
             problem = top_problem or meta_problem or config_problem
-            r, alpha, listed, base = config.get("r"), config.get("alpha"), config.get("targets"), config.get("base")
+            r, alpha, listed = config.get("r"), config.get("alpha"), config.get("targets")
             created = meta.get("created") or _mtime_iso(d)
             name = name or d.name
             if problem:
@@ -512,7 +512,7 @@ class Library:
             detail = (f"default {r}; " + "; ".join(f"{k}: {v}" for k, v in pattern.items())
                       if any(v != r for v in pattern.values()) else None)
             return AdapterEntry(
-                name=name, base_model=meta.get("base_model") or base, rank="mixed" if detail else r,
+                name=name, base_model=_base_of(meta, config), rank="mixed" if detail else r,
                 rank_detail=detail,
                 targets=list(listed or (meta.get("lora") or {}).get("targets") or []), alpha=alpha,
                 steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
@@ -641,7 +641,12 @@ def recorded_base(folder) -> str | None:
     """The base adapter folder `folder` says it was made for: its record's (studio.json), else its
     adapter_config.json's; both checked, None when neither says."""
     folder = Path(folder)
-    return run_record.read(folder)[0].get("base_model") or _read_config(folder / CONFIG)[0].get("base")
+    return _base_of(run_record.read(folder)[0], _read_config(folder / CONFIG)[0])
+
+
+def _base_of(meta: dict, config: dict) -> str | None:
+    """The recorded base: the run record's (checked studio.json), else the checked adapter_config.json's."""
+    return meta.get("base_model") or config.get("base")
 
 
 def _record_folder(entry: Path, src: Path) -> Path:
