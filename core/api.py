@@ -13,7 +13,7 @@ from typing import Callable
 
 from core.adapters.export import zip_merged
 from core.adapters.gguf_export import GGUF_TYPES
-from core.adapters.library import AdapterEntry, check_name
+from core.adapters.library import AdapterEntry, check_name, split_spec
 from core.adapters.metrics import write_metrics
 from core.adapters.run_record import CHART_POINTS, thin
 from core.adapters.validate import AdapterError, preset_of

@@ -81,6 +81,13 @@ def check_name(name) -> str:
     return name
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """(run, checkpoint) of a library reference: ('run', None) for 'run', ('run', 'step_000050') for
+    'run@step_000050'. Neither part is checked here."""
+    run, sep, ckpt = spec.partition("@")
+    return run, (ckpt if sep else None)
+
+
 def checkpoint_path(run, step: int) -> Path:
     """Where run folder `run` (in a library or not: the CLI may train into any folder) keeps its
     checkpoint of optimizer step `step`."""
@@ -200,9 +207,9 @@ class Library:
 
     def path(self, name: str) -> Path:
         """Folder of adapter `name`, or of a checkpoint with 'run@step_000050'. Links are refused."""
-        run, sep, ckpt = name.partition("@") if isinstance(name, str) else (name, "", "")
+        run, ckpt = split_spec(name) if isinstance(name, str) else (name, None)
         p = self._inside(self.root / check_name(run))
-        if sep:
+        if ckpt is not None:
             p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
         if not p.is_dir():
             raise self.no_such(name)
@@ -244,7 +251,7 @@ class Library:
         d["meta"] = {} if e.problem else run_record.read(_record_folder(p, src))[0]
         d["config"] = {} if e.problem else _read_config(src / CONFIG)[1]
         d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
-        d["checkpoints"] = [] if "@" in name else self.checkpoints(name)
+        d["checkpoints"] = [] if split_spec(name)[1] is not None else self.checkpoints(name)
         return d
 
     def checkpoints(self, name: str) -> list[dict]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path
-from core.adapters.library import CHECKPOINTS, NAME_RE, Library
+from core.adapters.library import CHECKPOINTS, NAME_RE, Library, split_spec
 from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
 from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
 from core.lora.config import LoraConfig
@@ -34,13 +34,14 @@ def resolve(spec: str, library_dir) -> AdapterRef:
     spec = str(spec).strip()
     if not spec:
         raise AdapterError("no adapter given: pass a library name or a path to an adapter folder.")
-    if NAME_RE.fullmatch(spec.partition("@")[0]):
+    run, ckpt = split_spec(spec)
+    if NAME_RE.fullmatch(run):
         try:
             entry = library_entry(spec, library_dir)
             if entry is not None:
                 return AdapterRef(entry, spec)
         except AdapterError:
-            if "@" in spec or not Path(spec).exists():
+            if ckpt is not None or not Path(spec).exists():
                 raise
     return AdapterRef(_adapter_file(Path(spec).expanduser(), spec))
 
