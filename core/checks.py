@@ -68,6 +68,12 @@ def scrub(text: str) -> str:
     return LONE_SURROGATE.sub("\ufffd", text) if isinstance(text, str) else text
 
 
+def shown(text: str) -> str:
+    """`text` made safe to show while keeping what it said: lone surrogates written as \\udXXX escapes
+    (for names in messages; `scrub` for text shown as it is)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def whole_number(name: str, v, lo: int, hi: int) -> None:
     """An int (not a bool, not a float such as inf or 2.0) in [lo, hi]."""
     if not is_whole(v, lo, hi):

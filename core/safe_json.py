@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from core.checks import is_real, is_text, is_whole
+from core.checks import is_real, is_text, is_whole, shown
 
 MAX_DEPTH = 32  # studio.json nests 3 levels; anything deeper is not ours
 MAX_TEXT = 1000  # characters of one string value (names, paths, dates); prompts are capped elsewhere
@@ -44,11 +44,6 @@ def loads(data: bytes, name: str) -> object:
 def text_ok(s: str) -> bool:
     """Whether `s` can be sent to a page: encodable as UTF-8 (no lone surrogates)."""
     return is_text(s)
-
-
-def shown(s: str) -> str:
-    """`s` made safe to show: lone surrogates written as \\udXXX escapes."""
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def problem(obj, depth: int = MAX_DEPTH) -> str | None:

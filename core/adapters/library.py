@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Collection, Sequence
 
 from core import atomic, safe_json
+from core.checks import shown
 from core.adapters.blend import blend_states
 from core.adapters import run_record
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path, save_adapter, write_adapter_folder
@@ -309,7 +310,7 @@ class Library:
             meta, _ = clean_meta(files.meta)  # a bad field is dropped: the upload itself is valid
             if (safe_json.timestamp(meta.get("created")) or 0) > time.time() + 86400:
                 del meta["created"]  # a future date would pin the upload to the top of every listing
-            meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
+            meta.update(imported_from=shown(Path(path).name)[:200], imported=_now(), status="imported")
             _set_user(meta, user)
             history = run_record.history(src if src.is_dir() else src.parent, meta)  # its checked lines only
             return self._create(name, lambda tmp: write_adapter_folder(
@@ -671,11 +672,11 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
             return {}, {}, f"{CONFIG} {why}"
         r, alpha, _, listed, base = parse_config(raw, path)
     except ValueError as e:  # AdapterError is a ValueError too
-        return {}, {}, safe_json.shown(str(e))[:300]
+        return {}, {}, shown(str(e))[:300]
     pattern = raw.get("rank_pattern") if isinstance(raw.get("rank_pattern"), dict) else {}
     return ({"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
              "variant": variants.of(LoraConfig(use_dora=raw.get("use_dora") is True)).label,
-             "rank_pattern": {safe_json.shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
+             "rank_pattern": {shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
 
 
 def _set_user(meta: dict, user: str | None) -> None:
@@ -684,7 +685,7 @@ def _set_user(meta: dict, user: str | None) -> None:
     meta.pop("user", None)
     meta.pop("shared", None)
     if user:
-        meta["user"] = safe_json.shown(str(user))[:200]
+        meta["user"] = shown(str(user))[:200]
 
 
 def _size(folder: Path) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core import atomic, safe_json
-from core.checks import check_text
+from core.checks import check_text, shown
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.loss import IGNORE
@@ -293,7 +293,7 @@ def read_dataset_meta(folder) -> dict:
             return {}
         raw = safe_json.load_file(path, MAX_META_BYTES)
     except (OSError, ValueError) as e:
-        return {"problem": safe_json.shown(str(e))}
+        return {"problem": shown(str(e))}
     if not isinstance(raw, dict):
         return {"problem": f"{META} is not a JSON object"}
     out = {k: v for k, check in _META_FIELDS.items() if k in raw and (v := check(raw[k])) is not None}
