@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 from core import atomic
 from core.adapters import run_record
 from core.atomic import disk_full
+from core.checks import is_real, is_whole
 from core.adapters.format import WEIGHTS, save_adapter
 from core.adapters.run_record import META
 from core.adapters.library import (CHECKPOINTS, RESUMABLE, TRAINER_STATE, checkpoint_dirs, checkpoint_path,
@@ -226,7 +227,7 @@ def find_checkpoint(path) -> Checkpoint:
         lcfg = LoraConfig.from_dict(meta["lora"])
         tcfg = TrainConfig.from_dict(meta["training"])
         step, name = meta["steps"], meta["name"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(name, str):
+        if not is_whole(step, 0) or not isinstance(name, str):
             raise ValueError(f"steps {step!r} or name {name!r} is not a step count and a name")
         return Checkpoint(path, step, name, lcfg, tcfg, meta)
     # RecursionError: deeply nested JSON; OverflowError: numbers such as 1e400
@@ -377,8 +378,7 @@ class Trainer:
         self._progress = _Progress(last_good=self._latest_checkpoint(),
                                    saved_step=getattr(self.resume, "saved_step", self.resume.step)
                                    if self.resume else None,
-                                   elapsed_before=float(before) if isinstance(before, (int, float))
-                                   and math.isfinite(before) else 0.0)
+                                   elapsed_before=float(before) if is_real(before) else 0.0)
         if self.step >= self.tcfg.steps or self.stop.is_set():
             yield from self.stopped() if self.stop.is_set() else self._close("finished")
 
@@ -812,7 +812,7 @@ def _read_state(state) -> tuple[int, np.random.Generator]:
     if not isinstance(state, dict) or not isinstance(state["optimizer"], dict):
         raise TypeError("a dict with an optimizer state was expected")
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_whole(step, 0):
         raise ValueError(f"step {step!r} is damaged")
     rng = np.random.default_rng()
     rng.bit_generator.state = json.loads(state["np_rng"])
