@@ -56,11 +56,9 @@ def check_text(value, what: str, max_chars: int | None = None) -> str:
     if max_chars is not None and len(value) > max_chars:
         raise ValueError(f"{what} is {len(value):,} characters long; the limit is {max_chars:,}. "
                          f"Shorten it and try again.")
-    bad = LONE_SURROGATE.search(value)
-    if bad is not None:
-        raise ValueError(f"{what} holds invalid Unicode (a lone surrogate, U+{ord(bad.group()):04X}) at character "
-                         f"{bad.start() + 1:,}; remove that character and try again.")
-    return value
+    bad = LONE_SURROGATE.search(value)  # is_text refused it: a lone surrogate, since the length is fine
+    raise ValueError(f"{what} holds invalid Unicode (a lone surrogate, U+{ord(bad.group()):04X}) at character "
+                     f"{bad.start() + 1:,}; remove that character and try again.")
 
 
 def scrub(text: str) -> str:
