@@ -460,29 +460,16 @@ def _engine(args, adapters: int = 1):
 
 
 def _recorded_base(src: Path) -> str | None:
-    """The base an adapter says it was made for (studio.json, else adapter_config.json), cut short."""
-    from core import safe_json
-    folder = src if src.is_dir() else src.parent
-    for f, key in (("studio.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        try:
-            data = safe_json.load_file(folder / f, 1 << 24)
-        except (OSError, ValueError):
-            continue
-        value = data.get(key) if isinstance(data, dict) else None
-        if value:
-            return safe_json.shown(str(value))[:200]
-    return None
+    """The base an adapter says it was made for (core.adapters.library.recorded_base), cut short."""
+    from core.adapters.library import recorded_base
+    base = recorded_base(src if src.is_dir() else src.parent)
+    return base[:200] if base else None
 
 
 def _display_name(src: Path) -> str:
-    """The adapter's name (the one rule, core.adapters.format.name_from_path), or run@step_NNNNNN for a
-    training checkpoint."""
-    from core.adapters.format import name_from_path
-    name = name_from_path(src)
-    folder = src if src.is_dir() else src.parent
-    if name == folder.name and folder.parent.name == "checkpoints":
-        return f"{folder.parent.parent.name}@{name}"
-    return name or "adapter"
+    """The adapter's name, or run@step_NNNNNN for a training checkpoint (core.adapters.resolve.display_name)."""
+    from core.adapters.resolve import display_name
+    return display_name(src) or "adapter"
 
 
 def _unique(name: str, taken: list[str]) -> str:

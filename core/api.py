@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from core.adapters.export import zip_merged
 from core.adapters.gguf_export import GGUF_TYPES
-from core.adapters.library import AdapterEntry, check_name
+from core.adapters.library import AdapterEntry, check_name, split_spec
 from core.adapters.metrics import write_metrics
 from core.adapters.run_record import CHART_POINTS, thin
 from core.adapters.validate import AdapterError, preset_of
 from core.arena import BASE, Arena, Round, Sampling
 from core.arena import MAX_MODELS as ARENA_MAX_MODELS
 from core.atomic import disk_full
-from core.checks import LONE_SURROGATE, MAX_PROMPT_CHARS, check_text, scrub
+from core.checks import MAX_PROMPT_CHARS, check_text, is_real, is_text, is_whole, scrub
 from core.device import default_dtype, pick_device, precision_dtype, precision_name
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.scheduler import SchedulerBusy
-from core.lora.config import LoraConfig
+from core.lora.config import LoraConfig, normalize_targets
 from core.lora.patterns import parse_pattern
 from core.lora.variants import INITS
 from core.model import tokenizer

@@ -219,6 +219,15 @@ class Arena:
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v["time"]))])
         return out.getvalue()
 
+    def export(self, round_id, fmt: str, dest_dir) -> Path:
+        """<dest_dir>/arena-<round>.<fmt> (csv or json), published whole (core.atomic.publish_file)."""
+        if fmt not in ("csv", "json"):
+            raise ValueError("choose csv or json.")
+        rnd = self.get(round_id)
+        text = self.export_csv(rnd.id) if fmt == "csv" else self.export_json(rnd.id)
+        return atomic.publish_file(Path(dest_dir) / f"arena-{rnd.id}.{fmt}",
+                                   lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
     # ---- internals ------------------------------------------------------------------------
 
     def _get(self, round_id) -> Round:

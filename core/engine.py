@@ -46,6 +46,7 @@ from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.adapters.export import export_merged
 from core.adapters.resolve import AdapterRef, load_adapter, resolve
+from core.checks import is_whole
 from core.device import pick_device
 from core.generate.sampling import SamplingConfig, TextSoFar
 from core.generate.scheduler import DecodeScheduler, SchedulerClosed
@@ -101,7 +102,7 @@ class Engine:
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
         self.max_rows_per_user = max_rows_per_user
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_whole(max_new_tokens, 1):
             raise ValueError(f"max new tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
         self.max_new_tokens = max_new_tokens
         self._scheduler: DecodeScheduler | None = None  # for the loaded base, made on first use

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.checks import is_whole
 from core.train.estimate import human_bytes, parse_size
 
 GiB = 1 << 30
@@ -105,7 +106,7 @@ def _floor(spec) -> float:
 
 
 def _size(spec, flag: str) -> int:
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if is_whole(spec):
         return _count(spec, flag)
     if str(spec).strip() == "0":
         return 0
@@ -116,6 +117,6 @@ def _size(spec, flag: str) -> int:
 
 
 def _count(value, flag: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_whole(value, 0):
         raise ValueError(f"{flag} must be a whole number of at least 0 (0: no limit), not {value!r}.")
     return value

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from core.checks import LONE_SURROGATE
+from core.checks import is_real, is_text, is_whole, shown
 
 MAX_DEPTH = 32  # studio.json nests 3 levels; anything deeper is not ours
 MAX_TEXT = 1000  # characters of one string value (names, paths, dates); prompts are capped elsewhere
@@ -43,12 +43,7 @@ def loads(data: bytes, name: str) -> object:
 
 def text_ok(s: str) -> bool:
     """Whether `s` can be sent to a page: encodable as UTF-8 (no lone surrogates)."""
-    return LONE_SURROGATE.search(s) is None
-
-
-def shown(s: str) -> str:
-    """`s` made safe to show: lone surrogates written as \\udXXX escapes."""
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return is_text(s)
 
 
 def problem(obj, depth: int = MAX_DEPTH) -> str | None:
@@ -73,23 +68,17 @@ def problem(obj, depth: int = MAX_DEPTH) -> str | None:
 
 def text(x, limit: int = MAX_TEXT) -> str | None:
     """A valid UTF-8 string of at most `limit` characters, else None."""
-    return x if isinstance(x, str) and len(x) <= limit and text_ok(x) else None
+    return x if is_text(x, limit) else None
 
 
 def number(x, lo: float = -math.inf, hi: float = math.inf) -> float | None:
-    """A finite number (not a bool) in [lo, hi], else None."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        v = float(x)
-    except OverflowError:  # an int too large for a float
-        return None
-    return v if math.isfinite(v) and lo <= v <= hi else None
+    """A finite number (not a bool) in [lo, hi] as a float, else None."""
+    return float(x) if is_real(x, lo, hi) else None
 
 
 def integer(x, lo: int = 0, hi: int = 10**12) -> int | None:
     """A whole number (not a bool) in [lo, hi], else None."""
-    return x if isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi else None
+    return x if is_whole(x, lo, hi) else None
 
 
 def timestamp(x) -> float | None:

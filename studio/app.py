@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import anyio
 import gradio as gr
 
-from core.api import Engine, GpuCalls, Quota, parse_size, pick_device, precision_dtype, preset_of
+from core.api import Engine, GpuCalls, Quota, is_real, is_whole, parse_size, pick_device, precision_dtype, preset_of
 
 from . import fair_queue, job_notice, saved_state
 from .context import UPLOADS_KEPT_S, Studio, StudioBlocks, friendly, typed_name, user_of
@@ -70,26 +70,25 @@ def create_studio(library="adapters", datasets="datasets", device="auto", model=
     admin_token: --admin-token, a secret whose holder may stop anyone's job (at least 16 characters).
     quota: per-user disk caps and the free-space floor (default: Quota.for_studio(), the flags' defaults)."""
     cap = parse_size(max_train_memory) if max_train_memory is not None else None
-    if isinstance(max_rows_per_user, bool) or not isinstance(max_rows_per_user, int) or max_rows_per_user < 1:
+    if not is_whole(max_rows_per_user, 1):
         raise ValueError(f"--max-rows-per-user must be a whole number of at least 1 (got {max_rows_per_user!r}).")
     for flag, value in (("--max-jobs-per-user", max_jobs_per_user), ("--train-capacity", train_capacity),
                         ("--max-queued-per-user", max_queued_per_user), ("--max-job-tokens", max_job_tokens),
                         ("--max-job-steps", max_job_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and not is_whole(value, 1):
             raise ValueError(f"{flag} must be a whole number of at least 1 (got {value!r}).")
-    if max_job_minutes is not None and (isinstance(max_job_minutes, bool) or not isinstance(max_job_minutes, (int, float))
-                                        or not 0 < max_job_minutes < 1e9):
+    if max_job_minutes is not None and not (is_real(max_job_minutes) and 0 < max_job_minutes < 1e9):
         raise ValueError(f"--max-job-minutes must be a number of minutes above 0 (got {max_job_minutes!r}).")
-    if isinstance(users_per_address, bool) or not isinstance(users_per_address, int) or users_per_address < 0:
+    if not is_whole(users_per_address, 0):
         raise ValueError(f"--users-per-address must be a whole number of at least 0 (got {users_per_address!r}).")
     if admin_token is not None and (not isinstance(admin_token, str) or len(admin_token) < 16
                                     or not admin_token.isascii() or not admin_token.isprintable()):
         raise ValueError("--admin-token must be at least 16 printable ASCII characters; make one with "
                          "python -c 'import secrets; print(secrets.token_urlsafe())'.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_whole(max_new_tokens, 1):
         raise ValueError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r}).")
     if torch_threads is not None:
-        if isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1:
+        if not is_whole(torch_threads, 1):
             raise ValueError(f"--torch-threads must be a whole number of at least 1 (got {torch_threads!r}).")
         import torch
         torch.set_num_threads(torch_threads)  # threads started later (the decode loop, training runs) get it too
@@ -148,9 +147,9 @@ def use_in_compare(studio: Studio, name: str | None, model: str, current, user: 
 def skip_matplotlib_lookups() -> None:
     """Gradio imports matplotlib twice per event (every streamed update), to switch its plot backend. The
     studio does not need matplotlib; where it is not installed, each of those imports searched sys.path
-    again on the server's event loop: 146 us per event alone, and under `bench/load.py` (30 clients) 61 of
-    591 samples of that thread, its stat calls waiting for the GIL behind decoding and training. A None
-    in sys.modules makes the import fail at once, as it would anyway."""
+    again on the server's event loop, its stat calls waiting for the GIL behind decoding and training (a
+    visible share of that thread under load). A None in sys.modules makes the import fail at once, as it
+    would anyway."""
     if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
         sys.modules["matplotlib"] = None
 
@@ -177,8 +176,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 teacher = create_teacher_tab(studio)
 
         # the Train tab's timer ticks only while that tab is shown. Each tick is a queued event whose skipped
-        # outputs Gradio still rebuilds as components: 17.5 ms of server CPU, so 30 open pages on any tab took
-        # 0.55 of this machine's 2 cores while nothing ran. A page coming back is redrawn at its next tick.
+        # outputs Gradio still rebuilds as components, so many open pages on any tab kept a small server's
+        # cores busy while nothing ran. A page coming back is redrawn at its next tick.
         train_tab.select(lambda: gr.Timer(active=True), outputs=train["timer"], show_progress="hidden",
                          concurrency_limit=None, api_visibility="private")
         for other in (data_tab, library_tab, compare_tab, evaluate_tab, arena_tab, teacher_tab):

@@ -25,7 +25,7 @@ import gradio as gr
 from core.api import (PRESETS, AdapterEntry, AdapterError, Arena, Dataset, DatasetStore, Engine, Quota, Runs,
                       SchedulerBusy, TrainingError, TrainScheduler, WeightsError, check_not_gallery, check_text,
                       default_dtype, disk_full, human_bytes, is_dataset_folder, load_dataset, precision_name,
-                      read_dataset_meta, scrub)
+                      read_dataset_meta, scrub, split_spec)
 
 from .fair_queue import is_local
 from .exports import make_exports_dir
@@ -213,7 +213,7 @@ class Studio:
         """AdapterError for an adapter (or 'run@checkpoint') `user` may not see, the same one a missing name
         gets; a checkpoint is seen as its run is."""
         if self.auth:
-            d = self.library.details(name.partition("@")[0] if isinstance(name, str) else name)
+            d = self.library.details(split_spec(name)[0] if isinstance(name, str) else name)
             if not self.can_see(d.get("user"), user, d.get("shared")):
                 raise self.library.no_such(name)
 

@@ -24,7 +24,7 @@ import anyio
 import gradio as gr
 from starlette.middleware import Middleware
 
-from core.api import Sandboxes, clean, import_gallery, owners_on_disk, visitor_name
+from core.api import Sandboxes, clean, import_gallery, is_real, owners_on_disk, visitor_name
 
 from .context import Studio, user_of
 
@@ -171,7 +171,7 @@ class DemoMode:
 
 def install(studio: Studio, idle_minutes: float = 60, ephemeral: bool = False, clock=time.time) -> DemoMode:
     """Turn `studio` (before its UI is built) into a public demo: the sign-in rules, with visitors as users."""
-    if isinstance(idle_minutes, bool) or not isinstance(idle_minutes, (int, float)) or not 0 < idle_minutes <= 1e6:
+    if not (is_real(idle_minutes) and 0 < idle_minutes <= 1e6):
         raise ValueError(f"--demo-idle-minutes must be a number of minutes above 0 (got {idle_minutes!r}).")
     studio.auth = True
     studio.demo = DemoMode(studio, idle_minutes, ephemeral, clock)

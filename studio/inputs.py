@@ -10,13 +10,9 @@ Gradio writes a typing stub (inputs.pyi) beside any module that defines componen
 """
 from __future__ import annotations
 
-import math
-
 import gradio as gr
 
-
-def _real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from core.api import is_real
 
 
 class Number(gr.Number):
@@ -24,7 +20,7 @@ class Number(gr.Number):
     is_template = True
 
     def preprocess(self, payload):
-        return super().preprocess(payload) if payload is None or _real(payload) else payload
+        return super().preprocess(payload) if payload is None or is_real(payload) else payload
 
 
 class Slider(gr.Slider):
@@ -32,7 +28,7 @@ class Slider(gr.Slider):
     is_template = True
 
     def preprocess(self, payload):
-        return super().preprocess(payload) if _real(payload) else payload
+        return super().preprocess(payload) if is_real(payload) else payload
 
 
 class CheckboxGroup(gr.CheckboxGroup):

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
-from core.api import LONE_SURROGATE
+from core.api import is_text
 
 from .context import Studio, new_browser_id, requester, user_of
 from .tabs.train import refresh_datasets
@@ -27,7 +27,7 @@ def _keepable(value) -> bool:
     if value is None or isinstance(value, (bool, int, float)):
         return True
     if isinstance(value, str):
-        return len(value) <= MAX_CHARS and LONE_SURROGATE.search(value) is None
+        return is_text(value, MAX_CHARS)
     if isinstance(value, (list, tuple)):
         return len(value) <= 16 and all(isinstance(v, str) and _keepable(v) for v in value)
     return False

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from core.adapters.format import CONFIG, PEFT_PREFIX, WEIGHTS, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import CONFIG, WEIGHTS, peft_config
 from core.lora.config import LoraConfig
 from core.lora.layers import add_adapter, lora_layers, lora_parameters
 

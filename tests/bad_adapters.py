@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import lora_tensors
-from core.adapters.format import PEFT_PREFIX, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import peft_config
 from core.lora.config import LoraConfig
 from core.model.config import PRESETS
 
@@ -213,7 +214,7 @@ CONFIG_CASES = {
     "rank pattern not an object": (config_with(rank_pattern=[4]), r"rank_pattern must be a JSON object"),
     "pattern not a regex": (config_with(alpha_pattern={"c_attn(": 4}), r"'c_attn\(' is not a valid regular expression"),
     "rslora not a bool": (config_with(use_rslora="yes"), r"use_rslora must be true or false"),
-    "unknown target": (config_with(target_modules=["q_proj"]), r"target module 'q_proj' is not one of GPT-2's"),
+    "unknown target": (config_with(target_modules=["q_proj"]), r"unknown target module 'q_proj'; choose from"),
     "unlisted target": (config_with(target_modules=["c_fc"]),
                         r"has weights for attn\.c_attn but .* does not list it"),
     "bias": (config_with(bias="all"), r"bias='all' is not supported"),

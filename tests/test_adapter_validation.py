@@ -14,7 +14,8 @@ from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
 from bad_adapters import CONFIG_CASES, DORA_CASES, KA, LC, RAW_CASES, TENSOR_CASES, TINY, config_with, good
-from core.adapters.format import CONFIG, PEFT_PREFIX, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import CONFIG, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.adapters.resolve import load_adapter

@@ -469,6 +469,11 @@ def test_a_merged_export_zips_into_one_download(trained, tmp_path):
         zf.extractall(tmp_path / "unzipped")
     merged = load_base(str(tmp_path / "unzipped" / "a-merged"), device="cpu")
     assert (logits(merged) - logits(trained, "a")).abs().max() <= 1e-4
+    again = export_merged(trained, "a", tmp_path / "a-merged")  # its zip is there already: never overwritten
+    with pytest.raises(FileExistsError):
+        zip_merged(again)
+    assert zipfile.ZipFile(zpath).read("a-merged/model.safetensors") == weights
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 def test_blend_without_a_base_refuses_different_widths(lib, tmp_path):
     from adapter_helpers import lora_tensors, write_adapter

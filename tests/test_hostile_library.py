@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapter_helpers import listing, lora_tensors, write_adapter
-from core.adapters.format import CONFIG, META, PEFT_PREFIX, WEIGHTS, peft_config
+from core.lora.keys import PEFT_PREFIX
+from core.adapters.format import CONFIG, META, WEIGHTS, peft_config
 from core.adapters.validate import AdapterError
 from core.adapters.library import Library
 from core.lora.config import LoraConfig
@@ -414,9 +415,9 @@ def test_the_studio_page_builds_with_poisoned_library_and_datasets(tmp_path, new
 def test_build_dataset_refuses_oversized_and_invalid_text(monkeypatch):
     import core.train.data as data
     monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)  # the 256 MiB cap, scaled down
-    with pytest.raises(ValueError, match=r"pasted text is 1200 characters; the limit is 1000 bytes of text"):
+    with pytest.raises(ValueError, match=r"pasted text is 1,200 characters long; the limit is 1,000"):
         data.build_dataset(["x" * 1200], ["pasted text"])
     with pytest.raises(ValueError, match=r"the texts together are over the limit of 1000 bytes"):
         data.build_dataset(["x" * 600, "y" * 600], ["a.txt", "b.txt"])
-    with pytest.raises(ValueError, match=r"pasted text holds invalid Unicode \(a lone surrogate at character 6\)"):
+    with pytest.raises(ValueError, match=r"pasted text holds invalid Unicode \(a lone surrogate, U\+D800\) at character 7"):
         data.build_dataset(["hello \ud800 world " * 3], ["pasted text"])

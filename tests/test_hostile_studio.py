@@ -17,7 +17,7 @@ import pytest
 
 from core.adapters.validate import AdapterError
 from core.checks import MAX_PROMPT_CHARS
-from core.checks import check_text, scrub
+from core.checks import check_text, is_real, is_text, is_whole, scrub
 from studio import context
 from studio.app import build_ui
 from studio.context import friendly
@@ -46,6 +46,13 @@ def test_check_text_refuses_what_a_page_cannot_show():
     with pytest.raises(ValueError, match=r"the prompt is 11 characters long; the limit is 10\. Shorten it"):
         check_text("x" * 11, "the prompt", 10)
     assert scrub(SURROGATE) == "Ahoy \ufffd matey" and _encodes(scrub(SURROGATE))
+
+
+def test_the_number_and_text_predicates_refuse_what_json_and_clients_can_send():
+    assert is_whole(3, 1, 3) and is_whole(-2) and not any(is_whole(v, 0, 10) for v in (True, 2.0, "2", None, 11, -1))
+    assert is_real(0.5, 0, 1) and is_real(2, 0, 10)
+    assert not any(is_real(v) for v in (True, float("nan"), float("inf"), 10**400, "1", None))
+    assert is_text("ok", 2) and not any(is_text(v, 10) for v in (SURROGATE, "x" * 11, b"bytes", None))
 
 
 def test_lone_surrogates_are_refused_in_every_text_input(studio, tmp_path):

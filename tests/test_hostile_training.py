@@ -39,6 +39,7 @@ def quick(**kw) -> TrainConfig:
     ("dropout", float("nan"), r"dropout must be in \[0, 1\) \(got nan\)"), ("dropout", "0.1", "dropout must be"),
     ("r", True, "rank must be a whole number"), ("r", 8.0, "rank must be a whole number"),
     ("targets", "attn.c_attn", "targets must be a list"),
+    ("rank_pattern", {"h.0.attn.\ud800": 4}, "each key must be a module name or regex"),  # no page could show it
 ])
 def test_lora_settings_outside_sane_ranges_are_refused(field, value, msg):
     with pytest.raises(ValueError, match=msg):
@@ -59,8 +60,8 @@ def test_lora_settings_outside_sane_ranges_are_refused(field, value, msg):
     ("keep_checkpoints", 10**12, "checkpoints to keep must be a whole number from 0 to 1000"),
     ("seed", 2**64, r"seed must be a whole number from 0 to 9223372036854775807 \(got 18446744073709551616\)"),
     ("seed", -1, "seed must be a whole number"), ("batch_size", True, "batch size must be a whole number"),
-    ("sample_prompts", ("\ud800 hi",), "sample prompt 1 holds invalid text \\(a lone surrogate at character 1\\)"),
-    ("sample_prompts", ("x" * 5000,), "sample prompt 1 is 5000 characters long; the limit is 4000"),
+    ("sample_prompts", ("\ud800 hi",), "sample prompt 1 holds invalid Unicode \\(a lone surrogate, U\\+D800\\) at character 1"),
+    ("sample_prompts", ("x" * 5000,), "sample prompt 1 is 5,000 characters long; the limit is 4,000"),
     ("sample_prompts", ("a",) * 9, "at most 8 sample prompts"),
     ("cuda_graphs", "yes", "cuda graphs must be true or false"),
 ])

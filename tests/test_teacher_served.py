@@ -105,6 +105,16 @@ def test_without_sign_in_the_panel_needs_the_admin_token(tmp_path):
         teacher_of(studio, None, token)
 
 
+def test_a_move_by_anything_but_a_whole_number_is_explained(tmp_path):
+    from studio.app import create_studio
+    from studio.tabs.teacher import move_job
+    token = "correct-horse-battery-staple"
+    studio = create_studio(tmp_path / "a", tmp_path / "d", "cpu", "tiny", admin_token=token)
+    for delta in (float("inf"), float("nan"), 0.5, True, 0, "1"):  # inf and NaN have no int(): never a crash
+        with pytest.raises(ValueError, match="move by a whole number of places"):
+            move_job(studio, "1", delta, None, token)
+
+
 def test_the_teacher_changes_the_caps_while_the_studio_runs_and_nobody_else_can(classroom):
     from studio import caps
     studio, c = classroom

@@ -142,8 +142,9 @@ def _extract_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, cap: 
 
 
 def write_adapter_zip(folder: Path, out: Path) -> Path:
-    """Zip the adapter files of `folder` (flat, as PEFT lays them out) into `out`, fsynced. The history is
-    the record's own (a checkpoint's file may run on past its step), line by line."""
+    """Zip the adapter files of `folder` (flat, as PEFT lays them out) into `out`, which the caller publishes
+    (core.atomic.publish_file). The history is the record's own (a checkpoint's file may run on past its
+    step), line by line."""
     with zipfile.ZipFile(out, "w") as zf:
         for fname in ALLOWED:
             p = folder / fname
@@ -153,8 +154,6 @@ def write_adapter_zip(folder: Path, out: Path) -> Path:
                 # float weights barely compress: store them, deflate the text files
                 kind = zipfile.ZIP_STORED if fname == WEIGHTS else zipfile.ZIP_DEFLATED
                 zf.write(p, fname, compress_type=kind)
-    with open(out, "rb") as f:
-        os.fsync(f.fileno())
     return out
 
 

@@ -7,15 +7,14 @@ does not target contributes zero rows/columns, so one rank holds over the union 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from core.checks import is_real
 from core.adapters.validate import AdapterError, check_values
 from core.lora import keys, variants
 from core.lora.config import MAX_RANK, LoraConfig
-from core.model.config import TARGET_MODULES
 
 MAX_WEIGHT = 100.0  # a weight of 1 is the adapter's full effect; 1e300 only overflows the result
 
@@ -33,7 +32,7 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
         raise AdapterError(f"give one weight per adapter ({len(parts)} adapters, {len(weights)} weights).")
     ws = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+        if not is_real(w, -MAX_WEIGHT, MAX_WEIGHT):
             raise AdapterError(f"blend weights must be finite numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
                                f"(got {w!r}); 1 keeps an adapter's full effect.")
         ws.append(float(w))
@@ -66,5 +65,5 @@ def blend_states(parts: Sequence[tuple[dict[str, torch.Tensor], LoraConfig]],
         out[key_b] = torch.cat(Bs, 1).contiguous()
     for t in out.values():  # the result is held to an imported adapter's bounds
         check_values(t, "the blend", "use smaller weights or blend other adapters")
-    targets = tuple(t for t in TARGET_MODULES if any(s[1] == t for s in slots))
+    targets = keys.targets(slots)
     return out, LoraConfig(r=rank, alpha=float(rank), dropout=0.0, targets=targets)

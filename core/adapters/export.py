@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from core import atomic
 from core.adapters.validate import AdapterError
 from core.lora.layers import adapter_names, lora_layers
 from core.model.weights import hf_state_dict, write_hf
@@ -52,12 +53,14 @@ def merged_state_dict(model, adapter_name: str,
 def zip_merged(folder) -> Path:
     """A merged export as one download: `<folder>.zip` beside it, holding `<folder name>/<file>`; the
     folder is removed. Weights are stored, not deflated: float tensors barely compress and deflating
-    a gpt2-xl export would take minutes."""
+    a gpt2-xl export would take minutes. Published whole or not at all (core.atomic.publish_file)."""
     folder = Path(folder)
-    zpath = folder.with_name(folder.name + ".zip")
-    with zipfile.ZipFile(zpath, "w") as zf:
-        for f in sorted(folder.iterdir()):
-            zf.write(f, f"{folder.name}/{f.name}",
-                     compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+
+    def write(tmp: Path):
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for f in sorted(folder.iterdir()):
+                zf.write(f, f"{folder.name}/{f.name}",
+                         compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+    zpath = atomic.publish_file(folder.with_name(folder.name + ".zip"), write)
     shutil.rmtree(folder, ignore_errors=True)
     return zpath

@@ -17,7 +17,6 @@ from core.lora import keys, variants
 from core.lora.layers import adapter_state_dict
 from core.lora.config import LoraConfig
 
-PEFT_PREFIX = keys.PEFT_PREFIX  # the file's keys: core.lora.keys
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 

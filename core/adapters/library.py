@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Collection, Sequence
 
 from core import atomic, safe_json
+from core.checks import shown
 from core.adapters.blend import blend_states
 from core.adapters import run_record
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path, save_adapter, write_adapter_folder
@@ -79,6 +80,13 @@ def check_name(name) -> str:
         raise AdapterError(f"invalid adapter name {name!r}: {name.split('.')[0]!r} is a reserved device name on "
                            f"Windows; choose another name.")
     return name
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """(run, checkpoint) of a library reference: ('run', None) for 'run', ('run', 'step_000050') for
+    'run@step_000050'. Neither part is checked here."""
+    run, sep, ckpt = spec.partition("@")
+    return run, (ckpt if sep else None)
 
 
 def checkpoint_path(run, step: int) -> Path:
@@ -200,9 +208,9 @@ class Library:
 
     def path(self, name: str) -> Path:
         """Folder of adapter `name`, or of a checkpoint with 'run@step_000050'. Links are refused."""
-        run, sep, ckpt = name.partition("@") if isinstance(name, str) else (name, "", "")
+        run, ckpt = split_spec(name) if isinstance(name, str) else (name, None)
         p = self._inside(self.root / check_name(run))
-        if sep:
+        if ckpt is not None:
             p = self._inside(self._inside(p / CHECKPOINTS) / check_name(ckpt))
         if not p.is_dir():
             raise self.no_such(name)
@@ -244,7 +252,7 @@ class Library:
         d["meta"] = {} if e.problem else run_record.read(_record_folder(p, src))[0]
         d["config"] = {} if e.problem else _read_config(src / CONFIG)[1]
         d["files"] = {f: (src / f).stat().st_size for f in ADAPTER_FILES if (src / f).is_file()}
-        d["checkpoints"] = [] if "@" in name else self.checkpoints(name)
+        d["checkpoints"] = [] if split_spec(name)[1] is not None else self.checkpoints(name)
         return d
 
     def checkpoints(self, name: str) -> list[dict]:
@@ -302,7 +310,7 @@ class Library:
             meta, _ = clean_meta(files.meta)  # a bad field is dropped: the upload itself is valid
             if (safe_json.timestamp(meta.get("created")) or 0) > time.time() + 86400:
                 del meta["created"]  # a future date would pin the upload to the top of every listing
-            meta.update(imported_from=safe_json.shown(Path(path).name)[:200], imported=_now(), status="imported")
+            meta.update(imported_from=shown(Path(path).name)[:200], imported=_now(), status="imported")
             _set_user(meta, user)
             history = run_record.history(src if src.is_dir() else src.parent, meta)  # its checked lines only
             return self._create(name, lambda tmp: write_adapter_folder(
@@ -415,25 +423,10 @@ class Library:
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         out = dest_dir / f"{name.replace('@', '-')}.zip"
-        if out.exists() or out.is_symlink():
-            raise AdapterError(f"{out} already exists; delete it or export somewhere else.")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=dest_dir)
-        os.close(fd)
         try:
-            write_adapter_zip(src, Path(tmp))
-            try:
-                os.link(tmp, out)  # unlike os.replace, fails instead of overwriting a file that appeared
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links: checked above, under a small race
-                os.replace(tmp, out)
+            return atomic.publish_file(out, lambda tmp: write_adapter_zip(src, tmp))
         except FileExistsError:
             raise AdapterError(f"{out} already exists; delete it or export somewhere else.") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        atomic.fsync_dir(dest_dir)
-        return out
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -464,7 +457,7 @@ class Library:
         def build(tmp: Path):
             for f in (WEIGHTS, CONFIG, README):
                 if (src / f).is_file():
-                    _copy(src / f, tmp / f)
+                    shutil.copyfile(src / f, tmp / f)  # publish_dir fsyncs it
             meta, _ = run_record.read(src)  # only checked fields (and history lines) travel to the copy
             meta.update(note)
             _set_user(meta, user)
@@ -514,7 +507,7 @@ class Library:
             meta, meta_problem = (top, top_problem) if has_top else run_record.read(src)
             config, _, config_problem = _read_config(src / CONFIG)
             problem = top_problem or meta_problem or config_problem
-            r, alpha, listed, base = config.get("r"), config.get("alpha"), config.get("targets"), config.get("base")
+            r, alpha, listed = config.get("r"), config.get("alpha"), config.get("targets")
             created = meta.get("created") or _mtime_iso(d)
             name = name or d.name
             if problem:
@@ -527,7 +520,7 @@ class Library:
             detail = (f"default {r}; " + "; ".join(f"{k}: {v}" for k, v in pattern.items())
                       if any(v != r for v in pattern.values()) else None)
             return AdapterEntry(
-                name=name, base_model=meta.get("base_model") or base, rank="mixed" if detail else r,
+                name=name, base_model=_base_of(meta, config), rank="mixed" if detail else r,
                 rank_detail=detail,
                 targets=list(listed or (meta.get("lora") or {}).get("targets") or []), alpha=alpha,
                 steps=meta.get("steps"), train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
@@ -652,10 +645,16 @@ def _width(state: dict) -> int:
     return width_from_a(target, state[found[keys.A]].shape)
 
 
-def _copy(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as f:
-        os.fsync(f.fileno())
+def recorded_base(folder) -> str | None:
+    """The base adapter folder `folder` says it was made for: its record's (studio.json), else its
+    adapter_config.json's; both checked, None when neither says."""
+    folder = Path(folder)
+    return _base_of(run_record.read(folder)[0], _read_config(folder / CONFIG)[0])
+
+
+def _base_of(meta: dict, config: dict) -> str | None:
+    """The recorded base: the run record's (checked studio.json), else the checked adapter_config.json's."""
+    return meta.get("base_model") or config.get("base")
 
 
 def _record_folder(entry: Path, src: Path) -> Path:
@@ -673,11 +672,11 @@ def _read_config(path: Path) -> tuple[dict, dict, str | None]:
             return {}, {}, f"{CONFIG} {why}"
         r, alpha, _, listed, base = parse_config(raw, path)
     except ValueError as e:  # AdapterError is a ValueError too
-        return {}, {}, safe_json.shown(str(e))[:300]
+        return {}, {}, shown(str(e))[:300]
     pattern = raw.get("rank_pattern") if isinstance(raw.get("rank_pattern"), dict) else {}
     return ({"r": r, "alpha": alpha, "targets": listed, "base": safe_json.text(base, 200),
              "variant": variants.of(LoraConfig(use_dora=raw.get("use_dora") is True)).label,
-             "rank_pattern": {safe_json.shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
+             "rank_pattern": {shown(str(k))[:200]: v for k, v in pattern.items()}}, raw, None)
 
 
 def _set_user(meta: dict, user: str | None) -> None:
@@ -686,7 +685,7 @@ def _set_user(meta: dict, user: str | None) -> None:
     meta.pop("user", None)
     meta.pop("shared", None)
     if user:
-        meta["user"] = safe_json.shown(str(user))[:200]
+        meta["user"] = shown(str(user))[:200]
 
 
 def _size(folder: Path) -> int:

@@ -8,7 +8,7 @@ from typing import Callable
 from pathlib import Path
 
 from core.adapters.format import CONFIG, WEIGHTS, name_from_path
-from core.adapters.library import NAME_RE, Library
+from core.adapters.library import CHECKPOINTS, NAME_RE, Library, split_spec
 from core.adapters.validate import PICKLE_HINT, PICKLE_SUFFIXES, AdapterError, read_adapter
 from core.lora.layers import adapter_names, load_adapter_state, lora_parameters
 from core.lora.config import LoraConfig
@@ -35,15 +35,27 @@ def resolve(spec: str, library_dir) -> AdapterRef:
     spec = str(spec).strip()
     if not spec:
         raise AdapterError("no adapter given: pass a library name or a path to an adapter folder.")
-    if NAME_RE.fullmatch(spec.partition("@")[0]):
+    run, ckpt = split_spec(spec)
+    if NAME_RE.fullmatch(run):
         try:
             entry = library_entry(spec, library_dir)
             if entry is not None:
                 return AdapterRef(entry, spec)
         except AdapterError:
-            if "@" in spec or not Path(spec).exists():
+            if ckpt is not None or not Path(spec).exists():
                 raise
     return AdapterRef(_adapter_file(Path(spec).expanduser(), spec))
+
+
+def display_name(path) -> str:
+    """The name a user knows adapter `path` by, the reverse of `resolve`: 'run@step_000050' for a training
+    checkpoint's folder (or a file in it), else the adapter name the path implies (format.name_from_path)."""
+    p = Path(path)
+    name = name_from_path(p)
+    folder = p if p.is_dir() else p.parent
+    if name == folder.name and folder.parent.name == CHECKPOINTS:
+        return f"{folder.parent.parent.name}@{name}"
+    return name
 
 
 def _adapter_file(p: Path, spec: str) -> Path:

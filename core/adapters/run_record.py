@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from core import atomic, safe_json
-from core.checks import MAX_PROMPT_CHARS
+from core.checks import MAX_PROMPT_CHARS, is_number, is_real
 from core.lora.config import MAX_LOADED_ALPHA, MAX_RANK
 
 META = "studio.json"
@@ -102,7 +102,7 @@ def _scalar(x):
         return _list_of(_prompt, 64)(x)
     if x is None or isinstance(x, bool):
         return x
-    return _num()(x) if isinstance(x, (int, float)) else _text(x)
+    return _num()(x) if is_number(x) else _text(x)
 
 
 def _pattern(top):
@@ -334,7 +334,7 @@ def curve(folder, meta: dict | None = None, limit: int = CHART_POINTS) -> tuple[
         meta = read(folder)[0]
     train, val = Thinner("loss", limit), Thinner("val_loss", limit)
     start = meta.get("start_val_loss")
-    if isinstance(start, (int, float)) and not isinstance(start, bool):
+    if _number(start) is not None:
         val.add({"step": 0, "val_loss": start})
     for p in history(folder, meta):
         train.add(p)
@@ -364,7 +364,7 @@ def thin(points: Iterable[dict], key: str, limit: int = CHART_POINTS) -> list[di
 
 
 def _number(v, otherwise=None):
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else otherwise
+    return v if is_real(v) else otherwise
 
 
 class Thinner:

@@ -24,14 +24,13 @@ class SamplingConfig:
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (a 64-bit seed or an infinite top-k would
         otherwise fail deep inside torch with an unreadable error)."""
-        from core.checks import real_number, whole_number
+        from core.checks import real_number, true_or_false, whole_number
         whole_number("max new tokens", self.max_new_tokens, 1, 1024)
         real_number("temperature", self.temperature, 0, 5, "a number from 0 to 5, 0 = greedy")
         whole_number("top-k", self.top_k, 0, 50257)
         real_number("top-p", self.top_p, 0, 1, "a number in (0, 1], 1 turns it off", above=True)
         whole_number("seed", self.seed, 0, 2**63 - 1)
-        if not isinstance(self.stop_at_eot, bool):
-            raise ValueError(f"stop at end of text must be true or false (got {self.stop_at_eot!r}).")
+        true_or_false("stop at end of text", self.stop_at_eot)
 
 
 def new_generator(cfg: SamplingConfig, device) -> torch.Generator:

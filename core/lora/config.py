@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from core.checks import real_number, whole_number
+from core.checks import real_number, true_or_false, whole_number
 from core.lora import patterns, variants
 from core.model.config import ATTN_QKV, TARGET_MODULES, GPTConfig
 
@@ -46,13 +46,11 @@ class LoraConfig:
         for t in self.targets:
             if t not in TARGET_MODULES:
                 raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
-        if not isinstance(self.use_dora, bool):
-            raise ValueError(f"use_dora must be true or false (got {self.use_dora!r}).")
+        true_or_false("use_dora", self.use_dora)
         self._validate_variants(cfg)
 
     def _validate_variants(self, cfg: GPTConfig | None) -> None:
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"use_rslora must be true or false (got {self.use_rslora!r}).")
+        true_or_false("use_rslora", self.use_rslora)
         variants.of(self)  # settings no variant has (an unknown init, DoRA from PiSSA) are a ValueError
         real_number("LoRA+ learning-rate ratio", self.loraplus_lr_ratio, 0, 1000, "a positive number up to 1000",
                     above=True, hint="; 16 is the LoRA+ paper's choice, 1 turns it off")
@@ -78,7 +76,8 @@ class LoraConfig:
 
 
 def normalize_targets(targets) -> tuple[str, ...]:
-    """Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order. 'c_proj' is
+    """The one parser of target modules (a flag, a form, a PEFT file): a list of names, or one comma-separated
+    text. Accept short names (c_attn, c_fc) or full ones (attn.c_attn); keep the canonical order. 'c_proj' is
     ambiguous in GPT-2: PEFT matches it by suffix, so it names both projections."""
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
@@ -86,6 +85,7 @@ def normalize_targets(targets) -> tuple[str, ...]:
     for t in targets:
         full = [m for m in TARGET_MODULES if t in (m, m.split(".", 1)[1])]
         if not full:
-            raise ValueError(f"unknown target module {t!r}; choose from {', '.join(TARGET_MODULES)}.")
+            raise ValueError(f"unknown target module {str(t)[:40]!r}; choose from {', '.join(TARGET_MODULES)} "
+                             f"(or the short names c_attn, c_proj, c_fc).")
         out += full
     return tuple(t for t in TARGET_MODULES if t in out)

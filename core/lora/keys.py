@@ -54,6 +54,27 @@ def parse(k: str, in_file: bool = False) -> Key | None:
     return Key(int(m.group("layer")), m.group("target"), part)
 
 
+def targets(slots: Iterable[tuple[int, str]]) -> tuple[str, ...]:
+    """The targets that (layer, target) `slots` (the keys of `modules`) hold, in TARGET_MODULES order."""
+    found = {t for _, t in slots}
+    return tuple(t for t in TARGET_MODULES if t in found)
+
+
+def unexpected(k) -> str:
+    """Why `k` may not be in an adapter file (for a key `parse` refused)."""
+    return (f"unexpected key {str(k)[:120]!r}; an adapter may only hold lora_A/lora_B weights of "
+            f"transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
+
+
+def ours(k: str) -> str:
+    """Our key of `k` as a file spells it ('base_model.model.' and PEFT's infixes dropped); ValueError for a
+    key that is no adapter key."""
+    p = parse(k, in_file=True)
+    if p is None:
+        raise ValueError(unexpected(k))
+    return key(*p)
+
+
 def modules(names: Iterable[str], in_file: bool = False) -> dict[tuple[int, str], dict[str, str]]:
     """{(layer, target): {part: key as given}} of `names`, sorted. ValueError (naming the key) for a key that
     is no adapter key, two keys of one tensor, or a lora_A without its lora_B (or the reverse)."""
@@ -61,8 +82,7 @@ def modules(names: Iterable[str], in_file: bool = False) -> dict[tuple[int, str]
     for k in sorted(names):
         p = parse(k, in_file)
         if p is None:
-            raise ValueError(f"unexpected key {str(k)[:120]!r}; an adapter may only hold lora_A/lora_B weights "
-                             f"of transformer.h.<layer>.({'|'.join(TARGET_MODULES)}).")
+            raise ValueError(unexpected(k))
         slot = found.setdefault((p.layer, p.target), {})
         if p.part in slot:
             raise ValueError(f"key {k!r} duplicates another key for the same weight.")

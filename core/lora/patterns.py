@@ -13,6 +13,7 @@ import warnings
 
 import regex  # tiktoken's own dependency; unlike re, its matching takes a time limit
 
+from core.checks import is_real, is_text, is_whole
 from core.lora import keys
 from core.model.config import TARGET_MODULES
 
@@ -132,7 +133,7 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
         if len(pats) > MAX_PATTERNS:
             raise ValueError(f"{field} has {len(pats)} entries; at most {MAX_PATTERNS}.")
         for key, v in pats.items():
-            if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
+            if not key or not is_text(key, MAX_PATTERN_CHARS):
                 raise ValueError(f"{field}: each key must be a module name or regex of 1..{MAX_PATTERN_CHARS} "
                                  f"characters.")
             try:
@@ -143,8 +144,7 @@ def check_patterns(lcfg, n_layer: int | None, max_rank: int, max_alpha: float) -
             if time.monotonic() - started > PATTERNS_BUDGET_S:
                 raise ValueError(f"{field}: the patterns take too long to match (over {PATTERNS_BUDGET_S:g} s in all); "
                                  f"use fewer or simpler patterns, such as 'h.0.attn.c_attn'.")
-            ok = (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top) if what == "rank" else \
-                (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= top)
+            ok = is_whole(v, 1, top) if what == "rank" else is_real(v, 0, top) and v > 0
             if not ok:
                 kind = "a whole number" if what == "rank" else "a positive number"
                 raise ValueError(f"{field}: {key!r} -> {v!r}; the {what} must be {kind} up to {top:g}.")
@@ -173,7 +173,7 @@ def parse_pattern(text, what: str) -> dict:
     import json
     if text is None or (isinstance(text, str) and not text.strip()):
         return {}
-    if not isinstance(text, str) or len(text) > 100_000:
+    if not is_text(text, 100_000):
         raise ValueError(f"{what} must be JSON text such as {{\"h.0.attn.c_attn\": 4}}.")
     try:
         value = json.loads(text)

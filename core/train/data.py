@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from core import atomic, safe_json
+from core.checks import check_text, shown
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
 from core.model.loss import IGNORE
@@ -147,22 +148,10 @@ def split_tokens(ids: np.ndarray, train_ratio: float = 0.9) -> tuple[np.ndarray,
     return train, val
 
 
-def check_text(text: str, name: str) -> None:
-    """A text from a user (pasted, or a file already decoded): within the size cap, and valid
-    Unicode (a lone surrogate cannot be encoded, saved or shown on a page)."""
-    if len(text) > MAX_TEXT_BYTES:  # characters: a lower bound on the UTF-8 bytes, known without encoding
-        raise ValueError(f"{name} is {len(text)} characters; the limit is {MAX_TEXT_BYTES} bytes of text. "
-                         f"Use a smaller part of it.")
-    if not safe_json.text_ok(text):
-        at = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
-        raise ValueError(f"{name} holds invalid Unicode (a lone surrogate at character {at}); "
-                         f"remove it or paste the text again from a UTF-8 source.")
-
-
 def build_dataset(texts: Sequence[str], sources: Sequence[str], train_ratio: float = 0.9) -> Dataset:
     """Tokenize documents (joined with <|endoftext|>) and split them; nothing is written."""
     for t, src in zip(texts, sources):
-        check_text(t, src)
+        check_text(t, src, MAX_TEXT_BYTES)  # characters: a lower bound on the UTF-8 bytes, known without encoding
     if sum(len(t) for t in texts) > MAX_TEXT_BYTES:  # what was read or pasted, all together
         raise ValueError(f"the texts together are over the limit of {MAX_TEXT_BYTES} bytes; use fewer or "
                          f"smaller files.")
@@ -304,7 +293,7 @@ def read_dataset_meta(folder) -> dict:
             return {}
         raw = safe_json.load_file(path, MAX_META_BYTES)
     except (OSError, ValueError) as e:
-        return {"problem": safe_json.shown(str(e))}
+        return {"problem": shown(str(e))}
     if not isinstance(raw, dict):
         return {"problem": f"{META} is not a JSON object"}
     out = {k: v for k, check in _META_FIELDS.items() if k in raw and (v := check(raw[k])) is not None}

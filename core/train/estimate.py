@@ -27,15 +27,15 @@ THROUGHPUT = {"cuda": 450e12, "mps": 4e12, "cpu": 0.16e12}
 # effective bandwidth for it.
 VOCAB_BYTES = 16
 BANDWIDTH = {"cuda": 2e12, "mps": 50e9, "cpu": 0.5e9}
-# Fixed cost per block per micro-step (kernel launches, Python): dominant for small batches.
-# Measured on the H200: ~1.4 ms eager, ~0.08 ms with the step captured as a CUDA graph.
+# Fixed cost per block per micro-step (kernel launches, Python): dominant for small batches, and mostly
+# removed when the step is captured as a CUDA graph (the figures: docs/performance.md).
 LAYER_OVERHEAD = {"cuda": 1.4e-3, "cuda-graphs": 0.08e-3, "mps": 1e-3, "cpu": 1e-3}
 # Values saved per token per block for the backward pass, in units of the width (ln, qkv, attn
 # out, proj in, ln, fc out, gelu out, residuals), measured against peaks on CUDA.
 ACT_PER_TOKEN_LAYER = 18
 # Memory a CPU training step touches whatever the model's size: library code paged in on first use, thread
-# pools and allocator arenas; 87 MB at widths 128, 256 and 512 alike (bench/memory.py). CUDA peaks are
-# allocator figures, which exclude the context, so nothing is added there.
+# pools and allocator arenas, the same at every width (bench/memory.py). CUDA peaks are allocator figures,
+# which exclude the context, so nothing is added there.
 RUNTIME_BYTES = {"cpu": 88 * 2**20}
 BYTES = {"fp32": 4, "bf16": 2, "nf4": 0.5 + 0.0625, "int8": 1 + 0.0625}
 # Bytes of fp32 logits one forward may hold whole; larger micro-batches train the loss in pieces and

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checks import check_text
+from core.checks import check_text, is_number
 from core.train.data import MAX_TEXT_BYTES, TEXT_SUFFIXES, decode_text
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -59,7 +59,7 @@ def kind_of(name: str) -> str:
 def _value(v, name: str, where: str, key: str) -> str:
     if isinstance(v, str):
         return check_text(v, f"{name}: {where}: field '{key}'")
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if is_number(v):
         return str(v)
     if v is None:
         return ""

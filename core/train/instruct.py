@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.checks import check_text
 from core.model import tokenizer
 from core.model.config import EOT_TOKEN
-from core.train.data import Dataset, MAX_TEXT_BYTES, build_dataset, check_text, save_dataset
+from core.train.data import Dataset, MAX_TEXT_BYTES, build_dataset, save_dataset
 from core.train.imports import Fields, pick, read_file, read_records
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
@@ -33,9 +34,7 @@ def check_template(template) -> str:
     if not isinstance(template, str) or not template.strip():
         raise ValueError("the template is empty; it must contain {prompt} and {response}, e.g. "
                          + repr(DEFAULT_TEMPLATE) + ".")
-    if len(template) > MAX_TEMPLATE_CHARS:
-        raise ValueError(f"the template is {len(template)} characters; at most {MAX_TEMPLATE_CHARS}.")
-    check_text(template, "the template")
+    check_text(template, "the template", MAX_TEMPLATE_CHARS)
     for slot in ("{prompt}", "{response}"):
         if template.count(slot) != 1:
             raise ValueError(f"the template must contain {slot} exactly once (found {template.count(slot)}); "
@@ -81,7 +80,7 @@ def build_instruction_dataset(pairs: list[dict], sources: list[str], template: s
     total = 0
     for i, ex in enumerate(pairs, 1):
         for role in ("prompt", "response"):
-            check_text(ex[role], f"example {i}'s {role}")
+            check_text(ex[role], f"example {i}'s {role}", MAX_TEXT_BYTES)
             total += len(ex[role])
     if total > MAX_TEXT_BYTES:
         raise ValueError(f"the examples together are over the limit of {MAX_TEXT_BYTES} bytes of text; use fewer.")

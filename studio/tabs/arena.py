@@ -108,13 +108,8 @@ def board_rows(studio: Studio, round_id) -> list[list]:
 
 def export(studio: Studio, round_id, fmt, request: gr.Request | None = None) -> str:
     check_teacher(studio, request)
-    rnd = studio.arena.get(round_id)
-    if fmt not in ("csv", "json"):
-        raise ValueError("choose csv or json.")
-    path = studio.export_folder() / f"arena-{rnd.id}.{fmt}"
-    text = studio.arena.export_csv(rnd.id) if fmt == "csv" else studio.arena.export_json(rnd.id)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    rnd = studio.arena.get(round_id)  # an unknown round is refused before a download folder is made
+    return str(studio.arena.export(rnd.id, fmt, studio.export_folder()))
 
 
 def create_arena_tab(studio: Studio) -> dict:

@@ -27,9 +27,9 @@ PRESET_PROMPTS = [
     "The best advice I ever got was",
 ]
 STREAM_INTERVAL = 0.08  # seconds between one stream's UI updates, at least
-# Each update is an event the server encodes and sends (Gradio's per-event CPU work): with 30 streams
-# every 80 ms that was 375 events/s on 2 cores. The streams share this budget instead: each one updates
-# every max(80 ms, streams / UPDATES_PER_S), so the total stays about this many per second.
+# Each update is an event the server encodes and sends (Gradio's per-event CPU work): many streams each at
+# STREAM_INTERVAL would swamp a small server. The streams share this budget instead: each one updates
+# every max(STREAM_INTERVAL, streams / UPDATES_PER_S), so the total stays about this many per second.
 UPDATES_PER_S = 50
 QUEUE_NOTE = "waiting in the queue: position {}"  # shown under the prompt while a request waits for free rows
 BATCHED_CONCURRENCY = 32  # compares served at once with batched generation (under anyio's 40 worker threads)
@@ -140,14 +140,13 @@ def compare(studio: Studio, form: CompareForm, progress=None, user=None, signed_
     labels = [f"Base model · {model_name}" if c is None else f"Adapter · {c}" for c in columns]
     texts = [prompt] * len(columns)
     # the status ("loaded") comes with the texts: a .then() for it was a second queued event per compare,
-    # and with 30 clients in bench/load.py (following it as a browser does) 9.5 and 8.8 answers/s
-    # against 14.6 and 12.8 without it
+    # which cost a loaded server a large share of its answers per second (bench/load.py)
     status = studio.model_status(model_name)
 
     def updates(first: bool = False):
         # Only the first update changes labels and visibility: Gradio rebuilds a component (its config, the
-        # signature of its __init__) for every gr.update() or gr.skip() it gets, about 1 ms of the server's
-        # event loop each (py-spy under load: a quarter of that thread). The streamed updates are plain values,
+        # signature of its __init__) for every gr.update() or gr.skip() it gets, on the server's event loop
+        # (a large share of that thread under load). The streamed updates are plain values,
         # "" for the hidden columns (what they hold).
         out = []
         for i in range(COLUMNS):

@@ -20,7 +20,7 @@ from .data_records import create_records_section
 from .data_view import MAX_SESSION_BYTES, saved_datasets_md, token_view_html
 
 MAX_PASTED_CHARS = 8 * 2**20  # the text box travels with every event: big texts belong in a file
-PREVIEW_CHARS = 1_000_000  # live statistics read at most this much (~0.3 s); Prepare counts everything
+PREVIEW_CHARS = 1_000_000  # live statistics read at most this much, to stay interactive; Prepare counts everything
 NO_TEXT = "add some text first: upload .txt/.md files, paste text, or pick a sample."
 EMPTY = {"files": [], "tokens": 0, "sample": None}  # per-session: uploads [(source, path, bytes)] (never their
 # text: gr.State is copied per session), the (estimated) token count, the bundled sample loaded into the box

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from core.api import scrub, tokenizer
+from core.api import is_whole, scrub, tokenizer
 
 from ..context import Studio
 
@@ -37,7 +37,7 @@ def token_view_html(text: str, limit: int = TOKEN_VIEW_LIMIT, ids=None, mask=Non
 
 
 def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
+    return f"{x:,}" if is_whole(x) else "?"
 
 
 def saved_datasets_md(studio: Studio, user: str | None = None) -> str:

@@ -71,7 +71,7 @@ def _detail_rows(d: dict) -> list[tuple[str, object]]:
     """(label, value) rows of an adapter's settings, each value read defensively from its studio.json."""
     meta, cfg = _dict(d.get("meta")), _dict(d.get("config"))
     lora, training, ds = _dict(meta.get("lora")), _dict(meta.get("training")), _dict(meta.get("dataset"))
-    rows = [("Base model", d.get("base_model") or cfg.get("base_model_name_or_path") or "?"),
+    rows = [("Base model", d.get("base_model") or "?"),  # the record's, else adapter_config.json's
             ("Status", d.get("status")), ("Variant", d.get("variant") or "LoRA"),
             ("Rank / alpha", f"{d.get('rank')} / {d.get('alpha')}"),
             ("Targets", ", ".join(map(str, d.get("targets") or []))),

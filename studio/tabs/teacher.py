@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from core.api import is_real, is_whole
+
 from .. import caps as class_caps
 from ..context import Studio, friendly, sentence, user_of
 from ..inputs import Number
@@ -70,7 +72,7 @@ def job_choices(studio: Studio, keep=None):
 
 def _job(studio: Studio, job_id):
     """The live job `job_id` (ValueError when there is none)."""
-    text = str(job_id).strip().lstrip("#") if isinstance(job_id, (str, int)) and not isinstance(job_id, bool) else ""
+    text = str(job_id).strip().lstrip("#") if isinstance(job_id, str) or is_whole(job_id) else ""
     job = studio.runner.find(text) if text.isdigit() else None
     if job is None or not job.live:
         raise ValueError("pick a job that is queued or training from the list (press Refresh to update it).")
@@ -92,7 +94,7 @@ def cancel_job(studio: Studio, job_id, request=None, token=None) -> str:
 
 def move_job(studio: Studio, job_id, delta, request=None, token=None) -> str:
     teacher_of(studio, request, token)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta != int(delta) or not delta:
+    if not (is_real(delta) and delta == int(delta) and delta):
         raise ValueError("move by a whole number of places: -1 is one place up, 1 one place down.")
     return studio.runner.scheduler.move(_job(studio, job_id), int(delta))
 

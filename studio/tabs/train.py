@@ -16,7 +16,7 @@ import gradio as gr
 
 from core.api import (ATTN_OUT, ATTN_QKV, INITS, MAX_PROMPT_CHARS, MLP_DOWN, MLP_UP, PRESETS, REPORT_TO, TARGET_MODULES,
                       LoraConfig, TrainConfig, check_name, check_text, estimate_training, find_checkpoint, human_bytes,
-                      human_seconds, load_dataset, parse_pattern, read_dataset_meta, scrub)
+                      human_seconds, load_dataset, normalize_targets, parse_pattern, read_dataset_meta, scrub)
 
 from .. import caps as class_caps
 from ..context import (Studio, address_of, friendly, new_browser_id, number, requester, sentence, typed_name,
@@ -77,9 +77,7 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
         raise ValueError("learning rate is empty; enter a number such as 3e-4.")
     if f.targets is not None and not isinstance(f.targets, (list, tuple)):
         raise ValueError("target modules must be a list; choose them with the checkboxes.")
-    unknown = [t for t in (f.targets or []) if t not in TARGET_MODULES]
-    if unknown:
-        raise ValueError(f"unknown target module {str(unknown[0])[:40]!r}; choose from {', '.join(TARGET_MODULES)}.")
+    targets = normalize_targets(f.targets or ())
     prompt = check_text(f.prompt if with_prompt else None, "the sample prompt", MAX_PROMPT_CHARS).strip()
     if f.dora not in (None, True, False):
         raise ValueError("DoRA must be true or false; tick or untick the DoRA box.")
@@ -87,7 +85,7 @@ def make_configs(form: TrainForm, with_prompt: bool = True) -> tuple[LoraConfig,
         raise ValueError("rsLoRA must be true or false; tick or untick the rsLoRA box.")
     lcfg = LoraConfig(r=whole(f.rank, "rank"), alpha=number(f.alpha if f.alpha is not None else 0, "alpha"),
                       dropout=number(f.dropout if f.dropout is not None else 0, "dropout"), use_dora=bool(f.dora),
-                      targets=tuple(t for t in TARGET_MODULES if t in (f.targets or [])),
+                      targets=targets,
                       use_rslora=bool(f.rslora), init=f.init if f.init is not None else "kaiming",
                       loraplus_lr_ratio=number(f.loraplus_lr_ratio if f.loraplus_lr_ratio is not None else 1,
                                                "LoRA+ ratio"),
@@ -114,7 +112,7 @@ def size_md(studio: Studio, model_name, targets, r, dora=False, init="kaiming", 
     """Live count of what LoRA adds: trainable parameters, adapter file size, share of the model (a rank
     pattern changes the count; PiSSA/OLoRA save a rank-2r file)."""
     try:
-        lcfg = LoraConfig(r=whole(r, "rank"), targets=tuple(t for t in TARGET_MODULES if t in (targets or [])),
+        lcfg = LoraConfig(r=whole(r, "rank"), targets=normalize_targets(targets or ()),
                           use_dora=dora is True, init=init if init is not None else "kaiming",
                           rank_pattern=parse_pattern(rank_pattern, "rank pattern"))
         lcfg.validate(PRESETS.get(model_name))
