@@ -44,7 +44,7 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2", *, eng
     """`engine`'s base from --weights/--model (checked against each other), else the adapter's (or the
     resumed run's) recorded base when that is a known GPT-2 preset."""
     from core.model.config import PRESETS
-    from core.model.weights import WeightsError
+    from core.model.weights import WeightsError, check_preset_shape
     if args.weights and not Path(args.weights).expanduser().exists():
         raise WeightsError(f"--weights {args.weights}: no such file or folder.")
     source = args.weights or args.model or _known_base(recorded) or fallback
@@ -52,10 +52,8 @@ def load_model(args, recorded: str | None = None, fallback: str = "gpt2", *, eng
     say(f"loading base model {source} ...")
     progress = lambda m: say("  " + m)  # noqa: E731
     model = engine.base(base_id, weights=args.weights, progress=progress)
-    if args.weights and args.model in PRESETS and PRESETS[args.model] != _shape(model.config, PRESETS[args.model]):
-        c = model.config
-        raise WeightsError(f"--weights {args.weights} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
-                           f"not {args.model}; drop --model or pass matching weights.")
+    if args.weights and args.model in PRESETS:
+        check_preset_shape(model.config, args.model, args.weights, "drop --model or pass matching weights")
     c = model.config
     say(f"base model: {base_id} ({c.n_layer} layers, width {c.n_embd}, {c.n_params() / 1e6:.1f}M parameters) "
         f"on {model.device}, {str(model.dtype).replace('torch.', '')}")
@@ -84,13 +82,6 @@ def _known_base(recorded: str | None) -> str | None:
         return preset_of(recorded)
     raise ValueError(f"the adapter names its base {recorded!r}, which is not one of the known GPT-2 models "
                      f"({', '.join(PRESETS)}); pass --model or --weights to choose the base yourself.")
-
-
-def _shape(cfg, preset):
-    # compare layer/width/heads only (context length and eps may differ in local files)
-    from dataclasses import replace
-    return replace(cfg, block_size=preset.block_size, layer_norm_eps=preset.layer_norm_eps,
-                   vocab_size=preset.vocab_size)
 
 
 def say(msg: str = "") -> None:

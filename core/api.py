@@ -29,7 +29,7 @@ from core.lora.patterns import parse_pattern
 from core.lora.variants import INITS
 from core.model import tokenizer
 from core.model.config import ATTN_OUT, ATTN_QKV, HUB_IDS, MLP_DOWN, MLP_UP, PRESETS, TARGET_MODULES
-from core.model.weights import WeightsError, hub_reachable
+from core.model.weights import WeightsError, check_preset_shape, hub_reachable
 from core.quota import Quota
 from core.sandbox import (Sandboxes, check_not_gallery, clean, import_gallery, is_visitor, owners_on_disk,
                           visitor_name)

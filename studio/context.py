@@ -25,7 +25,7 @@ import gradio as gr
 from core.api import (PRESETS, AdapterEntry, AdapterError, Arena, Dataset, DatasetStore, Engine, Quota, Runs,
                       SchedulerBusy, TrainingError, TrainScheduler, WeightsError, check_not_gallery, check_text,
                       default_dtype, disk_full, human_bytes, is_dataset_folder, load_dataset, precision_name,
-                      read_dataset_meta, scrub, split_spec)
+                      read_dataset_meta, scrub, split_spec, check_preset_shape)
 
 from .fair_queue import is_local
 from .exports import make_exports_dir
@@ -130,13 +130,13 @@ class Studio:
                              f"pick {busy}, or wait for them to end.")
         weights = self.weights if name == self.weights_for else None
         model = self.engine.base(name, weights, progress, pin=pin)
-        c, p = model.config, PRESETS[name]
-        if weights and (c.n_layer, c.n_embd, c.n_head) != (p.n_layer, p.n_embd, p.n_head):
+        try:
+            if weights:
+                check_preset_shape(model.config, name, weights, "start with the matching --model")
+        except WeightsError:
             if pin:
                 self.engine.unpin_base(model)
-            raise WeightsError(f"--weights {Path(weights).name} holds a {c.n_layer}-layer width-{c.n_embd} GPT-2, "
-                               f"not {name} "
-                               f"({p.n_layer} layers, width {p.n_embd}); start with the matching --model.")
+            raise
         return model
 
     def model_status(self, name: str) -> str:

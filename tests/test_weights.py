@@ -129,3 +129,13 @@ def test_save_hf_publishes_a_whole_new_folder_and_never_writes_over_one(tmp_path
         save_hf(model.to(torch.bfloat16), out, dtype=torch.bfloat16)
     assert (out / "model.safetensors").read_bytes() == written  # the folder there is left as it was
     assert [p.name for p in tmp_path.iterdir()] == ["base"]  # and no half-built folder beside it
+
+
+def test_local_weights_of_another_size_than_the_chosen_preset_are_refused_in_one_sentence():
+    from core.model.config import PRESETS
+    from core.model.weights import WeightsError, check_preset_shape
+    check_preset_shape(PRESETS["gpt2"], "gpt2", "/somewhere/gpt2.safetensors", "x")  # its own shape passes
+    with pytest.raises(WeightsError) as e:
+        check_preset_shape(PRESETS["tiny"], "gpt2", "/somewhere/model.safetensors", "start with the matching --model")
+    assert str(e.value) == ("--weights model.safetensors holds a 2-layer width-64 GPT-2, not gpt2 (12 layers, width "
+                            "768); start with the matching --model.")

@@ -56,6 +56,15 @@ def load_base(name_or_path: str = "gpt2", device="auto", dtype: torch.dtype | No
     return model.use_cpu_layout() if device.type == "cpu" else model
 
 
+def check_preset_shape(config: GPTConfig, preset: str, weights, advice: str) -> None:
+    """WeightsError unless weights read from local files (`weights`: their path) hold GPT-2 `preset`'s shape:
+    layers, width and heads (a local file's context length and epsilon may differ). advice: what to do."""
+    p = PRESETS[preset]
+    if (config.n_layer, config.n_embd, config.n_head) != (p.n_layer, p.n_embd, p.n_head):
+        raise WeightsError(f"--weights {Path(weights).name} holds a {config.n_layer}-layer width-{config.n_embd} "
+                           f"GPT-2, not {preset} ({p.n_layer} layers, width {p.n_embd}); {advice}.")
+
+
 def _looks_like_repo(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
