@@ -91,7 +91,7 @@ def steps_ours(ckpt, device, batch, seq, total, dora=False, dtype=None):
     try:
         loop, times = TrainLoop(model), []
         loop.join(trainer, lambda ev: ev["type"] == "step" and times.append(ev["step_time"]))
-        while loop.runs:
+        while loop.live:
             loop.step()
             while times:
                 yield times.pop(0)

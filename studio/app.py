@@ -1,6 +1,6 @@
 """build_ui(): the five tabs around one shared Engine (base model + adapters) and the training Runs (core.train.runs).
 
-Process-wide objects (engine, runner, folders) live in a Studio that the tabs close over; gr.State
+Process-wide objects (engine, training jobs, folders) live in a Studio that the tabs close over; gr.State
 holds only small per-session values (the session's uploaded text, which job version a page drew).
 """
 from __future__ import annotations

@@ -21,9 +21,9 @@ class Caps:
 
 def current(studio: Studio) -> Caps:
     """The caps in force now, read where they are checked."""
-    runner = studio.runner
-    return Caps(runner.scheduler.max_jobs_per_user, studio.engine.max_rows_per_user, runner.max_job_tokens,
-                runner.max_job_steps)
+    runs = studio.runs
+    return Caps(runs.scheduler.max_jobs_per_user, studio.engine.max_rows_per_user, runs.max_job_tokens,
+                runs.max_job_steps)
 
 
 def _cap(value, what: str, optional: bool) -> int | None:
@@ -46,10 +46,10 @@ def parse(jobs, rows, job_tokens, job_steps) -> Caps:
 def apply(studio: Studio, caps: Caps) -> None:
     """Put `caps` in force for the next submissions (each is one attribute write, read as a job or request
     is submitted)."""
-    runner, engine = studio.runner, studio.engine
-    runner.scheduler.max_jobs_per_user = studio.max_jobs_per_user = caps.jobs_per_user
-    runner.max_job_tokens = studio.max_job_tokens = caps.job_tokens
-    runner.max_job_steps = studio.max_job_steps = caps.job_steps
+    runs, engine = studio.runs, studio.engine
+    runs.scheduler.max_jobs_per_user = studio.max_jobs_per_user = caps.jobs_per_user
+    runs.max_job_tokens = studio.max_job_tokens = caps.job_tokens
+    runs.max_job_steps = studio.max_job_steps = caps.job_steps
     engine.max_rows_per_user = caps.rows_per_user
     scheduler = engine._scheduler  # the decode scheduler of the loaded base, if one was made
     if scheduler is not None:

@@ -82,8 +82,8 @@ class Studio:
     max_job_minutes: float | None = None  # --max-job-minutes: a job's training time at most (then stopped, saved)
     admin_token: str | None = None  # --admin-token: whoever gives it may stop any job (compare with is_admin_token)
     quota: Quota = field(default_factory=Quota)  # per-user disk caps, the free-space floor (admins: no caps)
-    runner: Runs = field(init=False)  # every training job: core's Runs on the engine (its rules, its scheduler)
-    chunked: ChunkScheduler | None = field(init=False)  # on ZeroGPU: the runner's scheduler, jobs run in chunks
+    runs: Runs = field(init=False)  # every training job: core's Runs on the engine (its rules, its scheduler)
+    chunked: ChunkScheduler | None = field(init=False)  # on ZeroGPU: the jobs' scheduler, jobs run in chunks
     dataset_store: DatasetStore = field(init=False)  # the named datasets in datasets_dir
     probe: HubProbe = field(default_factory=HubProbe)
     streams: StreamCount = field(default_factory=StreamCount)  # Compare outputs streaming now (the Compare tab)
@@ -96,11 +96,11 @@ class Studio:
         self.quota = replace(self.quota, admins=self.quota.admins | self.admins)
         self.dataset_store = DatasetStore(self.datasets_dir, self.quota)
         self.datasets_dir = self.dataset_store.root
-        self.runner = Runs(self.engine, lambda base_id: self.base(base_id, pin=True),
+        self.runs = Runs(self.engine, lambda base_id: self.base(base_id, pin=True),
                            self.max_jobs_per_user, self.train_capacity, self.max_job_tokens,
                            max(1, self.users_per_address), self.max_job_steps, self.max_job_minutes,
                            ChunkScheduler if self.engine.gpu_calls is not None else TrainScheduler)
-        self.chunked = self.runner.scheduler if self.engine.gpu_calls is not None else None
+        self.chunked = self.runs.scheduler if self.engine.gpu_calls is not None else None
         self.arena = Arena(self.arena_dir or self.engine.library_dir.parent / "arena")
         self.engine.library.quota = self.quota  # opened now: start-up sweeps what a crashed run or writer left
         self.exports_dir = make_exports_dir()  # and removes those left by servers that were killed
@@ -121,10 +121,10 @@ class Studio:
 
     def base(self, name: str, progress: Callable[[str], None] | None = None, pin: bool = False):
         """The shared base `name`, loaded once (the first call per model loads it). pin: for a training
-        run, see Engine.base (the runner releases the pin)."""
+        run, see Engine.base (the job's end releases the pin)."""
         if name not in PRESETS:
             raise ValueError(f"unknown base model {name!r}; choose one of {', '.join(CHOICES)}.")
-        busy = self.runner.scheduler.running_base()
+        busy = self.runs.scheduler.running_base()
         if busy is not None and busy != name:
             raise ValueError(f"the base model cannot change to {name} while training jobs run on {busy}; "
                              f"pick {busy}, or wait for them to end.")
@@ -340,7 +340,7 @@ def sentence(text: str) -> str:
 
 
 def friendly(fn, status=None):
-    """Show user-facing errors (bad input, missing weights, a busy runner, a full disk) as a warning toast
+    """Show user-facing errors (bad input, missing weights, a busy job queue, a full disk) as a warning toast
     with the message, leaving the outputs as they were: never a traceback, never red error boxes on the form.
     status: the tab's status line (one of fn's outputs), where the latest action reports: the error replaces
     it instead of a toast beside a stale line (API clients still read the warning)."""

@@ -112,7 +112,7 @@ class DemoMode:
         expired = self.sandboxes.expired()
         if not expired:
             return set()
-        scheduler = self.studio.runner.scheduler
+        scheduler = self.studio.runs.scheduler
         live = [j for j in scheduler.live() if j.user in {f"user:{v}" for v in expired}]  # context.requester
         for job in live:
             scheduler.stop(job)

@@ -17,14 +17,14 @@ ENDED = {"finished": "is saved to the library", "stopped": "stopped and is saved
 
 def live_jobs(studio: Studio, owner: str | None) -> list[int]:
     """Ids of `owner`'s jobs queued or training (none for an unknown owner)."""
-    return [j.id for j in studio.runner.scheduler.live() if owner is not None and j.user == owner]
+    return [j.id for j in studio.runs.scheduler.live() if owner is not None and j.user == owner]
 
 
 def ended(studio: Studio, watched) -> tuple[list[str], list[int]]:
     """(a sentence per watched job that has ended, the ids still live)."""
     notes, still = [], []
     for job_id in watched if isinstance(watched, list) else []:
-        job = studio.runner.find(job_id)
+        job = studio.runs.find(job_id)
         if job is None:
             continue
         if job.live:

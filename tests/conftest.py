@@ -55,7 +55,7 @@ def studio(tmp_path):
     from studio.app import create_studio
     s = create_studio(tmp_path / "lib", tmp_path / "datasets", "cpu", "tiny", precision="fp32")
     yield s
-    s.runner.stop_all(60)
+    s.runs.stop_all(60)
 
 
 @pytest.fixture

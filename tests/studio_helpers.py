@@ -52,7 +52,7 @@ def _wait_for(pred, timeout=120.0):
 
 def _train(studio, name, steps=6, **kw):
     _start(studio, name, steps, **kw)
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "finished", snap["message"]
     return snap
 
@@ -65,7 +65,7 @@ def _files(folder: Path) -> list[tuple[str, ...]]:
 
 def _state(studio) -> dict:
     model = studio.engine.model
-    snap = studio.runner.snapshot()
+    snap = studio.runs.snapshot()
     return {"datasets": _files(studio.datasets_dir), "library": listing(studio.library),
             "entries": [e.to_dict() for e in studio.library.list()],
             "base": studio.engine.base_id if model is not None else None,

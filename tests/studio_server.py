@@ -34,5 +34,5 @@ def served_studio(tmp, auth=None, max_upload=None, before_build=None, demo=None,
     try:
         yield url, studio
     finally:
-        studio.runner.stop_all(60)
+        studio.runs.stop_all(60)
         ui.close()

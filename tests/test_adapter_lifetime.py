@@ -184,7 +184,7 @@ def _train(client: Client, studio, run: str):
     msg, *_ = client.predict("tiny", "pirates", run, *RUN, api_name="/start_training")
     assert "Started" in msg, msg
     _until(lambda: f"train:{run}" in adapter_names(studio.engine.model), f"train:{run} to load")
-    return studio.runner.training(run)
+    return studio.runs.training(run)
 
 
 def _call(url: str, user: tuple[str, str], api_name: str, values: list) -> tuple[list[str], list | None]:

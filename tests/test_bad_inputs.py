@@ -162,7 +162,7 @@ def test_bad_settings_do_not_disturb_a_loaded_model_or_its_adapters(studio):
 def test_sequence_longer_than_the_data_trains_with_a_note(studio):
     data.prepare(studio, dict(data.EMPTY), "a few words of text, " * 12, 0.9, "short")
     msg, _ = _start_with(studio, dict(dataset="short", seq_len=512, steps=2))
-    snap = studio.runner.wait(120)
+    snap = studio.runs.wait(120)
     assert snap["state"] == "finished", snap["message"]
     assert any("fewer than one block of 512 + 1; the block size is reduced" in n for n in snap["notes"])
     assert "the block size is reduced" in train.job_html(snap)

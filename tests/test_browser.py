@@ -157,18 +157,18 @@ def test_full_journey(server, browser):
     assert "Trains in one shared step with 1 other job" in page2.inner_text("#train-job")
     _shot(page2, "5-second-user-training")
     # it may not stop the first user's job, only its own
-    first_id = str(studio.runner.training("pirate-lora").id)
+    first_id = str(studio.runs.training("pirate-lora").id)
     _pick(page2, "train-follow", f"#{first_id} pirate-lora (running)")
     page2.wait_for_function("() => document.querySelector('#train-job').innerText.includes('pirate-lora')")
     page2.click("#train-stop")
     page2.wait_for_selector("#train-action :text('started by someone else')")
-    assert studio.runner.training("pirate-lora").state == "running"
-    visitor = studio.runner.training("visitor-lora")
+    assert studio.runs.training("pirate-lora").state == "running"
+    visitor = studio.runs.training("visitor-lora")
     _pick(page2, "train-follow", f"#{visitor.id} visitor-lora (running)")
     page2.click("#train-stop")
     page2.wait_for_selector("#train-job .badge.stopped", timeout=60_000)
     assert visitor.snapshot()["state"] == "stopped"
-    assert studio.runner.training("pirate-lora").state == "running"
+    assert studio.runs.training("pirate-lora").state == "running"
     # its uploaded text stays in its own session
     note = ARTIFACTS / "visitor-notes.md"
     note.write_text("# Visitor notes\n" + "The visitor writes a few lines of their own. " * 20, "utf-8")
@@ -195,7 +195,7 @@ def test_full_journey(server, browser):
     # stop keeps what was learned
     page.click("#train-stop")
     page.wait_for_selector("#train-job .badge.stopped", timeout=60_000)
-    stopped = next(j for j in studio.runner.jobs() if j.name == "pirate-lora").snapshot()
+    stopped = next(j for j in studio.runs.jobs() if j.name == "pirate-lora").snapshot()
     assert stopped["state"] == "stopped" and stopped["progress"]["step"] >= 35
     _shot(page, "2-train-stopped")
 

@@ -35,7 +35,7 @@ def text_in(page, selector: str, text: str, timeout=60_000) -> None:
 def test_the_teacher_reorders_the_queue_and_stops_a_students_run_from_the_panel_and_she_sees_who(tmp_path):
     def prepare(studio):
         studio.admins = frozenset({"teacher"})
-        studio.runner.scheduler.capacity_tokens = 64  # one job at a time: the others wait in the queue
+        studio.runs.scheduler.capacity_tokens = 64  # one job at a time: the others wait in the queue
         text, _, state = data.sample_text("pirate_recipes")
         data.prepare(studio, state, text, 0.9, "pirates")
         data.prepare(studio, state, text, 0.9, "alice-notes", "alice")  # her own newest: picked unless she chooses
@@ -53,7 +53,7 @@ def test_the_teacher_reorders_the_queue_and_stops_a_students_run_from_the_panel_
         pick(teacher, "#teacher-job", "teacher-run")
         teacher.click("#teacher-up")  # queue reorder: teacher-run passes bob-run
         text_in(teacher, "#teacher-status", "'teacher-run' is now number 1 in the queue.")
-        assert (studio.runner.training("teacher-run").position, studio.runner.training("bob-run").position) == (1, 2)
+        assert (studio.runs.training("teacher-run").position, studio.runs.training("bob-run").position) == (1, 2)
         pick(teacher, "#teacher-job", "alice-run")
         teacher.wait_for_function("() => !document.querySelector('#teacher-job').innerText.includes('bob-run')",
                                   timeout=10_000)
@@ -66,7 +66,7 @@ def test_the_teacher_reorders_the_queue_and_stops_a_students_run_from_the_panel_
         text_in(teacher, "#teacher-status", "Stopping 'alice-run'", 30_000)
         alice.click("#tab-train-button")  # her card follows her newest job
         text_in(alice, "#train-job", "Stopped by the teacher (teacher).", 120_000)
-        assert studio.runner.training("alice-run") is None
+        assert studio.runs.training("alice-run") is None
 
         # a reload keeps alice's page: the Train tab, the job she follows, the form and her dataset choice
         pick(alice, "#train-follow", "bob-run")

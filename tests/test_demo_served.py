@@ -189,7 +189,7 @@ def test_each_visitor_sees_only_their_own_sandbox_and_the_gallery(space):
     # naming the other visitor's dataset gets the answer a missing one gets, and starts nothing
     warning = one_sentence(bob.train("ann-notes", "bob-on-ann", 2))
     assert warning == "No dataset named 'ann-notes'; prepare it on the Data tab or pick one from the list."
-    assert studio.runner.jobs() == []
+    assert studio.runs.jobs() == []
     # a reloaded page (the same cookie) is the same sandbox; a cookie of one's own choosing is another one
     assert Visitor(url, cookies=ann.http.cookies).lists()["datasets"] == {"ann-notes"}
     assert Visitor(url, cookies={COOKIE: "0" * 32}).lists()["datasets"] == set()
@@ -225,7 +225,7 @@ def test_the_per_visitor_quotas_refuse_in_one_sentence(space):
     assert warning.startswith("You already have 1 datasets here, the most one user may keep"), warning
     warning = one_sentence(dan.train("dan-notes", "dan-long", MAX_STEPS + 1))
     assert f"more than the {MAX_STEPS:,} one job may here" in warning, warning
-    assert "dan-more" not in {d["name"] for d in studio.dataset_store.list()} and studio.runner.jobs() == []
+    assert "dan-more" not in {d["name"] for d in studio.dataset_store.list()} and studio.runs.jobs() == []
 
 
 def test_an_expired_sandbox_is_cleaned_and_the_others_are_kept(space):
@@ -233,7 +233,7 @@ def test_an_expired_sandbox_is_cleaned_and_the_others_are_kept(space):
     eve, fay = Visitor(url), Visitor(url)
     assert eve.prepare("eve-notes", text) == [] and fay.prepare("fay-notes", text) == []
     assert eve.train("eve-notes", "eve-run", MAX_STEPS) == []
-    job = studio.runner.training("eve-run")
+    job = studio.runs.training("eve-run")
     eve_name = owner_of(studio, "eve-notes")
     now[0] += IDLE_MINUTES * 60 - 1
     assert studio.demo.sweep() == set()  # not idle long enough yet

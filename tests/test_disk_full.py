@@ -97,7 +97,7 @@ def test_a_studio_run_that_saved_a_checkpoint_keeps_its_folder_and_says_so(studi
     run = studio.library.root / "half"
     _disk_full_for(monkeypatch, run, after_checkpoints=1)
     _start(studio, "half", 120)  # the studio checkpoints every 50 steps
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "failed" and snap["progress"]["step"] == 100, snap
     assert snap["message"].startswith("training stopped at step 100: not enough disk space to save")
     assert "its checkpoint of step 50 is kept, so free some space, then Resume." in snap["message"]
@@ -105,15 +105,15 @@ def test_a_studio_run_that_saved_a_checkpoint_keeps_its_folder_and_says_so(studi
     entry = next(e for e in studio.library.list() if e.name == "half")
     assert entry.status == "interrupted (can resume)" and entry.n_checkpoints == 1
     monkeypatch.undo()
-    studio.runner.resume("tiny", studio.dataset_store.load("pirates"), "half")
-    assert studio.runner.wait(180)["state"] == "finished"
+    studio.runs.resume("tiny", studio.dataset_store.load("pirates"), "half")
+    assert studio.runs.wait(180)["state"] == "finished"
 
 
 def test_a_studio_run_that_saved_nothing_says_so_and_frees_its_name(studio, monkeypatch):
     _prepare(studio)
     _disk_full_for(monkeypatch, studio.library.root / "none", after_checkpoints=0)
     _start(studio, "none", 3)
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "failed" and snap["progress"]["step"] == 3, snap
     assert snap["message"] == ("training stopped at step 3: not enough disk space to save (No space left on "
                                "device); no checkpoint had been saved yet, so free some space and start it again.")
@@ -132,7 +132,7 @@ def test_a_checkpoint_is_not_begun_without_room_for_it(studio, monkeypatch):
     studio.library.quota = Quota()  # no floor at start: the save's own check is what is tested
     _free(monkeypatch, 10_000)  # less than one checkpoint of the tiny model
     _start(studio, "tight", 3)
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "failed" and "not enough disk space" in snap["message"], snap
     assert not [p for p in writes if "tight" in str(p)]  # refused before the first byte, not midway
 
@@ -185,9 +185,9 @@ def _seed(studio):
     studio.quota = studio.library.quota = studio.dataset_store.quota = quota
     studio.admins = frozenset({"teach"})
     _prepare(studio, "d0")
-    studio.runner.start("tiny", load_dataset(studio.dataset_path("d0")), "a0", LoraConfig(r=4, alpha=8),
+    studio.runs.start("tiny", load_dataset(studio.dataset_path("d0")), "a0", LoraConfig(r=4, alpha=8),
                         quick(steps=2, batch_size=2, seq_len=32, eval_interval=0), user="ann")
-    assert studio.runner.wait(120)["state"] == "finished"
+    assert studio.runs.wait(120)["state"] == "finished"
 
 
 def test_quotas_refuse_a_users_copies_and_datasets_with_one_sentence_and_change_nothing(tmp_path):

@@ -38,7 +38,7 @@ def test_the_folder_of_a_server_killed_with_sigterm_is_removed_when_the_next_stu
         assert not left.exists()
         assert [p.name for p in tmp_path.glob(PREFIX + "*")] == [s.exports_dir.name]
     finally:
-        s.runner.stop_all(60)
+        s.runs.stop_all(60)
 
 
 def test_the_sweep_keeps_live_servers_folders_other_files_and_links(tmp_path):

@@ -123,7 +123,7 @@ def test_one_users_flood_never_refuses_another_users_first_request(tmp_path, mon
 def open_studio(tmp_path_factory):
     """No sign-in; an address counts as one user (--users-per-address 1); --admin-token TOKEN."""
     def prepare(studio):
-        studio.users_per_address = studio.runner.users_per_address = 1
+        studio.users_per_address = studio.runs.users_per_address = 1
         studio.admin_token = TOKEN
         _pirates(studio)
 
@@ -157,9 +157,9 @@ def test_without_sign_in_a_second_page_on_one_computer_cannot_start_a_second_job
     warnings = _start_warnings(url, ["second-job", *LONG_RUN], "second-page", HERE)
     assert warnings == ["Your address already has 1 training job queued or running, the limit for all pages from "
                         "one address (1); wait for one to finish, or stop it."]
-    assert [j.name for j in studio.runner.scheduler.live()] == ["first-job"]
+    assert [j.name for j in studio.runs.scheduler.live()] == ["first-job"]
     assert not (studio.library.root / "second-job").exists()
-    studio.runner.stop_all()
+    studio.runs.stop_all()
     first.close()
 
 
@@ -170,7 +170,7 @@ def test_a_job_beyond_the_token_limit_is_refused_in_one_sentence(open_studio):
     assert warnings == ["This job would train 8,192,000,000 tokens (1,000,000 steps of 8,192), more than the "
                         "100,000,000 one job may here; lower the steps to at most 12,207, or the batch, accumulation "
                         "or sequence length."]
-    assert studio.runner.scheduler.live() == [] and not (studio.library.root / "huge-job").exists()
+    assert studio.runs.scheduler.live() == [] and not (studio.library.root / "huge-job").exists()
 
 
 def test_the_admin_token_stops_another_clients_job(open_studio):
@@ -178,7 +178,7 @@ def test_the_admin_token_stops_another_clients_job(open_studio):
     owner = Client(url, headers={"X-Forwarded-For": HERE}, verbose=False)
     admin = Client(url, headers={"X-Forwarded-For": THERE}, verbose=False)
     owner.predict("tiny", "pirates", "owned-job", *LONG_RUN, api_name="/start_training")
-    job = studio.runner.training("owned-job")
+    job = studio.runs.training("owned-job")
     assert "only they (or an admin) can stop it" in admin.predict(str(job.id), "", api_name="/stop_training")
     assert "admin token is wrong" in admin.predict(str(job.id), TOKEN + "x", api_name="/stop_training")
     assert job.live

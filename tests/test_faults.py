@@ -177,7 +177,7 @@ def test_a_full_disk_while_training_in_the_studio(studio, monkeypatch):
     _prepare(studio)
     monkeypatch.setattr(core.atomic, "write_bytes", _enospc)
     _start(studio, "no-room", 3)
-    snap = studio.runner.wait(120)
+    snap = studio.runs.wait(120)
     assert snap["state"] == "failed" and "not enough disk space" in snap["message"], snap["message"]
     assert "no-room" not in studio.library.names() and not (studio.library.root / "no-room").exists()
     assert not [n for n in adapter_names(studio.engine.model) if n.startswith("train:")]
@@ -220,13 +220,13 @@ def test_a_failing_run_stops_cleanly_and_keeps_its_last_checkpoint(studio, monke
     model = studio.base("tiny")
     _fail_training_after(monkeypatch, model, 52, fault)  # the studio checkpoints every 50 steps
     _start(studio, "faulty", 200)
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     monkeypatch.undo()
     assert snap["state"] == "failed", snap["message"]
     for words in expect:
         assert words in snap["message"], snap["message"]
     assert "Failed" in train.job_html(snap) and [p["step"] for p in snap["points"]][-1] == 52
-    assert not [n for n in adapter_names(model) if n.startswith("train:")] and studio.runner.busy() is None
+    assert not [n for n in adapter_names(model) if n.startswith("train:")] and studio.runs.busy() is None
     entry = next(e for e in studio.library.list() if e.name == "faulty")
     assert not entry.has_final and entry.n_checkpoints == 1
     assert [c["step"] for c in studio.library.checkpoints("faulty")] == [50]
@@ -237,7 +237,7 @@ def test_a_failing_run_stops_cleanly_and_keeps_its_last_checkpoint(studio, monke
     assert out[1].startswith("Ahoy") and out[0] != out[1]
     # ...and the run can be resumed from it once the cause is fixed
     train.resume(studio, "faulty", 55)
-    assert studio.runner.wait(120)["state"] == "finished"
+    assert studio.runs.wait(120)["state"] == "finished"
     assert listing(studio.library)  # and the library still reads
 
 
@@ -269,7 +269,7 @@ def test_a_studio_killed_right_after_start_leaves_its_run_name_free(tmp_path):
     assert not (lib / "crashed").exists()
     assert "crashed" not in s.library.names()
     _start(s, "crashed", 2)  # the name is free again: Start does not say it exists
-    assert s.runner.wait(120)["state"] == "finished"
+    assert s.runs.wait(120)["state"] == "finished"
 
 
 # ---- publishing folders ---------------------------------------------------------------------------

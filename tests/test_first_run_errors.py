@@ -35,7 +35,7 @@ def test_steps_zero_through_the_api_gets_one_sentence(tmp_path):
         sent = {p["parameter_name"]: p.get("parameter_default") for p in params}
         sent.update(model="tiny", dataset="pirates", name="zero", steps=0)
         warnings, done = _call(url, dep, _data(url, dep, list(sent.values())))
-        assert studio.runner.jobs() == []
+        assert studio.runs.jobs() == []
     error = (done.get("output") or {}).get("error")
     assert error is None and warnings == ["Steps must be a whole number from 1 to 1000000 (got 0)."]
     # on the page it replaces the Train tab's action line (its one status line), not a toast beside a stale line

@@ -112,7 +112,7 @@ def test_every_input_of_every_endpoint_gets_one_sentence(server):
     assert checked > 150
     assert not blank, f"blank 'Error' for: {blank}"
     assert not quiet, f"accepted without a word: {quiet}"
-    assert studio.runner.snapshot() is None and sorted(studio.library.names()) == []
+    assert studio.runs.snapshot() is None and sorted(studio.library.names()) == []
 
 
 @pytest.mark.parametrize("api, name, bad, says", [

@@ -29,7 +29,7 @@ def _poison(studio):
     """Library entries a hostile upload or a crash could leave: each must be listed, never break the page."""
     root = studio.library.root
     good = root / "seed"
-    studio.runner.wait()
+    studio.runs.wait()
     for name, meta in (("surrogate", '{"user": "\\ud800 student", "dataset": "\\udfff"}'),
                        ("broken-json", '{"user": '), ("wrong-types", '{"training": "x", "blend": 5, "history": 7}')):
         (root / name).mkdir(parents=True)
@@ -44,9 +44,9 @@ def _seed_adapter(studio):
     from core.train.config import TrainConfig
     from core.train.data import load_dataset
     _pirates(studio, "seed-data")
-    studio.runner.start("tiny", load_dataset(studio.dataset_path("seed-data")), "seed",
+    studio.runs.start("tiny", load_dataset(studio.dataset_path("seed-data")), "seed",
                         LoraConfig(r=4, alpha=8), TrainConfig(steps=2, batch_size=2, seq_len=32, eval_interval=0))
-    assert studio.runner.wait(120)["state"] == "finished"
+    assert studio.runs.wait(120)["state"] == "finished"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_api_clients_can_name_what_was_made_after_launch(server):
     _pirates(studio, "made-later")  # not among the dropdown's choices when the UI was built
     msg, run, *_ = client.predict("tiny", "made-later", "later-run", *RUN, api_name="/start_training")
     assert run == "later-run" and "Started" in msg
-    assert studio.runner.wait(120)["state"] == "finished"
+    assert studio.runs.wait(120)["state"] == "finished"
     out = client.predict("tiny", False, ["later-run"], "Ahoy", 0.8, 50, 1.0, 4, 3, api_name="/compare")
     assert out[0].startswith("Ahoy")  # the adapter made after launch, in the first column
     status, *_ = client.predict("later-run", "later-renamed", api_name="/rename_adapter")
@@ -115,7 +115,7 @@ def test_a_hostile_value_over_the_api_changes_nothing(server):
     url, studio = server
     client = Client(url, verbose=False)
     before = (sorted(studio.library.names()), sorted(p.name for p in studio.datasets_dir.iterdir()))
-    snap = studio.runner.snapshot()
+    snap = studio.runs.snapshot()
     for dataset in ("never-made", "../datasets"):
         client.predict("tiny", dataset, "hostile-run", *RUN, api_name="/start_training")
     # JSON's \ud800 escape: how a lone surrogate arrives (gradio_client cannot even encode one)
@@ -125,7 +125,7 @@ def test_a_hostile_value_over_the_api_changes_nothing(server):
     client.predict("../etc", "x", api_name="/rename_adapter")
     client.predict("tiny", True, ["../../etc/passwd"], "Hi", 0.8, 50, 1.0, 4, 1, api_name="/compare")
     assert (sorted(studio.library.names()), sorted(p.name for p in studio.datasets_dir.iterdir())) == before
-    assert studio.runner.snapshot()["id"] == snap["id"]  # no job was started
+    assert studio.runs.snapshot()["id"] == snap["id"]  # no job was started
     client.close()
 
 
@@ -158,13 +158,13 @@ def test_over_the_api_only_the_owner_or_an_admin_changes_a_run(authed):
     url, studio = authed
     ann, bob, root = (Client(url, auth=u, verbose=False) for u in USERS)
     ann.predict("tiny", "pirates", "anns", *RUN, api_name="/start_training")
-    assert studio.runner.wait(120)["user"] == "ann"
+    assert studio.runs.wait(120)["user"] == "ann"
     bob.predict("anns", "bobs", api_name="/rename_adapter")  # refused: a warning for bob, nothing changes
     bob.predict("anns", api_name="/delete_adapter")
     bob.predict("anns", 4, api_name="/resume_training")
-    assert studio.library.names() == ["anns"] and studio.runner.snapshot()["progress"]["steps"] == 2
+    assert studio.library.names() == ["anns"] and studio.runs.snapshot()["progress"]["steps"] == 2
     root.predict("anns", 4, api_name="/resume_training")  # an admin resumes; the run stays ann's
-    assert studio.runner.wait(120)["user"] == "ann"
+    assert studio.runs.wait(120)["user"] == "ann"
     assert json.loads((studio.library.root / "anns" / "studio.json").read_text())["user"] == "ann"
     for c in (ann, bob, root):
         c.close()

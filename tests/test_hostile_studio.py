@@ -87,7 +87,7 @@ def test_lone_surrogates_are_refused_in_every_text_input(studio, tmp_path):
 def test_nothing_the_live_view_sends_can_hold_a_lone_surrogate(studio):
     _prepare(studio)
     _train(studio, "src", 3)
-    job = studio.runner.job  # whatever a future trainer reports (a note, a sample) reaches every page
+    job = studio.runs.job  # whatever a future trainer reports (a note, a sample) reaches every page
     job.on_event({"type": "info", "message": "note " + SURROGATE})
     job.on_event({"type": "sample", "step": 3, "samples": [{"prompt": "p", "text": SURROGATE}]})
     job_html, _, samples_html = train.live_view(studio, None)[:3]
@@ -159,7 +159,7 @@ def test_only_the_owner_or_an_admin_may_resume_rename_or_delete(signed_in):
     refused(studio, ValueError, who + " delete it", library.delete, studio, "anns", user=None)
     # an admin resumes it; the run stays ann's (in the job and in studio.json), so ann can still stop it
     train.resume(studio, "anns", 6, user="root")
-    assert studio.runner.wait(120)["user"] == "ann"
+    assert studio.runs.wait(120)["user"] == "ann"
     assert json.loads((studio.library.root / "anns" / "studio.json").read_text())["user"] == "ann"
     assert next(e for e in studio.library.list() if e.name == "anns").user == "ann"
     assert library.rename(studio, "anns", "anns2", user="ann")[1] == "anns2"
@@ -186,12 +186,12 @@ def test_a_damaged_entry_stays_its_owners(signed_in):
 def test_an_admin_may_stop_anyones_run(signed_in):
     studio = signed_in
     _start(studio, "long", 5000, user="ann")
-    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
-    job_id = studio.runner.snapshot()["id"]  # the job their pages follow
+    assert _wait_for(lambda: studio.runs.snapshot()["state"] == "running")
+    job_id = studio.runs.snapshot()["id"]  # the job their pages follow
     with pytest.raises(ValueError, match=r"'long' was started by ann; only they \(or an admin\) can stop it"):
         train.stop(studio, user="bob", job_id=job_id)
     assert "Stopping" in train.stop(studio, user="root", job_id=job_id)
-    assert studio.runner.wait(120)["state"] == "stopped"
+    assert studio.runs.wait(120)["state"] == "stopped"
 
 
 def test_without_sign_in_everyone_may_act(studio):

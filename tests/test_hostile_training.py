@@ -366,7 +366,7 @@ def test_the_train_tab_refuses_a_run_too_large_before_loading_the_base(tmp_path)
                                                r"batch size \(now 4096\)"):
         _start(studio, "big", 5, batch=4096, seq_len=128)
     assert studio.engine.model is None  # refused before the base was loaded
-    assert studio.runner.snapshot() is None and not (studio.library.root / "big").exists()
+    assert studio.runs.snapshot() is None and not (studio.library.root / "big").exists()
 
 
 def test_the_train_tab_pins_its_base_until_the_run_ends(tmp_path, hf_small):
@@ -376,15 +376,15 @@ def test_the_train_tab_pins_its_base_until_the_run_ends(tmp_path, hf_small):
     _prepare(studio)
     _start(studio, "long", 500)
     for _ in range(600):  # the job pins its base when it starts (it is queued first)
-        if studio.runner.snapshot()["state"] == "running":
+        if studio.runs.snapshot()["state"] == "running":
             break
         time.sleep(0.05)
     model = studio.engine.model
     with pytest.raises(BaseInUse, match="in use by a starting or running training job"):
         studio.engine.base(str(hf_small))  # what a Compare queued during the load would have done
     assert studio.engine.model is model
-    studio.runner.stop()
-    assert studio.runner.wait(120)["state"] == "stopped"
+    studio.runs.stop()
+    assert studio.runs.wait(120)["state"] == "stopped"
     assert studio.engine.base(str(hf_small)) is not model  # released with the job
 
 

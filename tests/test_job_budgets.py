@@ -14,23 +14,23 @@ from train_helpers import quick
 def budgeted(tmp_path):
     studio = create_studio(tmp_path / "a", tmp_path / "d", "cpu", "tiny", max_job_steps=100, max_job_minutes=30)
     yield studio
-    studio.runner.stop_all()
+    studio.runs.stop_all()
 
 
 def test_the_limits_are_shown_before_start(budgeted):
     note = limit_note(budgeted)
     assert "at most 100 steps" in note and "at most 30 minutes, then it is stopped and saved" in note
-    assert budgeted.runner.scheduler.max_job_minutes == 30
+    assert budgeted.runs.scheduler.max_job_minutes == 30
 
 
 def test_a_job_over_the_step_limit_is_refused_in_one_sentence(budgeted, sample_ds):
-    budgeted.runner.check_budget(sample_ds, quick(steps=100))  # at the limit: fine
+    budgeted.runs.check_budget(sample_ds, quick(steps=100))  # at the limit: fine
     with pytest.raises(ValueError) as e:
-        budgeted.runner.check_budget(sample_ds, quick(steps=101))
+        budgeted.runs.check_budget(sample_ds, quick(steps=101))
     assert str(e.value) == "this job would train 101 steps, more than the 100 one job may here; lower the steps " \
                            "to at most 100."
     with pytest.raises(ValueError, match="lower the steps to at most 150"):  # a resume counts the steps still to go
-        budgeted.runner.check_budget(sample_ds, quick(steps=151), done=50)
+        budgeted.runs.check_budget(sample_ds, quick(steps=151), done=50)
 
 
 def test_the_budget_flags_refuse_bad_values(tmp_path, capsys):

@@ -202,7 +202,7 @@ def test_a_poisoned_checkpoint_resumed_in_the_studio(studio, marker):
     state = studio.library.root / "run" / "checkpoints" / "step_000003" / "trainer_state.pt"
     state.write_bytes(payloads(marker)["torch.save zip"])
     train.resume(studio, "run", 6)
-    snap = studio.runner.wait(60)
+    snap = studio.runs.wait(60)
     assert snap["state"] == "failed" and not marker.exists()
     assert "could not be read (UnpicklingError); resume from another one" in snap["message"], snap["message"]
     assert "weights_only" not in snap["message"]

@@ -138,7 +138,7 @@ def test_naming_another_users_dataset_is_refused_as_if_it_did_not_exist(classroo
         assert warnings == [f"No dataset named '{dataset}'; prepare it on the Data tab or pick one from the list."]
         _, warnings = bob.call("evaluate", "tiny", True, [], "Dataset split", dataset, "val", "", 32, 256)
         assert warnings == [f"No dataset named '{dataset}'; prepare it on the Data tab or pick one from the list."]
-    assert studio.runner.jobs() == [] and {e.name for e in studio.library.list()} == library_before
+    assert studio.runs.jobs() == [] and {e.name for e in studio.library.list()} == library_before
     (table, _, summary), warnings = teacher.call("evaluate", "tiny", True, [], "Dataset split", "alice-notes", "val",
                                                  "", 32, 256)
     assert warnings == [] and "alice-notes" in summary and table["data"][0][0] == "base"

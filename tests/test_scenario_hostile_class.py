@@ -52,7 +52,7 @@ def _honest(url: str, studio, user: tuple[str, str], started: threading.Barrier 
     if started is not None:
         started.wait(120)  # both start together, so their jobs share steps
     assert "Started" in call("start_training", ["tiny", dataset, run, *RUN, *PLAIN, None])[0]
-    job = studio.runner.training(run)
+    job = studio.runs.training(run)
     assert job.wait(180) and job.snapshot()["state"] == "finished", job.snapshot()
     files = _files(studio, name)  # from here on nothing may change them
     texts = call("compare", ["tiny", True, [run], "Ahoy", 0.0, 50, 1.0, 24, 3, False])

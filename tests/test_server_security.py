@@ -145,7 +145,7 @@ def test_signed_in_users_are_recorded_with_their_adapters(authed):
     msg, run, *_ = ann.predict("tiny", "pirates", "anns-run", ["attn.c_attn"], 4, 8, 0.0, 2e-3, 3, 2, 1, 32, 0, 7,
                               "Ahoy", api_name="/start_training")
     assert run == "anns-run" and "Started" in msg
-    snap = studio.runner.wait(120)
+    snap = studio.runs.wait(120)
     assert snap["state"] == "finished" and snap["user"] == "ann", snap["message"]
     meta = json.loads((studio.library.root / "anns-run" / "studio.json").read_text())
     assert meta["user"] == "ann"
@@ -162,12 +162,12 @@ def test_signed_in_users_are_recorded_with_their_adapters(authed):
     ann.predict("tiny", "pirates", "anns-long", ["attn.c_attn"], 4, 8, 0.0, 2e-3, 5000, 2, 1, 32, 0, 7, "",
                 api_name="/start_training")
     end = time.time() + 60
-    while studio.runner.snapshot()["state"] != "running" and time.time() < end:
+    while studio.runs.snapshot()["state"] != "running" and time.time() < end:
         time.sleep(0.05)
-    job_id = str(studio.runner.snapshot()["id"])
+    job_id = str(studio.runs.snapshot()["id"])
     assert "No training job of yours" in bob.predict(api_name="/stop_training")
     assert "only they (or an admin) can stop it" in bob.predict(job_id, api_name="/stop_training")  # refused
     time.sleep(0.5)
-    assert studio.runner.snapshot()["state"] == "running"
+    assert studio.runs.snapshot()["state"] == "running"
     assert "Stopping" in ann.predict(api_name="/stop_training")
-    assert studio.runner.wait(60)["state"] == "stopped"
+    assert studio.runs.wait(60)["state"] == "stopped"

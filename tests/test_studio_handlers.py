@@ -114,7 +114,7 @@ def test_training_runs_in_background_and_lands_in_library(studio):
     _prepare(studio)
     msg, name = _start(studio, "run1", 8, user="alice")
     assert name == "run1" and "Started" in msg
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "finished", snap["message"]
     assert [p["step"] for p in snap["points"]] == list(range(1, 9))
     assert [e["step"] for e in snap["evals"]] == [0, 5, 8]
@@ -132,12 +132,12 @@ def test_training_runs_in_background_and_lands_in_library(studio):
 def test_one_job_per_user_stop_keeps_adapter_and_resume_continues(studio):
     _prepare(studio)
     _start(studio, "long", 5000, user="bob")
-    assert _wait_for(lambda: len(studio.runner.snapshot()["points"]) >= 3)
+    assert _wait_for(lambda: len(studio.runs.snapshot()["points"]) >= 3)
     # bob's second job is refused by the per-user limit (default 1), naming the job he has
     with pytest.raises(ValueError, match=r"you already have 1 training job queued or running \('long'\); "
                                          r"the limit is 1 per user"):
         _start(studio, "other", 10, user="bob")
-    html = train.job_html(studio.runner.snapshot())
+    html = train.job_html(studio.runs.snapshot())
     assert "Training" in html and "long" in html and "tokens/s" in html and "ETA" in html
     # the live chart skips a redraw when nothing changed
     first = train.live_view(studio, None)
@@ -146,8 +146,8 @@ def test_one_job_per_user_stop_keeps_adapter_and_resume_continues(studio):
     assert outs[-1][0].startswith("Hello")
     # stop keeps what was learned
     assert "Stopping" in train.stop(studio)
-    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "stopped")  # not joining the thread:
-    snap = studio.runner.snapshot()  # a page resumes as soon as it sees 'stopped'
+    assert _wait_for(lambda: studio.runs.snapshot()["state"] == "stopped")  # not joining the thread:
+    snap = studio.runs.snapshot()  # a page resumes as soon as it sees 'stopped'
     assert not [n for n in adapter_names(studio.engine.model) if n.startswith("train:")]
     stopped_at = snap["progress"]["step"]
     assert stopped_at >= 3
@@ -159,7 +159,7 @@ def test_one_job_per_user_stop_keeps_adapter_and_resume_continues(studio):
     # resume continues the stopped run to a new total
     msg, name = train.resume(studio, "long", stopped_at + 4, user="bob")
     assert name == "long" and f"from step {stopped_at}" in msg
-    snap = studio.runner.wait(180)
+    snap = studio.runs.wait(180)
     assert snap["state"] == "finished", snap["message"]
     steps = [p["step"] for p in snap["points"]]
     assert steps == list(range(1, stopped_at + 5))  # history carried over, then continued
@@ -173,13 +173,13 @@ def test_stop_is_owner_only_with_auth(studio):
     _prepare(studio)
     studio.auth = True
     _start(studio, "mine", 5000, user="carol")
-    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
-    job_id = studio.runner.snapshot()["id"]  # the job mallory's page follows
+    assert _wait_for(lambda: studio.runs.snapshot()["state"] == "running")
+    job_id = studio.runs.snapshot()["id"]  # the job mallory's page follows
     with pytest.raises(ValueError, match=r"only they \(or an admin\) can stop"):
         train.stop(studio, user="mallory", job_id=job_id)
     assert "No training job of yours" in train.stop(studio, user="mallory")  # and she has none to stop
     assert "Stopping" in train.stop(studio, user="carol")
-    assert studio.runner.wait(120)["state"] == "stopped"
+    assert studio.runs.wait(120)["state"] == "stopped"
 
 
 def test_bad_settings_are_explained(studio):
@@ -196,7 +196,7 @@ def test_bad_settings_are_explained(studio):
         _start(studio, "../x", 5)
     with pytest.raises(ValueError, match="unknown base model"):
         studio.base("gpt5")
-    assert studio.runner.snapshot() is None
+    assert studio.runs.snapshot() is None
 
 
 def test_friendly_turns_user_errors_into_warnings():
@@ -284,14 +284,14 @@ def test_library_operations(studio, tmp_path):
 def test_library_refuses_to_touch_a_running_job(studio):
     _prepare(studio)
     _start(studio, "busy-run", 5000)
-    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")
+    assert _wait_for(lambda: studio.runs.snapshot()["state"] == "running")
     with pytest.raises(ValueError, match="being trained"):
         library.delete(studio, "busy-run")
     with pytest.raises(ValueError, match="being trained"):
         library.rename(studio, "busy-run", "x")
     assert "busy-run" not in compare.compatible_adapters(studio, "tiny")
     train.stop(studio)
-    studio.runner.wait(120)
+    studio.runs.wait(120)
     assert "busy-run" in compare.compatible_adapters(studio, "tiny")
 
 
@@ -302,9 +302,9 @@ def test_a_new_runs_name_is_reserved_before_its_first_checkpoint(studio):
     _start(studio, "fresh", 5000)
     with pytest.raises(AdapterError, match="an adapter named 'fresh' already exists"):  # at once: no checkpoint exists yet
         studio.library.duplicate("other", "fresh")
-    assert _wait_for(lambda: studio.runner.snapshot()["state"] == "running")  # stopped in the queue, it saves nothing
+    assert _wait_for(lambda: studio.runs.snapshot()["state"] == "running")  # stopped in the queue, it saves nothing
     train.stop(studio)
-    assert studio.runner.wait(120)["state"] in ("stopped", "finished")
+    assert studio.runs.wait(120)["state"] in ("stopped", "finished")
     assert studio.library.details("fresh")["meta"].get("duplicated_from") is None
 
 

@@ -22,7 +22,7 @@ SHORT_RUN = ["attn.c_attn"], 4, 8, 0.0, 2e-3, 2, 2, 1, 32, 0, 7, "Ahoy"
 def classroom(tmp_path_factory):
     def prepare(studio):
         studio.admins = frozenset({"teacher"})
-        studio.runner.scheduler.capacity_tokens = 64  # one of these jobs at a time: the others queue
+        studio.runs.scheduler.capacity_tokens = 64  # one of these jobs at a time: the others queue
         text, _, state = data.sample_text("pirate_recipes")
         data.prepare(studio, state, text, 0.9, "pirates")
 
@@ -46,7 +46,7 @@ def _rows(table) -> list[list]:
 def test_a_student_cannot_use_the_teachers_panel(classroom):
     studio, c = classroom
     _start(c["alice"], "alice-run")
-    job = studio.runner.training("alice-run")
+    job = studio.runs.training("alice-run")
     refusal = "Only the teacher (an admin) can use the Teacher panel."
     status, jobs, overview, _ = c["bob"].predict("", api_name="/teacher_jobs")
     assert status == refusal and _rows(jobs) == [] and _rows(overview) == []  # an empty panel
@@ -57,17 +57,17 @@ def test_a_student_cannot_use_the_teachers_panel(classroom):
     assert job.live and not job.stop_flag.is_set()
     status, jobs, _, _ = c["teacher"].predict("", api_name="/teacher_jobs")
     assert [(r[0], r[1], r[2]) for r in _rows(jobs)] == [(job.id, "alice", "alice-run")]
-    studio.runner.stop_all()
+    studio.runs.stop_all()
 
 
 def test_the_teacher_stops_a_students_job_and_the_student_sees_who(classroom):
     studio, c = classroom
     _start(c["alice"], "alice-stopped")
-    job = studio.runner.training("alice-stopped")
+    job = studio.runs.training("alice-stopped")
     status, *_ = c["teacher"].predict("", str(job.id), api_name="/teacher_stop")
     assert status.startswith("Stopping 'alice-stopped'")
     assert job.wait(120)
-    snap = studio.runner.snapshot(job.id)
+    snap = studio.runs.snapshot(job.id)
     assert snap["state"] == "stopped" and snap["stopped_by"] == "teacher"
     assert snap["message"] == "stopped by the teacher (teacher); saved to the library as 'alice-stopped'"
     assert "Stopped by the teacher (teacher)." in job_html(snap)  # the student's job card
@@ -76,10 +76,10 @@ def test_the_teacher_stops_a_students_job_and_the_student_sees_who(classroom):
 def test_moving_a_queued_job_up_makes_it_start_first(classroom):
     studio, c = classroom
     _start(c["alice"], "alice-long")
-    running = studio.runner.training("alice-long")
+    running = studio.runs.training("alice-long")
     _start(c["bob"], "bob-short", SHORT_RUN)
     _start(c["carol"], "carol-short", SHORT_RUN)
-    bob, carol = studio.runner.training("bob-short"), studio.runner.training("carol-short")
+    bob, carol = studio.runs.training("bob-short"), studio.runs.training("carol-short")
     assert (bob.position, carol.position) == (1, 2)
     assert c["teacher"].predict("", str(carol.id), -1, api_name="/teacher_move") == \
         "'carol-short' is now number 1 in the queue."
@@ -131,12 +131,12 @@ def test_the_teacher_changes_the_caps_while_the_studio_runs_and_nobody_else_can(
         _start(c["alice"], "alice-two")  # a second job of hers is let in now
         c["teacher"].predict("", 2, 3, 0, 50, api_name="/teacher_caps")
         c["bob"].predict("tiny", "pirates", "bob-long", *LONG_RUN, api_name="/start_training")
-        assert studio.runner.training("bob-long") is None  # 100,000 steps: over the new 50 a job may train
+        assert studio.runs.training("bob-long") is None  # 100,000 steps: over the new 50 a job may train
         c["teacher"].predict("", api_name="/teacher_stop_all")
-        studio.runner.wait(120)  # alice-one is saved; alice-two left the queue with nothing trained
+        studio.runs.wait(120)  # alice-one is saved; alice-two left the queue with nothing trained
         _, _, overview, _ = c["teacher"].predict("", api_name="/teacher_jobs")
         latest = {row[0]: row for row in _rows(overview)}  # the class overview: each student's latest run
         assert latest["alice"][1] == "alice-one" and latest["alice"][6] == "stopped"
     finally:
         caps.apply(studio, before)
-        studio.runner.stop_all()
+        studio.runs.stop_all()

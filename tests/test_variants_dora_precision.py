@@ -98,10 +98,10 @@ def test_a_run_the_bf16_studio_estimates_under_the_cap_is_not_refused_at_start(t
     assert "(bf16 base, fp32 LoRA)" in shown and human_bytes(b16) in shown  # the page says it fits
     try:
         train.start(studio, form)  # refused here before the fix: MemoryLimitError with the fp32 figure
-        job = studio.runner.find(None)
+        job = studio.runs.find(None)
         assert job.wait(120) and job.state == "finished", job.message  # the trainer's own check agrees
     finally:
-        studio.runner.stop_all(60)
+        studio.runs.stop_all(60)
 
 
 def test_the_train_tabs_size_line_counts_the_rank_pattern_and_a_principal_start(tmp_path):

@@ -212,18 +212,18 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
 
     _prepare(studio)
     assert "Started **cut**" in _start(studio, "cut", 3, user="alice")[0]
-    assert studio.runner.snapshot()["state"] == "starting" and simulated == []  # no GPU call before a tick
+    assert studio.runs.snapshot()["state"] == "starting" and simulated == []  # no GPU call before a tick
     tick(bob)  # another user's page drives nothing
     assert simulated == []
     tick(alice)
     now[0] += 31  # the page closed: any page's next tick finds the run paused, and its base free meanwhile
-    assert "Paused" in tick(bob) and studio.runner.snapshot()["state"] == "paused"
-    assert studio.runner.scheduler.running_base() is None
+    assert "Paused" in tick(bob) and studio.runs.snapshot()["state"] == "paused"
+    assert studio.runs.scheduler.running_base() is None
     assert "Paused" in tick(alice) and simulated == ["_train_chunk"]  # the owner's page trains nothing till Resume
     assert "Resumed **cut** at step 1" in train.resume(studio, "", None, user="alice")[0]
-    while studio.runner.snapshot()["state"] != "finished":
+    while studio.runs.snapshot()["state"] != "finished":
         tick(alice)
-    snap = studio.runner.snapshot()
+    snap = studio.runs.snapshot()
     assert simulated == ["_train_chunk"] * 3 and not torch.cuda.is_initialized()
     assert [p["step"] for p in snap["points"]] == [1, 2, 3] and [e["step"] for e in snap["evals"]] == [0, 3]
     history = [json.loads(line) for line in (studio.library.root / "cut" / "history.jsonl").read_text().splitlines()]
@@ -242,12 +242,12 @@ def test_the_train_tab_on_zerogpu_trains_in_chunks_its_timer_drives_stop_saves_a
     tick(alice)
     tick(alice)
     assert "Stopped 'halt' at step 2" in train.stop(studio, user="alice")
-    assert studio.runner.snapshot()["state"] == "stopped" and simulated == ["_train_chunk"] * 6
+    assert studio.runs.snapshot()["state"] == "stopped" and simulated == ["_train_chunk"] * 6
     entry = next(e for e in studio.library.list() if e.name == "halt")
     assert entry.has_final and entry.steps == 2 and entry.status == "stopped"
     assert checkpoint_dirs(studio.library.root / "halt", RESUMABLE)
     assert "from step 2" in train.resume(studio, "halt", None, user="alice")[0]
-    while studio.runner.snapshot()["state"] != "finished":
+    while studio.runs.snapshot()["state"] != "finished":
         tick(alice)
     assert next(e for e in studio.library.list() if e.name == "halt").steps == 5
     from studio.tabs.compare import CompareForm, compare  # the trained adapters, as any studio's, on Compare

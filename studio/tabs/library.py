@@ -137,7 +137,7 @@ def overlay(studio: Studio, chosen, user: str | None = None) -> object:
 
 
 def _not_training(studio: Studio, name: str) -> None:
-    if studio.runner.training(name) is not None:
+    if studio.runs.training(name) is not None:
         raise ValueError(f"'{name}' is being trained right now (or queued to be); stop the run first.")
 
 

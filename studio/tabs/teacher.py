@@ -45,7 +45,7 @@ def _who(job) -> str:
 
 def job_rows(studio: Studio) -> list[list]:
     rows = []
-    for job in studio.runner.jobs():
+    for job in studio.runs.jobs():
         snap = job.snapshot()
         points, p = snap["points"], snap["progress"]
         rows.append([job.id, _who(job), job.name, snap["state"], f"{p.get('step', 0):,} / {p.get('steps', 0):,}",
@@ -64,7 +64,7 @@ def class_rows(studio: Studio) -> list[list]:
 
 
 def job_choices(studio: Studio, keep=None):
-    live = [j for j in studio.runner.jobs() if j.live]
+    live = [j for j in studio.runs.jobs() if j.live]
     choices = [(f"#{j.id} {j.name} ({_who(j)}, {j.state})", str(j.id)) for j in live]
     ids = [c[1] for c in choices]
     return gr.update(choices=choices, value=keep if keep in ids else (ids[0] if ids else None))
@@ -73,7 +73,7 @@ def job_choices(studio: Studio, keep=None):
 def _job(studio: Studio, job_id):
     """The live job `job_id` (ValueError when there is none)."""
     text = str(job_id).strip().lstrip("#") if isinstance(job_id, str) or is_whole(job_id) else ""
-    job = studio.runner.find(text) if text.isdigit() else None
+    job = studio.runs.find(text) if text.isdigit() else None
     if job is None or not job.live:
         raise ValueError("pick a job that is queued or training from the list (press Refresh to update it).")
     return job
@@ -81,7 +81,7 @@ def _job(studio: Studio, job_id):
 
 def stop_job(studio: Studio, job_id, request=None, token=None) -> str:
     teacher = teacher_of(studio, request, token)
-    return studio.runner.scheduler.stop(_job(studio, job_id), by=teacher)
+    return studio.runs.scheduler.stop(_job(studio, job_id), by=teacher)
 
 
 def cancel_job(studio: Studio, job_id, request=None, token=None) -> str:
@@ -89,21 +89,21 @@ def cancel_job(studio: Studio, job_id, request=None, token=None) -> str:
     job = _job(studio, job_id)
     if job.state != "queued":
         raise ValueError(f"'{job.name}' is not waiting in the queue (it is {job.state}); use Stop to end it.")
-    return studio.runner.scheduler.stop(job, by=teacher)
+    return studio.runs.scheduler.stop(job, by=teacher)
 
 
 def move_job(studio: Studio, job_id, delta, request=None, token=None) -> str:
     teacher_of(studio, request, token)
     if not (is_real(delta) and delta == int(delta) and delta):
         raise ValueError("move by a whole number of places: -1 is one place up, 1 one place down.")
-    return studio.runner.scheduler.move(_job(studio, job_id), int(delta))
+    return studio.runs.scheduler.move(_job(studio, job_id), int(delta))
 
 
 def stop_all(studio: Studio, request=None, token=None) -> str:
     teacher = teacher_of(studio, request, token)
-    live = studio.runner.scheduler.live()
+    live = studio.runs.scheduler.live()
     for job in live:
-        studio.runner.scheduler.stop(job, by=teacher)
+        studio.runs.scheduler.stop(job, by=teacher)
     return f"Stopped {len(live)} job{'s' if len(live) != 1 else ''}: running ones are saved, queued ones left the " \
            f"queue." if live else "No job is queued or training."
 

@@ -25,7 +25,7 @@ from ..inputs import CheckboxGroup, Number, Slider
 from ..models import CHOICES
 from ..plots import loss_figure
 
-REFRESH_SECONDS = 1.0  # the live chart and the jobs table poll the runner this often
+REFRESH_SECONDS = 1.0  # the live chart and the jobs table poll the jobs this often
 DEFAULT_PROMPT = "The"
 TARGET_HELP = {
     ATTN_QKV: "attention query/key/value projection (the classic LoRA target)",
@@ -200,11 +200,11 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
     tcfg.validate(PRESETS[model_name])
     ds = studio.dataset(dataset, user)
     name = check_name(typed_name(form.name, "the adapter name") or auto_name(dataset, model_name))
-    studio.runner.scheduler.check_room(owner_of(user, owner))  # Start twice: the job limit, not the name taken
-    studio.runner.check_budget(ds, tcfg)  # before a base is loaded for nothing
-    studio.runner.check_memory(model_name, ds, lcfg, tcfg)
+    studio.runs.scheduler.check_room(owner_of(user, owner))  # Start twice: the job limit, not the name taken
+    studio.runs.check_budget(ds, tcfg)  # before a base is loaded for nothing
+    studio.runs.check_memory(model_name, ds, lcfg, tcfg)
     _load_now(studio, model_name, progress)
-    job = studio.runner.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user,
+    job = studio.runs.start(model_name, ds, name, lcfg, tcfg, owner=owner_of(user, owner), user=user,
                               report_to=form.report_to, address=address)
     return _queued_line(studio, job, f"Started **{name}** on {model_name}"), name
 
@@ -212,7 +212,7 @@ def start(studio: Studio, form: TrainForm, user: str | None = None, progress=Non
 def _load_now(studio: Studio, model_name: str, progress) -> None:
     """Load the job's base here when it can start on it now: the page shows the load, and missing weights
     are explained before anything is queued (a queued job on another base loads it when it starts)."""
-    if studio.runner.scheduler.running_base() in (None, model_name):
+    if studio.runs.scheduler.running_base() in (None, model_name):
         if progress is not None:
             progress(0.1, desc=f"loading base model {model_name} (first use only)…")
         studio.base(model_name, _progress_say(progress))
@@ -220,7 +220,7 @@ def _load_now(studio: Studio, model_name: str, progress) -> None:
 
 def _queued_line(studio: Studio, job, started: str) -> str:
     """'Started ...' when the job can start now; else its place in the queue and why it waits."""
-    why = studio.runner.scheduler.waits(job)
+    why = studio.runs.scheduler.waits(job)
     if why is None:
         return f"{started}. The chart updates live; Stop saves what was learned."
     return f"Queued **{job.name}**: {why[0].lower() + why[1:].rstrip('.')}. The chart below follows it."
@@ -233,7 +233,7 @@ def stop(studio: Studio, user: str | None = None, job_id=None, owner: str | None
     if admin_token and not studio.is_admin_token(admin_token):
         raise ValueError("the admin token is wrong; nothing was stopped (leave it empty to stop a job of your own).")
     admin = (studio.auth and user is not None and user in studio.admins) or bool(admin_token)
-    return studio.runner.stop(job_id, owner=owner_of(user, owner), admin=admin, by=user or "")
+    return studio.runs.stop(job_id, owner=owner_of(user, owner), admin=admin, by=user or "")
 
 
 def resume(studio: Studio, name, steps, user: str | None = None, progress=None, owner: str | None = None,
@@ -242,7 +242,7 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
     steps = whole(steps, "steps") if steps is not None else None  # a bad value is explained before any lookup
     name = typed_name(name, "the run name")
     if not name:
-        snap = studio.runner.snapshot(job_id, owner_of(user, owner))
+        snap = studio.runs.snapshot(job_id, owner_of(user, owner))
         if snap is None:
             raise ValueError("type the name of a stopped run to resume (it is in the Library).")
         name = snap["name"]
@@ -250,7 +250,7 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
     if paused is not None:  # ZeroGPU: a run no page drove goes on from where it was, in memory
         return studio.chunked.resume(paused), paused.name
     studio.check_entry_owner(name, user, "resume")  # first: another user's private run is not named as one
-    ck = find_checkpoint(studio.runner.run_dir(name))
+    ck = find_checkpoint(studio.runs.run_dir(name))
     base = ck.meta.get("base_model") or ""
     if not isinstance(base, str) or base not in PRESETS:
         raise ValueError(f"run '{name}' was trained on {base or 'an unknown base'}; the studio resumes runs of "
@@ -269,7 +269,7 @@ def resume(studio: Studio, name, steps, user: str | None = None, progress=None, 
         raise ValueError(f"run '{name}' already reached its {ck.step} steps; raise Steps above {ck.step} to "
                          f"train it further.")
     _load_now(studio, base, progress)
-    job = studio.runner.resume(base, ds, name, total, owner=owner_of(user, owner), user=user, address=address)
+    job = studio.runs.resume(base, ds, name, total, owner=owner_of(user, owner), user=user, address=address)
     return _queued_line(studio, job, f"Resumed **{name}** from step {ck.step} toward {job.progress['steps']} "
                                      f"steps"), name
 
@@ -372,7 +372,7 @@ def jobs_table(studio: Studio, owner: str | None) -> list[list]:
     """Every running and queued job (then the recently ended), for the table all users see. Without
     sign-in, users are 'you' and 'another browser': browser ids are never shown."""
     rows = []
-    for job in studio.runner.jobs()[:30]:
+    for job in studio.runs.jobs()[:30]:
         snap = job.snapshot()
         who = snap["user"] or ("you" if owner is not None and snap["owner"] == owner else "another browser")
         p = snap["progress"]
@@ -384,16 +384,16 @@ def jobs_table(studio: Studio, owner: str | None) -> list[list]:
 
 def job_choices(studio: Studio, owner: str | None) -> list[tuple[str, str]]:
     """(label, job id) of the jobs a page may follow: yours first, then everyone's."""
-    jobs = sorted(studio.runner.jobs(), key=lambda j: (j.user != owner or owner is None, -j.id))
+    jobs = sorted(studio.runs.jobs(), key=lambda j: (j.user != owner or owner is None, -j.id))
     return [(scrub(f"#{j.id} {j.name} ({j.state})"), str(j.id)) for j in jobs[:30]]
 
 
 def live_view(studio: Studio, seen, job_id=None, owner: str | None = None):
     """Timer tick: the followed job (`job_id`, else the owner's newest, else the newest) and the jobs table,
     each redrawn only when it changed since this page last drew it (`seen`: what it drew, as a list)."""
-    snap = studio.runner.snapshot(job_id, owner)
+    snap = studio.runs.snapshot(job_id, owner)
     if snap is not None:
-        snap["together"] = max(0, sum(j.state in ("running", "stopping") for j in studio.runner.jobs()) - 1)
+        snap["together"] = max(0, sum(j.state in ("running", "stopping") for j in studio.runs.jobs()) - 1)
     table, choices = jobs_table(studio, owner), job_choices(studio, owner)
     job_key = None if snap is None else f"{snap['id']}:{snap['version']}:{snap['together']}:{snap.get('start_eta')}"
     keys = [job_key, repr(table), repr(choices)]
@@ -600,7 +600,7 @@ def create_train_tab(studio: Studio) -> dict:
     refresh.click(refresh_mine, inputs=dataset, outputs=dataset, api_visibility="private")
 
     def followed(run: str):
-        job = studio.runner.training(run)
+        job = studio.runs.training(run)
         return gr.update(value=str(job.id)) if job is not None else gr.skip()
 
     def do_start(request: gr.Request, browser_id="", progress=gr.Progress(), **values):
