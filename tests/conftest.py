@@ -89,3 +89,16 @@ def source():
     make_adapter(m, "x", LX, seed=1, std=0.3)
     make_adapter(m, "y", LY, seed=2, std=0.3)
     return m
+
+
+@pytest.fixture
+def engine_xy(tmp_path, source):
+    """An Engine on tiny whose library holds source's adapters x and y (closed after the test)."""
+    from adapter_helpers import LX, LY
+    from core.engine import Engine
+    e = Engine("cpu", tmp_path / "lib")
+    e.library.save(source, "x", "x", LX, "tiny")
+    e.library.save(source, "y", "y", LY, "tiny")
+    e.base("tiny")
+    yield e
+    e.close()

@@ -18,7 +18,7 @@ from gradio_client import Client
 
 from adapter_helpers import LX, LY, make_adapter
 from core.adapters.validate import AdapterError
-from core.engine import BaseInUse, Engine
+from core.engine import BaseInUse
 from core.generate.sampling import SamplingConfig, generate
 from core.generate.scheduler import DecodeScheduler
 from core.lora.layers import adapter_names, add_adapter, remove_adapter
@@ -41,13 +41,8 @@ def _last(it):
 
 
 @pytest.fixture
-def eng(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib")
-    e.library.save(source, "x", "x", LX, "tiny")
-    e.library.save(source, "y", "y", LY, "tiny")
-    e.base("tiny")
-    yield e
-    e.close()
+def eng(engine_xy):
+    return engine_xy
 
 
 # ---- the engine: library names only ------------------------------------------------------------

@@ -19,12 +19,8 @@ PROMPT = "The quick brown fox"
 
 
 @pytest.fixture
-def eng(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib")
-    e.library.save(source, "x", "x", LX, "tiny")
-    e.library.save(source, "y", "y", LY, "tiny")
-    e.base("tiny")
-    return e
+def eng(engine_xy):
+    return engine_xy
 
 
 def _last(it):

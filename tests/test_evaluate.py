@@ -105,13 +105,6 @@ def test_bad_texts_are_refused(tiny_ab):
         token_differences(tiny_ab, "hello", "nope")
 
 
-@pytest.fixture
-def engine_xy(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib")
-    e.library.save(source, "x", "x", LX, "tiny")
-    e.library.save(source, "y", "y", LY, "tiny")
-    e.base("tiny")
-    return e
 
 
 def test_engine_evaluate_loads_library_adapters_on_the_shared_base(engine_xy, source, sample_ds):

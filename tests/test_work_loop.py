@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from adapter_helpers import LX, LY, make_adapter
+from adapter_helpers import make_adapter
 from core.engine import Engine
 from core.generate.sampling import SamplingConfig
 from core.generate.side_work import SideWork, Unit
@@ -111,13 +111,8 @@ def test_chunked_scoring_equals_one_forward(tiny_abc, sample_ds):
 # ---- beside other users' work, through the engine -------------------------------------------------------
 
 @pytest.fixture
-def engine(tmp_path, source):
-    e = Engine("cpu", tmp_path / "lib")
-    e.library.save(source, "x", "x", LX, "tiny")
-    e.library.save(source, "y", "y", LY, "tiny")
-    e.base("tiny")
-    yield e
-    e.close()
+def engine(engine_xy):
+    return engine_xy
 
 
 class Compares:
