@@ -92,12 +92,14 @@ class BaseInUse(ValueError):
 class Engine:
     def __init__(self, device="auto", library_dir="adapters", dtype: torch.dtype | None = None,
                  max_loaded: int = 16, max_train_memory: int | None = None, max_rows_per_user: int = 8,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, gpu_calls=None):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, gpu_calls=None, lanes: int | None = None):
         """max_rows_per_user: rows one user may have generating or waiting at once (a Compare with the base
         and 3 adapters is 4 rows). max_new_tokens: new tokens one compare request may ask for (more is refused).
         gpu_calls: on ZeroGPU (core.zerogpu_calls.GpuCalls), where compare, evaluate and token differences go
-        once checked: this engine's base stays on the CPU."""
+        once checked: this engine's base stays on the CPU. lanes: the work loop's (DecodeScheduler; default: its
+        device's)."""
         self.gpu_calls = gpu_calls
+        self.lanes = lanes
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if max_rows_per_user < 1:
             raise ValueError(f"max rows per user must be at least 1 (got {max_rows_per_user}).")
@@ -276,7 +278,7 @@ class Engine:
             model = self.shared_model()
             if self._scheduler is None or self._scheduler.model is not model:
                 self._close_scheduler()
-                self._scheduler = DecodeScheduler(model, max_rows_per_user=self.max_rows_per_user)
+                self._scheduler = DecodeScheduler(model, max_rows_per_user=self.max_rows_per_user, lanes=self.lanes)
                 # an engine dropped (or the process ending) stops its loop thread; at exit it is given time
                 # to finish its step, since a thread killed inside a torch call aborts the process
                 weakref.finalize(self, self._scheduler.close, 5)

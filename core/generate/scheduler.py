@@ -21,6 +21,7 @@ the last bit; that can only flip a token at a floating-point near-tie.)
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +42,12 @@ from core.model.config import EOT_TOKEN
 from core.model.gpt import GPT
 
 T = TypeVar("T")
+
+
+def default_lanes(model: GPT) -> int:
+    """2 on a CPU with two or more cores: side work then runs beside the decode steps on the cores a decode
+    step (one thread) leaves idle; 1 on a GPU, where the device runs one thing at a time anyway."""
+    return 2 if model.device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
 class SchedulerBusy(RuntimeError):
@@ -147,7 +154,8 @@ class DecodeScheduler:
     from free memory); max_len: tokens per slot (prompt + new tokens; longer prompts are cropped
     from the left, `crop_prompt`); max_queue: requests waiting at most (beyond it `submit` raises
     SchedulerBusy); max_rows_per_user: rows one user may have waiting or running. graphs, capture,
-    pad: the model runner's (`ModelRunner`; default: CUDA graphs on CUDA, eager elsewhere).
+    pad: the model runner's (`ModelRunner`; default: CUDA graphs on CUDA, eager elsewhere). lanes: 1 or 2
+    (default: 2 on a CPU with two or more cores, else 1), see core.generate.side_work.
 
     It is the base's one work loop: other work on the model (evaluation chunks, training micro-steps,
     adapters added or removed) comes in through `run` and takes its turns by core.generate.side_work's
@@ -156,7 +164,7 @@ class DecodeScheduler:
 
     def __init__(self, model: GPT, max_rows: int | None = None, max_len: int | None = None, max_queue: int = 64,
                  max_rows_per_user: int = 8, thread: bool = True, graphs: bool | None = None,
-                 capture=None, pad: bool = False, share: float = SHARE):
+                 capture=None, pad: bool = False, share: float = SHARE, lanes: int | None = None):
         block = model.config.block_size
         max_len = block if max_len is None else max_len
         if not 2 <= max_len <= block:
@@ -177,10 +185,14 @@ class DecodeScheduler:
         self.step_count = 0
         self.decode_seconds = 0.0  # time spent in decode steps and prefills
         self._closed = False
-        self._thread = None
+        self._exclusive = threading.Lock()  # held by a side unit on the second lane, and by a structure change
+        self._thread = self._side_thread = None
         if thread:
             self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
             self._thread.start()
+            if (lanes or default_lanes(model)) == 2:
+                self._side_thread = threading.Thread(target=self._side_lane, name="decode-scheduler-side", daemon=True)
+                self._side_thread.start()
 
     # ---- the caller's side ----------------------------------------------------------------
 
@@ -246,7 +258,7 @@ class DecodeScheduler:
         (a user name; None: a turn of its own); urgent: before anything else at the next boundary (changes
         of the model's structure). On the loop's own thread, or a scheduler without a thread, fn runs now.
         Raises SchedulerClosed if the loop closes first."""
-        if self._thread is None or threading.current_thread() is self._thread:
+        if self._thread is None or threading.current_thread() in (self._thread, self._side_thread):
             return fn()
         unit = Unit(fn, owner if owner is not None else object(), urgent)
         with self._cond:
@@ -263,6 +275,8 @@ class DecodeScheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._side_thread is not None:
+                self._side_thread.join(timeout)
         else:
             self._end_all()
 
@@ -304,11 +318,12 @@ class DecodeScheduler:
         narrow = self.model.device.type == "cpu" and threads_for_this_thread(1)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._queue or self._rows or len(self._side))
+                self._cond.wait_for(lambda: self._closed or self._queue or self._rows or self._side.waiting(
+                    urgent_only=self._side_thread is not None))
                 if self._closed:
                     break
             self._iteration()
-            unit = self._next_unit()
+            unit = self._next_unit() if self._side_thread is None else None
             if unit is not None:
                 if narrow:
                     threads_for_this_thread(wide)
@@ -318,6 +333,19 @@ class DecodeScheduler:
                 with self._cond:
                     self._side.ran(unit, seconds)
         self._end_all()
+
+    def _side_lane(self) -> None:
+        """The second lane (a CPU with cores to spare): side units one at a time, owners in turn, beside the
+        decode steps; a structure change waits until the unit running here ends (`_exclusive`)."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._side.waiting(urgent_only=False))
+                if self._closed:
+                    return
+                unit = self._side.take(decoding=False)
+            if unit is not None:
+                with self._exclusive:
+                    unit.run()
 
     def _next_unit(self) -> Unit | None:
         with self._cond:
@@ -341,7 +369,8 @@ class DecodeScheduler:
                 urgent = self._side.take_urgent()
             if urgent is None:
                 break
-            urgent.run()
+            with self._exclusive:
+                urgent.run()
         with self._cond:
             joining = self._admit()
         with torch.inference_mode():

@@ -15,6 +15,12 @@ The policy, at every iteration of the loop:
    seconds, the next waits until decoding has had share / (1 - share) * c seconds (2c at the default 2/3).
    With nothing to decode, units run back to back. So a Compare beside an evaluation or a training job
    takes about 1 / share of its time alone, plus at most one unit.
+
+That is one lane, for a GPU, which runs one thing at a time anyway. On a CPU with two or more cores the
+loop has a second lane: side units run there one at a time (owners in turn, step 3) beside the decode
+steps, which use one thread and would leave the other cores idle; step 4 is then the cores' split. A
+structure change still runs between two decode steps, and only once the side unit running ends, so no
+computation ever sees an adapter appear or vanish, and the decode steps themselves take no lock.
 """
 from __future__ import annotations
 
@@ -86,15 +92,17 @@ class SideWork:
             self._units.remove(urgent)
         return urgent
 
+    def waiting(self, urgent_only: bool) -> bool:
+        """Whether a unit (an urgent one, with urgent_only) waits."""
+        return any(u.urgent or not urgent_only for u in self._units)
+
     def take(self, decoding: bool) -> Unit | None:
-        """The unit to run now, or None: an urgent one first; else, unless decoding is still owed its share,
-        the oldest unit of the owner served longest ago."""
-        urgent = self.take_urgent()
-        if urgent is not None:
-            return urgent
-        if not self._units or (decoding and self._owed > 0):
+        """The side unit to run now (urgent ones are taken with `take_urgent`), or None: unless decoding is
+        still owed its share, the oldest unit of the owner served longest ago."""
+        units = [u for u in self._units if not u.urgent]
+        if not units or (decoding and self._owed > 0):
             return None
-        unit = min(self._units, key=lambda u: self._served.get(u.owner, 0))  # min keeps queue order on ties
+        unit = min(units, key=lambda u: self._served.get(u.owner, 0))  # min keeps queue order on ties
         self._units.remove(unit)
         # remembered while it has nothing queued: an evaluation queues its next chunk only once this one is done
         self._served[unit.owner] = next(self._turns)
