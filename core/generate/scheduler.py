@@ -176,7 +176,9 @@ class DecodeScheduler:
         self.max_queue, self.max_rows_per_user = max_queue, max_rows_per_user
         self.kv = KVSlots(model, max_rows, max_len)
         self.runner = ModelRunner(model, self.kv, graphs=graphs, capture=capture, pad=pad)
-        self._cond = threading.Condition(threading.RLock())
+        mutex = threading.RLock()
+        self._cond = threading.Condition(mutex)
+        self._work_ready = threading.Condition(mutex)  # notified as side work comes (the second lane sleeps on it)
         self._side = SideWork(share)  # evaluation chunks, training micro-steps, structure changes
         self._queue: deque[Request] = deque()
         self._joining: list[Request] = []  # admitted, slots counted, prefill not run yet
@@ -266,6 +268,7 @@ class DecodeScheduler:
                 raise SchedulerClosed("the base's work loop is closed")
             self._side.put(unit)
             self._cond.notify_all()
+            self._work_ready.notify_all()
         return unit.wait()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -273,6 +276,7 @@ class DecodeScheduler:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._work_ready.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._side_thread is not None:
@@ -339,7 +343,7 @@ class DecodeScheduler:
         decode steps; a structure change waits until the unit running here ends (`_exclusive`)."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._side.waiting(urgent_only=False))
+                self._work_ready.wait_for(lambda: self._closed or self._side.waiting(urgent_only=False))
                 if self._closed:
                     return
                 unit = self._side.take(decoding=False)
