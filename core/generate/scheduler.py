@@ -187,7 +187,8 @@ class DecodeScheduler:
         self.step_count = 0
         self.decode_seconds = 0.0  # time spent in decode steps and prefills
         self._closed = False
-        self._exclusive = threading.Lock()  # held by a side unit on the second lane, and by a structure change
+        self._pause = False  # two lanes: the side lane changes the model's structure; decoding parks meanwhile
+        self._parked = False  # ... and has parked at an iteration boundary
         self._thread = self._side_thread = None
         if thread:
             self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
@@ -322,8 +323,8 @@ class DecodeScheduler:
         narrow = self.model.device.type == "cpu" and threads_for_this_thread(1)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._queue or self._rows or self._side.waiting(
-                    urgent_only=self._side_thread is not None))
+                self._cond.wait_for(lambda: self._closed or self._queue or self._rows or self._pause or (
+                    self._side_thread is None and self._side.waiting(urgent_only=False)))
                 if self._closed:
                     break
             self._iteration()
@@ -340,16 +341,48 @@ class DecodeScheduler:
 
     def _side_lane(self) -> None:
         """The second lane (a CPU with cores to spare): side units one at a time, owners in turn, beside the
-        decode steps; a structure change waits until the unit running here ends (`_exclusive`)."""
+        decode steps. A structure change runs here too, between two units, while the decode lane is parked at
+        an iteration boundary (`_changes`): decoding waits for the change alone, never for a unit."""
         while True:
             with self._cond:
                 self._work_ready.wait_for(lambda: self._closed or self._side.waiting(urgent_only=False))
                 if self._closed:
                     return
-                unit = self._side.take(decoding=False)
-            if unit is not None:
-                with self._exclusive:
-                    unit.run()
+                unit = None if self._side.waiting(urgent_only=True) else self._side.take(decoding=False)
+            if unit is None:
+                self._changes()
+            else:
+                unit.run()
+
+    def _changes(self) -> None:
+        """(The side lane.) Park the decode lane at its next iteration boundary, run every structure change
+        waiting, then let it go on."""
+        with self._cond:
+            self._pause = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._parked or self._closed)
+        try:
+            while True:
+                with self._cond:
+                    urgent = self._side.take_urgent()
+                if urgent is None:
+                    return
+                urgent.run()
+        finally:
+            with self._cond:
+                self._pause = False
+                self._cond.notify_all()
+
+    def _park(self) -> None:
+        """(The decode lane, two lanes.) Wait here, at an iteration boundary, while the side lane changes the
+        model's structure."""
+        with self._cond:
+            if not self._pause:
+                return
+            self._parked = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._pause or self._closed)
+            self._parked = False
 
     def _next_unit(self) -> Unit | None:
         with self._cond:
@@ -368,13 +401,14 @@ class DecodeScheduler:
 
     def _iteration(self) -> None:
         """Structure changes, then admit and prefill what fits, then one decode step for every running row."""
-        while True:
+        if self._side_thread is not None:
+            self._park()
+        while self._side_thread is None:
             with self._cond:
                 urgent = self._side.take_urgent()
             if urgent is None:
                 break
-            with self._exclusive:
-                urgent.run()
+            urgent.run()
         with self._cond:
             joining = self._admit()
         with torch.inference_mode():
