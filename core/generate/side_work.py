@@ -2,8 +2,8 @@
 
 Everything that runs a loaded base's weights runs on its work loop (core.generate.scheduler): decode steps
 and prefills, and, as units of side work, each chunk of an evaluation or of token differences, each shared
-training micro-step, and each change of the model's structure (an adapter added or removed). One thread
-then owns the model: no step can see an adapter appear or vanish under it, and the loop takes no lock.
+training micro-step, and each change of the model's structure (an adapter added or removed). The loop
+owns the model: no computation can see an adapter appear or vanish under it, and the loop takes no lock.
 
 The policy, at every iteration of the loop:
 1. structure changes first (they are short, and a request may be waiting for its adapter);
@@ -19,8 +19,8 @@ The policy, at every iteration of the loop:
 That is one lane, for a GPU, which runs one thing at a time anyway. On a CPU with two or more cores the
 loop has a second lane: side units run there one at a time (owners in turn, step 3) beside the decode
 steps, which use one thread and would leave the other cores idle; step 4 is then the cores' split. A
-structure change still runs between two decode steps, and only once the side unit running ends, so no
-computation ever sees an adapter appear or vanish, and the decode steps themselves take no lock.
+structure change runs on that lane between two units while the decode lane waits at an iteration boundary,
+so decoding waits for the change alone, and no computation ever sees an adapter appear or vanish.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ MAX_OWNERS = 1024  # owners remembered for their turn (owners are user names, or
 
 
 class Unit:
-    """One piece of side work: fn() run once on the loop's thread; its result or error goes back to the
-    caller waiting in `wait`."""
+    """One piece of side work: fn() run once on one of the loop's threads; its result or error goes back to
+    the caller waiting in `wait`."""
 
     def __init__(self, fn: Callable[[], object], owner: object, urgent: bool = False):
         self.fn, self.owner, self.urgent = fn, owner, urgent
