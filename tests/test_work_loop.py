@@ -194,3 +194,55 @@ def test_co_batched_training_equals_solo_while_compares_and_evaluations_run(engi
         snap = job.snapshot()
         assert snap["state"] == "finished", snap
         assert [p["loss"] for p in snap["points"]] == pytest.approx(solo[name][0], abs=1e-5)
+
+
+# ---- error paths ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_failing_unit_raises_in_its_caller_and_the_loop_goes_on(tiny, lanes):
+    from core.generate.scheduler import DecodeScheduler
+    s = DecodeScheduler(tiny, max_rows=2, max_len=32, lanes=lanes)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            s.run(lambda: 1 / 0, owner="eve")
+        with pytest.raises(ZeroDivisionError):
+            s.run(lambda: 1 / 0, urgent=True)
+        assert s.run(lambda: "still here", owner="eve") == "still here"
+        greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
+        assert len(s.submit([1, 2, 3], [None], greedy).result(60)[0]) == 4
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_closing_the_loop_ends_the_work_still_waiting_with_one_error(tiny, lanes):
+    from core.generate.scheduler import DecodeScheduler, SchedulerClosed
+    s = DecodeScheduler(tiny, max_rows=2, max_len=32, lanes=lanes)
+    entered, release, got = threading.Event(), threading.Event(), []
+    holder = threading.Thread(target=s.run, args=(lambda: entered.set() or release.wait(60),),
+                              kwargs={"urgent": True}, daemon=True)
+    holder.start()
+    assert entered.wait(60)  # the loop is busy with this change: the next unit waits
+
+    def waiting():
+        try:
+            s.run(lambda: "ran", owner="eve")
+        except SchedulerClosed as e:
+            got.append(e)
+    waiter = threading.Thread(target=waiting, daemon=True)
+    waiter.start()
+    _until(lambda: len(s._side) == 1)
+    s.close(timeout=0)  # closed while the change still runs
+    release.set()
+    s.close()
+    waiter.join(60)
+    assert len(got) == 1 and "closed" in str(got[0])
+    with pytest.raises(SchedulerClosed):
+        s.run(lambda: None)
+
+
+def _until(pred, timeout: float = 30.0) -> None:
+    import time
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.01)

@@ -386,6 +386,8 @@ class DecodeScheduler:
 
     def _next_unit(self) -> Unit | None:
         with self._cond:
+            if self._closed:  # what still waits ends with the loop (_end_all)
+                return None
             decoding = bool(self._queue or self._rows or self._joining)
             if not decoding:
                 self._side.idle()
