@@ -15,7 +15,8 @@ from core.lora.config import LoraConfig
 from core.train import loop as train_loop
 from core.train.evaluate import chunk_sizes, evaluate_models, token_differences
 from core.train.jobs import JobSpec, TrainScheduler
-from test_train_jobs import A, B, alone
+from test_scheduler import Freeze
+from test_train_jobs import A, B, _until, alone
 
 TEXT = "Ahoy! Today in the galley we cook <b>fish</b> & chips, no cap.\nArr."
 SMALL = 20_000_000  # multiply-adds per chunk: the body of two 64-token rows, the head of 6 tokens (tiny model)
@@ -218,11 +219,7 @@ def test_a_failing_unit_raises_in_its_caller_and_the_loop_goes_on(tiny, lanes):
 def test_closing_the_loop_ends_the_work_still_waiting_with_one_error(tiny, lanes):
     from core.generate.scheduler import DecodeScheduler, SchedulerClosed
     s = DecodeScheduler(tiny, max_rows=2, max_len=32, lanes=lanes)
-    entered, release, got = threading.Event(), threading.Event(), []
-    holder = threading.Thread(target=s.run, args=(lambda: entered.set() or release.wait(60),),
-                              kwargs={"urgent": True}, daemon=True)
-    holder.start()
-    assert entered.wait(60)  # the loop is busy with this change: the next unit waits
+    got = []
 
     def waiting():
         try:
@@ -230,19 +227,12 @@ def test_closing_the_loop_ends_the_work_still_waiting_with_one_error(tiny, lanes
         except SchedulerClosed as e:
             got.append(e)
     waiter = threading.Thread(target=waiting, daemon=True)
-    waiter.start()
-    _until(lambda: len(s._side) == 1)
-    s.close(timeout=0)  # closed while the change still runs
-    release.set()
+    with Freeze(s):  # the loop is busy with a change: the next unit waits
+        waiter.start()
+        _until(lambda: len(s._side) == 1)
+        s.close(timeout=0)  # closed while the change still runs
     s.close()
     waiter.join(60)
     assert len(got) == 1 and "closed" in str(got[0])
     with pytest.raises(SchedulerClosed):
         s.run(lambda: None)
-
-
-def _until(pred, timeout: float = 30.0) -> None:
-    import time
-    end = time.monotonic() + timeout
-    while not pred() and time.monotonic() < end:
-        time.sleep(0.01)

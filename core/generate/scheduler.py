@@ -185,7 +185,6 @@ class DecodeScheduler:
         self._rows: list[_Row] = []  # the running batch, ordered by slot
         self._reserved = 0  # slots counted for the joining requests
         self.step_count = 0
-        self.decode_seconds = 0.0  # time spent in decode steps and prefills
         self._closed = False
         self._pause = False  # two lanes: the side lane changes the model's structure; decoding parks meanwhile
         self._parked = False  # ... and has parked at an iteration boundary
@@ -458,7 +457,7 @@ class DecodeScheduler:
 
     @contextlib.contextmanager
     def _decoding(self, before=None):
-        """One step or prefill, its time added to `decode_seconds` and counted toward decoding's share.
+        """One step or prefill, its time counted toward decoding's share of the loop.
         `before` runs outside GUARD (a graph capture takes GUARD alone)."""
         if before is not None:
             before()
@@ -469,7 +468,6 @@ class DecodeScheduler:
             finally:
                 seconds = time.perf_counter() - start
                 with self._cond:
-                    self.decode_seconds += seconds
                     self._side.decoded(seconds)
 
     def _step(self) -> None:
